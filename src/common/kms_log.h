@@ -1,0 +1,35 @@
+/*
+ * Structured logging: one JSON object per line on stderr.
+ *
+ *   {"ts":"2026-11-22T18:00:00.123Z","level":"info","mod":"raft","msg":"..."}
+ *
+ * Extra fields are passed as "key", value pairs of strings terminated by NULL:
+ *   kms_log(KMS_LOG_INFO, "server", "listening", "addr", "0.0.0.0:4050", NULL);
+ *
+ * Never pass a secret, share, passphrase or blob to these functions: callers
+ * log identifiers (key ids in hex, node UUIDs, addresses) only.
+ * Thread-safe: each line is written with one write(2).
+ */
+#ifndef KMS_LOG_H
+#define KMS_LOG_H
+
+enum kms_log_level {
+    KMS_LOG_DEBUG = 0,
+    KMS_LOG_INFO = 1,
+    KMS_LOG_WARN = 2,
+    KMS_LOG_ERROR = 3,
+};
+
+/* Lines below this level are dropped. Default KMS_LOG_INFO; the environment
+ * variable KMSD_LOG_LEVEL (debug|info|warn|error) overrides at first use. */
+void kms_log_set_level(enum kms_log_level level);
+int kms_log_level_parse(const char *s, enum kms_log_level *out);
+
+/* Writes one line. Pairs of (const char *key, const char *value), NULL-ended. */
+void kms_log(enum kms_log_level level, const char *mod, const char *msg, ...);
+
+/* Like kms_log with a printf-formatted message and no extra fields. */
+void kms_logf(enum kms_log_level level, const char *mod, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+#endif /* KMS_LOG_H */
