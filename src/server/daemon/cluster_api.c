@@ -1,0 +1,850 @@
+/*
+ * The cluster API (:4051, mutual TLS): kmsd.v1.Cluster (node to node) and
+ * kmsd.v1.Operator (kmsctl).
+ *
+ * The gRPC server verifies client certificates against the union of the
+ * cluster CA and the operator CA. Each method then checks which CA the
+ * certificate chains to (authz.c): Forward needs a node certificate from the
+ * cluster CA, operator methods a certificate from the operator CA. So an
+ * operator certificate cannot forward raft entries, and a stolen node
+ * certificate cannot run operator commands (unless one CA signs both, as in
+ * the dev PKI; docs/security.md says to use two CAs in production).
+ *
+ * Error details carry the whole kms_err chain so kmsctl can show it.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <grpc/status.h>
+#include <openssl/crypto.h>
+
+#include "kms_crypto.h"
+#include "kms_log.h"
+#include "kms_raft.h"
+#include "kms_rpc.h"
+#include "kms_store.h"
+#include "kms_time.h"
+#include "kmsd.h"
+#include "kmsd_authz.h"
+
+#include "kmsd/v1/cluster.pb-c.h"
+#include "kmsd/v1/entry.pb-c.h"
+#include <raft.h>
+
+static void finish_msg(struct kms_rpc_call *call, const ProtobufCMessage *m)
+{
+    size_t n = protobuf_c_message_get_packed_size(m);
+    uint8_t *buf = malloc(n > 0 ? n : 1);
+    if (buf == NULL) {
+        kms_rpc_call_finish(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory", NULL, 0);
+        return;
+    }
+    protobuf_c_message_pack(m, buf);
+    kms_rpc_call_finish(call, GRPC_STATUS_OK, NULL, buf, n);
+    OPENSSL_cleanse(buf, n);
+    free(buf);
+}
+
+static void finish_err(struct kms_rpc_call *call, const char *op, int code, const char *msg)
+{
+    kms_log(KMS_LOG_INFO, "operator", "request failed", "op", op, "error", kms_errname(code),
+            "detail", msg, "peer", kms_rpc_call_peer(call), NULL);
+    kms_rpc_call_finish(call, kmsd_grpc_status(code), msg, NULL, 0);
+}
+
+static void audit(struct kms_rpc_call *call, const char *op)
+{
+    const char *cn = kms_rpc_call_peer_cn(call);
+    kms_log(KMS_LOG_INFO, "audit", "operator", "op", op, "operator", cn != NULL ? cn : "",
+            "peer", kms_rpc_call_peer(call), NULL);
+}
+
+/* Authorises an operator call; on refusal finishes the call and returns false. */
+static bool operator_ok(struct kmsd *d, struct kms_rpc_call *call, const char *op)
+{
+    if (kmsd_authz_operator(d, call)) {
+        return true;
+    }
+    finish_err(call, op, KMS_EDENIED, "certificate is not an operator certificate");
+    return false;
+}
+
+/* ---- kmsd.v1.Cluster ------------------------------------------------- */
+
+static void forward_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+{
+    struct kmsd *d = arg;
+    Kmsd__V1__ForwardRequest *r = NULL;
+    Kmsd__V1__ForwardResponse resp = KMSD__V1__FORWARD_RESPONSE__INIT;
+    struct kms_raft_result rr;
+    struct kms_err err;
+    int rc;
+
+    kms_err_clear(&err);
+    if (!kmsd_authz_node(d, call)) {
+        finish_err(call, "forward", KMS_EDENIED, "certificate is not a cluster node certificate");
+        goto out;
+    }
+    r = kmsd__v1__forward_request__unpack(NULL, len, req);
+    if (r == NULL || r->entry == NULL) {
+        finish_err(call, "forward", KMS_EINVAL, "malformed forward request");
+        goto out;
+    }
+    memset(&rr, 0, sizeof(rr));
+    rc = kms_raft_propose(d->raft, r->entry, d->opt.request_wait_ms, &rr, &err);
+    if (rc == KMS_ENOTLEADER) {
+        kms_rpc_call_finish(call, GRPC_STATUS_FAILED_PRECONDITION, "not the leader", NULL, 0);
+        goto out;
+    }
+    if (rc != 0) {
+        kms_rpc_call_finish(call, GRPC_STATUS_UNAVAILABLE, err.msg, NULL, 0);
+        goto out;
+    }
+    resp.index = rr.index;
+    resp.result_code = rr.code;
+    resp.result_msg = rr.msg;
+    resp.count = rr.count;
+    finish_msg(call, &resp.base);
+out:
+    if (r != NULL) {
+        kmsd__v1__forward_request__free_unpacked(r, NULL);
+    }
+}
+
+/* ---- kmsd.v1.Operator ------------------------------------------------ */
+
+static const char *role_name(int role)
+{
+    switch (role) {
+    case RAFT_LEADER:
+        return "leader";
+    case RAFT_FOLLOWER:
+        return "follower";
+    case RAFT_CANDIDATE:
+        return "candidate";
+    default:
+        return "unavailable";
+    }
+}
+
+static const char *member_role_name(int role)
+{
+    switch (role) {
+    case RAFT_VOTER:
+        return "voter";
+    case RAFT_STANDBY:
+        return "standby";
+    default:
+        return "spare";
+    }
+}
+
+struct members_ctx {
+    Kmsd__V1__MemberStatus *ms;
+    size_t n;
+};
+
+static int members_meta_cb(void *arg, const Kmsd__V1__Member *m)
+{
+    struct members_ctx *c = arg;
+    for (size_t i = 0; i < c->n; i++) {
+        if (c->ms[i].id == m->id) {
+            if (m->cluster_address != NULL && m->cluster_address[0] != '\0') {
+                c->ms[i].cluster_address = strdup(m->cluster_address);
+            }
+            if (m->talos_address != NULL) {
+                c->ms[i].talos_address = strdup(m->talos_address);
+            }
+            if (m->version != NULL) {
+                c->ms[i].version = strdup(m->version);
+            }
+        }
+    }
+    return 0;
+}
+
+/* Fills members from raft's configuration plus replicated metadata. Strings
+ * that are strdup'ed are released by members_free. */
+static Kmsd__V1__MemberStatus **members_build(struct kmsd *d, const struct kms_raft_status *st,
+                                              struct members_ctx *c)
+{
+    Kmsd__V1__MemberStatus **ptrs;
+    c->n = st->n_members;
+    c->ms = calloc(c->n + 1, sizeof(*c->ms));
+    ptrs = calloc(c->n + 1, sizeof(*ptrs));
+    if (c->ms == NULL || ptrs == NULL) {
+        free(c->ms);
+        free(ptrs);
+        c->ms = NULL;
+        c->n = 0;
+        return NULL;
+    }
+    for (size_t i = 0; i < c->n; i++) {
+        kmsd__v1__member_status__init(&c->ms[i]);
+        c->ms[i].id = st->members[i].id;
+        c->ms[i].raft_address = (char *)st->members[i].address;
+        c->ms[i].role = (char *)member_role_name(st->members[i].role);
+        c->ms[i].is_leader = st->members[i].id == st->leader_id;
+        ptrs[i] = &c->ms[i];
+    }
+    (void)kms_store_members_list(d->store, members_meta_cb, c, NULL);
+    for (size_t i = 0; i < c->n; i++) {
+        if (c->ms[i].cluster_address == protobuf_c_empty_string || c->ms[i].cluster_address == NULL) {
+            c->ms[i].cluster_address = NULL;
+            for (size_t j = 0; j < d->opt.n_peers; j++) {
+                if (d->opt.peers[j].id == c->ms[i].id) {
+                    c->ms[i].cluster_address = strdup(d->opt.peers[j].cluster_address);
+                }
+            }
+            if (c->ms[i].cluster_address == NULL) {
+                c->ms[i].cluster_address = strdup("");
+            }
+        }
+        if (c->ms[i].talos_address == protobuf_c_empty_string) {
+            c->ms[i].talos_address = strdup("");
+        }
+        if (c->ms[i].version == protobuf_c_empty_string) {
+            c->ms[i].version = strdup("");
+        }
+    }
+    return ptrs;
+}
+
+static void members_free(struct members_ctx *c, Kmsd__V1__MemberStatus **ptrs)
+{
+    for (size_t i = 0; i < c->n; i++) {
+        free(c->ms[i].cluster_address);
+        free(c->ms[i].talos_address);
+        free(c->ms[i].version);
+    }
+    free(c->ms);
+    free(ptrs);
+}
+
+static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+{
+    struct kmsd *d = arg;
+    Kmsd__V1__StatusResponse resp = KMSD__V1__STATUS_RESPONSE__INIT;
+    Kmsd__V1__EncryptedKeyring *ek = NULL;
+    struct kms_raft_status st;
+    struct members_ctx mc = {NULL, 0};
+    Kmsd__V1__MemberStatus **ptrs = NULL;
+    struct kms_keyring *kr = NULL;
+    char cid[33] = "";
+    unsigned progress = 0, threshold = 0;
+
+    if (!operator_ok(d, call, "status")) {
+        return;
+    }
+    memset(&st, 0, sizeof(st));
+    (void)kms_raft_status(d->raft, &st);
+    if (kms_store_keyring_get(d->store, &ek, NULL) == 0) {
+        resp.initialized = true;
+        resp.shares = ek->share_count;
+        resp.threshold = ek->threshold;
+        for (size_t i = 0; i < ek->cluster_id.len && i < 16; i++) {
+            snprintf(cid + 2 * i, 3, "%02x", ek->cluster_id.data[i]);
+        }
+    }
+    kmsd_unseal_progress(d, &progress, &threshold);
+    resp.sealed = !kmsd_is_unsealed(d);
+    resp.progress = progress;
+    resp.node_id = d->opt.node_id;
+    resp.role = (char *)role_name(st.role);
+    resp.leader_id = st.leader_id;
+    resp.term = st.term;
+    resp.commit_index = st.commit_index;
+    resp.applied_index = st.applied_index;
+    resp.version = (char *)d->opt.version;
+    resp.lease = kmsd_readable(d);
+    resp.talos_listening = atomic_load(&d->talos_listening);
+    resp.cluster_id = cid;
+    kr = kmsd_keyring_get(d);
+    resp.active_term = kr != NULL ? kms_keyring_active_term(kr) : 0;
+    ptrs = members_build(d, &st, &mc);
+    resp.n_members = ptrs != NULL ? mc.n : 0;
+    resp.members = ptrs;
+    finish_msg(call, &resp.base);
+    members_free(&mc, ptrs);
+    if (kr != NULL) {
+        kms_keyring_unref(kr);
+    }
+    if (ek != NULL) {
+        kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
+    }
+}
+
+static void init_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+{
+    struct kmsd *d = arg;
+    Kmsd__V1__InitRequest *r = NULL;
+    Kmsd__V1__InitResponse resp = KMSD__V1__INIT_RESPONSE__INIT;
+    struct kms_err err;
+    char **shares = NULL;
+    char cid[33];
+    unsigned n = 0;
+    int rc;
+
+    kms_err_clear(&err);
+    if (!operator_ok(d, call, "init")) {
+        return;
+    }
+    r = kmsd__v1__init_request__unpack(NULL, len, req);
+    if (r == NULL) {
+        finish_err(call, "init", KMS_EINVAL, "malformed request");
+        goto out;
+    }
+    n = r->key_shares;
+    if (n < 1 || n > 255 || r->key_threshold < 1 || r->key_threshold > n ||
+        (r->key_threshold < 2 && !(n == 1 && r->key_threshold == 1))) {
+        finish_err(call, "init", KMS_EINVAL,
+                   "key shares and threshold must satisfy 2 <= threshold <= shares <= 255");
+        goto out;
+    }
+    audit(call, "init");
+    rc = kmsd_init_cluster(d, n, r->key_threshold, &shares, cid, &err);
+    if (rc != 0) {
+        finish_err(call, "init", rc, err.msg);
+        goto out;
+    }
+    resp.n_shares = n;
+    resp.shares = shares;
+    resp.threshold = r->key_threshold;
+    resp.cluster_id = cid;
+    finish_msg(call, &resp.base);
+out:
+    if (shares != NULL) {
+        for (unsigned i = 0; i < n; i++) {
+            OPENSSL_cleanse(shares[i], strlen(shares[i]));
+            free(shares[i]);
+        }
+        free(shares);
+    }
+    if (r != NULL) {
+        kmsd__v1__init_request__free_unpacked(r, NULL);
+    }
+}
+
+static void unseal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+{
+    struct kmsd *d = arg;
+    Kmsd__V1__UnsealRequest *r = NULL;
+    Kmsd__V1__UnsealResponse resp = KMSD__V1__UNSEAL_RESPONSE__INIT;
+    struct kms_err err;
+    unsigned progress = 0, threshold = 0;
+    bool unsealed = false;
+    int rc;
+
+    kms_err_clear(&err);
+    if (!operator_ok(d, call, "unseal")) {
+        return;
+    }
+    r = kmsd__v1__unseal_request__unpack(NULL, len, req);
+    if (r == NULL) {
+        finish_err(call, "unseal", KMS_EINVAL, "malformed request");
+        goto out;
+    }
+    audit(call, r->reset ? "unseal-reset" : "unseal");
+    rc = kmsd_unseal_submit(d, r->share, r->reset, &progress, &threshold, &unsealed, &err);
+    if (rc != 0) {
+        finish_err(call, "unseal", rc, err.msg);
+        goto out;
+    }
+    resp.sealed = !unsealed;
+    resp.progress = progress;
+    resp.threshold = threshold;
+    finish_msg(call, &resp.base);
+out:
+    if (r != NULL) {
+        if (r->share != NULL) {
+            OPENSSL_cleanse(r->share, strlen(r->share));
+        }
+        kmsd__v1__unseal_request__free_unpacked(r, NULL);
+    }
+}
+
+static void seal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+{
+    struct kmsd *d = arg;
+    Kmsd__V1__SealResponse resp = KMSD__V1__SEAL_RESPONSE__INIT;
+    if (!operator_ok(d, call, "seal")) {
+        return;
+    }
+    audit(call, "seal");
+    kmsd_seal(d);
+    finish_msg(call, &resp.base);
+}
+
+static void stepdown_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+{
+    struct kmsd *d = arg;
+    Kmsd__V1__StepDownResponse resp = KMSD__V1__STEP_DOWN_RESPONSE__INIT;
+    struct kms_raft_status st;
+    struct kms_err err;
+    int rc;
+
+    kms_err_clear(&err);
+    if (!operator_ok(d, call, "step-down")) {
+        return;
+    }
+    audit(call, "step-down");
+    memset(&st, 0, sizeof(st));
+    (void)kms_raft_status(d->raft, &st);
+    if (st.role != RAFT_LEADER) {
+        finish_err(call, "step-down", KMS_ENOTLEADER,
+                   "this node is not the leader (run step-down against the leader)");
+        return;
+    }
+    rc = kms_raft_transfer(d->raft, 0, d->opt.request_wait_ms, &err);
+    if (rc != 0) {
+        finish_err(call, "step-down", rc, err.msg);
+        return;
+    }
+    (void)kms_raft_status(d->raft, &st);
+    resp.new_leader_id = st.leader_id;
+    finish_msg(call, &resp.base);
+}
+
+static void transfer_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+{
+    struct kmsd *d = arg;
+    Kmsd__V1__TransferLeaderRequest *r = NULL;
+    Kmsd__V1__TransferLeaderResponse resp = KMSD__V1__TRANSFER_LEADER_RESPONSE__INIT;
+    struct kms_raft_status st;
+    struct kms_err err;
+    int rc;
+
+    kms_err_clear(&err);
+    if (!operator_ok(d, call, "transfer-leader")) {
+        return;
+    }
+    r = kmsd__v1__transfer_leader_request__unpack(NULL, len, req);
+    if (r == NULL) {
+        finish_err(call, "transfer-leader", KMS_EINVAL, "malformed request");
+        return;
+    }
+    audit(call, "transfer-leader");
+    rc = kms_raft_transfer(d->raft, r->id, d->opt.request_wait_ms, &err);
+    if (rc != 0) {
+        finish_err(call, "transfer-leader", rc, err.msg);
+    } else {
+        memset(&st, 0, sizeof(st));
+        (void)kms_raft_status(d->raft, &st);
+        resp.new_leader_id = st.leader_id;
+        finish_msg(call, &resp.base);
+    }
+    kmsd__v1__transfer_leader_request__free_unpacked(r, NULL);
+}
+
+static void rotate_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+{
+    struct kmsd *d = arg;
+    Kmsd__V1__RotateResponse resp = KMSD__V1__ROTATE_RESPONSE__INIT;
+    struct kms_err err;
+    uint32_t term = 0;
+    int rc;
+
+    kms_err_clear(&err);
+    if (!operator_ok(d, call, "rotate")) {
+        return;
+    }
+    audit(call, "rotate");
+    rc = kmsd_rotate(d, &term, &err);
+    if (rc != 0) {
+        finish_err(call, "rotate", rc, err.msg);
+        return;
+    }
+    resp.active_term = term;
+    finish_msg(call, &resp.base);
+}
+
+static void members_list_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req,
+                            size_t len)
+{
+    struct kmsd *d = arg;
+    Kmsd__V1__MembersListResponse resp = KMSD__V1__MEMBERS_LIST_RESPONSE__INIT;
+    struct kms_raft_status st;
+    struct members_ctx mc = {NULL, 0};
+    Kmsd__V1__MemberStatus **ptrs;
+
+    if (!operator_ok(d, call, "members-list")) {
+        return;
+    }
+    memset(&st, 0, sizeof(st));
+    (void)kms_raft_status(d->raft, &st);
+    ptrs = members_build(d, &st, &mc);
+    resp.n_members = ptrs != NULL ? mc.n : 0;
+    resp.members = ptrs;
+    finish_msg(call, &resp.base);
+    members_free(&mc, ptrs);
+}
+
+static int put_member(struct kmsd *d, uint64_t id, const char *raft, const char *cluster,
+                      const char *talos, const char *version, struct kms_err *err)
+{
+    Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
+    Kmsd__V1__PutMember pm = KMSD__V1__PUT_MEMBER__INIT;
+    Kmsd__V1__Member m = KMSD__V1__MEMBER__INIT;
+    struct kmsd_write_result res;
+
+    m.id = id;
+    m.raft_address = (char *)raft;
+    m.cluster_address = (char *)cluster;
+    m.talos_address = (char *)talos;
+    m.version = (char *)version;
+    pm.member = &m;
+    e.version = 1;
+    e.op_case = KMSD__V1__ENTRY__OP_PUT_MEMBER;
+    e.put_member = &pm;
+    return kmsd_write(d, &e, d->opt.request_wait_ms, &res, err);
+}
+
+int kmsd_publish_self(struct kmsd *d, struct kms_err *err)
+{
+    return put_member(d, d->opt.node_id, d->opt.raft_advertise, d->opt.cluster_advertise,
+                      d->opt.talos_advertise, d->opt.version, err);
+}
+
+static void members_add_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req,
+                           size_t len)
+{
+    struct kmsd *d = arg;
+    Kmsd__V1__MembersAddRequest *r = NULL;
+    Kmsd__V1__MembersAddResponse resp = KMSD__V1__MEMBERS_ADD_RESPONSE__INIT;
+    struct kms_err err;
+    int rc;
+
+    kms_err_clear(&err);
+    if (!operator_ok(d, call, "members-add")) {
+        return;
+    }
+    r = kmsd__v1__members_add_request__unpack(NULL, len, req);
+    if (r == NULL || r->id == 0 || r->raft_address == NULL || r->raft_address[0] == '\0') {
+        finish_err(call, "members-add", KMS_EINVAL, "id and raft address are required");
+        goto out;
+    }
+    audit(call, "members-add");
+    /* Metadata first so the new node's cluster address is known to whoever
+     * forwards to it once it leads. */
+    rc = put_member(d, r->id, r->raft_address, r->cluster_address, r->talos_address, "", &err);
+    if (rc == 0) {
+        rc = kms_raft_add(d->raft, r->id, r->raft_address, 60000, &err);
+    }
+    if (rc != 0) {
+        finish_err(call, "members-add", rc, err.msg);
+        goto out;
+    }
+    finish_msg(call, &resp.base);
+out:
+    if (r != NULL) {
+        kmsd__v1__members_add_request__free_unpacked(r, NULL);
+    }
+}
+
+static void members_remove_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req,
+                              size_t len)
+{
+    struct kmsd *d = arg;
+    Kmsd__V1__MembersRemoveRequest *r = NULL;
+    Kmsd__V1__MembersRemoveResponse resp = KMSD__V1__MEMBERS_REMOVE_RESPONSE__INIT;
+    struct kms_err err;
+    int rc;
+
+    kms_err_clear(&err);
+    if (!operator_ok(d, call, "members-remove")) {
+        return;
+    }
+    r = kmsd__v1__members_remove_request__unpack(NULL, len, req);
+    if (r == NULL || r->id == 0) {
+        finish_err(call, "members-remove", KMS_EINVAL, "member id is required");
+        goto out;
+    }
+    audit(call, "members-remove");
+    rc = kms_raft_remove(d->raft, r->id, d->opt.request_wait_ms * 2, &err);
+    if (rc == 0) {
+        Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
+        Kmsd__V1__RemoveMember rm = KMSD__V1__REMOVE_MEMBER__INIT;
+        struct kmsd_write_result res;
+        rm.id = r->id;
+        e.version = 1;
+        e.op_case = KMSD__V1__ENTRY__OP_REMOVE_MEMBER;
+        e.remove_member = &rm;
+        rc = kmsd_write(d, &e, d->opt.request_wait_ms, &res, &err);
+    }
+    if (rc != 0) {
+        finish_err(call, "members-remove", rc, err.msg);
+        goto out;
+    }
+    finish_msg(call, &resp.base);
+out:
+    if (r != NULL) {
+        kmsd__v1__members_remove_request__free_unpacked(r, NULL);
+    }
+}
+
+static int hex_decode16(const char *s, uint8_t out[16])
+{
+    if (s == NULL || strlen(s) != 32) {
+        return -1;
+    }
+    for (int i = 0; i < 16; i++) {
+        unsigned v;
+        if (sscanf(s + 2 * i, "%2x", &v) != 1) {
+            return -1;
+        }
+        out[i] = (uint8_t)v;
+    }
+    return 0;
+}
+
+static char *ip_text(const ProtobufCBinaryData *ip)
+{
+    char buf[64] = "";
+    if (ip->len == 4) {
+        snprintf(buf, sizeof(buf), "%u.%u.%u.%u", ip->data[0], ip->data[1], ip->data[2],
+                 ip->data[3]);
+    } else if (ip->len == 16) {
+        size_t o = 0;
+        for (int i = 0; i < 16; i += 2) {
+            o += (size_t)snprintf(buf + o, sizeof(buf) - o, i ? ":%x" : "%x",
+                                  (ip->data[i] << 8) | ip->data[i + 1]);
+        }
+    }
+    return strdup(buf);
+}
+
+static int key_info_fill(Kmsd__V1__KeyInfo *ki, const Kmsd__V1__SealedRecord *rec)
+{
+    char *hex = malloc(33);
+    if (hex == NULL) {
+        return KMS_ENOMEM;
+    }
+    for (size_t i = 0; i < rec->key_id.len && i < 16; i++) {
+        snprintf(hex + 2 * i, 3, "%02x", rec->key_id.data[i]);
+    }
+    hex[rec->key_id.len < 16 ? rec->key_id.len * 2 : 32] = '\0';
+    kmsd__v1__key_info__init(ki);
+    ki->key_id = hex;
+    ki->node_uuid = strdup(rec->node_uuid != NULL ? rec->node_uuid : "");
+    ki->term = rec->term;
+    ki->created_at = rec->created_at;
+    ki->source_ip = ip_text(&rec->source_ip);
+    ki->last_access_at = rec->last_access_at;
+    ki->revoked_at = rec->revoked_at;
+    return 0;
+}
+
+static void key_info_clear(Kmsd__V1__KeyInfo *ki)
+{
+    free(ki->key_id);
+    free(ki->node_uuid);
+    free(ki->source_ip);
+}
+
+struct keys_ctx {
+    Kmsd__V1__KeyInfo *ki;
+    size_t n, cap;
+};
+
+static int keys_list_each(void *arg, const Kmsd__V1__SealedRecord *rec)
+{
+    struct keys_ctx *c = arg;
+    if (c->n == c->cap) {
+        size_t cap = c->cap ? c->cap * 2 : 64;
+        Kmsd__V1__KeyInfo *ki = realloc(c->ki, cap * sizeof(*ki));
+        if (ki == NULL) {
+            return KMS_ENOMEM;
+        }
+        c->ki = ki;
+        c->cap = cap;
+    }
+    if (key_info_fill(&c->ki[c->n], rec) != 0) {
+        return KMS_ENOMEM;
+    }
+    c->n++;
+    return 0;
+}
+
+static void keys_list_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+{
+    struct kmsd *d = arg;
+    Kmsd__V1__KeysListRequest *r = NULL;
+    Kmsd__V1__KeysListResponse resp = KMSD__V1__KEYS_LIST_RESPONSE__INIT;
+    Kmsd__V1__KeyInfo **ptrs = NULL;
+    struct keys_ctx c = {NULL, 0, 0};
+    struct kms_err err;
+    int rc;
+
+    kms_err_clear(&err);
+    if (!operator_ok(d, call, "keys-list")) {
+        return;
+    }
+    r = kmsd__v1__keys_list_request__unpack(NULL, len, req);
+    if (r == NULL) {
+        finish_err(call, "keys-list", KMS_EINVAL, "malformed request");
+        goto out;
+    }
+    rc = kms_store_records_list(d->store,
+                                r->node_uuid != NULL && r->node_uuid[0] ? r->node_uuid : NULL,
+                                keys_list_each, &c, &err);
+    if (rc != 0) {
+        finish_err(call, "keys-list", rc, err.msg[0] ? err.msg : kms_strerror(rc));
+        goto out;
+    }
+    ptrs = calloc(c.n + 1, sizeof(*ptrs));
+    if (ptrs == NULL) {
+        finish_err(call, "keys-list", KMS_ENOMEM, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < c.n; i++) {
+        ptrs[i] = &c.ki[i];
+    }
+    resp.n_keys = c.n;
+    resp.keys = ptrs;
+    finish_msg(call, &resp.base);
+out:
+    for (size_t i = 0; i < c.n; i++) {
+        key_info_clear(&c.ki[i]);
+    }
+    free(c.ki);
+    free(ptrs);
+    if (r != NULL) {
+        kmsd__v1__keys_list_request__free_unpacked(r, NULL);
+    }
+}
+
+static void keys_show_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+{
+    struct kmsd *d = arg;
+    Kmsd__V1__KeysShowRequest *r = NULL;
+    Kmsd__V1__KeysShowResponse resp = KMSD__V1__KEYS_SHOW_RESPONSE__INIT;
+    Kmsd__V1__SealedRecord *rec = NULL;
+    Kmsd__V1__KeyInfo ki;
+    uint8_t id[16];
+    struct kms_err err;
+    int rc;
+
+    kms_err_clear(&err);
+    kmsd__v1__key_info__init(&ki);
+    ki.key_id = ki.node_uuid = ki.source_ip = NULL;
+    if (!operator_ok(d, call, "keys-show")) {
+        return;
+    }
+    r = kmsd__v1__keys_show_request__unpack(NULL, len, req);
+    if (r == NULL || hex_decode16(r->key_id, id) != 0) {
+        finish_err(call, "keys-show", KMS_EINVAL, "key id must be 32 hex digits");
+        goto out;
+    }
+    rc = kms_store_record_get(d->store, id, &rec, &err);
+    if (rc != 0) {
+        finish_err(call, "keys-show", rc, rc == KMS_ENOTFOUND ? "no such key" : err.msg);
+        goto out;
+    }
+    if (key_info_fill(&ki, rec) != 0) {
+        finish_err(call, "keys-show", KMS_ENOMEM, "out of memory");
+        goto out;
+    }
+    resp.key = &ki;
+    finish_msg(call, &resp.base);
+out:
+    key_info_clear(&ki);
+    if (rec != NULL) {
+        kmsd__v1__sealed_record__free_unpacked(rec, NULL);
+    }
+    if (r != NULL) {
+        kmsd__v1__keys_show_request__free_unpacked(r, NULL);
+    }
+}
+
+static void keys_revoke_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req,
+                           size_t len)
+{
+    struct kmsd *d = arg;
+    Kmsd__V1__KeysRevokeRequest *r = NULL;
+    Kmsd__V1__KeysRevokeResponse resp = KMSD__V1__KEYS_REVOKE_RESPONSE__INIT;
+    Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
+    Kmsd__V1__RevokeKey rk = KMSD__V1__REVOKE_KEY__INIT;
+    Kmsd__V1__RevokeNode rn = KMSD__V1__REVOKE_NODE__INIT;
+    struct kmsd_write_result res;
+    uint8_t id[16];
+    struct kms_err err;
+    int rc;
+
+    kms_err_clear(&err);
+    if (!operator_ok(d, call, "keys-revoke")) {
+        return;
+    }
+    r = kmsd__v1__keys_revoke_request__unpack(NULL, len, req);
+    if (r == NULL) {
+        finish_err(call, "keys-revoke", KMS_EINVAL, "malformed request");
+        goto out;
+    }
+    e.version = 1;
+    if (r->key_id != NULL && r->key_id[0] != '\0') {
+        if (hex_decode16(r->key_id, id) != 0) {
+            finish_err(call, "keys-revoke", KMS_EINVAL, "key id must be 32 hex digits");
+            goto out;
+        }
+        rk.key_id.data = id;
+        rk.key_id.len = 16;
+        rk.revoked_at = kms_wall_ms();
+        e.op_case = KMSD__V1__ENTRY__OP_REVOKE_KEY;
+        e.revoke_key = &rk;
+    } else if (r->node_uuid != NULL && r->node_uuid[0] != '\0') {
+        rn.node_uuid = r->node_uuid;
+        rn.revoked_at = kms_wall_ms();
+        e.op_case = KMSD__V1__ENTRY__OP_REVOKE_NODE;
+        e.revoke_node = &rn;
+    } else {
+        finish_err(call, "keys-revoke", KMS_EINVAL, "give a key id or a node UUID");
+        goto out;
+    }
+    audit(call, "keys-revoke");
+    rc = kmsd_write(d, &e, d->opt.request_wait_ms, &res, &err);
+    if (rc != 0) {
+        finish_err(call, "keys-revoke", rc, err.msg);
+        goto out;
+    }
+    if (res.code != 0) {
+        finish_err(call, "keys-revoke", res.code,
+                   res.code == KMS_ENOTFOUND ? "no such key" : res.msg);
+        goto out;
+    }
+    resp.revoked = e.op_case == KMSD__V1__ENTRY__OP_REVOKE_KEY ? 1 : res.count;
+    finish_msg(call, &resp.base);
+out:
+    if (r != NULL) {
+        kmsd__v1__keys_revoke_request__free_unpacked(r, NULL);
+    }
+}
+
+int kmsd_cluster_register(struct kmsd *d, struct kms_rpc_server *srv)
+{
+    static const struct {
+        const char *path;
+        kms_rpc_handler_fn fn;
+    } methods[] = {
+        {"/kmsd.v1.Cluster/Forward", forward_cb},
+        {"/kmsd.v1.Operator/Status", status_cb},
+        {"/kmsd.v1.Operator/Initialize", init_cb},
+        {"/kmsd.v1.Operator/Unseal", unseal_cb},
+        {"/kmsd.v1.Operator/Seal", seal_cb},
+        {"/kmsd.v1.Operator/StepDown", stepdown_cb},
+        {"/kmsd.v1.Operator/Rotate", rotate_cb},
+        {"/kmsd.v1.Operator/MembersList", members_list_cb},
+        {"/kmsd.v1.Operator/MembersAdd", members_add_cb},
+        {"/kmsd.v1.Operator/MembersRemove", members_remove_cb},
+        {"/kmsd.v1.Operator/TransferLeader", transfer_cb},
+        {"/kmsd.v1.Operator/KeysList", keys_list_cb},
+        {"/kmsd.v1.Operator/KeysShow", keys_show_cb},
+        {"/kmsd.v1.Operator/KeysRevoke", keys_revoke_cb},
+    };
+    for (size_t i = 0; i < sizeof(methods) / sizeof(methods[0]); i++) {
+        int rc = kms_rpc_server_add_method(srv, methods[i].path, methods[i].fn, d);
+        if (rc != 0) {
+            return rc;
+        }
+    }
+    return 0;
+}

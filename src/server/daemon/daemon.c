@@ -1,0 +1,330 @@
+/*
+ * Daemon lifecycle: start, the supervisor thread, TLS reload, stop.
+ *
+ * The supervisor owns the Talos API server. The Talos listener is open only
+ * while the node is unsealed and can serve reads; when the read lease has
+ * been gone for longer than lease_grace_ms the server is shut down, which
+ * closes the port, so Talos's grpc-go client gets "connection refused" and
+ * moves on to the next address. Shorter gaps (an election) are absorbed by
+ * handlers waiting up to request_wait_ms.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kms_crypto.h"
+#include "kms_log.h"
+#include "kms_raft.h"
+#include "kms_rpc.h"
+#include "kms_store.h"
+#include "kms_time.h"
+#include "kmsd.h"
+#include "kmsd_authz.h"
+
+#include <raft.h>
+
+static void sleep_ms(unsigned ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static int talos_open(struct kmsd *d, struct kms_err *err)
+{
+    struct kms_rpc_server_config cfg;
+    struct kms_rpc_server *srv = NULL;
+    int rc;
+
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.listen = d->opt.talos_listen;
+    cfg.workers = d->opt.workers;
+    cfg.max_message = d->opt.talos_max_message;
+    if (d->opt.talos_plaintext) {
+        cfg.mode = KMS_RPC_INSECURE;
+    } else {
+        cfg.mode = KMS_RPC_TLS;
+        cfg.cert_file = d->opt.talos_cert;
+        cfg.key_file = d->opt.talos_key;
+    }
+    if ((rc = kms_rpc_server_create(&cfg, &srv, err)) != 0 ||
+        (rc = kmsd_talos_register(d, srv)) != 0 ||
+        (rc = kms_rpc_server_start(srv, err)) != 0) {
+        if (srv != NULL) {
+            kms_rpc_server_destroy(srv);
+        }
+        return kms_err_wrap(err, rc, "talos API on %s", d->opt.talos_listen);
+    }
+    d->talos_srv = srv;
+    atomic_store(&d->talos_listening, true);
+    kms_log(KMS_LOG_INFO, "talos", "Talos API listening", "addr", d->opt.talos_listen,
+            "tls", d->opt.talos_plaintext ? "off" : (d->opt.talos_tls12 ? "1.2+" : "1.3"),
+            NULL);
+    if (d->opt.talos_plaintext) {
+        kms_log(KMS_LOG_WARN, "talos",
+                "PLAINTEXT Talos API: sealed blobs and passphrases cross the network "
+                "unencrypted; use only on an isolated network for the STATE partition",
+                NULL);
+    }
+    return 0;
+}
+
+static void talos_close(struct kmsd *d, const char *why)
+{
+    if (d->talos_srv == NULL) {
+        return;
+    }
+    atomic_store(&d->talos_listening, false);
+    kms_rpc_server_stop(d->talos_srv, 2000);
+    kms_rpc_server_destroy(d->talos_srv);
+    d->talos_srv = NULL;
+    kms_log(KMS_LOG_WARN, "talos", "Talos API closed", "reason", why, NULL);
+}
+
+struct self_meta {
+    uint64_t id;
+    bool found;
+    bool same;
+    const struct kmsd *d;
+};
+
+static int self_meta_cb(void *arg, const Kmsd__V1__Member *m)
+{
+    struct self_meta *sm = arg;
+    if (m->id == sm->id) {
+        sm->found = true;
+        sm->same = strcmp(m->version, sm->d->opt.version) == 0 &&
+                   strcmp(m->cluster_address, sm->d->opt.cluster_advertise) == 0 &&
+                   strcmp(m->talos_address, sm->d->opt.talos_advertise) == 0 &&
+                   strcmp(m->raft_address, sm->d->opt.raft_advertise) == 0;
+    }
+    return 0;
+}
+
+static void *supervisor_main(void *arg)
+{
+    struct kmsd *d = arg;
+    uint64_t last_slow = 0;
+    bool self_published = false;
+    bool lease_seen = false;
+
+    while (!atomic_load(&d->stopping)) {
+        uint64_t now = kms_mono_ms();
+        bool unsealed = kmsd_is_unsealed(d);
+        bool readable = kmsd_readable(d);
+        bool want;
+
+        if (readable) {
+            d->lease_lost_at_ms = 0;
+            lease_seen = true;
+        } else if (d->lease_lost_at_ms == 0) {
+            d->lease_lost_at_ms = now;
+        }
+        want = unsealed && lease_seen &&
+               (readable || now - d->lease_lost_at_ms < d->opt.lease_grace_ms);
+        if (want && d->talos_srv == NULL) {
+            struct kms_err err;
+            kms_err_clear(&err);
+            if (talos_open(d, &err) != 0) {
+                kms_log(KMS_LOG_ERROR, "talos", "cannot open Talos API", "error", err.msg,
+                        NULL);
+                sleep_ms(500);
+            }
+        } else if (!want && d->talos_srv != NULL) {
+            talos_close(d, !unsealed ? "sealed" : "no read lease for longer than the grace period");
+        }
+
+        if (now - last_slow >= 1000) {
+            last_slow = now;
+            if (unsealed) {
+                kmsd_keyring_refresh(d);
+            }
+            if (!self_published && readable) {
+                struct self_meta sm = {d->opt.node_id, false, false, d};
+                (void)kms_store_members_list(d->store, self_meta_cb, &sm, NULL);
+                if (sm.found && sm.same) {
+                    self_published = true;
+                } else {
+                    struct kms_err err;
+                    kms_err_clear(&err);
+                    if (kmsd_publish_self(d, &err) == 0) {
+                        self_published = true;
+                    }
+                }
+            }
+        }
+        sleep_ms(50);
+    }
+    return NULL;
+}
+
+/* Writes cluster CA + operator CA into one bundle for the cluster API's
+ * client verification (gRPC takes one PEM root bundle). */
+static int client_ca_bundle(struct kmsd *d, char *path, size_t pathlen, struct kms_err *err)
+{
+    const char *files[2] = {d->opt.cluster_ca, d->opt.operator_ca};
+    FILE *out;
+    int rc = 0;
+
+    snprintf(path, pathlen, "%s/client-ca-bundle.pem", d->opt.data_dir);
+    out = fopen(path, "w");
+    if (out == NULL) {
+        return kms_err_set(err, KMS_EIO, "cannot write %s: %s", path, strerror(errno));
+    }
+    for (int i = 0; i < 2; i++) {
+        char buf[4096];
+        size_t n;
+        FILE *in = fopen(files[i], "r");
+        if (in == NULL) {
+            rc = kms_err_set(err, KMS_EIO, "cannot read CA file %s: %s", files[i],
+                             strerror(errno));
+            break;
+        }
+        while ((n = fread(buf, 1, sizeof(buf), in)) > 0) {
+            fwrite(buf, 1, n, out);
+        }
+        fputc('\n', out);
+        fclose(in);
+    }
+    if (fclose(out) != 0 && rc == 0) {
+        rc = kms_err_set(err, KMS_EIO, "cannot write %s", path);
+    }
+    return rc;
+}
+
+int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *err)
+{
+    struct kms_raft_config rc_cfg;
+    struct kms_raft_peer peers[KMSD_MAX_PEERS];
+    struct kms_rpc_server_config ccfg;
+    char path[4096];
+    char bundle[4096];
+    int rc;
+
+    memset(d, 0, sizeof(*d));
+    d->opt = *opt;
+    pthread_mutex_init(&d->mu, NULL);
+    pthread_mutex_init(&d->fwd_mu, NULL);
+    pthread_mutex_init(&d->rate_mu, NULL);
+    pthread_rwlock_init(&d->kr_lock, NULL);
+
+    d->pending = kms_secmem_alloc(sizeof(struct kms_share) * KMSD_MAX_SHARES);
+    if (d->pending == NULL) {
+        return kms_err_set(err, KMS_ENOMEM, "cannot allocate secure memory for shares");
+    }
+    if ((rc = kmsd_authz_load(d, err)) != 0) {
+        return kms_err_wrap(err, rc, "cluster API CAs");
+    }
+
+    snprintf(path, sizeof(path), "%s/store", d->opt.data_dir);
+    if ((rc = kms_store_open(path, &d->store, err)) != 0) {
+        return kms_err_wrap(err, rc, "store");
+    }
+
+    memset(&rc_cfg, 0, sizeof(rc_cfg));
+    for (size_t i = 0; i < d->opt.n_peers; i++) {
+        peers[i].id = d->opt.peers[i].id;
+        snprintf(peers[i].address, sizeof(peers[i].address), "%s",
+                 d->opt.peers[i].raft_address);
+    }
+    rc_cfg.id = d->opt.node_id;
+    rc_cfg.data_dir = d->opt.data_dir;
+    rc_cfg.raft_address = d->opt.raft_advertise;
+    rc_cfg.bind_address = d->opt.raft_listen;
+    rc_cfg.initial_cluster = peers;
+    rc_cfg.n_initial = d->opt.n_peers;
+    rc_cfg.election_timeout_ms = d->opt.election_timeout_ms;
+    rc_cfg.heartbeat_timeout_ms = d->opt.heartbeat_timeout_ms;
+    rc_cfg.snapshot_threshold = d->opt.snapshot_threshold;
+    rc_cfg.snapshot_trailing = d->opt.snapshot_trailing;
+    rc_cfg.cert_file = d->opt.node_cert;
+    rc_cfg.key_file = d->opt.node_key;
+    rc_cfg.ca_file = d->opt.cluster_ca;
+    if ((rc = kms_raft_start(&rc_cfg, d->store, &d->raft, err)) != 0) {
+        return kms_err_wrap(err, rc, "raft");
+    }
+
+    if ((rc = client_ca_bundle(d, bundle, sizeof(bundle), err)) != 0) {
+        return rc;
+    }
+    memset(&ccfg, 0, sizeof(ccfg));
+    ccfg.listen = d->opt.cluster_listen;
+    ccfg.workers = d->opt.workers;
+    ccfg.max_message = 4 * 1024 * 1024;
+    ccfg.mode = KMS_RPC_MTLS;
+    ccfg.cert_file = d->opt.node_cert;
+    ccfg.key_file = d->opt.node_key;
+    ccfg.ca_file = bundle;
+    if ((rc = kms_rpc_server_create(&ccfg, &d->cluster_srv, err)) != 0 ||
+        (rc = kmsd_cluster_register(d, d->cluster_srv)) != 0 ||
+        (rc = kms_rpc_server_start(d->cluster_srv, err)) != 0) {
+        return kms_err_wrap(err, rc, "cluster API on %s", d->opt.cluster_listen);
+    }
+    kms_log(KMS_LOG_INFO, "cluster", "cluster API listening", "addr", d->opt.cluster_listen,
+            NULL);
+
+    if (pthread_create(&d->supervisor, NULL, supervisor_main, d) != 0) {
+        return kms_err_set(err, KMS_ENOMEM, "cannot start supervisor thread");
+    }
+    d->supervisor_started = true;
+    kms_log(KMS_LOG_INFO, "kmsd", kmsd_is_initialized(d)
+                                      ? "started sealed: waiting for unseal key shares"
+                                      : "started uninitialised: waiting for kmsctl operator init",
+            NULL);
+    return 0;
+}
+
+void kmsd_reload_tls(struct kmsd *d)
+{
+    struct kms_err err;
+    kms_err_clear(&err);
+    if (kmsd_authz_load(d, &err) != 0) {
+        kms_log(KMS_LOG_ERROR, "kmsd", "TLS reload: keeping old CAs", "error", err.msg, NULL);
+    }
+    if (d->cluster_srv != NULL) {
+        kms_rpc_server_reload_tls(d->cluster_srv);
+    }
+    /* The Talos server is recreated from files on every open; ask the live
+     * one to pick the new files up for new handshakes too. */
+    if (d->talos_srv != NULL) {
+        kms_rpc_server_reload_tls(d->talos_srv);
+    }
+    kms_log(KMS_LOG_INFO, "kmsd", "TLS certificates reloaded for new connections", NULL);
+}
+
+void kmsd_stop(struct kmsd *d)
+{
+    atomic_store(&d->stopping, true);
+    if (d->supervisor_started) {
+        pthread_join(d->supervisor, NULL);
+        d->supervisor_started = false;
+    }
+    /* Close the Talos port first so clients move on; in-flight calls get
+     * the grace period, then UNAVAILABLE. */
+    talos_close(d, "shutting down");
+    if (d->raft != NULL) {
+        kms_raft_stop(d->raft); /* transfers leadership first when leader */
+        d->raft = NULL;
+    }
+    if (d->cluster_srv != NULL) {
+        kms_rpc_server_stop(d->cluster_srv, 1000);
+        kms_rpc_server_destroy(d->cluster_srv);
+        d->cluster_srv = NULL;
+    }
+    for (size_t i = 0; i < sizeof(d->fwd) / sizeof(d->fwd[0]); i++) {
+        if (d->fwd[i].ch != NULL) {
+            kms_rpc_channel_destroy(d->fwd[i].ch);
+            d->fwd[i].ch = NULL;
+        }
+    }
+    kmsd_seal(d);
+    if (d->store != NULL) {
+        kms_store_close(d->store);
+        d->store = NULL;
+    }
+    kmsd_authz_free(d);
+    kms_secmem_free(d->pending, sizeof(struct kms_share) * KMSD_MAX_SHARES);
+    d->pending = NULL;
+}

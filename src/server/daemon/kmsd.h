@@ -1,0 +1,215 @@
+/*
+ * kmsd: the daemon's core. One `struct kmsd` per process ties together the
+ * store (RocksDB), the raft node, the key material and the gRPC servers.
+ *
+ * Threads:
+ *  - gRPC worker threads run the Talos API and cluster API handlers;
+ *  - the raft thread (owned by kms_raft) applies entries to the store;
+ *  - the supervisor thread opens and closes the Talos listener as the node's
+ *    state changes (sealed/unsealed, read lease held/lost), picks up rotated
+ *    keyrings, and publishes this node's member metadata;
+ *  - main waits for signals.
+ *
+ * Key material: the root key R and pending unseal shares live in secure
+ * memory under `mu`. The keyring handed to RPC handlers is an immutable
+ * refcounted snapshot: a handler takes a reference under the read side of
+ * `kr_lock` (held for a pointer copy and an atomic increment, never across
+ * crypto), so sealing or rotating never frees a keyring in use. DESIGN §3
+ * asks for no global lock on the hot path; a reader-writer lock held for a
+ * few nanoseconds is the simplest safe form of that (an unlocked atomic
+ * pointer would race the final unref).
+ */
+#ifndef KMSD_H
+#define KMSD_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kms_err.h"
+
+struct kms_store;
+struct kms_raft;
+struct kms_rpc_server;
+struct kms_rpc_channel;
+struct kms_keyring;
+struct kms_share;
+struct kmsd_authz;
+struct MHD_Daemon;
+
+#define KMSD_MAX_PEERS 16
+#define KMSD_MAX_CIDRS 32
+#define KMSD_MAX_UUIDS 256
+
+struct kmsd_peer {
+    uint64_t id;
+    char raft_address[256];
+    char cluster_address[256];
+};
+
+struct kmsd_cidr {
+    uint8_t addr[16];   /* IPv4 stored as v4-mapped IPv6 */
+    unsigned prefix;    /* 0..128 over the mapped form */
+};
+
+/* Everything the daemon needs from the configuration, already validated.
+ * Strings are borrowed from the config, which outlives the daemon. */
+struct kmsd_options {
+    uint64_t node_id;
+    const char *data_dir;
+    const char *version;
+
+    const char *talos_listen;
+    const char *talos_advertise;
+    const char *talos_cert;
+    const char *talos_key;
+    bool talos_plaintext;
+    bool talos_tls12;
+    size_t talos_max_message;
+    unsigned workers;
+
+    const char *cluster_listen;
+    const char *cluster_advertise;
+    const char *raft_listen;
+    const char *raft_advertise;
+    const char *http_listen;
+
+    const char *node_cert;
+    const char *node_key;
+    const char *cluster_ca;
+    const char *operator_ca;
+
+    struct kmsd_peer peers[KMSD_MAX_PEERS];
+    size_t n_peers;
+
+    unsigned election_timeout_ms;
+    unsigned heartbeat_timeout_ms;
+    uint64_t snapshot_threshold;
+    uint64_t snapshot_trailing;
+
+    bool unseal_reads_local;
+    unsigned lease_grace_ms;
+    unsigned request_wait_ms;
+    unsigned failed_unseals_per_minute;
+
+    struct kmsd_cidr cidrs[KMSD_MAX_CIDRS];
+    size_t n_cidrs;
+    const char *uuids[KMSD_MAX_UUIDS];
+    size_t n_uuids;
+};
+
+/* Per-source-address limiter of failed unseals (fixed-size table). */
+#define KMSD_RATE_SLOTS 1024
+struct kmsd_rate_slot {
+    uint8_t ip[16];
+    uint64_t window_start_ms;
+    unsigned failures;
+};
+
+/* Talos API request counters: [0] Seal, [1] Unseal, by gRPC status code. */
+#define KMSD_METRIC_CODES 17
+struct kmsd_metrics {
+    atomic_ullong requests[2][KMSD_METRIC_CODES];
+};
+
+struct kmsd {
+    struct kmsd_options opt;
+    struct kmsd_metrics metrics;
+    struct MHD_Daemon *http;             /* HTTP endpoints (http.c) */
+    struct kms_store *store;
+    struct kms_raft *raft;
+    struct kms_rpc_server *cluster_srv;
+    struct kmsd_authz *authz;            /* CA stores, swapped on reload (authz.c) */
+
+    /* Talos API server: created/destroyed only by the supervisor thread. */
+    struct kms_rpc_server *talos_srv;
+    atomic_bool talos_listening;
+
+    pthread_mutex_t mu;                  /* guards the fields below */
+    bool unsealed;
+    uint8_t *root;                       /* 32 bytes secure memory, while unsealed */
+    struct kms_share *pending;           /* secure memory, KMSD_MAX_SHARES entries */
+    size_t n_pending;
+    uint32_t threshold_seen;             /* k from the replicated keyring meta */
+
+    pthread_rwlock_t kr_lock;            /* guards `keyring` pointer swaps */
+    struct kms_keyring *keyring;         /* NULL while sealed; one reference */
+
+    /* Forwarding channels, one per leader id seen, created lazily and kept
+     * until kmsd_stop: gRPC channels are thread-safe, and never destroying
+     * one while running means no call can race its destruction. */
+    pthread_mutex_t fwd_mu;              /* guards the cache slots */
+    struct {
+        uint64_t id;
+        struct kms_rpc_channel *ch;
+    } fwd[KMSD_MAX_PEERS * 2];
+
+    pthread_mutex_t rate_mu;
+    struct kmsd_rate_slot rate[KMSD_RATE_SLOTS];
+
+    atomic_bool stopping;
+    pthread_t supervisor;
+    bool supervisor_started;
+    uint64_t lease_lost_at_ms;           /* supervisor thread only */
+};
+
+#define KMSD_MAX_SHARES 255
+
+/* Lifecycle (main_kmsd.c). */
+int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *err);
+void kmsd_stop(struct kmsd *d);
+void kmsd_reload_tls(struct kmsd *d);
+
+/* Key state (node_keys.c). All take d->mu themselves. */
+bool kmsd_is_initialized(struct kmsd *d);
+bool kmsd_is_unsealed(struct kmsd *d);
+int kmsd_init_cluster(struct kmsd *d, unsigned shares, unsigned threshold,
+                      char ***share_text, char cluster_id_hex[33],
+                      struct kms_err *err);
+int kmsd_unseal_submit(struct kmsd *d, const char *share, bool reset,
+                       unsigned *progress, unsigned *threshold, bool *unsealed,
+                       struct kms_err *err);
+void kmsd_seal(struct kmsd *d);
+int kmsd_rotate(struct kmsd *d, uint32_t *active_term, struct kms_err *err);
+void kmsd_unseal_progress(struct kmsd *d, unsigned *progress, unsigned *threshold);
+/* Refreshes the published keyring from the store when a rotation was
+ * applied (supervisor). */
+void kmsd_keyring_refresh(struct kmsd *d);
+/* Returns a referenced keyring or NULL when sealed; release with
+ * kms_keyring_unref. */
+struct kms_keyring *kmsd_keyring_get(struct kmsd *d);
+
+/* Writes (node_propose.c): propose locally when leader, else forward to the
+ * leader over the cluster API, then wait until this node applied the entry.
+ * Waits up to request_wait_ms for a leader. */
+struct Kmsd__V1__Entry;
+struct kmsd_write_result {
+    uint64_t index;
+    int code;          /* apply result (KMS_E*) */
+    uint64_t count;
+    char msg[128];
+};
+int kmsd_write(struct kmsd *d, const struct Kmsd__V1__Entry *e, unsigned wait_ms,
+               struct kmsd_write_result *res, struct kms_err *err);
+/* Waits until this node may serve a local read (lease, or any applied state
+ * with unsealReads: local). 0, or KMS_EUNAVAIL after wait_ms. */
+int kmsd_wait_readable(struct kmsd *d, unsigned wait_ms);
+bool kmsd_readable(struct kmsd *d);
+
+/* RPC services. */
+int kmsd_talos_register(struct kmsd *d, struct kms_rpc_server *srv);
+int kmsd_cluster_register(struct kmsd *d, struct kms_rpc_server *srv);
+
+/* Proposes this node's own member metadata (addresses, version). */
+int kmsd_publish_self(struct kmsd *d, struct kms_err *err);
+
+/* Maps a KMS_E* code to a gRPC status code. */
+int kmsd_grpc_status(int code);
+
+/* Policy and limits (talos_api.c). */
+bool kmsd_rate_limited(struct kmsd *d, const uint8_t ip[16]);
+void kmsd_rate_fail(struct kmsd *d, const uint8_t ip[16]);
+
+#endif /* KMSD_H */

@@ -1,0 +1,178 @@
+/*
+ * kmsd: entry point. Loads the configuration, hardens the process, starts
+ * the daemon and waits for signals:
+ *   SIGTERM/SIGINT  graceful stop (a leader transfers leadership first)
+ *   SIGHUP          reload TLS certificates and keys (new connections)
+ * Exit codes: 0 clean stop, 1 configuration error, 2 start-up failure.
+ */
+#include <arpa/inet.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kms_config.h"
+#include "kms_crypto.h"
+#include "kms_log.h"
+#include "kms_rpc.h"
+#include "kmsd.h"
+#include "kmsd_http.h"
+
+extern char **environ;
+
+static int options_from_config(const struct kms_config *c, struct kmsd_options *o,
+                               struct kms_err *err)
+{
+    memset(o, 0, sizeof(*o));
+    o->node_id = c->node_id;
+    o->data_dir = c->data_dir;
+    o->version = KMSD_VERSION;
+    o->talos_listen = c->talos.listen;
+    o->talos_advertise = c->talos.advertise;
+    o->talos_cert = c->talos.cert_file;
+    o->talos_key = c->talos.key_file;
+    o->talos_plaintext = c->talos.plaintext;
+    o->talos_tls12 = c->talos.tls12;
+    o->talos_max_message = (size_t)c->talos.max_message_bytes;
+    o->workers = c->talos.workers;
+    o->cluster_listen = c->cluster.listen;
+    o->cluster_advertise = c->cluster.advertise;
+    o->raft_listen = c->raft.listen;
+    o->raft_advertise = c->raft.advertise;
+    o->http_listen = c->http.listen;
+    o->node_cert = c->tls.node_cert_file;
+    o->node_key = c->tls.node_key_file;
+    o->cluster_ca = c->tls.cluster_ca_file;
+    o->operator_ca = c->tls.operator_ca_file;
+    if (c->n_initial_cluster > KMSD_MAX_PEERS) {
+        return kms_err_set(err, KMS_ECONFIG, "initialCluster: at most %d members",
+                           KMSD_MAX_PEERS);
+    }
+    for (size_t i = 0; i < c->n_initial_cluster; i++) {
+        o->peers[i].id = c->initial_cluster[i].id;
+        snprintf(o->peers[i].raft_address, sizeof(o->peers[i].raft_address), "%s",
+                 c->initial_cluster[i].raft);
+        snprintf(o->peers[i].cluster_address, sizeof(o->peers[i].cluster_address), "%s",
+                 c->initial_cluster[i].cluster);
+    }
+    o->n_peers = c->n_initial_cluster;
+    o->election_timeout_ms = c->raft.election_timeout_ms;
+    o->heartbeat_timeout_ms = c->raft.heartbeat_timeout_ms;
+    o->snapshot_threshold = c->raft.snapshot_threshold;
+    o->snapshot_trailing = c->raft.snapshot_trailing;
+    o->unseal_reads_local = c->unseal_reads == KMS_UNSEAL_READS_LOCAL;
+    o->lease_grace_ms = c->lease_grace_ms;
+    o->request_wait_ms = c->request_wait_ms;
+    o->failed_unseals_per_minute = c->failed_unseals_per_minute;
+    for (size_t i = 0; i < c->n_allowed_cidrs && i < KMSD_MAX_CIDRS; i++) {
+        memcpy(o->cidrs[i].addr, c->allowed_cidrs[i].addr, 16);
+        o->cidrs[i].prefix = c->allowed_cidrs[i].prefix;
+        o->n_cidrs++;
+    }
+    for (size_t i = 0; i < c->n_uuid_allow_list && i < KMSD_MAX_UUIDS; i++) {
+        o->uuids[o->n_uuids++] = c->uuid_allow_list[i];
+    }
+    if (!o->talos_plaintext && (o->talos_cert[0] == '\0' || o->talos_key[0] == '\0')) {
+        return kms_err_set(err, KMS_ECONFIG,
+                           "talos.certFile and talos.keyFile are required unless "
+                           "talos.plaintext is true");
+    }
+    if (o->node_cert[0] == '\0' || o->node_key[0] == '\0' || o->cluster_ca[0] == '\0' ||
+        o->operator_ca[0] == '\0') {
+        return kms_err_set(err, KMS_ECONFIG,
+                           "tls.nodeCertFile, tls.nodeKeyFile, tls.clusterCAFile and "
+                           "tls.operatorCAFile are required");
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    struct kms_config cfg;
+    struct kmsd_options opt;
+    struct kmsd *d = NULL;
+    struct kms_err err;
+    sigset_t set;
+    int sig = 0;
+    int code = 0;
+
+    memset(&cfg, 0, sizeof(cfg));
+    kms_err_clear(&err);
+    /* Block the signals we wait for before any thread starts, so every
+     * thread inherits the mask and sigwait below receives them. SIGPIPE is
+     * ignored: a peer vanishing mid-write must not kill the process
+     * (canonical raft followers die otherwise when the leader dies). */
+    signal(SIGPIPE, SIG_IGN);
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+
+    if (kms_config_load(&cfg, argc, argv, environ, &err) != 0) {
+        fprintf(stderr, "kmsd: %s\n", err.msg);
+        code = 1;
+        goto out;
+    }
+    if (cfg.help) {
+        goto out;
+    }
+    if (options_from_config(&cfg, &opt, &err) != 0) {
+        fprintf(stderr, "kmsd: config: %s\n", err.msg);
+        code = 1;
+        goto out;
+    }
+    if (cfg.check_only) {
+        printf("kmsd: configuration OK\n");
+        goto out;
+    }
+    kms_log_set_level((enum kms_log_level)cfg.log_level);
+
+    if (kms_crypto_init(&err) != 0 || kms_process_harden(&err) != 0) {
+        kms_log(KMS_LOG_ERROR, "kmsd", "cannot secure the process", "error", err.msg, NULL);
+        code = 2;
+        goto out;
+    }
+    if (kms_rpc_global_init(opt.talos_tls12, &err) != 0) {
+        kms_log(KMS_LOG_ERROR, "kmsd", "gRPC init failed", "error", err.msg, NULL);
+        code = 2;
+        goto out;
+    }
+    d = calloc(1, sizeof(*d));
+    if (d == NULL) {
+        code = 2;
+        goto out;
+    }
+    {
+        char id[32];
+        snprintf(id, sizeof(id), "%llu", (unsigned long long)opt.node_id);
+        kms_log(KMS_LOG_INFO, "kmsd", "starting", "version", KMSD_VERSION, "node_id", id,
+                NULL);
+    }
+    if (kmsd_start(d, &opt, &err) != 0 || kmsd_http_start(d, &err) != 0) {
+        kms_log(KMS_LOG_ERROR, "kmsd", "start-up failed", "error", err.msg, NULL);
+        code = 2;
+        goto stop;
+    }
+    for (;;) {
+        if (sigwait(&set, &sig) != 0) {
+            continue;
+        }
+        if (sig == SIGHUP) {
+            kmsd_reload_tls(d);
+            continue;
+        }
+        kms_log(KMS_LOG_INFO, "kmsd", "stopping", "signal", sig == SIGTERM ? "TERM" : "INT",
+                NULL);
+        break;
+    }
+stop:
+    kmsd_http_stop(d);
+    kmsd_stop(d);
+    kms_rpc_global_shutdown();
+    kms_log(KMS_LOG_INFO, "kmsd", "stopped", NULL);
+out:
+    free(d);
+    kms_config_free(&cfg);
+    return code;
+}

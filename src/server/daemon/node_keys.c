@@ -1,0 +1,417 @@
+/*
+ * The node's key lifecycle: uninitialised -> sealed -> unsealed.
+ *
+ * Init (any node): generates R and keyring term 1, commits the keyring
+ * encrypted under R together with (n, k), and returns the n shares once.
+ * Nothing of R or the shares is stored; the node stays sealed like every
+ * other node until it is given k shares.
+ *
+ * Unseal: shares are gathered in secure memory under d->mu. When k are in,
+ * they are combined and R is checked by decrypting the replicated keyring
+ * (AES-GCM authenticates it). A wrong set resets progress.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/crypto.h>
+
+#include "kms_crypto.h"
+#include "kms_log.h"
+#include "kms_store.h"
+#include "kms_time.h"
+#include "kmsd.h"
+
+#include "kmsd/v1/entry.pb-c.h"
+
+static void hex16(const uint8_t *in, char out[33])
+{
+    static const char digits[] = "0123456789abcdef";
+    for (int i = 0; i < 16; i++) {
+        out[2 * i] = digits[in[i] >> 4];
+        out[2 * i + 1] = digits[in[i] & 15];
+    }
+    out[32] = '\0';
+}
+
+bool kmsd_is_initialized(struct kmsd *d)
+{
+    Kmsd__V1__EncryptedKeyring *ek = NULL;
+    bool ok = kms_store_keyring_get(d->store, &ek, NULL) == 0;
+    if (ek != NULL) {
+        kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
+    }
+    return ok;
+}
+
+bool kmsd_is_unsealed(struct kmsd *d)
+{
+    bool u;
+    pthread_mutex_lock(&d->mu);
+    u = d->unsealed;
+    pthread_mutex_unlock(&d->mu);
+    return u;
+}
+
+struct kms_keyring *kmsd_keyring_get(struct kmsd *d)
+{
+    struct kms_keyring *kr = NULL;
+    pthread_rwlock_rdlock(&d->kr_lock);
+    if (d->keyring != NULL) {
+        kr = kms_keyring_ref(d->keyring);
+    }
+    pthread_rwlock_unlock(&d->kr_lock);
+    return kr;
+}
+
+/* Swaps the published keyring; takes ownership of `kr` (may be NULL). */
+static void keyring_publish(struct kmsd *d, struct kms_keyring *kr)
+{
+    struct kms_keyring *old;
+    pthread_rwlock_wrlock(&d->kr_lock);
+    old = d->keyring;
+    d->keyring = kr;
+    pthread_rwlock_unlock(&d->kr_lock);
+    if (old != NULL) {
+        kms_keyring_unref(old);
+    }
+}
+
+static void pending_wipe(struct kmsd *d)
+{
+    if (d->pending != NULL) {
+        OPENSSL_cleanse(d->pending, sizeof(struct kms_share) * KMSD_MAX_SHARES);
+    }
+    d->n_pending = 0;
+}
+
+int kmsd_init_cluster(struct kmsd *d, unsigned n, unsigned k, char ***share_text,
+                      char cluster_id_hex[33], struct kms_err *err)
+{
+    uint8_t *root = NULL;
+    struct kms_share *shares = NULL;
+    struct kms_keyring *kr = NULL;
+    Kmsd__V1__EncryptedKeyring *ek = NULL;
+    char **texts = NULL;
+    uint8_t cluster_id[16];
+    struct kmsd_write_result res;
+    int rc;
+
+    *share_text = NULL;
+    if (kmsd_is_initialized(d)) {
+        rc = kms_err_set(err, KMS_EEXIST, "cluster is already initialised");
+        goto out;
+    }
+    root = kms_secmem_alloc(32);
+    shares = kms_secmem_alloc(sizeof(*shares) * n);
+    texts = calloc(n + 1, sizeof(*texts));
+    if (root == NULL || shares == NULL || texts == NULL) {
+        rc = kms_err_set(err, KMS_ENOMEM, "init: out of memory");
+        goto out;
+    }
+    if ((rc = kms_root_key_generate(root, err)) != 0 ||
+        (rc = kms_rand_bytes(cluster_id, sizeof(cluster_id), err)) != 0 ||
+        (rc = kms_keyring_create(cluster_id, kms_wall_ms(), &kr, err)) != 0 ||
+        (rc = kms_keyring_encrypt(kr, root, n, k, &ek, err)) != 0 ||
+        (rc = kms_shamir_split(root, 32, n, k, false, shares, err)) != 0) {
+        kms_err_wrap(err, rc, "init");
+        goto out;
+    }
+    for (unsigned i = 0; i < n; i++) {
+        char buf[512];
+        if ((rc = kms_share_format(&shares[i], buf, sizeof(buf), err)) != 0) {
+            kms_err_wrap(err, rc, "init: share %u", i + 1);
+            goto out;
+        }
+        texts[i] = strdup(buf);
+        OPENSSL_cleanse(buf, sizeof(buf));
+        if (texts[i] == NULL) {
+            rc = kms_err_set(err, KMS_ENOMEM, "init: out of memory");
+            goto out;
+        }
+    }
+
+    {
+        Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
+        Kmsd__V1__PutKeyring pk = KMSD__V1__PUT_KEYRING__INIT;
+        e.version = 1;
+        pk.keyring = ek;
+        pk.init = true;
+        e.op_case = KMSD__V1__ENTRY__OP_PUT_KEYRING;
+        e.put_keyring = &pk;
+        rc = kmsd_write(d, &e, d->opt.request_wait_ms, &res, err);
+        if (rc != 0) {
+            kms_err_wrap(err, rc, "init: commit keyring");
+            goto out;
+        }
+        if (res.code == KMS_EEXIST) {
+            rc = kms_err_set(err, KMS_EEXIST, "cluster is already initialised");
+            goto out;
+        }
+        if (res.code != 0) {
+            rc = kms_err_set(err, res.code, "init: apply keyring: %s", res.msg);
+            goto out;
+        }
+    }
+    hex16(cluster_id, cluster_id_hex);
+    kms_log(KMS_LOG_WARN, "keys", "cluster initialised; shares handed out once",
+            "cluster_id", cluster_id_hex, NULL);
+    *share_text = texts;
+    texts = NULL;
+    rc = 0;
+out:
+    if (texts != NULL) {
+        for (unsigned i = 0; i < n; i++) {
+            if (texts[i] != NULL) {
+                OPENSSL_cleanse(texts[i], strlen(texts[i]));
+                free(texts[i]);
+            }
+        }
+        free(texts);
+    }
+    if (ek != NULL) {
+        kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
+    }
+    if (kr != NULL) {
+        kms_keyring_unref(kr);
+    }
+    kms_secmem_free(shares, shares != NULL ? sizeof(*shares) * n : 0);
+    kms_secmem_free(root, 32);
+    return rc;
+}
+
+void kmsd_unseal_progress(struct kmsd *d, unsigned *progress, unsigned *threshold)
+{
+    Kmsd__V1__EncryptedKeyring *ek = NULL;
+    unsigned k = 0;
+    if (kms_store_keyring_get(d->store, &ek, NULL) == 0) {
+        k = ek->threshold;
+        kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
+    }
+    pthread_mutex_lock(&d->mu);
+    *progress = d->unsealed ? k : (unsigned)d->n_pending;
+    pthread_mutex_unlock(&d->mu);
+    *threshold = k;
+}
+
+int kmsd_unseal_submit(struct kmsd *d, const char *share, bool reset,
+                       unsigned *progress, unsigned *threshold, bool *unsealed,
+                       struct kms_err *err)
+{
+    Kmsd__V1__EncryptedKeyring *ek = NULL;
+    struct kms_share parsed;
+    uint8_t *root = NULL;
+    struct kms_keyring *kr = NULL;
+    size_t len = 0;
+    int rc;
+
+    memset(&parsed, 0, sizeof(parsed));
+    pthread_mutex_lock(&d->mu);
+    *unsealed = d->unsealed;
+    *progress = (unsigned)d->n_pending;
+    *threshold = 0;
+    rc = kms_store_keyring_get(d->store, &ek, err);
+    if (rc != 0) {
+        rc = kms_err_set(err, KMS_EUNINIT,
+                         "cluster is not initialised (run kmsctl operator init)");
+        goto out;
+    }
+    *threshold = ek->threshold;
+    if (d->unsealed) {
+        *progress = ek->threshold;
+        rc = 0;
+        goto out;
+    }
+    if (reset) {
+        pending_wipe(d);
+        *progress = 0;
+        kms_log(KMS_LOG_INFO, "keys", "unseal progress reset", NULL);
+    }
+    if (share == NULL || share[0] == '\0') {
+        rc = reset ? 0 : kms_err_set(err, KMS_EINVAL, "no share given");
+        goto out;
+    }
+    if ((rc = kms_share_parse(share, &parsed, err)) != 0) {
+        kms_err_wrap(err, rc, "share %zu", d->n_pending + 1);
+        goto out;
+    }
+    for (size_t i = 0; i < d->n_pending; i++) {
+        if (d->pending[i].index == parsed.index) {
+            rc = kms_err_set(err, KMS_EDUP,
+                             "share %zu: a share with index %u was already given",
+                             d->n_pending + 1, parsed.index);
+            goto out;
+        }
+        if (d->pending[i].len != parsed.len) {
+            rc = kms_err_set(err, KMS_EFORMAT,
+                             "share %zu: length differs from the shares already given",
+                             d->n_pending + 1);
+            goto out;
+        }
+    }
+    if (d->n_pending >= KMSD_MAX_SHARES) {
+        rc = kms_err_set(err, KMS_ERANGE, "too many shares");
+        goto out;
+    }
+    d->pending[d->n_pending++] = parsed;
+    *progress = (unsigned)d->n_pending;
+    if (d->n_pending < ek->threshold) {
+        kms_logf(KMS_LOG_INFO, "keys", "unseal progress %zu/%u", d->n_pending,
+                 ek->threshold);
+        rc = 0;
+        goto out;
+    }
+
+    root = kms_secmem_alloc(KMS_SHAMIR_MAX_SECRET);
+    if (root == NULL) {
+        rc = kms_err_set(err, KMS_ENOMEM, "unseal: out of memory");
+        goto out;
+    }
+    rc = kms_shamir_combine(d->pending, d->n_pending, ek->threshold, root, &len, err);
+    if (rc == 0 && len != 32) {
+        rc = kms_err_set(err, KMS_EFORMAT, "shares hold a %zu-byte secret, expected 32", len);
+    }
+    if (rc == 0) {
+        rc = kms_keyring_decrypt(ek, root, &kr, err);
+    }
+    if (rc != 0) {
+        pending_wipe(d);
+        *progress = 0;
+        kms_err_set(err, rc == KMS_EAUTH ? KMS_EAUTH : rc,
+                    "the %u shares given do not reconstruct this cluster's root key "
+                    "(a wrong or mistyped share, or another cluster's); progress reset",
+                    ek->threshold);
+        kms_log(KMS_LOG_WARN, "keys", "unseal failed: wrong set of shares; progress reset", NULL);
+        goto out;
+    }
+    pending_wipe(d);
+    d->root = root;
+    root = NULL;
+    d->unsealed = true;
+    *unsealed = true;
+    *progress = ek->threshold;
+    keyring_publish(d, kr);
+    kr = NULL;
+    kms_log(KMS_LOG_INFO, "keys", "unsealed", NULL);
+    rc = 0;
+out:
+    pthread_mutex_unlock(&d->mu);
+    OPENSSL_cleanse(&parsed, sizeof(parsed));
+    kms_secmem_free(root, KMS_SHAMIR_MAX_SECRET);
+    if (kr != NULL) {
+        kms_keyring_unref(kr);
+    }
+    if (ek != NULL) {
+        kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
+    }
+    return rc;
+}
+
+void kmsd_seal(struct kmsd *d)
+{
+    pthread_mutex_lock(&d->mu);
+    pending_wipe(d);
+    if (d->root != NULL) {
+        kms_secmem_free(d->root, KMS_SHAMIR_MAX_SECRET);
+        d->root = NULL;
+    }
+    d->unsealed = false;
+    keyring_publish(d, NULL);
+    pthread_mutex_unlock(&d->mu);
+    kms_log(KMS_LOG_WARN, "keys", "sealed: key material wiped from memory", NULL);
+}
+
+void kmsd_keyring_refresh(struct kmsd *d)
+{
+    Kmsd__V1__EncryptedKeyring *ek = NULL;
+    struct kms_keyring *cur = NULL, *kr = NULL;
+
+    pthread_mutex_lock(&d->mu);
+    if (!d->unsealed || d->root == NULL) {
+        goto out;
+    }
+    if (kms_store_keyring_get(d->store, &ek, NULL) != 0) {
+        goto out;
+    }
+    cur = kmsd_keyring_get(d);
+    if (cur != NULL && kms_keyring_active_term(cur) == ek->active_term &&
+        kms_keyring_term_count(cur) > 0) {
+        goto out;
+    }
+    if (kms_keyring_decrypt(ek, d->root, &kr, NULL) == 0) {
+        kms_logf(KMS_LOG_INFO, "keys", "keyring updated: active term %u",
+                 kms_keyring_active_term(kr));
+        keyring_publish(d, kr);
+        kr = NULL;
+    }
+out:
+    pthread_mutex_unlock(&d->mu);
+    if (cur != NULL) {
+        kms_keyring_unref(cur);
+    }
+    if (ek != NULL) {
+        kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
+    }
+}
+
+int kmsd_rotate(struct kmsd *d, uint32_t *active_term, struct kms_err *err)
+{
+    Kmsd__V1__EncryptedKeyring *ek = NULL, *nek = NULL;
+    struct kms_keyring *kr = NULL, *next = NULL;
+    struct kmsd_write_result res;
+    int rc;
+
+    pthread_mutex_lock(&d->mu);
+    if (!d->unsealed) {
+        rc = kms_err_set(err, KMS_ESEALED, "node is sealed");
+        goto out;
+    }
+    /* Rotate from the replicated keyring, not the cached one, so two
+     * rotations in a row each add a term. */
+    if ((rc = kms_store_keyring_get(d->store, &ek, err)) != 0 ||
+        (rc = kms_keyring_decrypt(ek, d->root, &kr, err)) != 0 ||
+        (rc = kms_keyring_rotate(kr, kms_wall_ms(), &next, err)) != 0 ||
+        (rc = kms_keyring_encrypt(next, d->root, ek->share_count, ek->threshold, &nek,
+                                  err)) != 0) {
+        kms_err_wrap(err, rc, "rotate");
+        goto out;
+    }
+    {
+        Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
+        Kmsd__V1__PutKeyring pk = KMSD__V1__PUT_KEYRING__INIT;
+        e.version = 1;
+        pk.keyring = nek;
+        pk.init = false;
+        e.op_case = KMSD__V1__ENTRY__OP_PUT_KEYRING;
+        e.put_keyring = &pk;
+        rc = kmsd_write(d, &e, d->opt.request_wait_ms, &res, err);
+        if (rc != 0) {
+            kms_err_wrap(err, rc, "rotate: commit keyring");
+            goto out;
+        }
+        if (res.code != 0) {
+            rc = kms_err_set(err, res.code, "rotate: apply keyring: %s", res.msg);
+            goto out;
+        }
+    }
+    *active_term = kms_keyring_active_term(next);
+    keyring_publish(d, next);
+    next = NULL;
+    kms_logf(KMS_LOG_INFO, "keys", "keyring rotated: active term %u", *active_term);
+    rc = 0;
+out:
+    pthread_mutex_unlock(&d->mu);
+    if (kr != NULL) {
+        kms_keyring_unref(kr);
+    }
+    if (next != NULL) {
+        kms_keyring_unref(next);
+    }
+    if (ek != NULL) {
+        kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
+    }
+    if (nek != NULL) {
+        kmsd__v1__encrypted_keyring__free_unpacked(nek, NULL);
+    }
+    return rc;
+}

@@ -1,0 +1,267 @@
+/*
+ * Writes from any node: propose on the leader, or forward to it.
+ *
+ * A follower never answers "sealed" for a record that is not committed: it
+ * replies only after the leader reported the entry committed and applied AND
+ * this node's own applied index reached it (read-your-writes: an Unseal on
+ * this node right after sees the record).
+ *
+ * When the outcome of an attempt is unknown (leadership lost mid-flight, the
+ * forward call failed after sending), the entry is proposed again. Entries
+ * are built so a second apply is harmless: a PutRecord for a key_id already
+ * present is refused with KMS_EEXIST, which for a retry means "the first
+ * attempt committed" and is reported as success.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <grpc/status.h>
+
+#include "kms_log.h"
+#include "kms_raft.h"
+#include "kms_rpc.h"
+#include "kms_store.h"
+#include "kms_time.h"
+#include "kmsd.h"
+
+#include "kmsd/v1/cluster.pb-c.h"
+#include "kmsd/v1/entry.pb-c.h"
+
+static void sleep_ms(unsigned ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+bool kmsd_readable(struct kmsd *d)
+{
+    if (d->opt.unseal_reads_local) {
+        return true;
+    }
+    return kms_raft_lease_valid(d->raft);
+}
+
+int kmsd_wait_readable(struct kmsd *d, unsigned wait_ms)
+{
+    uint64_t deadline = kms_mono_ms() + wait_ms;
+    while (!kmsd_readable(d)) {
+        if (kms_mono_ms() >= deadline || atomic_load(&d->stopping)) {
+            return KMS_EUNAVAIL;
+        }
+        sleep_ms(20);
+    }
+    return 0;
+}
+
+/* Cluster API address of a member: the replicated member metadata first,
+ * then the initial cluster list from the config. */
+struct member_lookup {
+    uint64_t id;
+    char addr[256];
+};
+
+static int member_cb(void *arg, const Kmsd__V1__Member *m)
+{
+    struct member_lookup *ml = arg;
+    if (m->id == ml->id && m->cluster_address != NULL && m->cluster_address[0] != '\0') {
+        snprintf(ml->addr, sizeof(ml->addr), "%s", m->cluster_address);
+    }
+    return 0;
+}
+
+static int cluster_address(struct kmsd *d, uint64_t id, char out[256])
+{
+    struct member_lookup ml;
+    ml.id = id;
+    ml.addr[0] = '\0';
+    (void)kms_store_members_list(d->store, member_cb, &ml, NULL);
+    if (ml.addr[0] == '\0') {
+        for (size_t i = 0; i < d->opt.n_peers; i++) {
+            if (d->opt.peers[i].id == id) {
+                snprintf(ml.addr, sizeof(ml.addr), "%s", d->opt.peers[i].cluster_address);
+            }
+        }
+    }
+    if (ml.addr[0] == '\0') {
+        return KMS_ENOTFOUND;
+    }
+    memcpy(out, ml.addr, sizeof(ml.addr));
+    return 0;
+}
+
+static int forward_channel(struct kmsd *d, uint64_t id, const char *addr,
+                           struct kms_rpc_channel **out, struct kms_err *err)
+{
+    size_t n = sizeof(d->fwd) / sizeof(d->fwd[0]);
+    int rc = 0;
+
+    pthread_mutex_lock(&d->fwd_mu);
+    for (size_t i = 0; i < n; i++) {
+        if (d->fwd[i].ch != NULL && d->fwd[i].id == id) {
+            *out = d->fwd[i].ch;
+            goto out;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (d->fwd[i].ch == NULL) {
+            struct kms_rpc_client_tls tls = {d->opt.cluster_ca, d->opt.node_cert,
+                                              d->opt.node_key};
+            rc = kms_rpc_channel_create(addr, &tls, &d->fwd[i].ch, err);
+            if (rc != 0) {
+                d->fwd[i].ch = NULL;
+                rc = kms_err_wrap(err, KMS_EUNAVAIL, "forward to leader %llu at %s",
+                                  (unsigned long long)id, addr);
+                rc = KMS_EUNAVAIL;
+                goto out;
+            }
+            d->fwd[i].id = id;
+            *out = d->fwd[i].ch;
+            goto out;
+        }
+    }
+    rc = kms_err_set(err, KMS_EUNAVAIL, "forward: too many distinct leaders seen");
+out:
+    pthread_mutex_unlock(&d->fwd_mu);
+    return rc;
+}
+
+/* Forwards `e` to the leader `leader_id`. Returns 0 with *res filled when the
+ * leader committed it, KMS_ENOTLEADER when the callee is not (or no longer)
+ * leader, KMS_EUNAVAIL when it could not be reached. */
+static int forward(struct kmsd *d, uint64_t leader_id, const Kmsd__V1__Entry *e,
+                   unsigned deadline_ms, struct kmsd_write_result *res,
+                   struct kms_err *err)
+{
+    Kmsd__V1__ForwardRequest req = KMSD__V1__FORWARD_REQUEST__INIT;
+    Kmsd__V1__ForwardResponse *resp = NULL;
+    uint8_t *buf = NULL, *out = NULL;
+    size_t len, outlen = 0;
+    char *details = NULL;
+    int status = 0;
+    char addr[256];
+    struct kms_rpc_channel *ch = NULL;
+    int rc;
+
+    if (cluster_address(d, leader_id, addr) != 0) {
+        rc = kms_err_set(err, KMS_EUNAVAIL, "no cluster address known for leader %llu",
+                         (unsigned long long)leader_id);
+        goto out;
+    }
+    req.entry = (Kmsd__V1__Entry *)e;
+    req.from_id = d->opt.node_id;
+    len = protobuf_c_message_get_packed_size(&req.base);
+    buf = malloc(len > 0 ? len : 1);
+    if (buf == NULL) {
+        rc = kms_err_set(err, KMS_ENOMEM, "forward: out of memory");
+        goto out;
+    }
+    protobuf_c_message_pack(&req.base, buf);
+
+    if ((rc = forward_channel(d, leader_id, addr, &ch, err)) != 0) {
+        goto out;
+    }
+    rc = kms_rpc_unary(ch, "/kmsd.v1.Cluster/Forward", buf, len, deadline_ms, &out,
+                       &outlen, &status, &details, err);
+    if (rc != 0 || status == GRPC_STATUS_UNAVAILABLE ||
+        status == GRPC_STATUS_DEADLINE_EXCEEDED) {
+        rc = kms_err_set(err, KMS_EUNAVAIL, "forward to leader %llu at %s: %s",
+                         (unsigned long long)leader_id, addr,
+                         details != NULL ? details : "unreachable");
+        goto out;
+    }
+    if (status == GRPC_STATUS_FAILED_PRECONDITION) {
+        rc = kms_err_set(err, KMS_ENOTLEADER, "node %llu is no longer leader",
+                         (unsigned long long)leader_id);
+        goto out;
+    }
+    if (status != GRPC_STATUS_OK) {
+        rc = kms_err_set(err, KMS_EUNAVAIL, "forward to leader %llu: status %d: %s",
+                         (unsigned long long)leader_id, status,
+                         details != NULL ? details : "");
+        goto out;
+    }
+    resp = kmsd__v1__forward_response__unpack(NULL, outlen, out);
+    if (resp == NULL) {
+        rc = kms_err_set(err, KMS_EFORMAT, "forward: malformed reply from leader");
+        goto out;
+    }
+    res->index = resp->index;
+    res->code = resp->result_code;
+    res->count = resp->count;
+    snprintf(res->msg, sizeof(res->msg), "%s", resp->result_msg != NULL ? resp->result_msg : "");
+    rc = 0;
+out:
+    if (resp != NULL) {
+        kmsd__v1__forward_response__free_unpacked(resp, NULL);
+    }
+    free(buf);
+    free(out);
+    free(details);
+    return rc;
+}
+
+int kmsd_write(struct kmsd *d, const Kmsd__V1__Entry *e, unsigned wait_ms,
+               struct kmsd_write_result *res, struct kms_err *err)
+{
+    uint64_t deadline = kms_mono_ms() + wait_ms;
+    bool uncertain = false;
+    int rc;
+
+    memset(res, 0, sizeof(*res));
+    for (;;) {
+        uint64_t now = kms_mono_ms();
+        unsigned left = now < deadline ? (unsigned)(deadline - now) : 0;
+        struct kms_raft_result rr;
+        struct kms_err e2;
+
+        if (left == 0 || atomic_load(&d->stopping)) {
+            return kms_err_set(err, KMS_EUNAVAIL,
+                               "no leader committed the write within %u ms", wait_ms);
+        }
+        kms_err_clear(&e2);
+        memset(&rr, 0, sizeof(rr));
+        rc = kms_raft_propose(d->raft, e, left, &rr, &e2);
+        if (rc == 0) {
+            res->index = rr.index;
+            res->code = rr.code;
+            res->count = rr.count;
+            memcpy(res->msg, rr.msg, sizeof(res->msg));
+            res->msg[sizeof(res->msg) - 1] = '\0';
+            goto done;
+        }
+        if (rc == KMS_ENOTLEADER && rr.leader_id != 0 && rr.leader_id != d->opt.node_id) {
+            rc = forward(d, rr.leader_id, e, left, res, &e2);
+            if (rc == 0) {
+                now = kms_mono_ms();
+                left = now < deadline ? (unsigned)(deadline - now) : 1;
+                if (kms_raft_wait_applied(d->raft, res->index, left) != 0) {
+                    return kms_err_set(err, KMS_EUNAVAIL,
+                                       "entry %llu committed but not applied on this node in time",
+                                       (unsigned long long)res->index);
+                }
+                goto done;
+            }
+            if (rc == KMS_EUNAVAIL) {
+                uncertain = true;
+            }
+        } else if (rc == KMS_EUNAVAIL) {
+            uncertain = true;
+        } else if (rc != KMS_ENOTLEADER && rc != KMS_ETIMEDOUT) {
+            if (err != NULL) {
+                *err = e2;
+            }
+            return rc;
+        }
+        kms_log(KMS_LOG_DEBUG, "write", "retrying write", "reason", e2.msg, NULL);
+        sleep_ms(25);
+    }
+done:
+    if (uncertain && res->code == KMS_EEXIST &&
+        e->op_case == KMSD__V1__ENTRY__OP_PUT_RECORD) {
+        /* The earlier attempt committed: the key_id is ours alone. */
+        res->code = 0;
+    }
+    return 0;
+}

@@ -1,0 +1,166 @@
+/*
+ * kms_rpc: unary gRPC over the gRPC C core (libgrpc 1.51), server and client.
+ *
+ * Used by the Talos API (server TLS, 4 KiB messages), the cluster API (mutual
+ * TLS), follower-to-leader forwarding and kmsctl (clients). Messages are
+ * opaque bytes: callers pack and unpack protobuf-c themselves.
+ *
+ * Process set-up: call kms_rpc_global_init() once, before any other use of
+ * OpenSSL's TLS (it installs the TLS version policy through an OpenSSL config
+ * that must be loaded before the first SSL_CTX is created), and
+ * kms_rpc_global_shutdown() at exit after every server and channel is gone.
+ *
+ * Server threads: N workers each poll their own completion queue and run the
+ * handlers. A handler receives the request bytes (valid only during the
+ * handler) and must complete the call exactly once with kms_rpc_call_finish(),
+ * from the handler or later from any thread. The call object (and the strings
+ * its accessors return) stays valid until kms_rpc_call_finish() returns.
+ */
+#ifndef KMS_RPC_H
+#define KMS_RPC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <grpc/status.h> /* GRPC_STATUS_* for handlers */
+
+#include "kms_err.h"
+
+/* ---- process-wide ---------------------------------------------------- */
+
+/* Loads the TLS policy (TLS 1.3 only; TLS 1.2 too when allow_tls12) into
+ * OpenSSL's system_default configuration, checks that it took effect, routes
+ * gRPC's own log lines into kms_log (module "grpc", warnings and errors), then
+ * calls grpc_init(). Call once, early, before any TLS context exists. A second
+ * call only adds a grpc_init() reference (the first policy stays). */
+int kms_rpc_global_init(bool allow_tls12, struct kms_err *err);
+
+/* grpc_shutdown(); balances kms_rpc_global_init(). */
+void kms_rpc_global_shutdown(void);
+
+/* True when kms_rpc_global_init() allowed TLS 1.2. */
+bool kms_rpc_tls12_allowed(void);
+
+/* ---- server ---------------------------------------------------------- */
+
+enum kms_rpc_mode {
+    KMS_RPC_TLS = 0,      /* server certificate only (Talos API) */
+    KMS_RPC_MTLS = 1,     /* client certificate required, verified against ca_file */
+    KMS_RPC_INSECURE = 2, /* plaintext h2c; only when explicitly asked */
+};
+
+struct kms_rpc_server_config {
+    const char *listen;      /* "host:port", "[::]:4050", "0.0.0.0:4050" */
+    enum kms_rpc_mode mode;
+    const char *cert_file;   /* PEM chain (TLS, MTLS) */
+    const char *key_file;    /* PEM private key (TLS, MTLS) */
+    const char *ca_file;     /* PEM CA bundle for client certs (MTLS; optional for TLS) */
+    unsigned workers;        /* worker threads; 0 = number of online CPUs */
+    size_t max_message;      /* max receive and send message bytes; 0 = 4 MiB */
+};
+
+struct kms_rpc_server;
+struct kms_rpc_call;
+
+typedef void (*kms_rpc_handler_fn)(void *arg, struct kms_rpc_call *call, const uint8_t *req,
+                                   size_t reqlen);
+
+/* Validates cfg and reads the TLS files once (so a bad path fails here); the
+ * strings in cfg are copied. Nothing is bound yet. */
+int kms_rpc_server_create(const struct kms_rpc_server_config *cfg,
+                          struct kms_rpc_server **out, struct kms_err *err);
+
+/* Registers a unary method by full path ("/sidero.kms.KMSService/Seal").
+ * Before kms_rpc_server_start() only. Unknown methods get UNIMPLEMENTED. */
+int kms_rpc_server_add_method(struct kms_rpc_server *srv, const char *path,
+                              kms_rpc_handler_fn fn, void *arg);
+
+/* Binds the listener and starts the workers. KMS_EIO naming the address when
+ * it cannot be bound (port busy, bad address). A server can be started once;
+ * to listen again after kms_rpc_server_stop(), destroy it and create another
+ * (the same port can be reused at once). */
+int kms_rpc_server_start(struct kms_rpc_server *srv, struct kms_err *err);
+
+/* Closes the listener immediately (new connections are refused), lets
+ * in-flight calls finish for up to grace_ms, then cancels the rest (clients
+ * see UNAVAILABLE) and waits until every handler has called
+ * kms_rpc_call_finish() and the workers have exited. Idempotent. */
+void kms_rpc_server_stop(struct kms_rpc_server *srv, unsigned grace_ms);
+
+/* Stops (with grace 0) if still running, then frees. NULL is accepted. */
+void kms_rpc_server_destroy(struct kms_rpc_server *srv);
+
+/* Re-reads cert, key and CA files for the handshakes that follow (existing
+ * connections are untouched). Thread- and signal-safe (sets a flag; the
+ * files are read at the next handshake; if they are unreadable or invalid
+ * the old material stays and an error is logged). */
+void kms_rpc_server_reload_tls(struct kms_rpc_server *srv);
+
+/* Bound port (useful with "127.0.0.1:0"); 0 before start. */
+int kms_rpc_server_port(const struct kms_rpc_server *srv);
+
+/* Completes the call: grpc_status GRPC_STATUS_OK sends resp (may be empty);
+ * any other status sends no message and details (may be NULL). Exactly once
+ * per call; the call must not be used afterwards. Thread-safe. */
+void kms_rpc_call_finish(struct kms_rpc_call *call, int grpc_status, const char *details,
+                         const uint8_t *resp, size_t resplen);
+
+/* Full method path of the call. */
+const char *kms_rpc_call_method(const struct kms_rpc_call *call);
+
+/* gRPC peer string: "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555". Never NULL. */
+const char *kms_rpc_call_peer(const struct kms_rpc_call *call);
+
+/* Peer IP as raw bytes: 4 (IPv4, also for IPv4-mapped IPv6) or 16 bytes.
+ * KMS_ENOTFOUND for a non-IP peer (unix socket). */
+int kms_rpc_call_peer_ip(const struct kms_rpc_call *call, uint8_t ip[16], size_t *iplen);
+
+/* Subject CN of the verified client certificate (mTLS), else NULL. */
+const char *kms_rpc_call_peer_cn(const struct kms_rpc_call *call);
+
+/* PEM of the client's leaf certificate (mTLS), else NULL. */
+const char *kms_rpc_call_peer_cert_pem(const struct kms_rpc_call *call);
+
+/* Milliseconds left until the client's deadline (0 when already past);
+ * UINT64_MAX when the client set none. */
+uint64_t kms_rpc_call_deadline_ms(const struct kms_rpc_call *call);
+
+/* ---- client ---------------------------------------------------------- */
+
+/* Files for a TLS channel; with cert_file/key_file NULL no client certificate
+ * is presented. ca_file NULL means the system roots. */
+struct kms_rpc_client_tls {
+    const char *ca_file;
+    const char *cert_file;
+    const char *key_file;
+};
+
+struct kms_rpc_channel;
+
+/* target "host:port". tls NULL = plaintext (h2c). The connection is made
+ * lazily and re-made after failures; the channel is thread-safe and may be
+ * shared by many concurrent kms_rpc_unary() calls. */
+int kms_rpc_channel_create(const char *target, const struct kms_rpc_client_tls *tls,
+                           struct kms_rpc_channel **out, struct kms_err *err);
+
+/* Optional: max response size accepted (default 4 MiB). */
+void kms_rpc_channel_set_max_message(struct kms_rpc_channel *ch, size_t max);
+
+/* Blocking unary call. Returns 0 when the call completed (any gRPC status:
+ * see *grpc_status, *details malloc'd or NULL); *resp is malloc'd (NULL when
+ * the status is not OK) and *resplen set. A non-zero return (KMS_ENOMEM,
+ * KMS_EINVAL) means the call could not be started; transport failures are
+ * reported as status UNAVAILABLE / DEADLINE_EXCEEDED, not as errors.
+ * Waits for the connection until the deadline (wait_for_ready is off: a
+ * refused connection fails fast with UNAVAILABLE). */
+int kms_rpc_unary(struct kms_rpc_channel *ch, const char *method_path, const uint8_t *req,
+                  size_t reqlen, unsigned deadline_ms, uint8_t **resp, size_t *resplen,
+                  int *grpc_status, char **details, struct kms_err *err);
+
+void kms_rpc_channel_destroy(struct kms_rpc_channel *ch);
+
+/* Name of a gRPC status code ("UNAVAILABLE"); never NULL. */
+const char *kms_rpc_status_name(int grpc_status);
+
+#endif /* KMS_RPC_H */

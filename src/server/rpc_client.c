@@ -1,0 +1,296 @@
+/*
+ * Blocking unary gRPC client over the gRPC C core (kmsctl, follower-to-leader
+ * forwarding). One grpc_channel per target, shared by threads; each call uses
+ * its own completion queue and one batch with every op.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/slice.h>
+#include <grpc/support/time.h>
+
+#include "kms_rpc.h"
+#include "rpc_internal.h"
+
+#define DEFAULT_MAX_MESSAGE (4 * 1024 * 1024)
+
+struct kms_rpc_channel {
+    grpc_channel *ch;
+    char *target;
+    size_t max_message;
+};
+
+int kms_rpc_channel_create(const char *target, const struct kms_rpc_client_tls *tls,
+                           struct kms_rpc_channel **out, struct kms_err *err)
+{
+    struct kms_rpc_channel *c;
+    grpc_channel_credentials *creds = NULL;
+    char *ca = NULL, *cert = NULL, *key = NULL;
+    grpc_arg args[5];
+    grpc_channel_args cargs;
+    int rc = 0;
+
+    *out = NULL;
+    if (target == NULL || target[0] == '\0') {
+        return kms_err_set(err, KMS_EINVAL, "rpc client: no target");
+    }
+    if (tls != NULL) {
+        if (tls->ca_file != NULL &&
+            (rc = kms_rpc_read_pem(tls->ca_file, "CA", &ca, err)) != 0) {
+            goto out;
+        }
+        if ((tls->cert_file != NULL) != (tls->key_file != NULL)) {
+            rc = kms_err_set(err, KMS_ECONFIG, "client certificate and key go together");
+            goto out;
+        }
+        if (tls->cert_file != NULL &&
+            ((rc = kms_rpc_read_pem(tls->cert_file, "certificate", &cert, err)) != 0 ||
+             (rc = kms_rpc_read_pem(tls->key_file, "private key", &key, err)) != 0)) {
+            goto out;
+        }
+        if ((rc = kms_rpc_check_tls(cert, key, ca, err)) != 0) {
+            rc = kms_err_wrap(err, rc, "client TLS for %s", target);
+            goto out;
+        }
+        if (cert != NULL) {
+            grpc_ssl_pem_key_cert_pair pair = {key, cert};
+            creds = grpc_ssl_credentials_create(ca, &pair, NULL, NULL);
+        } else {
+            creds = grpc_ssl_credentials_create(ca, NULL, NULL, NULL);
+        }
+    } else {
+        creds = grpc_insecure_credentials_create();
+    }
+    if (creds == NULL) {
+        rc = kms_err_set(err, KMS_ETLS, "rpc client %s: cannot create credentials", target);
+        goto out;
+    }
+    c = calloc(1, sizeof(*c));
+    if (c == NULL || (c->target = strdup(target)) == NULL) {
+        free(c);
+        rc = kms_err_set(err, KMS_ENOMEM, "out of memory");
+        goto out;
+    }
+    c->max_message = DEFAULT_MAX_MESSAGE;
+    args[0].type = GRPC_ARG_INTEGER;
+    args[0].key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+    args[0].value.integer = DEFAULT_MAX_MESSAGE;
+    args[1].type = GRPC_ARG_INTEGER;
+    args[1].key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
+    args[1].value.integer = DEFAULT_MAX_MESSAGE;
+    /* Reconnect quickly after a peer restarts (a new leader, a rolling
+     * upgrade): gRPC's default backoff grows to two minutes. */
+    args[2].type = GRPC_ARG_INTEGER;
+    args[2].key = (char *)GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS;
+    args[2].value.integer = 100;
+    args[3].type = GRPC_ARG_INTEGER;
+    args[3].key = (char *)GRPC_ARG_MIN_RECONNECT_BACKOFF_MS;
+    args[3].value.integer = 100;
+    args[4].type = GRPC_ARG_INTEGER;
+    args[4].key = (char *)GRPC_ARG_MAX_RECONNECT_BACKOFF_MS;
+    args[4].value.integer = 1000;
+    cargs.num_args = 5;
+    cargs.args = args;
+    c->ch = grpc_channel_create(target, creds, &cargs);
+    if (c->ch == NULL) {
+        free(c->target);
+        free(c);
+        rc = kms_err_set(err, KMS_EINVAL, "rpc client: cannot create channel to %s", target);
+        goto out;
+    }
+    *out = c;
+out:
+    if (creds != NULL) {
+        grpc_channel_credentials_release(creds);
+    }
+    free(ca);
+    free(cert);
+    kms_rpc_free_secret(key);
+    return rc;
+}
+
+void kms_rpc_channel_set_max_message(struct kms_rpc_channel *ch, size_t max)
+{
+    if (ch != NULL && max > 0) {
+        ch->max_message = max;
+    }
+}
+
+void kms_rpc_channel_destroy(struct kms_rpc_channel *ch)
+{
+    if (ch == NULL) {
+        return;
+    }
+    grpc_channel_destroy(ch->ch);
+    free(ch->target);
+    free(ch);
+}
+
+static char *slice_strdup(grpc_slice s)
+{
+    size_t n = GRPC_SLICE_LENGTH(s);
+    char *p = malloc(n + 1);
+    if (p != NULL) {
+        memcpy(p, GRPC_SLICE_START_PTR(s), n);
+        p[n] = '\0';
+    }
+    return p;
+}
+
+int kms_rpc_unary(struct kms_rpc_channel *ch, const char *method_path, const uint8_t *req,
+                  size_t reqlen, unsigned deadline_ms, uint8_t **resp, size_t *resplen,
+                  int *grpc_status, char **details, struct kms_err *err)
+{
+    grpc_completion_queue *cq;
+    grpc_call *call;
+    grpc_slice method, reqs, status_details = grpc_empty_slice();
+    grpc_byte_buffer *send, *recv = NULL;
+    grpc_metadata_array md_init, md_trail;
+    grpc_status_code status = GRPC_STATUS_UNKNOWN;
+    grpc_op ops[6];
+    grpc_call_error ce;
+    gpr_timespec deadline;
+    grpc_event ev;
+    int tag = 0;
+    int rc = 0;
+
+    *resp = NULL;
+    *resplen = 0;
+    *grpc_status = GRPC_STATUS_UNKNOWN;
+    if (details != NULL) {
+        *details = NULL;
+    }
+    if (ch == NULL || method_path == NULL || (req == NULL && reqlen > 0)) {
+        return kms_err_set(err, KMS_EINVAL, "rpc: bad arguments");
+    }
+    if (reqlen > ch->max_message) {
+        return kms_err_set(err, KMS_ERANGE, "rpc %s: request of %zu bytes too large",
+                           method_path, reqlen);
+    }
+    cq = grpc_completion_queue_create_for_next(NULL);
+    if (cq == NULL) {
+        return kms_err_set(err, KMS_ENOMEM, "rpc: cannot create completion queue");
+    }
+    deadline = deadline_ms == 0
+                   ? gpr_inf_future(GPR_CLOCK_REALTIME)
+                   : gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                  gpr_time_from_millis((int64_t)deadline_ms, GPR_TIMESPAN));
+    method = grpc_slice_from_copied_string(method_path);
+    call = grpc_channel_create_call(ch->ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, method, NULL,
+                                    deadline, NULL);
+    grpc_slice_unref(method);
+    if (call == NULL) {
+        grpc_completion_queue_shutdown(cq);
+        while (grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
+               GRPC_QUEUE_SHUTDOWN) {
+        }
+        grpc_completion_queue_destroy(cq);
+        return kms_err_set(err, KMS_ENOMEM, "rpc %s: cannot create call", method_path);
+    }
+    reqs = grpc_slice_from_copied_buffer((const char *)req, reqlen);
+    send = grpc_raw_byte_buffer_create(&reqs, 1);
+    grpc_slice_unref(reqs);
+    grpc_metadata_array_init(&md_init);
+    grpc_metadata_array_init(&md_trail);
+
+    memset(ops, 0, sizeof(ops));
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[0].data.send_initial_metadata.count = 0;
+    ops[1].op = GRPC_OP_SEND_MESSAGE;
+    ops[1].data.send_message.send_message = send;
+    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[3].data.recv_initial_metadata.recv_initial_metadata = &md_init;
+    ops[4].op = GRPC_OP_RECV_MESSAGE;
+    ops[4].data.recv_message.recv_message = &recv;
+    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    ops[5].data.recv_status_on_client.trailing_metadata = &md_trail;
+    ops[5].data.recv_status_on_client.status = &status;
+    ops[5].data.recv_status_on_client.status_details = &status_details;
+    ce = grpc_call_start_batch(call, ops, 6, &tag, NULL);
+    if (ce != GRPC_CALL_OK) {
+        rc = kms_err_set(err, KMS_EIO, "rpc %s: start_batch failed (%d)", method_path, (int)ce);
+    } else {
+        do {
+            ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        } while (ev.type != GRPC_OP_COMPLETE || ev.tag != &tag);
+        *grpc_status = (int)status;
+        if (details != NULL && GRPC_SLICE_LENGTH(status_details) > 0) {
+            *details = slice_strdup(status_details);
+        }
+        if (status == GRPC_STATUS_OK) {
+            grpc_byte_buffer_reader rd;
+            if (recv == NULL) {
+                *resp = malloc(1); /* OK with an empty message */
+                if (*resp == NULL) {
+                    rc = kms_err_set(err, KMS_ENOMEM, "out of memory");
+                }
+            } else if (!grpc_byte_buffer_reader_init(&rd, recv)) {
+                rc = kms_err_set(err, KMS_EIO, "rpc %s: cannot read response", method_path);
+            } else {
+                grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
+                size_t n = GRPC_SLICE_LENGTH(all);
+                grpc_byte_buffer_reader_destroy(&rd);
+                *resp = malloc(n > 0 ? n : 1);
+                if (*resp == NULL) {
+                    rc = kms_err_set(err, KMS_ENOMEM, "out of memory");
+                } else {
+                    memcpy(*resp, GRPC_SLICE_START_PTR(all), n);
+                    *resplen = n;
+                }
+                memset(GRPC_SLICE_START_PTR(all), 0, n);
+                grpc_slice_unref(all);
+            }
+        }
+    }
+    if (recv != NULL) {
+        grpc_byte_buffer_destroy(recv);
+    }
+    grpc_byte_buffer_destroy(send);
+    grpc_slice_unref(status_details);
+    grpc_metadata_array_destroy(&md_init);
+    grpc_metadata_array_destroy(&md_trail);
+    grpc_call_unref(call);
+    grpc_completion_queue_shutdown(cq);
+    while (grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
+           GRPC_QUEUE_SHUTDOWN) {
+    }
+    grpc_completion_queue_destroy(cq);
+    if (rc != 0 && details != NULL) {
+        free(*details);
+        *details = NULL;
+    }
+    return rc;
+}
+
+const char *kms_rpc_status_name(int s)
+{
+    static const char *const names[] = {
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    };
+    if (s >= 0 && (size_t)s < sizeof(names) / sizeof(names[0])) {
+        return names[s];
+    }
+    return "UNKNOWN_STATUS";
+}
