@@ -4,7 +4,8 @@
 #   deploy/local-cluster.sh up [--nodes 3|5] [--dir DIR]   PKI, configs, start nodes
 #   deploy/local-cluster.sh init                          init (5 shares, threshold 3), unseal all
 #   deploy/local-cluster.sh status                        kmsctl status of every node
-#   deploy/local-cluster.sh stop-node I | start-node I    (start-node unseals it)
+#   deploy/local-cluster.sh stop-node I | start-node I    (start-node unseals it
+#                                                       unless KMSD_NO_UNSEAL=1)
 #   deploy/local-cluster.sh roundtrip                     Talos-style Seal/Unseal via two nodes
 #   deploy/local-cluster.sh down                          stop every node (data kept)
 #   deploy/local-cluster.sh quickstart                    up + init + roundtrip + instructions
@@ -202,6 +203,11 @@ cmd_start_node() {
   load_state
   local i=${1:?node number}
   start_one "$i"
+  if [ "${KMSD_NO_UNSEAL:-0}" = 1 ]; then
+    wait_cluster_api "$i"
+    log "node $i started (sealed: KMSD_NO_UNSEAL=1)"
+    return 0
+  fi
   unseal_one "$i"
   log "node $i started and unsealed"
 }

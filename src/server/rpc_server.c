@@ -20,12 +20,15 @@
  * join the workers.
  */
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -45,6 +48,7 @@
 #define MAX_METHODS 64
 #define MAX_WORKERS 256
 #define DEFAULT_MAX_MESSAGE (4u * 1024u * 1024u)
+#define DRAIN_MS 250 /* after closing the listener, before gRPC's shutdown */
 
 enum tag_kind { TAG_REQUEST = 1, TAG_FINISH, TAG_SHUTDOWN };
 
@@ -109,7 +113,7 @@ struct kms_rpc_server {
     /* TLS material for the certificate-config fetcher */
     pthread_mutex_t tls_mu;
     atomic_bool reload;
-    bool tls_given; /* the fetcher returned an initial config */
+    atomic_bool tls_given; /* the fetcher returned an initial config */
 
     struct { enum tag_kind kind; } shutdown_tag;
 
@@ -797,6 +801,53 @@ int kms_rpc_server_port(const struct kms_rpc_server *srv)
     return srv != NULL ? srv->port : 0;
 }
 
+/* gRPC 1.51 fails with CANCELLED every call that arrives on an accepted
+ * connection after grpc_server_shutdown_and_notify() (a client whose TLS
+ * handshake was under way when we stopped). Talos opens a new connection per
+ * RPC and treats CANCELLED as a failed unseal (next key slot, then a 30 s
+ * retry), while a refused connection makes grpc-go fail over to the next
+ * address at once. So stop first shuts the listening socket down (new
+ * connections are refused; gRPC's accept loop sees EINVAL, logs nothing at
+ * our level and deactivates the port), lets the connections already accepted
+ * send their call, and only then starts gRPC's own shutdown. Returns the
+ * number of listening sockets shut down. */
+static int close_listeners(int port)
+{
+    DIR *d;
+    struct dirent *de;
+    int n = 0;
+
+    if (port <= 0 || (d = opendir("/proc/self/fd")) == NULL) {
+        return 0;
+    }
+    while ((de = readdir(d)) != NULL) {
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof(ss);
+        int fd, acc = 0;
+        socklen_t al = sizeof(acc);
+        char *end;
+        long v = strtol(de->d_name, &end, 10);
+        if (*end != '\0' || v < 0 || v == dirfd(d)) {
+            continue;
+        }
+        fd = (int)v;
+        if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &al) != 0 || acc != 1 ||
+            getsockname(fd, (struct sockaddr *)&ss, &sl) != 0) {
+            continue;
+        }
+        if ((ss.ss_family == AF_INET &&
+             ntohs(((struct sockaddr_in *)&ss)->sin_port) == (uint16_t)port) ||
+            (ss.ss_family == AF_INET6 &&
+             ntohs(((struct sockaddr_in6 *)&ss)->sin6_port) == (uint16_t)port)) {
+            if (shutdown(fd, SHUT_RDWR) == 0) {
+                n++;
+            }
+        }
+    }
+    closedir(d);
+    return n;
+}
+
 static bool wait_until(struct kms_rpc_server *srv, const struct timespec *abs)
 {
     /* caller holds srv->mu */
@@ -844,6 +895,13 @@ void kms_rpc_server_stop(struct kms_rpc_server *srv, unsigned grace_ms)
     srv->state = ST_STOPPED;
     pthread_mutex_unlock(&srv->mu);
 
+    /* Drain phase: close the listening socket ourselves, keep serving the
+     * connections already accepted for a moment, then shut gRPC down. */
+    if (close_listeners(srv->port) > 0 && grace_ms > 0) {
+        unsigned drain = grace_ms < DRAIN_MS ? grace_ms : DRAIN_MS;
+        struct timespec ts = {drain / 1000, (long)(drain % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
     grpc_server_shutdown_and_notify(srv->server, srv->cqs[0], &srv->shutdown_tag);
 
     clock_gettime(CLOCK_REALTIME, &abs);

@@ -164,8 +164,10 @@ static int forward(struct kmsd *d, uint64_t leader_id, const Kmsd__V1__Entry *e,
     }
     rc = kms_rpc_unary(ch, "/kmsd.v1.Cluster/Forward", buf, len, deadline_ms, &out,
                        &outlen, &status, &details, err);
+    /* CANCELLED: gRPC 1.51 cancels calls that race a server shutdown on an
+     * existing connection; the entry may or may not have been proposed. */
     if (rc != 0 || status == GRPC_STATUS_UNAVAILABLE ||
-        status == GRPC_STATUS_DEADLINE_EXCEEDED) {
+        status == GRPC_STATUS_DEADLINE_EXCEEDED || status == GRPC_STATUS_CANCELLED) {
         rc = kms_err_set(err, KMS_EUNAVAIL, "forward to leader %llu at %s: %s",
                          (unsigned long long)leader_id, addr,
                          details != NULL ? details : "unreachable");
