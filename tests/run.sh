@@ -42,7 +42,7 @@ fi
 
 echo "=== build fuzz"
 cmake --preset fuzz >/dev/null
-cmake --build build/fuzz -j "$jobs"
+cmake --build build/fuzz -j "$jobs" --target fuzzers
 secs=${KMS_FUZZ_SECONDS:-20}
 shopt -s nullglob
 for f in build/fuzz/tests/fuzz/fuzz_*; do

@@ -332,6 +332,7 @@ static unsigned loc_line(const struct loader *l, const char *path)
 /* Formats the one-line error. `what` names the option or list element
  * ("talos.listen", "initialCluster[1].id"); for env and flags the variable
  * or flag name replaces it, since that is what the user typed. */
+__attribute__((format(printf, 5, 0)))
 static int failv(struct loader *l, const struct opt *o, struct origin org, const char *what,
                  const char *fmt, va_list ap)
 {
@@ -1032,7 +1033,11 @@ static void cyaml_capture(cyaml_log_t level, void *ctx, const char *fmt, va_list
     if (level < CYAML_LOG_ERROR) {
         return;
     }
+    /* libcyaml hands us its own format string. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wformat-nonliteral"
     vsnprintf(line, sizeof(line), fmt, args);
+#pragma GCC diagnostic pop
     line[strcspn(line, "\n")] = '\0';
     if (l->cyaml_msg[0] == '\0') {
         memcpy(l->cyaml_msg, line, sizeof(line));

@@ -6,6 +6,10 @@
  * No secret is ever exposed here; the endpoint is unauthenticated, so bind
  * it to a management network.
  */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
 #include <microhttpd.h>
 #include <stdio.h>
 #include <string.h>
