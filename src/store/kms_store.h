@@ -1,0 +1,198 @@
+/*
+ * kms_store: the RocksDB state machine that raft log entries are applied to.
+ *
+ * Layout (one column family, one-byte key prefixes; see docs/architecture.md
+ * "State machine and durability"):
+ *   'R' key_id[16]                 -> packed kmsd.v1.SealedRecord
+ *   'U' node_uuid '\0' key_id[16]  -> empty (index to list/revoke by UUID)
+ *   'M' u64be(member id)           -> packed kmsd.v1.Member
+ *   "Kkeyring"                     -> packed kmsd.v1.EncryptedKeyring
+ *   "Xapplied"                     -> u64be applied raft index
+ *   "Xcount"                       -> u64be number of records
+ *   "Xrestoring"                   -> u64be, present only while a snapshot
+ *                                     restore is half-way (crash marker)
+ *
+ * Threads. Exactly one thread writes: the raft thread, through
+ * kms_store_apply(), kms_store_restore() and the raft_fsm callbacks. Every
+ * read function (record_get, records_list, keyring_get, members_list,
+ * applied_index, count, digest, snapshot) may be called from any number of
+ * threads concurrently with that writer. kms_store_close() must not race with
+ * anything.
+ *
+ * Memory. Objects returned through `**out` parameters are protobuf-c messages
+ * unpacked with the default allocator: the caller owns them and releases them
+ * with the matching kmsd__v1__*__free_unpacked(p, NULL). Pointers handed to
+ * callbacks are owned by the store and valid only during the callback.
+ *
+ * Errors. Functions return 0 or a negative KMS_E* code and fill `err` (may be
+ * NULL). RocksDB failures are KMS_ESTORE with a message naming the DB path.
+ */
+#ifndef KMS_STORE_H
+#define KMS_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <raft.h>
+
+#include "kms_err.h"
+#include "kmsd/v1/entry.pb-c.h"
+#include "kmsd/v1/record.pb-c.h"
+
+/* ---- raft log entry framing (proto/README.md) ----------------------- */
+
+#define KMS_ENTRY_VERSION 1          /* highest Entry.version understood */
+#define KMS_ENTRY_FRAME_VERSION 1    /* framing header version */
+#define KMS_ENTRY_HEADER_LEN 8
+#define KMS_ENTRY_MAX_PAYLOAD (16u * 1024u * 1024u)
+
+/* Frames e: "KE", 1, 0, u32le payload length, packed Entry, zero padding to
+ * a multiple of 8 bytes. out->base is allocated with raft_malloc() so it can
+ * be handed straight to raft_apply() (which takes ownership); if the caller
+ * does not hand it to raft, it releases it with raft_free(). On error out is
+ * left {NULL, 0}. Refuses (KMS_EINVAL) an entry without an op or with a
+ * version other than 1..KMS_ENTRY_VERSION, so such entries never reach the log. */
+int kms_entry_encode(const Kmsd__V1__Entry *e, struct raft_buffer *out, struct kms_err *err);
+
+/* Parses a framed entry. Bad magic/framing version/reserved byte/length/
+ * non-zero padding or an unparsable payload: KMS_ECORRUPT. Entry.version
+ * above KMS_ENTRY_VERSION (or 0): KMS_EVERSION. Known version but no known op:
+ * KMS_ECORRUPT. On success *out is owned by the caller
+ * (kmsd__v1__entry__free_unpacked(*out, NULL)); buf is not retained. */
+int kms_entry_decode(const void *buf, size_t len, Kmsd__V1__Entry **out, struct kms_err *err);
+
+/* ---- open / close ---------------------------------------------------- */
+
+struct kms_store;
+
+/* Opens (creating if missing) the RocksDB database in directory `dir` (its
+ * parent must exist). *out is owned by the caller until kms_store_close(). */
+int kms_store_open(const char *dir, struct kms_store **out, struct kms_err *err);
+
+/* Flushes the memtable (so the next open has no WAL to replay) and closes.
+ * NULL is accepted. No other call on s may be running or follow. */
+void kms_store_close(struct kms_store *s);
+
+/* ---- applying entries -------------------------------------------------- */
+
+/* Per-op outcome of one applied entry. Op errors (duplicate key, unknown key,
+ * not initialised...) are results, identical on every node, not failures. */
+struct kms_store_result {
+    int code;       /* 0 or KMS_E*: KMS_EEXIST, KMS_ENOTFOUND, KMS_EUNINIT, ... */
+    uint64_t count; /* records written/revoked/touched by the op */
+    char msg[128];  /* human-readable outcome, may be empty */
+    bool skipped;   /* index was already applied (replay): nothing done */
+};
+
+/* Releases a result returned by kms_store_apply(). NULL is accepted. */
+void kms_store_result_free(struct kms_store_result *r);
+
+/* Applies the framed entry buf/len at raft index `index`. Deterministic and
+ * idempotent: when index <= kms_store_applied_index(s) nothing is done and
+ * the result has skipped = true. Otherwise the entry's state changes and the
+ * new applied index are written in ONE RocksDB WriteBatch (WAL, no fsync).
+ *
+ * Returns 0 with *result (heap, caller frees with kms_store_result_free())
+ * whenever the entry was applied or skipped, whatever the op's outcome.
+ * Returns a negative code, *result = NULL, on a fatal error: KMS_EVERSION
+ * (entry from newer software), KMS_ECORRUPT (bad frame, unknown op, corrupt
+ * stored value), KMS_ESTORE (RocksDB), KMS_ENOMEM. The message names the
+ * index. A fatal error is sticky: every later apply/restore fails with it, so
+ * the node stops instead of skipping an entry. buf is not retained. */
+int kms_store_apply(struct kms_store *s, uint64_t index, const void *buf, size_t len,
+                    struct kms_store_result **result, struct kms_err *err);
+
+/* The sticky fatal error, if any: returns 0 when none, else its code and
+ * copies its message into err. */
+int kms_store_fatal(struct kms_store *s, struct kms_err *err);
+
+/* ---- reads (any thread) -------------------------------------------------- */
+
+/* The record stored under key_id (16 bytes). KMS_ENOTFOUND if none. */
+int kms_store_record_get(struct kms_store *s, const uint8_t key_id[16],
+                         Kmsd__V1__SealedRecord **out, struct kms_err *err);
+
+/* Calls cb for every record (node_uuid NULL), or every record of that node
+ * UUID, in key order, from one consistent RocksDB snapshot. cb returns 0 to
+ * go on; a non-zero return stops the walk and is returned. */
+int kms_store_records_list(struct kms_store *s, const char *node_uuid,
+                           int (*cb)(void *arg, const Kmsd__V1__SealedRecord *r), void *arg,
+                           struct kms_err *err);
+
+/* The replicated (encrypted) keyring. KMS_EUNINIT if the cluster has none. */
+int kms_store_keyring_get(struct kms_store *s, Kmsd__V1__EncryptedKeyring **out,
+                          struct kms_err *err);
+
+/* Calls cb for every member (by id), same contract as records_list. */
+int kms_store_members_list(struct kms_store *s,
+                           int (*cb)(void *arg, const Kmsd__V1__Member *m), void *arg,
+                           struct kms_err *err);
+
+/* Raft index of the last applied entry (0: nothing). While a snapshot restore
+ * is half-way it is 0 and kms_store_restoring() is true: the contents are
+ * then incomplete and must not be served. */
+uint64_t kms_store_applied_index(struct kms_store *s);
+bool kms_store_restoring(struct kms_store *s);
+
+/* Number of sealed records (revoked ones included). */
+uint64_t kms_store_count(struct kms_store *s);
+
+/* SHA-256 over every stored key/value except the applied index, from one
+ * consistent snapshot: equal on two nodes iff their states are equal. */
+int kms_store_digest(struct kms_store *s, uint8_t out[32], struct kms_err *err);
+
+/* ---- snapshots (used by the fsm glue; public for tests and tools) ------- */
+
+/* Serialises a consistent RocksDB snapshot of the whole state into raft
+ * buffers: a 72-byte header (magic "KS", version 1, raft_index, the store's
+ * applied index, entry count, body length, SHA-256 of the body) then entries
+ * {u32le klen, u32le vlen, key, value, zero pad to 8}. Every buffer length is
+ * a multiple of 8. *bufs and every bufs[i].base are raft_malloc()ed and owned
+ * by the caller: release with kms_store_snapshot_free(). raft_index is the
+ * raft index the snapshot is taken at (>= the store's applied index; 0 means
+ * "use the applied index"). */
+int kms_store_snapshot(struct kms_store *s, uint64_t raft_index, struct raft_buffer **bufs,
+                       unsigned *n_bufs, struct kms_err *err);
+void kms_store_snapshot_free(struct raft_buffer *bufs, unsigned n_bufs);
+
+/* Replaces the whole state with a snapshot (the concatenation of the
+ * buffers kms_store_snapshot produced). If the snapshot's applied index is <=
+ * the store's applied index the DB already holds that state (or a later one)
+ * and nothing is done (*skipped = true). Otherwise the snapshot is verified
+ * in full first, then the old state is deleted (range deletes) and the new
+ * written in batches with a "restoring" marker; the final batch writes the
+ * applied index and drops the marker. buf is not retained nor freed.
+ * skipped may be NULL. Sticky fatal errors apply as for kms_store_apply. */
+int kms_store_restore(struct kms_store *s, const void *buf, size_t len, bool *skipped,
+                      struct kms_err *err);
+
+/* ---- raft glue ---------------------------------------------------------- */
+
+/* Fills fsm (version 3: apply, snapshot, restore, snapshot_finalize,
+ * snapshot_async) with s
+ * as data. fsm must stay valid as long as raft uses it; s must outlive raft.
+ *
+ * apply: index = raft_last_applied(r) + 1 (kms_store_bind_raft() must have
+ * been called; without it, applied index + 1). On success *result points to
+ * a kms_store_result OWNED BY THE STORE, valid only until the next apply on
+ * this store (i.e. during the raft_apply callback, which runs on the raft
+ * thread right after apply): copy it, never free it. On a fatal error apply
+ * returns RAFT_CORRUPT (RAFT_IOERR for storage, RAFT_NOMEM), logs the reason
+ * and the index, and kms_store_fatal() keeps it.
+ *
+ * snapshot (fsm version 3, asynchronous): `snapshot` runs on the raft
+ * thread and only pins a RocksDB snapshot (the state at raft_last_applied(),
+ * recorded as the raft index; no buffers); `snapshot_async` runs on a raft io
+ * worker thread and serialises the pinned state (kms_store_snapshot format)
+ * while the raft thread keeps applying; `snapshot_finalize` (raft thread)
+ * frees the buffers and unpins. One snapshot at a time (RAFT_BUSY otherwise).
+ * restore: kms_store_restore(); on success it frees buf->base with
+ * raft_free() (canonical raft's contract), on failure it leaves it to raft. */
+int kms_store_fsm_init(struct kms_store *s, struct raft_fsm *fsm);
+
+/* Tells the fsm which raft instance drives it (for raft_last_applied()).
+ * Call after raft_init() and before raft_start(). r may be NULL to unbind. */
+void kms_store_bind_raft(struct kms_store *s, struct raft *r);
+
+#endif /* KMS_STORE_H */

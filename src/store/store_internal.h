@@ -1,0 +1,61 @@
+/*
+ * Private to src/store: the store struct and helpers shared by store.c
+ * (open, apply, reads) and snapshot.c (snapshot, restore, raft fsm glue).
+ */
+#ifndef KMS_STORE_INTERNAL_H
+#define KMS_STORE_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include <rocksdb/c.h>
+
+#include "kms_store.h"
+
+/* Key prefixes and fixed keys (see kms_store.h). */
+#define KS_P_RECORD 'R'
+#define KS_P_UUID 'U'
+#define KS_P_MEMBER 'M'
+#define KS_P_META 'X'
+#define KS_K_KEYRING "Kkeyring"
+#define KS_K_APPLIED "Xapplied"
+#define KS_K_COUNT "Xcount"
+#define KS_K_RESTORING "Xrestoring"
+
+struct kms_store {
+    rocksdb_t *db;
+    rocksdb_options_t *opts;
+    rocksdb_block_based_table_options_t *bbopts;
+    rocksdb_cache_t *cache;
+    rocksdb_writeoptions_t *wopts;
+    rocksdb_readoptions_t *ropts; /* shared, never modified after open */
+    char *path;
+
+    _Atomic uint64_t applied;
+    _Atomic uint64_t count;
+    atomic_bool restoring;
+
+    /* Raft thread only. */
+    struct raft *raft;
+    struct kms_store_result fsm_result;
+    /* The RocksDB snapshot behind raft's one pending snapshot (fsm v3:
+     * taken on the raft thread, serialised on a worker, released by
+     * snapshot_finalize), and the raft index it was taken at. */
+    const rocksdb_snapshot_t *snap_pending;
+    uint64_t snap_pending_index;
+
+    /* Sticky fatal error; written by the raft thread, read by anyone. */
+    pthread_mutex_t fatal_mu;
+    struct kms_err fatal;
+};
+
+void ks_put_be64(uint8_t *p, uint64_t v);
+uint64_t ks_get_be64(const uint8_t *p);
+
+/* Records a sticky fatal error (code, message from err) and logs it. */
+int ks_set_fatal(struct kms_store *s, int code, struct kms_err *err);
+
+/* Writes a batch with the store's write options; KMS_ESTORE naming the path. */
+int ks_write(struct kms_store *s, rocksdb_writebatch_t *wb, const char *what, struct kms_err *err);
+
+#endif /* KMS_STORE_INTERNAL_H */
