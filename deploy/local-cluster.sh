@@ -90,7 +90,8 @@ is_running() {
 start_one() {
   local i=$1
   if is_running "$i"; then log "node $i already running"; return 0; fi
-  "$kmsd" --config "$dir/node$i/kmsd.yaml" >>"$dir/node$i/kmsd.log" 2>&1 &
+  # setsid: the node outlives this script and its terminal (Ctrl-C, timeout).
+  setsid "$kmsd" --config "$dir/node$i/kmsd.yaml" >>"$dir/node$i/kmsd.log" 2>&1 </dev/null &
   echo $! >"$dir/node$i/kmsd.pid"
 }
 
