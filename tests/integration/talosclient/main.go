@@ -17,7 +17,7 @@
 //	seal      -uuid U [-n N]                 JSON lines {"uuid","blob","data"}
 //	unseal    -uuid U -blob B64              prints data (base64)
 //	roundtrip -uuid U [-seal-endpoint X] [-unseal-endpoint Y]
-//	load      -clients 8 -duration 10s -blobs FILE (seal output lines)
+//	load      -clients 8 -duration 10s -blobs FILE (seal output lines) [-rotate]
 //	probe     -tls12only | -noalpn           raw crypto/tls + one gRPC call
 //
 // Exit status: the gRPC status code of the failing RPC (0 = OK), 100 when an
@@ -334,6 +334,8 @@ func cmdLoad(fs *flag.FlagSet, args []string) {
 	clients := fs.Int("clients", 8, "concurrent clients")
 	dur := fs.Duration("duration", 10*time.Second, "how long")
 	blobsFile := fs.String("blobs", "", "file of seal output lines")
+	rotate := fs.Bool("rotate", false, "client i lists the endpoints starting at i mod n "+
+		"(DNS round robin: a rack spreads over the replicas)")
 	c := parseAll(fs, args)
 	f, err := os.Open(*blobsFile)
 	if err != nil {
@@ -369,11 +371,19 @@ func cmdLoad(fs *flag.FlagSet, args []string) {
 		wg.Add(1)
 		go func(id int) {
 			defer wg.Done()
+			eps := c.endpoints
+			if *rotate {
+				n := len(c.endpoints)
+				eps = make([]string, 0, n)
+				for j := 0; j < n; j++ {
+					eps = append(eps, c.endpoints[(id+j)%n])
+				}
+			}
 			for k := id; time.Since(start) < *dur; k += *clients {
 				b := blobs[k%len(blobs)]
 				blob, _ := base64.StdEncoding.DecodeString(b.Blob)
 				t0 := time.Now()
-				got, err := c.unseal(c.endpoints, b.UUID, blob)
+				got, err := c.unseal(eps, b.UUID, blob)
 				lat := time.Since(t0)
 				code := status.Code(err).String()
 				if err == nil && b.Data != "" && base64.StdEncoding.EncodeToString(got) != b.Data {

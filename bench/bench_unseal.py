@@ -1,0 +1,203 @@
+#!/usr/bin/python3
+"""Unseal burst: a whole rack of Talos nodes booting at once.
+
+N concurrent Talos-like clients (grpc-go, a NEW TCP + TLS 1.3 connection for
+every RPC, like Talos) unseal pre-sealed blobs for a fixed duration against a
+local three-node kmsd quorum, every client listing all three endpoints
+(client i starts at endpoint i mod 3: DNS round robin spreads a rack over the
+replicas). The CEILING is measured in the same run with the same client and
+load against three kms-echo-server processes (bench/echo_server.c: kmsd's own
+gRPC C core + OpenSSL stack, same TLS policy and certificate, an Unseal that
+returns 32 fixed bytes), so the result reads "kmsd serves X unseals/s = Y% of
+what the TLS + gRPC stack alone serves on this machine".
+
+  bench/bench_unseal.py [--build-dir build/release] [--clients 8,32,64]
+                        [--duration 10s] [--base-port 27400] [--echo-only]
+
+--echo-only measures the ceiling alone (no kmsd needed; throw-away PKI).
+Prints a markdown table; --json FILE also writes the raw figures.
+Standard library only.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid as uuidlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.dirname(HERE)
+FIXED = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="  # echo_server.c: bytes 0x00..0x1f
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--build-dir", default=os.environ.get("KMS_BUILD_DIR")
+                    or os.path.join(SRC, "build", "release"))
+    ap.add_argument("--clients", default="8,32,64")
+    ap.add_argument("--duration", default="10s")
+    ap.add_argument("--base-port", type=int, default=27400)
+    ap.add_argument("--blobs", type=int, default=64, help="distinct sealed blobs")
+    ap.add_argument("--echo-only", action="store_true")
+    ap.add_argument("--json", help="write raw results here")
+    return ap.parse_args()
+
+
+def openssl(*args):
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def throwaway_pki(d):
+    """CA + node certificate for 127.0.0.1 (P-256), for --echo-only."""
+    ca, cakey = os.path.join(d, "ca.pem"), os.path.join(d, "ca-key.pem")
+    cert, key, csr = (os.path.join(d, n) for n in ("node1.pem", "node1-key.pem", "n.csr"))
+    ext = os.path.join(d, "ext.cnf")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", cakey, "-out", ca, "-days", "2", "-subj", "/CN=bench-ca")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", key, "-out", csr, "-subj", "/CN=node1")
+    openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", cakey, "-set_serial", "1",
+            "-days", "2", "-extfile", ext, "-out", cert)
+    return ca, cert, key
+
+
+def start_echo(echo_bin, ports, cert, key, logdir):
+    procs = []
+    for p in ports:
+        log = open(os.path.join(logdir, f"echo-{p}.log"), "w")
+        pr = subprocess.Popen([echo_bin, "--listen", f"127.0.0.1:{p}", "--cert", cert,
+                               "--key", key], stdout=subprocess.PIPE, stderr=log, text=True)
+        line = pr.stdout.readline()
+        if not line.startswith("listening"):
+            raise RuntimeError(f"kms-echo-server on {p} did not start (see {log.name})")
+        procs.append(pr)
+    return procs
+
+
+def stop(procs):
+    for pr in procs:
+        pr.terminate()
+    for pr in procs:
+        try:
+            pr.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pr.kill()
+
+
+def load(talos, ca, endpoints, clients, duration, blobs):
+    p = subprocess.run([talos, "load", "-ca", ca, "-endpoints", endpoints, "-rotate",
+                        "-clients", str(clients), "-duration", duration, "-blobs", blobs],
+                       capture_output=True, text=True, timeout=600)
+    try:
+        rep = json.loads(p.stdout)
+    except ValueError:
+        raise RuntimeError(f"talosclient load failed rc={p.returncode}: {p.stderr[-500:]}")
+    secs = float(duration.rstrip("s"))
+    fails = sum(rep.get("failures", {}).values())
+    return {"clients": clients, "ok": rep["ok"], "total": rep["total"], "failures": fails,
+            "failure_codes": rep.get("failures", {}), "wrong_bytes": rep.get("wrong_bytes", 0),
+            "per_s": rep["ok"] / secs, "p50_ms": rep["p50_ms"], "p99_ms": rep["p99_ms"],
+            "max_ms": rep["max_latency_ms"]}
+
+
+def main():
+    a = parse_args()
+    build = os.path.abspath(a.build_dir)
+    talos = os.path.join(build, "tests", "integration", "talosclient", "talosclient")
+    echo_bin = os.path.join(build, "bench", "kms-echo-server")
+    for b in (talos, echo_bin):
+        if not os.access(b, os.X_OK):
+            sys.exit(f"bench_unseal: {b} not built")
+    clients = [int(x) for x in a.clients.split(",")]
+    echo_ports = [a.base_port + 40 + k for k in range(3)]
+    echo_eps = ",".join(f"127.0.0.1:{p}" for p in echo_ports)
+    work = tempfile.mkdtemp(prefix="kmsd-bench-unseal-")
+    cluster = None
+    procs = []
+    results = {"kmsd": [], "echo": []}
+    try:
+        if a.echo_only:
+            ca, cert, key = throwaway_pki(work)
+            kblobs = None
+        else:
+            sys.path.insert(0, os.path.join(SRC, "tests", "integration"))
+            os.environ["KMS_BUILD_DIR"], os.environ["KMS_SOURCE_DIR"] = build, SRC
+            import kmslib
+            cluster = kmslib.Cluster(nodes=3, base=a.base_port)
+            cluster.up()
+            cluster.init()
+            for i in range(1, 4):
+                end = time.time() + 15
+                while not kmslib.port_open(cluster.port(i, 0)) and time.time() < end:
+                    time.sleep(0.1)
+            ca = cluster.ca()
+            pki = os.path.join(cluster.dir, "pki")
+            cert, key = os.path.join(pki, "node1.pem"), os.path.join(pki, "node1-key.pem")
+            kblobs = os.path.join(work, "kmsd-blobs.jsonl")
+            per_uuid = 4
+            with open(kblobs, "w") as f:
+                for _ in range(max(1, a.blobs // per_uuid)):
+                    p = subprocess.run([talos, "seal", "-ca", ca, "-endpoints",
+                                        cluster.endpoints(), "-uuid", str(uuidlib.uuid4()),
+                                        "-n", str(per_uuid)],
+                                       capture_output=True, text=True, timeout=60)
+                    if p.returncode != 0:
+                        raise RuntimeError(f"seal failed: {p.stderr}")
+                    f.write(p.stdout)
+        # The echo server answers the same 32 bytes to everything: same
+        # requests (blob sizes), verified against its fixed answer.
+        eblobs = os.path.join(work, "echo-blobs.jsonl")
+        with open(eblobs, "w") as f:
+            src = open(kblobs).read().splitlines() if kblobs else []
+            for k in range(a.blobs):
+                s = json.loads(src[k % len(src)]) if src else {
+                    "uuid": str(uuidlib.uuid4()), "blob": "AQ" + "A" * 62 + "=="}
+                f.write(json.dumps({"uuid": s["uuid"], "blob": s["blob"], "data": FIXED}) + "\n")
+        procs = start_echo(echo_bin, echo_ports, cert, key, work)
+        for n in clients:
+            if kblobs:
+                results["kmsd"].append(load(talos, ca, cluster.endpoints(), n, a.duration,
+                                            kblobs))
+            results["echo"].append(load(talos, ca, echo_eps, n, a.duration, eblobs))
+    finally:
+        stop(procs)
+        if cluster is not None:
+            cluster.down()
+        shutil.rmtree(work, ignore_errors=True)
+
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"\nUnseal burst, {a.duration} per row, new TLS connection per RPC, 3 endpoints "
+          f"rotated per client; {os.cpu_count()} CPUs ({cpu}), {platform.release()}\n")
+    print("| clients | server | unseals/s | % of ceiling | p50 ms | p99 ms | max ms | failures |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for k, n in enumerate(clients):
+        e = results["echo"][k]
+        rows = []
+        if results["kmsd"]:
+            rows.append(("kmsd (3 nodes)", results["kmsd"][k]))
+        rows.append(("echo ceiling (3 procs)", e))
+        for name, r in rows:
+            pct = 100.0 * r["per_s"] / e["per_s"] if e["per_s"] else 0
+            fl = str(r["failures"]) + (f" {r['failure_codes']}" if r["failures"] else "")
+            print(f"| {n} | {name} | {r['per_s']:.0f} | {pct:.0f}% | {r['p50_ms']:.1f} | "
+                  f"{r['p99_ms']:.1f} | {r['max_ms']:.1f} | {fl} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+    bad = any(r["wrong_bytes"] for rs in results.values() for r in rs)
+    sys.exit(100 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
