@@ -137,7 +137,7 @@ unseal_one() {
   [ -f "$dir/shares.txt" ] || die "no shares file: run '$0 init' first"
   wait_cluster_api "$i"
   # Wait until the node has replicated the keyring (it may have been down).
-  until ctl "$i" status -o json 2>/dev/null | grep -q '"initialized": *true'; do
+  until { ctl "$i" status -o json 2>/dev/null || true; } | grep -q '"initialized": *true'; do
     n=$((n + 1)); [ $n -lt 150 ] || die "node $i never saw the initialised keyring"
     sleep 0.2
   done
@@ -164,7 +164,7 @@ cmd_up() {
 cmd_init() {
   load_state
   local out i
-  if ctl 1 status -o json 2>/dev/null | grep -q '"initialized": *true'; then
+  if { ctl 1 status -o json 2>/dev/null || true; } | grep -q '"initialized": *true'; then
     log "already initialised"
   else
     out=$(ctl 1 operator init --key-shares 5 --key-threshold 3 -o json)

@@ -197,6 +197,11 @@ int kmsd_write(struct kmsd *d, const struct Kmsd__V1__Entry *e, unsigned wait_ms
  * with unsealReads: local). 0, or KMS_EUNAVAIL after wait_ms. */
 int kmsd_wait_readable(struct kmsd *d, unsigned wait_ms);
 bool kmsd_readable(struct kmsd *d);
+/* Waits until this node applied everything the leader had committed when
+ * the call started (the leader's commit index arrives with the next
+ * heartbeat). Used before answering NOT_FOUND, so a key sealed through
+ * another replica and acknowledged is found here too. 0 or KMS_EUNAVAIL. */
+int kmsd_read_barrier(struct kmsd *d, unsigned wait_ms);
 
 /* RPC services. */
 int kmsd_talos_register(struct kmsd *d, struct kms_rpc_server *srv);

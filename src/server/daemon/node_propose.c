@@ -29,6 +29,8 @@
 #include "kmsd/v1/cluster.pb-c.h"
 #include "kmsd/v1/entry.pb-c.h"
 
+#include <raft.h>
+
 static void sleep_ms(unsigned ms)
 {
     struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
@@ -53,6 +55,33 @@ int kmsd_wait_readable(struct kmsd *d, unsigned wait_ms)
         sleep_ms(20);
     }
     return 0;
+}
+
+int kmsd_read_barrier(struct kmsd *d, unsigned wait_ms)
+{
+    uint64_t t0 = kms_mono_ms();
+    uint64_t deadline = t0 + wait_ms;
+    struct kms_raft_status st;
+
+    for (;;) {
+        uint64_t now = kms_mono_ms();
+        memset(&st, 0, sizeof(st));
+        if (kms_raft_status(d->raft, &st) == 0) {
+            /* The leader's own commit index, or a follower's once it heard
+             * from the leader after t0 (heartbeats carry the commit index). */
+            if (st.role == RAFT_LEADER ||
+                (st.leader_id != 0 && st.last_leader_contact_ms < now - t0)) {
+                break;
+            }
+        }
+        if (now >= deadline || atomic_load(&d->stopping)) {
+            return KMS_EUNAVAIL;
+        }
+        sleep_ms(10);
+    }
+    uint64_t now = kms_mono_ms();
+    return kms_raft_wait_applied(d->raft, st.commit_index,
+                                 now < deadline ? (unsigned)(deadline - now) : 1);
 }
 
 /* Cluster API address of a member: the replicated member metadata first,

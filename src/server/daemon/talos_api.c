@@ -325,6 +325,12 @@ static void unseal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
         goto out;
     }
     rc = kms_store_record_get(d->store, key_id, &rec, &err);
+    if (rc == KMS_ENOTFOUND && kmsd_read_barrier(d, d->opt.request_wait_ms) == 0) {
+        /* Sealed through another replica a moment ago? Catch up with the
+         * leader's commit index once before saying NOT_FOUND. */
+        kms_err_clear(&err);
+        rc = kms_store_record_get(d->store, key_id, &rec, &err);
+    }
     if (rc != 0) {
         kmsd_rate_fail(d, ip);
         fail(d, call, "unseal", rc == KMS_ENOTFOUND ? KMS_ENOTFOUND : KMS_EUNAVAIL,

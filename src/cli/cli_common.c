@@ -1,0 +1,1112 @@
+/*
+ * kmsctl internals: flags, environment, dispatch, output, errors, RPC.
+ * See cli_common.h.
+ */
+#include "cli_common.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <grpc/status.h>
+#include <openssl/crypto.h>
+
+#include "kms_err.h"
+#include "kms_log.h"
+#include "kms_rpc.h"
+
+/* ---- global flags ---------------------------------------------------- */
+
+void cli_global_init(struct cli_global *g)
+{
+    memset(g, 0, sizeof(*g));
+    g->endpoint = CLI_DEFAULT_ENDPOINT;
+    g->endpoint_src = "default";
+    g->output = "table";
+    g->output_src = "default";
+    g->timeout = "10s";
+    g->timeout_src = "default";
+    g->out = CLI_OUT_TABLE;
+    g->timeout_ms = CLI_DEFAULT_TIMEOUT_MS;
+}
+
+static void env_one(cli_getenv_fn ge, const char *name, const char **val, const char **src)
+{
+    const char *v = ge(name);
+    if (v != NULL && v[0] != '\0') {
+        *val = v;
+        *src = name;
+    }
+}
+
+static const char *real_getenv(const char *name)
+{
+    return getenv(name);
+}
+
+void cli_global_env(struct cli_global *g, cli_getenv_fn ge)
+{
+    if (ge == NULL) {
+        ge = real_getenv;
+    }
+    env_one(ge, "KMSCTL_ENDPOINT", &g->endpoint, &g->endpoint_src);
+    env_one(ge, "KMSCTL_CACERT", &g->cacert, &g->cacert_src);
+    env_one(ge, "KMSCTL_CERT", &g->cert, &g->cert_src);
+    env_one(ge, "KMSCTL_KEY", &g->key, &g->key_src);
+    env_one(ge, "KMSCTL_OUTPUT", &g->output, &g->output_src);
+    env_one(ge, "KMSCTL_TIMEOUT", &g->timeout, &g->timeout_src);
+}
+
+int cli_global_finish(struct cli_global *g, char *errbuf, size_t errlen)
+{
+    const char *e = g->endpoint;
+
+    if (strcmp(g->output, "table") == 0) {
+        g->out = CLI_OUT_TABLE;
+    } else if (strcmp(g->output, "json") == 0) {
+        g->out = CLI_OUT_JSON;
+    } else {
+        snprintf(errbuf, errlen, "invalid output format '%s' from %s (want table or json)",
+                 g->output, g->output_src);
+        return CLI_EXIT_LOCAL;
+    }
+    if (cli_parse_duration_ms(g->timeout, &g->timeout_ms) != 0) {
+        snprintf(errbuf, errlen,
+                 "invalid timeout '%s' from %s (want a duration such as 10s, 500ms, 2m)",
+                 g->timeout, g->timeout_src);
+        return CLI_EXIT_LOCAL;
+    }
+    g->insecure = false;
+    if (strncmp(e, "grpc://", 7) == 0) {
+        g->insecure = true;
+        e += 7;
+    } else if (strncmp(e, "https://", 8) == 0) {
+        e += 8;
+    } else if (strstr(e, "://") != NULL) {
+        snprintf(errbuf, errlen,
+                 "invalid endpoint '%s' from %s (want host:port, https://host:port or "
+                 "grpc://host:port)",
+                 g->endpoint, g->endpoint_src);
+        return CLI_EXIT_LOCAL;
+    }
+    /* host:port, [v6]:port; the port is required. */
+    const char *colon = strrchr(e, ':');
+    unsigned long port;
+    if (e[0] == '\0' || colon == NULL || colon == e ||
+        cli_parse_ulong(colon + 1, 1, 65535, &port) != 0 ||
+        (e[0] == '[' && colon[-1] != ']') || strchr(e, '/') != NULL) {
+        snprintf(errbuf, errlen, "invalid endpoint '%s' from %s (want host:port)", g->endpoint,
+                 g->endpoint_src);
+        return CLI_EXIT_LOCAL;
+    }
+    g->target = e;
+    if ((g->cert == NULL) != (g->key == NULL)) {
+        snprintf(errbuf, errlen, "a client certificate needs its key: give both %s and %s",
+                 g->cert == NULL ? "--cert (KMSCTL_CERT)" : g->cert_src,
+                 g->key == NULL ? "--key (KMSCTL_KEY)" : g->key_src);
+        return CLI_EXIT_LOCAL;
+    }
+    if (g->insecure && (g->cacert != NULL || g->cert != NULL)) {
+        snprintf(errbuf, errlen, "endpoint %s is plaintext (grpc://) but TLS files were given",
+                 g->endpoint);
+        return CLI_EXIT_LOCAL;
+    }
+    return 0;
+}
+
+/* ---- argument parsing ----------------------------------------------- */
+
+enum gflag { GF_ENDPOINT, GF_CACERT, GF_CERT, GF_KEY, GF_OUTPUT, GF_TIMEOUT, GF_HELP };
+
+static const struct {
+    const char *name;
+    char short_name;
+    const char *src; /* for messages */
+    const char *metavar, *help;
+} gflags[] = {
+    [GF_ENDPOINT] = {"endpoint", 0, "--endpoint", "HOST:PORT",
+                     "cluster API of a kmsd replica (KMSCTL_ENDPOINT, default "
+                     CLI_DEFAULT_ENDPOINT "; grpc://HOST:PORT = plaintext)"},
+    [GF_CACERT] = {"cacert", 0, "--cacert", "FILE",
+                   "CA bundle that signed the server certificate (KMSCTL_CACERT; default: "
+                   "system roots)"},
+    [GF_CERT] = {"cert", 0, "--cert", "FILE", "operator client certificate (KMSCTL_CERT)"},
+    [GF_KEY] = {"key", 0, "--key", "FILE", "operator client key (KMSCTL_KEY)"},
+    [GF_OUTPUT] = {"output", 'o', "-o", "FORMAT",
+                   "table or json (KMSCTL_OUTPUT, default table)"},
+    [GF_TIMEOUT] = {"timeout", 0, "--timeout", "DURATION",
+                    "deadline of each call (KMSCTL_TIMEOUT, default 10s)"},
+    [GF_HELP] = {"help", 'h', "-h", NULL, "show help"},
+};
+#define N_GFLAGS (sizeof(gflags) / sizeof(gflags[0]))
+
+static void set_global(struct cli_global *g, enum gflag f, const char *v)
+{
+    const char *src = gflags[f].src;
+    switch (f) {
+    case GF_ENDPOINT:
+        g->endpoint = v;
+        g->endpoint_src = src;
+        break;
+    case GF_CACERT:
+        g->cacert = v;
+        g->cacert_src = src;
+        break;
+    case GF_CERT:
+        g->cert = v;
+        g->cert_src = src;
+        break;
+    case GF_KEY:
+        g->key = v;
+        g->key_src = src;
+        break;
+    case GF_OUTPUT:
+        g->output = v;
+        g->output_src = src;
+        break;
+    case GF_TIMEOUT:
+        g->timeout = v;
+        g->timeout_src = src;
+        break;
+    case GF_HELP:
+        g->help = true;
+        break;
+    }
+}
+
+int cli_parse_ulong(const char *s, unsigned long min, unsigned long max, unsigned long *out)
+{
+    unsigned long v = 0;
+    if (s == NULL || s[0] == '\0' || strlen(s) > 20) {
+        return -1;
+    }
+    for (const char *p = s; *p != '\0'; p++) {
+        if (*p < '0' || *p > '9') {
+            return -1;
+        }
+        unsigned d = (unsigned)(*p - '0');
+        if (v > (~0UL - d) / 10) {
+            return -1;
+        }
+        v = v * 10 + d;
+    }
+    if (v < min || v > max) {
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+int cli_parse_duration_ms(const char *s, unsigned *out_ms)
+{
+    size_t n = 0;
+    int dots = 0;
+    double v, mult;
+    char num[32];
+
+    if (s == NULL) {
+        return -1;
+    }
+    while ((s[n] >= '0' && s[n] <= '9') || s[n] == '.') {
+        dots += s[n] == '.';
+        n++;
+    }
+    if (n == 0 || n >= sizeof(num) || dots > 1 || (n == 1 && s[0] == '.')) {
+        return -1;
+    }
+    memcpy(num, s, n);
+    num[n] = '\0';
+    const char *unit = s + n;
+    if (unit[0] == '\0' || strcmp(unit, "s") == 0) {
+        mult = 1000.0;
+    } else if (strcmp(unit, "ms") == 0) {
+        mult = 1.0;
+    } else if (strcmp(unit, "m") == 0) {
+        mult = 60000.0;
+    } else if (strcmp(unit, "h") == 0) {
+        mult = 3600000.0;
+    } else {
+        return -1;
+    }
+    errno = 0;
+    v = strtod(num, NULL);
+    if (errno != 0 || !isfinite(v)) {
+        return -1;
+    }
+    v *= mult;
+    if (v < 1.0 || v > 3600000.0) {
+        return -1;
+    }
+    *out_ms = (unsigned)v;
+    return 0;
+}
+
+bool cli_is_key_id(const char *s)
+{
+    size_t n = 0;
+    if (s == NULL) {
+        return false;
+    }
+    for (; s[n] != '\0'; n++) {
+        char c = s[n];
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'))) {
+            return false;
+        }
+    }
+    return n == 32;
+}
+
+static const struct cli_flag *find_cmd_flag(const struct cli_flag *flags, const char *name,
+                                            size_t namelen, char short_name)
+{
+    for (const struct cli_flag *f = flags; f != NULL && f->name != NULL; f++) {
+        if (short_name != 0 ? f->short_name == short_name
+                            : (strlen(f->name) == namelen && strncmp(f->name, name, namelen) == 0)) {
+            return f;
+        }
+    }
+    return NULL;
+}
+
+static int find_gflag(const char *name, size_t namelen, char short_name)
+{
+    for (size_t i = 0; i < N_GFLAGS; i++) {
+        if (short_name != 0 ? gflags[i].short_name == short_name
+                            : (strlen(gflags[i].name) == namelen &&
+                               strncmp(gflags[i].name, name, namelen) == 0)) {
+            return (int)i;
+        }
+    }
+    return -1;
+}
+
+/* stop: parse leading flags only, *npos receives the index of the first word. */
+static int parse_impl(int argc, char **argv, const struct cli_flag *flags, struct cli_global *g,
+                      char **pos, int maxpos, int *npos, bool stop, char *errbuf,
+                      size_t errlen)
+{
+    bool dashdash = false;
+    int np = 0;
+
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        const char *name, *inl = NULL;
+        size_t namelen;
+        char sn = 0;
+        char shown[80];
+
+        if (dashdash || a[0] != '-' || a[1] == '\0') {
+            if (stop) {
+                *npos = i;
+                return 0;
+            }
+            if (np >= maxpos) {
+                snprintf(errbuf, errlen, "unexpected argument '%.60s'", a);
+                return CLI_EXIT_LOCAL;
+            }
+            pos[np++] = argv[i];
+            continue;
+        }
+        if (strcmp(a, "--") == 0) {
+            if (stop) {
+                *npos = i + 1 < argc ? i + 1 : argc;
+                return 0;
+            }
+            dashdash = true;
+            continue;
+        }
+        if (a[1] == '-') {
+            name = a + 2;
+            const char *eq = strchr(name, '=');
+            namelen = eq != NULL ? (size_t)(eq - name) : strlen(name);
+            inl = eq != NULL ? eq + 1 : NULL;
+            snprintf(shown, sizeof(shown), "--%.*s", (int)(namelen > 60 ? 60 : namelen), name);
+        } else {
+            sn = a[1];
+            name = a + 1;
+            namelen = 1;
+            inl = a[2] != '\0' ? a + 2 : NULL;
+            snprintf(shown, sizeof(shown), "-%c", sn);
+        }
+        const struct cli_flag *cf = stop ? NULL : find_cmd_flag(flags, name, namelen, sn);
+        int gf = cf == NULL ? find_gflag(name, namelen, sn) : -1;
+        if (cf == NULL && gf < 0) {
+            snprintf(errbuf, errlen, "unknown flag %s", shown);
+            return CLI_EXIT_LOCAL;
+        }
+        bool is_bool = cf != NULL ? cf->kind == CLI_FLAG_BOOL : gf == GF_HELP;
+        const char *val = NULL;
+        if (is_bool) {
+            if (inl != NULL) {
+                snprintf(errbuf, errlen, "flag %s takes no value", shown);
+                return CLI_EXIT_LOCAL;
+            }
+        } else if (inl != NULL) {
+            val = inl;
+        } else if (i + 1 < argc) {
+            val = argv[++i];
+        } else {
+            snprintf(errbuf, errlen, "flag %s needs a value", shown);
+            return CLI_EXIT_LOCAL;
+        }
+        if (gf >= 0) {
+            set_global(g, (enum gflag)gf, val);
+            continue;
+        }
+        switch (cf->kind) {
+        case CLI_FLAG_BOOL:
+            *(bool *)cf->dest = true;
+            break;
+        case CLI_FLAG_STRING:
+            *(const char **)cf->dest = val;
+            break;
+        case CLI_FLAG_UINT:
+            if (cli_parse_ulong(val, cf->min, cf->max, (unsigned long *)cf->dest) != 0) {
+                if (cf->max == ~0UL) {
+                    snprintf(errbuf, errlen, "invalid value '%.40s' for %s (want a number)", val,
+                             shown);
+                } else {
+                    snprintf(errbuf, errlen,
+                             "invalid value '%.40s' for %s (want a number from %lu to %lu)", val,
+                             shown, cf->min, cf->max);
+                }
+                return CLI_EXIT_LOCAL;
+            }
+            break;
+        }
+        if (cf->seen != NULL) {
+            *cf->seen = true;
+        }
+    }
+    *npos = stop ? argc : np;
+    return 0;
+}
+
+int cli_parse(int argc, char **argv, const struct cli_flag *flags, struct cli_global *g,
+              char **pos, int maxpos, int *npos, char *errbuf, size_t errlen)
+{
+    return parse_impl(argc, argv, flags, g, pos, maxpos, npos, false, errbuf, errlen);
+}
+
+int cli_parse_leading(int argc, char **argv, struct cli_global *g, int *cmd_index,
+                      char *errbuf, size_t errlen)
+{
+    return parse_impl(argc, argv, NULL, g, NULL, 0, cmd_index, true, errbuf, errlen);
+}
+
+/* ---- dispatch and help ---------------------------------------------- */
+
+void cli_ctx_init(struct cli_ctx *ctx, FILE *out, FILE *err)
+{
+    memset(ctx, 0, sizeof(*ctx));
+    cli_global_init(&ctx->g);
+    ctx->out = out;
+    ctx->err = err;
+    ctx->path = "";
+}
+
+void cli_ctx_close(struct cli_ctx *ctx)
+{
+    if (ctx->ch != NULL) {
+        kms_rpc_channel_destroy(ctx->ch);
+        ctx->ch = NULL;
+    }
+    if (ctx->rpc_inited) {
+        kms_rpc_global_shutdown();
+        ctx->rpc_inited = false;
+    }
+}
+
+int cli_usage_error(struct cli_ctx *ctx, const char *fmt, ...)
+{
+    char msg[CLI_ERRBUF];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    fputs("Error: ", ctx->err);
+    cli_write_safe(ctx->err, msg);
+    fprintf(ctx->err, " (see 'kmsctl%s%s -h')\n", ctx->path[0] ? " " : "", ctx->path);
+    return CLI_EXIT_LOCAL;
+}
+
+static void print_flag_line(FILE *f, char short_name, const char *name, const char *metavar,
+                            const char *help)
+{
+    char left[64];
+    if (short_name != 0) {
+        snprintf(left, sizeof(left), "-%c, --%s%s%s", short_name, name, metavar ? " " : "",
+                 metavar ? metavar : "");
+    } else {
+        snprintf(left, sizeof(left), "    --%s%s%s", name, metavar ? " " : "",
+                 metavar ? metavar : "");
+    }
+    fprintf(f, "  %-30s %s\n", left, help);
+}
+
+void cli_print_help(FILE *f, const struct cli_cmd *cmd, const char *path)
+{
+    fprintf(f, "%s\n", cmd->usage != NULL ? cmd->usage : cmd->summary);
+    if (cmd->subs != NULL) {
+        fprintf(f, "\nCommands:\n");
+        for (const struct cli_cmd *s = cmd->subs; s->name != NULL; s++) {
+            if (!s->hidden) {
+                fprintf(f, "  %-18s %s\n", s->name, s->summary);
+            }
+        }
+        fprintf(f, "\nRun 'kmsctl%s%s COMMAND -h' for a command's flags.\n", path[0] ? " " : "",
+                path);
+    }
+    bool any = false;
+    for (const struct cli_flag *fl = cmd->flags; fl != NULL && fl->name != NULL; fl++) {
+        if (fl->hidden) {
+            continue;
+        }
+        if (!any) {
+            fprintf(f, "\nFlags:\n");
+            any = true;
+        }
+        print_flag_line(f, fl->short_name, fl->name,
+                        fl->kind == CLI_FLAG_BOOL ? NULL : (fl->metavar ? fl->metavar : "VALUE"),
+                        fl->help);
+    }
+    fprintf(f, "\nGlobal flags (each has an environment twin; flags win):\n");
+    for (size_t i = 0; i < N_GFLAGS; i++) {
+        print_flag_line(f, gflags[i].short_name, gflags[i].name, gflags[i].metavar,
+                        gflags[i].help);
+    }
+}
+
+static const struct cli_cmd *find_sub(const struct cli_cmd *cmd, const char *name)
+{
+    for (const struct cli_cmd *s = cmd->subs; s != NULL && s->name != NULL; s++) {
+        if (strcmp(s->name, name) == 0) {
+            return s;
+        }
+    }
+    return NULL;
+}
+
+static void path_append(char *path, size_t len, const char *word)
+{
+    size_t n = strlen(path);
+    snprintf(path + n, len - n, "%s%s", n > 0 ? " " : "", word);
+}
+
+/* "kmsctl help [cmd...]" */
+static int run_help(struct cli_ctx *ctx, const struct cli_cmd *root, int argc, char **argv)
+{
+    static char path[128];
+    const struct cli_cmd *cmd = root;
+    path[0] = '\0';
+    for (int i = 0; i < argc; i++) {
+        if (argv[i][0] == '-') {
+            continue; /* "help -h" and the like */
+        }
+        const struct cli_cmd *s = find_sub(cmd, argv[i]);
+        if (s == NULL) {
+            ctx->path = path;
+            return cli_usage_error(ctx, "unknown command '%.60s'", argv[i]);
+        }
+        cmd = s;
+        path_append(path, sizeof(path), argv[i]);
+    }
+    cli_print_help(ctx->out, cmd, path);
+    return CLI_EXIT_OK;
+}
+
+int cli_main(const struct cli_cmd *root, struct cli_ctx *ctx, int argc, char **argv,
+             cli_getenv_fn getenv_fn)
+{
+    static char path[128];
+    char errbuf[CLI_ERRBUF];
+    const struct cli_cmd *cmd = root;
+    int idx = 0;
+
+    path[0] = '\0';
+    ctx->path = path;
+    ctx->root = root;
+    cli_global_init(&ctx->g);
+    cli_global_env(&ctx->g, getenv_fn);
+    argc--; /* program name */
+    argv++;
+    while (cmd->subs != NULL) {
+        if (cli_parse_leading(argc, argv, &ctx->g, &idx, errbuf, sizeof(errbuf)) != 0) {
+            return cli_usage_error(ctx, "%s", errbuf);
+        }
+        if (idx >= argc) {
+            break;
+        }
+        if (cmd == root && strcmp(argv[idx], "help") == 0) {
+            return run_help(ctx, root, argc - idx - 1, argv + idx + 1);
+        }
+        const struct cli_cmd *s = find_sub(cmd, argv[idx]);
+        if (s == NULL) {
+            return cli_usage_error(ctx, "unknown command '%.60s'", argv[idx]);
+        }
+        cmd = s;
+        path_append(path, sizeof(path), argv[idx]);
+        argc -= idx + 1;
+        argv += idx + 1;
+        idx = 0;
+    }
+    if (cmd->run == NULL) {
+        /* A group without a subcommand. */
+        if (ctx->g.help) {
+            cli_print_help(ctx->out, cmd, path);
+            return CLI_EXIT_OK;
+        }
+        if (idx < argc) {
+            return cli_usage_error(ctx, "unexpected argument '%.60s'", argv[idx]);
+        }
+        cli_print_help(ctx->err, cmd, path);
+        return CLI_EXIT_LOCAL;
+    }
+    return cmd->run(ctx, cmd, argc, argv);
+}
+
+int cli_leaf_parse(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv,
+                   char **pos, int maxpos, int *npos)
+{
+    char errbuf[CLI_ERRBUF];
+    char *dummy[1];
+    if (pos == NULL) {
+        pos = dummy;
+        maxpos = 0;
+    }
+    if (cli_parse(argc, argv, cmd->flags, &ctx->g, pos, maxpos, npos, errbuf,
+                  sizeof(errbuf)) != 0) {
+        return cli_usage_error(ctx, "%s", errbuf);
+    }
+    if (ctx->g.help) {
+        cli_print_help(ctx->out, cmd, ctx->path);
+        return CLI_EXIT_OK;
+    }
+    if (cli_global_finish(&ctx->g, errbuf, sizeof(errbuf)) != 0) {
+        return cli_usage_error(ctx, "%s", errbuf);
+    }
+    return -1;
+}
+
+/* ---- errors ---------------------------------------------------------- */
+
+static const char *const grpc_names[] = {
+    "OK",           "Canceled",          "Unknown",          "InvalidArgument",
+    "DeadlineExceeded", "NotFound",      "AlreadyExists",    "PermissionDenied",
+    "ResourceExhausted", "FailedPrecondition", "Aborted",    "OutOfRange",
+    "Unimplemented", "Internal",         "Unavailable",      "DataLoss",
+    "Unauthenticated",
+};
+
+static const char *const grpc_descs[] = {
+    "ok", "call cancelled", "unknown error", "invalid argument", "deadline exceeded",
+    "not found", "already exists", "permission denied", "resource exhausted",
+    "failed precondition", "aborted", "out of range", "not implemented by this server",
+    "internal error", "unavailable", "data loss", "not authenticated",
+};
+
+const char *cli_grpc_code_name(int s)
+{
+    if (s >= 0 && (size_t)s < sizeof(grpc_names) / sizeof(grpc_names[0])) {
+        return grpc_names[s];
+    }
+    return "Unknown";
+}
+
+int cli_exit_for_grpc(int s)
+{
+    return s == GRPC_STATUS_OK ? CLI_EXIT_OK : CLI_EXIT_REMOTE;
+}
+
+/* Length of the valid UTF-8 sequence at s (1..4) with its code point, or 0. */
+static int utf8_next(const unsigned char *s, uint32_t *cp)
+{
+    unsigned char c = s[0];
+    int n;
+    uint32_t v, min;
+    if (c < 0x80) {
+        *cp = c;
+        return 1;
+    } else if ((c & 0xe0) == 0xc0) {
+        n = 2, v = c & 0x1f, min = 0x80;
+    } else if ((c & 0xf0) == 0xe0) {
+        n = 3, v = c & 0x0f, min = 0x800;
+    } else if ((c & 0xf8) == 0xf0) {
+        n = 4, v = c & 0x07, min = 0x10000;
+    } else {
+        return 0;
+    }
+    for (int i = 1; i < n; i++) {
+        if ((s[i] & 0xc0) != 0x80) {
+            return 0;
+        }
+        v = v << 6 | (s[i] & 0x3f);
+    }
+    if (v < min || v > 0x10ffff || (v >= 0xd800 && v <= 0xdfff)) {
+        return 0;
+    }
+    *cp = v;
+    return n;
+}
+
+/* Writes s, replacing control characters (C0, DEL, C1) and invalid UTF-8
+ * with '?'. Returns the number of characters written (display width
+ * approximation: one per code point). */
+static size_t safe_write(FILE *f, const char *s)
+{
+    const unsigned char *p = (const unsigned char *)(s != NULL ? s : "");
+    size_t w = 0;
+    while (*p != '\0') {
+        uint32_t cp;
+        int n = utf8_next(p, &cp);
+        if (n == 0 || cp < 0x20 || (cp >= 0x7f && cp < 0xa0)) {
+            fputc('?', f);
+            p += n == 0 ? 1 : n;
+        } else {
+            fwrite(p, 1, (size_t)n, f);
+            p += n;
+        }
+        w++;
+    }
+    return w;
+}
+
+void cli_write_safe(FILE *f, const char *s)
+{
+    (void)safe_write(f, s);
+}
+
+static char *safe_dup(const char *s)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *m = open_memstream(&buf, &len);
+    if (m == NULL) {
+        return NULL;
+    }
+    safe_write(m, s);
+    if (fclose(m) != 0) {
+        free(buf);
+        return NULL;
+    }
+    return buf;
+}
+
+void cli_format_rpc_error(char *buf, size_t len, const char *op, int s, const char *details)
+{
+    char *safe = safe_dup(details != NULL && details[0] != '\0'
+                              ? details
+                              : (s >= 0 && (size_t)s < sizeof(grpc_descs) / sizeof(grpc_descs[0])
+                                     ? grpc_descs[s]
+                                     : "unknown error"));
+    snprintf(buf, len, "Error: %s%s%s (code %s)", op != NULL ? op : "",
+             op != NULL && op[0] ? ": " : "", safe != NULL ? safe : "?", cli_grpc_code_name(s));
+    free(safe);
+}
+
+/* ---- output ---------------------------------------------------------- */
+
+void cli_format_time(int64_t ms, bool with_ms, char *buf, size_t len)
+{
+    struct tm tm;
+    time_t secs;
+    int64_t frac;
+
+    if (ms == 0) {
+        snprintf(buf, len, "-");
+        return;
+    }
+    secs = (time_t)(ms / 1000);
+    frac = ms % 1000;
+    if (frac < 0) {
+        frac += 1000;
+        secs -= 1;
+    }
+    if (gmtime_r(&secs, &tm) == NULL) {
+        snprintf(buf, len, "%lld", (long long)ms);
+        return;
+    }
+    if (with_ms) {
+        snprintf(buf, len, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900,
+                 tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)frac);
+    } else {
+        snprintf(buf, len, "%04d-%02d-%02dT%02d:%02d:%02dZ", tm.tm_year + 1900, tm.tm_mon + 1,
+                 tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+    }
+}
+
+struct cli_table {
+    unsigned ncols;
+    size_t nrows, cap;
+    char **cells; /* nrows * ncols, sanitised */
+};
+
+struct cli_table *cli_table_new(unsigned ncols, const char *const *header)
+{
+    struct cli_table *t = calloc(1, sizeof(*t));
+    if (t == NULL) {
+        return NULL;
+    }
+    t->ncols = ncols;
+    if (header != NULL) {
+        cli_table_row(t, header);
+    }
+    return t;
+}
+
+void cli_table_row(struct cli_table *t, const char *const *cells)
+{
+    if (t == NULL) {
+        return;
+    }
+    if (t->nrows == t->cap) {
+        size_t cap = t->cap ? t->cap * 2 : 16;
+        char **c = realloc(t->cells, cap * t->ncols * sizeof(*c));
+        if (c == NULL) {
+            return;
+        }
+        t->cells = c;
+        t->cap = cap;
+    }
+    for (unsigned i = 0; i < t->ncols; i++) {
+        t->cells[t->nrows * t->ncols + i] = safe_dup(cells[i] != NULL ? cells[i] : "");
+    }
+    t->nrows++;
+}
+
+static size_t display_width(const char *s)
+{
+    size_t w = 0;
+    for (const unsigned char *p = (const unsigned char *)s; p != NULL && *p; p++) {
+        w += (*p & 0xc0) != 0x80;
+    }
+    return w;
+}
+
+void cli_table_print(FILE *f, const struct cli_table *t)
+{
+    size_t width[16] = {0};
+    if (t == NULL) {
+        return;
+    }
+    unsigned nc = t->ncols < 16 ? t->ncols : 16;
+    for (size_t r = 0; r < t->nrows; r++) {
+        for (unsigned c = 0; c < nc; c++) {
+            size_t w = display_width(t->cells[r * t->ncols + c]);
+            if (w > width[c]) {
+                width[c] = w;
+            }
+        }
+    }
+    for (size_t r = 0; r < t->nrows; r++) {
+        /* Last non-empty column: no trailing padding. */
+        unsigned last = 0;
+        for (unsigned c = 0; c < nc; c++) {
+            const char *cell = t->cells[r * t->ncols + c];
+            if (cell != NULL && cell[0] != '\0') {
+                last = c;
+            }
+        }
+        for (unsigned c = 0; c <= last; c++) {
+            const char *cell = t->cells[r * t->ncols + c];
+            cell = cell != NULL ? cell : "";
+            fputs(cell, f);
+            if (c < last) {
+                for (size_t k = display_width(cell); k < width[c] + 2; k++) {
+                    fputc(' ', f);
+                }
+            }
+        }
+        fputc('\n', f);
+    }
+}
+
+void cli_table_free(struct cli_table *t)
+{
+    if (t == NULL) {
+        return;
+    }
+    for (size_t i = 0; i < t->nrows * t->ncols; i++) {
+        free(t->cells[i]);
+    }
+    free(t->cells);
+    free(t);
+}
+
+/* JSON */
+
+void cli_json_init(struct cli_json *j, FILE *f)
+{
+    memset(j, 0, sizeof(*j));
+    j->f = f;
+    j->first[0] = true;
+}
+
+void cli_json_escape(FILE *f, const char *s)
+{
+    const unsigned char *p = (const unsigned char *)(s != NULL ? s : "");
+    fputc('"', f);
+    while (*p != '\0') {
+        uint32_t cp;
+        int n = utf8_next(p, &cp);
+        if (n == 0) {
+            fputs("\\ufffd", f);
+            p++;
+            continue;
+        }
+        switch (cp) {
+        case '"':
+            fputs("\\\"", f);
+            break;
+        case '\\':
+            fputs("\\\\", f);
+            break;
+        case '\b':
+            fputs("\\b", f);
+            break;
+        case '\f':
+            fputs("\\f", f);
+            break;
+        case '\n':
+            fputs("\\n", f);
+            break;
+        case '\r':
+            fputs("\\r", f);
+            break;
+        case '\t':
+            fputs("\\t", f);
+            break;
+        default:
+            if (cp < 0x20 || cp == 0x7f || cp == 0x2028 || cp == 0x2029) {
+                fprintf(f, "\\u%04x", (unsigned)cp);
+            } else {
+                fwrite(p, 1, (size_t)n, f);
+            }
+        }
+        p += n;
+    }
+    fputc('"', f);
+}
+
+static void json_indent(struct cli_json *j)
+{
+    for (int i = 0; i < j->depth; i++) {
+        fputs("  ", j->f);
+    }
+}
+
+/* Separator, newline, indentation and key for the next value. */
+static void json_pre(struct cli_json *j, const char *key)
+{
+    int d = j->depth < CLI_JSON_MAX_DEPTH ? j->depth : CLI_JSON_MAX_DEPTH - 1;
+    if (j->depth > 0) {
+        if (!j->first[d]) {
+            fputc(',', j->f);
+        }
+        fputc('\n', j->f);
+        json_indent(j);
+    }
+    j->first[d] = false;
+    if (key != NULL && j->depth > 0) {
+        cli_json_escape(j->f, key);
+        fputs(": ", j->f);
+    }
+}
+
+static void json_open(struct cli_json *j, const char *key, char c)
+{
+    json_pre(j, key);
+    fputc(c, j->f);
+    if (j->depth < CLI_JSON_MAX_DEPTH - 1) {
+        j->depth++;
+        j->first[j->depth] = true;
+    }
+}
+
+static void json_close(struct cli_json *j, char c)
+{
+    bool empty = j->first[j->depth];
+    if (j->depth > 0) {
+        j->depth--;
+    }
+    if (!empty) {
+        fputc('\n', j->f);
+        json_indent(j);
+    }
+    fputc(c, j->f);
+}
+
+void cli_json_obj_begin(struct cli_json *j, const char *key)
+{
+    json_open(j, key, '{');
+}
+
+void cli_json_obj_end(struct cli_json *j)
+{
+    json_close(j, '}');
+}
+
+void cli_json_arr_begin(struct cli_json *j, const char *key)
+{
+    json_open(j, key, '[');
+}
+
+void cli_json_arr_end(struct cli_json *j)
+{
+    json_close(j, ']');
+}
+
+void cli_json_str(struct cli_json *j, const char *key, const char *v)
+{
+    json_pre(j, key);
+    cli_json_escape(j->f, v);
+}
+
+void cli_json_u64(struct cli_json *j, const char *key, uint64_t v)
+{
+    json_pre(j, key);
+    fprintf(j->f, "%llu", (unsigned long long)v);
+}
+
+void cli_json_i64(struct cli_json *j, const char *key, int64_t v)
+{
+    json_pre(j, key);
+    fprintf(j->f, "%lld", (long long)v);
+}
+
+void cli_json_bool(struct cli_json *j, const char *key, bool v)
+{
+    json_pre(j, key);
+    fputs(v ? "true" : "false", j->f);
+}
+
+void cli_json_null(struct cli_json *j, const char *key)
+{
+    json_pre(j, key);
+    fputs("null", j->f);
+}
+
+void cli_json_time(struct cli_json *j, const char *key, int64_t ms)
+{
+    char buf[48];
+    if (ms == 0) {
+        cli_json_null(j, key);
+        return;
+    }
+    cli_format_time(ms, true, buf, sizeof(buf));
+    cli_json_str(j, key, buf);
+}
+
+void cli_json_end(struct cli_json *j)
+{
+    fputc('\n', j->f);
+}
+
+/* ---- RPC ------------------------------------------------------------- */
+
+static int connect_once(struct cli_ctx *ctx, const char *op)
+{
+    struct kms_err err;
+    kms_err_clear(&err);
+    if (!ctx->rpc_inited) {
+        /* gRPC's own log lines go through kms_log: keep the terminal clean
+         * unless the operator asks for them (KMSD_LOG_LEVEL=debug). */
+        const char *lv = getenv("KMSD_LOG_LEVEL");
+        enum kms_log_level level;
+        if (lv == NULL || kms_log_level_parse(lv, &level) != 0) {
+            kms_log_set_level(KMS_LOG_ERROR);
+        }
+        if (kms_rpc_global_init(false, &err) != 0) {
+            fprintf(ctx->err, "Error: %s: ", op);
+            cli_write_safe(ctx->err, err.msg);
+            fputc('\n', ctx->err);
+            return CLI_EXIT_LOCAL;
+        }
+        ctx->rpc_inited = true;
+    }
+    if (ctx->ch == NULL) {
+        struct kms_rpc_client_tls tls = {ctx->g.cacert, ctx->g.cert, ctx->g.key};
+        if (kms_rpc_channel_create(ctx->g.target, ctx->g.insecure ? NULL : &tls, &ctx->ch,
+                                   &err) != 0) {
+            fprintf(ctx->err, "Error: %s: ", op);
+            cli_write_safe(ctx->err, err.msg);
+            fputc('\n', ctx->err);
+            return CLI_EXIT_LOCAL;
+        }
+    }
+    return 0;
+}
+
+int cli_rpc(struct cli_ctx *ctx, const char *op, const char *method,
+            const ProtobufCMessage *req, const ProtobufCMessageDescriptor *resp_desc,
+            ProtobufCMessage **resp, bool secret)
+{
+    char path[96];
+    uint8_t *buf = NULL, *rbuf = NULL;
+    size_t n, rlen = 0;
+    int status = GRPC_STATUS_UNKNOWN, rc, ex = CLI_EXIT_OK;
+    char *details = NULL;
+    struct kms_err err;
+
+    *resp = NULL;
+    kms_err_clear(&err);
+    snprintf(path, sizeof(path), "/kmsd.v1.Operator/%s", method);
+    if (ctx->fake_rpc == NULL && (rc = connect_once(ctx, op)) != 0) {
+        return rc;
+    }
+    n = protobuf_c_message_get_packed_size(req);
+    buf = malloc(n > 0 ? n : 1);
+    if (buf == NULL) {
+        fprintf(ctx->err, "Error: %s: out of memory\n", op);
+        return CLI_EXIT_LOCAL;
+    }
+    protobuf_c_message_pack(req, buf);
+    if (ctx->fake_rpc != NULL) {
+        rc = ctx->fake_rpc(ctx->fake_arg, path, buf, n, &rbuf, &rlen, &status, &details);
+        if (rc != 0) {
+            kms_err_set(&err, rc, "%s", "fake transport failed");
+        }
+    } else {
+        rc = kms_rpc_unary(ctx->ch, path, buf, n, ctx->g.timeout_ms, &rbuf, &rlen, &status,
+                           &details, &err);
+    }
+    if (secret) {
+        OPENSSL_cleanse(buf, n);
+    }
+    free(buf);
+    if (rc != 0) {
+        fprintf(ctx->err, "Error: %s: ", op);
+        cli_write_safe(ctx->err, err.msg[0] ? err.msg : kms_strerror(rc));
+        fputc('\n', ctx->err);
+        ex = CLI_EXIT_LOCAL;
+        goto out;
+    }
+    if (status != GRPC_STATUS_OK) {
+        char msg[1024], where[160];
+        /* Transport failures: say which endpoint could not be reached. */
+        if (status == GRPC_STATUS_UNAVAILABLE || status == GRPC_STATUS_DEADLINE_EXCEEDED) {
+            snprintf(where, sizeof(where), "%s: %s", op, ctx->g.target ? ctx->g.target : "");
+        } else {
+            snprintf(where, sizeof(where), "%s", op);
+        }
+        cli_format_rpc_error(msg, sizeof(msg), where, status, details);
+        fprintf(ctx->err, "%s\n", msg);
+        ex = cli_exit_for_grpc(status);
+        goto out;
+    }
+    *resp = protobuf_c_message_unpack(resp_desc, NULL, rlen, rbuf);
+    if (*resp == NULL) {
+        fprintf(ctx->err, "Error: %s: malformed response from the server\n", op);
+        ex = CLI_EXIT_REMOTE;
+    }
+out:
+    if (rbuf != NULL && secret) {
+        OPENSSL_cleanse(rbuf, rlen);
+    }
+    free(rbuf);
+    free(details);
+    return ex;
+}

@@ -1,0 +1,255 @@
+/*
+ * kmsctl internals: flags and their environment twins, command dispatch,
+ * output (tables, a small JSON writer, RFC 3339 times), error reporting with
+ * Vault's exit codes, and the connection to a kmsd cluster API.
+ *
+ * Everything here except the connection is pure (no globals, output to a
+ * FILE *), so tests/unit/test_kmsctl_args.c can drive it in memory.
+ *
+ * Exit codes (like Vault): 0 ok, 1 local or usage error (bad flags,
+ * unreadable files), 2 remote error (any non-OK gRPC status, including a
+ * refused connection or a deadline); `status` exits 2 while the node is
+ * sealed or uninitialised.
+ */
+#ifndef KMSCTL_CLI_COMMON_H
+#define KMSCTL_CLI_COMMON_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include <protobuf-c/protobuf-c.h>
+
+#include "kmsd/v1/cluster.pb-c.h"
+
+#define CLI_EXIT_OK 0
+#define CLI_EXIT_LOCAL 1
+#define CLI_EXIT_REMOTE 2
+
+#define CLI_DEFAULT_ENDPOINT "127.0.0.1:4051"
+#define CLI_DEFAULT_TIMEOUT_MS 10000u
+#define CLI_ERRBUF 512
+
+enum cli_output { CLI_OUT_TABLE = 0, CLI_OUT_JSON = 1 };
+
+/* ---- global flags ---------------------------------------------------- */
+
+/* Raw values (env first, then flags override) and where each came from, so
+ * a bad value names its source ("--timeout" or "KMSCTL_TIMEOUT"). The
+ * strings are borrowed from argv / the environment. */
+struct cli_global {
+    const char *endpoint, *cacert, *cert, *key, *output, *timeout;
+    const char *endpoint_src, *cacert_src, *cert_src, *key_src, *output_src, *timeout_src;
+    bool help;
+    /* Filled by cli_global_finish(). */
+    enum cli_output out;
+    unsigned timeout_ms;
+    bool insecure;          /* endpoint given as grpc://host:port */
+    const char *target;     /* endpoint without its scheme */
+};
+
+typedef const char *(*cli_getenv_fn)(const char *name);
+
+/* Defaults. */
+void cli_global_init(struct cli_global *g);
+/* KMSCTL_ENDPOINT, KMSCTL_CACERT, KMSCTL_CERT, KMSCTL_KEY, KMSCTL_OUTPUT,
+ * KMSCTL_TIMEOUT (empty values are ignored). getenv_fn NULL = getenv. */
+void cli_global_env(struct cli_global *g, cli_getenv_fn getenv_fn);
+/* Validates and converts output and timeout, splits the endpoint scheme
+ * (none or https:// = TLS, grpc:// = plaintext). CLI_EXIT_LOCAL with a
+ * one-line message in errbuf on error, else 0. */
+int cli_global_finish(struct cli_global *g, char *errbuf, size_t errlen);
+
+/* ---- argument parsing ----------------------------------------------- */
+
+enum cli_flag_kind { CLI_FLAG_BOOL, CLI_FLAG_STRING, CLI_FLAG_UINT };
+
+/* A command's own flag. dest: bool * / const char ** / unsigned long *
+ * (UINT values are checked against [min, max]). seen (optional) is set when
+ * the flag was given. Hidden flags are accepted but not listed in help. */
+struct cli_flag {
+    const char *name;     /* long name without "--" */
+    char short_name;      /* 0 for none */
+    enum cli_flag_kind kind;
+    void *dest;
+    bool *seen;
+    unsigned long min, max;
+    const char *metavar;  /* "N", "ADDR" */
+    const char *help;
+    bool hidden;
+};
+
+/* Parses argv[0..argc) (argv[0] is the first word after the command name)
+ * against flags (terminated by an entry with name NULL; may be NULL) plus the
+ * global flags, which are accepted anywhere. Forms: --name value,
+ * --name=value, -x value, -xvalue, --bool, "--" ends flags. Positional words
+ * are collected into pos[] (capacity maxpos, count in *npos); one more is a
+ * usage error. Returns 0 or CLI_EXIT_LOCAL with a one-line message in
+ * errbuf. */
+int cli_parse(int argc, char **argv, const struct cli_flag *flags, struct cli_global *g,
+              char **pos, int maxpos, int *npos, char *errbuf, size_t errlen);
+
+/* Parses only leading global flags; *cmd_index receives the index of the
+ * first non-flag word (argc when none). */
+int cli_parse_leading(int argc, char **argv, struct cli_global *g, int *cmd_index,
+                      char *errbuf, size_t errlen);
+
+/* Strict unsigned decimal in [min, max]: no sign, no spaces, no suffix. */
+int cli_parse_ulong(const char *s, unsigned long min, unsigned long max, unsigned long *out);
+
+/* "10s", "500ms", "2m", "1.5s", "10" (seconds). 1 ms .. 1 hour. */
+int cli_parse_duration_ms(const char *s, unsigned *out_ms);
+
+/* True for 32 hex digits. */
+bool cli_is_key_id(const char *s);
+
+/* ---- commands and dispatch ------------------------------------------ */
+
+struct cli_ctx;
+
+struct cli_cmd {
+    const char *name;
+    const char *summary;          /* one line for the parent's help */
+    const char *usage;            /* "kmsctl operator init [flags]" and details */
+    const struct cli_cmd *subs;   /* sub-table (name NULL ends it), or NULL */
+    int (*run)(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv);
+    const struct cli_flag *flags; /* for help output */
+    bool hidden;
+};
+
+struct cli_ctx {
+    struct cli_global g;
+    FILE *out, *err;
+    const char *path;             /* "operator init", for messages */
+    const struct cli_cmd *root;
+    /* connection (lazy) */
+    struct kms_rpc_channel *ch;
+    bool rpc_inited;
+    /* test hook: when set, cli_rpc() calls it instead of the network */
+    int (*fake_rpc)(void *arg, const char *method, const uint8_t *req, size_t reqlen,
+                    uint8_t **resp, size_t *resplen, int *grpc_status, char **details);
+    void *fake_arg;
+};
+
+void cli_ctx_init(struct cli_ctx *ctx, FILE *out, FILE *err);
+void cli_ctx_close(struct cli_ctx *ctx);
+
+/* Full program: leading global flags, then the command path through the
+ * table, -h / help, env, finish, run. Returns the exit code. */
+int cli_main(const struct cli_cmd *root, struct cli_ctx *ctx, int argc, char **argv,
+             cli_getenv_fn getenv_fn);
+
+/* Help for a command (usage, subcommands, flags, global flags). */
+void cli_print_help(FILE *f, const struct cli_cmd *cmd, const char *path);
+
+/* Prints "Error: <msg> (see 'kmsctl <path> -h')" and returns CLI_EXIT_LOCAL. */
+int cli_usage_error(struct cli_ctx *ctx, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* Parses a leaf command's flags into ctx->g and pos[], handles -h, and
+ * finishes the globals. Returns -1 to go on, else the exit code to return. */
+int cli_leaf_parse(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv,
+                   char **pos, int maxpos, int *npos);
+
+/* ---- errors ---------------------------------------------------------- */
+
+/* Go-style gRPC code name ("FailedPrecondition"); "Unknown" beyond the
+ * table. */
+const char *cli_grpc_code_name(int grpc_status);
+/* 0 for OK, CLI_EXIT_REMOTE for every other status. */
+int cli_exit_for_grpc(int grpc_status);
+/* "Error: <op>: <details> (code <Name>)" into buf (no newline); details are
+ * made terminal-safe; empty details use the code's description. */
+void cli_format_rpc_error(char *buf, size_t len, const char *op, int grpc_status,
+                          const char *details);
+
+/* ---- output ---------------------------------------------------------- */
+
+/* Writes s with control and non-UTF-8 bytes replaced (for tables and error
+ * messages: a server string cannot move the cursor or change colours). */
+void cli_write_safe(FILE *f, const char *s);
+
+/* Unix milliseconds to RFC 3339 UTC: "2024-05-01T12:34:56Z", or with
+ * with_ms "2024-05-01T12:34:56.789Z". 0 gives "-". */
+void cli_format_time(int64_t unix_ms, bool with_ms, char *buf, size_t len);
+
+/* Simple aligned table: header row, then rows, two spaces between columns. */
+struct cli_table;
+struct cli_table *cli_table_new(unsigned ncols, const char *const *header);
+void cli_table_row(struct cli_table *t, const char *const *cells);
+void cli_table_print(FILE *f, const struct cli_table *t);
+void cli_table_free(struct cli_table *t);
+
+/* JSON writer: pretty printed (2 spaces), keys in the order written. key is
+ * NULL inside arrays. Strings are escaped (RFC 8259); invalid UTF-8 becomes
+ * U+FFFD. Nesting deeper than CLI_JSON_MAX_DEPTH is ignored. */
+#define CLI_JSON_MAX_DEPTH 16
+struct cli_json {
+    FILE *f;
+    int depth;
+    bool first[CLI_JSON_MAX_DEPTH];
+};
+void cli_json_init(struct cli_json *j, FILE *f);
+void cli_json_escape(FILE *f, const char *s);
+void cli_json_obj_begin(struct cli_json *j, const char *key);
+void cli_json_obj_end(struct cli_json *j);
+void cli_json_arr_begin(struct cli_json *j, const char *key);
+void cli_json_arr_end(struct cli_json *j);
+void cli_json_str(struct cli_json *j, const char *key, const char *v); /* NULL -> "" */
+void cli_json_u64(struct cli_json *j, const char *key, uint64_t v);
+void cli_json_i64(struct cli_json *j, const char *key, int64_t v);
+void cli_json_bool(struct cli_json *j, const char *key, bool v);
+void cli_json_null(struct cli_json *j, const char *key);
+/* RFC 3339 string with milliseconds, or null for 0. */
+void cli_json_time(struct cli_json *j, const char *key, int64_t unix_ms);
+/* Ends the document with a newline. */
+void cli_json_end(struct cli_json *j);
+
+/* ---- RPC ------------------------------------------------------------- */
+
+/* One Operator call: packs req, calls method ("Status" -> /kmsd.v1.Operator/
+ * Status), unpacks into *resp (free with protobuf_c_message_free_unpacked).
+ * On failure prints the error to ctx->err and returns the exit code (1 for
+ * local failures such as unreadable TLS files, 2 for any gRPC status other
+ * than OK). secret: request and response bytes are wiped after use. */
+int cli_rpc(struct cli_ctx *ctx, const char *op, const char *method,
+            const ProtobufCMessage *req, const ProtobufCMessageDescriptor *resp_desc,
+            ProtobufCMessage **resp, bool secret);
+
+/* ---- commands (cmd_*.c) --------------------------------------------- */
+
+/* Group tables (name NULL ends each) and usage texts, for kmsctl.c's root
+ * table; "operator members" is cmd_members.c. */
+extern const char cli_status_usage[];
+int cli_status_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv);
+extern const struct cli_cmd cli_operator_subs[];
+extern const char cli_operator_usage[];
+extern const struct cli_cmd cli_members_subs[];
+extern const char cli_members_usage[];
+extern const struct cli_cmd cli_keys_subs[];
+extern const char cli_keys_usage[];
+
+/* Writes members as a JSON array under key. */
+void cli_json_members(struct cli_json *j, const char *key, Kmsd__V1__MemberStatus *const *m,
+                      size_t n);
+
+/* Status output, exposed for tests. */
+void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusResponse *st);
+/* 0 when initialised and unsealed, else CLI_EXIT_REMOTE. */
+int cli_status_exit(const Kmsd__V1__StatusResponse *st);
+/* Table, or {"members": [...]} in JSON. */
+void cli_members_print(FILE *f, enum cli_output out, Kmsd__V1__MemberStatus *const *m,
+                       size_t n);
+void cli_key_print(FILE *f, enum cli_output out, const Kmsd__V1__KeyInfo *k);
+void cli_keys_print(FILE *f, enum cli_output out, Kmsd__V1__KeyInfo *const *k, size_t n);
+
+/* operator init: local check of shares/threshold; 0 or CLI_EXIT_LOCAL. */
+int cli_init_check(unsigned long shares, unsigned long threshold, bool allow_single,
+                   char *errbuf, size_t errlen);
+
+/* Reads one line (a share) without echo when fd is a terminal; at most
+ * cap-1 bytes, surrounding whitespace trimmed. Returns its length, or -1. */
+int cli_read_secret(int fd, const char *prompt, FILE *prompt_to, char *buf, size_t cap);
+
+#endif /* KMSCTL_CLI_COMMON_H */

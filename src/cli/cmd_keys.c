@@ -1,0 +1,252 @@
+/*
+ * kmsctl keys list | show | revoke: the sealed-key records (metadata only;
+ * kmsd never returns key material).
+ */
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "cli_common.h"
+
+const char cli_keys_usage[] =
+    "Usage: kmsctl keys COMMAND [flags]\n"
+    "\n"
+    "Lists, shows and revokes the records of sealed keys (one per Talos Seal).\n"
+    "Revoking a record crypto-shreds that disk: its key can never be unsealed\n"
+    "again.";
+
+static void key_json_fields(struct cli_json *j, const Kmsd__V1__KeyInfo *k)
+{
+    cli_json_str(j, "key_id", k->key_id);
+    cli_json_str(j, "node_uuid", k->node_uuid);
+    cli_json_u64(j, "term", k->term);
+    cli_json_time(j, "created_at", k->created_at);
+    cli_json_str(j, "source_ip", k->source_ip);
+    cli_json_time(j, "last_access_at", k->last_access_at);
+    cli_json_time(j, "revoked_at", k->revoked_at);
+    cli_json_bool(j, "revoked", k->revoked_at != 0);
+}
+
+static const char *dash(const char *s)
+{
+    return s != NULL && s[0] != '\0' ? s : "-";
+}
+
+void cli_key_print(FILE *f, enum cli_output out, const Kmsd__V1__KeyInfo *k)
+{
+    if (out == CLI_OUT_JSON) {
+        struct cli_json j;
+        cli_json_init(&j, f);
+        cli_json_obj_begin(&j, NULL);
+        key_json_fields(&j, k);
+        cli_json_obj_end(&j);
+        cli_json_end(&j);
+        return;
+    }
+    static const char *const hdr[2] = {"Key", "Value"};
+    static const char *const dashes[2] = {"---", "-----"};
+    char term[16], created[40], access[40], revoked[40];
+    snprintf(term, sizeof(term), "%u", k->term);
+    cli_format_time(k->created_at, false, created, sizeof(created));
+    cli_format_time(k->last_access_at, false, access, sizeof(access));
+    cli_format_time(k->revoked_at, false, revoked, sizeof(revoked));
+    const char *rows[][2] = {
+        {"Key ID", dash(k->key_id)},
+        {"Node UUID", dash(k->node_uuid)},
+        {"Key Term", term},
+        {"Created", created},
+        {"Source IP", dash(k->source_ip)},
+        {"Last Access", access},
+        {"Revoked", k->revoked_at != 0 ? revoked : "no"},
+    };
+    struct cli_table *t = cli_table_new(2, hdr);
+    cli_table_row(t, dashes);
+    for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
+        cli_table_row(t, rows[i]);
+    }
+    cli_table_print(f, t);
+    cli_table_free(t);
+}
+
+void cli_keys_print(FILE *f, enum cli_output out, Kmsd__V1__KeyInfo *const *k, size_t n)
+{
+    if (out == CLI_OUT_JSON) {
+        struct cli_json j;
+        cli_json_init(&j, f);
+        cli_json_obj_begin(&j, NULL);
+        cli_json_arr_begin(&j, "keys");
+        for (size_t i = 0; i < n; i++) {
+            cli_json_obj_begin(&j, NULL);
+            key_json_fields(&j, k[i]);
+            cli_json_obj_end(&j);
+        }
+        cli_json_arr_end(&j);
+        cli_json_obj_end(&j);
+        cli_json_end(&j);
+        return;
+    }
+    static const char *const hdr[7] = {"KEY ID",    "NODE UUID",   "TERM",   "CREATED",
+                                       "SOURCE IP", "LAST ACCESS", "REVOKED"};
+    struct cli_table *t = cli_table_new(7, hdr);
+    for (size_t i = 0; i < n; i++) {
+        char term[16], created[40], access[40], revoked[40];
+        snprintf(term, sizeof(term), "%u", k[i]->term);
+        cli_format_time(k[i]->created_at, false, created, sizeof(created));
+        cli_format_time(k[i]->last_access_at, false, access, sizeof(access));
+        cli_format_time(k[i]->revoked_at, false, revoked, sizeof(revoked));
+        const char *row[7] = {dash(k[i]->key_id), dash(k[i]->node_uuid), term,   created,
+                              dash(k[i]->source_ip), access, revoked};
+        cli_table_row(t, row);
+    }
+    cli_table_print(f, t);
+    cli_table_free(t);
+    if (n == 0) {
+        fputs("(no keys)\n", f);
+    }
+}
+
+/* ---- list ------------------------------------------------------------ */
+
+static const char *list_uuid;
+
+static const struct cli_flag list_flags[] = {
+    {"node-uuid", 0, CLI_FLAG_STRING, &list_uuid, NULL, 0, 0, "UUID",
+     "only the keys sealed by this machine (SMBIOS UUID)", false},
+    {NULL, 0, 0, NULL, NULL, 0, 0, NULL, NULL, false},
+};
+
+static int list_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    Kmsd__V1__KeysListRequest req = KMSD__V1__KEYS_LIST_REQUEST__INIT;
+    ProtobufCMessage *m = NULL;
+    int npos = 0, rc;
+
+    list_uuid = NULL;
+    if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, &npos)) >= 0) {
+        return rc;
+    }
+    req.node_uuid = (char *)(list_uuid != NULL ? list_uuid : "");
+    rc = cli_rpc(ctx, "keys list", "KeysList", &req.base,
+                 &kmsd__v1__keys_list_response__descriptor, &m, false);
+    if (rc != 0) {
+        return rc;
+    }
+    Kmsd__V1__KeysListResponse *r = (Kmsd__V1__KeysListResponse *)m;
+    cli_keys_print(ctx->out, ctx->g.out, r->keys, r->n_keys);
+    protobuf_c_message_free_unpacked(m, NULL);
+    return CLI_EXIT_OK;
+}
+
+/* ---- show ------------------------------------------------------------ */
+
+static int show_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    Kmsd__V1__KeysShowRequest req = KMSD__V1__KEYS_SHOW_REQUEST__INIT;
+    ProtobufCMessage *m = NULL;
+    char *pos[1] = {NULL};
+    int npos = 0, rc;
+
+    if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, pos, 1, &npos)) >= 0) {
+        return rc;
+    }
+    if (npos != 1) {
+        return cli_usage_error(ctx, "missing KEY_ID");
+    }
+    if (!cli_is_key_id(pos[0])) {
+        return cli_usage_error(ctx, "KEY_ID must be 32 hex digits");
+    }
+    req.key_id = pos[0];
+    rc = cli_rpc(ctx, "keys show", "KeysShow", &req.base,
+                 &kmsd__v1__keys_show_response__descriptor, &m, false);
+    if (rc != 0) {
+        return rc;
+    }
+    Kmsd__V1__KeysShowResponse *r = (Kmsd__V1__KeysShowResponse *)m;
+    if (r->key == NULL) {
+        protobuf_c_message_free_unpacked(m, NULL);
+        fputs("Error: keys show: the server returned no key\n", ctx->err);
+        return CLI_EXIT_REMOTE;
+    }
+    cli_key_print(ctx->out, ctx->g.out, r->key);
+    protobuf_c_message_free_unpacked(m, NULL);
+    return CLI_EXIT_OK;
+}
+
+/* ---- revoke ---------------------------------------------------------- */
+
+static const char *revoke_uuid;
+
+static const struct cli_flag revoke_flags[] = {
+    {"node-uuid", 0, CLI_FLAG_STRING, &revoke_uuid, NULL, 0, 0, "UUID",
+     "revoke every key sealed by this machine", false},
+    {NULL, 0, 0, NULL, NULL, 0, 0, NULL, NULL, false},
+};
+
+static int revoke_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    Kmsd__V1__KeysRevokeRequest req = KMSD__V1__KEYS_REVOKE_REQUEST__INIT;
+    ProtobufCMessage *m = NULL;
+    char *pos[1] = {NULL};
+    int npos = 0, rc;
+
+    revoke_uuid = NULL;
+    if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, pos, 1, &npos)) >= 0) {
+        return rc;
+    }
+    if ((npos == 1) == (revoke_uuid != NULL)) {
+        return cli_usage_error(ctx, "give either KEY_ID or --node-uuid UUID");
+    }
+    if (npos == 1) {
+        if (!cli_is_key_id(pos[0])) {
+            return cli_usage_error(ctx, "KEY_ID must be 32 hex digits");
+        }
+        req.key_id = pos[0];
+    } else {
+        if (revoke_uuid[0] == '\0') {
+            return cli_usage_error(ctx, "--node-uuid must not be empty");
+        }
+        req.node_uuid = (char *)revoke_uuid;
+    }
+    rc = cli_rpc(ctx, "keys revoke", "KeysRevoke", &req.base,
+                 &kmsd__v1__keys_revoke_response__descriptor, &m, false);
+    if (rc != 0) {
+        return rc;
+    }
+    uint64_t n = ((Kmsd__V1__KeysRevokeResponse *)m)->revoked;
+    protobuf_c_message_free_unpacked(m, NULL);
+    if (ctx->g.out == CLI_OUT_JSON) {
+        struct cli_json j;
+        cli_json_init(&j, ctx->out);
+        cli_json_obj_begin(&j, NULL);
+        cli_json_u64(&j, "revoked", n);
+        cli_json_obj_end(&j);
+        cli_json_end(&j);
+    } else {
+        fprintf(ctx->out, "Success! Revoked %" PRIu64 " key%s.\n", n, n == 1 ? "" : "s");
+    }
+    return CLI_EXIT_OK;
+}
+
+const struct cli_cmd cli_keys_subs[] = {
+    {"list", "list sealed keys",
+     "Usage: kmsctl keys list [--node-uuid UUID]\n"
+     "\n"
+     "Lists the sealed-key records (all, or one machine's). Times are RFC 3339\n"
+     "UTC.",
+     NULL, list_run, list_flags, false},
+    {"show", "show one sealed key",
+     "Usage: kmsctl keys show KEY_ID\n"
+     "\n"
+     "Shows one record. KEY_ID is 32 hex digits (bytes 1..16 of the blob Talos\n"
+     "stores in its LUKS2 token).",
+     NULL, show_run, NULL, false},
+    {"revoke", "revoke a key, or every key of a machine",
+     "Usage: kmsctl keys revoke KEY_ID\n"
+     "       kmsctl keys revoke --node-uuid UUID\n"
+     "\n"
+     "Revokes through the raft log: once acknowledged, no replica unseals the\n"
+     "key(s) again (within one lease period). This crypto-shreds the disk(s):\n"
+     "it cannot be undone.",
+     NULL, revoke_run, revoke_flags, false},
+    {NULL, NULL, NULL, NULL, NULL, NULL, false},
+};

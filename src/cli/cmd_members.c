@@ -1,0 +1,264 @@
+/*
+ * kmsctl operator members list | add | remove | transfer-leader.
+ */
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "cli_common.h"
+
+const char cli_members_usage[] =
+    "Usage: kmsctl operator members COMMAND [flags]\n"
+    "\n"
+    "Lists and changes the raft membership of the cluster. Changes go through\n"
+    "the leader (any replica forwards them).";
+
+void cli_json_members(struct cli_json *j, const char *key, Kmsd__V1__MemberStatus *const *m,
+                      size_t n)
+{
+    cli_json_arr_begin(j, key);
+    for (size_t i = 0; i < n; i++) {
+        cli_json_obj_begin(j, NULL);
+        cli_json_u64(j, "id", m[i]->id);
+        cli_json_str(j, "raft_address", m[i]->raft_address);
+        cli_json_str(j, "cluster_address", m[i]->cluster_address);
+        cli_json_str(j, "talos_address", m[i]->talos_address);
+        cli_json_str(j, "role", m[i]->role);
+        cli_json_str(j, "version", m[i]->version);
+        cli_json_bool(j, "is_leader", m[i]->is_leader);
+        cli_json_obj_end(j);
+    }
+    cli_json_arr_end(j);
+}
+
+static const char *dash(const char *s)
+{
+    return s != NULL && s[0] != '\0' ? s : "-";
+}
+
+void cli_members_print(FILE *f, enum cli_output out, Kmsd__V1__MemberStatus *const *m, size_t n)
+{
+    if (out == CLI_OUT_JSON) {
+        struct cli_json j;
+        cli_json_init(&j, f);
+        cli_json_obj_begin(&j, NULL);
+        cli_json_members(&j, "members", m, n);
+        cli_json_obj_end(&j);
+        cli_json_end(&j);
+        return;
+    }
+    static const char *const hdr[7] = {"ID",    "ROLE",    "LEADER", "RAFT ADDRESS",
+                                       "CLUSTER ADDRESS", "TALOS ADDRESS", "VERSION"};
+    struct cli_table *t = cli_table_new(7, hdr);
+    for (size_t i = 0; i < n; i++) {
+        char id[24];
+        snprintf(id, sizeof(id), "%" PRIu64, m[i]->id);
+        const char *row[7] = {id,
+                              dash(m[i]->role),
+                              m[i]->is_leader ? "yes" : "no",
+                              dash(m[i]->raft_address),
+                              dash(m[i]->cluster_address),
+                              dash(m[i]->talos_address),
+                              dash(m[i]->version)};
+        cli_table_row(t, row);
+    }
+    cli_table_print(f, t);
+    cli_table_free(t);
+}
+
+/* ---- list ------------------------------------------------------------ */
+
+static int list_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    Kmsd__V1__MembersListRequest req = KMSD__V1__MEMBERS_LIST_REQUEST__INIT;
+    ProtobufCMessage *m = NULL;
+    int npos = 0, rc;
+
+    if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, &npos)) >= 0) {
+        return rc;
+    }
+    rc = cli_rpc(ctx, "members list", "MembersList", &req.base,
+                 &kmsd__v1__members_list_response__descriptor, &m, false);
+    if (rc != 0) {
+        return rc;
+    }
+    Kmsd__V1__MembersListResponse *r = (Kmsd__V1__MembersListResponse *)m;
+    cli_members_print(ctx->out, ctx->g.out, r->members, r->n_members);
+    protobuf_c_message_free_unpacked(m, NULL);
+    return CLI_EXIT_OK;
+}
+
+/* ---- add ------------------------------------------------------------- */
+
+static unsigned long add_id;
+static const char *add_raft, *add_cluster, *add_talos;
+static bool add_id_seen;
+
+static const struct cli_flag add_flags[] = {
+    {"id", 0, CLI_FLAG_UINT, &add_id, &add_id_seen, 1, ~0UL,
+     "N", "node id of the new member (required)", false},
+    {"raft-address", 0, CLI_FLAG_STRING, &add_raft, NULL, 0, 0, "HOST:PORT",
+     "its raft transport address (required)", false},
+    {"cluster-address", 0, CLI_FLAG_STRING, &add_cluster, NULL, 0, 0, "HOST:PORT",
+     "its cluster API address (forwarding, kmsctl)", false},
+    {"talos-address", 0, CLI_FLAG_STRING, &add_talos, NULL, 0, 0, "HOST:PORT",
+     "its Talos API address", false},
+    {NULL, 0, 0, NULL, NULL, 0, 0, NULL, NULL, false},
+};
+
+static int add_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    Kmsd__V1__MembersAddRequest req = KMSD__V1__MEMBERS_ADD_REQUEST__INIT;
+    ProtobufCMessage *m = NULL;
+    int npos = 0, rc;
+
+    add_id = 0;
+    add_id_seen = false;
+    add_raft = add_cluster = add_talos = NULL;
+    if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, &npos)) >= 0) {
+        return rc;
+    }
+    if (!add_id_seen) {
+        return cli_usage_error(ctx, "--id is required");
+    }
+    if (add_raft == NULL || add_raft[0] == '\0') {
+        return cli_usage_error(ctx, "--raft-address is required");
+    }
+    req.id = add_id;
+    req.raft_address = (char *)add_raft;
+    req.cluster_address = (char *)(add_cluster != NULL ? add_cluster : "");
+    req.talos_address = (char *)(add_talos != NULL ? add_talos : "");
+    rc = cli_rpc(ctx, "members add", "MembersAdd", &req.base,
+                 &kmsd__v1__members_add_response__descriptor, &m, false);
+    if (rc != 0) {
+        return rc;
+    }
+    protobuf_c_message_free_unpacked(m, NULL);
+    if (ctx->g.out == CLI_OUT_JSON) {
+        struct cli_json j;
+        cli_json_init(&j, ctx->out);
+        cli_json_obj_begin(&j, NULL);
+        cli_json_u64(&j, "added", add_id);
+        cli_json_obj_end(&j);
+        cli_json_end(&j);
+    } else {
+        fprintf(ctx->out, "Success! Node %lu added to the cluster (raft address ", add_id);
+        cli_write_safe(ctx->out, add_raft);
+        fputs(").\n", ctx->out);
+    }
+    return CLI_EXIT_OK;
+}
+
+/* ---- remove ---------------------------------------------------------- */
+
+static unsigned long rm_id;
+static bool rm_id_seen;
+
+static const struct cli_flag rm_flags[] = {
+    {"id", 0, CLI_FLAG_UINT, &rm_id, &rm_id_seen, 1, ~0UL, "N", "node id to remove (required)",
+     false},
+    {NULL, 0, 0, NULL, NULL, 0, 0, NULL, NULL, false},
+};
+
+static int remove_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    Kmsd__V1__MembersRemoveRequest req = KMSD__V1__MEMBERS_REMOVE_REQUEST__INIT;
+    ProtobufCMessage *m = NULL;
+    int npos = 0, rc;
+
+    rm_id = 0;
+    rm_id_seen = false;
+    if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, &npos)) >= 0) {
+        return rc;
+    }
+    if (!rm_id_seen) {
+        return cli_usage_error(ctx, "--id is required");
+    }
+    req.id = rm_id;
+    rc = cli_rpc(ctx, "members remove", "MembersRemove", &req.base,
+                 &kmsd__v1__members_remove_response__descriptor, &m, false);
+    if (rc != 0) {
+        return rc;
+    }
+    protobuf_c_message_free_unpacked(m, NULL);
+    if (ctx->g.out == CLI_OUT_JSON) {
+        struct cli_json j;
+        cli_json_init(&j, ctx->out);
+        cli_json_obj_begin(&j, NULL);
+        cli_json_u64(&j, "removed", rm_id);
+        cli_json_obj_end(&j);
+        cli_json_end(&j);
+    } else {
+        fprintf(ctx->out, "Success! Node %lu removed from the cluster.\n", rm_id);
+    }
+    return CLI_EXIT_OK;
+}
+
+/* ---- transfer-leader ------------------------------------------------- */
+
+static unsigned long tl_id;
+
+static const struct cli_flag tl_flags[] = {
+    {"id", 0, CLI_FLAG_UINT, &tl_id, NULL, 1, ~0UL, "N",
+     "voter to hand leadership to (default: the most up-to-date voter)", false},
+    {NULL, 0, 0, NULL, NULL, 0, 0, NULL, NULL, false},
+};
+
+static int transfer_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    Kmsd__V1__TransferLeaderRequest req = KMSD__V1__TRANSFER_LEADER_REQUEST__INIT;
+    ProtobufCMessage *m = NULL;
+    int npos = 0, rc;
+
+    tl_id = 0;
+    if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, &npos)) >= 0) {
+        return rc;
+    }
+    req.id = tl_id;
+    rc = cli_rpc(ctx, "transfer-leader", "TransferLeader", &req.base,
+                 &kmsd__v1__transfer_leader_response__descriptor, &m, false);
+    if (rc != 0) {
+        return rc;
+    }
+    uint64_t nl = ((Kmsd__V1__TransferLeaderResponse *)m)->new_leader_id;
+    protobuf_c_message_free_unpacked(m, NULL);
+    if (ctx->g.out == CLI_OUT_JSON) {
+        struct cli_json j;
+        cli_json_init(&j, ctx->out);
+        cli_json_obj_begin(&j, NULL);
+        cli_json_u64(&j, "new_leader_id", nl);
+        cli_json_obj_end(&j);
+        cli_json_end(&j);
+    } else if (nl != 0) {
+        fprintf(ctx->out, "Success! Leadership transferred to node %" PRIu64 ".\n", nl);
+    } else {
+        fputs("Success! Leadership transfer started.\n", ctx->out);
+    }
+    return CLI_EXIT_OK;
+}
+
+const struct cli_cmd cli_members_subs[] = {
+    {"list", "list the cluster's members",
+     "Usage: kmsctl operator members list [flags]\n\n"
+     "Lists every member with its role, addresses and version; the leader is\n"
+     "marked.",
+     NULL, list_run, NULL, false},
+    {"add", "add a member",
+     "Usage: kmsctl operator members add --id N --raft-address HOST:PORT\n"
+     "                                   [--cluster-address HOST:PORT] [--talos-address HOST:PORT]\n\n"
+     "Adds a node to the raft configuration. Start the new kmsd first (without\n"
+     "initialCluster), then add it; it catches up from the leader and must be\n"
+     "unsealed like any replica.",
+     NULL, add_run, add_flags, false},
+    {"remove", "remove a member",
+     "Usage: kmsctl operator members remove --id N\n\n"
+     "Removes a node from the raft configuration. Keep a quorum: remove one\n"
+     "member at a time.",
+     NULL, remove_run, rm_flags, false},
+    {"transfer-leader", "hand leadership to another voter",
+     "Usage: kmsctl operator members transfer-leader [--id N]\n\n"
+     "Asks the leader to hand over to node N (default: the most up-to-date\n"
+     "voter).",
+     NULL, transfer_run, tl_flags, false},
+    {NULL, NULL, NULL, NULL, NULL, NULL, false},
+};
