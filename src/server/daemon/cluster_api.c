@@ -685,6 +685,9 @@ static void keys_list_cb(void *arg, struct kms_rpc_call *call, const uint8_t *re
         finish_err(call, "keys-list", KMS_EINVAL, "malformed request");
         goto out;
     }
+    /* Operator reads reflect every write acknowledged before the call,
+     * whichever replica acknowledged it. */
+    (void)kmsd_read_barrier(d, d->opt.request_wait_ms);
     rc = kms_store_records_list(d->store,
                                 r->node_uuid != NULL && r->node_uuid[0] ? r->node_uuid : NULL,
                                 keys_list_each, &c, &err);
@@ -736,6 +739,7 @@ static void keys_show_cb(void *arg, struct kms_rpc_call *call, const uint8_t *re
         finish_err(call, "keys-show", KMS_EINVAL, "key id must be 32 hex digits");
         goto out;
     }
+    (void)kmsd_read_barrier(d, d->opt.request_wait_ms);
     rc = kms_store_record_get(d->store, id, &rec, &err);
     if (rc != 0) {
         finish_err(call, "keys-show", rc, rc == KMS_ENOTFOUND ? "no such key" : err.msg);

@@ -1,0 +1,153 @@
+/*
+ * kms_raft: the raft node (canonical raft 0.15 on libuv).
+ *
+ * One dedicated thread (the "raft thread") runs a libuv loop that owns the
+ * struct raft, its disk I/O (raft_uv), the transport (mutual TLS, or plain
+ * TCP for tests) and the state machine callbacks (the store). No other thread
+ * ever touches struct raft: callers hand requests to the raft thread through a
+ * mutex-protected queue plus a uv_async_t and wait on a per-request condition
+ * variable with a timeout.
+ *
+ * Read lease (DESIGN §6): computed on the raft thread (after every received
+ * message and on a 25 ms timer) and published as a monotonic deadline in an
+ * atomic, so kms_raft_lease_valid() is lock-free.
+ *
+ * All functions are thread-safe. Return values are 0 or a negative KMS_E*.
+ */
+#ifndef KMS_RAFT_H
+#define KMS_RAFT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <raft.h>
+
+#include "kmsd/v1/entry.pb-c.h"
+#include "kms_err.h"
+
+struct kms_store;
+struct kms_raft;
+
+struct kms_raft_peer {
+    uint64_t id;
+    char address[256];
+};
+
+struct kms_raft_config {
+    uint64_t id;                  /* > 0 */
+    const char *data_dir;         /* raft log and snapshots in <data_dir>/raft */
+    const char *raft_address;     /* advertised host:port */
+    const char *bind_address;     /* NULL = raft_address */
+    /* Identical on each first node. A node listed here bootstraps the
+     * configuration when <data_dir>/raft holds no raft state yet. Empty (or
+     * not listing this node) = start empty and wait to be added. */
+    const struct kms_raft_peer *initial_cluster;
+    size_t n_initial;
+    unsigned election_timeout_ms;  /* 0 = 1000 */
+    unsigned heartbeat_timeout_ms; /* 0 = 100 */
+    uint64_t snapshot_threshold;   /* 0 = 8192 */
+    uint64_t snapshot_trailing;    /* 0 = 2048 */
+    /* Mutual-TLS transport (kms_transport_tls_init). All NULL = plain TCP
+     * (raft_uv_tcp), for tests only. */
+    const char *cert_file, *key_file, *ca_file;
+};
+
+/* Validates cfg, opens the raft log, bootstraps when appropriate and spawns
+ * the raft thread. The store must stay open until kms_raft_stop() returns.
+ * Ignores SIGPIPE process-wide (a dying peer must not kill this process). */
+int kms_raft_start(const struct kms_raft_config *cfg, struct kms_store *store,
+                   struct kms_raft **out, struct kms_err *err);
+
+/* If leader with other voters: transfers leadership first (bounded by about
+ * one election timeout), then closes raft, joins the thread and frees r.
+ * Pending requests fail with KMS_ESHUTDOWN / KMS_EUNAVAIL. If raft's close
+ * does not complete within election timeout + 10 s the error is logged and r
+ * is left allocated (the thread may still run) rather than hanging the
+ * caller. The store may be closed afterwards only if the join succeeded; in
+ * the timeout case the process is expected to exit. NULL is a no-op. */
+void kms_raft_stop(struct kms_raft *r);
+
+struct kms_raft_result {
+    uint64_t index;              /* log index of the entry (0 if never appended) */
+    int code;                    /* store apply result (0 or KMS_E*) */
+    uint64_t count;              /* store-defined counter from the apply result */
+    char msg[128];               /* store apply message */
+    uint64_t leader_id;          /* on KMS_ENOTLEADER: known leader, 0 if none */
+    char leader_address[256];
+};
+
+/* Blocking proposal. Returns:
+ *   0               committed and applied on this (leader) node; res->code is
+ *                   the store's apply result, res->index the log index;
+ *   KMS_ENOTLEADER  this node is not leader; res->leader_id/leader_address
+ *                   name the known leader (0/"" while unknown);
+ *   KMS_ETIMEDOUT   no answer within timeout_ms: the entry may or may not
+ *                   commit later;
+ *   KMS_EUNAVAIL    leadership lost while in flight: the entry may or may not
+ *                   commit later (never reported as committed);
+ *   KMS_ESHUTDOWN, KMS_EINVAL, KMS_ENOMEM, KMS_ERAFT. */
+int kms_raft_propose(struct kms_raft *r, const Kmsd__V1__Entry *e, unsigned timeout_ms,
+                     struct kms_raft_result *res, struct kms_err *err);
+
+/* Waits until this node has applied `index` (read-your-writes after a
+ * forwarded proposal). 0 or KMS_ETIMEDOUT (KMS_ESHUTDOWN when stopping). */
+int kms_raft_wait_applied(struct kms_raft *r, uint64_t index, unsigned timeout_ms);
+
+/* Lock-free. True when this node may serve a local read now:
+ *  - leader: heard (AppendEntries result in the current term) from a majority
+ *    of voters, itself included, within the election timeout, and no
+ *    leadership transfer is in progress;
+ *  - follower: heard (AppendEntries/InstallSnapshot in the current term) from
+ *    the current leader within the election timeout, and applied through the
+ *    highest commit index that leader announced. */
+bool kms_raft_lease_valid(struct kms_raft *r);
+
+struct kms_raft_status {
+    uint64_t id, leader_id, term, commit_index, applied_index;
+    int role;                    /* RAFT_UNAVAILABLE/FOLLOWER/CANDIDATE/LEADER */
+    char leader_address[256];
+    size_t n_members;
+    struct {
+        uint64_t id;
+        char address[256];
+        int role;                /* RAFT_VOTER / RAFT_STANDBY / RAFT_SPARE */
+    } members[16];
+    bool lease;
+    uint64_t last_leader_contact_ms; /* ms since last leader contact (0 on the leader) */
+    /* extras */
+    uint64_t last_index;             /* last log index */
+    uint64_t snapshot_index;         /* index of the last snapshot taken/installed */
+    uint64_t snapshots_restored;     /* snapshots installed from the leader since start */
+    uint64_t elections_won;          /* times this node became leader since start */
+};
+
+/* Status computed on the raft thread now (waits up to 500 ms for it); when
+ * the raft thread is busy or stopped, the copy it published at its last
+ * 25 ms tick. The lease flag is evaluated at return. Always 0. */
+int kms_raft_status(struct kms_raft *r, struct kms_raft_status *st);
+
+/* Leader only (else KMS_ENOTLEADER, the message naming the leader). Adds the
+ * server as a spare, then assigns it the voter role: canonical raft catches it
+ * up before the promotion commits. Idempotent: an existing spare/standby is
+ * promoted, an existing voter at the same id succeeds. Blocking. */
+int kms_raft_add(struct kms_raft *r, uint64_t id, const char *address, unsigned timeout_ms,
+                 struct kms_err *err);
+
+/* Leader only. Removes the server from the configuration (KMS_ENOTFOUND if
+ * it is not a member). Blocking until the change commits. */
+int kms_raft_remove(struct kms_raft *r, uint64_t id, unsigned timeout_ms, struct kms_err *err);
+
+/* Leader only. Transfers leadership to `id` (0 = a caught-up voter chosen by
+ * raft) and waits until another node leads: 0 when it does (the new leader
+ * is in kms_raft_status), KMS_ETIMEDOUT otherwise. */
+int kms_raft_transfer(struct kms_raft *r, uint64_t id, unsigned timeout_ms,
+                      struct kms_err *err);
+
+/* Re-reads the certificate, key and CA files given at start into the raft
+ * transport (SIGHUP): new connections use them, open ones keep theirs. On
+ * failure the old material stays. KMS_ECONFIG when the transport is plain
+ * TCP; KMS_ETLS for unreadable/invalid files. */
+int kms_raft_reload_tls(struct kms_raft *r, struct kms_err *err);
+
+#endif /* KMS_RAFT_H */

@@ -1,0 +1,127 @@
+/*
+ * kms_transport: a mutual-TLS 1.3 `struct raft_uv_transport` for canonical
+ * raft (libraft 0.15, <raft/uv.h>).
+ *
+ * Canonical raft reads and writes the uv_stream_t a transport hands it with
+ * its own framing. To put TLS under it without touching raft, every
+ * connection is a small proxy running on the raft loop:
+ *
+ *     raft <-> uv_pipe_t ==socketpair== uv_pipe_t <-> SSL (memory BIOs) <-> TCP
+ *
+ * raft gets the first end of an AF_UNIX socketpair (a uv_pipe_t allocated
+ * with raft_malloc(), so raft can raft_free() it after uv_close() as it does
+ * with its own TCP handles); the transport owns the other end, the SSL object
+ * and the TCP handle. When raft closes its pipe the proxy sees EOF and tears
+ * the connection down; when the peer goes away or misbehaves the proxy closes
+ * its end, so raft sees EOF (reads) or EPIPE (writes).
+ *
+ * Security rules:
+ *   - TLS 1.3 only, certificates on both sides, verified against ca_file
+ *     (SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT). OpenSSL's default
+ *     purpose checks apply: a server certificate needs serverAuth, a client
+ *     certificate clientAuth (deploy/gen-pki.sh issues node certificates with
+ *     both).
+ *   - Identity: a node's certificate subject must hold exactly one commonName
+ *     and it must be exactly "kmsd-node-<id>" with <id> the decimal raft id
+ *     ("kmsd-node-3"; no leading zeros, no other spelling). SANs are not used
+ *     for identity; addresses may change, ids do not.
+ *   - The connecting side checks the server's CN against the id it dialled,
+ *     else the connect fails with RAFT_NOCONNECTION.
+ *   - After the TLS handshake the connecting side sends, inside TLS, the
+ *     preamble raft's TCP transport sends in clear (little endian):
+ *         u64 protocol version (1)
+ *         u64 raft id of the connecting node
+ *         u64 n = size of the address field (strlen(address)+1 rounded up to 8)
+ *         n bytes: NUL-terminated address, zero padded
+ *     The accepting side reads it, checks that the client certificate's CN
+ *     is kmsd-node-<claimed id>, and only then hands the connection to raft.
+ *   - Connections failing any check are dropped, counted as rejected and
+ *     logged with kms_log (module "raft"). Connections that do not finish
+ *     TCP connect + TLS handshake + preamble within handshake_timeout_ms are
+ *     dropped too. Nothing between nodes travels in plaintext.
+ *
+ * Addresses: "host:port", "[v6addr]:port" or "hostname:port". Numeric
+ * addresses are used as is; hostnames go through uv_getaddrinfo() and the
+ * first result is used (for listen and connect alike).
+ *
+ * SIGPIPE: libuv writes to streams with write(2), so a write to a peer that
+ * has gone (raft writing to its pipe after the proxy dropped the connection,
+ * or the proxy writing to a reset TCP socket) raises SIGPIPE. The process
+ * must ignore SIGPIPE (kms_raft_start() does; tests do it themselves).
+ *
+ * Threading: everything runs on the thread of the uv loop given to init,
+ * including kms_transport_tls_reload(). Only kms_transport_tls_stats() may be
+ * called from any thread (relaxed atomic counters).
+ */
+#ifndef KMS_TRANSPORT_H
+#define KMS_TRANSPORT_H
+
+#include <stdint.h>
+
+#include <raft.h>
+#include <raft/uv.h>
+
+#include "kms_err.h"
+
+struct uv_loop_s;
+
+/* Preamble protocol version sent inside TLS. */
+#define KMS_TRANSPORT_PROTOCOL 1
+
+struct kms_transport_tls_config {
+    const char *cert_file;   /* PEM certificate chain, leaf first; required */
+    const char *key_file;    /* PEM private key of that certificate; required */
+    const char *ca_file;     /* PEM cluster CA bundle; required */
+    const char *bind_address; /* NULL = listen on the address raft passes to
+                                 init (the node's advertised address) */
+    unsigned handshake_timeout_ms; /* TCP connect + TLS + preamble; 0 = 10000 */
+};
+
+/* Counters for metrics. Monotonic except `active`. */
+struct kms_transport_stats {
+    uint64_t accepted;       /* incoming connections handed to raft */
+    uint64_t rejected;       /* incoming connections dropped before that:
+                                TLS failure, bad certificate, bad preamble,
+                                CN/id mismatch, timeout */
+    uint64_t connected;      /* outgoing connections handed to raft */
+    uint64_t connect_failed; /* outgoing attempts that failed (not canceled),
+                                including servers with the wrong identity */
+    uint64_t active;         /* connections currently open (any phase) */
+};
+
+/* Fills *t (caller-allocated, must stay valid and unmoved until
+ * kms_transport_tls_close()) with the TLS transport. The files are read now
+ * (the paths are not kept); bind_address is copied. On failure nothing is
+ * allocated and *t must not be used.
+ * Returns 0, KMS_EINVAL (bad cfg), KMS_ETLS (unreadable or invalid
+ * certificate/key/CA) or KMS_ENOMEM. */
+int kms_transport_tls_init(struct raft_uv_transport *t, struct uv_loop_s *loop,
+                           const struct kms_transport_tls_config *cfg,
+                           struct kms_err *err);
+
+/* Releases what kms_transport_tls_init() allocated. Call it only after raft
+ * closed the transport (the close callback raft passed to t->close fired,
+ * which happens before raft's own close callback), or if raft never
+ * initialised it (raft_init not called or failed before io init). After it
+ * returns, the memory of *t may be released. */
+void kms_transport_tls_close(struct raft_uv_transport *t);
+
+/* Loads cert, key and CA into a new SSL context and uses it for every
+ * connection started afterwards; connections already open keep the old one
+ * (OpenSSL reference counting frees it with the last of them). On failure the
+ * current context stays in use. Loop thread only. Returns 0, KMS_ETLS or
+ * KMS_EINVAL. */
+int kms_transport_tls_reload(struct raft_uv_transport *t, const char *cert,
+                             const char *key, const char *ca,
+                             struct kms_err *err);
+
+/* Snapshot of the counters; safe from any thread while the transport lives. */
+void kms_transport_tls_stats(const struct raft_uv_transport *t,
+                             struct kms_transport_stats *out);
+
+/* Checks an X509 certificate's subject against the identity rule above.
+ * `cert` is an X509 * (void to keep OpenSSL out of this header). Returns 1 if
+ * its only commonName is exactly "kmsd-node-<id>", else 0. */
+int kms_transport_cert_matches_id(const void *cert, uint64_t id);
+
+#endif /* KMS_TRANSPORT_H */

@@ -1,0 +1,1487 @@
+/*
+ * The raft node: canonical raft 0.15 on a dedicated libuv thread.
+ *
+ * Threads:
+ *  - the raft thread runs `loop`; it alone touches struct raft, raft_io, the
+ *    transport and the store's fsm callbacks;
+ *  - any other thread calls kms_raft_*: a request (struct op) is queued under
+ *    `mu`, the raft thread is woken with uv_async_send (also under `mu`, so the
+ *    handle cannot be closed concurrently), and the caller waits on the op's
+ *    own condition variable (CLOCK_MONOTONIC) with its timeout. An op is
+ *    reference counted (caller + raft thread) so a caller that times out can
+ *    leave while raft still holds the embedded raft_apply/raft_change.
+ *
+ * Hooks into canonical raft (all on the raft thread):
+ *  - the fsm is a wrapper around the store's: apply publishes the applied
+ *    index (wakes kms_raft_wait_applied), restore counts snapshot installs;
+ *  - raft_io.start is wrapped to observe every received message: the leader
+ *    notes when each voter last answered AppendEntries in its term, a
+ *    follower notes leader contact and the commit index it announced. The
+ *    read lease is recomputed after each message and on a 25 ms timer.
+ *  - on becoming leader the node appends a barrier; the leader lease is only
+ *    granted once that barrier (hence every earlier entry) is applied.
+ */
+#include "kms_raft.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+
+#include <raft/uv.h>
+#include <uv.h>
+
+#include "kms_log.h"
+#include "kms_store.h"
+#include "kms_time.h"
+#include "kms_transport.h"
+
+
+#define MOD "raft"
+#define TICK_MS 25u
+#define MAX_PEERS 16
+#define COMMIT_RING 64
+
+enum op_kind { OP_PROPOSE, OP_ADD, OP_REMOVE, OP_TRANSFER, OP_STATUS, OP_RELOAD_TLS };
+
+struct op {
+    struct kms_raft *r;
+    struct op *next;              /* request queue */
+    enum op_kind kind;
+    int refs;                     /* under r->mu */
+    bool done;                    /* under r->mu */
+    pthread_cond_t cv;
+    int rc;
+    char msg[256];
+    struct kms_raft_result res;
+    struct raft_buffer buf;       /* OP_PROPOSE payload, raft_malloc'd */
+    uint64_t id;                  /* target server */
+    char address[256];
+    int stage;                    /* OP_ADD: 0 = adding, 1 = assigning voter */
+    struct raft_apply apply;
+    struct raft_change change;
+    struct raft_transfer transfer;
+};
+
+#define SEND_FIFO 128
+
+/* Leader side, per peer: send times of AppendEntries/InstallSnapshot not
+ * answered yet (answers come back in order on one connection), and the send
+ * time of the request the last answer in the current term acknowledged. */
+struct peer_contact {
+    uint64_t id;
+    uint64_t at_ms;               /* send time of the last acknowledged request */
+    uint64_t term;                /* term of that answer */
+    uint64_t sent[SEND_FIFO];
+    unsigned head, n;
+};
+
+struct kms_raft {
+    /* configuration */
+    uint64_t id;
+    char address[256];
+    char bind_address[256];
+    char dir[4096];
+    unsigned election_ms, heartbeat_ms;
+    struct kms_store *store;
+    bool tls;
+    char cert_file[4096], key_file[4096], ca_file[4096];
+    bool handles_inited;
+    bool started;                 /* raft_start returned: restores now come from the leader */
+
+    /* raft thread only */
+    uv_loop_t loop;
+    uv_async_t async;
+    uv_timer_t timer;
+    struct raft_uv_transport transport;
+    struct raft_io io;
+    struct raft raft;
+    struct raft_fsm fsm;          /* wrapper handed to raft */
+    struct raft_fsm inner;        /* the store's */
+    int (*io_start_orig)(struct raft_io *, unsigned, raft_io_tick_cb, raft_io_recv_cb);
+    raft_io_recv_cb recv_orig;
+    int (*io_send_orig)(struct raft_io *, struct raft_io_send *, const struct raft_message *,
+                        raft_io_send_cb);
+    struct peer_contact contacts[MAX_PEERS];
+    size_t n_contacts;
+    uint64_t contact_leader_id, contact_term, contact_ms;
+    struct { uint64_t commit, at_ms; } ring[COMMIT_RING];
+    size_t ring_n;
+    uint64_t caught_up_at_ms;     /* follower: contact time of the newest commit applied */
+    int last_state;
+    uint64_t barrier_term;        /* term whose start barrier was applied */
+    bool barrier_pending;
+    bool stopping;                /* stop sequence started */
+    bool closing;                 /* raft_close called */
+    uint64_t stop_deadline_ms;
+    struct raft_transfer stop_transfer;
+    uint64_t elections_won, snapshots_restored;
+
+    pthread_t thread;
+    bool thread_started;
+
+    /* shared, under mu */
+    pthread_mutex_t mu;
+    struct op *q_head, *q_tail;
+    bool stop_requested;
+    bool closed;                  /* no more requests accepted */
+
+    /* published for other threads */
+    _Atomic uint64_t lease_until_ms;
+    _Atomic uint64_t applied_index;
+    _Atomic int waiters;
+    pthread_mutex_t applied_mu;
+    pthread_cond_t applied_cv;
+    pthread_mutex_t status_mu;
+    struct kms_raft_status status; /* under status_mu */
+};
+
+static void raft_thread_stop_step(struct kms_raft *r);
+
+/* ------------------------------------------------------------------ helpers */
+
+static void cond_init_mono(pthread_cond_t *cv)
+{
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    pthread_cond_init(cv, &a);
+    pthread_condattr_destroy(&a);
+}
+
+static struct timespec deadline_ts(unsigned timeout_ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += timeout_ms / 1000u;
+    ts.tv_nsec += (long)(timeout_ms % 1000u) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    return ts;
+}
+
+static int mkdir_p(const char *path)
+{
+    char tmp[4096];
+    size_t len = strlen(path);
+    if (len == 0 || len >= sizeof(tmp)) {
+        return -1;
+    }
+    memcpy(tmp, path, len + 1);
+    for (char *p = tmp + 1; *p != '\0'; p++) {
+        if (*p == '/') {
+            *p = '\0';
+            if (mkdir(tmp, 0700) != 0 && errno != EEXIST) {
+                return -1;
+            }
+            *p = '/';
+        }
+    }
+    if (mkdir(tmp, 0700) != 0 && errno != EEXIST) {
+        return -1;
+    }
+    return 0;
+}
+
+static struct kms_raft *raft_of_io(struct raft_io *io)
+{
+    return (struct kms_raft *)((char *)io - offsetof(struct kms_raft, io));
+}
+
+static void leader_info(struct kms_raft *r, uint64_t *id, char *addr, size_t n)
+{
+    raft_id lid = 0;
+    const char *la = NULL;
+    raft_leader(&r->raft, &lid, &la);
+    *id = lid;
+    snprintf(addr, n, "%s", la != NULL ? la : "");
+}
+
+static const struct raft_server *config_find(struct kms_raft *r, uint64_t id)
+{
+    for (unsigned i = 0; i < r->raft.configuration.n; i++) {
+        if (r->raft.configuration.servers[i].id == id) {
+            return &r->raft.configuration.servers[i];
+        }
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ ops */
+
+static struct op *op_new(struct kms_raft *r, enum op_kind kind)
+{
+    struct op *op = calloc(1, sizeof(*op));
+    if (op == NULL) {
+        return NULL;
+    }
+    op->r = r;
+    op->kind = kind;
+    op->refs = 2; /* caller + raft thread */
+    cond_init_mono(&op->cv);
+    return op;
+}
+
+/* Under r->mu. */
+static void op_unref_locked(struct op *op)
+{
+    if (--op->refs == 0) {
+        if (op->buf.base != NULL) {
+            raft_free(op->buf.base);
+        }
+        pthread_cond_destroy(&op->cv);
+        free(op);
+    }
+}
+
+/* Raft thread: finishes an op (drops the raft thread's reference). */
+static void op_complete(struct op *op, int rc, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void op_complete(struct op *op, int rc, const char *fmt, ...)
+{
+    struct kms_raft *r = op->r;
+    pthread_mutex_lock(&r->mu);
+    op->rc = rc;
+    if (fmt != NULL) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(op->msg, sizeof(op->msg), fmt, ap);
+        va_end(ap);
+    }
+    op->done = true;
+    pthread_cond_signal(&op->cv);
+    op_unref_locked(op);
+    pthread_mutex_unlock(&r->mu);
+}
+
+static void op_not_leader(struct op *op)
+{
+    struct kms_raft *r = op->r;
+    leader_info(r, &op->res.leader_id, op->res.leader_address, sizeof(op->res.leader_address));
+    if (op->res.leader_id != 0) {
+        op_complete(op, KMS_ENOTLEADER, "not the leader; leader is %" PRIu64 " at %s",
+                    op->res.leader_id, op->res.leader_address);
+    } else {
+        op_complete(op, KMS_ENOTLEADER, "not the leader; no leader known");
+    }
+}
+
+/* Caller side: queue, wake the raft thread, wait. Consumes the caller's
+ * reference. Copies the outcome into res/err. */
+static int op_run(struct kms_raft *r, struct op *op, unsigned timeout_ms,
+                  struct kms_raft_result *res, struct kms_err *err)
+{
+    struct timespec ts = deadline_ts(timeout_ms);
+    int rc;
+
+    pthread_mutex_lock(&r->mu);
+    if (r->closed || r->stop_requested) {
+        op->refs = 1; /* the raft thread never saw it */
+        op_unref_locked(op);
+        pthread_mutex_unlock(&r->mu);
+        return kms_err_set(err, KMS_ESHUTDOWN, "raft node is shutting down");
+    }
+    op->next = NULL;
+    if (r->q_tail != NULL) {
+        r->q_tail->next = op;
+    } else {
+        r->q_head = op;
+    }
+    r->q_tail = op;
+    uv_async_send(&r->async);
+    while (!op->done) {
+        if (pthread_cond_timedwait(&op->cv, &r->mu, &ts) == ETIMEDOUT && !op->done) {
+            break;
+        }
+    }
+    if (op->done) {
+        rc = op->rc;
+        if (res != NULL) {
+            *res = op->res;
+        }
+        if (rc != 0) {
+            kms_err_set(err, rc, "%s", op->msg[0] != '\0' ? op->msg : kms_strerror(rc));
+        }
+    } else {
+        rc = kms_err_set(err, KMS_ETIMEDOUT, "no outcome within %u ms", timeout_ms);
+        if (res != NULL) {
+            res->index = op->res.index;
+        }
+    }
+    op_unref_locked(op);
+    pthread_mutex_unlock(&r->mu);
+    return rc;
+}
+
+static int map_raft_rc(int rv)
+{
+    switch (rv) {
+    case RAFT_NOTLEADER:
+        return KMS_ENOTLEADER;
+    case RAFT_LEADERSHIPLOST:
+        return KMS_EUNAVAIL;
+    case RAFT_SHUTDOWN:
+        return KMS_ESHUTDOWN;
+    case RAFT_NOMEM:
+        return KMS_ENOMEM;
+    case RAFT_CANTCHANGE:
+    case RAFT_BUSY:
+        return KMS_EBUSY;
+    case RAFT_BADID:
+    case RAFT_BADROLE:
+    case RAFT_INVALID:
+        return KMS_EINVAL;
+    case RAFT_DUPLICATEID:
+    case RAFT_DUPLICATEADDRESS:
+        return KMS_EEXIST;
+    case RAFT_NOTFOUND:
+        return KMS_ENOTFOUND;
+    case RAFT_NOCONNECTION:
+        return KMS_EUNAVAIL;
+    default:
+        return KMS_ERAFT;
+    }
+}
+
+/* ------------------------------------------------------------------ fsm wrapper */
+
+static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void **result)
+{
+    struct kms_raft *r = fsm->data;
+    raft_index index = raft_last_applied(&r->raft) + 1;
+    int rv = r->inner.apply(&r->inner, buf, result);
+    if (rv != 0) {
+        kms_logf(KMS_LOG_ERROR, MOD, "store refused entry %llu (rv %d): node halts applying",
+                 (unsigned long long)index, rv);
+        return rv;
+    }
+    /* The result (owned by the store, valid until the next apply) reaches
+     * apply_cb right after this returns when this leader proposed the entry. */
+    atomic_store(&r->applied_index, index);
+    if (atomic_load(&r->waiters) > 0) {
+        pthread_mutex_lock(&r->applied_mu);
+        pthread_cond_broadcast(&r->applied_cv);
+        pthread_mutex_unlock(&r->applied_mu);
+    }
+    return 0;
+}
+
+static int fsm_snapshot(struct raft_fsm *fsm, struct raft_buffer *bufs[], unsigned *n_bufs)
+{
+    struct kms_raft *r = fsm->data;
+    return r->inner.snapshot(&r->inner, bufs, n_bufs);
+}
+
+static int fsm_restore(struct raft_fsm *fsm, struct raft_buffer *buf)
+{
+    struct kms_raft *r = fsm->data;
+    int rv = r->inner.restore(&r->inner, buf);
+    if (rv == 0 && !r->started) {
+        kms_logf(KMS_LOG_INFO, MOD, "restored the local snapshot at start-up");
+    } else if (rv == 0) {
+        r->snapshots_restored++;
+        kms_logf(KMS_LOG_INFO, MOD, "restored a snapshot from the leader (%" PRIu64 " so far)",
+                 r->snapshots_restored);
+    } else {
+        kms_logf(KMS_LOG_ERROR, MOD, "snapshot restore failed (rv %d)", rv);
+    }
+    return rv;
+}
+
+static int fsm_snapshot_finalize(struct raft_fsm *fsm, struct raft_buffer *bufs[],
+                                 unsigned *n_bufs)
+{
+    struct kms_raft *r = fsm->data;
+    return r->inner.snapshot_finalize(&r->inner, bufs, n_bufs);
+}
+
+static int fsm_snapshot_async(struct raft_fsm *fsm, struct raft_buffer *bufs[], unsigned *n_bufs)
+{
+    struct kms_raft *r = fsm->data;
+    return r->inner.snapshot_async(&r->inner, bufs, n_bufs);
+}
+
+static void fsm_wrap(struct kms_raft *r)
+{
+    memset(&r->fsm, 0, sizeof(r->fsm));
+    r->fsm.version = r->inner.version;
+    r->fsm.data = r;
+    r->fsm.apply = fsm_apply;
+    r->fsm.snapshot = r->inner.snapshot != NULL ? fsm_snapshot : NULL;
+    r->fsm.restore = r->inner.restore != NULL ? fsm_restore : NULL;
+    if (r->inner.version >= 2 && r->inner.snapshot_finalize != NULL) {
+        r->fsm.snapshot_finalize = fsm_snapshot_finalize;
+    }
+    if (r->inner.version >= 3 && r->inner.snapshot_async != NULL) {
+        r->fsm.snapshot_async = fsm_snapshot_async;
+    }
+}
+
+/* ------------------------------------------------------------------ lease */
+
+static struct peer_contact *contact_slot(struct kms_raft *r, uint64_t id)
+{
+    for (size_t i = 0; i < r->n_contacts; i++) {
+        if (r->contacts[i].id == id) {
+            return &r->contacts[i];
+        }
+    }
+    if (r->n_contacts < MAX_PEERS) {
+        struct peer_contact *c = &r->contacts[r->n_contacts++];
+        memset(c, 0, sizeof(*c));
+        c->id = id;
+        return c;
+    }
+    /* Full: reuse the slot of a server no longer in the configuration. */
+    for (size_t i = 0; i < r->n_contacts; i++) {
+        if (config_find(r, r->contacts[i].id) == NULL) {
+            memset(&r->contacts[i], 0, sizeof(r->contacts[i]));
+            r->contacts[i].id = id;
+            return &r->contacts[i];
+        }
+    }
+    return NULL;
+}
+
+/* Before raft processes a message: note who we heard from. */
+static void note_message(struct kms_raft *r, const struct raft_message *m)
+{
+    uint64_t now = kms_mono_ms();
+    switch (m->type) {
+    case RAFT_IO_APPEND_ENTRIES_RESULT: {
+        /* The follower reset its election timer when it received the request
+         * this answers, i.e. after that request's send time: a lease counted
+         * from the send time ends before the follower may vote for anyone.
+         * Lost requests leave older times at the head (shorter lease);
+         * entries older than two election timeouts are dropped. */
+        struct peer_contact *c = contact_slot(r, m->server_id);
+        if (c == NULL) {
+            break;
+        }
+        while (c->n > 0 && c->sent[c->head] + 2u * r->election_ms < now) {
+            c->head = (c->head + 1) % SEND_FIFO;
+            c->n--;
+        }
+        if (c->n > 0) {
+            c->at_ms = c->sent[c->head];
+            c->term = m->append_entries_result.term;
+            c->head = (c->head + 1) % SEND_FIFO;
+            c->n--;
+        }
+        break;
+    }
+    case RAFT_IO_APPEND_ENTRIES:
+    case RAFT_IO_INSTALL_SNAPSHOT: {
+        uint64_t term = m->type == RAFT_IO_APPEND_ENTRIES ? m->append_entries.term
+                                                          : m->install_snapshot.term;
+        if (term < r->raft.current_term) {
+            break; /* stale leader: raft rejects it */
+        }
+        if (term != r->contact_term || m->server_id != r->contact_leader_id) {
+            r->contact_term = term;
+            r->contact_leader_id = m->server_id;
+            r->ring_n = 0;
+            r->caught_up_at_ms = 0;
+        }
+        r->contact_ms = now;
+        if (m->type == RAFT_IO_APPEND_ENTRIES) {
+            uint64_t commit = m->append_entries.leader_commit;
+            if (r->ring_n == COMMIT_RING) {
+                /* Coalesce into the newest sample: conservative (a later
+                 * time paired with a higher commit). */
+                r->ring[r->ring_n - 1].commit = commit;
+                r->ring[r->ring_n - 1].at_ms = now;
+            } else {
+                r->ring[r->ring_n].commit = commit;
+                r->ring[r->ring_n].at_ms = now;
+                r->ring_n++;
+            }
+        }
+        break;
+    }
+    default:
+        break;
+    }
+}
+
+static int cmp_u64_desc(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+static void start_barrier(struct kms_raft *r);
+
+/* Raft thread: recompute the lease deadline and publish it. */
+static void lease_update(struct kms_raft *r)
+{
+    uint64_t now = kms_mono_ms();
+    uint64_t until = 0;
+    int state = raft_state(&r->raft);
+
+    if (state != r->last_state) {
+        if (state == RAFT_LEADER) {
+            r->elections_won++;
+            kms_logf(KMS_LOG_INFO, MOD, "node %" PRIu64 " is leader for term %llu", r->id,
+                     (unsigned long long)r->raft.current_term);
+            start_barrier(r);
+        } else if (r->last_state == RAFT_LEADER) {
+            kms_logf(KMS_LOG_INFO, MOD, "node %" PRIu64 " is no longer leader (term %llu)", r->id,
+                     (unsigned long long)r->raft.current_term);
+        }
+        r->last_state = state;
+    }
+
+    if (state == RAFT_LEADER) {
+        if (r->raft.transfer == NULL && r->barrier_term == r->raft.current_term) {
+            uint64_t times[MAX_PEERS + 1];
+            unsigned nv = 0, nt = 0;
+            for (unsigned i = 0; i < r->raft.configuration.n; i++) {
+                const struct raft_server *s = &r->raft.configuration.servers[i];
+                if (s->role != RAFT_VOTER) {
+                    continue;
+                }
+                nv++;
+                if (s->id == r->id) {
+                    times[nt++] = now;
+                    continue;
+                }
+                for (size_t j = 0; j < r->n_contacts; j++) {
+                    if (r->contacts[j].id == s->id &&
+                        r->contacts[j].term == r->raft.current_term && nt < MAX_PEERS + 1) {
+                        times[nt++] = r->contacts[j].at_ms;
+                    }
+                }
+            }
+            unsigned quorum = nv / 2 + 1;
+            if (nv > 0 && nt >= quorum) {
+                qsort(times, nt, sizeof(times[0]), cmp_u64_desc);
+                until = times[quorum - 1] + r->election_ms;
+            }
+        }
+    } else if (state == RAFT_FOLLOWER) {
+        raft_index applied = raft_last_applied(&r->raft);
+        size_t k = 0;
+        while (k < r->ring_n && r->ring[k].commit <= applied) {
+            r->caught_up_at_ms = r->ring[k].at_ms;
+            k++;
+        }
+        if (k > 0) {
+            memmove(r->ring, r->ring + k, (r->ring_n - k) * sizeof(r->ring[0]));
+            r->ring_n -= k;
+        }
+        if (r->raft.follower_state.current_leader.id == r->contact_leader_id &&
+            r->contact_leader_id != 0 && r->contact_term == r->raft.current_term &&
+            r->caught_up_at_ms != 0) {
+            until = r->caught_up_at_ms + r->election_ms;
+        }
+    }
+    if (until <= now) {
+        until = 0;
+    }
+    atomic_store(&r->lease_until_ms, until);
+}
+
+static void barrier_cb(struct raft_barrier *req, int status)
+{
+    struct kms_raft *r = req->data;
+    if (status == 0 && raft_state(&r->raft) == RAFT_LEADER) {
+        r->barrier_term = r->raft.current_term;
+        lease_update(r);
+    }
+    r->barrier_pending = false;
+    free(req);
+}
+
+static void start_barrier(struct kms_raft *r)
+{
+    struct raft_barrier *req;
+    int rv;
+    if (r->barrier_pending || r->closing) {
+        /* A barrier of an older term is failed by raft on step-down before
+         * we can be leader again; if one is still pending it is ours. */
+        return;
+    }
+    req = calloc(1, sizeof(*req));
+    if (req == NULL) {
+        return;
+    }
+    req->data = r;
+    rv = raft_barrier(&r->raft, req, barrier_cb);
+    if (rv != 0) {
+        kms_logf(KMS_LOG_WARN, MOD, "term-start barrier: %s", raft_strerror(rv));
+        free(req);
+        return;
+    }
+    r->barrier_pending = true;
+}
+
+/* ------------------------------------------------------------------ status */
+
+static void status_publish(struct kms_raft *r)
+{
+    struct kms_raft_status st;
+    uint64_t now = kms_mono_ms();
+    raft_index applied = raft_last_applied(&r->raft);
+
+    memset(&st, 0, sizeof(st));
+    st.id = r->id;
+    st.role = raft_state(&r->raft);
+    st.term = r->raft.current_term;
+    st.commit_index = r->raft.commit_index;
+    st.applied_index = applied;
+    leader_info(r, &st.leader_id, st.leader_address, sizeof(st.leader_address));
+    for (unsigned i = 0; i < r->raft.configuration.n && st.n_members < 16; i++) {
+        const struct raft_server *s = &r->raft.configuration.servers[i];
+        st.members[st.n_members].id = s->id;
+        snprintf(st.members[st.n_members].address, sizeof(st.members[0].address), "%s",
+                 s->address != NULL ? s->address : "");
+        st.members[st.n_members].role = s->role;
+        st.n_members++;
+    }
+    if (st.role == RAFT_LEADER) {
+        st.last_leader_contact_ms = 0;
+    } else if (r->contact_ms != 0) {
+        st.last_leader_contact_ms = now - r->contact_ms;
+    } else {
+        st.last_leader_contact_ms = UINT64_MAX;
+    }
+    st.last_index = raft_last_index(&r->raft);
+    st.snapshot_index = r->raft.log.snapshot.last_index;
+    st.snapshots_restored = r->snapshots_restored;
+    st.elections_won = r->elections_won;
+
+    if (applied > atomic_load(&r->applied_index)) {
+        atomic_store(&r->applied_index, applied); /* e.g. after a snapshot install */
+    }
+    if (atomic_load(&r->waiters) > 0) {
+        pthread_mutex_lock(&r->applied_mu);
+        pthread_cond_broadcast(&r->applied_cv);
+        pthread_mutex_unlock(&r->applied_mu);
+    }
+    pthread_mutex_lock(&r->status_mu);
+    r->status = st;
+    pthread_mutex_unlock(&r->status_mu);
+}
+
+/* ------------------------------------------------------------------ io hooks */
+
+/* Raft thesis 4.2.3: a server refuses votes "within the minimum election
+ * timeout of hearing from a current leader". raft 0.15 refuses for as long as
+ * it knows a leader, so after a leader crash the election waits for the
+ * *last* follower's timer (and, when the first candidate's log is behind, for
+ * a second timeout of the other): 2-4 s with a 1 s timeout. Forgetting a
+ * leader that has been silent for a full election timeout restores the
+ * thesis rule; the leader's lease (send time + election timeout) has ended by
+ * then, so lease safety is unchanged. */
+static void forget_silent_leader(struct kms_raft *r, const struct raft_message *m)
+{
+    uint64_t now;
+    if (m->type != RAFT_IO_REQUEST_VOTE || m->request_vote.disrupt_leader ||
+        raft_state(&r->raft) != RAFT_FOLLOWER || r->raft.follower_state.current_leader.id == 0) {
+        return;
+    }
+    now = kms_mono_ms();
+    if (r->contact_leader_id == r->raft.follower_state.current_leader.id &&
+        now - r->contact_ms < r->election_ms) {
+        return;
+    }
+    kms_logf(KMS_LOG_INFO, MOD,
+             "leader %llu silent for %" PRIu64 " ms: considering %s from %llu",
+             (unsigned long long)r->raft.follower_state.current_leader.id,
+             r->contact_ms != 0 ? now - r->contact_ms : 0,
+             m->request_vote.pre_vote ? "pre-vote" : "vote request",
+             (unsigned long long)m->server_id);
+    r->raft.follower_state.current_leader.id = 0; /* address kept; raft frees it */
+}
+
+static void recv_wrap(struct raft_io *io, struct raft_message *m)
+{
+    struct kms_raft *r = raft_of_io(io);
+    note_message(r, m);
+    forget_silent_leader(r, m);
+    r->recv_orig(io, m);
+    lease_update(r);
+}
+
+static int io_send_wrap(struct raft_io *io, struct raft_io_send *req,
+                        const struct raft_message *m, raft_io_send_cb cb)
+{
+    struct kms_raft *r = raft_of_io(io);
+    struct peer_contact *c = NULL;
+    int rv;
+    if ((m->type == RAFT_IO_APPEND_ENTRIES || m->type == RAFT_IO_INSTALL_SNAPSHOT) &&
+        raft_state(&r->raft) == RAFT_LEADER) {
+        c = contact_slot(r, m->server_id);
+        if (c != NULL && c->n < SEND_FIFO) {
+            c->sent[(c->head + c->n) % SEND_FIFO] = kms_mono_ms();
+            c->n++;
+        } else {
+            c = NULL; /* full: later answers pop older times (conservative) */
+        }
+    }
+    rv = r->io_send_orig(io, req, m, cb);
+    if (rv != 0 && c != NULL) {
+        c->n--; /* not sent */
+    }
+    return rv;
+}
+
+static int io_start_wrap(struct raft_io *io, unsigned msecs, raft_io_tick_cb tick,
+                         raft_io_recv_cb recv)
+{
+    struct kms_raft *r = raft_of_io(io);
+    r->recv_orig = recv;
+    return r->io_start_orig(io, msecs, tick, recv_wrap);
+}
+
+/* ------------------------------------------------------------------ dispatch */
+
+static void apply_cb(struct raft_apply *req, int status, void *result)
+{
+    struct op *op = req->data;
+    struct kms_raft *r = op->r;
+    if (status == 0) {
+        if (result != NULL) {
+            struct kms_store_result *sr = result;
+            op->res.code = sr->code;
+            op->res.count = sr->count;
+            snprintf(op->res.msg, sizeof(op->res.msg), "%s", sr->msg);
+        }
+        op->res.index = req->index;
+        op_complete(op, 0, NULL);
+        return;
+    }
+    leader_info(r, &op->res.leader_id, op->res.leader_address, sizeof(op->res.leader_address));
+    op->res.index = req->index;
+    if (status == RAFT_LEADERSHIPLOST) {
+        op_complete(op, r->closing ? KMS_ESHUTDOWN : KMS_EUNAVAIL,
+                    "leadership lost before entry %llu committed; outcome unknown",
+                    (unsigned long long)req->index);
+    } else {
+        op_complete(op, map_raft_rc(status), "entry %llu: %s", (unsigned long long)req->index,
+                    raft_strerror(status));
+    }
+}
+
+static void change_cb(struct raft_change *req, int status)
+{
+    struct op *op = req->data;
+    struct kms_raft *r = op->r;
+    int rv;
+
+    if (status != 0) {
+        op_complete(op, map_raft_rc(status), "membership change for %" PRIu64 ": %s", op->id,
+                    raft_strerror(status));
+        return;
+    }
+    if (op->kind == OP_ADD && op->stage == 0) {
+        op->stage = 1;
+        if (r->closing) {
+            op_complete(op, KMS_ESHUTDOWN, "shutting down");
+            return;
+        }
+        rv = raft_assign(&r->raft, &op->change, op->id, RAFT_VOTER, change_cb);
+        if (rv != 0) {
+            op_complete(op, map_raft_rc(rv), "promote %" PRIu64 " to voter: %s (%s)", op->id,
+                        raft_strerror(rv), raft_errmsg(&r->raft));
+        }
+        return;
+    }
+    kms_logf(KMS_LOG_INFO, MOD, "membership: %s %" PRIu64 " committed",
+             op->kind == OP_ADD ? "added voter" : "removed", op->id);
+    status_publish(r);
+    op_complete(op, 0, NULL);
+}
+
+static void transfer_cb(struct raft_transfer *req)
+{
+    struct op *op = req->data;
+    struct kms_raft *r = op->r;
+    uint64_t lid;
+    char addr[256];
+    leader_info(r, &lid, addr, sizeof(addr));
+    op->res.leader_id = lid;
+    snprintf(op->res.leader_address, sizeof(op->res.leader_address), "%s", addr);
+    lease_update(r);
+    status_publish(r);
+    if (lid != 0 && lid != r->id && (op->id == 0 || lid == op->id)) {
+        kms_logf(KMS_LOG_INFO, MOD, "leadership transferred to %" PRIu64, lid);
+        op_complete(op, 0, NULL);
+    } else {
+        op_complete(op, KMS_ETIMEDOUT, "leadership transfer did not complete (leader now %" PRIu64 ")",
+                    lid);
+    }
+}
+
+static void dispatch(struct kms_raft *r, struct op *op)
+{
+    int rv;
+
+    if (op->kind == OP_RELOAD_TLS) {
+        struct kms_err e;
+        kms_err_clear(&e);
+        if (!r->tls) {
+            op_complete(op, KMS_ECONFIG, "raft transport is plain TCP: nothing to reload");
+        } else if (kms_transport_tls_reload(&r->transport, r->cert_file, r->key_file, r->ca_file,
+                                            &e) != 0) {
+            op_complete(op, e.code != 0 ? e.code : KMS_ETLS, "%s", e.msg);
+        } else {
+            kms_logf(KMS_LOG_INFO, MOD, "raft transport certificates reloaded");
+            op_complete(op, 0, NULL);
+        }
+        return;
+    }
+    if (op->kind == OP_STATUS) {
+        lease_update(r);
+        status_publish(r);
+        op_complete(op, 0, NULL);
+        return;
+    }
+    if (r->stopping) {
+        op_complete(op, KMS_ESHUTDOWN, "raft node is shutting down");
+        return;
+    }
+    if (raft_state(&r->raft) != RAFT_LEADER) {
+        op_not_leader(op);
+        return;
+    }
+    switch (op->kind) {
+    case OP_PROPOSE: {
+        struct raft_buffer buf = op->buf;
+        op->apply.data = op;
+        rv = raft_apply(&r->raft, &op->apply, &buf, 1, apply_cb);
+        if (rv != 0) {
+            if (rv == RAFT_NOTLEADER) {
+                op_not_leader(op);
+            } else {
+                op_complete(op, map_raft_rc(rv), "raft_apply: %s", raft_strerror(rv));
+            }
+            return;
+        }
+        op->buf.base = NULL; /* owned by raft now */
+        op->res.index = op->apply.index;
+        return;
+    }
+    case OP_ADD: {
+        const struct raft_server *s = config_find(r, op->id);
+        op->change.data = op;
+        if (s != NULL) {
+            if (strcmp(s->address, op->address) != 0) {
+                op_complete(op, KMS_EEXIST, "server %" PRIu64 " is already a member at %s", op->id,
+                            s->address);
+                return;
+            }
+            if (s->role == RAFT_VOTER) {
+                op_complete(op, 0, NULL);
+                return;
+            }
+            op->stage = 1;
+            rv = raft_assign(&r->raft, &op->change, op->id, RAFT_VOTER, change_cb);
+        } else {
+            op->stage = 0;
+            rv = raft_add(&r->raft, &op->change, op->id, op->address, change_cb);
+        }
+        if (rv != 0) {
+            op_complete(op, map_raft_rc(rv), "add %" PRIu64 " at %s: %s (%s)", op->id, op->address,
+                        raft_strerror(rv), raft_errmsg(&r->raft));
+        }
+        return;
+    }
+    case OP_REMOVE:
+        if (config_find(r, op->id) == NULL) {
+            op_complete(op, KMS_ENOTFOUND, "server %" PRIu64 " is not a member", op->id);
+            return;
+        }
+        op->change.data = op;
+        rv = raft_remove(&r->raft, &op->change, op->id, change_cb);
+        if (rv != 0) {
+            op_complete(op, map_raft_rc(rv), "remove %" PRIu64 ": %s (%s)", op->id,
+                        raft_strerror(rv), raft_errmsg(&r->raft));
+        }
+        return;
+    case OP_STATUS:
+    case OP_RELOAD_TLS:
+        return;
+    case OP_TRANSFER:
+        op->transfer.data = op;
+        rv = raft_transfer(&r->raft, &op->transfer, op->id, transfer_cb);
+        if (rv != 0) {
+            op_complete(op, rv == RAFT_NOTFOUND ? KMS_EUNAVAIL : map_raft_rc(rv),
+                        "transfer to %" PRIu64 ": %s (%s)", op->id, raft_strerror(rv),
+                        raft_errmsg(&r->raft));
+        } else {
+            lease_update(r); /* no lease while a transfer is in progress */
+        }
+        return;
+    }
+}
+
+/* ------------------------------------------------------------------ loop callbacks */
+
+static void handle_closed_cb(uv_handle_t *h)
+{
+    (void)h;
+}
+
+static void on_raft_closed(struct raft *raft)
+{
+    struct kms_raft *r = raft->data;
+    raft_uv_close(&r->io);
+    if (r->tls) {
+        kms_transport_tls_close(&r->transport);
+    } else {
+        raft_uv_tcp_close(&r->transport);
+    }
+    if (r->handles_inited) {
+        uv_close((uv_handle_t *)&r->timer, handle_closed_cb);
+        uv_close((uv_handle_t *)&r->async, handle_closed_cb);
+    }
+}
+
+static void begin_close(struct kms_raft *r)
+{
+    struct op *q;
+    if (r->closing) {
+        return;
+    }
+    r->closing = true;
+    atomic_store(&r->lease_until_ms, 0);
+    pthread_mutex_lock(&r->mu);
+    r->closed = true;
+    q = r->q_head;
+    r->q_head = r->q_tail = NULL;
+    pthread_mutex_unlock(&r->mu);
+    while (q != NULL) {
+        struct op *next = q->next;
+        op_complete(q, KMS_ESHUTDOWN, "raft node is shutting down");
+        q = next;
+    }
+    uv_timer_stop(&r->timer);
+    kms_logf(KMS_LOG_INFO, MOD, "closing raft node %" PRIu64, r->id);
+    raft_close(&r->raft, on_raft_closed);
+}
+
+static void stop_transfer_cb(struct raft_transfer *req)
+{
+    struct kms_raft *r = req->data;
+    uint64_t lid;
+    char addr[256];
+    leader_info(r, &lid, addr, sizeof(addr));
+    kms_logf(KMS_LOG_INFO, MOD, "shutdown leadership transfer finished; leader %" PRIu64, lid);
+    begin_close(r);
+}
+
+static void raft_thread_stop_step(struct kms_raft *r)
+{
+    unsigned others = 0;
+    int rv;
+
+    if (r->stopping) {
+        return;
+    }
+    r->stopping = true;
+    if (raft_state(&r->raft) == RAFT_LEADER && r->raft.transfer == NULL) {
+        for (unsigned i = 0; i < r->raft.configuration.n; i++) {
+            const struct raft_server *s = &r->raft.configuration.servers[i];
+            if (s->role == RAFT_VOTER && s->id != r->id) {
+                others++;
+            }
+        }
+    }
+    if (others > 0) {
+        memset(&r->stop_transfer, 0, sizeof(r->stop_transfer));
+        r->stop_transfer.data = r;
+        rv = raft_transfer(&r->raft, &r->stop_transfer, 0, stop_transfer_cb);
+        if (rv == 0) {
+            atomic_store(&r->lease_until_ms, 0);
+            r->stop_deadline_ms = kms_mono_ms() + r->election_ms + 500;
+            kms_logf(KMS_LOG_INFO, MOD, "shutting down: transferring leadership");
+            return; /* stop_transfer_cb or the timer closes */
+        }
+        kms_logf(KMS_LOG_WARN, MOD, "shutting down: leadership transfer not started: %s",
+                 raft_strerror(rv));
+    }
+    begin_close(r);
+}
+
+static void async_cb(uv_async_t *h)
+{
+    struct kms_raft *r = h->data;
+    struct op *q;
+    bool stop;
+
+    pthread_mutex_lock(&r->mu);
+    q = r->q_head;
+    r->q_head = r->q_tail = NULL;
+    stop = r->stop_requested;
+    pthread_mutex_unlock(&r->mu);
+
+    while (q != NULL) {
+        struct op *next = q->next;
+        bool abandoned;
+        pthread_mutex_lock(&r->mu);
+        abandoned = q->refs == 1; /* the caller timed out before we got to it */
+        pthread_mutex_unlock(&r->mu);
+        if (abandoned) {
+            op_complete(q, KMS_ETIMEDOUT, NULL);
+        } else if (r->closing) {
+            op_complete(q, KMS_ESHUTDOWN, "raft node is shutting down");
+        } else {
+            dispatch(r, q);
+        }
+        q = next;
+    }
+    if (stop && !r->closing) {
+        raft_thread_stop_step(r);
+    }
+}
+
+static void timer_cb(uv_timer_t *h)
+{
+    struct kms_raft *r = h->data;
+    if (r->closing) {
+        return;
+    }
+    lease_update(r);
+    status_publish(r);
+    if (r->stopping && r->stop_deadline_ms != 0 && kms_mono_ms() >= r->stop_deadline_ms) {
+        kms_logf(KMS_LOG_WARN, MOD, "shutdown leadership transfer timed out");
+        begin_close(r);
+    }
+}
+
+static void *raft_thread_main(void *arg)
+{
+    struct kms_raft *r = arg;
+    uv_run(&r->loop, UV_RUN_DEFAULT);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ public */
+
+static void raft_free_all(struct kms_raft *r)
+{
+    pthread_mutex_destroy(&r->mu);
+    pthread_mutex_destroy(&r->applied_mu);
+    pthread_cond_destroy(&r->applied_cv);
+    pthread_mutex_destroy(&r->status_mu);
+    free(r);
+}
+
+static int transport_init(struct kms_raft *r, const struct kms_raft_config *cfg,
+                          struct kms_err *err)
+{
+    int rv;
+    bool any_tls = cfg->cert_file != NULL || cfg->key_file != NULL || cfg->ca_file != NULL;
+    if (any_tls) {
+        if (cfg->cert_file == NULL || cfg->key_file == NULL || cfg->ca_file == NULL) {
+            return kms_err_set(err, KMS_ECONFIG,
+                               "raft TLS needs cert_file, key_file and ca_file together");
+        }
+        struct kms_transport_tls_config tc;
+        memset(&tc, 0, sizeof(tc));
+        tc.cert_file = cfg->cert_file;
+        tc.key_file = cfg->key_file;
+        tc.ca_file = cfg->ca_file;
+        tc.bind_address = r->bind_address;
+        rv = kms_transport_tls_init(&r->transport, &r->loop, &tc, err);
+        if (rv != 0) {
+            return kms_err_wrap(err, rv, "raft TLS transport");
+        }
+        r->tls = true;
+        snprintf(r->cert_file, sizeof(r->cert_file), "%s", cfg->cert_file);
+        snprintf(r->key_file, sizeof(r->key_file), "%s", cfg->key_file);
+        snprintf(r->ca_file, sizeof(r->ca_file), "%s", cfg->ca_file);
+        return 0;
+    }
+    rv = raft_uv_tcp_init(&r->transport, &r->loop);
+    if (rv != 0) {
+        return kms_err_set(err, KMS_ERAFT, "raft_uv_tcp_init: %s", raft_strerror(rv));
+    }
+    rv = raft_uv_tcp_set_bind_address(&r->transport, r->bind_address);
+    if (rv != 0) {
+        raft_uv_tcp_close(&r->transport);
+        return kms_err_set(err, KMS_ECONFIG, "raft bind address %s: %s", r->bind_address,
+                           raft_strerror(rv));
+    }
+    kms_logf(KMS_LOG_WARN, MOD, "raft transport is plain TCP (no certificates configured)");
+    return 0;
+}
+
+/* Runs the loop until nothing is pending; used to release the transport and
+ * io after a failed start. */
+static void drain_loop(struct kms_raft *r)
+{
+    uv_run(&r->loop, UV_RUN_DEFAULT);
+    uv_loop_close(&r->loop);
+}
+
+int kms_raft_start(const struct kms_raft_config *cfg, struct kms_store *store,
+                   struct kms_raft **out, struct kms_err *err)
+{
+    struct kms_raft *r;
+    char raft_dir[4096];
+    int rv, rc;
+    bool self_listed = false;
+
+    *out = NULL;
+    signal(SIGPIPE, SIG_IGN);
+    if (cfg == NULL || store == NULL || cfg->id == 0 || cfg->data_dir == NULL ||
+        cfg->raft_address == NULL || cfg->raft_address[0] == '\0') {
+        return kms_err_set(err, KMS_EINVAL, "raft: id, data_dir and raft_address are required");
+    }
+    if (strlen(cfg->raft_address) >= 256 ||
+        (cfg->bind_address != NULL && strlen(cfg->bind_address) >= 256)) {
+        return kms_err_set(err, KMS_EINVAL, "raft address too long");
+    }
+    if (snprintf(raft_dir, sizeof(raft_dir), "%s/raft", cfg->data_dir) >= (int)sizeof(raft_dir)) {
+        return kms_err_set(err, KMS_EINVAL, "raft: data_dir too long");
+    }
+    if (cfg->n_initial > MAX_PEERS) {
+        return kms_err_set(err, KMS_EINVAL, "raft: at most %d initial members", MAX_PEERS);
+    }
+    for (size_t i = 0; i < cfg->n_initial; i++) {
+        if (cfg->initial_cluster[i].id == 0) {
+            return kms_err_set(err, KMS_EINVAL, "raft: initial member id 0");
+        }
+        for (size_t j = 0; j < i; j++) {
+            if (cfg->initial_cluster[j].id == cfg->initial_cluster[i].id) {
+                return kms_err_set(err, KMS_EINVAL, "raft: initial member %" PRIu64 " twice",
+                                   cfg->initial_cluster[i].id);
+            }
+        }
+        if (cfg->initial_cluster[i].id == cfg->id) {
+            self_listed = true;
+            if (strcmp(cfg->initial_cluster[i].address, cfg->raft_address) != 0) {
+                return kms_err_set(err, KMS_ECONFIG,
+                                   "raft: initial_cluster lists node %" PRIu64
+                                   " at %s but raft_address is %s",
+                                   cfg->id, cfg->initial_cluster[i].address, cfg->raft_address);
+            }
+        }
+    }
+    if (mkdir_p(raft_dir) != 0) {
+        return kms_err_set(err, KMS_EIO, "raft: cannot create %s: %s", raft_dir, strerror(errno));
+    }
+
+    r = calloc(1, sizeof(*r));
+    if (r == NULL) {
+        return kms_err_set(err, KMS_ENOMEM, NULL);
+    }
+    r->id = cfg->id;
+    snprintf(r->address, sizeof(r->address), "%s", cfg->raft_address);
+    snprintf(r->bind_address, sizeof(r->bind_address), "%s",
+             cfg->bind_address != NULL && cfg->bind_address[0] != '\0' ? cfg->bind_address
+                                                                       : cfg->raft_address);
+    snprintf(r->dir, sizeof(r->dir), "%s", raft_dir);
+    r->election_ms = cfg->election_timeout_ms != 0 ? cfg->election_timeout_ms : 1000;
+    r->heartbeat_ms = cfg->heartbeat_timeout_ms != 0 ? cfg->heartbeat_timeout_ms : 100;
+    r->store = store;
+    r->last_state = RAFT_UNAVAILABLE;
+    pthread_mutex_init(&r->mu, NULL);
+    pthread_mutex_init(&r->applied_mu, NULL);
+    cond_init_mono(&r->applied_cv);
+    pthread_mutex_init(&r->status_mu, NULL);
+
+    if (uv_loop_init(&r->loop) != 0) {
+        raft_free_all(r);
+        return kms_err_set(err, KMS_ERAFT, "raft: uv_loop_init failed");
+    }
+    if ((rc = transport_init(r, cfg, err)) != 0) {
+        drain_loop(r);
+        raft_free_all(r);
+        return rc;
+    }
+    rv = raft_uv_init(&r->io, &r->loop, r->dir, &r->transport);
+    if (rv != 0) {
+        rc = kms_err_set(err, KMS_ERAFT, "raft: raft_uv_init(%s): %s", r->dir,
+                         r->io.errmsg[0] != '\0' ? r->io.errmsg : raft_strerror(rv));
+        goto fail_transport;
+    }
+    raft_uv_set_connect_retry_delay(&r->io, 250);
+    /* raft_uv 0.15 implements async_work (uv_queue_work) but still reports
+     * io version 1, which makes raft_init refuse an fsm with snapshot_async
+     * (version 3, used by the store to serialise snapshots off the loop). */
+    if (r->io.version < 2 && r->io.async_work != NULL) {
+        r->io.version = 2;
+    }
+    r->io_start_orig = r->io.start;
+    r->io.start = io_start_wrap;
+    r->io_send_orig = r->io.send;
+    r->io.send = io_send_wrap;
+
+    memset(&r->inner, 0, sizeof(r->inner));
+    if ((rc = kms_store_fsm_init(store, &r->inner)) != 0) {
+        rc = kms_err_wrap(err, rc, "raft: store fsm");
+        goto fail_io;
+    }
+    fsm_wrap(r);
+
+    rv = raft_init(&r->raft, &r->io, &r->fsm, r->id, r->address);
+    if (rv != 0) {
+        rc = kms_err_set(err, KMS_ERAFT, "raft_init: %s", raft_errmsg(&r->raft));
+        goto fail_io;
+    }
+    r->raft.data = r;
+    kms_store_bind_raft(store, &r->raft);
+    raft_set_election_timeout(&r->raft, r->election_ms);
+    raft_set_heartbeat_timeout(&r->raft, r->heartbeat_ms);
+    raft_set_snapshot_threshold(&r->raft,
+                                (unsigned)(cfg->snapshot_threshold != 0 ? cfg->snapshot_threshold
+                                                                        : 8192));
+    raft_set_snapshot_trailing(&r->raft,
+                               (unsigned)(cfg->snapshot_trailing != 0 ? cfg->snapshot_trailing
+                                                                      : 2048));
+    raft_set_pre_vote(&r->raft, true);
+
+    if (cfg->n_initial > 0 && self_listed) {
+        struct raft_configuration conf;
+        raft_configuration_init(&conf);
+        for (size_t i = 0; i < cfg->n_initial; i++) {
+            rv = raft_configuration_add(&conf, cfg->initial_cluster[i].id,
+                                        cfg->initial_cluster[i].address, RAFT_VOTER);
+            if (rv != 0) {
+                raft_configuration_close(&conf);
+                rc = kms_err_set(err, KMS_EINVAL, "raft: initial member %" PRIu64 ": %s",
+                                 cfg->initial_cluster[i].id, raft_strerror(rv));
+                goto fail_raft;
+            }
+        }
+        rv = raft_bootstrap(&r->raft, &conf);
+        raft_configuration_close(&conf);
+        if (rv == 0) {
+            kms_logf(KMS_LOG_INFO, MOD, "bootstrapped a %zu-member cluster in %s", cfg->n_initial,
+                     r->dir);
+        } else if (rv != RAFT_CANTBOOTSTRAP) {
+            rc = kms_err_set(err, KMS_ERAFT, "raft_bootstrap: %s (%s)", raft_strerror(rv),
+                             raft_errmsg(&r->raft));
+            goto fail_raft;
+        }
+    } else if (cfg->n_initial > 0) {
+        kms_logf(KMS_LOG_INFO, MOD, "node %" PRIu64 " not in initial_cluster: waiting to be added",
+                 r->id);
+    }
+
+    rv = raft_start(&r->raft);
+    if (rv != 0) {
+        rc = kms_err_set(err, KMS_ERAFT, "raft_start: %s (%s)", raft_strerror(rv),
+                         raft_errmsg(&r->raft));
+        goto fail_raft;
+    }
+    r->started = true;
+    atomic_store(&r->applied_index, raft_last_applied(&r->raft));
+
+    uv_async_init(&r->loop, &r->async, async_cb);
+    r->async.data = r;
+    uv_timer_init(&r->loop, &r->timer);
+    r->timer.data = r;
+    uv_timer_start(&r->timer, timer_cb, TICK_MS, TICK_MS);
+    r->handles_inited = true;
+    status_publish(r);
+
+    if (pthread_create(&r->thread, NULL, raft_thread_main, r) != 0) {
+        /* Close everything on this thread instead. */
+        r->stopping = true;
+        begin_close(r);
+        drain_loop(r);
+        raft_free_all(r);
+        return kms_err_set(err, KMS_ENOMEM, "raft: cannot create thread");
+    }
+    r->thread_started = true;
+    kms_logf(KMS_LOG_INFO, MOD, "raft node %" PRIu64 " started on %s (%s transport)", r->id,
+             r->address, r->tls ? "mutual TLS" : "plain TCP");
+    *out = r;
+    return 0;
+
+fail_raft:
+    r->closing = true;
+    raft_close(&r->raft, on_raft_closed);
+    drain_loop(r);
+    raft_free_all(r);
+    return rc;
+fail_io:
+    raft_uv_close(&r->io);
+fail_transport:
+    if (r->tls) {
+        kms_transport_tls_close(&r->transport);
+    } else {
+        raft_uv_tcp_close(&r->transport);
+    }
+    drain_loop(r);
+    raft_free_all(r);
+    return rc;
+}
+
+void kms_raft_stop(struct kms_raft *r)
+{
+    if (r == NULL) {
+        return;
+    }
+    pthread_mutex_lock(&r->mu);
+    r->stop_requested = true;
+    if (!r->closed) {
+        uv_async_send(&r->async);
+    }
+    pthread_mutex_unlock(&r->mu);
+    if (r->thread_started) {
+        /* Bounded: a transport that never reports its close would otherwise
+         * hang the daemon's shutdown forever. */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += (time_t)(r->election_ms / 1000u) + 10;
+        if (pthread_timedjoin_np(r->thread, NULL, &ts) != 0) {
+            kms_logf(KMS_LOG_ERROR, MOD,
+                     "raft thread of node %" PRIu64 " did not stop in time (raft close never "
+                     "completed); leaving it behind",
+                     r->id);
+            return; /* r stays allocated: the thread may still use it */
+        }
+    }
+    if (uv_loop_close(&r->loop) != 0) {
+        kms_logf(KMS_LOG_WARN, MOD, "raft loop closed with handles still open");
+    }
+    /* Wake any wait_applied callers (they must not outlive r; this only
+     * shortens their wait before the caller tears things down). */
+    pthread_mutex_lock(&r->applied_mu);
+    pthread_cond_broadcast(&r->applied_cv);
+    pthread_mutex_unlock(&r->applied_mu);
+    kms_logf(KMS_LOG_INFO, MOD, "raft node %" PRIu64 " stopped", r->id);
+    raft_free_all(r);
+}
+
+int kms_raft_propose(struct kms_raft *r, const Kmsd__V1__Entry *e, unsigned timeout_ms,
+                     struct kms_raft_result *res, struct kms_err *err)
+{
+    struct kms_raft_result local;
+    struct op *op;
+    int rc;
+
+    if (res == NULL) {
+        res = &local;
+    }
+    memset(res, 0, sizeof(*res));
+    if (r == NULL || e == NULL) {
+        return kms_err_set(err, KMS_EINVAL, "propose: no node or entry");
+    }
+    op = op_new(r, OP_PROPOSE);
+    if (op == NULL) {
+        return kms_err_set(err, KMS_ENOMEM, NULL);
+    }
+    if ((rc = kms_entry_encode(e, &op->buf, err)) != 0) {
+        pthread_mutex_lock(&r->mu);
+        op->refs = 1;
+        op_unref_locked(op);
+        pthread_mutex_unlock(&r->mu);
+        return kms_err_wrap(err, rc, "propose: encode entry");
+    }
+    return op_run(r, op, timeout_ms, res, err);
+}
+
+int kms_raft_wait_applied(struct kms_raft *r, uint64_t index, unsigned timeout_ms)
+{
+    struct timespec ts;
+    int rc = 0;
+    if (atomic_load(&r->applied_index) >= index) {
+        return 0;
+    }
+    ts = deadline_ts(timeout_ms);
+    atomic_fetch_add(&r->waiters, 1);
+    pthread_mutex_lock(&r->applied_mu);
+    while (atomic_load(&r->applied_index) < index) {
+        if (pthread_cond_timedwait(&r->applied_cv, &r->applied_mu, &ts) == ETIMEDOUT) {
+            rc = atomic_load(&r->applied_index) >= index ? 0 : KMS_ETIMEDOUT;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&r->applied_mu);
+    atomic_fetch_sub(&r->waiters, 1);
+    return rc;
+}
+
+bool kms_raft_lease_valid(struct kms_raft *r)
+{
+    if (r == NULL) {
+        return false;
+    }
+    return kms_mono_ms() < atomic_load_explicit(&r->lease_until_ms, memory_order_acquire);
+}
+
+int kms_raft_status(struct kms_raft *r, struct kms_raft_status *st)
+{
+    /* Fresh figures from the raft thread when it answers quickly; otherwise
+     * (busy, stopping) the copy it published at its last tick. */
+    struct op *op = op_new(r, OP_STATUS);
+    if (op != NULL) {
+        (void)op_run(r, op, 500, NULL, NULL);
+    }
+    pthread_mutex_lock(&r->status_mu);
+    *st = r->status;
+    pthread_mutex_unlock(&r->status_mu);
+    st->lease = kms_raft_lease_valid(r);
+    if (atomic_load(&r->applied_index) > st->applied_index) {
+        st->applied_index = atomic_load(&r->applied_index);
+    }
+    return 0;
+}
+
+int kms_raft_add(struct kms_raft *r, uint64_t id, const char *address, unsigned timeout_ms,
+                 struct kms_err *err)
+{
+    struct kms_raft_result res;
+    struct op *op;
+    if (id == 0 || address == NULL || address[0] == '\0' || strlen(address) >= 256) {
+        return kms_err_set(err, KMS_EINVAL, "add: id and address (host:port) are required");
+    }
+    op = op_new(r, OP_ADD);
+    if (op == NULL) {
+        return kms_err_set(err, KMS_ENOMEM, NULL);
+    }
+    op->id = id;
+    snprintf(op->address, sizeof(op->address), "%s", address);
+    return op_run(r, op, timeout_ms, &res, err);
+}
+
+int kms_raft_remove(struct kms_raft *r, uint64_t id, unsigned timeout_ms, struct kms_err *err)
+{
+    struct kms_raft_result res;
+    struct op *op;
+    if (id == 0) {
+        return kms_err_set(err, KMS_EINVAL, "remove: id is required");
+    }
+    op = op_new(r, OP_REMOVE);
+    if (op == NULL) {
+        return kms_err_set(err, KMS_ENOMEM, NULL);
+    }
+    op->id = id;
+    return op_run(r, op, timeout_ms, &res, err);
+}
+
+int kms_raft_transfer(struct kms_raft *r, uint64_t id, unsigned timeout_ms, struct kms_err *err)
+{
+    struct kms_raft_result res;
+    struct op *op = op_new(r, OP_TRANSFER);
+    if (op == NULL) {
+        return kms_err_set(err, KMS_ENOMEM, NULL);
+    }
+    op->id = id;
+    return op_run(r, op, timeout_ms, &res, err);
+}
+
+int kms_raft_reload_tls(struct kms_raft *r, struct kms_err *err)
+{
+    struct op *op = op_new(r, OP_RELOAD_TLS);
+    if (op == NULL) {
+        return kms_err_set(err, KMS_ENOMEM, NULL);
+    }
+    return op_run(r, op, 5000, NULL, err);
+}
