@@ -283,6 +283,10 @@ void kmsd_reload_tls(struct kmsd *d)
     if (kmsd_authz_load(d, &err) != 0) {
         kms_log(KMS_LOG_ERROR, "kmsd", "TLS reload: keeping old CAs", "error", err.msg, NULL);
     }
+    if (d->raft != NULL && kms_raft_reload_tls(d->raft, &err) != 0) {
+        kms_log(KMS_LOG_ERROR, "kmsd", "TLS reload: raft transport keeps old certificates",
+                "error", err.msg, NULL);
+    }
     if (d->cluster_srv != NULL) {
         kms_rpc_server_reload_tls(d->cluster_srv);
     }
