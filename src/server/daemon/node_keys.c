@@ -85,6 +85,33 @@ static void pending_wipe(struct kmsd *d)
     d->n_pending = 0;
 }
 
+/* Commits an encrypted keyring (init: the first one; else a rotation) and
+ * maps the store's apply result to an error. */
+static int keyring_commit(struct kmsd *d, Kmsd__V1__EncryptedKeyring *ek, bool init,
+                          struct kms_err *err)
+{
+    Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
+    Kmsd__V1__PutKeyring pk = KMSD__V1__PUT_KEYRING__INIT;
+    struct kmsd_write_result res;
+    int rc;
+
+    e.version = 1;
+    pk.keyring = ek;
+    pk.init = init;
+    e.op_case = KMSD__V1__ENTRY__OP_PUT_KEYRING;
+    e.put_keyring = &pk;
+    if ((rc = kmsd_write(d, &e, d->opt.request_wait_ms, &res, err)) != 0) {
+        return kms_err_wrap(err, rc, "commit keyring");
+    }
+    if (init && res.code == KMS_EEXIST) {
+        return kms_err_set(err, KMS_EEXIST, "cluster is already initialised");
+    }
+    if (res.code != 0) {
+        return kms_err_set(err, res.code, "apply keyring: %s", res.msg);
+    }
+    return 0;
+}
+
 int kmsd_init_cluster(struct kmsd *d, unsigned n, unsigned k, char ***share_text,
                       char cluster_id_hex[33], struct kms_err *err)
 {
@@ -94,7 +121,6 @@ int kmsd_init_cluster(struct kmsd *d, unsigned n, unsigned k, char ***share_text
     Kmsd__V1__EncryptedKeyring *ek = NULL;
     char **texts = NULL;
     uint8_t cluster_id[16];
-    struct kmsd_write_result res;
     int rc;
 
     *share_text = NULL;
@@ -131,27 +157,11 @@ int kmsd_init_cluster(struct kmsd *d, unsigned n, unsigned k, char ***share_text
         }
     }
 
-    {
-        Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
-        Kmsd__V1__PutKeyring pk = KMSD__V1__PUT_KEYRING__INIT;
-        e.version = 1;
-        pk.keyring = ek;
-        pk.init = true;
-        e.op_case = KMSD__V1__ENTRY__OP_PUT_KEYRING;
-        e.put_keyring = &pk;
-        rc = kmsd_write(d, &e, d->opt.request_wait_ms, &res, err);
-        if (rc != 0) {
-            kms_err_wrap(err, rc, "init: commit keyring");
-            goto out;
+    if ((rc = keyring_commit(d, ek, true, err)) != 0) {
+        if (rc != KMS_EEXIST) {
+            kms_err_wrap(err, rc, "init");
         }
-        if (res.code == KMS_EEXIST) {
-            rc = kms_err_set(err, KMS_EEXIST, "cluster is already initialised");
-            goto out;
-        }
-        if (res.code != 0) {
-            rc = kms_err_set(err, res.code, "init: apply keyring: %s", res.msg);
-            goto out;
-        }
+        goto out;
     }
     hex16(cluster_id, cluster_id_hex);
     kms_log(KMS_LOG_WARN, "keys", "cluster initialised; shares handed out once",
@@ -358,7 +368,6 @@ int kmsd_rotate(struct kmsd *d, uint32_t *active_term, struct kms_err *err)
 {
     Kmsd__V1__EncryptedKeyring *ek = NULL, *nek = NULL;
     struct kms_keyring *kr = NULL, *next = NULL;
-    struct kmsd_write_result res;
     int rc;
 
     pthread_mutex_lock(&d->mu);
@@ -376,23 +385,9 @@ int kmsd_rotate(struct kmsd *d, uint32_t *active_term, struct kms_err *err)
         kms_err_wrap(err, rc, "rotate");
         goto out;
     }
-    {
-        Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
-        Kmsd__V1__PutKeyring pk = KMSD__V1__PUT_KEYRING__INIT;
-        e.version = 1;
-        pk.keyring = nek;
-        pk.init = false;
-        e.op_case = KMSD__V1__ENTRY__OP_PUT_KEYRING;
-        e.put_keyring = &pk;
-        rc = kmsd_write(d, &e, d->opt.request_wait_ms, &res, err);
-        if (rc != 0) {
-            kms_err_wrap(err, rc, "rotate: commit keyring");
-            goto out;
-        }
-        if (res.code != 0) {
-            rc = kms_err_set(err, res.code, "rotate: apply keyring: %s", res.msg);
-            goto out;
-        }
+    if ((rc = keyring_commit(d, nek, false, err)) != 0) {
+        kms_err_wrap(err, rc, "rotate");
+        goto out;
     }
     *active_term = kms_keyring_active_term(next);
     keyring_publish(d, next);

@@ -74,6 +74,16 @@ static void ip16(const uint8_t *ip, size_t len, uint8_t out[16])
     }
 }
 
+/* The caller's address as reported (4 or 16 bytes; iplen 0 if unknown) and
+ * normalised to 16 bytes for the limiter and CIDR checks. */
+static void peer_addr(struct kms_rpc_call *call, uint8_t raw[16], size_t *len, uint8_t ip[16])
+{
+    if (kms_rpc_call_peer_ip(call, raw, len) != 0) {
+        *len = 0;
+    }
+    ip16(raw, *len, ip);
+}
+
 static size_t rate_slot(const uint8_t ip[16])
 {
     uint32_t h = 2166136261u;
@@ -222,10 +232,7 @@ static void seal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
     int rc;
 
     kms_err_clear(&err);
-    if (kms_rpc_call_peer_ip(call, ipraw, &iplen) != 0) {
-        iplen = 0;
-    }
-    ip16(ipraw, iplen, ip);
+    peer_addr(call, ipraw, &iplen, ip);
     r = sidero__kms__request__unpack(NULL, reqlen, req);
     if (r == NULL) {
         fail(d, call, "seal", KMS_EINVAL, "malformed request", peer);
@@ -298,10 +305,7 @@ static void unseal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     int rc;
 
     kms_err_clear(&err);
-    if (kms_rpc_call_peer_ip(call, ipraw, &iplen) != 0) {
-        iplen = 0;
-    }
-    ip16(ipraw, iplen, ip);
+    peer_addr(call, ipraw, &iplen, ip);
     if (kmsd_rate_limited(d, ip)) {
         fail(d, call, "unseal", KMS_EUNAVAIL, "too many failed unseals from this address; retry later",
              peer);
