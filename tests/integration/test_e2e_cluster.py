@@ -12,7 +12,7 @@ import uuid as uuidlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kmslib import (Cluster, check, finish, port_open, OK, INVALID_ARGUMENT,  # noqa: E402
-                    NOT_FOUND, PERMISSION_DENIED, TALOS, LOCAL)
+                    NOT_FOUND, PERMISSION_DENIED, UNAVAILABLE, TALOS, LOCAL)
 
 
 def main():
@@ -230,6 +230,18 @@ def run(c):
             break
         time.sleep(0.2)
     check(rc == OK and out == down_data, "restarted node serves a key sealed while it was down")
+
+    # --- failed unseals are rate-limited per source address (default 30 per
+    # minute per node): after a burst of garbage, this node refuses even a
+    # good blob from the same address; another node still serves it.
+    victim = survivors[0]
+    other = survivors[1]
+    for _ in range(32):
+        c.unseal(c.talos(victim), down_u, "Z2FyYmFnZQ==")
+    rc, _ = c.unseal(c.talos(victim), down_u, down_blob)
+    check(rc == UNAVAILABLE, f"after 32 failed unseals node {victim} rate-limits the address (got {rc})")
+    rc, out = c.unseal(c.talos(other), down_u, down_blob)
+    check(rc == OK and out == down_data, f"node {other} keeps its own limit and still serves the key")
 
 
 if __name__ == "__main__":
