@@ -243,8 +243,9 @@ static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
         resp.initialized = true;
         resp.shares = ek->share_count;
         resp.threshold = ek->threshold;
-        for (size_t i = 0; i < ek->cluster_id.len && i < 16; i++) {
-            snprintf(cid + 2 * i, 3, "%02x", ek->cluster_id.data[i]);
+        if (kms_hex_encode_ct(ek->cluster_id.data, ek->cluster_id.len, cid, sizeof(cid),
+                              NULL) != 0) {
+            cid[0] = '\0';
         }
     }
     kmsd_unseal_progress(d, &progress, &threshold);
@@ -585,15 +586,10 @@ out:
 
 static int hex_decode16(const char *s, uint8_t out[16])
 {
-    if (s == NULL || strlen(s) != 32) {
+    size_t n = 0;
+    if (s == NULL || strlen(s) != 32 || kms_hex_decode_ct(s, 32, out, 16, &n, NULL) != 0 ||
+        n != 16) {
         return -1;
-    }
-    for (int i = 0; i < 16; i++) {
-        unsigned v;
-        if (sscanf(s + 2 * i, "%2x", &v) != 1) {
-            return -1;
-        }
-        out[i] = (uint8_t)v;
     }
     return 0;
 }
@@ -620,10 +616,9 @@ static int key_info_fill(Kmsd__V1__KeyInfo *ki, const Kmsd__V1__SealedRecord *re
     if (hex == NULL) {
         return KMS_ENOMEM;
     }
-    for (size_t i = 0; i < rec->key_id.len && i < 16; i++) {
-        snprintf(hex + 2 * i, 3, "%02x", rec->key_id.data[i]);
+    if (kms_hex_encode_ct(rec->key_id.data, rec->key_id.len, hex, 33, NULL) != 0) {
+        hex[0] = '\0';
     }
-    hex[rec->key_id.len < 16 ? rec->key_id.len * 2 : 32] = '\0';
     kmsd__v1__key_info__init(ki);
     ki->key_id = hex;
     ki->node_uuid = strdup(rec->node_uuid != NULL ? rec->node_uuid : "");

@@ -24,16 +24,6 @@
 
 #include "kmsd/v1/entry.pb-c.h"
 
-static void hex16(const uint8_t *in, char out[33])
-{
-    static const char digits[] = "0123456789abcdef";
-    for (int i = 0; i < 16; i++) {
-        out[2 * i] = digits[in[i] >> 4];
-        out[2 * i + 1] = digits[in[i] & 15];
-    }
-    out[32] = '\0';
-}
-
 bool kmsd_is_initialized(struct kmsd *d)
 {
     Kmsd__V1__EncryptedKeyring *ek = NULL;
@@ -163,7 +153,7 @@ int kmsd_init_cluster(struct kmsd *d, unsigned n, unsigned k, char ***share_text
         }
         goto out;
     }
-    hex16(cluster_id, cluster_id_hex);
+    (void)kms_hex_encode_ct(cluster_id, sizeof(cluster_id), cluster_id_hex, 33, NULL);
     kms_log(KMS_LOG_WARN, "keys", "cluster initialised; shares handed out once",
             "cluster_id", cluster_id_hex, NULL);
     *share_text = texts;

@@ -168,15 +168,12 @@ static bool enrolment_allowed(struct kmsd *d, const uint8_t ip[16], const char *
     return true;
 }
 
-static void key_hex(const uint8_t *id, size_t len, char *out)
+/* Key ids in logs: hex of the 16-byte id (kid must hold 33 bytes). */
+static void key_hex(const uint8_t *id, size_t len, char kid[33])
 {
-    static const char digits[] = "0123456789abcdef";
-    size_t i;
-    for (i = 0; i < len && i < 16; i++) {
-        out[2 * i] = digits[id[i] >> 4];
-        out[2 * i + 1] = digits[id[i] & 15];
+    if (kms_hex_encode_ct(id, len, kid, 33, NULL) != 0) {
+        kid[0] = '\0';
     }
-    out[2 * i] = '\0';
 }
 
 static void count(struct kmsd *d, const char *op, int grpc_code)
