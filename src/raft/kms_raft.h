@@ -127,6 +127,12 @@ struct kms_raft_status {
  * 25 ms tick. The lease flag is evaluated at return. Always 0. */
 int kms_raft_status(struct kms_raft *r, struct kms_raft_status *st);
 
+/* Lower-case names for status output: RAFT_LEADER/FOLLOWER/CANDIDATE
+ * ("unavailable" otherwise) and RAFT_VOTER/STANDBY/SPARE ("unknown"
+ * otherwise). Static strings. */
+const char *kms_raft_role_name(int role);
+const char *kms_raft_member_role_name(int role);
+
 /* Leader only (else KMS_ENOTLEADER, the message naming the leader). Adds the
  * server as a spare, then assigns it the voter role: canonical raft catches it
  * up before the promotion commits. Idempotent: an existing spare/standby is

@@ -1485,3 +1485,31 @@ int kms_raft_reload_tls(struct kms_raft *r, struct kms_err *err)
     }
     return op_run(r, op, 5000, NULL, err);
 }
+
+const char *kms_raft_role_name(int role)
+{
+    switch (role) {
+    case RAFT_LEADER:
+        return "leader";
+    case RAFT_FOLLOWER:
+        return "follower";
+    case RAFT_CANDIDATE:
+        return "candidate";
+    default:
+        return "unavailable";
+    }
+}
+
+const char *kms_raft_member_role_name(int role)
+{
+    switch (role) {
+    case RAFT_VOTER:
+        return "voter";
+    case RAFT_STANDBY:
+        return "standby";
+    case RAFT_SPARE:
+        return "spare";
+    default:
+        return "unknown";
+    }
+}

@@ -114,32 +114,6 @@ out:
 
 /* ---- kmsd.v1.Operator ------------------------------------------------ */
 
-static const char *role_name(int role)
-{
-    switch (role) {
-    case RAFT_LEADER:
-        return "leader";
-    case RAFT_FOLLOWER:
-        return "follower";
-    case RAFT_CANDIDATE:
-        return "candidate";
-    default:
-        return "unavailable";
-    }
-}
-
-static const char *member_role_name(int role)
-{
-    switch (role) {
-    case RAFT_VOTER:
-        return "voter";
-    case RAFT_STANDBY:
-        return "standby";
-    default:
-        return "spare";
-    }
-}
-
 struct members_ctx {
     Kmsd__V1__MemberStatus *ms;
     size_t n;
@@ -184,7 +158,7 @@ static Kmsd__V1__MemberStatus **members_build(struct kmsd *d, const struct kms_r
         kmsd__v1__member_status__init(&c->ms[i]);
         c->ms[i].id = st->members[i].id;
         c->ms[i].raft_address = (char *)st->members[i].address;
-        c->ms[i].role = (char *)member_role_name(st->members[i].role);
+        c->ms[i].role = (char *)kms_raft_member_role_name(st->members[i].role);
         c->ms[i].is_leader = st->members[i].id == st->leader_id;
         ptrs[i] = &c->ms[i];
     }
@@ -252,7 +226,7 @@ static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     resp.sealed = !kmsd_is_unsealed(d);
     resp.progress = progress;
     resp.node_id = d->opt.node_id;
-    resp.role = (char *)role_name(st.role);
+    resp.role = (char *)kms_raft_role_name(st.role);
     resp.leader_id = st.leader_id;
     resp.term = st.term;
     resp.commit_index = st.commit_index;

@@ -47,34 +47,6 @@ static struct kms_store *g_store;
 static struct kms_raft *g_raft;
 static uint64_t g_id;
 
-static const char *role_name(int role)
-{
-    switch (role) {
-    case RAFT_LEADER:
-        return "leader";
-    case RAFT_FOLLOWER:
-        return "follower";
-    case RAFT_CANDIDATE:
-        return "candidate";
-    default:
-        return "unavailable";
-    }
-}
-
-static const char *member_role_name(int role)
-{
-    switch (role) {
-    case RAFT_VOTER:
-        return "voter";
-    case RAFT_STANDBY:
-        return "standby";
-    case RAFT_SPARE:
-        return "spare";
-    default:
-        return "unknown";
-    }
-}
-
 /* Prints a JSON string literal (the messages we print are plain ASCII). */
 static void json_str(FILE *f, const char *s)
 {
@@ -107,7 +79,7 @@ static void cmd_status(void)
     kms_raft_status(g_raft, &st);
     printf("{\"id\":%" PRIu64 ",\"role\":\"%s\",\"term\":%" PRIu64 ",\"leader_id\":%" PRIu64
            ",\"leader_address\":",
-           st.id, role_name(st.role), st.term, st.leader_id);
+           st.id, kms_raft_role_name(st.role), st.term, st.leader_id);
     json_str(stdout, st.leader_address);
     printf(",\"commit\":%" PRIu64 ",\"applied\":%" PRIu64 ",\"last_index\":%" PRIu64
            ",\"snapshot_index\":%" PRIu64 ",\"snapshots_restored\":%" PRIu64
@@ -121,7 +93,7 @@ static void cmd_status(void)
     for (size_t i = 0; i < st.n_members; i++) {
         printf("%s{\"id\":%" PRIu64 ",\"address\":", i ? "," : "", st.members[i].id);
         json_str(stdout, st.members[i].address);
-        printf(",\"role\":\"%s\"}", member_role_name(st.members[i].role));
+        printf(",\"role\":\"%s\"}", kms_raft_member_role_name(st.members[i].role));
     }
     printf("]}\n");
 }
