@@ -1110,3 +1110,13 @@ out:
     free(details);
     return ex;
 }
+
+void cli_json_print_u64(FILE *f, const char *key, uint64_t v)
+{
+    struct cli_json j;
+    cli_json_init(&j, f);
+    cli_json_obj_begin(&j, NULL);
+    cli_json_u64(&j, key, v);
+    cli_json_obj_end(&j);
+    cli_json_end(&j);
+}

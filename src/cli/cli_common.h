@@ -205,6 +205,8 @@ void cli_json_null(struct cli_json *j, const char *key);
 void cli_json_time(struct cli_json *j, const char *key, int64_t unix_ms);
 /* Ends the document with a newline. */
 void cli_json_end(struct cli_json *j);
+/* Prints the one-field document {"key": v} to f, with a newline. */
+void cli_json_print_u64(FILE *f, const char *key, uint64_t v);
 
 /* ---- RPC ------------------------------------------------------------- */
 

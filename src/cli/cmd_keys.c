@@ -215,12 +215,7 @@ static int revoke_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, 
     uint64_t n = ((Kmsd__V1__KeysRevokeResponse *)m)->revoked;
     protobuf_c_message_free_unpacked(m, NULL);
     if (ctx->g.out == CLI_OUT_JSON) {
-        struct cli_json j;
-        cli_json_init(&j, ctx->out);
-        cli_json_obj_begin(&j, NULL);
-        cli_json_u64(&j, "revoked", n);
-        cli_json_obj_end(&j);
-        cli_json_end(&j);
+        cli_json_print_u64(ctx->out, "revoked", n);
     } else {
         fprintf(ctx->out, "Success! Revoked %" PRIu64 " key%s.\n", n, n == 1 ? "" : "s");
     }

@@ -135,12 +135,7 @@ static int add_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, cha
     }
     protobuf_c_message_free_unpacked(m, NULL);
     if (ctx->g.out == CLI_OUT_JSON) {
-        struct cli_json j;
-        cli_json_init(&j, ctx->out);
-        cli_json_obj_begin(&j, NULL);
-        cli_json_u64(&j, "added", add_id);
-        cli_json_obj_end(&j);
-        cli_json_end(&j);
+        cli_json_print_u64(ctx->out, "added", add_id);
     } else {
         fprintf(ctx->out, "Success! Node %lu added to the cluster (raft address ", add_id);
         cli_write_safe(ctx->out, add_raft);
@@ -182,12 +177,7 @@ static int remove_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, 
     }
     protobuf_c_message_free_unpacked(m, NULL);
     if (ctx->g.out == CLI_OUT_JSON) {
-        struct cli_json j;
-        cli_json_init(&j, ctx->out);
-        cli_json_obj_begin(&j, NULL);
-        cli_json_u64(&j, "removed", rm_id);
-        cli_json_obj_end(&j);
-        cli_json_end(&j);
+        cli_json_print_u64(ctx->out, "removed", rm_id);
     } else {
         fprintf(ctx->out, "Success! Node %lu removed from the cluster.\n", rm_id);
     }
@@ -223,12 +213,7 @@ static int transfer_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc
     uint64_t nl = ((Kmsd__V1__TransferLeaderResponse *)m)->new_leader_id;
     protobuf_c_message_free_unpacked(m, NULL);
     if (ctx->g.out == CLI_OUT_JSON) {
-        struct cli_json j;
-        cli_json_init(&j, ctx->out);
-        cli_json_obj_begin(&j, NULL);
-        cli_json_u64(&j, "new_leader_id", nl);
-        cli_json_obj_end(&j);
-        cli_json_end(&j);
+        cli_json_print_u64(ctx->out, "new_leader_id", nl);
     } else if (nl != 0) {
         fprintf(ctx->out, "Success! Leadership transferred to node %" PRIu64 ".\n", nl);
     } else {

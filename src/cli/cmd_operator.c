@@ -337,16 +337,6 @@ static int unseal_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, 
 
 /* ---- seal, step-down, rotate ---------------------------------------- */
 
-static void json_one_u64(struct cli_ctx *ctx, const char *key, uint64_t v)
-{
-    struct cli_json j;
-    cli_json_init(&j, ctx->out);
-    cli_json_obj_begin(&j, NULL);
-    cli_json_u64(&j, key, v);
-    cli_json_obj_end(&j);
-    cli_json_end(&j);
-}
-
 static int seal_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv)
 {
     Kmsd__V1__SealRequest req = KMSD__V1__SEAL_REQUEST__INIT;
@@ -394,7 +384,7 @@ static int step_down_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int arg
     uint64_t nl = ((Kmsd__V1__StepDownResponse *)m)->new_leader_id;
     protobuf_c_message_free_unpacked(m, NULL);
     if (ctx->g.out == CLI_OUT_JSON) {
-        json_one_u64(ctx, "new_leader_id", nl);
+        cli_json_print_u64(ctx->out, "new_leader_id", nl);
     } else if (nl != 0) {
         fprintf(ctx->out, "Success! Stepped down; node %" PRIu64 " is the new leader.\n", nl);
     } else {
@@ -420,7 +410,7 @@ static int rotate_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, 
     uint32_t t = ((Kmsd__V1__RotateResponse *)m)->active_term;
     protobuf_c_message_free_unpacked(m, NULL);
     if (ctx->g.out == CLI_OUT_JSON) {
-        json_one_u64(ctx, "active_term", t);
+        cli_json_print_u64(ctx->out, "active_term", t);
     } else {
         fprintf(ctx->out,
                 "Success! Rotated the keyring: new seals use key term %u; keys sealed under\n"
