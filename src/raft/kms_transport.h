@@ -56,6 +56,7 @@
 #ifndef KMS_TRANSPORT_H
 #define KMS_TRANSPORT_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include <raft.h>
@@ -67,6 +68,63 @@ struct uv_loop_s;
 
 /* Preamble protocol version sent inside TLS. */
 #define KMS_TRANSPORT_PROTOCOL 1
+
+/*
+ * Lease stamps (the read-lease protocol of lease.h; the argument is in
+ * docs/architecture.md). Both ends of a connection negotiate them with TLS
+ * ALPN: the connecting side offers "kmsd-raft/2" then "kmsd-raft/1"; a
+ * server that selects "kmsd-raft/2" understands stamp frames. A peer that
+ * selects nothing (an older kmsd) gets plain raft frames and no stamps.
+ *
+ * On a connection where stamps were negotiated, the sending proxy writes one
+ * stamp frame immediately before every raft frame it forwards from raft to
+ * the peer (stamp_out is asked for its content right then, so `sent_us` is
+ * read at the moment the bytes are handed to TLS). The receiving proxy
+ * removes stamp frames from the stream (raft never sees them) and calls
+ * stamp_in with the arrival time read when the frame was decoded, before
+ * the raft frame that follows it is written to raft.
+ *
+ * Stamp frame on the wire (inside TLS, little endian), shaped like a raft
+ * frame so one parser walks both:
+ *     u8  type = KMS_STAMP_FRAME_TYPE, u8 0, u8 version = 1, u8 0, u32 0
+ *     u64 header length = KMS_STAMP_FRAME_BODY (48)
+ *     u64 sent_us, echo_us, term, flags, lease_rem_us, commit
+ * A stamp frame with another length or version closes the connection.
+ */
+#define KMS_STAMP_FRAME_TYPE 0xC8
+#define KMS_STAMP_FRAME_BODY 48u
+#define KMS_STAMP_LEADER 0x1u  /* flags: sender leads `term` and seeks a lease */
+
+struct kms_transport_stamp {
+    uint64_t sent_us;      /* sender's CLOCK_MONOTONIC, microseconds */
+    uint64_t echo_us;      /* newest sent_us the sender has received from
+                              the receiver (the receiver's clock); 0 = none */
+    uint64_t term;         /* sender's current raft term */
+    uint64_t flags;        /* KMS_STAMP_LEADER */
+    uint64_t lease_rem_us; /* leader: microseconds its quorum lease still
+                              runs after sent_us; 0 = no lease */
+    uint64_t commit;       /* leader: its commit index at sent_us */
+};
+
+/* Called on the loop thread. `data` is the hooks' own pointer. */
+struct kms_transport_hooks {
+    void *data;
+    /* Fill *s for a frame that is about to be written to peer `peer_id`.
+     * Return false to send no stamp before this frame. */
+    bool (*stamp_out)(void *data, uint64_t peer_id, struct kms_transport_stamp *s);
+    /* A stamp arrived from `peer_id` (identity proven by the peer's
+     * certificate). arrival_us: local CLOCK_MONOTONIC when it was decoded. */
+    void (*stamp_in)(void *data, uint64_t peer_id, const struct kms_transport_stamp *s,
+                     uint64_t arrival_us);
+    /* Whether an incoming connection from `peer_id` may reach raft (it is in
+     * the current configuration, or this node has no configuration yet).
+     * NULL = every peer with a valid node certificate. */
+    bool (*peer_allowed)(void *data, uint64_t peer_id);
+};
+
+/* Installs the hooks (copied). Call before raft starts the transport. */
+void kms_transport_tls_set_hooks(struct raft_uv_transport *t,
+                                 const struct kms_transport_hooks *hooks);
 
 struct kms_transport_tls_config {
     const char *cert_file;   /* PEM certificate chain, leaf first; required */

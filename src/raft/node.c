@@ -457,7 +457,7 @@ static void note_message(struct kms_raft *r, const struct raft_message *m)
 {
     uint64_t now = kms_mono_ms();
     switch (m->type) {
-    case RAFT_IO_APPEND_ENTRIES_RESULT: {
+    case RAFT_APPEND_ENTRIES_RESULT: {
         /* The follower reset its election timer when it received the request
          * this answers, i.e. after that request's send time: a lease counted
          * from the send time ends before the follower may vote for anyone.
@@ -479,9 +479,9 @@ static void note_message(struct kms_raft *r, const struct raft_message *m)
         }
         break;
     }
-    case RAFT_IO_APPEND_ENTRIES:
-    case RAFT_IO_INSTALL_SNAPSHOT: {
-        uint64_t term = m->type == RAFT_IO_APPEND_ENTRIES ? m->append_entries.term
+    case RAFT_APPEND_ENTRIES:
+    case RAFT_INSTALL_SNAPSHOT: {
+        uint64_t term = m->type == RAFT_APPEND_ENTRIES ? m->append_entries.term
                                                           : m->install_snapshot.term;
         if (term < r->raft.current_term) {
             break; /* stale leader: raft rejects it */
@@ -493,7 +493,7 @@ static void note_message(struct kms_raft *r, const struct raft_message *m)
             r->caught_up_at_ms = 0;
         }
         r->contact_ms = now;
-        if (m->type == RAFT_IO_APPEND_ENTRIES) {
+        if (m->type == RAFT_APPEND_ENTRIES) {
             uint64_t commit = m->append_entries.leader_commit;
             if (r->ring_n == COMMIT_RING) {
                 /* Coalesce into the newest sample: conservative (a later
@@ -656,7 +656,7 @@ static void status_publish(struct kms_raft *r)
         st.last_leader_contact_ms = UINT64_MAX;
     }
     st.last_index = raft_last_index(&r->raft);
-    st.snapshot_index = r->raft.log.snapshot.last_index;
+    st.snapshot_index = r->raft.legacy.snapshot_index;
     st.snapshots_restored = r->snapshots_restored;
     st.elections_won = r->elections_won;
 
@@ -686,7 +686,7 @@ static void status_publish(struct kms_raft *r)
 static void forget_silent_leader(struct kms_raft *r, const struct raft_message *m)
 {
     uint64_t now;
-    if (m->type != RAFT_IO_REQUEST_VOTE || m->request_vote.disrupt_leader ||
+    if (m->type != RAFT_REQUEST_VOTE || m->request_vote.disrupt_leader ||
         raft_state(&r->raft) != RAFT_FOLLOWER || r->raft.follower_state.current_leader.id == 0) {
         return;
     }
@@ -719,7 +719,7 @@ static int io_send_wrap(struct raft_io *io, struct raft_io_send *req,
     struct kms_raft *r = raft_of_io(io);
     struct peer_contact *c = NULL;
     int rv;
-    if ((m->type == RAFT_IO_APPEND_ENTRIES || m->type == RAFT_IO_INSTALL_SNAPSHOT) &&
+    if ((m->type == RAFT_APPEND_ENTRIES || m->type == RAFT_INSTALL_SNAPSHOT) &&
         raft_state(&r->raft) == RAFT_LEADER) {
         c = contact_slot(r, m->server_id);
         if (c != NULL && c->n < SEND_FIFO) {
@@ -1209,12 +1209,6 @@ int kms_raft_start(const struct kms_raft_config *cfg, struct kms_store *store,
         goto fail_transport;
     }
     raft_uv_set_connect_retry_delay(&r->io, 250);
-    /* raft_uv 0.15 implements async_work (uv_queue_work) but still reports
-     * io version 1, which makes raft_init refuse an fsm with snapshot_async
-     * (version 3, used by the store to serialise snapshots off the loop). */
-    if (r->io.version < 2 && r->io.async_work != NULL) {
-        r->io.version = 2;
-    }
     r->io_start_orig = r->io.start;
     r->io.start = io_start_wrap;
     r->io_send_orig = r->io.send;
