@@ -1,5 +1,8 @@
 /*
- * kms_raft: the raft node (canonical raft 0.15 on libuv).
+ * kms_raft: the raft node (cowsql/raft 0.22 on libuv).
+ *
+ * This header does not include <raft.h>: the library's types and internals
+ * stay inside src/raft (raft_glue.c is the only file that reads struct raft).
  *
  * One dedicated thread (the "raft thread") runs a libuv loop that owns the
  * struct raft, its disk I/O (raft_uv), the transport (mutual TLS, or plain
@@ -21,13 +24,26 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include <raft.h>
-
 #include "kmsd/v1/entry.pb-c.h"
 #include "kms_err.h"
 
 struct kms_store;
 struct kms_raft;
+
+/* Node roles (kms_raft_status.role). */
+enum kms_raft_role {
+    KMS_RAFT_UNAVAILABLE = 0,
+    KMS_RAFT_FOLLOWER = 1,
+    KMS_RAFT_CANDIDATE = 2,
+    KMS_RAFT_LEADER = 3,
+};
+
+/* Member roles (kms_raft_status.members[].role). */
+enum kms_raft_member_role {
+    KMS_RAFT_STANDBY = 0,
+    KMS_RAFT_VOTER = 1,
+    KMS_RAFT_SPARE = 2,
+};
 
 struct kms_raft_peer {
     uint64_t id;
@@ -103,15 +119,23 @@ int kms_raft_wait_applied(struct kms_raft *r, uint64_t index, unsigned timeout_m
  *    highest commit index that leader announced. */
 bool kms_raft_lease_valid(struct kms_raft *r);
 
+/* Lock-free. The end of the current read lease on CLOCK_MONOTONIC in
+ * milliseconds (kms_mono_ms()), 0 when there is none. A local read is
+ * fresh only if it *finished* before this deadline: take the deadline,
+ * check kms_mono_ms() < deadline, do the read, then check again against
+ * the same deadline; a lease renewed meanwhile does not count (the read
+ * may have used state from before the renewal). */
+uint64_t kms_raft_lease_deadline_ms(struct kms_raft *r);
+
 struct kms_raft_status {
     uint64_t id, leader_id, term, commit_index, applied_index;
-    int role;                    /* RAFT_UNAVAILABLE/FOLLOWER/CANDIDATE/LEADER */
+    int role;                    /* enum kms_raft_role */
     char leader_address[256];
     size_t n_members;
     struct {
         uint64_t id;
         char address[256];
-        int role;                /* RAFT_VOTER / RAFT_STANDBY / RAFT_SPARE */
+        int role;                /* enum kms_raft_member_role */
     } members[16];
     bool lease;
     uint64_t last_leader_contact_ms; /* ms since last leader contact (0 on the leader) */
@@ -127,8 +151,8 @@ struct kms_raft_status {
  * 25 ms tick. The lease flag is evaluated at return. Always 0. */
 int kms_raft_status(struct kms_raft *r, struct kms_raft_status *st);
 
-/* Lower-case names for status output: RAFT_LEADER/FOLLOWER/CANDIDATE
- * ("unavailable" otherwise) and RAFT_VOTER/STANDBY/SPARE ("unknown"
+/* Lower-case names for status output: KMS_RAFT_LEADER/FOLLOWER/CANDIDATE
+ * ("unavailable" otherwise) and KMS_RAFT_VOTER/STANDBY/SPARE ("unknown"
  * otherwise). Static strings. */
 const char *kms_raft_role_name(int role);
 const char *kms_raft_member_role_name(int role);

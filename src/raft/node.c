@@ -35,6 +35,7 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 
+#include <raft.h>
 #include <raft/uv.h>
 #include <uv.h>
 
@@ -123,6 +124,7 @@ struct kms_raft {
     uint64_t stop_deadline_ms;
     struct raft_transfer stop_transfer;
     uint64_t elections_won, snapshots_restored;
+    uint64_t snapshot_index;      /* last snapshot taken or installed */
 
     pthread_t thread;
     bool thread_started;
@@ -378,13 +380,22 @@ static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void *
 static int fsm_snapshot(struct raft_fsm *fsm, struct raft_buffer *bufs[], unsigned *n_bufs)
 {
     struct kms_raft *r = fsm->data;
-    return r->inner.snapshot(&r->inner, bufs, n_bufs);
+    int rv = r->inner.snapshot(&r->inner, bufs, n_bufs);
+    if (rv == 0) {
+        /* raft 0.22 keeps its snapshot index in the opaque raft_log: the
+         * snapshot is of the state at last_applied. */
+        r->snapshot_index = raft_last_applied(&r->raft);
+    }
+    return rv;
 }
 
 static int fsm_restore(struct raft_fsm *fsm, struct raft_buffer *buf)
 {
     struct kms_raft *r = fsm->data;
     int rv = r->inner.restore(&r->inner, buf);
+    if (rv == 0) {
+        r->snapshot_index = raft_last_applied(&r->raft);
+    }
     if (rv == 0 && !r->started) {
         kms_logf(KMS_LOG_INFO, MOD, "restored the local snapshot at start-up");
     } else if (rv == 0) {
@@ -656,7 +667,7 @@ static void status_publish(struct kms_raft *r)
         st.last_leader_contact_ms = UINT64_MAX;
     }
     st.last_index = raft_last_index(&r->raft);
-    st.snapshot_index = r->raft.legacy.snapshot_index;
+    st.snapshot_index = r->snapshot_index;
     st.snapshots_restored = r->snapshots_restored;
     st.elections_won = r->elections_won;
 
@@ -1104,6 +1115,7 @@ static int transport_init(struct kms_raft *r, const struct kms_raft_config *cfg,
         snprintf(r->ca_file, sizeof(r->ca_file), "%s", cfg->ca_file);
         return 0;
     }
+    r->transport.version = 1; /* raft 0.22 requires it set before init */
     rv = raft_uv_tcp_init(&r->transport, &r->loop);
     if (rv != 0) {
         return kms_err_set(err, KMS_ERAFT, "raft_uv_tcp_init: %s", raft_strerror(rv));
@@ -1410,6 +1422,16 @@ bool kms_raft_lease_valid(struct kms_raft *r)
     return kms_mono_ms() < atomic_load_explicit(&r->lease_until_ms, memory_order_acquire);
 }
 
+uint64_t kms_raft_lease_deadline_ms(struct kms_raft *r)
+{
+    uint64_t until;
+    if (r == NULL) {
+        return 0;
+    }
+    until = atomic_load_explicit(&r->lease_until_ms, memory_order_acquire);
+    return kms_mono_ms() < until ? until : 0;
+}
+
 int kms_raft_status(struct kms_raft *r, struct kms_raft_status *st)
 {
     /* Fresh figures from the raft thread when it answers quickly; otherwise
@@ -1483,11 +1505,11 @@ int kms_raft_reload_tls(struct kms_raft *r, struct kms_err *err)
 const char *kms_raft_role_name(int role)
 {
     switch (role) {
-    case RAFT_LEADER:
+    case KMS_RAFT_LEADER:
         return "leader";
-    case RAFT_FOLLOWER:
+    case KMS_RAFT_FOLLOWER:
         return "follower";
-    case RAFT_CANDIDATE:
+    case KMS_RAFT_CANDIDATE:
         return "candidate";
     default:
         return "unavailable";
@@ -1497,11 +1519,11 @@ const char *kms_raft_role_name(int role)
 const char *kms_raft_member_role_name(int role)
 {
     switch (role) {
-    case RAFT_VOTER:
+    case KMS_RAFT_VOTER:
         return "voter";
-    case RAFT_STANDBY:
+    case KMS_RAFT_STANDBY:
         return "standby";
-    case RAFT_SPARE:
+    case KMS_RAFT_SPARE:
         return "spare";
     default:
         return "unknown";

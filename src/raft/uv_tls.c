@@ -1132,6 +1132,7 @@ int kms_transport_tls_init(struct raft_uv_transport *t, struct uv_loop_s *loop,
     if (cfg->bind_address != NULL) {
         snprintf(tt->bind_address, sizeof tt->bind_address, "%s", cfg->bind_address);
     }
+    t->version = 1; /* raft 0.22 checks it */
     t->impl = tt;
     t->errmsg[0] = '\0';
     t->init = tls_init;

@@ -366,7 +366,7 @@ static void stepdown_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req
     audit(call, "step-down");
     memset(&st, 0, sizeof(st));
     (void)kms_raft_status(d->raft, &st);
-    if (st.role != RAFT_LEADER) {
+    if (st.role != KMS_RAFT_LEADER) {
         finish_err(call, "step-down", KMS_ENOTLEADER,
                    "this node is not the leader (run step-down against the leader)");
         return;

@@ -69,7 +69,7 @@ int kmsd_read_barrier(struct kmsd *d, unsigned wait_ms)
         if (kms_raft_status(d->raft, &st) == 0) {
             /* The leader's own commit index, or a follower's once it heard
              * from the leader after t0 (heartbeats carry the commit index). */
-            if (st.role == RAFT_LEADER ||
+            if (st.role == KMS_RAFT_LEADER ||
                 (st.leader_id != 0 && st.last_leader_contact_ms < now - t0)) {
                 break;
             }
