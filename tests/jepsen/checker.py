@@ -22,6 +22,8 @@ Safety (each must be 0):
                     record for a seal that definitely failed, a record
                     nobody sealed, or a repeated key id
   spurious_denied   PERMISSION_DENIED for a key whose revoke was never invoked
+  split_brain       two nodes reported leader in the same term (status.jsonl,
+                    polled every 0.5 s by the runner)
 Liveness (reported; the runner decides what fails):
   availability      % of Talos ops invoked in the fault window answered
                     definitely (OK, or PERMISSION_DENIED after a revoke)
@@ -78,7 +80,7 @@ def pair_ops(events):
     return ops
 
 
-def check(history, final=(), nemesis=(), keys=None, lease_bound_ms=1000):
+def check(history, final=(), nemesis=(), keys=None, lease_bound_ms=1000, status=()):
     bound = int(lease_bound_ms * 1e6)
     ops = pair_ops(history)
     finals = pair_ops(final)
@@ -219,6 +221,16 @@ def check(history, final=(), nemesis=(), keys=None, lease_bound_ms=1000):
     for op in failed_unseals:
         failed_codes[op.get("code") or op["type"]] = failed_codes.get(op.get("code") or op["type"], 0) + 1
 
+    # split brain: two nodes reporting leader in one term (status poller)
+    v["split_brain"] = []
+    leaders = {}
+    for st in status:
+        if st.get("role") == "leader" and st.get("term") is not None:
+            leaders.setdefault(st["term"], set()).add(st["node"])
+    for term, ns in sorted(leaders.items()):
+        if len(ns) > 1:
+            v["split_brain"].append({"term": term, "leaders": sorted(ns)})
+
     counts = {k: len(x) for k, x in v.items()}
     return {
         "valid": all(c == 0 for c in counts.values()),
@@ -248,7 +260,8 @@ def check_dir(d, lease_bound_ms=1000):
             keys = json.load(f).get("keys", [])
     return check(load_jsonl(os.path.join(d, "history.jsonl")),
                  load_jsonl(os.path.join(d, "final.jsonl")),
-                 load_jsonl(os.path.join(d, "nemesis.jsonl")), keys, lease_bound_ms)
+                 load_jsonl(os.path.join(d, "nemesis.jsonl")), keys, lease_bound_ms,
+                 load_jsonl(os.path.join(d, "status.jsonl")))
 
 
 if __name__ == "__main__":

@@ -654,6 +654,28 @@ def final_phase(x, hist_path):
 
 
 # ------------------------------------------------------------------- inner
+def status_poller(x, stop):
+    """Every 0.5 s: each node's kmsctl status -> status.jsonl (role, term,
+    leader, commit/applied index, lease), for split-brain checks and for
+    explaining a violation."""
+    out = open(os.path.join(x.dir, "status.jsonl"), "a", buffering=1)
+    n = 0
+    while not stop.is_set() and n < 100000:
+        n += 1
+        for i in range(1, x.n_ns + 1):
+            if stop.is_set() or i not in x.c.procs or not x.c.running(i):
+                continue
+            t = time.monotonic_ns()
+            st = x.c.status(i, timeout=2)
+            if st:
+                out.write(json.dumps({"t": t, "t_done": time.monotonic_ns(), "node": i,
+                                      **{k: st.get(k) for k in ("role", "term", "leader_id",
+                                                                "commit_index", "applied_index",
+                                                                "lease", "sealed")}}) + "\n")
+        stop.wait(0.5)
+    out.close()
+
+
 def inner(args):
     run_dir = args.run_dir
     x = Ctx(args, run_dir)
@@ -678,6 +700,9 @@ def inner(args):
             x.c.data_override[x.loop_node] = os.path.join(x.loop_mnt, "data")
         x.c.bootstrap()
         x.log("bootstrapped", leader=x.c.leader(x.members))
+        poll_stop = threading.Event()
+        poller = threading.Thread(target=status_poller, args=(x, poll_stop), daemon=True)
+        poller.start()
         hist = os.path.join(run_dir, "history.jsonl")
         eps = ",".join(f"{net.ip_of(i)}:4050" for i in range(1, x.n_ns + 1))
         ops_nodes = ",".join(net.ip_of(i) for i in range(1, x.n_ns + 1))
@@ -710,6 +735,7 @@ def inner(args):
             raise RuntimeError(f"client exited {client.returncode} (see client.log)")
         # nodes must still be serving after the recovery window
         recover(x)
+        poll_stop.set()
         final_phase(x, hist)
         r = checker.check_dir(run_dir, args.lease_bound_ms)
         result.update(r)

@@ -142,6 +142,17 @@ def m_info_revoke_final_ok(h, f, n, k):
             e["data"] = DB
 
 
+def check_split_brain():
+    h, final, nem, keys = base()
+    st = [{"t": 1, "node": 1, "role": "leader", "term": 3}, {"t": 2, "node": 2, "role": "leader", "term": 4}]
+    ok1 = checker.check(h, final, nem, keys, 1000, st)["valid"]
+    st.append({"t": 3, "node": 3, "role": "leader", "term": 4})
+    r = checker.check(h, final, nem, keys, 1000, st)
+    ok = ok1 and r["counts"]["split_brain"] == 1
+    print(f"[{'ok  ' if ok else 'FAIL'}] two leaders in one term is split brain, one per term is not")
+    return ok
+
+
 CASES = [
     ("valid history passes", m_none, None),
     ("indeterminate revoke, never observed, passes", m_info_revoke_final_ok, None),
@@ -162,6 +173,7 @@ CASES = [
 
 def main():
     res = [run(*c) for c in CASES]
+    res.append(check_split_brain())
     # liveness numbers of the base history
     r = checker.check(*base(), lease_bound_ms=1000)
     ok = r["availability"] is not None and r["seal_gap_s"] > 0
