@@ -98,8 +98,7 @@ struct kms_raft {
     struct raft_uv_transport transport;
     struct kms_glue glue;         /* owns the raft_io */
     struct raft raft;
-    struct raft_fsm fsm;          /* wrapper handed to raft */
-    struct raft_fsm inner;        /* the store's */
+    struct raft_fsm fsm;          /* the fsm handed to raft (calls the store) */
     struct kms_lease lease;
     uint64_t contact_us;          /* arrival of the last LEADER stamp of our leader */
     uint64_t vote_drops;          /* vote messages dropped by the promise rule */
@@ -336,20 +335,53 @@ static int map_raft_rc(int rv)
     }
 }
 
-/* ------------------------------------------------------------------ fsm wrapper */
+/* ------------------------------------------------------------------ fsm */
+
+/* The raft_fsm (version 3), the only one: raft calls it on the raft thread
+ * (snapshot_async on an io worker) and it calls the store directly.
+ *
+ * apply: raft passes no index; the entry is at raft_last_applied() + 1. On
+ * success *result points to the store-owned result (valid until the next
+ * apply; apply_cb copies it). A store error is fatal to this node: raft
+ * gets RAFT_CORRUPT (RAFT_IOERR for storage, RAFT_NOMEM) and stops applying,
+ * the store keeps the error sticky (kms_store_fatal).
+ * snapshot: pins a RocksDB snapshot at last_applied and returns no buffers;
+ * snapshot_async (worker) serialises it while applies go on; finalize
+ * (raft thread) frees the buffers and unpins. restore: kms_store_restore,
+ * then frees buf->base with raft_free() as raft's contract asks. */
+
+static int fsm_raft_code(int kms)
+{
+    switch (kms) {
+    case KMS_ENOMEM:
+        return RAFT_NOMEM;
+    case KMS_ESTORE:
+    case KMS_EIO:
+        return RAFT_IOERR;
+    case KMS_EBUSY:
+        return RAFT_BUSY;
+    default:
+        return RAFT_CORRUPT;
+    }
+}
 
 static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void **result)
 {
     struct kms_raft *r = fsm->data;
     raft_index index = raft_last_applied(&r->raft) + 1;
-    int rv = r->inner.apply(&r->inner, buf, result);
-    if (rv != 0) {
-        kms_logf(KMS_LOG_ERROR, MOD, "store refused entry %llu (rv %d): node halts applying",
-                 (unsigned long long)index, rv);
-        return rv;
+    const struct kms_store_result *sr = NULL;
+    struct kms_err err;
+    int rc;
+
+    kms_err_clear(&err);
+    *result = NULL;
+    rc = kms_store_apply_borrowed(r->store, index, buf->base, buf->len, &sr, &err);
+    if (rc != 0) {
+        kms_logf(KMS_LOG_ERROR, MOD, "store refused entry %llu: %s: node halts applying",
+                 (unsigned long long)index, err.msg);
+        return fsm_raft_code(rc);
     }
-    /* The result (owned by the store, valid until the next apply) reaches
-     * apply_cb right after this returns when this leader proposed the entry. */
+    *result = (void *)sr;
     atomic_store(&r->applied_index, index);
     if (atomic_load(&r->waiters) > 0) {
         pthread_mutex_lock(&r->applied_mu);
@@ -362,61 +394,84 @@ static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void *
 static int fsm_snapshot(struct raft_fsm *fsm, struct raft_buffer *bufs[], unsigned *n_bufs)
 {
     struct kms_raft *r = fsm->data;
-    int rv = r->inner.snapshot(&r->inner, bufs, n_bufs);
-    if (rv == 0) {
-        /* raft 0.22 keeps its snapshot index in the opaque raft_log: the
-         * snapshot is of the state at last_applied. */
-        r->snapshot_index = raft_last_applied(&r->raft);
+    struct kms_err err;
+    uint64_t index = raft_last_applied(&r->raft);
+    int rc;
+
+    kms_err_clear(&err);
+    *bufs = NULL;
+    *n_bufs = 0;
+    rc = kms_store_snapshot_pin(r->store, index, &err);
+    if (rc != 0) {
+        return fsm_raft_code(rc);
     }
-    return rv;
+    /* raft 0.22 keeps its snapshot index in the opaque raft_log. */
+    r->snapshot_index = index;
+    return 0;
 }
 
-static int fsm_restore(struct raft_fsm *fsm, struct raft_buffer *buf)
+static int fsm_snapshot_async(struct raft_fsm *fsm, struct raft_buffer *bufs[], unsigned *n_bufs)
 {
     struct kms_raft *r = fsm->data;
-    int rv = r->inner.restore(&r->inner, buf);
-    if (rv == 0) {
-        r->snapshot_index = raft_last_applied(&r->raft);
+    struct kms_err err;
+    int rc;
+
+    kms_err_clear(&err);
+    rc = kms_store_snapshot_pinned(r->store, bufs, n_bufs, &err);
+    if (rc != 0) {
+        kms_logf(KMS_LOG_ERROR, MOD, "%s", err.msg);
+        return rc == KMS_ENOMEM ? RAFT_NOMEM : RAFT_IOERR;
     }
-    if (rv == 0 && !r->started) {
-        kms_logf(KMS_LOG_INFO, MOD, "restored the local snapshot at start-up");
-    } else if (rv == 0) {
-        r->snapshots_restored++;
-        kms_logf(KMS_LOG_INFO, MOD, "restored a snapshot from the leader (%" PRIu64 " so far)",
-                 r->snapshots_restored);
-    } else {
-        kms_logf(KMS_LOG_ERROR, MOD, "snapshot restore failed (rv %d)", rv);
-    }
-    return rv;
+    return 0;
 }
 
 static int fsm_snapshot_finalize(struct raft_fsm *fsm, struct raft_buffer *bufs[],
                                  unsigned *n_bufs)
 {
     struct kms_raft *r = fsm->data;
-    return r->inner.snapshot_finalize(&r->inner, bufs, n_bufs);
+    kms_store_snapshot_free(*bufs, *n_bufs);
+    *bufs = NULL;
+    *n_bufs = 0;
+    kms_store_snapshot_unpin(r->store);
+    return 0;
 }
 
-static int fsm_snapshot_async(struct raft_fsm *fsm, struct raft_buffer *bufs[], unsigned *n_bufs)
+static int fsm_restore(struct raft_fsm *fsm, struct raft_buffer *buf)
 {
     struct kms_raft *r = fsm->data;
-    return r->inner.snapshot_async(&r->inner, bufs, n_bufs);
+    struct kms_err err;
+    int rc;
+
+    kms_err_clear(&err);
+    rc = kms_store_restore(r->store, buf->base, buf->len, NULL, &err);
+    if (rc != 0) {
+        kms_logf(KMS_LOG_ERROR, MOD, "snapshot restore failed: %s", err.msg);
+        return fsm_raft_code(rc);
+    }
+    raft_free(buf->base);
+    buf->base = NULL;
+    buf->len = 0;
+    r->snapshot_index = kms_store_applied_index(r->store);
+    if (!r->started) {
+        kms_logf(KMS_LOG_INFO, MOD, "restored the local snapshot at start-up");
+    } else {
+        r->snapshots_restored++;
+        kms_logf(KMS_LOG_INFO, MOD, "restored a snapshot from the leader (%" PRIu64 " so far)",
+                 r->snapshots_restored);
+    }
+    return 0;
 }
 
-static void fsm_wrap(struct kms_raft *r)
+static void fsm_init(struct kms_raft *r)
 {
     memset(&r->fsm, 0, sizeof(r->fsm));
-    r->fsm.version = r->inner.version;
+    r->fsm.version = 3;
     r->fsm.data = r;
     r->fsm.apply = fsm_apply;
-    r->fsm.snapshot = r->inner.snapshot != NULL ? fsm_snapshot : NULL;
-    r->fsm.restore = r->inner.restore != NULL ? fsm_restore : NULL;
-    if (r->inner.version >= 2 && r->inner.snapshot_finalize != NULL) {
-        r->fsm.snapshot_finalize = fsm_snapshot_finalize;
-    }
-    if (r->inner.version >= 3 && r->inner.snapshot_async != NULL) {
-        r->fsm.snapshot_async = fsm_snapshot_async;
-    }
+    r->fsm.snapshot = fsm_snapshot;
+    r->fsm.restore = fsm_restore;
+    r->fsm.snapshot_finalize = fsm_snapshot_finalize;
+    r->fsm.snapshot_async = fsm_snapshot_async;
 }
 
 /* ------------------------------------------------------------------ lease */
@@ -1178,12 +1233,7 @@ int kms_raft_start(const struct kms_raft_config *cfg, struct kms_store *store,
         kms_lease_init(&r->lease, &lc, kms_mono_us());
     }
 
-    memset(&r->inner, 0, sizeof(r->inner));
-    if ((rc = kms_store_fsm_init(store, &r->inner)) != 0) {
-        rc = kms_err_wrap(err, rc, "raft: store fsm");
-        goto fail_io;
-    }
-    fsm_wrap(r);
+    fsm_init(r);
 
     rv = raft_init(&r->raft, &r->glue.io, &r->fsm, r->id, r->address);
     if (rv != 0) {
@@ -1191,7 +1241,6 @@ int kms_raft_start(const struct kms_raft_config *cfg, struct kms_store *store,
         goto fail_io;
     }
     r->raft.data = r;
-    kms_store_bind_raft(store, &r->raft);
     raft_set_election_timeout(&r->raft, r->election_ms);
     raft_set_heartbeat_timeout(&r->raft, r->heartbeat_ms);
     raft_set_snapshot_threshold(&r->raft,
