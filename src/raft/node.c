@@ -624,12 +624,11 @@ static bool vote_filter(struct kms_raft *r, const struct raft_message *m, bool i
     if (!kms_lease_vote_allowed(&r->lease, term, now)) {
         if (r->vote_drops++ % 64 == 0) {
             kms_logf(KMS_LOG_INFO, MOD,
-                     "%s %s for term %" PRIu64 " %s %llu dropped: promised term %" PRIu64
-                     " for %" PRIu64 " ms more (%" PRIu64 " dropped so far)",
-                     pre_vote ? "pre-vote" : "vote request", incoming ? "" : "", term,
-                     incoming ? "from" : "to", (unsigned long long)m->server_id,
-                     r->lease.promise_term, (r->lease.promise_end_us - now) / 1000u,
-                     r->vote_drops);
+                     "%s for term %" PRIu64 " %s node %llu dropped: promised no votes above term "
+                     "%" PRIu64 " for %" PRIu64 " ms more (%" PRIu64 " dropped so far)",
+                     pre_vote ? "pre-vote" : "vote request", term, incoming ? "from" : "to",
+                     (unsigned long long)m->server_id, r->lease.promise_term,
+                     (r->lease.promise_end_us - now) / 1000u, r->vote_drops);
         }
         return false;
     }
