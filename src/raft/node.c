@@ -102,6 +102,7 @@ struct kms_raft {
     struct kms_lease lease;
     uint64_t contact_us;          /* arrival of the last LEADER stamp of our leader */
     uint64_t vote_drops;          /* vote messages dropped by the promise rule */
+    uint64_t heard_us;            /* last AppendEntries/InstallSnapshot of our term or later */
     bool releasing;               /* leases released before a transfer */
     uv_timer_t release_timer;     /* ends the release wait */
     struct op *transfer_op;       /* OP_TRANSFER waiting for the release */
@@ -618,6 +619,12 @@ static bool vote_filter(struct kms_raft *r, const struct raft_message *m, bool i
     uint64_t term, now = kms_mono_us();
     bool pre_vote, disrupt;
 
+    if (kms_glue_msg_from_leader(m, &term)) {
+        if (incoming && term >= kms_glue_term(&r->raft)) {
+            r->heard_us = now;
+        }
+        return true;
+    }
     if (!kms_glue_msg_vote(m, &term, &pre_vote, &disrupt)) {
         return true;
     }
@@ -632,7 +639,11 @@ static bool vote_filter(struct kms_raft *r, const struct raft_message *m, bool i
         }
         return false;
     }
-    if (incoming && !disrupt && kms_glue_follower_leader(&r->raft) != 0) {
+    /* Also silent at the raft level for a full election timeout: a leader
+     * that sends no stamps (an older kmsd during a rolling upgrade) relies
+     * on raft's own "no votes while a leader is heard" rule. */
+    if (incoming && !disrupt && kms_glue_follower_leader(&r->raft) != 0 &&
+        now - r->heard_us >= (uint64_t)r->election_ms * 1000u) {
         kms_logf(KMS_LOG_INFO, MOD,
                  "leader %" PRIu64 " silent past its promise: considering %s from %llu",
                  kms_glue_follower_leader(&r->raft), pre_vote ? "pre-vote" : "vote request",

@@ -205,3 +205,17 @@ bool kms_glue_msg_vote(const struct raft_message *m, uint64_t *term, bool *pre_v
     *disrupt = m->request_vote.disrupt_leader;
     return true;
 }
+
+bool kms_glue_msg_from_leader(const struct raft_message *m, uint64_t *term)
+{
+    switch (m->type) {
+    case RAFT_APPEND_ENTRIES:
+        *term = m->append_entries.term;
+        return true;
+    case RAFT_INSTALL_SNAPSHOT:
+        *term = m->install_snapshot.term;
+        return true;
+    default:
+        return false;
+    }
+}

@@ -82,4 +82,7 @@ bool kms_glue_member_find(const struct raft *raft, uint64_t id, const char **add
 bool kms_glue_msg_vote(const struct raft_message *m, uint64_t *term, bool *pre_vote,
                        bool *disrupt);
 
+/* AppendEntries / InstallSnapshot (a leader's message): its term. */
+bool kms_glue_msg_from_leader(const struct raft_message *m, uint64_t *term);
+
 #endif /* KMS_RAFT_GLUE_H */
