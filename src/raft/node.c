@@ -1,5 +1,5 @@
 /*
- * The raft node: canonical raft 0.15 on a dedicated libuv thread.
+ * The raft node: cowsql/raft 0.22 on a dedicated libuv thread.
  *
  * Threads:
  *  - the raft thread runs `loop`; it alone touches struct raft, raft_io, the
@@ -11,15 +11,21 @@
  *    reference counted (caller + raft thread) so a caller that times out can
  *    leave while raft still holds the embedded raft_apply/raft_change.
  *
- * Hooks into canonical raft (all on the raft thread):
+ * Hooks into raft (all on the raft thread; the library's internals are
+ * touched only through raft_glue.c):
  *  - the fsm is a wrapper around the store's: apply publishes the applied
  *    index (wakes kms_raft_wait_applied), restore counts snapshot installs;
- *  - raft_io.start is wrapped to observe every received message: the leader
- *    notes when each voter last answered AppendEntries in its term, a
- *    follower notes leader contact and the commit index it announced. The
- *    read lease is recomputed after each message and on a 25 ms timer.
+ *  - the transport stamps every frame and reports every stamp it receives
+ *    (kms_transport.h); lease.c turns them into vote promises and read
+ *    leases. The lease is recomputed after each stamp and on a 25 ms timer
+ *    and published as a monotonic deadline in an atomic;
+ *  - RequestVote messages in and out pass the promise rule (lease.h): a
+ *    node that promised a leader not to help elect anyone else drops them;
  *  - on becoming leader the node appends a barrier; the leader lease is only
- *    granted once that barrier (hence every earlier entry) is applied.
+ *    granted once that barrier (hence every earlier entry) is applied;
+ *  - a leadership transfer first releases the leases (stamps lose their
+ *    LEADER flag) and waits until every promise made on their strength has
+ *    ended, so the new leader can only be elected after no old lease runs.
  */
 #include "kms_raft.h"
 
@@ -43,12 +49,13 @@
 #include "kms_store.h"
 #include "kms_time.h"
 #include "kms_transport.h"
+#include "lease.h"
+#include "raft_glue.h"
 
 
 #define MOD "raft"
 #define TICK_MS 25u
 #define MAX_PEERS 16
-#define COMMIT_RING 64
 
 enum op_kind { OP_PROPOSE, OP_ADD, OP_REMOVE, OP_TRANSFER, OP_STATUS, OP_RELOAD_TLS };
 
@@ -71,19 +78,6 @@ struct op {
     struct raft_transfer transfer;
 };
 
-#define SEND_FIFO 128
-
-/* Leader side, per peer: send times of AppendEntries/InstallSnapshot not
- * answered yet (answers come back in order on one connection), and the send
- * time of the request the last answer in the current term acknowledged. */
-struct peer_contact {
-    uint64_t id;
-    uint64_t at_ms;               /* send time of the last acknowledged request */
-    uint64_t term;                /* term of that answer */
-    uint64_t sent[SEND_FIFO];
-    unsigned head, n;
-};
-
 struct kms_raft {
     /* configuration */
     uint64_t id;
@@ -102,20 +96,17 @@ struct kms_raft {
     uv_async_t async;
     uv_timer_t timer;
     struct raft_uv_transport transport;
-    struct raft_io io;
+    struct kms_glue glue;         /* owns the raft_io */
     struct raft raft;
-    struct raft_fsm fsm;          /* wrapper handed to raft */
-    struct raft_fsm inner;        /* the store's */
-    int (*io_start_orig)(struct raft_io *, unsigned, raft_io_tick_cb, raft_io_recv_cb);
-    raft_io_recv_cb recv_orig;
-    int (*io_send_orig)(struct raft_io *, struct raft_io_send *, const struct raft_message *,
-                        raft_io_send_cb);
-    struct peer_contact contacts[MAX_PEERS];
-    size_t n_contacts;
-    uint64_t contact_leader_id, contact_term, contact_ms;
-    struct { uint64_t commit, at_ms; } ring[COMMIT_RING];
-    size_t ring_n;
-    uint64_t caught_up_at_ms;     /* follower: contact time of the newest commit applied */
+    struct raft_fsm fsm;          /* the fsm handed to raft (calls the store) */
+    struct kms_lease lease;
+    uint64_t contact_us;          /* arrival of the last LEADER stamp of our leader */
+    uint64_t vote_drops;          /* vote messages dropped by the promise rule */
+    uint64_t heard_us;            /* last AppendEntries/InstallSnapshot of our term or later */
+    bool releasing;               /* leases released before a transfer */
+    uv_timer_t release_timer;     /* ends the release wait */
+    struct op *transfer_op;       /* OP_TRANSFER waiting for the release */
+    bool release_for_stop;        /* the release is the shutdown's transfer */
     int last_state;
     uint64_t barrier_term;        /* term whose start barrier was applied */
     bool barrier_pending;
@@ -136,7 +127,7 @@ struct kms_raft {
     bool closed;                  /* no more requests accepted */
 
     /* published for other threads */
-    _Atomic uint64_t lease_until_ms;
+    _Atomic uint64_t lease_until_us;
     _Atomic uint64_t applied_index;
     _Atomic int waiters;
     pthread_mutex_t applied_mu;
@@ -194,10 +185,6 @@ static int mkdir_p(const char *path)
     return 0;
 }
 
-static struct kms_raft *raft_of_io(struct raft_io *io)
-{
-    return (struct kms_raft *)((char *)io - offsetof(struct kms_raft, io));
-}
 
 static void leader_info(struct kms_raft *r, uint64_t *id, char *addr, size_t n)
 {
@@ -208,14 +195,9 @@ static void leader_info(struct kms_raft *r, uint64_t *id, char *addr, size_t n)
     snprintf(addr, n, "%s", la != NULL ? la : "");
 }
 
-static const struct raft_server *config_find(struct kms_raft *r, uint64_t id)
+static bool config_has(struct kms_raft *r, uint64_t id)
 {
-    for (unsigned i = 0; i < r->raft.configuration.n; i++) {
-        if (r->raft.configuration.servers[i].id == id) {
-            return &r->raft.configuration.servers[i];
-        }
-    }
-    return NULL;
+    return kms_glue_member_find(&r->raft, id, NULL, NULL);
 }
 
 /* ------------------------------------------------------------------ ops */
@@ -354,20 +336,53 @@ static int map_raft_rc(int rv)
     }
 }
 
-/* ------------------------------------------------------------------ fsm wrapper */
+/* ------------------------------------------------------------------ fsm */
+
+/* The raft_fsm (version 3), the only one: raft calls it on the raft thread
+ * (snapshot_async on an io worker) and it calls the store directly.
+ *
+ * apply: raft passes no index; the entry is at raft_last_applied() + 1. On
+ * success *result points to the store-owned result (valid until the next
+ * apply; apply_cb copies it). A store error is fatal to this node: raft
+ * gets RAFT_CORRUPT (RAFT_IOERR for storage, RAFT_NOMEM) and stops applying,
+ * the store keeps the error sticky (kms_store_fatal).
+ * snapshot: pins a RocksDB snapshot at last_applied and returns no buffers;
+ * snapshot_async (worker) serialises it while applies go on; finalize
+ * (raft thread) frees the buffers and unpins. restore: kms_store_restore,
+ * then frees buf->base with raft_free() as raft's contract asks. */
+
+static int fsm_raft_code(int kms)
+{
+    switch (kms) {
+    case KMS_ENOMEM:
+        return RAFT_NOMEM;
+    case KMS_ESTORE:
+    case KMS_EIO:
+        return RAFT_IOERR;
+    case KMS_EBUSY:
+        return RAFT_BUSY;
+    default:
+        return RAFT_CORRUPT;
+    }
+}
 
 static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void **result)
 {
     struct kms_raft *r = fsm->data;
     raft_index index = raft_last_applied(&r->raft) + 1;
-    int rv = r->inner.apply(&r->inner, buf, result);
-    if (rv != 0) {
-        kms_logf(KMS_LOG_ERROR, MOD, "store refused entry %llu (rv %d): node halts applying",
-                 (unsigned long long)index, rv);
-        return rv;
+    const struct kms_store_result *sr = NULL;
+    struct kms_err err;
+    int rc;
+
+    kms_err_clear(&err);
+    *result = NULL;
+    rc = kms_store_apply_borrowed(r->store, index, buf->base, buf->len, &sr, &err);
+    if (rc != 0) {
+        kms_logf(KMS_LOG_ERROR, MOD, "store refused entry %llu: %s: node halts applying",
+                 (unsigned long long)index, err.msg);
+        return fsm_raft_code(rc);
     }
-    /* The result (owned by the store, valid until the next apply) reaches
-     * apply_cb right after this returns when this leader proposed the entry. */
+    *result = (void *)sr;
     atomic_store(&r->applied_index, index);
     if (atomic_load(&r->waiters) > 0) {
         pthread_mutex_lock(&r->applied_mu);
@@ -380,233 +395,139 @@ static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void *
 static int fsm_snapshot(struct raft_fsm *fsm, struct raft_buffer *bufs[], unsigned *n_bufs)
 {
     struct kms_raft *r = fsm->data;
-    int rv = r->inner.snapshot(&r->inner, bufs, n_bufs);
-    if (rv == 0) {
-        /* raft 0.22 keeps its snapshot index in the opaque raft_log: the
-         * snapshot is of the state at last_applied. */
-        r->snapshot_index = raft_last_applied(&r->raft);
+    struct kms_err err;
+    uint64_t index = raft_last_applied(&r->raft);
+    int rc;
+
+    kms_err_clear(&err);
+    *bufs = NULL;
+    *n_bufs = 0;
+    rc = kms_store_snapshot_pin(r->store, index, &err);
+    if (rc != 0) {
+        return fsm_raft_code(rc);
     }
-    return rv;
+    /* raft 0.22 keeps its snapshot index in the opaque raft_log. */
+    r->snapshot_index = index;
+    return 0;
 }
 
-static int fsm_restore(struct raft_fsm *fsm, struct raft_buffer *buf)
+static int fsm_snapshot_async(struct raft_fsm *fsm, struct raft_buffer *bufs[], unsigned *n_bufs)
 {
     struct kms_raft *r = fsm->data;
-    int rv = r->inner.restore(&r->inner, buf);
-    if (rv == 0) {
-        r->snapshot_index = raft_last_applied(&r->raft);
+    struct kms_err err;
+    int rc;
+
+    kms_err_clear(&err);
+    rc = kms_store_snapshot_pinned(r->store, bufs, n_bufs, &err);
+    if (rc != 0) {
+        kms_logf(KMS_LOG_ERROR, MOD, "%s", err.msg);
+        return rc == KMS_ENOMEM ? RAFT_NOMEM : RAFT_IOERR;
     }
-    if (rv == 0 && !r->started) {
-        kms_logf(KMS_LOG_INFO, MOD, "restored the local snapshot at start-up");
-    } else if (rv == 0) {
-        r->snapshots_restored++;
-        kms_logf(KMS_LOG_INFO, MOD, "restored a snapshot from the leader (%" PRIu64 " so far)",
-                 r->snapshots_restored);
-    } else {
-        kms_logf(KMS_LOG_ERROR, MOD, "snapshot restore failed (rv %d)", rv);
-    }
-    return rv;
+    return 0;
 }
 
 static int fsm_snapshot_finalize(struct raft_fsm *fsm, struct raft_buffer *bufs[],
                                  unsigned *n_bufs)
 {
     struct kms_raft *r = fsm->data;
-    return r->inner.snapshot_finalize(&r->inner, bufs, n_bufs);
+    kms_store_snapshot_free(*bufs, *n_bufs);
+    *bufs = NULL;
+    *n_bufs = 0;
+    kms_store_snapshot_unpin(r->store);
+    return 0;
 }
 
-static int fsm_snapshot_async(struct raft_fsm *fsm, struct raft_buffer *bufs[], unsigned *n_bufs)
+static int fsm_restore(struct raft_fsm *fsm, struct raft_buffer *buf)
 {
     struct kms_raft *r = fsm->data;
-    return r->inner.snapshot_async(&r->inner, bufs, n_bufs);
+    struct kms_err err;
+    int rc;
+
+    kms_err_clear(&err);
+    rc = kms_store_restore(r->store, buf->base, buf->len, NULL, &err);
+    if (rc != 0) {
+        kms_logf(KMS_LOG_ERROR, MOD, "snapshot restore failed: %s", err.msg);
+        return fsm_raft_code(rc);
+    }
+    raft_free(buf->base);
+    buf->base = NULL;
+    buf->len = 0;
+    r->snapshot_index = kms_store_applied_index(r->store);
+    if (!r->started) {
+        kms_logf(KMS_LOG_INFO, MOD, "restored the local snapshot at start-up");
+    } else {
+        r->snapshots_restored++;
+        kms_logf(KMS_LOG_INFO, MOD, "restored a snapshot from the leader (%" PRIu64 " so far)",
+                 r->snapshots_restored);
+    }
+    return 0;
 }
 
-static void fsm_wrap(struct kms_raft *r)
+static void fsm_init(struct kms_raft *r)
 {
     memset(&r->fsm, 0, sizeof(r->fsm));
-    r->fsm.version = r->inner.version;
+    r->fsm.version = 3;
     r->fsm.data = r;
     r->fsm.apply = fsm_apply;
-    r->fsm.snapshot = r->inner.snapshot != NULL ? fsm_snapshot : NULL;
-    r->fsm.restore = r->inner.restore != NULL ? fsm_restore : NULL;
-    if (r->inner.version >= 2 && r->inner.snapshot_finalize != NULL) {
-        r->fsm.snapshot_finalize = fsm_snapshot_finalize;
-    }
-    if (r->inner.version >= 3 && r->inner.snapshot_async != NULL) {
-        r->fsm.snapshot_async = fsm_snapshot_async;
-    }
+    r->fsm.snapshot = fsm_snapshot;
+    r->fsm.restore = fsm_restore;
+    r->fsm.snapshot_finalize = fsm_snapshot_finalize;
+    r->fsm.snapshot_async = fsm_snapshot_async;
 }
 
 /* ------------------------------------------------------------------ lease */
 
-static struct peer_contact *contact_slot(struct kms_raft *r, uint64_t id)
-{
-    for (size_t i = 0; i < r->n_contacts; i++) {
-        if (r->contacts[i].id == id) {
-            return &r->contacts[i];
-        }
-    }
-    if (r->n_contacts < MAX_PEERS) {
-        struct peer_contact *c = &r->contacts[r->n_contacts++];
-        memset(c, 0, sizeof(*c));
-        c->id = id;
-        return c;
-    }
-    /* Full: reuse the slot of a server no longer in the configuration. */
-    for (size_t i = 0; i < r->n_contacts; i++) {
-        if (config_find(r, r->contacts[i].id) == NULL) {
-            memset(&r->contacts[i], 0, sizeof(r->contacts[i]));
-            r->contacts[i].id = id;
-            return &r->contacts[i];
-        }
-    }
-    return NULL;
-}
-
-/* Before raft processes a message: note who we heard from. */
-static void note_message(struct kms_raft *r, const struct raft_message *m)
-{
-    uint64_t now = kms_mono_ms();
-    switch (m->type) {
-    case RAFT_APPEND_ENTRIES_RESULT: {
-        /* The follower reset its election timer when it received the request
-         * this answers, i.e. after that request's send time: a lease counted
-         * from the send time ends before the follower may vote for anyone.
-         * Lost requests leave older times at the head (shorter lease);
-         * entries older than two election timeouts are dropped. */
-        struct peer_contact *c = contact_slot(r, m->server_id);
-        if (c == NULL) {
-            break;
-        }
-        while (c->n > 0 && c->sent[c->head] + 2u * r->election_ms < now) {
-            c->head = (c->head + 1) % SEND_FIFO;
-            c->n--;
-        }
-        if (c->n > 0) {
-            c->at_ms = c->sent[c->head];
-            c->term = m->append_entries_result.term;
-            c->head = (c->head + 1) % SEND_FIFO;
-            c->n--;
-        }
-        break;
-    }
-    case RAFT_APPEND_ENTRIES:
-    case RAFT_INSTALL_SNAPSHOT: {
-        uint64_t term = m->type == RAFT_APPEND_ENTRIES ? m->append_entries.term
-                                                          : m->install_snapshot.term;
-        if (term < r->raft.current_term) {
-            break; /* stale leader: raft rejects it */
-        }
-        if (term != r->contact_term || m->server_id != r->contact_leader_id) {
-            r->contact_term = term;
-            r->contact_leader_id = m->server_id;
-            r->ring_n = 0;
-            r->caught_up_at_ms = 0;
-        }
-        r->contact_ms = now;
-        if (m->type == RAFT_APPEND_ENTRIES) {
-            uint64_t commit = m->append_entries.leader_commit;
-            if (r->ring_n == COMMIT_RING) {
-                /* Coalesce into the newest sample: conservative (a later
-                 * time paired with a higher commit). */
-                r->ring[r->ring_n - 1].commit = commit;
-                r->ring[r->ring_n - 1].at_ms = now;
-            } else {
-                r->ring[r->ring_n].commit = commit;
-                r->ring[r->ring_n].at_ms = now;
-                r->ring_n++;
-            }
-        }
-        break;
-    }
-    default:
-        break;
-    }
-}
-
-static int cmp_u64_desc(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? 1 : x > y ? -1 : 0;
-}
-
 static void start_barrier(struct kms_raft *r);
+
+/* raft's state as lease.c sees it. `voters` must hold MAX_PEERS ids. */
+static void lease_view(struct kms_raft *r, struct kms_lease_view *v, uint64_t *voters)
+{
+    memset(v, 0, sizeof(*v));
+    v->role = kms_glue_role(&r->raft);
+    v->term = kms_glue_term(&r->raft);
+    v->leader_id = v->role == KMS_RAFT_LEADER ? r->id : kms_glue_follower_leader(&r->raft);
+    v->applied = raft_last_applied(&r->raft);
+    v->commit = kms_glue_commit(&r->raft);
+    v->barrier_applied = r->barrier_term == v->term;
+    v->releasing = r->releasing || r->stopping || kms_glue_transfer_pending(&r->raft);
+    v->voters = voters;
+    v->n_voters = kms_glue_voters(&r->raft, voters, MAX_PEERS);
+}
 
 /* Raft thread: recompute the lease deadline and publish it. */
 static void lease_update(struct kms_raft *r)
 {
-    uint64_t now = kms_mono_ms();
-    uint64_t until = 0;
-    int state = raft_state(&r->raft);
+    uint64_t voters[MAX_PEERS];
+    struct kms_lease_view v;
+    uint64_t until;
+    int state = kms_glue_role(&r->raft);
 
     if (state != r->last_state) {
-        if (state == RAFT_LEADER) {
+        if (state == KMS_RAFT_LEADER) {
             r->elections_won++;
-            kms_logf(KMS_LOG_INFO, MOD, "node %" PRIu64 " is leader for term %llu", r->id,
-                     (unsigned long long)r->raft.current_term);
+            kms_logf(KMS_LOG_INFO, MOD, "node %" PRIu64 " is leader for term %" PRIu64, r->id,
+                     kms_glue_term(&r->raft));
             start_barrier(r);
-        } else if (r->last_state == RAFT_LEADER) {
-            kms_logf(KMS_LOG_INFO, MOD, "node %" PRIu64 " is no longer leader (term %llu)", r->id,
-                     (unsigned long long)r->raft.current_term);
+        } else if (r->last_state == KMS_RAFT_LEADER) {
+            kms_logf(KMS_LOG_INFO, MOD, "node %" PRIu64 " is no longer leader (term %" PRIu64 ")",
+                     r->id, kms_glue_term(&r->raft));
         }
         r->last_state = state;
     }
-
-    if (state == RAFT_LEADER) {
-        if (r->raft.transfer == NULL && r->barrier_term == r->raft.current_term) {
-            uint64_t times[MAX_PEERS + 1];
-            unsigned nv = 0, nt = 0;
-            for (unsigned i = 0; i < r->raft.configuration.n; i++) {
-                const struct raft_server *s = &r->raft.configuration.servers[i];
-                if (s->role != RAFT_VOTER) {
-                    continue;
-                }
-                nv++;
-                if (s->id == r->id) {
-                    times[nt++] = now;
-                    continue;
-                }
-                for (size_t j = 0; j < r->n_contacts; j++) {
-                    if (r->contacts[j].id == s->id &&
-                        r->contacts[j].term == r->raft.current_term && nt < MAX_PEERS + 1) {
-                        times[nt++] = r->contacts[j].at_ms;
-                    }
-                }
-            }
-            unsigned quorum = nv / 2 + 1;
-            if (nv > 0 && nt >= quorum) {
-                qsort(times, nt, sizeof(times[0]), cmp_u64_desc);
-                until = times[quorum - 1] + r->election_ms;
-            }
-        }
-    } else if (state == RAFT_FOLLOWER) {
-        raft_index applied = raft_last_applied(&r->raft);
-        size_t k = 0;
-        while (k < r->ring_n && r->ring[k].commit <= applied) {
-            r->caught_up_at_ms = r->ring[k].at_ms;
-            k++;
-        }
-        if (k > 0) {
-            memmove(r->ring, r->ring + k, (r->ring_n - k) * sizeof(r->ring[0]));
-            r->ring_n -= k;
-        }
-        if (r->raft.follower_state.current_leader.id == r->contact_leader_id &&
-            r->contact_leader_id != 0 && r->contact_term == r->raft.current_term &&
-            r->caught_up_at_ms != 0) {
-            until = r->caught_up_at_ms + r->election_ms;
-        }
+    if (r->closing) {
+        atomic_store(&r->lease_until_us, 0);
+        return;
     }
-    if (until <= now) {
-        until = 0;
-    }
-    atomic_store(&r->lease_until_ms, until);
+    lease_view(r, &v, voters);
+    until = kms_lease_compute(&r->lease, kms_mono_us(), &v);
+    atomic_store_explicit(&r->lease_until_us, until, memory_order_release);
 }
 
 static void barrier_cb(struct raft_barrier *req, int status)
 {
     struct kms_raft *r = req->data;
-    if (status == 0 && raft_state(&r->raft) == RAFT_LEADER) {
-        r->barrier_term = r->raft.current_term;
+    if (status == 0 && kms_glue_role(&r->raft) == KMS_RAFT_LEADER) {
+        r->barrier_term = kms_glue_term(&r->raft);
         lease_update(r);
     }
     r->barrier_pending = false;
@@ -641,28 +562,29 @@ static void start_barrier(struct kms_raft *r)
 static void status_publish(struct kms_raft *r)
 {
     struct kms_raft_status st;
-    uint64_t now = kms_mono_ms();
+    uint64_t now_us = kms_mono_us();
     raft_index applied = raft_last_applied(&r->raft);
 
     memset(&st, 0, sizeof(st));
     st.id = r->id;
-    st.role = raft_state(&r->raft);
-    st.term = r->raft.current_term;
-    st.commit_index = r->raft.commit_index;
+    st.role = kms_glue_role(&r->raft);
+    st.term = kms_glue_term(&r->raft);
+    st.commit_index = kms_glue_commit(&r->raft);
     st.applied_index = applied;
     leader_info(r, &st.leader_id, st.leader_address, sizeof(st.leader_address));
-    for (unsigned i = 0; i < r->raft.configuration.n && st.n_members < 16; i++) {
-        const struct raft_server *s = &r->raft.configuration.servers[i];
-        st.members[st.n_members].id = s->id;
-        snprintf(st.members[st.n_members].address, sizeof(st.members[0].address), "%s",
-                 s->address != NULL ? s->address : "");
-        st.members[st.n_members].role = s->role;
+    for (size_t i = 0; i < kms_glue_n_members(&r->raft) && st.n_members < 16; i++) {
+        const char *addr;
+        if (!kms_glue_member_at(&r->raft, i, &st.members[st.n_members].id, &addr,
+                                &st.members[st.n_members].role)) {
+            break;
+        }
+        snprintf(st.members[st.n_members].address, sizeof(st.members[0].address), "%s", addr);
         st.n_members++;
     }
-    if (st.role == RAFT_LEADER) {
+    if (st.role == KMS_RAFT_LEADER) {
         st.last_leader_contact_ms = 0;
-    } else if (r->contact_ms != 0) {
-        st.last_leader_contact_ms = now - r->contact_ms;
+    } else if (r->contact_us != 0) {
+        st.last_leader_contact_ms = (now_us - r->contact_us) / 1000u;
     } else {
         st.last_leader_contact_ms = UINT64_MAX;
     }
@@ -686,73 +608,96 @@ static void status_publish(struct kms_raft *r)
 
 /* ------------------------------------------------------------------ io hooks */
 
-/* Raft thesis 4.2.3: a server refuses votes "within the minimum election
- * timeout of hearing from a current leader". raft 0.15 refuses for as long as
- * it knows a leader, so after a leader crash the election waits for the
- * *last* follower's timer (and, when the first candidate's log is behind, for
- * a second timeout of the other): 2-4 s with a 1 s timeout. Forgetting a
- * leader that has been silent for a full election timeout restores the
- * thesis rule; the leader's lease (send time + election timeout) has ended by
- * then, so lease safety is unchanged. */
-static void forget_silent_leader(struct kms_raft *r, const struct raft_message *m)
+/* Every vote message, in or out, passes the promise rule (lease.h). A
+ * RequestVote that may pass reaches raft, whose own rule rejects votes
+ * while a leader is known; once our promise has ended the leader has sent
+ * no LEADER stamp for a full election timeout, so we forget it (raft
+ * thesis 4.2.3: refuse votes only "within the minimum election timeout of
+ * hearing from a current leader"). */
+static bool vote_filter(struct kms_raft *r, const struct raft_message *m, bool incoming)
 {
-    uint64_t now;
-    if (m->type != RAFT_REQUEST_VOTE || m->request_vote.disrupt_leader ||
-        raft_state(&r->raft) != RAFT_FOLLOWER || r->raft.follower_state.current_leader.id == 0) {
-        return;
+    uint64_t term, now = kms_mono_us();
+    bool pre_vote, disrupt;
+
+    if (kms_glue_msg_from_leader(m, &term)) {
+        if (incoming && term >= kms_glue_term(&r->raft)) {
+            r->heard_us = now;
+        }
+        return true;
     }
-    now = kms_mono_ms();
-    if (r->contact_leader_id == r->raft.follower_state.current_leader.id &&
-        now - r->contact_ms < r->election_ms) {
-        return;
+    if (!kms_glue_msg_vote(m, &term, &pre_vote, &disrupt)) {
+        return true;
     }
-    kms_logf(KMS_LOG_INFO, MOD,
-             "leader %llu silent for %" PRIu64 " ms: considering %s from %llu",
-             (unsigned long long)r->raft.follower_state.current_leader.id,
-             r->contact_ms != 0 ? now - r->contact_ms : 0,
-             m->request_vote.pre_vote ? "pre-vote" : "vote request",
-             (unsigned long long)m->server_id);
-    r->raft.follower_state.current_leader.id = 0; /* address kept; raft frees it */
+    if (!kms_lease_vote_allowed(&r->lease, term, now)) {
+        if (r->vote_drops++ % 64 == 0) {
+            kms_logf(KMS_LOG_INFO, MOD,
+                     "%s for term %" PRIu64 " %s node %llu dropped: promised no votes above term "
+                     "%" PRIu64 " for %" PRIu64 " ms more (%" PRIu64 " dropped so far)",
+                     pre_vote ? "pre-vote" : "vote request", term, incoming ? "from" : "to",
+                     (unsigned long long)m->server_id, r->lease.promise_term,
+                     (r->lease.promise_end_us - now) / 1000u, r->vote_drops);
+        }
+        return false;
+    }
+    /* Also silent at the raft level for a full election timeout: a leader
+     * that sends no stamps (an older kmsd during a rolling upgrade) relies
+     * on raft's own "no votes while a leader is heard" rule. */
+    if (incoming && !disrupt && kms_glue_follower_leader(&r->raft) != 0 &&
+        now - r->heard_us >= (uint64_t)r->election_ms * 1000u) {
+        kms_logf(KMS_LOG_INFO, MOD,
+                 "leader %" PRIu64 " silent past its promise: considering %s from %llu",
+                 kms_glue_follower_leader(&r->raft), pre_vote ? "pre-vote" : "vote request",
+                 (unsigned long long)m->server_id);
+        kms_glue_forget_leader(&r->raft);
+    }
+    return true;
 }
 
-static void recv_wrap(struct raft_io *io, struct raft_message *m)
+static bool recv_filter_cb(void *data, const struct raft_message *m)
 {
-    struct kms_raft *r = raft_of_io(io);
-    note_message(r, m);
-    forget_silent_leader(r, m);
-    r->recv_orig(io, m);
+    return vote_filter(data, m, true);
+}
+
+static bool send_filter_cb(void *data, const struct raft_message *m)
+{
+    return vote_filter(data, m, false);
+}
+
+static bool stamp_out_cb(void *data, uint64_t peer_id, struct kms_transport_stamp *s)
+{
+    struct kms_raft *r = data;
+    uint64_t voters[MAX_PEERS];
+    struct kms_lease_view v;
+    if (r->closing) {
+        return false;
+    }
+    lease_view(r, &v, voters);
+    return kms_lease_stamp_out(&r->lease, peer_id, kms_mono_us(), &v, s);
+}
+
+static void stamp_in_cb(void *data, uint64_t peer_id, const struct kms_transport_stamp *s,
+                        uint64_t arrival_us)
+{
+    struct kms_raft *r = data;
+    uint64_t voters[MAX_PEERS];
+    struct kms_lease_view v;
+    if (r->closing) {
+        return;
+    }
+    lease_view(r, &v, voters);
+    kms_lease_on_stamp(&r->lease, peer_id, s, arrival_us, &v);
+    if ((s->flags & KMS_STAMP_LEADER) != 0 && s->term >= v.term) {
+        r->contact_us = arrival_us;
+    }
     lease_update(r);
 }
 
-static int io_send_wrap(struct raft_io *io, struct raft_io_send *req,
-                        const struct raft_message *m, raft_io_send_cb cb)
+/* Incoming raft connections only from members, or from anyone while this
+ * node has no configuration yet (it waits to be added). */
+static bool peer_allowed_cb(void *data, uint64_t peer_id)
 {
-    struct kms_raft *r = raft_of_io(io);
-    struct peer_contact *c = NULL;
-    int rv;
-    if ((m->type == RAFT_APPEND_ENTRIES || m->type == RAFT_INSTALL_SNAPSHOT) &&
-        raft_state(&r->raft) == RAFT_LEADER) {
-        c = contact_slot(r, m->server_id);
-        if (c != NULL && c->n < SEND_FIFO) {
-            c->sent[(c->head + c->n) % SEND_FIFO] = kms_mono_ms();
-            c->n++;
-        } else {
-            c = NULL; /* full: later answers pop older times (conservative) */
-        }
-    }
-    rv = r->io_send_orig(io, req, m, cb);
-    if (rv != 0 && c != NULL) {
-        c->n--; /* not sent */
-    }
-    return rv;
-}
-
-static int io_start_wrap(struct raft_io *io, unsigned msecs, raft_io_tick_cb tick,
-                         raft_io_recv_cb recv)
-{
-    struct kms_raft *r = raft_of_io(io);
-    r->recv_orig = recv;
-    return r->io_start_orig(io, msecs, tick, recv_wrap);
+    struct kms_raft *r = data;
+    return kms_glue_n_members(&r->raft) == 0 || config_has(r, peer_id);
 }
 
 /* ------------------------------------------------------------------ dispatch */
@@ -820,6 +765,7 @@ static void transfer_cb(struct raft_transfer *req)
     struct kms_raft *r = op->r;
     uint64_t lid;
     char addr[256];
+    r->releasing = false;
     leader_info(r, &lid, addr, sizeof(addr));
     op->res.leader_id = lid;
     snprintf(op->res.leader_address, sizeof(op->res.leader_address), "%s", addr);
@@ -832,6 +778,78 @@ static void transfer_cb(struct raft_transfer *req)
         op_complete(op, KMS_ETIMEDOUT, "leadership transfer did not complete (leader now %" PRIu64 ")",
                     lid);
     }
+}
+
+/* Leadership transfer, in two steps. First release: stamps lose their
+ * LEADER flag, our lease ends at once, and we wait until every promise a
+ * follower made on the strength of our stamps (and our own) has ended
+ * (kms_lease_release_wait_us). Only then raft_transfer: the new leader's
+ * election can then not overlap any lease granted under us. */
+static void stop_transfer_cb(struct raft_transfer *req);
+static void begin_close(struct kms_raft *r);
+
+static void release_timer_cb(uv_timer_t *t)
+{
+    struct kms_raft *r = t->data;
+    uint64_t wait = kms_lease_release_wait_us(&r->lease, kms_mono_us());
+    struct op *op;
+    int rv;
+
+    if (r->closing) {
+        return;
+    }
+    if (wait > 0) {
+        uv_timer_start(&r->release_timer, release_timer_cb, wait / 1000u + 1u, 0);
+        return;
+    }
+    if (r->release_for_stop) {
+        memset(&r->stop_transfer, 0, sizeof(r->stop_transfer));
+        r->stop_transfer.data = r;
+        rv = kms_glue_role(&r->raft) == KMS_RAFT_LEADER
+                 ? raft_transfer(&r->raft, &r->stop_transfer, 0, stop_transfer_cb)
+                 : RAFT_NOTLEADER;
+        if (rv != 0) {
+            kms_logf(KMS_LOG_WARN, MOD, "shutting down: leadership transfer not started: %s",
+                     raft_strerror(rv));
+            begin_close(r);
+            return;
+        }
+        r->stop_deadline_ms = kms_mono_ms() + r->election_ms + 500u;
+        kms_logf(KMS_LOG_INFO, MOD, "shutting down: leases released, transferring leadership");
+        return;
+    }
+    op = r->transfer_op;
+    r->transfer_op = NULL;
+    if (op == NULL) {
+        r->releasing = false;
+        return;
+    }
+    if (kms_glue_role(&r->raft) != KMS_RAFT_LEADER) {
+        r->releasing = false;
+        op_not_leader(op);
+        return;
+    }
+    op->transfer.data = op;
+    rv = raft_transfer(&r->raft, &op->transfer, op->id, transfer_cb);
+    if (rv != 0) {
+        r->releasing = false;
+        lease_update(r);
+        op_complete(op, rv == RAFT_NOTFOUND ? KMS_EUNAVAIL : map_raft_rc(rv),
+                    "transfer to %" PRIu64 ": %s (%s)", op->id, raft_strerror(rv),
+                    raft_errmsg(&r->raft));
+    }
+}
+
+static void release_start(struct kms_raft *r, bool for_stop)
+{
+    uint64_t wait;
+    r->releasing = true;
+    r->release_for_stop = for_stop;
+    lease_update(r); /* no lease from now on */
+    wait = kms_lease_release_wait_us(&r->lease, kms_mono_us());
+    kms_logf(KMS_LOG_INFO, MOD, "releasing read leases for a leadership transfer (%" PRIu64 " ms)",
+             wait / 1000u);
+    uv_timer_start(&r->release_timer, release_timer_cb, wait / 1000u + 1u, 0);
 }
 
 static void dispatch(struct kms_raft *r, struct op *op)
@@ -862,7 +880,7 @@ static void dispatch(struct kms_raft *r, struct op *op)
         op_complete(op, KMS_ESHUTDOWN, "raft node is shutting down");
         return;
     }
-    if (raft_state(&r->raft) != RAFT_LEADER) {
+    if (kms_glue_role(&r->raft) != KMS_RAFT_LEADER) {
         op_not_leader(op);
         return;
     }
@@ -884,15 +902,16 @@ static void dispatch(struct kms_raft *r, struct op *op)
         return;
     }
     case OP_ADD: {
-        const struct raft_server *s = config_find(r, op->id);
+        const char *maddr;
+        int mrole;
         op->change.data = op;
-        if (s != NULL) {
-            if (strcmp(s->address, op->address) != 0) {
+        if (kms_glue_member_find(&r->raft, op->id, &maddr, &mrole)) {
+            if (strcmp(maddr, op->address) != 0) {
                 op_complete(op, KMS_EEXIST, "server %" PRIu64 " is already a member at %s", op->id,
-                            s->address);
+                            maddr);
                 return;
             }
-            if (s->role == RAFT_VOTER) {
+            if (mrole == KMS_RAFT_VOTER) {
                 op_complete(op, 0, NULL);
                 return;
             }
@@ -909,7 +928,7 @@ static void dispatch(struct kms_raft *r, struct op *op)
         return;
     }
     case OP_REMOVE:
-        if (config_find(r, op->id) == NULL) {
+        if (!config_has(r, op->id)) {
             op_complete(op, KMS_ENOTFOUND, "server %" PRIu64 " is not a member", op->id);
             return;
         }
@@ -924,15 +943,12 @@ static void dispatch(struct kms_raft *r, struct op *op)
     case OP_RELOAD_TLS:
         return;
     case OP_TRANSFER:
-        op->transfer.data = op;
-        rv = raft_transfer(&r->raft, &op->transfer, op->id, transfer_cb);
-        if (rv != 0) {
-            op_complete(op, rv == RAFT_NOTFOUND ? KMS_EUNAVAIL : map_raft_rc(rv),
-                        "transfer to %" PRIu64 ": %s (%s)", op->id, raft_strerror(rv),
-                        raft_errmsg(&r->raft));
-        } else {
-            lease_update(r); /* no lease while a transfer is in progress */
+        if (r->transfer_op != NULL || r->releasing || kms_glue_transfer_pending(&r->raft)) {
+            op_complete(op, KMS_EBUSY, "a leadership transfer is already in progress");
+            return;
         }
+        r->transfer_op = op;
+        release_start(r, false);
         return;
     }
 }
@@ -947,13 +963,11 @@ static void handle_closed_cb(uv_handle_t *h)
 static void on_raft_closed(struct raft *raft)
 {
     struct kms_raft *r = raft->data;
-    raft_uv_close(&r->io);
-    if (r->tls) {
-        kms_transport_tls_close(&r->transport);
-    } else {
-        raft_uv_tcp_close(&r->transport);
-    }
+    raft_uv_close(&r->glue.io);
+    kms_transport_tls_close(&r->transport);
+    kms_glue_io_close(&r->glue);
     if (r->handles_inited) {
+        uv_close((uv_handle_t *)&r->release_timer, handle_closed_cb);
         uv_close((uv_handle_t *)&r->timer, handle_closed_cb);
         uv_close((uv_handle_t *)&r->async, handle_closed_cb);
     }
@@ -966,7 +980,13 @@ static void begin_close(struct kms_raft *r)
         return;
     }
     r->closing = true;
-    atomic_store(&r->lease_until_ms, 0);
+    atomic_store(&r->lease_until_us, 0);
+    uv_timer_stop(&r->release_timer);
+    if (r->transfer_op != NULL) {
+        struct op *t = r->transfer_op;
+        r->transfer_op = NULL;
+        op_complete(t, KMS_ESHUTDOWN, "raft node is shutting down");
+    }
     pthread_mutex_lock(&r->mu);
     r->closed = true;
     q = r->q_head;
@@ -995,32 +1015,32 @@ static void stop_transfer_cb(struct raft_transfer *req)
 static void raft_thread_stop_step(struct kms_raft *r)
 {
     unsigned others = 0;
-    int rv;
 
     if (r->stopping) {
         return;
     }
     r->stopping = true;
-    if (raft_state(&r->raft) == RAFT_LEADER && r->raft.transfer == NULL) {
-        for (unsigned i = 0; i < r->raft.configuration.n; i++) {
-            const struct raft_server *s = &r->raft.configuration.servers[i];
-            if (s->role == RAFT_VOTER && s->id != r->id) {
+    if (kms_glue_role(&r->raft) == KMS_RAFT_LEADER && !kms_glue_transfer_pending(&r->raft)) {
+        uint64_t voters[MAX_PEERS];
+        size_t nv = kms_glue_voters(&r->raft, voters, MAX_PEERS);
+        for (size_t i = 0; i < nv; i++) {
+            if (voters[i] != r->id) {
                 others++;
             }
         }
     }
     if (others > 0) {
-        memset(&r->stop_transfer, 0, sizeof(r->stop_transfer));
-        r->stop_transfer.data = r;
-        rv = raft_transfer(&r->raft, &r->stop_transfer, 0, stop_transfer_cb);
-        if (rv == 0) {
-            atomic_store(&r->lease_until_ms, 0);
-            r->stop_deadline_ms = kms_mono_ms() + r->election_ms + 500;
-            kms_logf(KMS_LOG_INFO, MOD, "shutting down: transferring leadership");
-            return; /* stop_transfer_cb or the timer closes */
+        if (r->transfer_op != NULL) {
+            struct op *t = r->transfer_op;
+            r->transfer_op = NULL;
+            op_complete(t, KMS_ESHUTDOWN, "raft node is shutting down");
         }
-        kms_logf(KMS_LOG_WARN, MOD, "shutting down: leadership transfer not started: %s",
-                 raft_strerror(rv));
+        release_start(r, true);
+        r->stop_deadline_ms = kms_mono_ms() +
+                              kms_lease_release_wait_us(&r->lease, kms_mono_us()) / 1000u +
+                              r->election_ms + 500u;
+        kms_logf(KMS_LOG_INFO, MOD, "shutting down: releasing leases before transferring leadership");
+        return; /* release_timer_cb, stop_transfer_cb or the timer closes */
     }
     begin_close(r);
 }
@@ -1092,41 +1112,34 @@ static void raft_free_all(struct kms_raft *r)
 static int transport_init(struct kms_raft *r, const struct kms_raft_config *cfg,
                           struct kms_err *err)
 {
+    struct kms_transport_tls_config tc;
+    struct kms_transport_hooks hooks;
     int rv;
-    bool any_tls = cfg->cert_file != NULL || cfg->key_file != NULL || cfg->ca_file != NULL;
-    if (any_tls) {
-        if (cfg->cert_file == NULL || cfg->key_file == NULL || cfg->ca_file == NULL) {
-            return kms_err_set(err, KMS_ECONFIG,
-                               "raft TLS needs cert_file, key_file and ca_file together");
-        }
-        struct kms_transport_tls_config tc;
-        memset(&tc, 0, sizeof(tc));
-        tc.cert_file = cfg->cert_file;
-        tc.key_file = cfg->key_file;
-        tc.ca_file = cfg->ca_file;
-        tc.bind_address = r->bind_address;
-        rv = kms_transport_tls_init(&r->transport, &r->loop, &tc, err);
-        if (rv != 0) {
-            return kms_err_wrap(err, rv, "raft TLS transport");
-        }
-        r->tls = true;
-        snprintf(r->cert_file, sizeof(r->cert_file), "%s", cfg->cert_file);
-        snprintf(r->key_file, sizeof(r->key_file), "%s", cfg->key_file);
-        snprintf(r->ca_file, sizeof(r->ca_file), "%s", cfg->ca_file);
-        return 0;
+
+    if (cfg->cert_file == NULL || cfg->key_file == NULL || cfg->ca_file == NULL) {
+        /* Leases need the transport's stamps: there is no plain-TCP mode. */
+        return kms_err_set(err, KMS_ECONFIG,
+                           "raft needs cert_file, key_file and ca_file (mutual TLS)");
     }
-    r->transport.version = 1; /* raft 0.22 requires it set before init */
-    rv = raft_uv_tcp_init(&r->transport, &r->loop);
+    memset(&tc, 0, sizeof(tc));
+    tc.cert_file = cfg->cert_file;
+    tc.key_file = cfg->key_file;
+    tc.ca_file = cfg->ca_file;
+    tc.bind_address = r->bind_address;
+    rv = kms_transport_tls_init(&r->transport, &r->loop, &tc, err);
     if (rv != 0) {
-        return kms_err_set(err, KMS_ERAFT, "raft_uv_tcp_init: %s", raft_strerror(rv));
+        return kms_err_wrap(err, rv, "raft TLS transport");
     }
-    rv = raft_uv_tcp_set_bind_address(&r->transport, r->bind_address);
-    if (rv != 0) {
-        raft_uv_tcp_close(&r->transport);
-        return kms_err_set(err, KMS_ECONFIG, "raft bind address %s: %s", r->bind_address,
-                           raft_strerror(rv));
-    }
-    kms_logf(KMS_LOG_WARN, MOD, "raft transport is plain TCP (no certificates configured)");
+    memset(&hooks, 0, sizeof(hooks));
+    hooks.data = r;
+    hooks.stamp_out = stamp_out_cb;
+    hooks.stamp_in = stamp_in_cb;
+    hooks.peer_allowed = peer_allowed_cb;
+    kms_transport_tls_set_hooks(&r->transport, &hooks);
+    r->tls = true;
+    snprintf(r->cert_file, sizeof(r->cert_file), "%s", cfg->cert_file);
+    snprintf(r->key_file, sizeof(r->key_file), "%s", cfg->key_file);
+    snprintf(r->ca_file, sizeof(r->ca_file), "%s", cfg->ca_file);
     return 0;
 }
 
@@ -1214,32 +1227,30 @@ int kms_raft_start(const struct kms_raft_config *cfg, struct kms_store *store,
         raft_free_all(r);
         return rc;
     }
-    rv = raft_uv_init(&r->io, &r->loop, r->dir, &r->transport);
+    rv = raft_uv_init(&r->glue.io, &r->loop, r->dir, &r->transport);
     if (rv != 0) {
         rc = kms_err_set(err, KMS_ERAFT, "raft: raft_uv_init(%s): %s", r->dir,
-                         r->io.errmsg[0] != '\0' ? r->io.errmsg : raft_strerror(rv));
+                         r->glue.io.errmsg[0] != '\0' ? r->glue.io.errmsg : raft_strerror(rv));
         goto fail_transport;
     }
-    raft_uv_set_connect_retry_delay(&r->io, 250);
-    r->io_start_orig = r->io.start;
-    r->io.start = io_start_wrap;
-    r->io_send_orig = r->io.send;
-    r->io.send = io_send_wrap;
-
-    memset(&r->inner, 0, sizeof(r->inner));
-    if ((rc = kms_store_fsm_init(store, &r->inner)) != 0) {
-        rc = kms_err_wrap(err, rc, "raft: store fsm");
-        goto fail_io;
+    raft_uv_set_connect_retry_delay(&r->glue.io, 250);
+    kms_glue_io_wrap(&r->glue, &r->loop, r, recv_filter_cb, send_filter_cb);
+    {
+        struct kms_lease_config lc;
+        memset(&lc, 0, sizeof(lc));
+        lc.self_id = r->id;
+        lc.election_us = (uint64_t)r->election_ms * 1000u;
+        kms_lease_init(&r->lease, &lc, kms_mono_us());
     }
-    fsm_wrap(r);
 
-    rv = raft_init(&r->raft, &r->io, &r->fsm, r->id, r->address);
+    fsm_init(r);
+
+    rv = raft_init(&r->raft, &r->glue.io, &r->fsm, r->id, r->address);
     if (rv != 0) {
         rc = kms_err_set(err, KMS_ERAFT, "raft_init: %s", raft_errmsg(&r->raft));
         goto fail_io;
     }
     r->raft.data = r;
-    kms_store_bind_raft(store, &r->raft);
     raft_set_election_timeout(&r->raft, r->election_ms);
     raft_set_heartbeat_timeout(&r->raft, r->heartbeat_ms);
     raft_set_snapshot_threshold(&r->raft,
@@ -1291,6 +1302,8 @@ int kms_raft_start(const struct kms_raft_config *cfg, struct kms_store *store,
     r->async.data = r;
     uv_timer_init(&r->loop, &r->timer);
     r->timer.data = r;
+    uv_timer_init(&r->loop, &r->release_timer);
+    r->release_timer.data = r;
     uv_timer_start(&r->timer, timer_cb, TICK_MS, TICK_MS);
     r->handles_inited = true;
     status_publish(r);
@@ -1316,13 +1329,10 @@ fail_raft:
     raft_free_all(r);
     return rc;
 fail_io:
-    raft_uv_close(&r->io);
+    raft_uv_close(&r->glue.io);
+    kms_glue_io_close(&r->glue);
 fail_transport:
-    if (r->tls) {
-        kms_transport_tls_close(&r->transport);
-    } else {
-        raft_uv_tcp_close(&r->transport);
-    }
+    kms_transport_tls_close(&r->transport);
     drain_loop(r);
     raft_free_all(r);
     return rc;
@@ -1419,7 +1429,7 @@ bool kms_raft_lease_valid(struct kms_raft *r)
     if (r == NULL) {
         return false;
     }
-    return kms_mono_ms() < atomic_load_explicit(&r->lease_until_ms, memory_order_acquire);
+    return kms_mono_us() < atomic_load_explicit(&r->lease_until_us, memory_order_acquire);
 }
 
 uint64_t kms_raft_lease_deadline_ms(struct kms_raft *r)
@@ -1428,7 +1438,8 @@ uint64_t kms_raft_lease_deadline_ms(struct kms_raft *r)
     if (r == NULL) {
         return 0;
     }
-    until = atomic_load_explicit(&r->lease_until_ms, memory_order_acquire);
+    /* Rounded down to whole milliseconds: never later than the lease. */
+    until = atomic_load_explicit(&r->lease_until_us, memory_order_acquire) / 1000u;
     return kms_mono_ms() < until ? until : 0;
 }
 

@@ -1198,3 +1198,11 @@ void kms_transport_tls_stats(const struct raft_uv_transport *t, struct kms_trans
     out->connect_failed = atomic_load_explicit(&tt->connect_failed, memory_order_relaxed);
     out->active = atomic_load_explicit(&tt->active, memory_order_relaxed);
 }
+
+/* Placeholder until the stamping proxy lands: hooks are accepted, no stamp
+ * is sent or read (so no lease is granted). */
+void kms_transport_tls_set_hooks(struct raft_uv_transport *t, const struct kms_transport_hooks *hooks)
+{
+    (void)t;
+    (void)hooks;
+}

@@ -167,32 +167,27 @@ void kms_store_snapshot_free(struct raft_buffer *bufs, unsigned n_bufs);
 int kms_store_restore(struct kms_store *s, const void *buf, size_t len, bool *skipped,
                       struct kms_err *err);
 
-/* ---- raft glue ---------------------------------------------------------- */
+/* ---- the raft fsm's store side ------------------------------------------
+ * The raft_fsm is implemented once, in src/raft/node.c; these are the store
+ * operations it calls. Raft thread only, except kms_store_snapshot_pinned. */
 
-/* Fills fsm (version 3: apply, snapshot, restore, snapshot_finalize,
- * snapshot_async) with s
- * as data. fsm must stay valid as long as raft uses it; s must outlive raft.
- *
- * apply: index = raft_last_applied(r) + 1 (kms_store_bind_raft() must have
- * been called; without it, applied index + 1). On success *result points to
- * a kms_store_result OWNED BY THE STORE, valid only until the next apply on
- * this store (i.e. during the raft_apply callback, which runs on the raft
- * thread right after apply): copy it, never free it. On a fatal error apply
- * returns RAFT_CORRUPT (RAFT_IOERR for storage, RAFT_NOMEM), logs the reason
- * and the index, and kms_store_fatal() keeps it.
- *
- * snapshot (fsm version 3, asynchronous): `snapshot` runs on the raft
- * thread and only pins a RocksDB snapshot (the state at raft_last_applied(),
- * recorded as the raft index; no buffers); `snapshot_async` runs on a raft io
- * worker thread and serialises the pinned state (kms_store_snapshot format)
- * while the raft thread keeps applying; `snapshot_finalize` (raft thread)
- * frees the buffers and unpins. One snapshot at a time (RAFT_BUSY otherwise).
- * restore: kms_store_restore(); on success it frees buf->base with
- * raft_free() (canonical raft's contract), on failure it leaves it to raft. */
-int kms_store_fsm_init(struct kms_store *s, struct raft_fsm *fsm);
+/* kms_store_apply() with the result owned by the store: valid until the
+ * next call, never freed by the caller (the raft apply callback copies it
+ * right after apply returns). */
+int kms_store_apply_borrowed(struct kms_store *s, uint64_t index, const void *buf, size_t len,
+                             const struct kms_store_result **result, struct kms_err *err);
 
-/* Tells the fsm which raft instance drives it (for raft_last_applied()).
- * Call after raft_init() and before raft_start(). r may be NULL to unbind. */
-void kms_store_bind_raft(struct kms_store *s, struct raft *r);
+/* Pins a RocksDB snapshot of the current state, recorded as raft index
+ * `index` (the state is at that index: apply is synchronous). One at a
+ * time: KMS_EBUSY while one is pinned. */
+int kms_store_snapshot_pin(struct kms_store *s, uint64_t index, struct kms_err *err);
+
+/* Any thread (raft's io worker): serialises the pinned snapshot
+ * (kms_store_snapshot format). Reads only, concurrent with applies. */
+int kms_store_snapshot_pinned(struct kms_store *s, struct raft_buffer **bufs, unsigned *n_bufs,
+                              struct kms_err *err);
+
+/* Releases the pinned snapshot, if any. */
+void kms_store_snapshot_unpin(struct kms_store *s);
 
 #endif /* KMS_STORE_H */

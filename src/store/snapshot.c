@@ -432,135 +432,52 @@ out:
     return 0;
 }
 
-/* ---- raft glue ------------------------------------------------------------ */
+/* ---- the raft fsm's store side (the fsm itself is in src/raft/node.c) ---- */
 
-static int raft_code(int kms)
+int kms_store_apply_borrowed(struct kms_store *s, uint64_t index, const void *buf, size_t len,
+                             const struct kms_store_result **result, struct kms_err *err)
 {
-    switch (kms) {
-    case KMS_ENOMEM:
-        return RAFT_NOMEM;
-    case KMS_ESTORE:
-    case KMS_EIO:
-        return RAFT_IOERR;
-    default:
-        return RAFT_CORRUPT;
-    }
-}
-
-static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void **result)
-{
-    struct kms_store *s = fsm->data;
-    struct kms_err err;
-    uint64_t index = s->raft != NULL ? (uint64_t)raft_last_applied(s->raft) + 1
-                                     : atomic_load(&s->applied) + 1;
     int rc;
-
-    kms_err_clear(&err);
     *result = NULL;
-    rc = ks_apply_into(s, index, buf->base, buf->len, &s->fsm_result, &err);
+    rc = ks_apply_into(s, index, buf, len, &s->fsm_result, err);
     if (rc != 0) {
-        return raft_code(rc); /* logged with the index by ks_set_fatal() */
+        return rc; /* logged with the index by ks_set_fatal() */
     }
     *result = &s->fsm_result;
     return 0;
 }
 
-/* Raft thread: pins a RocksDB snapshot at exactly the state raft is
- * snapshotting (apply is synchronous, so the DB is at raft_last_applied()).
- * Produces no buffers: fsm_snapshot_async fills them on a worker thread
- * while the raft thread goes on applying entries. */
-static int fsm_snapshot(struct raft_fsm *fsm, struct raft_buffer *bufs[], unsigned *n_bufs)
+int kms_store_snapshot_pin(struct kms_store *s, uint64_t index, struct kms_err *err)
 {
-    struct kms_store *s = fsm->data;
-
-    *bufs = NULL;
-    *n_bufs = 0;
     if (s->snap_pending != NULL) {
-        return RAFT_BUSY;
+        return kms_err_set(err, KMS_EBUSY, "a snapshot is already being taken");
     }
     s->snap_pending = rocksdb_create_snapshot(s->db);
     if (s->snap_pending == NULL) {
-        return RAFT_NOMEM;
+        return kms_err_set(err, KMS_ENOMEM, "rocksdb_create_snapshot");
     }
-    s->snap_pending_index = s->raft != NULL ? (uint64_t)raft_last_applied(s->raft) : 0;
+    s->snap_pending_index = index;
     return 0;
 }
 
-/* Worker thread (raft io async_work): serialises the pinned snapshot. Reads
- * only; RocksDB allows it concurrently with the raft thread's writes. */
-static int fsm_snapshot_async(struct raft_fsm *fsm, struct raft_buffer *bufs[], unsigned *n_bufs)
+int kms_store_snapshot_pinned(struct kms_store *s, struct raft_buffer **bufs, unsigned *n_bufs,
+                              struct kms_err *err)
 {
-    struct kms_store *s = fsm->data;
-    struct kms_err err;
     int rc;
-
-    kms_err_clear(&err);
     if (s->snap_pending == NULL) {
-        return RAFT_INVALID;
+        return kms_err_set(err, KMS_EINVAL, "no snapshot pinned");
     }
-    rc = snapshot_from(s, s->snap_pending, s->snap_pending_index, bufs, n_bufs, &err);
+    rc = snapshot_from(s, s->snap_pending, s->snap_pending_index, bufs, n_bufs, err);
     if (rc != 0) {
-        kms_logf(KMS_LOG_ERROR, "store", "snapshot at raft index %" PRIu64 ": %s",
-                 s->snap_pending_index, err.msg);
-        return rc == KMS_ENOMEM ? RAFT_NOMEM : RAFT_IOERR;
+        return kms_err_wrap(err, rc, "snapshot at raft index %" PRIu64, s->snap_pending_index);
     }
     return 0;
 }
 
-/* Raft thread, after the snapshot was written (or failed): releases the
- * buffers and the pinned RocksDB snapshot. */
-static int fsm_snapshot_finalize(struct raft_fsm *fsm, struct raft_buffer *bufs[],
-                                 unsigned *n_bufs)
+void kms_store_snapshot_unpin(struct kms_store *s)
 {
-    struct kms_store *s = fsm->data;
-    kms_store_snapshot_free(*bufs, *n_bufs);
-    *bufs = NULL;
-    *n_bufs = 0;
     if (s->snap_pending != NULL) {
         rocksdb_release_snapshot(s->db, s->snap_pending);
         s->snap_pending = NULL;
     }
-    return 0;
-}
-
-static int fsm_restore(struct raft_fsm *fsm, struct raft_buffer *buf)
-{
-    struct kms_store *s = fsm->data;
-    struct kms_err err;
-    int rc;
-
-    kms_err_clear(&err);
-    rc = kms_store_restore(s, buf->base, buf->len, NULL, &err);
-    if (rc != 0) {
-        if (kms_store_fatal(s, NULL) == 0) {
-            /* Refused before touching anything (bad snapshot). */
-            kms_logf(KMS_LOG_ERROR, "store", "snapshot refused: %s", err.msg);
-        }
-        return raft_code(rc);
-    }
-    raft_free(buf->base);
-    buf->base = NULL;
-    buf->len = 0;
-    return 0;
-}
-
-int kms_store_fsm_init(struct kms_store *s, struct raft_fsm *fsm)
-{
-    if (s == NULL || fsm == NULL) {
-        return KMS_EINVAL;
-    }
-    memset(fsm, 0, sizeof(*fsm));
-    fsm->version = 3;
-    fsm->data = s;
-    fsm->apply = fsm_apply;
-    fsm->snapshot = fsm_snapshot;
-    fsm->restore = fsm_restore;
-    fsm->snapshot_finalize = fsm_snapshot_finalize;
-    fsm->snapshot_async = fsm_snapshot_async;
-    return 0;
-}
-
-void kms_store_bind_raft(struct kms_store *s, struct raft *r)
-{
-    s->raft = r;
 }

@@ -1,6 +1,6 @@
 /*
  * Private to src/store: the store struct and helpers shared by store.c
- * (open, apply, reads) and snapshot.c (snapshot, restore, raft fsm glue).
+ * (open, apply, reads) and snapshot.c (snapshot, restore, the raft fsm's store side).
  */
 #ifndef KMS_STORE_INTERNAL_H
 #define KMS_STORE_INTERNAL_H
@@ -36,7 +36,6 @@ struct kms_store {
     atomic_bool restoring;
 
     /* Raft thread only. */
-    struct raft *raft;
     struct kms_store_result fsm_result;
     /* The RocksDB snapshot behind raft's one pending snapshot (fsm v3:
      * taken on the raft thread, serialised on a worker, released by

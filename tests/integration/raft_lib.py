@@ -79,6 +79,8 @@ class Node:
         if peers:
             args += ["--peers", ",".join("%d=%s" % (n.id, n.addr) for n in peers)]
         args += self.extra
+        if "--cert" not in self.extra:
+            args += self.cluster.tls_args(self.id)
         os.makedirs(self.cluster.workdir, exist_ok=True)
         self.errlog = open(os.path.join(self.cluster.workdir, self.logname), "ab")
         env = dict(os.environ)
@@ -165,7 +167,25 @@ class Node:
         return self.cmd("digest", 30)
 
 
+def shared_pki(max_id=9):
+    """A dev PKI (deploy/gen-pki.sh) shared by the raft tests: raft runs only
+    over mutual TLS. gen-pki.sh skips files that exist, so this is cheap
+    after the first call."""
+    src = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+    pki = os.path.join(tempfile.gettempdir(), "kms-raft-pki-%d" % os.getuid())
+    if not os.path.exists(os.path.join(pki, "node%d-key.pem" % max_id)):
+        subprocess.run([os.path.join(src, "deploy", "gen-pki.sh"), pki, "--nodes", str(max_id)],
+                       check=True, stdout=subprocess.DEVNULL)
+    return pki
+
+
 class Cluster:
+    def tls_args(self, nid):
+        pki = shared_pki()
+        return ["--cert", os.path.join(pki, "node%d.pem" % nid),
+                "--key", os.path.join(pki, "node%d-key.pem" % nid),
+                "--ca", os.path.join(pki, "ca.pem")]
+
     def __init__(self, name, base_port, n, election_ms=1000, heartbeat_ms=100,
                  snapshot_threshold=0, snapshot_trailing=0, keep=False):
         if not os.path.exists(harness_path()):

@@ -1,6 +1,6 @@
 /* kms_store state machine on a real RocksDB in temp dirs: every op and its
  * result, fatal entries, idempotent replay, reopen, snapshot/restore, digest
- * equality, concurrent readers, raft fsm glue. */
+ * equality, concurrent readers, the raft fsm's store side. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -807,27 +807,24 @@ static void test_concurrent_readers(void **state)
     dir_remove(&d);
 }
 
-/* ---- raft fsm glue (without a running raft) ----------------------------- */
+/* ---- the raft fsm's store side (src/raft/node.c drives it) -------------- */
 
-static void test_fsm_glue(void **state)
+static void test_fsm_store_side(void **state)
 {
     struct dir d;
     struct kms_store *a, *b;
-    struct raft_fsm fa, fb;
-    struct raft_buffer *bufs = NULL, one;
+    struct raft_buffer *bufs = NULL;
     unsigned n = 0;
-    void *result = NULL;
+    const struct kms_store_result *result = NULL;
     uint8_t da[32], db[32];
     size_t total = 0, off = 0;
+    uint8_t *one;
+    struct kms_err err;
     (void)state;
 
     dir_make(&d);
     a = open_in(&d, "a");
     b = open_in(&d, "b");
-    assert_int_equal(kms_store_fsm_init(a, &fa), 0);
-    assert_int_equal(kms_store_fsm_init(b, &fb), 0);
-    assert_int_equal(fa.version, 3);
-    kms_store_bind_raft(a, NULL);
     for (unsigned i = 1; i <= 20; i++) {
         Kmsd__V1__SealedRecord r = KMSD__V1__SEALED_RECORD__INIT;
         Kmsd__V1__PutRecord pr = KMSD__V1__PUT_RECORD__INIT;
@@ -843,26 +840,26 @@ static void test_fsm_glue(void **state)
         e.op_case = KMSD__V1__ENTRY__OP_PUT_RECORD;
         e.put_record = &pr;
         assert_int_equal(kms_entry_encode(&e, &buf, NULL), 0);
-        assert_int_equal(fa.apply(&fa, &buf, &result), 0);
+        assert_int_equal(kms_store_apply_borrowed(a, i, buf.base, buf.len, &result, NULL), 0);
         assert_non_null(result);
-        assert_int_equal(((struct kms_store_result *)result)->code, i > 15 ? KMS_EEXIST : 0);
+        assert_int_equal(result->code, i > 15 ? KMS_EEXIST : 0);
         raft_free(buf.base);
     }
     assert_int_equal(kms_store_applied_index(a), 20);
     {
         uint8_t bad[8] = {'K', 'E', 1, 0, 0, 0, 0, 0}; /* empty Entry: version 0 */
-        struct raft_buffer buf = {bad, sizeof(bad)};
-        assert_int_equal(fb.apply(&fb, &buf, &result), RAFT_CORRUPT);
+        assert_int_equal(kms_store_apply_borrowed(b, 1, bad, sizeof(bad), &result, NULL),
+                         KMS_EVERSION);
+        assert_null(result);
         assert_int_equal(kms_store_fatal(b, NULL), KMS_EVERSION);
         kms_store_close(b);
         b = open_in(&d, "b2");
-        assert_int_equal(kms_store_fsm_init(b, &fb), 0);
     }
 
-    /* v3: the raft thread pins, a worker serialises, entries keep coming */
-    assert_int_equal(fa.snapshot(&fa, &bufs, &n), 0);
-    assert_int_equal(n, 0);
-    assert_int_equal(fa.snapshot(&fa, &bufs, &n), RAFT_BUSY);
+    /* The raft thread pins, a worker serialises, entries keep coming. */
+    kms_err_clear(&err);
+    assert_int_equal(kms_store_snapshot_pin(a, 20, &err), 0);
+    assert_int_equal(kms_store_snapshot_pin(a, 20, &err), KMS_EBUSY);
     {
         Kmsd__V1__Noop no = KMSD__V1__NOOP__INIT;
         Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
@@ -871,23 +868,25 @@ static void test_fsm_glue(void **state)
         e.op_case = KMSD__V1__ENTRY__OP_NOOP;
         e.noop = &no;
         assert_int_equal(kms_entry_encode(&e, &buf, NULL), 0);
-        assert_int_equal(fa.apply(&fa, &buf, &result), 0); /* index 21, after the pin */
+        assert_int_equal(kms_store_apply_borrowed(a, 21, buf.base, buf.len, &result, NULL), 0);
         raft_free(buf.base);
     }
-    assert_int_equal(fa.snapshot_async(&fa, &bufs, &n), 0);
+    assert_int_equal(kms_store_snapshot_pinned(a, &bufs, &n, NULL), 0);
     assert_true(n > 0);
     for (unsigned i = 0; i < n; i++) {
         total += bufs[i].len;
     }
-    one.base = raft_malloc(total);
-    one.len = total;
+    one = malloc(total);
+    assert_non_null(one);
     for (unsigned i = 0; i < n; i++) {
-        memcpy((uint8_t *)one.base + off, bufs[i].base, bufs[i].len);
+        memcpy(one + off, bufs[i].base, bufs[i].len);
         off += bufs[i].len;
     }
-    assert_int_equal(fa.snapshot_finalize(&fa, &bufs, &n), 0);
-    assert_null(bufs);
-    assert_int_equal(fb.restore(&fb, &one), 0); /* frees one.base */
+    kms_store_snapshot_free(bufs, n);
+    kms_store_snapshot_unpin(a);
+    assert_int_equal(kms_store_snapshot_pinned(a, &bufs, &n, NULL), KMS_EINVAL);
+    assert_int_equal(kms_store_restore(b, one, total, NULL, NULL), 0);
+    free(one);
     assert_int_equal(kms_store_applied_index(b), 20); /* the pinned state */
     digest(a, da);
     digest(b, db);
@@ -908,7 +907,7 @@ int main(void)
         cmocka_unit_test(test_restore_older_skipped),
         cmocka_unit_test(test_same_entries_same_digest),
         cmocka_unit_test(test_concurrent_readers),
-        cmocka_unit_test(test_fsm_glue),
+        cmocka_unit_test(test_fsm_store_side),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,88 @@
+/*
+ * raft_glue: the only place that reads or writes libraft's internals
+ * (struct raft fields, raft_io hooks, the vote rule). Written against
+ * cowsql/raft 0.22.1 (Debian libraft-dev 0.22.1-1~bpo12+1); every function
+ * says which field it touches. Re-read each of them on a library upgrade:
+ * CMake refuses raft < 0.22, but a newer 0.x may move a field.
+ *
+ * Only node.c includes this header. Everything here runs on the raft
+ * thread (the thread running the loop that owns the struct raft).
+ */
+#ifndef KMS_RAFT_GLUE_H
+#define KMS_RAFT_GLUE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <raft.h>
+#include <uv.h>
+
+#define KMS_GLUE_DEFER_MAX 64
+
+/* Decides whether a message passes: false drops it. For a dropped send the
+ * glue reports success to raft on the next loop iteration, as if the
+ * network had lost it. */
+typedef bool (*kms_glue_filter_cb)(void *data, const struct raft_message *m);
+
+/* Owns the raft_io (raft_uv_init fills it, the glue wraps start and send).
+ * Embedded in struct kms_raft; must not move once wrapped. */
+struct kms_glue {
+    struct raft_io io;
+    void *data;
+    kms_glue_filter_cb recv_filter_cb; /* NULL = pass all */
+    kms_glue_filter_cb send_filter_cb;
+    int (*start_orig)(struct raft_io *, unsigned, raft_io_tick_cb, raft_io_recv_cb);
+    raft_io_recv_cb recv_orig;
+    int (*send_orig)(struct raft_io *, struct raft_io_send *, const struct raft_message *,
+                     raft_io_send_cb);
+    uv_timer_t defer_timer;      /* fires dropped sends' callbacks */
+    bool defer_init;
+    struct {
+        struct raft_io_send *req;
+        raft_io_send_cb cb;
+    } defer[KMS_GLUE_DEFER_MAX];
+    size_t n_defer;
+};
+
+/* Wraps g->io.start and g->io.send (call after raft_uv_init, before
+ * raft_init) and initialises the defer timer on `loop`. */
+void kms_glue_io_wrap(struct kms_glue *g, uv_loop_t *loop, void *data,
+                      kms_glue_filter_cb recv_filter, kms_glue_filter_cb send_filter);
+/* Closes the defer timer (after raft closed the io); fires pending
+ * callbacks with RAFT_CANCELED first. */
+void kms_glue_io_close(struct kms_glue *g);
+
+/* enum kms_raft_role of raft_state(). */
+int kms_glue_role(struct raft *raft);
+/* raft->current_term, raft->commit_index. */
+uint64_t kms_glue_term(const struct raft *raft);
+uint64_t kms_glue_commit(const struct raft *raft);
+/* Follower: raft->follower_state.current_leader.id (0 otherwise). */
+uint64_t kms_glue_follower_leader(const struct raft *raft);
+/* Follower: forget the leader (current_leader.id = 0; raft keeps and
+ * later frees the address), so raft's vote rule ("reject while a leader is
+ * known", recv_request_vote.c) considers a vote. kmsd's own promise rule
+ * (lease.h) decides when that is allowed. */
+void kms_glue_forget_leader(struct raft *raft);
+/* raft->transfer != NULL (legacy layer: a leadership transfer pending). */
+bool kms_glue_transfer_pending(const struct raft *raft);
+
+/* raft->configuration: voter ids (up to max), returns how many. */
+size_t kms_glue_voters(const struct raft *raft, uint64_t *ids, size_t max);
+/* raft->configuration: number of servers. */
+size_t kms_glue_n_members(const struct raft *raft);
+/* raft->configuration.servers[i]: id, address, kms member role. */
+bool kms_glue_member_at(const struct raft *raft, size_t i, uint64_t *id, const char **address,
+                        int *role);
+/* raft->configuration lookup by id; address/role may be NULL. */
+bool kms_glue_member_find(const struct raft *raft, uint64_t id, const char **address, int *role);
+
+/* RequestVote fields of a message: false if it is not one. */
+bool kms_glue_msg_vote(const struct raft_message *m, uint64_t *term, bool *pre_vote,
+                       bool *disrupt);
+
+/* AppendEntries / InstallSnapshot (a leader's message): its term. */
+bool kms_glue_msg_from_leader(const struct raft_message *m, uint64_t *term);
+
+#endif /* KMS_RAFT_GLUE_H */
