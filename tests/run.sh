@@ -2,6 +2,7 @@
 # Runs every kmsd test. This is the README's test command and what .ci/run
 # calls. It installs dependencies (deploy/install-deps.sh, idempotent),
 # builds the Release and ASan+UBSan presets with -Werror, runs ctest on both,
+# runs the Jepsen CI subset against the Release build (tests/jepsen/ci.sh),
 # then builds the libFuzzer targets with clang and runs each for
 # KMS_FUZZ_SECONDS (default 20). Exits non-zero on any failure.
 #
@@ -33,6 +34,14 @@ for p in $presets; do
   echo "=== test $p"
   # shellcheck disable=SC2086
   ctest --test-dir "build/$p" --output-on-failure -j "$jobs" ${KMS_CTEST_ARGS:-}
+  if [ "$p" = release ] && [ "${KMS_SKIP_JEPSEN:-0}" != 1 ]; then
+    # Jepsen-style fault-injection suite, CI subset, against this Release
+    # build (tests/jepsen/ci.sh, about 8 minutes, needs root for network
+    # namespaces). Fails the run on any violation or harness error.
+    # KMS_SKIP_JEPSEN=1 skips it explicitly (e.g. a developer box without root).
+    echo "=== jepsen (CI subset)"
+    tests/jepsen/ci.sh
+  fi
 done
 
 if [ "$quick" = 1 ]; then

@@ -25,6 +25,10 @@ GENPKI = os.path.join(SRC, "deploy", "gen-pki.sh")
 TALOS_PORT, CLUSTER_PORT, RAFT_PORT, HTTP_PORT = 4050, 4051, 4052, 4053
 
 
+class NoService(RuntimeError):
+    """kmsd is up and unsealed but its Talos listener never opened."""
+
+
 def now_ns():
     return time.monotonic_ns()
 
@@ -41,6 +45,7 @@ class Cluster:
         self.log = log or (lambda *a, **k: None)
         self.pki = os.path.join(run_dir, "pki")
         self.data_override = {}         # node -> data dir (e.g. a loop mount)
+        self.node_env = {}              # node -> extra environment (LD_PRELOAD shims)
 
     # ---- files
     def node_dir(self, i):
@@ -106,6 +111,7 @@ class Cluster:
         logf.flush()
         e = dict(os.environ)
         e.pop("LD_PRELOAD", None)
+        e.update(self.node_env.get(i, {}))
         if env:
             e.update(env)
         cmd = ["ip", "netns", "exec", net.ns(i), *wrapper, KMSD, "--config", self.cfg(i)]
@@ -300,4 +306,5 @@ class Cluster:
         while time.time() < end and not all(self.talos_open(i) for i in self.members):
             time.sleep(0.1)
         if not all(self.talos_open(i) for i in self.members):
-            raise RuntimeError("Talos listeners did not open after unseal")
+            closed = [i for i in self.members if not self.talos_open(i)]
+            raise NoService(f"Talos listeners of nodes {closed} did not open within 20 s of unseal")

@@ -206,6 +206,33 @@ def sc_kill_all(x, win):
     x.window("end")
 
 
+def sc_powerloss(x, win):
+    """Every node SIGKILLed at once; each store loses what RocksDB had not
+    fsynced (synclog.so + powerloss.py, seeded torn tails); restart, unseal."""
+    import powerloss
+    x.window("start")
+    end = time.monotonic() + win
+    k = 0
+    while time.monotonic() < end - 6 and k < 4:
+        k += 1
+        x.sleep(x.rng.uniform(1.5, 3.5))
+        x.log("power-cut")
+        for i in x.members:
+            x.c.signal(i, signal.SIGKILL)
+        for i in x.members:
+            x.c._reap(i, 10)
+        for i in x.members:
+            cuts = powerloss.powerloss(x.c.data_dir(i), os.path.join(x.c.node_dir(i), "synclog.txt"),
+                                       x.rng.randrange(1 << 30))
+            x.log("powerloss", node=i, cut_files=len(cuts),
+                  lost_bytes=sum(c["size"] - c["kept"] for c in cuts))
+        for i in x.members:
+            x.c.start(i)
+        for i in x.members:
+            x.c.unseal(i, timeout=60)
+    x.window("end")
+
+
 def sc_pause_leader(x, win):
     x.window("start")
     end = time.monotonic() + win
@@ -440,15 +467,29 @@ def sc_enospc(x, win):
                    capture_output=True)
     df = subprocess.run(["df", "-k", mnt], capture_output=True, text=True).stdout.split("\n")[1]
     x.log("enospc", node=victim, df=df)
-    # also make the victim the leader for part of the window if it is alive
-    x.sleep(win / 2)
+    # make the victim the leader for part of the window if it is alive
+    x.sleep(win / 3)
     if x.c.running(victim):
         cur = x.c.leader(x.members)
         if cur and cur != victim:
             x.c.ctl(cur, "operator", "members", "transfer-leader", "--id", str(victim), "-o", "json")
             x.log("transfer-leader", to=victim)
-    x.sleep(win / 2 - 1)
+    x.sleep(win / 3)
     crashed = not x.c.running(victim)
+    # raft segments and the RocksDB WAL are preallocated, so a running node
+    # may not hit ENOSPC within the window: also restart it on the full disk
+    x.c.kill9(victim)
+    x.c.start(victim)
+    try:
+        x.c.unseal(victim, timeout=8)
+        unsealed = True
+    except RuntimeError:
+        unsealed = False
+    x.sleep(2)
+    x.extra["enospc_restart"] = {"running": x.c.running(victim), "rc": x.c.exit_code(victim),
+                                 "unsealed": unsealed, "talos_open": x.c.talos_open(victim)}
+    x.log("enospc-restart", **x.extra["enospc_restart"])
+    x.sleep(max(0, win / 3 - 3))
     x.extra["enospc_node_crashed"] = crashed
     x.extra["enospc_node_rc"] = x.c.exit_code(victim)
     for f in (filler, filler + "2"):
@@ -510,6 +551,7 @@ SCENARIOS = {
     "bridge": (sc_bridge, 5, 15),
     "kill": (sc_kill, 3, 15),
     "kill-all": (sc_kill_all, 3, 15),
+    "powerloss": (sc_powerloss, 3, 15),
     "pause-leader": (sc_pause_leader, 3, 15),
     "loss": (sc_loss, 3, 12),
     "rolling-restart": (sc_rolling_restart, 3, 0),
@@ -563,7 +605,7 @@ def recover(x):
             pending.discard(i)
     x.extra["recovery_s"] = round(time.monotonic() - t_heal, 2)
     if pending:
-        raise RuntimeError(f"nodes {sorted(pending)} never served Talos after heal")
+        raise cluster.NoService(f"nodes {sorted(pending)} never served Talos after heal")
     # wait for replicas to catch up with the leader's commit index
     l = x.c.wait_leader(x.members, timeout=20)
     if not l:
@@ -692,13 +734,24 @@ def inner(args):
     try:
         if args.scenario == "leader-f1" and args.nodes != 5:
             raise Skip("leader-f1 needs --nodes 5")
+        if args.scenario == "powerloss":
+            so = os.path.abspath(os.path.join(run_dir, "..", "synclog.so"))
+            for i in x.members:
+                x.c.node_env[i] = {"LD_PRELOAD": so,
+                                   "JP_SYNC_LOG": os.path.join(x.c.node_dir(i), "synclog.txt")}
         if args.scenario == "enospc":
             x.loop_node = 1 + (args.seed % args.nodes)
             x.loop_mnt = args.loop_mnt or None
             if not x.loop_mnt:
                 raise Skip("no loop mount prepared")
             x.c.data_override[x.loop_node] = os.path.join(x.loop_mnt, "data")
-        x.c.bootstrap()
+        try:
+            x.c.bootstrap()
+        except cluster.NoService as e:
+            # kmsd came up and unsealed but never served Talos: a liveness
+            # failure of kmsd, not of the harness
+            x.check("every node serves Talos within 20 s of being unsealed", False, str(e))
+            raise
         x.log("bootstrapped", leader=x.c.leader(x.members))
         poll_stop = threading.Event()
         poller = threading.Thread(target=status_poller, args=(x, poll_stop), daemon=True)
@@ -752,6 +805,12 @@ def inner(args):
         failed_checks = [c for c in x.checks if not c["ok"]]
         result["status"] = "pass" if r["valid"] and not failed_checks else "fail"
         rc = 0 if result["status"] == "pass" else 1
+    except cluster.NoService as e:
+        st = {i: x.c.status(i) for i in x.members}
+        result.update(status="fail", error=str(e), checks=x.checks, extra=x.extra,
+                      counts={}, status_at_failure={i: s and {k: s.get(k) for k in (
+                          "role", "term", "lease", "sealed", "applied_index")} for i, s in st.items()})
+        rc = 1
     except Skip as e:
         result.update(status="skip", reason=str(e))
         rc = SKIP
@@ -776,11 +835,12 @@ def inner(args):
 # ------------------------------------------------------------------- outer
 def build_tools(out):
     os.makedirs(out, exist_ok=True)
-    so = os.path.join(out, "clockrate.so")
-    src = os.path.join(HERE, "clockrate.c")
-    if not os.path.exists(so) or os.path.getmtime(so) < os.path.getmtime(src):
-        subprocess.run(["gcc", "-O2", "-Wall", "-Wno-nonnull-compare", "-shared", "-fPIC", "-o",
-                        so, src, "-ldl", "-lpthread"], check=True)
+    for name in ("clockrate", "synclog"):
+        so = os.path.join(out, f"{name}.so")
+        src = os.path.join(HERE, f"{name}.c")
+        if not os.path.exists(so) or os.path.getmtime(so) < os.path.getmtime(src):
+            subprocess.run(["gcc", "-O2", "-Wall", "-Wno-nonnull-compare", "-shared", "-fPIC", "-o",
+                            so, src, "-ldl", "-lpthread"], check=True)
 
 
 def summary_line(res):
@@ -868,6 +928,8 @@ def outer(args):
         print(f"SKIP {args.scenario}: {res.get('reason')}")
     elif st in ("pass", "fail"):
         print(summary_line(res) + f" wall={res['wall_s']}s")
+        if res.get("error"):
+            print(f"  kmsd failure: {res['error']}; node status: {json.dumps(res.get('status_at_failure'))}")
         for c in res.get("checks", []):
             if not c["ok"]:
                 print(f"  check FAILED: {c['name']}: {c['detail']}")

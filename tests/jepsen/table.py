@@ -25,6 +25,8 @@ def main():
             notes.append(f"EIO node crashed={ex['eio_node_crashed']} rc={ex.get('eio_node_rc')}")
         if "enospc_node_crashed" in ex:
             notes.append(f"ENOSPC node crashed={ex['enospc_node_crashed']} rc={ex.get('enospc_node_rc')}")
+        if "enospc_restart" in ex:
+            notes.append(f"restart on full disk: {ex['enospc_restart']}")
         if "clock" in ex:
             notes.append("clock rates " + ", ".join(f"n{k}x{v}" for k, v in ex["clock"].items()))
         if "members_after" in ex:
