@@ -564,6 +564,15 @@ SCENARIOS = {
 
 
 # ------------------------------------------------------------ final phase
+def last_log_line(x, i):
+    try:
+        with open(os.path.join(x.c.node_dir(i), "kmsd.log"), errors="replace") as f:
+            lines = [l.strip() for l in f if l.strip()]
+        return lines[-1][:300] if lines else ""
+    except OSError:
+        return ""
+
+
 def recover(x):
     """Heal everything, restart dead nodes, wait until every member serves."""
     net.heal()
@@ -580,8 +589,18 @@ def recover(x):
     x.log("recover-start")
     for i in x.members:
         if not x.c.running(i):
-            x.log("restart-dead", node=i, rc=x.c.exit_code(i))
-            x.restart(i)
+            for attempt in range(3):
+                x.log("restart-dead", node=i, rc=x.c.exit_code(i), attempt=attempt)
+                try:
+                    x.restart(i)
+                    break
+                except RuntimeError as e:
+                    x.log("restart-failed", node=i, error=str(e), rc=x.c.exit_code(i))
+                    x.c.kill9(i)
+                    time.sleep(2)
+            else:
+                raise cluster.NoService(f"node {i} does not start after the fault was removed "
+                                        f"(rc {x.c.exit_code(i)}): {last_log_line(x, i)}")
     for i in x.members:
         st = x.c.status(i)
         if st and st.get("sealed"):
