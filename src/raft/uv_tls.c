@@ -1482,11 +1482,3 @@ void kms_transport_tls_set_hooks(struct raft_uv_transport *t,
         memset(&tt->hooks, 0, sizeof tt->hooks);
     }
 }
-
-/* Placeholder until the stamping proxy lands: hooks are accepted, no stamp
- * is sent or read (so no lease is granted). */
-void kms_transport_tls_set_hooks(struct raft_uv_transport *t, const struct kms_transport_hooks *hooks)
-{
-    (void)t;
-    (void)hooks;
-}
