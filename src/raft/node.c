@@ -663,6 +663,13 @@ static bool send_filter_cb(void *data, const struct raft_message *m)
     return vote_filter(data, m, false);
 }
 
+/* Role changes (and the term-start barrier) are noticed right after raft
+ * processed the message that caused them. */
+static void after_recv_cb(void *data)
+{
+    lease_update(data);
+}
+
 static bool stamp_out_cb(void *data, uint64_t peer_id, struct kms_transport_stamp *s)
 {
     struct kms_raft *r = data;
@@ -689,7 +696,10 @@ static void stamp_in_cb(void *data, uint64_t peer_id, const struct kms_transport
     if ((s->flags & KMS_STAMP_LEADER) != 0 && s->term >= v.term) {
         r->contact_us = arrival_us;
     }
-    lease_update(r);
+    /* Inside the transport's read callback: only recompute and publish
+     * (lease_update may start a barrier, which must not happen here). */
+    atomic_store_explicit(&r->lease_until_us, kms_lease_compute(&r->lease, kms_mono_us(), &v),
+                          memory_order_release);
 }
 
 /* Incoming raft connections only from members, or from anyone while this
@@ -1234,7 +1244,7 @@ int kms_raft_start(const struct kms_raft_config *cfg, struct kms_store *store,
         goto fail_transport;
     }
     raft_uv_set_connect_retry_delay(&r->glue.io, 250);
-    kms_glue_io_wrap(&r->glue, &r->loop, r, recv_filter_cb, send_filter_cb);
+    kms_glue_io_wrap(&r->glue, &r->loop, r, recv_filter_cb, send_filter_cb, after_recv_cb);
     {
         struct kms_lease_config lc;
         memset(&lc, 0, sizeof(lc));

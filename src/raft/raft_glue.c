@@ -21,6 +21,9 @@ static void glue_recv_cb(struct raft_io *io, struct raft_message *m)
         return;
     }
     g->recv_orig(io, m);
+    if (g->after_recv_cb != NULL) {
+        g->after_recv_cb(g->data);
+    }
 }
 
 static int glue_start(struct raft_io *io, unsigned msecs, raft_io_tick_cb tick,
@@ -64,8 +67,10 @@ static int glue_send(struct raft_io *io, struct raft_io_send *req, const struct 
 }
 
 void kms_glue_io_wrap(struct kms_glue *g, uv_loop_t *loop, void *data,
-                      kms_glue_filter_cb recv_filter, kms_glue_filter_cb send_filter)
+                      kms_glue_filter_cb recv_filter, kms_glue_filter_cb send_filter,
+                      void (*after_recv)(void *data))
 {
+    g->after_recv_cb = after_recv;
     g->data = data;
     g->recv_filter_cb = recv_filter;
     g->send_filter_cb = send_filter;

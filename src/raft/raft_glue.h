@@ -32,6 +32,7 @@ struct kms_glue {
     void *data;
     kms_glue_filter_cb recv_filter_cb; /* NULL = pass all */
     kms_glue_filter_cb send_filter_cb;
+    void (*after_recv_cb)(void *data);  /* after raft processed a message */
     int (*start_orig)(struct raft_io *, unsigned, raft_io_tick_cb, raft_io_recv_cb);
     raft_io_recv_cb recv_orig;
     int (*send_orig)(struct raft_io *, struct raft_io_send *, const struct raft_message *,
@@ -48,7 +49,8 @@ struct kms_glue {
 /* Wraps g->io.start and g->io.send (call after raft_uv_init, before
  * raft_init) and initialises the defer timer on `loop`. */
 void kms_glue_io_wrap(struct kms_glue *g, uv_loop_t *loop, void *data,
-                      kms_glue_filter_cb recv_filter, kms_glue_filter_cb send_filter);
+                      kms_glue_filter_cb recv_filter, kms_glue_filter_cb send_filter,
+                      void (*after_recv)(void *data));
 /* Closes the defer timer (after raft closed the io); fires pending
  * callbacks with RAFT_CANCELED first. */
 void kms_glue_io_close(struct kms_glue *g);
