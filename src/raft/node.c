@@ -629,6 +629,11 @@ static bool vote_filter(struct kms_raft *r, const struct raft_message *m, bool i
         return true;
     }
     if (!kms_lease_vote_allowed(&r->lease, term, now)) {
+        uint64_t left = r->lease.promise_end_us - now;
+        if (incoming && left <= (uint64_t)r->election_ms * 500u) {
+            /* Ends soon: look at it again then rather than losing a round. */
+            kms_glue_hold_vote(&r->glue, m, (unsigned)(left / 1000u) + 2u);
+        }
         if (r->vote_drops++ % 64 == 0) {
             kms_logf(KMS_LOG_INFO, MOD,
                      "%s for term %" PRIu64 " %s node %llu dropped: promised no votes above term "

@@ -19,6 +19,7 @@
 #include <uv.h>
 
 #define KMS_GLUE_DEFER_MAX 64
+#define KMS_GLUE_HOLD_MAX 8
 
 /* Decides whether a message passes: false drops it. For a dropped send the
  * glue reports success to raft on the next loop iteration, as if the
@@ -44,6 +45,13 @@ struct kms_glue {
         raft_io_send_cb cb;
     } defer[KMS_GLUE_DEFER_MAX];
     size_t n_defer;
+    uv_timer_t hold_timer;       /* re-delivers held vote requests */
+    struct {
+        struct raft_message m;   /* a RequestVote: no buffers */
+        char address[256];       /* m.server_address points here */
+        uint64_t due_ms;         /* uv_now() to re-deliver at */
+    } hold[KMS_GLUE_HOLD_MAX];
+    size_t n_hold;
 };
 
 /* Wraps g->io.start and g->io.send (call after raft_uv_init, before
@@ -51,6 +59,12 @@ struct kms_glue {
 void kms_glue_io_wrap(struct kms_glue *g, uv_loop_t *loop, void *data,
                       kms_glue_filter_cb recv_filter, kms_glue_filter_cb send_filter,
                       void (*after_recv)(void *data));
+/* Keeps a copy of an incoming RequestVote the recv filter just refused and
+ * passes it through the filter (and to raft) again `delay_ms` from now:
+ * a vote request that arrives a few milliseconds before this node's
+ * promise ends is not lost for a whole election round. Full = forgotten. */
+void kms_glue_hold_vote(struct kms_glue *g, const struct raft_message *m, unsigned delay_ms);
+
 /* Closes the defer timer (after raft closed the io); fires pending
  * callbacks with RAFT_CANCELED first. */
 void kms_glue_io_close(struct kms_glue *g);
