@@ -1,6 +1,6 @@
 /*
  * kms_transport: a mutual-TLS 1.3 `struct raft_uv_transport` for canonical
- * raft (libraft 0.15, <raft/uv.h>).
+ * raft (cowsql/raft 0.22.1, <raft/uv.h>).
  *
  * Canonical raft reads and writes the uv_stream_t a transport hands it with
  * its own framing. To put TLS under it without touching raft, every
@@ -35,10 +35,31 @@
  *         n bytes: NUL-terminated address, zero padded
  *     The accepting side reads it, checks that the client certificate's CN
  *     is kmsd-node-<claimed id>, and only then hands the connection to raft.
+ *   - If hooks with peer_allowed are installed, the accepting side also
+ *     asks it about the (certificate-verified) claimed id; false = rejected.
  *   - Connections failing any check are dropped, counted as rejected and
- *     logged with kms_log (module "raft"). Connections that do not finish
- *     TCP connect + TLS handshake + preamble within handshake_timeout_ms are
- *     dropped too. Nothing between nodes travels in plaintext.
+ *     logged with kms_log (module "raft", rate limited). Incoming connections
+ *     that do not finish TLS handshake + preamble within handshake_timeout_ms
+ *     are dropped too; outgoing ones that do not finish TCP connect + TLS
+ *     within connect_timeout_ms (short, 2 s by default, so that a peer is
+ *     dialled again soon after a partition heals) fail with
+ *     RAFT_NOCONNECTION. Nothing between nodes travels in plaintext.
+ *
+ * Frame validation (always on, hooks or not): the proxy walks every byte in
+ * both directions with the raft 0.22.1 frame parser of frame.h. Incoming, a
+ * frame's preamble and header are held back until they are complete and
+ * valid: known type (1..6, or the stamp type when stamps were negotiated),
+ * version byte no higher than 0.22.1 sends, reserved preamble bytes zero,
+ * header length exact for the fixed-size messages, AppendEntries header of
+ * exactly 48 + 16 * n_entries bytes (<= 1 MiB) with valid entry types and
+ * 8-byte multiple lengths summing to <= 64 MiB, InstallSnapshot
+ * configuration that decodes within its length (format 1, n servers with
+ * non-zero ids, NUL-terminated addresses, valid roles, zero padding) and
+ * snapshot data <= 1 GiB. A malformed frame closes the connection before
+ * any of its bytes reach raft, is counted in `malformed` and logged (rate
+ * limited). Outgoing, raft's own stream is walked the same way to find
+ * frame starts; a frame raft writes that peers would refuse closes that
+ * connection (`malformed_out`, logged as an error).
  *
  * Addresses: "host:port", "[v6addr]:port" or "hostname:port". Numeric
  * addresses are used as is; hostnames go through uv_getaddrinfo() and the
@@ -50,7 +71,8 @@
  * must ignore SIGPIPE (kms_raft_start() does; tests do it themselves).
  *
  * Threading: everything runs on the thread of the uv loop given to init,
- * including kms_transport_tls_reload(). Only kms_transport_tls_stats() may be
+ * including kms_transport_tls_reload(), kms_transport_tls_set_hooks() and
+ * every hook. Only kms_transport_tls_stats() may be
  * called from any thread (relaxed atomic counters).
  */
 #ifndef KMS_TRANSPORT_H
@@ -75,6 +97,13 @@ struct uv_loop_s;
  * ALPN: the connecting side offers "kmsd-raft/2" then "kmsd-raft/1"; a
  * server that selects "kmsd-raft/2" understands stamp frames. A peer that
  * selects nothing (an older kmsd) gets plain raft frames and no stamps.
+ * The accepting side selects "kmsd-raft/2" whenever it is offered (with or
+ * without hooks: without stamp_in it drops the stamps), else "kmsd-raft/1",
+ * and accepts clients that offer no ALPN at all (older kmsd); such
+ * connections carry no stamps, and a stamp frame on them is malformed.
+ * Stamps are sent only when hooks with stamp_out are installed; stamp_out
+ * and stamp_in are called on the loop thread from inside the transport's
+ * read callbacks (they must not call back into the transport).
  *
  * On a connection where stamps were negotiated, the sending proxy writes one
  * stamp frame immediately before every raft frame it forwards from raft to
@@ -132,7 +161,8 @@ struct kms_transport_tls_config {
     const char *ca_file;     /* PEM cluster CA bundle; required */
     const char *bind_address; /* NULL = listen on the address raft passes to
                                  init (the node's advertised address) */
-    unsigned handshake_timeout_ms; /* TCP connect + TLS + preamble; 0 = 10000 */
+    unsigned handshake_timeout_ms; /* incoming: TLS + preamble; 0 = 10000 */
+    unsigned connect_timeout_ms;   /* outgoing: TCP connect + TLS; 0 = 2000 */
 };
 
 /* Counters for metrics. Monotonic except `active`. */
@@ -145,6 +175,12 @@ struct kms_transport_stats {
     uint64_t connect_failed; /* outgoing attempts that failed (not canceled),
                                 including servers with the wrong identity */
     uint64_t active;         /* connections currently open (any phase) */
+    uint64_t malformed;      /* incoming connections closed for a malformed
+                                frame after hand-over to raft */
+    uint64_t malformed_out;  /* outgoing connections closed because raft
+                                wrote a frame peers would refuse */
+    uint64_t stamps_in;      /* stamp frames received (and cut out) */
+    uint64_t stamps_out;     /* stamp frames sent */
 };
 
 /* Fills *t (caller-allocated, must stay valid and unmoved until

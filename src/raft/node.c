@@ -629,6 +629,11 @@ static bool vote_filter(struct kms_raft *r, const struct raft_message *m, bool i
         return true;
     }
     if (!kms_lease_vote_allowed(&r->lease, term, now)) {
+        uint64_t left = r->lease.promise_end_us - now;
+        if (incoming && left <= (uint64_t)r->election_ms * 500u) {
+            /* Ends soon: look at it again then rather than losing a round. */
+            kms_glue_hold_vote(&r->glue, m, (unsigned)(left / 1000u) + 2u);
+        }
         if (r->vote_drops++ % 64 == 0) {
             kms_logf(KMS_LOG_INFO, MOD,
                      "%s for term %" PRIu64 " %s node %llu dropped: promised no votes above term "
@@ -663,6 +668,13 @@ static bool send_filter_cb(void *data, const struct raft_message *m)
     return vote_filter(data, m, false);
 }
 
+/* Role changes (and the term-start barrier) are noticed right after raft
+ * processed the message that caused them. */
+static void after_recv_cb(void *data)
+{
+    lease_update(data);
+}
+
 static bool stamp_out_cb(void *data, uint64_t peer_id, struct kms_transport_stamp *s)
 {
     struct kms_raft *r = data;
@@ -689,7 +701,10 @@ static void stamp_in_cb(void *data, uint64_t peer_id, const struct kms_transport
     if ((s->flags & KMS_STAMP_LEADER) != 0 && s->term >= v.term) {
         r->contact_us = arrival_us;
     }
-    lease_update(r);
+    /* Inside the transport's read callback: only recompute and publish
+     * (lease_update may start a barrier, which must not happen here). */
+    atomic_store_explicit(&r->lease_until_us, kms_lease_compute(&r->lease, kms_mono_us(), &v),
+                          memory_order_release);
 }
 
 /* Incoming raft connections only from members, or from anyone while this
@@ -1234,7 +1249,7 @@ int kms_raft_start(const struct kms_raft_config *cfg, struct kms_store *store,
         goto fail_transport;
     }
     raft_uv_set_connect_retry_delay(&r->glue.io, 250);
-    kms_glue_io_wrap(&r->glue, &r->loop, r, recv_filter_cb, send_filter_cb);
+    kms_glue_io_wrap(&r->glue, &r->loop, r, recv_filter_cb, send_filter_cb, after_recv_cb);
     {
         struct kms_lease_config lc;
         memset(&lc, 0, sizeof(lc));

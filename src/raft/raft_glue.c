@@ -3,6 +3,7 @@
  */
 #include "raft_glue.h"
 
+#include <stdio.h>
 #include <string.h>
 
 #include "kms_raft.h"
@@ -21,6 +22,9 @@ static void glue_recv_cb(struct raft_io *io, struct raft_message *m)
         return;
     }
     g->recv_orig(io, m);
+    if (g->after_recv_cb != NULL) {
+        g->after_recv_cb(g->data);
+    }
 }
 
 static int glue_start(struct raft_io *io, unsigned msecs, raft_io_tick_cb tick,
@@ -63,9 +67,57 @@ static int glue_send(struct raft_io *io, struct raft_io_send *req, const struct 
     return g->send_orig(io, req, m, cb);
 }
 
-void kms_glue_io_wrap(struct kms_glue *g, uv_loop_t *loop, void *data,
-                      kms_glue_filter_cb recv_filter, kms_glue_filter_cb send_filter)
+static void glue_hold_timer_cb(uv_timer_t *t)
 {
+    struct kms_glue *g = t->data;
+    uint64_t now = uv_now(t->loop), next = 0;
+    size_t i = 0;
+    while (i < g->n_hold) {
+        if (g->hold[i].due_ms <= now) {
+            struct raft_message m = g->hold[i].m;
+            char address[256];
+            memcpy(address, g->hold[i].address, sizeof(address));
+            m.server_address = address;
+            g->hold[i] = g->hold[g->n_hold - 1];
+            if (i < g->n_hold - 1) {
+                g->hold[i].m.server_address = g->hold[i].address;
+            }
+            g->n_hold--;
+            glue_recv_cb(&g->io, &m);
+            continue; /* the slot now holds another entry */
+        }
+        if (next == 0 || g->hold[i].due_ms < next) {
+            next = g->hold[i].due_ms;
+        }
+        i++;
+    }
+    if (next != 0) {
+        uv_timer_start(&g->hold_timer, glue_hold_timer_cb, next - now, 0);
+    }
+}
+
+void kms_glue_hold_vote(struct kms_glue *g, const struct raft_message *m, unsigned delay_ms)
+{
+    size_t i;
+    uint64_t due;
+    if (!g->defer_init || m->type != RAFT_REQUEST_VOTE || g->n_hold == KMS_GLUE_HOLD_MAX) {
+        return;
+    }
+    i = g->n_hold++;
+    g->hold[i].m = *m;
+    snprintf(g->hold[i].address, sizeof(g->hold[i].address), "%s",
+             m->server_address != NULL ? m->server_address : "");
+    g->hold[i].m.server_address = g->hold[i].address;
+    due = uv_now(g->defer_timer.loop) + delay_ms;
+    g->hold[i].due_ms = due;
+    glue_hold_timer_cb(&g->hold_timer); /* (re)arms for the earliest */
+}
+
+void kms_glue_io_wrap(struct kms_glue *g, uv_loop_t *loop, void *data,
+                      kms_glue_filter_cb recv_filter, kms_glue_filter_cb send_filter,
+                      void (*after_recv)(void *data))
+{
+    g->after_recv_cb = after_recv;
     g->data = data;
     g->recv_filter_cb = recv_filter;
     g->send_filter_cb = send_filter;
@@ -75,6 +127,8 @@ void kms_glue_io_wrap(struct kms_glue *g, uv_loop_t *loop, void *data,
     g->io.send = glue_send;
     uv_timer_init(loop, &g->defer_timer);
     g->defer_timer.data = g;
+    uv_timer_init(loop, &g->hold_timer);
+    g->hold_timer.data = g;
     g->defer_init = true;
 }
 
@@ -88,6 +142,8 @@ void kms_glue_io_close(struct kms_glue *g)
     }
     g->n_defer = 0;
     uv_close((uv_handle_t *)&g->defer_timer, NULL);
+    uv_close((uv_handle_t *)&g->hold_timer, NULL);
+    g->n_hold = 0;
     g->defer_init = false;
 }
 

@@ -19,6 +19,7 @@
 #include <uv.h>
 
 #define KMS_GLUE_DEFER_MAX 64
+#define KMS_GLUE_HOLD_MAX 8
 
 /* Decides whether a message passes: false drops it. For a dropped send the
  * glue reports success to raft on the next loop iteration, as if the
@@ -32,6 +33,7 @@ struct kms_glue {
     void *data;
     kms_glue_filter_cb recv_filter_cb; /* NULL = pass all */
     kms_glue_filter_cb send_filter_cb;
+    void (*after_recv_cb)(void *data);  /* after raft processed a message */
     int (*start_orig)(struct raft_io *, unsigned, raft_io_tick_cb, raft_io_recv_cb);
     raft_io_recv_cb recv_orig;
     int (*send_orig)(struct raft_io *, struct raft_io_send *, const struct raft_message *,
@@ -43,12 +45,26 @@ struct kms_glue {
         raft_io_send_cb cb;
     } defer[KMS_GLUE_DEFER_MAX];
     size_t n_defer;
+    uv_timer_t hold_timer;       /* re-delivers held vote requests */
+    struct {
+        struct raft_message m;   /* a RequestVote: no buffers */
+        char address[256];       /* m.server_address points here */
+        uint64_t due_ms;         /* uv_now() to re-deliver at */
+    } hold[KMS_GLUE_HOLD_MAX];
+    size_t n_hold;
 };
 
 /* Wraps g->io.start and g->io.send (call after raft_uv_init, before
  * raft_init) and initialises the defer timer on `loop`. */
 void kms_glue_io_wrap(struct kms_glue *g, uv_loop_t *loop, void *data,
-                      kms_glue_filter_cb recv_filter, kms_glue_filter_cb send_filter);
+                      kms_glue_filter_cb recv_filter, kms_glue_filter_cb send_filter,
+                      void (*after_recv)(void *data));
+/* Keeps a copy of an incoming RequestVote the recv filter just refused and
+ * passes it through the filter (and to raft) again `delay_ms` from now:
+ * a vote request that arrives a few milliseconds before this node's
+ * promise ends is not lost for a whole election round. Full = forgotten. */
+void kms_glue_hold_vote(struct kms_glue *g, const struct raft_message *m, unsigned delay_ms);
+
 /* Closes the defer timer (after raft closed the io); fires pending
  * callbacks with RAFT_CANCELED first. */
 void kms_glue_io_close(struct kms_glue *g);

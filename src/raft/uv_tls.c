@@ -42,7 +42,9 @@
 #include <openssl/ssl.h>
 #include <uv.h>
 
+#include "frame.h"
 #include "kms_log.h"
+#include "kms_time.h"
 #include "kms_transport.h"
 #include "tls_internal.h"
 
@@ -52,10 +54,23 @@
 #define BUF_SIZE (64 * 1024)    /* per-direction read buffer */
 #define HIGH_WATER (4u * 1024 * 1024)
 #define LOW_WATER (1u * 1024 * 1024)
-#define DEFAULT_HANDSHAKE_MS 10000u
+#define DEFAULT_HANDSHAKE_MS 10000u /* incoming: TLS + preamble */
+#define DEFAULT_CONNECT_MS 2000u    /* outgoing: TCP connect + TLS; short, so a
+                                       partitioned peer is retried soon after
+                                       it heals (raft retries 250 ms after a
+                                       failed connect) */
+#define HOLD_KEEP (64u * 1024)      /* hold buffers larger than this are
+                                       released once empty */
 #define LISTEN_BACKLOG 128
 #define WARN_WINDOW_MS 10000u   /* rejection warnings: at most WARN_BURST */
 #define WARN_BURST 10u          /* per window, the rest are counted */
+
+/* ALPN (kms_transport.h, "Lease stamps"): wire format of the client's offer,
+ * and the protocol names. */
+static const unsigned char ALPN_OFFER[] = "\x0bkmsd-raft/2\x0bkmsd-raft/1";
+#define ALPN_STAMPS "kmsd-raft/2"
+#define ALPN_PLAIN "kmsd-raft/1"
+#define ALPN_NAME_LEN 11u
 
 enum phase { PH_RESOLVE, PH_CONNECT, PH_HANDSHAKE, PH_PREAMBLE, PH_PROXY };
 
@@ -94,6 +109,16 @@ struct conn {
     SSL *ssl;
     BIO *rbio, *wbio;        /* owned by ssl */
 
+    /* Frame walk of the proxied stream: raft's outbound bytes (outgoing) or
+     * the peer's (incoming). */
+    struct kms_frame_parser parser;
+    bool stamps;             /* outgoing: write stamps; incoming: "kmsd-raft/2" */
+    /* Incoming: bytes read from TLS not yet queued to raft. The first
+     * hold_ok are validated (complete headers, payload); the rest belong to
+     * a preamble/header still being checked. malloc'ed, owned by the conn. */
+    uint8_t *hold;
+    size_t hold_len, hold_ok, hold_cap;
+
     /* Incoming preamble. */
     unsigned char pre[3 * 8];
     size_t pre_got;
@@ -111,7 +136,9 @@ struct tls_transport {
     raft_id id;
     char address[ADDRESS_MAX];
     char bind_address[ADDRESS_MAX]; /* "" = use address */
-    unsigned handshake_ms;
+    unsigned handshake_ms;   /* incoming set-up deadline */
+    unsigned connect_ms;     /* outgoing set-up deadline */
+    struct kms_transport_hooks hooks; /* all NULL = none */
     raft_uv_accept_cb accept_cb;
     uv_tcp_t listener;
     bool listener_open;
@@ -122,6 +149,7 @@ struct tls_transport {
     unsigned warn_in_window;
     unsigned warn_suppressed;
     _Atomic uint64_t accepted, rejected, connected, connect_failed, active;
+    _Atomic uint64_t malformed, malformed_out, stamps_in, stamps_out;
 };
 
 /* A write request with its payload; freed in the write callback. */
@@ -154,6 +182,40 @@ static void put64le(unsigned char *p, uint64_t v)
     for (int i = 0; i < 8; i++) {
         p[i] = (unsigned char)(v >> (8 * i));
     }
+}
+
+/* Whether the TLS handshake of c selected "kmsd-raft/2". */
+static bool alpn_has_stamps(const SSL *ssl)
+{
+    const unsigned char *p = NULL;
+    unsigned len = 0;
+    SSL_get0_alpn_selected(ssl, &p, &len);
+    return len == ALPN_NAME_LEN && memcmp(p, ALPN_STAMPS, ALPN_NAME_LEN) == 0;
+}
+
+/* Server side ALPN (OpenSSL callback, loop thread): "kmsd-raft/2" when
+ * offered, else "kmsd-raft/1"; a client offering neither still gets in
+ * (NOACK: no protocol selected), as does one offering no ALPN at all (then
+ * OpenSSL does not call this). *out points into `in`. */
+static int alpn_select_cb(SSL *ssl, const unsigned char **out, unsigned char *outlen,
+                          const unsigned char *in, unsigned int inlen, void *arg)
+{
+    const char *want[2] = {ALPN_STAMPS, ALPN_PLAIN};
+    unsigned i, k;
+    (void)ssl;
+    (void)arg;
+
+    for (k = 0; k < 2; k++) {
+        for (i = 0; i < inlen; i += 1u + in[i]) {
+            if (in[i] == ALPN_NAME_LEN && i + 1u + in[i] <= inlen &&
+                memcmp(in + i + 1, want[k], ALPN_NAME_LEN) == 0) {
+                *out = in + i + 1;
+                *outlen = (unsigned char)ALPN_NAME_LEN;
+                return SSL_TLSEXT_ERR_OK;
+            }
+        }
+    }
+    return SSL_TLSEXT_ERR_NOACK;
 }
 
 /* Splits "host:port" or "[v6]:port" into host and port strings. */
@@ -271,6 +333,7 @@ static void conn_finish(struct conn *c)
         }
     }
     SSL_free(c->ssl);
+    free(c->hold);
     free(c);
     if (cb != NULL) {
         cb(req, NULL, status);
@@ -477,10 +540,86 @@ static void inner_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
     *buf = uv_buf_init(c->inner_buf, sizeof c->inner_buf);
 }
 
+/* Hands len bytes to SSL. Returns 0, or -1 after closing the conn. */
+static int ssl_write_all(struct conn *c, const void *data, size_t len)
+{
+    if (len == 0) {
+        return 0;
+    }
+    ERR_clear_error();
+    if (SSL_write(c->ssl, data, (int)len) != (int)len) {
+        conn_fail_tls(c, "TLS write");
+        return -1;
+    }
+    return 0;
+}
+
+/* Asks the hooks for a stamp and hands its frame to SSL, just before the
+ * raft frame starting now. Returns 0, or -1 after closing the conn. */
+static int stamp_write(struct conn *c)
+{
+    struct tls_transport *tt = c->tt;
+    struct kms_transport_stamp s;
+    struct kms_frame_stamp fs;
+    uint8_t frame[KMS_FRAME_STAMP_SIZE];
+
+    memset(&s, 0, sizeof s);
+    if (!tt->hooks.stamp_out(tt->hooks.data, c->peer_id, &s)) {
+        return 0;
+    }
+    fs.sent_us = s.sent_us;
+    fs.echo_us = s.echo_us;
+    fs.term = s.term;
+    fs.flags = s.flags;
+    fs.lease_rem_us = s.lease_rem_us;
+    fs.commit = s.commit;
+    kms_frame_stamp_encode(&fs, frame);
+    if (ssl_write_all(c, frame, sizeof frame) != 0) {
+        return -1;
+    }
+    count(&tt->stamps_out, 1);
+    return 0;
+}
+
+/* Raft to peer: walks raft's bytes with the parser (raft's own output is
+ * checked like a peer's, so a frame the receiver would refuse is stopped
+ * here) and, when stamps were negotiated, writes a stamp before each frame.
+ * Returns 0, or -1 after closing the conn. */
+static int proxy_to_peer(struct conn *c, const uint8_t *data, size_t len)
+{
+    struct tls_transport *tt = c->tt;
+    enum kms_frame_event ev;
+    size_t seg = 0; /* first byte not yet handed to SSL */
+    size_t i = 0;
+    size_t used;
+    char id[24];
+
+    while (i < len) {
+        if (c->stamps && kms_frame_parser_at_start(&c->parser)) {
+            if (ssl_write_all(c, data + seg, i - seg) != 0 || stamp_write(c) != 0) {
+                return -1;
+            }
+            seg = i;
+        }
+        if (kms_frame_parser_feed(&c->parser, data + i, len - i, &used, &ev) != 0) {
+            count(&tt->malformed_out, 1);
+            if (warn_allowed(tt)) {
+                snprintf(id, sizeof id, "%" PRIu64, (uint64_t)c->peer_id);
+                kms_log(KMS_LOG_ERROR, MOD, "raft transport: raft sent a frame peers refuse",
+                        "peer", c->peer, "peer_id", id, "reason",
+                        kms_frame_parser_error(&c->parser), NULL);
+            }
+            conn_close(c);
+            return -1;
+        }
+        i += used;
+    }
+    return ssl_write_all(c, data + seg, len - seg);
+}
+
 static void inner_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
 {
     struct conn *c = stream->data;
-    int rv;
 
     if (nread == 0 || c->closing) {
         return;
@@ -493,10 +632,7 @@ static void inner_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *bu
         conn_fail(c, KMS_LOG_DEBUG, nread == UV_EOF ? "closed by raft" : uv_strerror((int)nread));
         return;
     }
-    ERR_clear_error();
-    rv = SSL_write(c->ssl, buf->base, (int)nread);
-    if (rv != (int)nread) {
-        conn_fail_tls(c, "TLS write");
+    if (proxy_to_peer(c, (const uint8_t *)buf->base, (size_t)nread) != 0) {
         return;
     }
     flush_tls(c);
@@ -554,11 +690,122 @@ static void tcp_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
 
 /* Decrypts what is available and queues it to raft, stopping TCP reads while
  * raft's side is backed up. */
+/* A peer sent a frame raft must not see: close, count, warn (rate limited). */
+static void conn_malformed(struct conn *c, const char *why)
+{
+    struct tls_transport *tt = c->tt;
+    char id[24];
+
+    count(&tt->malformed, 1);
+    if (!tt->closing && warn_allowed(tt)) {
+        snprintf(id, sizeof id, "%" PRIu64, (uint64_t)c->peer_id);
+        kms_log(KMS_LOG_WARN, MOD, "raft transport: malformed frame, connection closed",
+                "peer", c->peer, "peer_id", id, "reason", why, NULL);
+    }
+    conn_close(c);
+}
+
+/* Appends n bytes to the hold buffer. Returns 0 or -1 (out of memory). */
+static int hold_append(struct conn *c, const uint8_t *data, size_t n)
+{
+    size_t cap = c->hold_cap;
+    uint8_t *p;
+
+    if (c->hold_len + n > cap) {
+        if (cap == 0) {
+            cap = 16 * 1024;
+        }
+        while (cap < c->hold_len + n) {
+            cap *= 2;
+        }
+        p = realloc(c->hold, cap);
+        if (p == NULL) {
+            return -1;
+        }
+        c->hold = p;
+        c->hold_cap = cap;
+    }
+    memcpy(c->hold + c->hold_len, data, n);
+    c->hold_len += n;
+    return 0;
+}
+
+/* Delivers the stamp the parser just decoded. */
+static void stamp_deliver(struct conn *c, uint64_t arrival_us)
+{
+    struct tls_transport *tt = c->tt;
+    const struct kms_frame_stamp *fs = &c->parser.info.stamp;
+    struct kms_transport_stamp s;
+
+    count(&tt->stamps_in, 1);
+    if (tt->hooks.stamp_in == NULL) {
+        return;
+    }
+    s.sent_us = fs->sent_us;
+    s.echo_us = fs->echo_us;
+    s.term = fs->term;
+    s.flags = fs->flags;
+    s.lease_rem_us = fs->lease_rem_us;
+    s.commit = fs->commit;
+    tt->hooks.stamp_in(tt->hooks.data, c->peer_id, &s, arrival_us);
+}
+
+/* Peer to raft: runs len decrypted bytes through the parser. Raft frames'
+ * bytes are held until their header is validated, then queued to raft with
+ * their payload; stamp frames are cut out and given to stamp_in. Returns 0,
+ * or -1 after closing the conn. */
+static int proxy_deliver(struct conn *c, const uint8_t *data, size_t len)
+{
+    enum kms_frame_event ev;
+    size_t used;
+    bool payload;
+    int rv = 0;
+
+    while (len > 0) {
+        payload = kms_frame_parser_in_payload(&c->parser);
+        if (kms_frame_parser_feed(&c->parser, data, len, &used, &ev) != 0) {
+            conn_malformed(c, kms_frame_parser_error(&c->parser));
+            rv = -1;
+            goto out;
+        }
+        if (hold_append(c, data, used) != 0) {
+            conn_fail(c, KMS_LOG_ERROR, "out of memory");
+            rv = -1;
+            goto out;
+        }
+        data += used;
+        len -= used;
+        if (payload || ev == KMS_FRAME_EV_HEADER) {
+            c->hold_ok = c->hold_len; /* validated: may go to raft */
+        } else if (ev == KMS_FRAME_EV_STAMP) {
+            c->hold_len = c->hold_ok; /* cut out: raft never sees it */
+            stamp_deliver(c, kms_mono_us());
+        }
+    }
+    if (c->hold_ok > 0) {
+        rv = queue_write(c, (uv_stream_t *)&c->inner, c->hold, c->hold_ok, inner_write_cb);
+        if (rv != 0) {
+            conn_fail(c, KMS_LOG_DEBUG, uv_strerror(rv));
+            rv = -1;
+            goto out;
+        }
+        memmove(c->hold, c->hold + c->hold_ok, c->hold_len - c->hold_ok);
+        c->hold_len -= c->hold_ok;
+        c->hold_ok = 0;
+    }
+    if (c->hold_len == 0 && c->hold_cap > HOLD_KEEP) {
+        free(c->hold);
+        c->hold = NULL;
+        c->hold_cap = 0;
+    }
+out:
+    return rv;
+}
+
 static void proxy_to_raft(struct conn *c)
 {
     char chunk[16 * 1024];
     int n;
-    int rv;
 
     for (;;) {
         if (uv_stream_get_write_queue_size((uv_stream_t *)&c->inner) > HIGH_WATER) {
@@ -571,9 +818,7 @@ static void proxy_to_raft(struct conn *c)
         ERR_clear_error();
         n = SSL_read(c->ssl, chunk, sizeof chunk);
         if (n > 0) {
-            rv = queue_write(c, (uv_stream_t *)&c->inner, chunk, (size_t)n, inner_write_cb);
-            if (rv != 0) {
-                conn_fail(c, KMS_LOG_DEBUG, uv_strerror(rv));
+            if (proxy_deliver(c, (const uint8_t *)chunk, (size_t)n) != 0) {
                 return;
             }
             continue;
@@ -662,6 +907,10 @@ static void outgoing_established(struct conn *c)
         conn_fail(c, KMS_LOG_WARN, reason);
         return;
     }
+    /* Stamps only if the server selected "kmsd-raft/2" and there is
+     * someone to ask for them; an older server selects nothing. */
+    c->stamps = tt->hooks.stamp_out != NULL && alpn_has_stamps(c->ssl);
+    kms_frame_parser_init(&c->parser, false); /* raft never writes stamps */
     memset(pre, 0, sizeof pre);
     put64le(pre, KMS_TRANSPORT_PROTOCOL);
     put64le(pre + 8, tt->id);
@@ -754,6 +1003,15 @@ static void incoming_preamble(struct conn *c)
         conn_fail(c, KMS_LOG_WARN, reason);
         return;
     }
+    if (tt->hooks.peer_allowed != NULL && !tt->hooks.peer_allowed(tt->hooks.data, c->peer_id)) {
+        snprintf(reason, sizeof reason, "raft id %" PRIu64 " is not in the configuration",
+                 (uint64_t)c->peer_id);
+        conn_fail(c, KMS_LOG_WARN, reason);
+        return;
+    }
+    /* Stamp frames are legal only if this side selected "kmsd-raft/2". */
+    c->stamps = alpn_has_stamps(c->ssl);
+    kms_frame_parser_init(&c->parser, c->stamps);
     why = proxy_start(c);
     if (why != NULL) {
         conn_fail(c, KMS_LOG_ERROR, why);
@@ -841,7 +1099,7 @@ static struct conn *conn_new(struct tls_transport *tt, bool outgoing)
     c->timer.data = c;
     c->timer_init = true;
     c->n_open++;
-    uv_timer_start(&c->timer, timer_cb, tt->handshake_ms, 0);
+    uv_timer_start(&c->timer, timer_cb, outgoing ? tt->connect_ms : tt->handshake_ms, 0);
     return c;
 }
 
@@ -863,6 +1121,10 @@ static void tls_start(struct conn *c)
     }
     SSL_set_bio(c->ssl, c->rbio, c->wbio);
     if (c->outgoing) {
+        if (SSL_set_alpn_protos(c->ssl, ALPN_OFFER, sizeof ALPN_OFFER - 1) != 0) {
+            conn_fail_tls(c, "SSL_set_alpn_protos");
+            return;
+        }
         SSL_set_connect_state(c->ssl);
     } else {
         SSL_set_accept_state(c->ssl);
@@ -1125,10 +1387,13 @@ int kms_transport_tls_init(struct raft_uv_transport *t, struct uv_loop_s *loop,
     if (rc != 0) {
         goto out;
     }
+    SSL_CTX_set_alpn_select_cb(tt->ctx, alpn_select_cb, NULL);
     tt->t = t;
     tt->loop = loop;
     tt->handshake_ms = cfg->handshake_timeout_ms != 0 ? cfg->handshake_timeout_ms
                                                       : DEFAULT_HANDSHAKE_MS;
+    tt->connect_ms = cfg->connect_timeout_ms != 0 ? cfg->connect_timeout_ms
+                                                  : DEFAULT_CONNECT_MS;
     if (cfg->bind_address != NULL) {
         snprintf(tt->bind_address, sizeof tt->bind_address, "%s", cfg->bind_address);
     }
@@ -1178,6 +1443,7 @@ int kms_transport_tls_reload(struct raft_uv_transport *t, const char *cert, cons
         rc = kms_err_wrap(err, rc, "reload raft TLS");
         goto out;
     }
+    SSL_CTX_set_alpn_select_cb(ctx, alpn_select_cb, NULL);
     SSL_CTX_free(tt->ctx); /* live SSL objects keep their own reference */
     tt->ctx = ctx;
     kms_log(KMS_LOG_INFO, MOD, "raft transport: certificates reloaded", "cert", cert, NULL);
@@ -1197,12 +1463,22 @@ void kms_transport_tls_stats(const struct raft_uv_transport *t, struct kms_trans
     out->connected = atomic_load_explicit(&tt->connected, memory_order_relaxed);
     out->connect_failed = atomic_load_explicit(&tt->connect_failed, memory_order_relaxed);
     out->active = atomic_load_explicit(&tt->active, memory_order_relaxed);
+    out->malformed = atomic_load_explicit(&tt->malformed, memory_order_relaxed);
+    out->malformed_out = atomic_load_explicit(&tt->malformed_out, memory_order_relaxed);
+    out->stamps_in = atomic_load_explicit(&tt->stamps_in, memory_order_relaxed);
+    out->stamps_out = atomic_load_explicit(&tt->stamps_out, memory_order_relaxed);
 }
 
-/* Placeholder until the stamping proxy lands: hooks are accepted, no stamp
- * is sent or read (so no lease is granted). */
-void kms_transport_tls_set_hooks(struct raft_uv_transport *t, const struct kms_transport_hooks *hooks)
+void kms_transport_tls_set_hooks(struct raft_uv_transport *t,
+                                 const struct kms_transport_hooks *hooks)
 {
-    (void)t;
-    (void)hooks;
+    struct tls_transport *tt = t != NULL ? t->impl : NULL;
+    if (tt == NULL) {
+        return;
+    }
+    if (hooks != NULL) {
+        tt->hooks = *hooks;
+    } else {
+        memset(&tt->hooks, 0, sizeof tt->hooks);
+    }
 }
