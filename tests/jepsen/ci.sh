@@ -50,6 +50,8 @@ ci_matrix=(
 full_matrix=(
   "baseline 3"
   "isolate-leader 3"
+  "isolate-leader 3"
+  "isolate-leader 3"
   "isolate-leader 5"
   "isolate-follower 3"
   "split 5"
@@ -59,6 +61,7 @@ full_matrix=(
   "kill 3"
   "kill 5"
   "kill-all 3"
+  "powerloss 3"
   "pause-leader 3"
   "pause-leader 5"
   "loss 3"
@@ -68,6 +71,7 @@ full_matrix=(
   "membership 3"
   "clock-skew 3"
   "clock-skew 5"
+  "clock-skew 3 --clock-slow 0.9 --clock-fast 1.1"
   "disk-eio 3"
   "enospc 3"
   "mixed 5"
@@ -91,10 +95,11 @@ for entry in "${matrix[@]}"; do
   name=$1; nodes=$2; shift 2
   s=$((seed + i)); i=$((i + 1))
   log=$out/$name-n$nodes-s$s.log
+  rm -f "$out/$name-n$nodes-s$s.result.json"
   /usr/bin/python3 $here/run.py --scenario "$name" --seed "$s" --nodes "$nodes" "$@" >"$log" 2>&1
   rc=$?
-  grep -E '^(SKIP|ERROR|kept:|reproduce:|  VIOLATION|  check FAILED|[a-z-]+ n=[0-9])' "$log" | head -20
-  res=$out/$name-n$nodes-s$s/result.json
+  grep -E '^(SKIP|ERROR|kept:|reproduce:|  VIOLATION|  check FAILED|  kmsd failure|[a-z0-9-]+ n=[0-9])' "$log" | head -20
+  res=$out/$name-n$nodes-s$s.result.json
   case $rc in
     0) pass=$((pass + 1)) ;;
     77) skip=$((skip + 1)) ;;
@@ -104,7 +109,7 @@ for entry in "${matrix[@]}"; do
   if [ -f "$res" ]; then
     /usr/bin/python3 -c "import json,sys; r=json.load(open('$res')); r.pop('trace',None); print(json.dumps(r))" >>"$results"
   else
-    echo "{\"scenario\": \"$name\", \"nodes\": $nodes, \"seed\": $s, \"status\": \"$( [ $rc = 77 ] && echo skip || echo pass)\"}" >>"$results"
+    echo "{\"scenario\": \"$name\", \"nodes\": $nodes, \"seed\": $s, \"status\": \"$( [ $rc = 77 ] && echo skip || echo error)\", \"reason\": \"see $log\"}" >>"$results"
   fi
 done
 wall=$(( $(date +%s) - start ))

@@ -939,10 +939,15 @@ def outer(args):
         res["wall_s"] = round(time.time() - t0, 1)
         with open(res_path, "w") as f:
             json.dump(res, f, indent=1)
+    if res:
+        # also outside the run dir, which is removed on pass
+        with open(os.path.join(base, f"{args.scenario}-n{args.nodes}-s{args.seed}.result.json"), "w") as f:
+            json.dump(res, f, indent=1)
     st = res.get("status")
-    repro = f"tests/jepsen/run.py --scenario {args.scenario} --seed {args.seed} --nodes {args.nodes}"
-    if args.duration is not None:
-        repro += f" --duration {args.duration:g}"
+    pt = [a for a in args.passthrough if a != "--keep"]
+    if "--seed" not in pt:
+        pt += ["--seed", str(args.seed)]
+    repro = "tests/jepsen/run.py " + " ".join(pt)
     if st == "skip":
         print(f"SKIP {args.scenario}: {res.get('reason')}")
     elif st in ("pass", "fail"):
