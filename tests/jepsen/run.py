@@ -342,6 +342,8 @@ def sc_membership(x, win):
                     f"{net.ip_of(new)}:4052", "--cluster-address", f"{net.ip_of(new)}:4051",
                     "--talos-address", f"{net.ip_of(new)}:4050", "-o", "json", timeout=20)
         x.log("members-add-result", rc=p.returncode, err=p.stderr.strip()[-160:])
+        x.extra.setdefault("member_cmds", []).append(
+            {"cmd": f"add {new}", "via": tgt, "rc": p.returncode, "err": p.stderr.strip()[-120:]})
         added = p.returncode == 0
         if not added:
             x.sleep(1)
@@ -358,6 +360,8 @@ def sc_membership(x, win):
         x.log("members-remove", node=iso, via=tgt)
         p = x.c.ctl(tgt, "operator", "members", "remove", "--id", str(iso), "-o", "json", timeout=20)
         x.log("members-remove-result", rc=p.returncode, err=p.stderr.strip()[-160:])
+        x.extra.setdefault("member_cmds", []).append(
+            {"cmd": f"remove {iso}", "via": tgt, "rc": p.returncode, "err": p.stderr.strip()[-120:]})
         removed = p.returncode == 0
         if not removed:
             x.sleep(1)

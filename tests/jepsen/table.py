@@ -29,6 +29,9 @@ def main():
             notes.append(f"restart on full disk: {ex['enospc_restart']}")
         if "clock" in ex:
             notes.append("clock rates " + ", ".join(f"n{k}x{v}" for k, v in ex["clock"].items()))
+        for mc in ex.get("member_cmds", []):
+            if mc["rc"] != 0:
+                notes.append(f"members {mc['cmd']} via n{mc['via']} failed: {mc['err']}")
         if "members_after" in ex:
             notes.append(f"members after: {ex['members_after']}")
         if "recovery_s" in ex:
