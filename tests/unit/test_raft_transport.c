@@ -906,6 +906,7 @@ struct pipe_test {
     uint64_t hash;
     bool eof;
     atomic_bool a_closed, b_closed;
+    struct hook_ctx ha, hb;
     char rbuf[65536];
 };
 
@@ -1035,6 +1036,8 @@ static void run_pipe_test(const char *host, bool optional)
     init_transport(&pt->b, "node2.pem", "node2-key.pem", "ca.pem");
     pt->a.data = pt;
     pt->b.data = pt;
+    hooks_install(&pt->a, &pt->ha, 1);
+    hooks_install(&pt->b, &pt->hb, 2);
     assert_int_equal(pt->a.init(&pt->a, 1, addr), 0);
     assert_int_equal(pt->b.init(&pt->b, 2, "127.0.0.1:9"), 0);
     rv = pt->a.listen(&pt->a, pt_accept);
@@ -1062,6 +1065,11 @@ static void run_pipe_test(const char *host, bool optional)
     assert_true(pt->hash == hash);
     assert_int_equal(pt->accepted_id, 2);
     assert_string_equal(pt->accepted_addr, "127.0.0.1:9");
+    /* One frame, one stamp before it, cut out again (the hash matched). */
+    assert_int_equal(stats(&pt->b).stamps_out, 1);
+    assert_int_equal(stats(&pt->a).stamps_in, 1);
+    assert_int_equal(pt->ha.from[2], 1);
+    assert_int_equal(pt->ha.bad, 0);
 
     /* Closing the sender's stream reaches the receiver as EOF. */
     uv_close((uv_handle_t *)pc.stream, raft_free_handle);
@@ -1184,6 +1192,158 @@ static void test_timeout_and_bad_address(void **state)
     free(pt);
 }
 
+/* An older kmsd as server: TLS without ALPN. The transport (with hooks)
+ * must send it plain raft frames, no stamp. */
+struct old_server {
+    int lfd;
+    uint8_t got[256];
+    size_t got_len;
+    atomic_bool done;
+};
+
+static void *old_server_main(void *arg)
+{
+    struct old_server *os = arg;
+    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    SSL *ssl = NULL;
+    struct timeval tv = {.tv_sec = 1, .tv_usec = 0};
+    char path[400];
+    int fd;
+    int n;
+
+    SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+    pki_path(path, sizeof path, "node1.pem");
+    SSL_CTX_use_certificate_chain_file(ctx, path);
+    pki_path(path, sizeof path, "node1-key.pem");
+    SSL_CTX_use_PrivateKey_file(ctx, path, SSL_FILETYPE_PEM);
+    pki_path(path, sizeof path, "ca.pem");
+    SSL_CTX_load_verify_locations(ctx, path, NULL);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+    fd = accept(os->lfd, NULL, NULL);
+    if (fd < 0) {
+        goto out;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    ssl = SSL_new(ctx);
+    SSL_set_fd(ssl, fd);
+    if (SSL_accept(ssl) != 1) {
+        close(fd);
+        goto out;
+    }
+    /* Everything until the client goes quiet for 1 s. */
+    while (os->got_len < sizeof os->got) {
+        n = SSL_read(ssl, os->got + os->got_len, (int)(sizeof os->got - os->got_len));
+        if (n <= 0) {
+            break;
+        }
+        os->got_len += (size_t)n;
+    }
+    SSL_free(ssl);
+    close(fd);
+out:
+    SSL_CTX_free(ctx);
+    atomic_store(&os->done, true);
+    return NULL;
+}
+
+static void test_old_server_no_stamps(void **state)
+{
+    struct pipe_test *pt = calloc(1, sizeof *pt);
+    struct old_server os;
+    struct pt_conn pc;
+    struct pt_write pw;
+    struct sockaddr_in sa;
+    socklen_t len = sizeof sa;
+    pthread_t th;
+    uint8_t frame[64];
+    size_t flen = fb_request_vote(frame, 4);
+    uv_buf_t buf;
+    char addr[64];
+    (void)state;
+
+    memset(&os, 0, sizeof os);
+    atomic_init(&os.done, false);
+    os.lfd = socket(AF_INET, SOCK_STREAM, 0);
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(bind(os.lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+    assert_int_equal(listen(os.lfd, 4), 0);
+    assert_int_equal(getsockname(os.lfd, (struct sockaddr *)&sa, &len), 0);
+    snprintf(addr, sizeof addr, "127.0.0.1:%d", ntohs(sa.sin_port));
+    assert_int_equal(pthread_create(&th, NULL, old_server_main, &os), 0);
+
+    init_transport(&pt->b, "node2.pem", "node2-key.pem", "ca.pem");
+    pt->b.data = pt;
+    hooks_install(&pt->b, &pt->hb, 2);
+    assert_int_equal(pt->b.init(&pt->b, 2, "127.0.0.1:9"), 0);
+    memset(&pc, 0, sizeof pc);
+    pc.req.data = &pc;
+    assert_int_equal(pt->b.connect(&pt->b, &pc.req, 1, addr, pt_connect_cb), 0);
+    assert_true(run_until(pc_done, &pc, 10000));
+    assert_int_equal(pc.status, 0);
+    memset(&pw, 0, sizeof pw);
+    buf = uv_buf_init((char *)frame, (unsigned)flen);
+    assert_int_equal(uv_write(&pw.req, pc.stream, &buf, 1, pt_write_cb), 0);
+    assert_true(run_until(flag_set, &os.done, 10000));
+    pthread_join(th, NULL);
+    /* Preamble (24 + 16 address bytes), then the RequestVote as raft wrote
+     * it: no stamp frame in between. */
+    assert_int_equal(os.got_len, 40 + flen);
+    assert_memory_equal(os.got + 40, frame, flen);
+    assert_int_equal(stats(&pt->b).stamps_out, 0);
+    assert_int_equal(pt->hb.out_calls, 0);
+
+    uv_close((uv_handle_t *)pc.stream, raft_free_handle);
+    pt->b.close(&pt->b, pt_b_closed);
+    assert_true(run_until(flag_set, &pt->b_closed, 5000));
+    kms_transport_tls_close(&pt->b);
+    close(os.lfd);
+    free(pt);
+}
+
+/* Outgoing set-up is bounded by connect_timeout_ms (default 2 s), not the
+ * 10 s incoming handshake deadline: a peer that accepts TCP but never
+ * answers TLS (like one whose packets vanish) is given up after ~2 s. */
+static void test_connect_deadline(void **state)
+{
+    struct pipe_test *pt = calloc(1, sizeof *pt);
+    struct pt_conn pc;
+    struct sockaddr_in sa;
+    socklen_t len = sizeof sa;
+    uint64_t t0, dt;
+    char addr[64];
+    int lfd;
+    (void)state;
+
+    lfd = socket(AF_INET, SOCK_STREAM, 0);
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(bind(lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+    assert_int_equal(listen(lfd, 4), 0);
+    assert_int_equal(getsockname(lfd, (struct sockaddr *)&sa, &len), 0);
+    snprintf(addr, sizeof addr, "127.0.0.1:%d", ntohs(sa.sin_port));
+
+    init_transport(&pt->b, "node2.pem", "node2-key.pem", "ca.pem"); /* handshake 3000 */
+    pt->b.data = pt;
+    assert_int_equal(pt->b.init(&pt->b, 2, "127.0.0.1:9"), 0);
+    memset(&pc, 0, sizeof pc);
+    pc.req.data = &pc;
+    t0 = kms_mono_ms();
+    assert_int_equal(pt->b.connect(&pt->b, &pc.req, 1, addr, pt_connect_cb), 0);
+    assert_true(run_until(pc_done, &pc, 5000));
+    dt = kms_mono_ms() - t0;
+    assert_int_equal(pc.status, RAFT_NOCONNECTION);
+    assert_true(dt >= 1900 && dt < 2900);
+    assert_int_equal(stats(&pt->b).connect_failed, 1);
+    pt->b.close(&pt->b, pt_b_closed);
+    assert_true(run_until(flag_set, &pt->b_closed, 5000));
+    kms_transport_tls_close(&pt->b);
+    close(lfd);
+    free(pt);
+}
+
 static void test_init_errors(void **state)
 {
     struct raft_uv_transport t;
@@ -1259,6 +1419,8 @@ int main(void)
         cmocka_unit_test(test_pipe_ipv6),
         cmocka_unit_test(test_cancel_connect),
         cmocka_unit_test(test_timeout_and_bad_address),
+        cmocka_unit_test(test_old_server_no_stamps),
+        cmocka_unit_test(test_connect_deadline),
         cmocka_unit_test(test_cluster),
         cmocka_unit_test(test_cluster_stamps),
     };
