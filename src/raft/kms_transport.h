@@ -163,6 +163,9 @@ struct kms_transport_tls_config {
                                  init (the node's advertised address) */
     unsigned handshake_timeout_ms; /* incoming: TLS + preamble; 0 = 10000 */
     unsigned connect_timeout_ms;   /* outgoing: TCP connect + TLS; 0 = 2000 */
+    unsigned tcp_user_timeout_ms;  /* TCP_USER_TIMEOUT of every connection:
+                                      data unacknowledged this long closes
+                                      it (silent partition); 0 = 5000 */
 };
 
 /* Counters for metrics. Monotonic except `active`. */
