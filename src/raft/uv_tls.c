@@ -705,8 +705,6 @@ static void tcp_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
     conn_drive(c);
 }
 
-/* Decrypts what is available and queues it to raft, stopping TCP reads while
- * raft's side is backed up. */
 /* A peer sent a frame raft must not see: close, count, warn (rate limited). */
 static void conn_malformed(struct conn *c, const char *why)
 {
@@ -819,6 +817,8 @@ out:
     return rv;
 }
 
+/* Decrypts what is available and hands it to proxy_deliver, stopping TCP
+ * reads while raft's side is backed up. */
 static void proxy_to_raft(struct conn *c)
 {
     char chunk[16 * 1024];
