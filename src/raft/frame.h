@@ -54,7 +54,12 @@
 /* Limits beyond raft's own encoder (which has none). */
 #define KMS_FRAME_HEADER_MAX (1u << 20)              /* any header: 1 MiB
                                                        (65533 entries) */
-#define KMS_FRAME_AE_PAYLOAD_MAX (64ull << 20)       /* AppendEntries data */
+/* AppendEntries data: raft 0.22.1 sends at most max_inflight_entries (32 by
+ * default, kmsd does not change it) entries per message, and a kmsd entry
+ * is at most 16 MiB of payload plus its 8-byte header, padded: 32 of them
+ * are 512 MiB + 512 bytes. A lower cap would make the leader resend a
+ * refused message forever. */
+#define KMS_FRAME_AE_PAYLOAD_MAX (520ull << 20)
 #define KMS_FRAME_IS_PAYLOAD_MAX (1ull << 30)        /* snapshot data: 1 GiB */
 
 /* Stamp content (same fields as struct kms_transport_stamp, kept separate so

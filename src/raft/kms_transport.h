@@ -52,7 +52,7 @@
  * version byte no higher than 0.22.1 sends, reserved preamble bytes zero,
  * header length exact for the fixed-size messages, AppendEntries header of
  * exactly 48 + 16 * n_entries bytes (<= 1 MiB) with valid entry types and
- * 8-byte multiple lengths summing to <= 64 MiB, InstallSnapshot
+ * 8-byte multiple lengths summing to <= 520 MiB, InstallSnapshot
  * configuration that decodes within its length (format 1, n servers with
  * non-zero ids, NUL-terminated addresses, valid roles, zero padding) and
  * snapshot data <= 1 GiB. A malformed frame closes the connection before
@@ -163,6 +163,9 @@ struct kms_transport_tls_config {
                                  init (the node's advertised address) */
     unsigned handshake_timeout_ms; /* incoming: TLS + preamble; 0 = 10000 */
     unsigned connect_timeout_ms;   /* outgoing: TCP connect + TLS; 0 = 2000 */
+    unsigned tcp_user_timeout_ms;  /* TCP_USER_TIMEOUT of every connection:
+                                      data unacknowledged this long closes
+                                      it (silent partition); 0 = 5000 */
 };
 
 /* Counters for metrics. Monotonic except `active`. */

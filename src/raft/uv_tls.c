@@ -16,6 +16,15 @@
  *   TCP read  -> BIO -> SSL_read  -> uv_write(inner)    (peer to raft)
  *   inner read -> SSL_write -> BIO -> uv_write(tcp)     (raft to peer)
  *
+ * Both directions also run through a frame parser (frame.h). Raft to peer,
+ * it finds frame starts: with stamps negotiated (ALPN "kmsd-raft/2"
+ * selected by the server, hooks with stamp_out installed) a stamp frame is
+ * handed to SSL_write right before each raft frame (proxy_to_peer). Peer to
+ * raft, decrypted bytes collect in `hold` until the frame's header has been
+ * validated; stamp frames are cut out there and given to stamp_in; a
+ * malformed frame closes the conn before any of its bytes reach raft
+ * (proxy_deliver).
+ *
  * Back-pressure: when the write queue of one side grows past HIGH_WATER the
  * conn stops reading the other side, and resumes once the queue has drained
  * below LOW_WATER (checked in the write callbacks).
@@ -35,6 +44,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -59,6 +70,11 @@
                                        partitioned peer is retried soon after
                                        it heals (raft retries 250 ms after a
                                        failed connect) */
+#define DEFAULT_TCP_USER_TIMEOUT_MS 5000u /* unacknowledged data for this long
+                                              closes a connection (a silent
+                                              partition), so raft redials
+                                              instead of waiting on TCP's
+                                              retransmission back-off */
 #define HOLD_KEEP (64u * 1024)      /* hold buffers larger than this are
                                        released once empty */
 #define LISTEN_BACKLOG 128
@@ -138,6 +154,7 @@ struct tls_transport {
     char bind_address[ADDRESS_MAX]; /* "" = use address */
     unsigned handshake_ms;   /* incoming set-up deadline */
     unsigned connect_ms;     /* outgoing set-up deadline */
+    unsigned tcp_user_timeout_ms;
     struct kms_transport_hooks hooks; /* all NULL = none */
     raft_uv_accept_cb accept_cb;
     uv_tcp_t listener;
@@ -688,8 +705,6 @@ static void tcp_read_cb(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
     conn_drive(c);
 }
 
-/* Decrypts what is available and queues it to raft, stopping TCP reads while
- * raft's side is backed up. */
 /* A peer sent a frame raft must not see: close, count, warn (rate limited). */
 static void conn_malformed(struct conn *c, const char *why)
 {
@@ -802,6 +817,8 @@ out:
     return rv;
 }
 
+/* Decrypts what is available and hands it to proxy_deliver, stopping TCP
+ * reads while raft's side is backed up. */
 static void proxy_to_raft(struct conn *c)
 {
     char chunk[16 * 1024];
@@ -1139,6 +1156,18 @@ static void tls_start(struct conn *c)
 
 /* ---- outgoing -------------------------------------------------------------- */
 
+/* TCP_USER_TIMEOUT on the conn's socket (best effort: a failure only costs
+ * slower detection of a dead peer). */
+static void tcp_tune(struct conn *c)
+{
+    uv_os_fd_t fd;
+    unsigned ms = c->tt->tcp_user_timeout_ms;
+    if (ms == 0 || uv_fileno((uv_handle_t *)&c->tcp, &fd) != 0) {
+        return;
+    }
+    (void)setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof ms);
+}
+
 static void connect_cb(uv_connect_t *req, int status)
 {
     struct conn *c = req->data;
@@ -1149,6 +1178,7 @@ static void connect_cb(uv_connect_t *req, int status)
         conn_fail(c, KMS_LOG_DEBUG, uv_strerror(status));
         return;
     }
+    tcp_tune(c);
     tls_start(c);
 }
 
@@ -1270,6 +1300,7 @@ static void listen_cb(uv_stream_t *server, int status)
         sockaddr_str((struct sockaddr *)&ss, c->peer, sizeof c->peer);
     }
     uv_tcp_nodelay(&c->tcp, 1);
+    tcp_tune(c);
     tls_start(c);
 }
 
@@ -1394,6 +1425,8 @@ int kms_transport_tls_init(struct raft_uv_transport *t, struct uv_loop_s *loop,
                                                       : DEFAULT_HANDSHAKE_MS;
     tt->connect_ms = cfg->connect_timeout_ms != 0 ? cfg->connect_timeout_ms
                                                   : DEFAULT_CONNECT_MS;
+    tt->tcp_user_timeout_ms = cfg->tcp_user_timeout_ms != 0 ? cfg->tcp_user_timeout_ms
+                                                            : DEFAULT_TCP_USER_TIMEOUT_MS;
     if (cfg->bind_address != NULL) {
         snprintf(tt->bind_address, sizeof tt->bind_address, "%s", cfg->bind_address);
     }

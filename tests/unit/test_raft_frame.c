@@ -335,16 +335,25 @@ static void test_malformed_append_entries(void **state)
     n = fb_append_entries(b, 1, 4, lens);
     REFUSED(b, n + 81, false);
     lens[1] = 16;
-    /* Payload cap: exactly 64 MiB passes, 8 bytes more does not (headers
-     * only are enough: the cap is checked as the batch header is read). */
+    /* Payload cap: exactly KMS_FRAME_AE_PAYLOAD_MAX passes, 8 bytes more
+     * does not (headers only are enough: the cap is checked as the batch
+     * header is read). */
     {
-        uint32_t big[5] = {16u << 20, 16u << 20, 16u << 20, 16u << 20, 8};
-        n = fb_append_entries(b, 1, 4, big);
+        uint32_t big[64];
+        unsigned k = 0;
+        uint64_t left = KMS_FRAME_AE_PAYLOAD_MAX;
+        while (left > 0) {
+            big[k] = left > (16u << 20) ? (16u << 20) : (uint32_t)left;
+            left -= big[k];
+            k++;
+        }
+        big[k] = 8;
+        n = fb_append_entries(b, 1, k, big);
         kms_frame_parser_init(&p, false);
         assert_int_equal(kms_frame_parser_feed(&p, b, n, &used, &ev), 0);
         assert_int_equal(ev, KMS_FRAME_EV_HEADER);
         assert_int_equal(p.info.payload_len, KMS_FRAME_AE_PAYLOAD_MAX);
-        n = fb_append_entries(b, 1, 5, big);
+        n = fb_append_entries(b, 1, k + 1, big);
         REFUSED(b, n, false);
     }
     /* Failures stick. */

@@ -155,6 +155,16 @@ static void settle(struct sim *s, size_t li, int rounds)
     }
 }
 
+/* A cluster of `count` past its start-up promises with node 0 leading
+ * term 2 and `rounds` heartbeat rounds done. */
+static void sim_ready(struct sim *s, size_t count, int rounds)
+{
+    sim_init(s, count);
+    s->real += 2 * ET;
+    make_leader(s, 0, 2);
+    settle(s, 0, rounds);
+}
+
 /* The leader gets a lease after a round; it ends no later than the moment
  * a majority may vote again. */
 static void test_leader_lease_bounded_by_promises(void **state)
@@ -237,10 +247,7 @@ static void test_follower_restart_and_sends_to_down_peer(void **state)
     struct sim s;
     bool down[MAXN] = {false};
     (void)state;
-    sim_init(&s, 3);
-    s.real += 2 * ET;
-    make_leader(&s, 0, 2);
-    settle(&s, 0, 3);
+    sim_ready(&s, 3, 3);
     /* Node 2 down for 3 s: the leader keeps sending to it (lost). */
     down[2] = true;
     for (int r = 0; r < 30; r++) {
@@ -271,10 +278,7 @@ static void test_delayed_stamp_gives_no_lease(void **state)
 {
     struct sim s;
     (void)state;
-    sim_init(&s, 3);
-    s.real += 2 * ET;
-    make_leader(&s, 0, 2);
-    settle(&s, 0, 3);
+    sim_ready(&s, 3, 3);
     s.n[0].v.commit = 10;
     struct flight late = sim_send(&s, 0, 1, 5 * ET); /* arrives 5 s later */
     uint64_t leader_end = lease_end_real(&s, 0);
@@ -294,10 +298,7 @@ static void test_pause(void **state)
     struct sim s;
     struct flight q[20];
     (void)state;
-    sim_init(&s, 3);
-    s.real += 2 * ET;
-    make_leader(&s, 0, 2);
-    settle(&s, 0, 3);
+    sim_ready(&s, 3, 3);
     uint64_t end = lease_end_real(&s, 1);
     assert_true(end > s.real);
     /* Node 1 paused 6 s: the leader's stamps queue up. */
@@ -323,10 +324,7 @@ static void test_term_change(void **state)
 {
     struct sim s;
     (void)state;
-    sim_init(&s, 3);
-    s.real += 2 * ET;
-    make_leader(&s, 0, 2);
-    settle(&s, 0, 3);
+    sim_ready(&s, 3, 3);
     /* Node 1 moves to term 3 (it saw a candidate); old-term stamps from 0
      * now neither renew its promise nor give it a lease. */
     s.n[1].v.term = 3;
@@ -343,10 +341,7 @@ static void test_transfer_release(void **state)
 {
     struct sim s;
     (void)state;
-    sim_init(&s, 3);
-    s.real += 2 * ET;
-    make_leader(&s, 0, 2);
-    settle(&s, 0, 3);
+    sim_ready(&s, 3, 3);
     s.n[0].v.releasing = true;
     assert_int_equal(lease_end_real(&s, 0), 0);
     uint64_t wait = kms_lease_release_wait_us(&s.n[0].l, now_of(&s, 0));
@@ -407,10 +402,7 @@ static void test_five_node_partial_partition(void **state)
     struct sim s;
     bool minority_view[MAXN] = {false, false, true, true, true};
     (void)state;
-    sim_init(&s, 5);
-    s.real += 2 * ET;
-    make_leader(&s, 0, 2);
-    settle(&s, 0, 3);
+    sim_ready(&s, 5, 3);
     uint64_t cut = s.real;
     uint64_t leader_end = 0, f1_end = 0;
     for (int r = 0; r < 40; r++) {

@@ -29,6 +29,7 @@
 #include <raft/uv.h>
 #include <uv.h>
 
+#include "frame.h"
 #include "frame_build.h"
 #include "kms_time.h"
 #include "kms_transport.h"
@@ -145,6 +146,77 @@ static void init_transport(struct raft_uv_transport *t, const char *cert, const 
     }
 }
 
+/* ---- transport hooks ------------------------------------------------------ */
+
+#define STAMP_MAGIC 0x5A5A5A5A5A5A5A5Aull
+
+/* Hooks of one node. stamp_out encodes who sent to whom and a sequence
+ * number, so stamp_in can check that every field arrived intact and came
+ * from the peer the transport names. */
+struct hook_ctx {
+    uint64_t self;
+    uint64_t seq;
+    uint64_t deny_id;       /* peer_allowed refuses this id */
+    unsigned from[4];       /* stamps received, by sender id */
+    unsigned bad;           /* stamps failing a check */
+    uint64_t last_arrival;
+    unsigned out_calls, out_skipped;
+};
+
+static bool hk_stamp_out(void *data, uint64_t peer_id, struct kms_transport_stamp *s)
+{
+    struct hook_ctx *h = data;
+    h->out_calls++;
+    h->seq++;
+    if (h->seq % 5 == 0) {
+        h->out_skipped++;
+        return false; /* no stamp before this frame */
+    }
+    s->sent_us = kms_mono_us();
+    s->echo_us = h->self;
+    s->term = peer_id;
+    s->flags = KMS_STAMP_LEADER;
+    s->commit = h->seq;
+    s->lease_rem_us = h->seq ^ STAMP_MAGIC;
+    return true;
+}
+
+static void hk_stamp_in(void *data, uint64_t peer_id, const struct kms_transport_stamp *s,
+                        uint64_t arrival_us)
+{
+    struct hook_ctx *h = data;
+    uint64_t now = kms_mono_us();
+    bool ok = peer_id >= 1 && peer_id <= 3 && peer_id != h->self && s->echo_us == peer_id &&
+              s->term == h->self && s->flags == KMS_STAMP_LEADER &&
+              s->lease_rem_us == (s->commit ^ STAMP_MAGIC) && s->sent_us <= arrival_us &&
+              arrival_us <= now && arrival_us >= h->last_arrival &&
+              now - arrival_us < 1000000;
+    if (!ok) {
+        h->bad++;
+        return;
+    }
+    h->last_arrival = arrival_us;
+    h->from[peer_id]++;
+}
+
+static bool hk_peer_allowed(void *data, uint64_t peer_id)
+{
+    struct hook_ctx *h = data;
+    return peer_id != h->deny_id;
+}
+
+static void hooks_install(struct raft_uv_transport *t, struct hook_ctx *h, uint64_t self)
+{
+    struct kms_transport_hooks hooks;
+    memset(h, 0, sizeof *h);
+    h->self = self;
+    hooks.data = h;
+    hooks.stamp_out = hk_stamp_out;
+    hooks.stamp_in = hk_stamp_in;
+    hooks.peer_allowed = hk_peer_allowed;
+    kms_transport_tls_set_hooks(t, &hooks);
+}
+
 /* ---- raft nodes ----------------------------------------------------------- */
 
 struct node {
@@ -158,6 +230,8 @@ struct node {
     uint64_t applied; /* commands applied by the FSM */
     uint64_t sum;
     bool started, closed;
+    bool hooks;           /* install hk below before raft starts */
+    struct hook_ctx hk;
 };
 
 static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void **result)
@@ -205,6 +279,9 @@ static void node_start(struct node *n, const char *cert, const char *key, const 
     snprintf(n->dir, sizeof n->dir, "%s/raft-%s", g_tmp, n->addr);
     assert_int_equal(mkdir(n->dir, 0700), 0);
     init_transport(&n->transport, cert, key, ca);
+    if (n->hooks) {
+        hooks_install(&n->transport, &n->hk, n->id);
+    }
     rv = raft_uv_init(&n->io, &g_loop, n->dir, &n->transport);
     assert_int_equal(rv, 0);
     raft_uv_set_connect_retry_delay(&n->io, 100);
@@ -330,6 +407,10 @@ struct raw_client {
     const char *cert, *key; /* NULL = no client certificate */
     int port;
     uint64_t claim_id;
+    const uint8_t *send;    /* bytes sent after the preamble (may be NULL) */
+    size_t send_len;
+    bool alpn_stamps;       /* offer "kmsd-raft/2"; else no ALPN (old kmsd) */
+    bool got_stamps;        /* the server selected "kmsd-raft/2" */
     enum raw_result result;
     atomic_bool done;
 };
@@ -369,8 +450,17 @@ static void *raw_client_main(void *arg)
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     ssl = SSL_new(ctx);
     SSL_set_fd(ssl, fd);
+    if (rc->alpn_stamps) {
+        SSL_set_alpn_protos(ssl, (const unsigned char *)"\x0bkmsd-raft/2", 12);
+    }
     if (SSL_connect(ssl) != 1) {
         goto out;
+    }
+    {
+        const unsigned char *alpn = NULL;
+        unsigned alpn_len = 0;
+        SSL_get0_alpn_selected(ssl, &alpn, &alpn_len);
+        rc->got_stamps = alpn_len == 11 && memcmp(alpn, "kmsd-raft/2", 11) == 0;
     }
     /* Preamble: version, id, address length (16), "127.0.0.1:1" padded. */
     memset(pre, 0, sizeof pre);
@@ -381,6 +471,10 @@ static void *raw_client_main(void *arg)
     }
     memcpy(pre + 24, "127.0.0.1:1", 11);
     if (SSL_write(ssl, pre, 40) != 40) {
+        rc->result = RAW_CLOSED;
+        goto out;
+    }
+    if (rc->send_len > 0 && SSL_write(ssl, rc->send, (int)rc->send_len) != (int)rc->send_len) {
         rc->result = RAW_CLOSED;
         goto out;
     }
@@ -402,6 +496,37 @@ out:
     SSL_CTX_free(ctx);
     atomic_store(&rc->done, true);
     return NULL;
+}
+
+static void raw_client_go(struct raw_client *rcp)
+{
+    pthread_t th;
+    atomic_init(&rcp->done, false);
+    assert_int_equal(pthread_create(&th, NULL, raw_client_main, rcp), 0);
+    assert_true(run_until(flag_set, &rcp->done, 10000));
+    pthread_join(th, NULL);
+    run_for(100); /* let the server side finish its teardown */
+}
+
+/* Connects with node2's certificate claiming id 2, offers ALPN or not, sends
+ * `len` bytes of raft stream. */
+static enum raw_result raw_client_send(int port, bool alpn, const uint8_t *data, size_t len,
+                                       bool *got_stamps)
+{
+    struct raw_client rc;
+    memset(&rc, 0, sizeof rc);
+    rc.cert = "node2.pem";
+    rc.key = "node2-key.pem";
+    rc.port = port;
+    rc.claim_id = 2;
+    rc.send = data;
+    rc.send_len = len;
+    rc.alpn_stamps = alpn;
+    raw_client_go(&rc);
+    if (got_stamps != NULL) {
+        *got_stamps = rc.got_stamps;
+    }
+    return rc.result;
 }
 
 static enum raw_result raw_client_run(const char *cert, const char *key, int port,
@@ -612,6 +737,164 @@ static void test_cluster(void **state)
     free(c);
 }
 
+/* Three raft nodes with hooks: stamps flow between every pair with intact
+ * contents, the right peer ids and monotonic arrival times; raft commits.
+ * Then a client holding node 2's valid certificate sends malformed frames
+ * to node 1 (each closes its connection, is counted, raft never sees it),
+ * frames without ALPN (old kmsd: accepted, no stamps), a stamp over ALPN,
+ * and is refused by peer_allowed; the cluster keeps committing. */
+static void test_cluster_stamps(void **state)
+{
+    struct cluster *c = calloc(1, sizeof *c);
+    uint64_t ids[3] = {1, 2, 3};
+    char addrs[3][64];
+    char name[2][32];
+    struct applied_goal goal;
+    struct node *leader;
+    struct kms_transport_stats before, after;
+    uint8_t *buf = calloc(1, 4096);
+    size_t n;
+    int port1;
+    bool got_stamps = true;
+    (void)state;
+
+    assert_non_null(c);
+    assert_non_null(buf);
+    for (int i = 0; i < 3; i++) {
+        snprintf(addrs[i], sizeof addrs[i], "127.0.0.1:%d", free_port());
+    }
+    port1 = atoi(strchr(addrs[0], ':') + 1);
+    for (int i = 0; i < 3; i++) {
+        struct node *nd = &c->nodes[i];
+        nd->id = ids[i];
+        nd->hooks = true;
+        snprintf(nd->addr, sizeof nd->addr, "%s", addrs[i]);
+        snprintf(name[0], sizeof name[0], "node%d.pem", i + 1);
+        snprintf(name[1], sizeof name[1], "node%d-key.pem", i + 1);
+        node_start(nd, name[0], name[1], "ca.pem", ids, addrs, 3, 400);
+    }
+    assert_true(run_until(has_leader, c, 15000));
+    leader = leader_of(c);
+    apply_n(leader, 50, 1);
+    goal.c = c;
+    goal.want = 50;
+    assert_true(run_until(all_applied, &goal, 20000));
+    run_for(300); /* a few heartbeats both ways */
+    for (int i = 0; i < 3; i++) {
+        struct node *nd = &c->nodes[i];
+        struct kms_transport_stats st = stats(&nd->transport);
+        assert_int_equal(nd->hk.bad, 0);
+        /* Followers talk only to the leader once it is elected. */
+        for (uint64_t j = 1; j <= 3; j++) {
+            if (j != nd->id && (nd == leader || j == leader->id)) {
+                assert_true(nd->hk.from[j] > 0);
+            }
+        }
+        assert_true(nd->hk.out_skipped > 0); /* stamp_out returning false */
+        assert_int_equal(st.stamps_out, nd->hk.out_calls - nd->hk.out_skipped);
+        assert_true(st.stamps_in > 0);
+        assert_int_equal(st.malformed, 0);
+        assert_int_equal(st.malformed_out, 0);
+    }
+
+    /* Malformed frames from a peer with a valid certificate. */
+    const struct {
+        const char *what;
+        size_t len;
+    } bad[] = {{"1,000,000 entries in a 48-byte AppendEntries header", 0},
+               {"unknown type", 0},
+               {"stamp without ALPN", 0},
+               {"entry of type 9", 0},
+               {"valid frame, then RequestVote with a short header", 0}};
+    for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
+        struct kms_frame_stamp st = {1, 2, 1, KMS_STAMP_LEADER, 5, 6};
+        uint32_t lens[2] = {8, 8};
+        n = 0;
+        switch (k) {
+        case 0:
+            n = fb_append_entries(buf, 1, 0, NULL);
+            fb_put64(buf + 16 + 32, 1000000);
+            break;
+        case 1:
+            n = fb_fixed(buf, 7, 0, 24, 1);
+            break;
+        case 2:
+            kms_frame_stamp_encode(&st, buf);
+            n = KMS_FRAME_STAMP_SIZE;
+            break;
+        case 3:
+            n = fb_append_entries(buf, 1, 2, lens);
+            buf[16 + 40 + 16 + 8] = 9;
+            memset(buf + n, 0, 16);
+            n += 16;
+            break;
+        case 4:
+            n = fb_request_vote_result(buf, 0);
+            n += fb_fixed(buf + n, 3, 2, 32, 0);
+            break;
+        }
+        before = stats(&c->nodes[0].transport);
+        assert_int_equal(raw_client_send(port1, false, buf, n, NULL), RAW_CLOSED);
+        after = stats(&c->nodes[0].transport);
+        print_message("malformed: %s\n", bad[k].what);
+        assert_int_equal(after.malformed, before.malformed + 1);
+        assert_int_equal(after.accepted, before.accepted + 1);
+    }
+
+    /* An old peer (no ALPN) sending valid frames: kept open, no stamps. A
+     * stale RequestVoteResult and AppendEntriesResult are ignored by raft. */
+    n = fb_request_vote_result(buf, 0);
+    n += fb_append_entries_result(buf + n, 0);
+    before = stats(&c->nodes[0].transport);
+    assert_int_equal(raw_client_send(port1, false, buf, n, &got_stamps), RAW_OPEN);
+    assert_false(got_stamps);
+    after = stats(&c->nodes[0].transport);
+    assert_int_equal(after.malformed, before.malformed);
+    assert_int_equal(after.accepted, before.accepted + 1);
+
+    /* Over "kmsd-raft/2" a stamp from "node 2" reaches stamp_in intact and
+     * is cut out of the stream (raft would drop the connection on type
+     * 0xC8, and the client would see it closed). */
+    {
+        struct kms_frame_stamp st = {1, 2, 1, KMS_STAMP_LEADER, 77 ^ STAMP_MAGIC, 77};
+        unsigned from2 = c->nodes[0].hk.from[2];
+        st.sent_us = kms_mono_us();
+        kms_frame_stamp_encode(&st, buf);
+        n = KMS_FRAME_STAMP_SIZE;
+        n += fb_request_vote_result(buf + n, 0);
+        before = stats(&c->nodes[0].transport);
+        assert_int_equal(raw_client_send(port1, true, buf, n, &got_stamps), RAW_OPEN);
+        assert_true(got_stamps);
+        after = stats(&c->nodes[0].transport);
+        assert_int_equal(after.malformed, before.malformed);
+        assert_true(after.stamps_in > before.stamps_in);
+        assert_true(c->nodes[0].hk.from[2] > from2);
+        assert_int_equal(c->nodes[0].hk.bad, 0);
+    }
+
+    /* peer_allowed = false for id 2: rejected before raft sees it. */
+    c->nodes[0].hk.deny_id = 2;
+    before = stats(&c->nodes[0].transport);
+    assert_int_equal(raw_client_send(port1, true, NULL, 0, NULL), RAW_CLOSED);
+    after = stats(&c->nodes[0].transport);
+    assert_true(after.rejected >= before.rejected + 1);
+    assert_int_equal(after.accepted, before.accepted);
+    c->nodes[0].hk.deny_id = 0;
+
+    /* Still one cluster, still committing. */
+    assert_true(run_until(has_leader, c, 10000));
+    leader = leader_of(c);
+    apply_n(leader, 10, 51);
+    goal.want = 60;
+    assert_true(run_until(all_applied, &goal, 20000));
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(c->nodes[i].hk.bad, 0);
+        node_stop(&c->nodes[i]);
+    }
+    free(buf);
+    free(c);
+}
+
 /* Data path without raft: a bulk transfer through two transports, exercising
  * back-pressure, over the given host (IPv4 literal, hostname or IPv6). */
 struct pipe_test {
@@ -623,6 +906,7 @@ struct pipe_test {
     uint64_t hash;
     bool eof;
     atomic_bool a_closed, b_closed;
+    struct hook_ctx ha, hb;
     char rbuf[65536];
 };
 
@@ -752,6 +1036,8 @@ static void run_pipe_test(const char *host, bool optional)
     init_transport(&pt->b, "node2.pem", "node2-key.pem", "ca.pem");
     pt->a.data = pt;
     pt->b.data = pt;
+    hooks_install(&pt->a, &pt->ha, 1);
+    hooks_install(&pt->b, &pt->hb, 2);
     assert_int_equal(pt->a.init(&pt->a, 1, addr), 0);
     assert_int_equal(pt->b.init(&pt->b, 2, "127.0.0.1:9"), 0);
     rv = pt->a.listen(&pt->a, pt_accept);
@@ -779,6 +1065,11 @@ static void run_pipe_test(const char *host, bool optional)
     assert_true(pt->hash == hash);
     assert_int_equal(pt->accepted_id, 2);
     assert_string_equal(pt->accepted_addr, "127.0.0.1:9");
+    /* One frame, one stamp before it, cut out again (the hash matched). */
+    assert_int_equal(stats(&pt->b).stamps_out, 1);
+    assert_int_equal(stats(&pt->a).stamps_in, 1);
+    assert_int_equal(pt->ha.from[2], 1);
+    assert_int_equal(pt->ha.bad, 0);
 
     /* Closing the sender's stream reaches the receiver as EOF. */
     uv_close((uv_handle_t *)pc.stream, raft_free_handle);
@@ -901,6 +1192,158 @@ static void test_timeout_and_bad_address(void **state)
     free(pt);
 }
 
+/* An older kmsd as server: TLS without ALPN. The transport (with hooks)
+ * must send it plain raft frames, no stamp. */
+struct old_server {
+    int lfd;
+    uint8_t got[256];
+    size_t got_len;
+    atomic_bool done;
+};
+
+static void *old_server_main(void *arg)
+{
+    struct old_server *os = arg;
+    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    SSL *ssl = NULL;
+    struct timeval tv = {.tv_sec = 1, .tv_usec = 0};
+    char path[400];
+    int fd;
+    int n;
+
+    SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+    pki_path(path, sizeof path, "node1.pem");
+    SSL_CTX_use_certificate_chain_file(ctx, path);
+    pki_path(path, sizeof path, "node1-key.pem");
+    SSL_CTX_use_PrivateKey_file(ctx, path, SSL_FILETYPE_PEM);
+    pki_path(path, sizeof path, "ca.pem");
+    SSL_CTX_load_verify_locations(ctx, path, NULL);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+    fd = accept(os->lfd, NULL, NULL);
+    if (fd < 0) {
+        goto out;
+    }
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    ssl = SSL_new(ctx);
+    SSL_set_fd(ssl, fd);
+    if (SSL_accept(ssl) != 1) {
+        close(fd);
+        goto out;
+    }
+    /* Everything until the client goes quiet for 1 s. */
+    while (os->got_len < sizeof os->got) {
+        n = SSL_read(ssl, os->got + os->got_len, (int)(sizeof os->got - os->got_len));
+        if (n <= 0) {
+            break;
+        }
+        os->got_len += (size_t)n;
+    }
+    SSL_free(ssl);
+    close(fd);
+out:
+    SSL_CTX_free(ctx);
+    atomic_store(&os->done, true);
+    return NULL;
+}
+
+static void test_old_server_no_stamps(void **state)
+{
+    struct pipe_test *pt = calloc(1, sizeof *pt);
+    struct old_server os;
+    struct pt_conn pc;
+    struct pt_write pw;
+    struct sockaddr_in sa;
+    socklen_t len = sizeof sa;
+    pthread_t th;
+    uint8_t frame[64];
+    size_t flen = fb_request_vote(frame, 4);
+    uv_buf_t buf;
+    char addr[64];
+    (void)state;
+
+    memset(&os, 0, sizeof os);
+    atomic_init(&os.done, false);
+    os.lfd = socket(AF_INET, SOCK_STREAM, 0);
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(bind(os.lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+    assert_int_equal(listen(os.lfd, 4), 0);
+    assert_int_equal(getsockname(os.lfd, (struct sockaddr *)&sa, &len), 0);
+    snprintf(addr, sizeof addr, "127.0.0.1:%d", ntohs(sa.sin_port));
+    assert_int_equal(pthread_create(&th, NULL, old_server_main, &os), 0);
+
+    init_transport(&pt->b, "node2.pem", "node2-key.pem", "ca.pem");
+    pt->b.data = pt;
+    hooks_install(&pt->b, &pt->hb, 2);
+    assert_int_equal(pt->b.init(&pt->b, 2, "127.0.0.1:9"), 0);
+    memset(&pc, 0, sizeof pc);
+    pc.req.data = &pc;
+    assert_int_equal(pt->b.connect(&pt->b, &pc.req, 1, addr, pt_connect_cb), 0);
+    assert_true(run_until(pc_done, &pc, 10000));
+    assert_int_equal(pc.status, 0);
+    memset(&pw, 0, sizeof pw);
+    buf = uv_buf_init((char *)frame, (unsigned)flen);
+    assert_int_equal(uv_write(&pw.req, pc.stream, &buf, 1, pt_write_cb), 0);
+    assert_true(run_until(flag_set, &os.done, 10000));
+    pthread_join(th, NULL);
+    /* Preamble (24 + 16 address bytes), then the RequestVote as raft wrote
+     * it: no stamp frame in between. */
+    assert_int_equal(os.got_len, 40 + flen);
+    assert_memory_equal(os.got + 40, frame, flen);
+    assert_int_equal(stats(&pt->b).stamps_out, 0);
+    assert_int_equal(pt->hb.out_calls, 0);
+
+    uv_close((uv_handle_t *)pc.stream, raft_free_handle);
+    pt->b.close(&pt->b, pt_b_closed);
+    assert_true(run_until(flag_set, &pt->b_closed, 5000));
+    kms_transport_tls_close(&pt->b);
+    close(os.lfd);
+    free(pt);
+}
+
+/* Outgoing set-up is bounded by connect_timeout_ms (default 2 s), not the
+ * 10 s incoming handshake deadline: a peer that accepts TCP but never
+ * answers TLS (like one whose packets vanish) is given up after ~2 s. */
+static void test_connect_deadline(void **state)
+{
+    struct pipe_test *pt = calloc(1, sizeof *pt);
+    struct pt_conn pc;
+    struct sockaddr_in sa;
+    socklen_t len = sizeof sa;
+    uint64_t t0, dt;
+    char addr[64];
+    int lfd;
+    (void)state;
+
+    lfd = socket(AF_INET, SOCK_STREAM, 0);
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(bind(lfd, (struct sockaddr *)&sa, sizeof sa), 0);
+    assert_int_equal(listen(lfd, 4), 0);
+    assert_int_equal(getsockname(lfd, (struct sockaddr *)&sa, &len), 0);
+    snprintf(addr, sizeof addr, "127.0.0.1:%d", ntohs(sa.sin_port));
+
+    init_transport(&pt->b, "node2.pem", "node2-key.pem", "ca.pem"); /* handshake 3000 */
+    pt->b.data = pt;
+    assert_int_equal(pt->b.init(&pt->b, 2, "127.0.0.1:9"), 0);
+    memset(&pc, 0, sizeof pc);
+    pc.req.data = &pc;
+    t0 = kms_mono_ms();
+    assert_int_equal(pt->b.connect(&pt->b, &pc.req, 1, addr, pt_connect_cb), 0);
+    assert_true(run_until(pc_done, &pc, 5000));
+    dt = kms_mono_ms() - t0;
+    assert_int_equal(pc.status, RAFT_NOCONNECTION);
+    assert_true(dt >= 1900 && dt < 2900);
+    assert_int_equal(stats(&pt->b).connect_failed, 1);
+    pt->b.close(&pt->b, pt_b_closed);
+    assert_true(run_until(flag_set, &pt->b_closed, 5000));
+    kms_transport_tls_close(&pt->b);
+    close(lfd);
+    free(pt);
+}
+
 static void test_init_errors(void **state)
 {
     struct raft_uv_transport t;
@@ -976,7 +1419,10 @@ int main(void)
         cmocka_unit_test(test_pipe_ipv6),
         cmocka_unit_test(test_cancel_connect),
         cmocka_unit_test(test_timeout_and_bad_address),
+        cmocka_unit_test(test_old_server_no_stamps),
+        cmocka_unit_test(test_connect_deadline),
         cmocka_unit_test(test_cluster),
+        cmocka_unit_test(test_cluster_stamps),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
