@@ -24,14 +24,15 @@ def main():
         if "eio_node_crashed" in ex:
             notes.append(f"EIO node crashed={ex['eio_node_crashed']} rc={ex.get('eio_node_rc')}")
         if "enospc_node_crashed" in ex:
-            notes.append(f"ENOSPC node crashed={ex['enospc_node_crashed']} rc={ex.get('enospc_node_rc')}")
+            notes.append(f"running node on the full disk crashed={ex['enospc_node_crashed']}")
         if "enospc_restart" in ex:
             notes.append(f"restart on full disk: {ex['enospc_restart']}")
         if "clock" in ex:
             notes.append("clock rates " + ", ".join(f"n{k}x{v}" for k, v in ex["clock"].items()))
-        for mc in ex.get("member_cmds", []):
-            if mc["rc"] != 0:
-                notes.append(f"members {mc['cmd']} via n{mc['via']} failed: {mc['err']}")
+        refused = [mc for mc in ex.get("member_cmds", []) if mc["rc"] != 0]
+        if refused:
+            notes.append(f"{len(refused)} member commands refused, e.g. `{refused[0]['cmd']}` via "
+                         f"n{refused[0]['via']}: {refused[0]['err'].split(': ', 2)[-1]}")
         if "members_after" in ex:
             notes.append(f"members after: {ex['members_after']}")
         if "recovery_s" in ex:
