@@ -27,6 +27,7 @@
 #include "kms_time.h"
 #include "kmsd.h"
 #include "kmsd_authz.h"
+#include "kmsd_pool.h"
 
 #include "kmsd/v1/cluster.pb-c.h"
 #include "kmsd/v1/entry.pb-c.h"
@@ -72,43 +73,97 @@ static bool operator_ok(struct kmsd *d, struct kms_rpc_call *call, const char *o
 
 /* ---- kmsd.v1.Cluster ------------------------------------------------- */
 
-static void forward_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+/* A parked Forward (leader side): the proposal waits for a commit on the
+ * write pool, not on a cluster API worker. */
+struct forward_job {
+    struct kmsd *d;
+    struct kms_rpc_call *call;
+    Kmsd__V1__ForwardRequest *r;
+    uint64_t t0;
+};
+
+static void forward_run_cb(void *arg)
 {
-    struct kmsd *d = arg;
-    Kmsd__V1__ForwardRequest *r = NULL;
+    struct forward_job *j = arg;
+    struct kmsd *d = j->d;
     Kmsd__V1__ForwardResponse resp = KMSD__V1__FORWARD_RESPONSE__INIT;
     struct kms_raft_result rr;
     struct kms_err err;
+    uint64_t now = kms_mono_ms(), left_call = kms_rpc_call_deadline_ms(j->call);
+    unsigned wait_ms;
     int rc;
 
     kms_err_clear(&err);
-    if (!kmsd_authz_node(d, call)) {
-        finish_err(call, "forward", KMS_EDENIED, "certificate is not a cluster node certificate");
-        goto out;
+    /* The budget: requestWait from arrival, never past the caller's deadline. */
+    wait_ms = now - j->t0 < d->opt.request_wait_ms
+                  ? (unsigned)(d->opt.request_wait_ms - (now - j->t0))
+                  : 0;
+    if (left_call < wait_ms) {
+        wait_ms = (unsigned)left_call;
     }
-    r = kmsd__v1__forward_request__unpack(NULL, len, req);
-    if (r == NULL || r->entry == NULL) {
-        finish_err(call, "forward", KMS_EINVAL, "malformed forward request");
+    if (wait_ms == 0 || kms_rpc_call_done(j->call) || atomic_load(&d->stopping)) {
+        kms_rpc_call_finish(j->call, GRPC_STATUS_UNAVAILABLE, "no time left to propose", NULL,
+                            0);
         goto out;
     }
     memset(&rr, 0, sizeof(rr));
-    rc = kms_raft_propose(d->raft, r->entry, d->opt.request_wait_ms, &rr, &err);
+    rc = kms_raft_propose(d->raft, j->r->entry, wait_ms, &rr, &err);
     if (rc == KMS_ENOTLEADER) {
-        kms_rpc_call_finish(call, GRPC_STATUS_FAILED_PRECONDITION, "not the leader", NULL, 0);
+        kms_rpc_call_finish(j->call, GRPC_STATUS_FAILED_PRECONDITION, "not the leader", NULL,
+                            0);
         goto out;
     }
     if (rc != 0) {
-        kms_rpc_call_finish(call, GRPC_STATUS_UNAVAILABLE, err.msg, NULL, 0);
+        kms_rpc_call_finish(j->call, GRPC_STATUS_UNAVAILABLE, err.msg, NULL, 0);
         goto out;
     }
     resp.index = rr.index;
     resp.result_code = rr.code;
     resp.result_msg = rr.msg;
     resp.count = rr.count;
-    finish_msg(call, &resp.base);
+    finish_msg(j->call, &resp.base);
 out:
-    if (r != NULL) {
-        kmsd__v1__forward_request__free_unpacked(r, NULL);
+    kmsd__v1__forward_request__free_unpacked(j->r, NULL);
+    free(j);
+}
+
+static void forward_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+{
+    struct kmsd *d = arg;
+    struct forward_job *j = NULL;
+    int rc;
+
+    if (!kmsd_authz_node(d, call)) {
+        finish_err(call, "forward", KMS_EDENIED, "certificate is not a cluster node certificate");
+        goto out;
+    }
+    j = calloc(1, sizeof(*j));
+    if (j == NULL) {
+        finish_err(call, "forward", KMS_ENOMEM, "out of memory");
+        goto out;
+    }
+    j->d = d;
+    j->call = call;
+    j->t0 = kms_mono_ms();
+    j->r = kmsd__v1__forward_request__unpack(NULL, len, req);
+    if (j->r == NULL || j->r->entry == NULL) {
+        finish_err(call, "forward", KMS_EINVAL, "malformed forward request");
+        goto out;
+    }
+    if ((rc = kmsd_pool_submit(d->write_pool, forward_run_cb, j)) != 0) {
+        kms_rpc_call_finish(call, GRPC_STATUS_UNAVAILABLE,
+                            rc == KMS_EBUSY ? "leader busy: too many proposals waiting"
+                                            : "shutting down",
+                            NULL, 0);
+        goto out;
+    }
+    j = NULL; /* parked */
+out:
+    if (j != NULL) {
+        if (j->r != NULL) {
+            kmsd__v1__forward_request__free_unpacked(j->r, NULL);
+        }
+        free(j);
     }
 }
 

@@ -3,7 +3,12 @@
  * store (RocksDB), the raft node, the key material and the gRPC servers.
  *
  * Threads:
- *  - gRPC worker threads run the Talos API and cluster API handlers;
+ *  - gRPC worker threads run the Talos API and cluster API handlers; a
+ *    handler that must wait (leader, lease, commit, apply) parks its call on
+ *    a pool instead of blocking the worker (kmsd_pool.h):
+ *      write_pool  Seal and forwarded proposals (Forward on the leader);
+ *      wait_pool   Unseals that wait for a lease or a read barrier;
+ *    so a Seal blocked without quorum never delays an Unseal;
  *  - the raft thread (owned by kms_raft) applies entries to the store;
  *  - the supervisor thread opens and closes the Talos listener as the node's
  *    state changes (sealed/unsealed, read lease held/lost), picks up rotated
@@ -37,6 +42,7 @@ struct kms_rpc_channel;
 struct kms_keyring;
 struct kms_share;
 struct kmsd_authz;
+struct kmsd_pool;
 struct MHD_Daemon;
 
 #define KMSD_MAX_PEERS 16
@@ -122,6 +128,8 @@ struct kmsd {
     struct kms_raft *raft;
     struct kms_rpc_server *cluster_srv;
     struct kmsd_authz *authz;            /* CA stores, swapped on reload (authz.c) */
+    struct kmsd_pool *write_pool;        /* parked Seals and Forwards (pool.c) */
+    struct kmsd_pool *wait_pool;         /* parked Unseals */
 
     /* Talos API server: created/destroyed only by the supervisor thread. */
     struct kms_rpc_server *talos_srv;
