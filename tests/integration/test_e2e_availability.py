@@ -189,30 +189,36 @@ def run(c):
     phase_heal(c, keys)
     phase_sealclose(c, keys)
     phase_parking(c, keys)
+    phase_lease_recheck(c, keys)
 
 
 def phase_notfound(c, u, blob):
-    """Node 3 loses both peers (SIGSTOP) and is asked for a key id nobody
-    has, while its lease is still valid: the miss cannot be proven fresh
-    (the leader's commit index is unreachable), so the answer must be
-    UNAVAILABLE - a NOT_FOUND may make Talos give up on the key slot."""
+    """A follower loses both peers (SIGSTOP, the leader among them) and is
+    asked for a key id nobody has, while its lease is still valid: the miss
+    cannot be proven fresh (the leader's commit index is unreachable), so the
+    answer must be UNAVAILABLE - a NOT_FOUND may make Talos give up on the
+    key slot. (A leader holding its lease may answer NOT_FOUND at once: its
+    own commit index is authoritative.)"""
     raw = bytearray(base64.b64decode(blob))
     raw[5] ^= 0xFF
     unknown = base64.b64encode(bytes(raw)).decode()
-    rc, _ = c.unseal(c.talos(3), u, unknown)
+    leader = c.wait_leader()
+    check(leader is not None, f"a leader exists before the notfound phase (node {leader})")
+    target = 3 if leader != 3 else 1
+    others = [i for i in range(1, 4) if i != target]
+    rc, _ = c.unseal(c.talos(target), u, unknown)
     check(rc == NOT_FOUND, f"healthy cluster: unknown key id -> NOT_FOUND (got {rc})")
 
     results = []
-    stop(c, 1)
-    stop(c, 2)
-    t0 = time.time()
+    for i in others:
+        stop(c, i)
     try:
         # Several at once so at least one starts inside the lease window.
         threads = []
         for k in range(4):
             def one():
                 t = time.time()
-                rc, _ = c.unseal(c.talos(3), u, unknown)
+                rc, _ = c.unseal(c.talos(target), u, unknown)
                 results.append((rc, time.time() - t))
             th = threading.Thread(target=one)
             th.start()
@@ -221,10 +227,10 @@ def phase_notfound(c, u, blob):
         for th in threads:
             th.join()
     finally:
-        cont(c, 1)
-        cont(c, 2)
+        for i in others:
+            cont(c, i)
     codes = [r for r, _ in results]
-    print(f"FIGURE unknown key on a node that lost its peers: codes {codes}, "
+    print(f"FIGURE unknown key on follower {target} that lost its peers: codes {codes}, "
           f"latencies {[round(d, 2) for _, d in results]} s")
     check(NOT_FOUND not in codes, "no NOT_FOUND when the miss cannot be proven fresh")
     check(all(rc == UNAVAILABLE for rc in codes),
@@ -234,7 +240,7 @@ def phase_notfound(c, u, blob):
     end = time.time() + 15
     rc = None
     while time.time() < end:
-        rc, _ = c.unseal(c.talos(3), u, unknown)
+        rc, _ = c.unseal(c.talos(target), u, unknown)
         if rc == NOT_FOUND:
             break
         time.sleep(0.2)
@@ -461,6 +467,41 @@ def phase_parking(c, keys):
     # (seals still parked when the peers resume may commit: OK is fine)
     check(UNAVAILABLE in seal_codes and all(x in (OK, UNAVAILABLE) for x in seal_codes),
           f"seals without quorum wait and answer UNAVAILABLE (got {sorted(set(seal_codes))})")
+
+
+def restart_node3(c, **env_extra):
+    c.kill9(3)
+    env = dict(c.env, KMSD_NO_UNSEAL="1", **env_extra)
+    subprocess.run([LOCAL, "start-node", "3"], env=env, capture_output=True, text=True,
+                   timeout=60)
+    end = time.time() + 20
+    while time.time() < end and not c.status(3):
+        time.sleep(0.2)
+    for s in c.shares[:3]:
+        c.ctl(3, "operator", "unseal", s)
+    return wait_port(c.port(3, 0), True, 20)
+
+
+def phase_lease_recheck(c, keys):
+    """The lease deadline rule: a local read counts only if it finished
+    before the deadline taken before it started. Node 3 restarts with a
+    test fault hook that pauses every read for 1.5 s between its lease check
+    and the RocksDB get (longer than any lease: electionTimeout 1 s), like a
+    process descheduled at the worst moment. Every such read must be thrown
+    away: UNAVAILABLE, never an answer from possibly stale state. Without
+    the pause the same node serves the key."""
+    check(restart_node3(c, KMSD_TEST_READ_PAUSE_MS="1500"),
+          "node 3 (read pause 1.5 s) listens again")
+    u, b, d = keys[0]
+    t = time.time()
+    rc, out = c.unseal(c.talos(3), u, b)
+    dt = time.time() - t
+    print(f"FIGURE lease re-check: unseal whose reads outlive the lease answered {rc} "
+          f"after {dt:.2f}s")
+    check(rc == UNAVAILABLE,
+          f"a read that finished after its lease ended is not answered: UNAVAILABLE (got {rc})")
+    check(restart_node3(c), "node 3 (no pause) listens again")
+    check(unseal_ok(c, 3, u, b, d, timeout=15), "without the pause node 3 serves the key")
 
 
 if __name__ == "__main__":

@@ -226,6 +226,16 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
     pthread_mutex_init(&d->rate_mu, NULL);
     pthread_rwlock_init(&d->kr_lock, NULL);
 
+    {
+        const char *pause = getenv("KMSD_TEST_READ_PAUSE_MS");
+        if (pause != NULL && pause[0] != '\0') {
+            d->test_read_pause_ms = (unsigned)strtoul(pause, NULL, 10);
+            kms_log(KMS_LOG_WARN, "kmsd",
+                    "TEST FAULT HOOK: every local read pauses between its lease check and "
+                    "the read (KMSD_TEST_READ_PAUSE_MS); never set this in production",
+                    "pause_ms", pause, NULL);
+        }
+    }
     d->pending = kms_secmem_alloc(sizeof(struct kms_share) * KMSD_MAX_SHARES);
     if (d->pending == NULL) {
         return kms_err_set(err, KMS_ENOMEM, "cannot allocate secure memory for shares");

@@ -157,6 +157,11 @@ struct kmsd {
     pthread_mutex_t rate_mu;
     struct kmsd_rate_slot rate[KMSD_RATE_SLOTS];
 
+    /* Test-only fault hook (KMSD_TEST_READ_PAUSE_MS, read at start): each
+     * local read sleeps this long between its lease check and the RocksDB
+     * get, to test the lease deadline rule. 0 in production. */
+    unsigned test_read_pause_ms;
+
     atomic_bool stopping;
     pthread_t supervisor;
     bool supervisor_started;

@@ -438,6 +438,9 @@ static int unseal_read(struct unseal_job *j, uint8_t *data, size_t *datalen, boo
             goto out;
         }
     }
+    if (d->test_read_pause_ms > 0) {
+        sleep_ms(d->test_read_pause_ms); /* test fault hook (kmsd.h) */
+    }
     rc = kms_store_record_get(d->store, j->key_id, &rec, err);
     if (rc == 0) {
         for (int attempt = 0; attempt < 2; attempt++) {
