@@ -196,7 +196,9 @@ struct kms_keyring *kmsd_keyring_get(struct kmsd *d);
 
 /* Writes (node_propose.c): propose locally when leader, else forward to the
  * leader over the cluster API, then wait until this node applied the entry.
- * Waits up to request_wait_ms for a leader. */
+ * Waits up to wait_ms for a leader; a forward abandons a leader that is no
+ * longer leader and retries the new one within the same budget. Blocking:
+ * from pool threads (or rare operator calls), never the Talos API workers. */
 struct Kmsd__V1__Entry;
 struct kmsd_write_result {
     uint64_t index;
@@ -206,14 +208,16 @@ struct kmsd_write_result {
 };
 int kmsd_write(struct kmsd *d, const struct Kmsd__V1__Entry *e, unsigned wait_ms,
                struct kmsd_write_result *res, struct kms_err *err);
-/* Waits until this node may serve a local read (lease, or any applied state
- * with unsealReads: local). 0, or KMS_EUNAVAIL after wait_ms. */
-int kmsd_wait_readable(struct kmsd *d, unsigned wait_ms);
+/* True when this node may serve a local read now (lease, or any applied
+ * state with unsealReads: local). Lock-free. A read must still follow the
+ * lease deadline rule (talos_api.c unseal_read). */
 bool kmsd_readable(struct kmsd *d);
 /* Waits until this node applied everything the leader had committed when
  * the call started (the leader's commit index arrives with the next
  * heartbeat). Used before answering NOT_FOUND, so a key sealed through
- * another replica and acknowledged is found here too. 0 or KMS_EUNAVAIL. */
+ * another replica and acknowledged is found here too. 0, or KMS_EUNAVAIL /
+ * KMS_ETIMEDOUT when it could not be done within wait_ms (the caller then
+ * answers UNAVAILABLE, never NOT_FOUND). Blocking: pool threads only. */
 int kmsd_read_barrier(struct kmsd *d, unsigned wait_ms);
 
 /* RPC services. */

@@ -53,18 +53,6 @@ bool kmsd_readable(struct kmsd *d)
     return kms_raft_lease_valid(d->raft);
 }
 
-int kmsd_wait_readable(struct kmsd *d, unsigned wait_ms)
-{
-    uint64_t deadline = kms_mono_ms() + wait_ms;
-    while (!kmsd_readable(d)) {
-        if (kms_mono_ms() >= deadline || atomic_load(&d->stopping)) {
-            return KMS_EUNAVAIL;
-        }
-        sleep_ms(20);
-    }
-    return 0;
-}
-
 int kmsd_read_barrier(struct kmsd *d, unsigned wait_ms)
 {
     uint64_t t0 = kms_mono_ms();

@@ -544,8 +544,9 @@ static void unseal_run_cb(void *arg)
             rc = KMS_EUNAVAIL;
             break;
         }
-        if (kmsd_wait_readable(d, left) != 0) {
-            continue; /* budget_left says why */
+        if (!kmsd_readable(d)) {
+            sleep_ms(10); /* polled: gives up as soon as the call is answered */
+            continue;
         }
         if (rc == KMS_ENOTFOUND && !caught_up) {
             /* Sealed through another replica a moment ago? Catch up with
