@@ -483,6 +483,7 @@ static void test_stop_restart(void **state)
     kms_rpc_server_stop(srv, 100);
     /* The stop does not wait for the parked handler (it finishes 1.5 s after
      * it started): the server answers the open call itself. */
+    fprintf(stderr, "stop(100) with a handler parked for 1.5 s took %.0f ms\n", now_ms() - t0);
     assert_true(now_ms() - t0 < 1000);
     pthread_join(b.t, NULL);
     assert_int_equal(b.status, GRPC_STATUS_UNAVAILABLE);
