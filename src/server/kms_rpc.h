@@ -13,8 +13,12 @@
  * Server threads: N workers each poll their own completion queue and run the
  * handlers. A handler receives the request bytes (valid only during the
  * handler) and must complete the call exactly once with kms_rpc_call_finish(),
- * from the handler or later from any thread. The call object (and the strings
- * its accessors return) stays valid until kms_rpc_call_finish() returns.
+ * from the handler or later from any thread. Handlers must not block a
+ * worker (workers also drive gRPC's polling: TLS handshakes and new calls):
+ * one that must wait parks the call on its own thread and finishes it there.
+ * The call object (and the strings its accessors return) stays valid until
+ * the handler's kms_rpc_call_finish() returns, even if the server stopped
+ * and answered the call UNAVAILABLE meanwhile (kms_rpc_call_done()).
  */
 #ifndef KMS_RPC_H
 #define KMS_RPC_H

@@ -8,7 +8,7 @@
  * re-armed at once (so a handler that parks a call does not block accepting
  * the next), and the handler runs on the worker. kms_rpc_call_finish() starts
  * one batch (initial metadata, message, status, close) tagged with the call;
- * the worker that sees it complete frees the call.
+ * the worker that sees it complete releases the gRPC side of the call.
  *
  * Tags: every tag points to a struct whose first member is `enum tag_kind`.
  *
