@@ -190,6 +190,7 @@ def run(c):
     phase_sealclose(c, keys)
     phase_parking(c, keys)
     phase_lease_recheck(c, keys)
+    phase_operator_parking(c)
 
 
 def phase_notfound(c, u, blob):
@@ -506,6 +507,58 @@ def phase_lease_recheck(c, keys):
           f"a read that finished after its lease ended is not answered: UNAVAILABLE (got {rc})")
     check(restart_node3(c), "node 3 (no pause) listens again")
     check(unseal_ok(c, 3, u, b, d, timeout=15), "without the pause node 3 serves the key")
+
+
+def phase_operator_parking(c):
+    """Operator calls that block for long must not take the cluster API
+    workers the leader needs for Forward. Node 3 restarts with one gRPC
+    worker per server (talos.workers: 1) and is made leader; a `members add`
+    of a node that does not exist blocks there (the leader waits up to a
+    minute for it to catch up) while a follower seals through it. Every seal
+    must still commit promptly. (Last phase: it leaves a spare member 9.)"""
+    check(restart_node3(c, KMSD_TALOS_WORKERS="1"), "node 3 (one worker) listens again")
+    leader = c.wait_leader()
+    end = time.time() + 20
+    while leader != 3 and time.time() < end:
+        c.ctl(leader, "operator", "members", "transfer-leader", "--id", "3")
+        time.sleep(1.0)
+        leader = c.wait_leader()
+    check(leader == 3, f"node 3 leads (node {leader})")
+    if leader != 3:
+        return
+    follower = 1
+    for i in range(1, 4):
+        wait_port(c.port(i, 0), True, 15)
+    rc, _, _, _ = talos_seal(c, c.talos(follower), str(uuidlib.uuid4()))
+    check(rc == OK, "a seal through the follower before the operator call")
+    env = dict(os.environ,
+               KMSCTL_ENDPOINT=f"127.0.0.1:{c.port(leader, 1)}",
+               KMSCTL_CACERT=os.path.join(c.dir, "pki", "ca.pem"),
+               KMSCTL_CERT=os.path.join(c.dir, "pki", "operator.pem"),
+               KMSCTL_KEY=os.path.join(c.dir, "pki", "operator-key.pem"))
+    add = subprocess.Popen(
+        [KMSCTL, "--timeout", "15s", "operator", "members", "add", "--id", "9",
+         "--raft-address", f"127.0.0.1:{BASE + 39}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    codes, lats = [], []
+    for k in range(8):
+        rc, _, _, dt = talos_seal(c, c.talos(follower), str(uuidlib.uuid4()))
+        codes.append(rc)
+        lats.append(dt)
+    blocked = add.poll() is None
+    print(f"FIGURE operator parking: members add still blocked on leader {leader}: {blocked}; "
+          f"seals on follower {follower}: codes {sorted(set(codes))}, "
+          f"slowest {max(lats):.2f}s")
+    check(blocked, "the members add call is still blocked while the seals run")
+    check(all(x == OK for x in codes) and max(lats) < 3.0,
+          f"seals forwarded to a leader busy with a blocked operator call commit promptly "
+          f"(codes {sorted(set(codes))}, slowest {max(lats):.2f}s)")
+    try:
+        out, err = add.communicate(timeout=30)
+        print(f"members add ended: rc {add.returncode}: {err.strip()[:120]}")
+    except subprocess.TimeoutExpired:
+        add.kill()
 
 
 if __name__ == "__main__":

@@ -847,13 +847,67 @@ out:
     }
 }
 
+/* ---- parking operator calls ---------------------------------------- */
+
+/* Operator handlers may block for long (a write waiting for quorum, members
+ * add catching a new node up for up to a minute). They run on the operator
+ * pool, so the cluster API workers stay free for Forward (which parks on the
+ * write pool) and the next operator call. */
+struct op_job {
+    struct kmsd_op_method *m;
+    struct kms_rpc_call *call;
+    uint8_t *req;
+    size_t len;
+};
+
+static void op_run_cb(void *arg)
+{
+    struct op_job *j = arg;
+    if (atomic_load(&j->m->d->stopping)) {
+        /* raft may be gone: do not start operator work while stopping */
+        kms_rpc_call_finish(j->call, GRPC_STATUS_UNAVAILABLE, "shutting down", NULL, 0);
+    } else {
+        j->m->fn(j->m->d, j->call, j->req, j->len);
+    }
+    OPENSSL_cleanse(j->req, j->len); /* shares travel in operator requests */
+    free(j->req);
+    free(j);
+}
+
+static void op_park_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+{
+    struct kmsd_op_method *m = arg;
+    struct op_job *j = calloc(1, sizeof(*j));
+    int rc;
+
+    if (j == NULL || (j->req = malloc(len > 0 ? len : 1)) == NULL) {
+        free(j);
+        finish_err(call, "operator", KMS_ENOMEM, "out of memory");
+        goto out;
+    }
+    memcpy(j->req, req, len);
+    j->m = m;
+    j->call = call;
+    j->len = len;
+    if ((rc = kmsd_pool_submit(m->d->op_pool, op_run_cb, j)) != 0) {
+        finish_err(call, "operator", KMS_EUNAVAIL,
+                   rc == KMS_EBUSY ? "too many operator calls waiting; retry later"
+                                   : "shutting down");
+        OPENSSL_cleanse(j->req, len);
+        free(j->req);
+        free(j);
+        goto out;
+    }
+out:
+    return;
+}
+
 int kmsd_cluster_register(struct kmsd *d, struct kms_rpc_server *srv)
 {
     static const struct {
         const char *path;
         kms_rpc_handler_fn fn;
     } methods[] = {
-        {"/kmsd.v1.Cluster/Forward", forward_cb},
         {"/kmsd.v1.Operator/Status", status_cb},
         {"/kmsd.v1.Operator/Initialize", init_cb},
         {"/kmsd.v1.Operator/Unseal", unseal_cb},
@@ -868,8 +922,17 @@ int kmsd_cluster_register(struct kmsd *d, struct kms_rpc_server *srv)
         {"/kmsd.v1.Operator/KeysShow", keys_show_cb},
         {"/kmsd.v1.Operator/KeysRevoke", keys_revoke_cb},
     };
+    int rc = kms_rpc_server_add_method(srv, "/kmsd.v1.Cluster/Forward", forward_cb, d);
+    if (rc != 0) {
+        return rc;
+    }
+    if (sizeof(methods) / sizeof(methods[0]) > KMSD_OP_METHODS) {
+        return KMS_ERANGE;
+    }
     for (size_t i = 0; i < sizeof(methods) / sizeof(methods[0]); i++) {
-        int rc = kms_rpc_server_add_method(srv, methods[i].path, methods[i].fn, d);
+        d->op_methods[i].d = d;
+        d->op_methods[i].fn = methods[i].fn;
+        rc = kms_rpc_server_add_method(srv, methods[i].path, op_park_cb, &d->op_methods[i]);
         if (rc != 0) {
             return rc;
         }

@@ -18,6 +18,8 @@
 #define TALOS_STOP_GRACE_MS 2000    /* SIGTERM: let admitted calls finish */
 #define POOL_THREADS 32             /* per pool; they mostly sleep in waits */
 #define POOL_QUEUE 4096
+#define OP_POOL_THREADS 4           /* operator calls: rare, may block long */
+#define OP_POOL_QUEUE 256
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -274,7 +276,10 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
 
     if ((rc = kmsd_pool_create("kmsd-write", POOL_THREADS, POOL_QUEUE, &d->write_pool, err)) !=
             0 ||
-        (rc = kmsd_pool_create("kmsd-wait", POOL_THREADS, POOL_QUEUE, &d->wait_pool, err)) != 0) {
+        (rc = kmsd_pool_create("kmsd-wait", POOL_THREADS, POOL_QUEUE, &d->wait_pool, err)) !=
+            0 ||
+        (rc = kmsd_pool_create("kmsd-op", OP_POOL_THREADS, OP_POOL_QUEUE, &d->op_pool, err)) !=
+            0) {
         return kms_err_wrap(err, rc, "handler pools");
     }
     if ((rc = client_ca_bundle(d, bundle, sizeof(bundle), err)) != 0) {
@@ -343,10 +348,19 @@ void kmsd_stop(struct kmsd *d)
      * the pools go before it. */
     kmsd_pool_stop(d->write_pool);
     kmsd_pool_stop(d->wait_pool);
+    /* Operator jobs may sit in a long raft call (members add waits up to a
+     * minute): give them requestWait, then stop raft anyway, which fails
+     * their pending raft requests with KMS_ESHUTDOWN (queued ones see
+     * `stopping` and do not start). */
+    if (!kmsd_pool_wait_idle(d->op_pool, d->opt.request_wait_ms)) {
+        kms_log(KMS_LOG_WARN, "kmsd", "operator calls still running; stopping raft under them",
+                NULL);
+    }
     if (d->raft != NULL) {
         kms_raft_stop(d->raft); /* transfers leadership first when leader */
         d->raft = NULL;
     }
+    kmsd_pool_stop(d->op_pool);
     if (d->cluster_srv != NULL) {
         kms_rpc_server_stop(d->cluster_srv, 1000);
         kms_rpc_server_destroy(d->cluster_srv);
@@ -357,6 +371,8 @@ void kmsd_stop(struct kmsd *d)
     d->write_pool = NULL;
     kmsd_pool_destroy(d->wait_pool);
     d->wait_pool = NULL;
+    kmsd_pool_destroy(d->op_pool);
+    d->op_pool = NULL;
     for (size_t i = 0; i < sizeof(d->fwd) / sizeof(d->fwd[0]); i++) {
         if (d->fwd[i].ch != NULL) {
             kms_rpc_channel_destroy(d->fwd[i].ch);

@@ -8,6 +8,7 @@
  *    a pool instead of blocking the worker (kmsd_pool.h):
  *      write_pool  Seal and forwarded proposals (Forward on the leader);
  *      wait_pool   Unseals that wait for a lease or a read barrier;
+ *      op_pool     every kmsd.v1.Operator call (writes, members add...);
  *    so a Seal blocked without quorum never delays an Unseal;
  *  - the raft thread (owned by kms_raft) applies entries to the store;
  *  - the supervisor thread opens and closes the Talos listener as the node's
@@ -39,6 +40,7 @@ struct kms_store;
 struct kms_raft;
 struct kms_rpc_server;
 struct kms_rpc_channel;
+struct kms_rpc_call;
 struct kms_keyring;
 struct kms_share;
 struct kmsd_authz;
@@ -106,6 +108,17 @@ struct kmsd_options {
     size_t n_uuids;
 };
 
+/* An operator method run on the operator pool: the real handler and its
+ * argument (cluster_api.c). */
+#define KMSD_OP_METHODS 16
+struct kmsd;
+typedef void (*kmsd_op_fn)(void *arg, struct kms_rpc_call *call, const uint8_t *req,
+                           size_t len);
+struct kmsd_op_method {
+    struct kmsd *d;
+    kmsd_op_fn fn;
+};
+
 /* Per-source-address limiter of failed unseals (fixed-size table). */
 #define KMSD_RATE_SLOTS 1024
 struct kmsd_rate_slot {
@@ -130,6 +143,8 @@ struct kmsd {
     struct kmsd_authz *authz;            /* CA stores, swapped on reload (authz.c) */
     struct kmsd_pool *write_pool;        /* parked Seals and Forwards (pool.c) */
     struct kmsd_pool *wait_pool;         /* parked Unseals */
+    struct kmsd_pool *op_pool;           /* operator calls (cluster_api.c) */
+    struct kmsd_op_method op_methods[KMSD_OP_METHODS]; /* handler args, set at register */
 
     /* Talos API server: created/destroyed only by the supervisor thread. */
     struct kms_rpc_server *talos_srv;

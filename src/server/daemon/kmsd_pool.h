@@ -13,6 +13,7 @@
 #ifndef KMSD_POOL_H
 #define KMSD_POOL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "kms_err.h"
@@ -34,6 +35,10 @@ int kmsd_pool_submit(struct kmsd_pool *p, kmsd_pool_fn fn, void *arg);
 
 /* Jobs queued or running now. Any thread. */
 size_t kmsd_pool_load(struct kmsd_pool *p);
+
+/* Waits until nothing is queued or running, at most timeout_ms. True when
+ * idle. Any thread but a pool thread. NULL is idle. */
+bool kmsd_pool_wait_idle(struct kmsd_pool *p, unsigned timeout_ms);
 
 /* Refuses new jobs (kmsd_pool_submit then returns KMS_ESHUTDOWN), runs
  * every queued job to the end and joins the threads; the pool stays

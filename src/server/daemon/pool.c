@@ -2,11 +2,13 @@
  * Thread pool for parked handlers (kmsd_pool.h): a mutex-protected FIFO of
  * jobs and a fixed set of threads that take jobs from it.
  */
+#include <errno.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "kms_log.h"
 #include "kmsd_pool.h"
@@ -21,6 +23,7 @@ struct kmsd_pool {
     char name[32];
     pthread_mutex_t mu;
     pthread_cond_t cv;
+    pthread_cond_t idle_cv; /* CLOCK_MONOTONIC; nothing queued or running */
     struct job *head, *tail;
     size_t queued, running, max_queue;
     bool stopping;
@@ -53,6 +56,9 @@ static void *pool_main(void *arg)
         free(j);
         pthread_mutex_lock(&p->mu);
         p->running--;
+        if (p->running == 0 && p->head == NULL) {
+            pthread_cond_broadcast(&p->idle_cv);
+        }
     }
     pthread_mutex_unlock(&p->mu);
     return NULL;
@@ -77,6 +83,13 @@ int kmsd_pool_create(const char *name, unsigned threads, size_t max_queue,
     p->max_queue = max_queue;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
+    {
+        pthread_condattr_t ca;
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&p->idle_cv, &ca);
+        pthread_condattr_destroy(&ca);
+    }
     for (unsigned i = 0; i < threads; i++) {
         if (pthread_create(&p->threads[i], NULL, pool_main, p) != 0) {
             rc = kms_err_set(err, KMS_ENOMEM, "pool %s: cannot start thread %u of %u", name,
@@ -140,6 +153,32 @@ size_t kmsd_pool_load(struct kmsd_pool *p)
     return n;
 }
 
+bool kmsd_pool_wait_idle(struct kmsd_pool *p, unsigned timeout_ms)
+{
+    struct timespec end;
+    bool idle;
+
+    if (p == NULL) {
+        return true;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    end.tv_sec += timeout_ms / 1000;
+    end.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (end.tv_nsec >= 1000000000L) {
+        end.tv_sec++;
+        end.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&p->mu);
+    while (p->running > 0 || p->head != NULL) {
+        if (pthread_cond_timedwait(&p->idle_cv, &p->mu, &end) == ETIMEDOUT) {
+            break;
+        }
+    }
+    idle = p->running == 0 && p->head == NULL;
+    pthread_mutex_unlock(&p->mu);
+    return idle;
+}
+
 void kmsd_pool_stop(struct kmsd_pool *p)
 {
     if (p == NULL) {
@@ -163,6 +202,7 @@ void kmsd_pool_destroy(struct kmsd_pool *p)
     kmsd_pool_stop(p);
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv);
+    pthread_cond_destroy(&p->idle_cv);
     free(p->threads);
     free(p);
 }
