@@ -356,10 +356,9 @@ void kmsd_stop(struct kmsd *d)
         kms_log(KMS_LOG_WARN, "kmsd", "operator calls still running; stopping raft under them",
                 NULL);
     }
-    if (d->raft != NULL) {
-        kms_raft_stop(d->raft); /* transfers leadership first when leader */
-        d->raft = NULL;
-    }
+    /* Transfers leadership first when leader. d->raft stays allocated
+     * (calls fail fast) until every thread that may use it is gone. */
+    kms_raft_shutdown(d->raft);
     kmsd_pool_stop(d->op_pool);
     if (d->cluster_srv != NULL) {
         kms_rpc_server_stop(d->cluster_srv, 1000);
@@ -373,6 +372,8 @@ void kmsd_stop(struct kmsd *d)
     d->wait_pool = NULL;
     kmsd_pool_destroy(d->op_pool);
     d->op_pool = NULL;
+    kms_raft_free(d->raft);
+    d->raft = NULL;
     for (size_t i = 0; i < sizeof(d->fwd) / sizeof(d->fwd[0]); i++) {
         if (d->fwd[i].ch != NULL) {
             kms_rpc_channel_destroy(d->fwd[i].ch);
