@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """Raft commit rate: committed proposals/s of 200-byte PutRecord entries on
-three local nodes (kms-raft-harness, plain TCP on loopback, RocksDB store)
+three local nodes (kms-raft-harness, mutual TLS on loopback, RocksDB store)
 with 1, 16 and 64 proposals in flight, plus same-run ceilings for context:
 
   - the raw fsync rate of the disk holding the data (4 KiB write + fdatasync),

@@ -1029,8 +1029,11 @@ static int connect_once(struct cli_ctx *ctx, const char *op)
     }
     if (ctx->ch == NULL) {
         struct kms_rpc_client_tls tls = {ctx->g.cacert, ctx->g.cert, ctx->g.key};
-        if (kms_rpc_channel_create(ctx->g.target, ctx->g.insecure ? NULL : &tls, &ctx->ch,
-                                   &err) != 0) {
+        /* One connection attempt may take the whole --timeout (a lossy or
+         * slow link), not gRPC's reconnect backoff. */
+        struct kms_rpc_channel_options copts = {ctx->g.timeout_ms};
+        if (kms_rpc_channel_create_opts(ctx->g.target, ctx->g.insecure ? NULL : &tls, &copts,
+                                        &ctx->ch, &err) != 0) {
             fprintf(ctx->err, "Error: %s: ", op);
             cli_write_safe(ctx->err, err.msg);
             fputc('\n', ctx->err);

@@ -75,13 +75,24 @@ struct kms_raft_config {
 int kms_raft_start(const struct kms_raft_config *cfg, struct kms_store *store,
                    struct kms_raft **out, struct kms_err *err);
 
-/* If leader with other voters: transfers leadership first (bounded by about
- * one election timeout), then closes raft, joins the thread and frees r.
- * Pending requests fail with KMS_ESHUTDOWN / KMS_EUNAVAIL. If raft's close
- * does not complete within election timeout + 10 s the error is logged and r
- * is left allocated (the thread may still run) rather than hanging the
- * caller. The store may be closed afterwards only if the join succeeded; in
- * the timeout case the process is expected to exit. NULL is a no-op. */
+/* If leader with other voters: releases the read leases and transfers
+ * leadership first (about one election timeout for the release plus raft's
+ * transfer), then closes raft and joins the thread. Pending requests fail
+ * with KMS_ESHUTDOWN / KMS_EUNAVAIL. r stays allocated: every kms_raft_*
+ * call made afterwards (from threads still running) fails fast with
+ * KMS_ESHUTDOWN or reports the last published status, so callers' threads
+ * may outlive it; free r with kms_raft_free() once they are gone. If raft's
+ * close does not complete within election timeout + 10 s the error is
+ * logged and r is left allocated for good (the thread may still run). The
+ * store may be closed only after kms_raft_free(). NULL is a no-op. */
+void kms_raft_shutdown(struct kms_raft *r);
+
+/* Frees r after kms_raft_shutdown() (no-op, logged, if it did not finish).
+ * No other thread may be inside or enter a kms_raft_* call. NULL is a
+ * no-op. */
+void kms_raft_free(struct kms_raft *r);
+
+/* kms_raft_shutdown() then kms_raft_free(): for single-threaded callers. */
 void kms_raft_stop(struct kms_raft *r);
 
 struct kms_raft_result {

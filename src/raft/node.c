@@ -130,6 +130,7 @@ struct kms_raft {
     _Atomic uint64_t lease_until_us;
     _Atomic uint64_t applied_index;
     _Atomic int waiters;
+    atomic_bool shut_down;        /* kms_raft_shutdown finished: calls fail fast */
     pthread_mutex_t applied_mu;
     pthread_cond_t applied_cv;
     pthread_mutex_t status_mu;
@@ -1353,9 +1354,9 @@ fail_transport:
     return rc;
 }
 
-void kms_raft_stop(struct kms_raft *r)
+void kms_raft_shutdown(struct kms_raft *r)
 {
-    if (r == NULL) {
+    if (r == NULL || atomic_load(&r->shut_down)) {
         return;
     }
     pthread_mutex_lock(&r->mu);
@@ -1375,19 +1376,36 @@ void kms_raft_stop(struct kms_raft *r)
                      "raft thread of node %" PRIu64 " did not stop in time (raft close never "
                      "completed); leaving it behind",
                      r->id);
-            return; /* r stays allocated: the thread may still use it */
+            return; /* r stays allocated for good: the thread may still use it */
         }
     }
     if (uv_loop_close(&r->loop) != 0) {
         kms_logf(KMS_LOG_WARN, MOD, "raft loop closed with handles still open");
     }
-    /* Wake any wait_applied callers (they must not outlive r; this only
-     * shortens their wait before the caller tears things down). */
+    /* Wake wait_applied callers: they see shut_down and return. */
     pthread_mutex_lock(&r->applied_mu);
+    atomic_store(&r->shut_down, true);
     pthread_cond_broadcast(&r->applied_cv);
     pthread_mutex_unlock(&r->applied_mu);
     kms_logf(KMS_LOG_INFO, MOD, "raft node %" PRIu64 " stopped", r->id);
+}
+
+void kms_raft_free(struct kms_raft *r)
+{
+    if (r == NULL) {
+        return;
+    }
+    if (!atomic_load(&r->shut_down)) {
+        kms_logf(KMS_LOG_ERROR, MOD, "raft node %" PRIu64 " not stopped: not freed", r->id);
+        return;
+    }
     raft_free_all(r);
+}
+
+void kms_raft_stop(struct kms_raft *r)
+{
+    kms_raft_shutdown(r);
+    kms_raft_free(r);
 }
 
 int kms_raft_propose(struct kms_raft *r, const Kmsd__V1__Entry *e, unsigned timeout_ms,
@@ -1429,6 +1447,10 @@ int kms_raft_wait_applied(struct kms_raft *r, uint64_t index, unsigned timeout_m
     atomic_fetch_add(&r->waiters, 1);
     pthread_mutex_lock(&r->applied_mu);
     while (atomic_load(&r->applied_index) < index) {
+        if (atomic_load(&r->shut_down)) {
+            rc = KMS_ESHUTDOWN;
+            break;
+        }
         if (pthread_cond_timedwait(&r->applied_cv, &r->applied_mu, &ts) == ETIMEDOUT) {
             rc = atomic_load(&r->applied_index) >= index ? 0 : KMS_ETIMEDOUT;
             break;

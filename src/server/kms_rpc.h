@@ -13,8 +13,12 @@
  * Server threads: N workers each poll their own completion queue and run the
  * handlers. A handler receives the request bytes (valid only during the
  * handler) and must complete the call exactly once with kms_rpc_call_finish(),
- * from the handler or later from any thread. The call object (and the strings
- * its accessors return) stays valid until kms_rpc_call_finish() returns.
+ * from the handler or later from any thread. Handlers must not block a
+ * worker (workers also drive gRPC's polling: TLS handshakes and new calls):
+ * one that must wait parks the call on its own thread and finishes it there.
+ * The call object (and the strings its accessors return) stays valid until
+ * the handler's kms_rpc_call_finish() returns, even if the server stopped
+ * and answered the call UNAVAILABLE meanwhile (kms_rpc_call_done()).
  */
 #ifndef KMS_RPC_H
 #define KMS_RPC_H
@@ -82,10 +86,14 @@ int kms_rpc_server_add_method(struct kms_rpc_server *srv, const char *path,
  * (the same port can be reused at once). */
 int kms_rpc_server_start(struct kms_rpc_server *srv, struct kms_err *err);
 
-/* Closes the listener immediately (new connections are refused), lets
- * in-flight calls finish for up to grace_ms, then cancels the rest (clients
- * see UNAVAILABLE) and waits until every handler has called
- * kms_rpc_call_finish() and the workers have exited. Idempotent. */
+/* Stops in this order: (1) the listener is closed at once (new connections
+ * are refused); (2) connections already accepted deliver their calls and
+ * open calls may finish normally, until none is open and none arrived for
+ * 250 ms, at most grace_ms; (3) calls still open are answered UNAVAILABLE by
+ * the server itself (their handlers' later kms_rpc_call_finish() only
+ * releases the call) and late arrivals get UNAVAILABLE without a handler;
+ * (4) gRPC's shutdown, the workers exit. It does not wait for parked
+ * handlers. Call from one thread (not a worker); idempotent. */
 void kms_rpc_server_stop(struct kms_rpc_server *srv, unsigned grace_ms);
 
 /* Stops (with grace 0) if still running, then frees. NULL is accepted. */
@@ -102,9 +110,18 @@ int kms_rpc_server_port(const struct kms_rpc_server *srv);
 
 /* Completes the call: grpc_status GRPC_STATUS_OK sends resp (may be empty);
  * any other status sends no message and details (may be NULL). Exactly once
- * per call; the call must not be used afterwards. Thread-safe. */
+ * per call, from any thread (the worker that received it, or another one the
+ * handler parked it on); the call must not be used afterwards. The handler
+ * owns one reference to the call until then, so the call stays valid even
+ * after the server has stopped (it then already answered UNAVAILABLE and
+ * this only releases the call). Thread-safe. */
 void kms_rpc_call_finish(struct kms_rpc_call *call, int grpc_status, const char *details,
                          const uint8_t *resp, size_t resplen);
+
+/* True once the call has been finished (by its handler, or by the server
+ * while stopping). A parked handler may poll it to give up early; it must
+ * still call kms_rpc_call_finish() exactly once. Thread-safe. */
+bool kms_rpc_call_done(const struct kms_rpc_call *call);
 
 /* Full method path of the call. */
 const char *kms_rpc_call_method(const struct kms_rpc_call *call);
@@ -138,11 +155,23 @@ struct kms_rpc_client_tls {
 
 struct kms_rpc_channel;
 
+/* Channel options; zero fields take the defaults. */
+struct kms_rpc_channel_options {
+    /* Bound on one connection attempt (TCP connect + TLS handshake); the
+     * call's deadline still applies. 0 = 5 s. kmsctl passes --timeout. */
+    unsigned connect_timeout_ms;
+};
+
 /* target "host:port". tls NULL = plaintext (h2c). The connection is made
  * lazily and re-made after failures; the channel is thread-safe and may be
  * shared by many concurrent kms_rpc_unary() calls. */
 int kms_rpc_channel_create(const char *target, const struct kms_rpc_client_tls *tls,
                            struct kms_rpc_channel **out, struct kms_err *err);
+
+/* kms_rpc_channel_create with options (opts NULL = defaults). */
+int kms_rpc_channel_create_opts(const char *target, const struct kms_rpc_client_tls *tls,
+                                const struct kms_rpc_channel_options *opts,
+                                struct kms_rpc_channel **out, struct kms_err *err);
 
 /* Optional: max response size accepted (default 4 MiB). */
 void kms_rpc_channel_set_max_message(struct kms_rpc_channel *ch, size_t max);
@@ -157,6 +186,21 @@ void kms_rpc_channel_set_max_message(struct kms_rpc_channel *ch, size_t max);
 int kms_rpc_unary(struct kms_rpc_channel *ch, const char *method_path, const uint8_t *req,
                   size_t reqlen, unsigned deadline_ms, uint8_t **resp, size_t *resplen,
                   int *grpc_status, char **details, struct kms_err *err);
+
+/* Polled by kms_rpc_unary_watch() on the calling thread while the call is in
+ * flight; return false to abandon the call. */
+typedef bool (*kms_rpc_keep_fn)(void *arg);
+
+/* kms_rpc_unary() that calls keep_cb(keep_arg) every poll_ms (0 = 100 ms)
+ * while waiting. When keep_cb returns false the call is cancelled locally and
+ * completes with *grpc_status CANCELLED, details "abandoned by the caller"
+ * (the server may or may not have acted on the request). keep_cb NULL is
+ * kms_rpc_unary(). */
+int kms_rpc_unary_watch(struct kms_rpc_channel *ch, const char *method_path,
+                        const uint8_t *req, size_t reqlen, unsigned deadline_ms,
+                        unsigned poll_ms, kms_rpc_keep_fn keep_cb, void *keep_arg,
+                        uint8_t **resp, size_t *resplen, int *grpc_status, char **details,
+                        struct kms_err *err);
 
 void kms_rpc_channel_destroy(struct kms_rpc_channel *ch);
 

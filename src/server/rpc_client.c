@@ -2,7 +2,15 @@
  * Blocking unary gRPC client over the gRPC C core (kmsctl, follower-to-leader
  * forwarding). One grpc_channel per target, shared by threads; each call uses
  * its own completion queue and one batch with every op.
+ *
+ * Connect timeout: gRPC 1.51 bounds each connection attempt (TCP connect and
+ * TLS handshake) by max(next reconnect backoff, GRPC_ARG_MIN_RECONNECT_BACKOFF_MS),
+ * so the minimum backoff *is* the connect timeout. It is set from
+ * kms_rpc_channel_options.connect_timeout_ms; the initial backoff stays
+ * short (100 ms) so a restarted peer is retried quickly.
  */
+#include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +26,7 @@
 #include "rpc_internal.h"
 
 #define DEFAULT_MAX_MESSAGE (4 * 1024 * 1024)
+#define DEFAULT_CONNECT_TIMEOUT_MS 5000u
 
 struct kms_rpc_channel {
     grpc_channel *ch;
@@ -28,7 +37,15 @@ struct kms_rpc_channel {
 int kms_rpc_channel_create(const char *target, const struct kms_rpc_client_tls *tls,
                            struct kms_rpc_channel **out, struct kms_err *err)
 {
+    return kms_rpc_channel_create_opts(target, tls, NULL, out, err);
+}
+
+int kms_rpc_channel_create_opts(const char *target, const struct kms_rpc_client_tls *tls,
+                                const struct kms_rpc_channel_options *opts,
+                                struct kms_rpc_channel **out, struct kms_err *err)
+{
     struct kms_rpc_channel *c;
+    unsigned connect_ms = DEFAULT_CONNECT_TIMEOUT_MS;
     grpc_channel_credentials *creds = NULL;
     char *ca = NULL, *cert = NULL, *key = NULL;
     grpc_arg args[5];
@@ -38,6 +55,9 @@ int kms_rpc_channel_create(const char *target, const struct kms_rpc_client_tls *
     *out = NULL;
     if (target == NULL || target[0] == '\0') {
         return kms_err_set(err, KMS_EINVAL, "rpc client: no target");
+    }
+    if (opts != NULL && opts->connect_timeout_ms != 0) {
+        connect_ms = opts->connect_timeout_ms < INT32_MAX ? opts->connect_timeout_ms : INT32_MAX;
     }
     if (tls != NULL) {
         if (tls->ca_file != NULL &&
@@ -84,13 +104,16 @@ int kms_rpc_channel_create(const char *target, const struct kms_rpc_client_tls *
     args[1].key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
     args[1].value.integer = DEFAULT_MAX_MESSAGE;
     /* Reconnect quickly after a peer restarts (a new leader, a rolling
-     * upgrade): gRPC's default backoff grows to two minutes. */
+     * upgrade): gRPC's default backoff grows to two minutes. The minimum
+     * backoff is also gRPC's per-attempt connect deadline (see the top of
+     * this file): a value of 100 ms made a lossy link (one dropped SYN, a
+     * slow handshake) fail within 0.1 s whatever the call deadline. */
     args[2].type = GRPC_ARG_INTEGER;
     args[2].key = (char *)GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS;
     args[2].value.integer = 100;
     args[3].type = GRPC_ARG_INTEGER;
     args[3].key = (char *)GRPC_ARG_MIN_RECONNECT_BACKOFF_MS;
-    args[3].value.integer = 100;
+    args[3].value.integer = (int)connect_ms;
     args[4].type = GRPC_ARG_INTEGER;
     args[4].key = (char *)GRPC_ARG_MAX_RECONNECT_BACKOFF_MS;
     args[4].value.integer = 1000;
@@ -146,6 +169,17 @@ int kms_rpc_unary(struct kms_rpc_channel *ch, const char *method_path, const uin
                   size_t reqlen, unsigned deadline_ms, uint8_t **resp, size_t *resplen,
                   int *grpc_status, char **details, struct kms_err *err)
 {
+    return kms_rpc_unary_watch(ch, method_path, req, reqlen, deadline_ms, 0, NULL, NULL, resp,
+                               resplen, grpc_status, details, err);
+}
+
+int kms_rpc_unary_watch(struct kms_rpc_channel *ch, const char *method_path,
+                        const uint8_t *req, size_t reqlen, unsigned deadline_ms,
+                        unsigned poll_ms, kms_rpc_keep_fn keep_cb, void *keep_arg,
+                        uint8_t **resp, size_t *resplen, int *grpc_status, char **details,
+                        struct kms_err *err)
+{
+    bool abandoned = false;
     grpc_completion_queue *cq;
     grpc_call *call;
     grpc_slice method, reqs, status_details = grpc_empty_slice();
@@ -216,11 +250,33 @@ int kms_rpc_unary(struct kms_rpc_channel *ch, const char *method_path, const uin
     if (ce != GRPC_CALL_OK) {
         rc = kms_err_set(err, KMS_EIO, "rpc %s: start_batch failed (%d)", method_path, (int)ce);
     } else {
-        do {
-            ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-        } while (ev.type != GRPC_OP_COMPLETE || ev.tag != &tag);
-        *grpc_status = (int)status;
-        if (details != NULL && GRPC_SLICE_LENGTH(status_details) > 0) {
+        if (poll_ms == 0) {
+            poll_ms = 100;
+        }
+        for (;;) {
+            gpr_timespec wake =
+                keep_cb == NULL || abandoned
+                    ? gpr_inf_future(GPR_CLOCK_REALTIME)
+                    : gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                   gpr_time_from_millis((int64_t)poll_ms, GPR_TIMESPAN));
+            ev = grpc_completion_queue_next(cq, wake, NULL);
+            if (ev.type == GRPC_OP_COMPLETE && ev.tag == &tag) {
+                break;
+            }
+            if (ev.type == GRPC_QUEUE_TIMEOUT && !abandoned && !keep_cb(keep_arg)) {
+                /* The caller gave up on this call (e.g. the leader it was
+                 * sent to is no longer leader): cancel it locally; the batch
+                 * then completes at once with CANCELLED. */
+                abandoned = true;
+                grpc_call_cancel(call, NULL);
+            }
+        }
+        *grpc_status = abandoned && status != GRPC_STATUS_OK ? GRPC_STATUS_CANCELLED : (int)status;
+        if (abandoned && status != GRPC_STATUS_OK) {
+            if (details != NULL) {
+                *details = strdup("abandoned by the caller");
+            }
+        } else if (details != NULL && GRPC_SLICE_LENGTH(status_details) > 0) {
             *details = slice_strdup(status_details);
         }
         if (status == GRPC_STATUS_OK) {

@@ -8,16 +8,34 @@
  * re-armed at once (so a handler that parks a call does not block accepting
  * the next), and the handler runs on the worker. kms_rpc_call_finish() starts
  * one batch (initial metadata, message, status, close) tagged with the call;
- * the worker that sees it complete frees the call.
+ * the worker that sees it complete releases the gRPC side of the call.
  *
  * Tags: every tag points to a struct whose first member is `enum tag_kind`.
  *
- * Stop: grpc_server_shutdown_and_notify() closes the listening sockets at
- * once (new connections are refused) and sends GOAWAY to open connections;
- * the shutdown tag arrives when no call is left. After grace_ms we call
- * grpc_server_cancel_all_calls() (clients see UNAVAILABLE), wait for the tag
- * and for every kms_rpc_call to be finished, then shut the queues down and
- * join the workers.
+ * Call lifetime: a kms_rpc_call holds two references, one for the handler
+ * (dropped by kms_rpc_call_finish) and one for gRPC (dropped when the finish
+ * batch completes on a worker, together with the grpc_call and the server's
+ * live count). The call can be finished by its handler or, while the server
+ * stops, by the server itself (UNAVAILABLE); whoever comes first sends the
+ * status, the handler's later kms_rpc_call_finish only drops its reference.
+ * So a handler parked on another thread never holds a stop up, and the call
+ * shell it still points to stays valid (it never reaches back into the
+ * server once the server has finished it).
+ *
+ * Stop, in this order (kms_rpc_server_stop):
+ *  1. stop accepting: the listening socket is shut down by us (gRPC 1.51 has
+ *     no call for it; see close_listeners) - new connections are refused;
+ *  2. admitted work: connections already accepted still deliver their call
+ *     and every open call may finish normally, until no call is open and
+ *     none arrived for QUIET_MS, bounded by grace_ms;
+ *  3. calls still open are finished by the server with UNAVAILABLE, and any
+ *     call that still arrives is answered UNAVAILABLE without a handler;
+ *  4. only then grpc_server_shutdown_and_notify() (GOAWAY); when the finish
+ *     batches have not all completed within SHUTDOWN_WAIT_MS,
+ *     grpc_server_cancel_all_calls(); destroy, join the workers.
+ * Calls that arrive after step 4 on an already accepted connection are
+ * failed by gRPC itself with CANCELLED, which is why step 2 waits for a
+ * quiet period first.
  */
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -48,7 +66,8 @@
 #define MAX_METHODS 64
 #define MAX_WORKERS 256
 #define DEFAULT_MAX_MESSAGE (4u * 1024u * 1024u)
-#define DRAIN_MS 250 /* after closing the listener, before gRPC's shutdown */
+#define QUIET_MS 250          /* stop: no new call for this long = accepted ones are in */
+#define SHUTDOWN_WAIT_MS 1000 /* stop: finish batches, before cancel_all_calls */
 
 enum tag_kind { TAG_REQUEST = 1, TAG_FINISH, TAG_SHUTDOWN };
 
@@ -76,14 +95,18 @@ struct slot {
 
 struct kms_rpc_call {
     enum tag_kind kind; /* TAG_FINISH; first member */
-    struct kms_rpc_server *srv;
+    struct kms_rpc_server *srv; /* used only while the gRPC side is live */
     grpc_call *call;
-    const char *method;
+    char method[128];
     char *peer;
     char *cn;
     char *cert_pem;
     gpr_timespec deadline; /* monotonic */
-    atomic_bool finished;
+    size_t max_message;
+    atomic_int refs;       /* handler + gRPC side */
+    atomic_bool finished;  /* status sent (by the handler or the server) */
+    bool by_server;        /* finished by the server while stopping */
+    struct kms_rpc_call *prev, *next; /* srv->calls, under srv->mu */
     /* batch state */
     grpc_byte_buffer *send;
     grpc_slice details;
@@ -121,7 +144,11 @@ struct kms_rpc_server {
     pthread_cond_t cv;
     enum srv_state state;
     bool shutdown_done;
-    size_t live_calls; /* kms_rpc_call objects not yet freed */
+    size_t live_calls;          /* calls whose gRPC side is live (finish batch pending) */
+    size_t open_calls;          /* calls not finished yet */
+    struct kms_rpc_call *calls; /* every call with a live gRPC side */
+    bool refusing;              /* stop step 3: new calls get UNAVAILABLE */
+    struct timespec last_call;  /* CLOCK_MONOTONIC of the last call's arrival */
 };
 
 static char *xstrdup(const char *s)
@@ -219,26 +246,50 @@ void kms_rpc_server_reload_tls(struct kms_rpc_server *srv)
 
 /* ---- calls ----------------------------------------------------------- */
 
-static void call_free(struct kms_rpc_call *c)
+/* Drops one reference; the last one frees the shell. Touches no server. */
+static void call_unref(struct kms_rpc_call *c)
 {
-    struct kms_rpc_server *srv = c->srv;
-    if (c->send != NULL) {
-        grpc_byte_buffer_destroy(c->send);
-    }
-    if (c->has_details) {
-        grpc_slice_unref(c->details);
-    }
-    if (c->call != NULL) {
-        grpc_call_unref(c->call);
+    if (atomic_fetch_sub(&c->refs, 1) != 1) {
+        return;
     }
     free(c->peer);
     free(c->cn);
     free(c->cert_pem);
     free(c);
+}
+
+/* The gRPC side is over (finish batch completed, or never started): release
+ * the gRPC objects and the server's accounting, then the gRPC reference. */
+static void call_grpc_done(struct kms_rpc_call *c)
+{
+    struct kms_rpc_server *srv = c->srv;
+    if (c->send != NULL) {
+        grpc_byte_buffer_destroy(c->send);
+        c->send = NULL;
+    }
+    if (c->has_details) {
+        grpc_slice_unref(c->details);
+        c->has_details = false;
+    }
+    if (c->call != NULL) {
+        grpc_call_unref(c->call);
+        c->call = NULL;
+    }
     pthread_mutex_lock(&srv->mu);
+    if (c->prev != NULL) {
+        c->prev->next = c->next;
+    } else if (srv->calls == c) {
+        srv->calls = c->next;
+    }
+    if (c->next != NULL) {
+        c->next->prev = c->prev;
+    }
+    c->prev = c->next = NULL;
+    c->srv = NULL;
     srv->live_calls--;
     pthread_cond_broadcast(&srv->cv);
     pthread_mutex_unlock(&srv->mu);
+    call_unref(c);
 }
 
 static char *auth_prop(grpc_auth_context *ctx, const char *name)
@@ -257,19 +308,21 @@ static char *auth_prop(grpc_auth_context *ctx, const char *name)
     return s;
 }
 
-void kms_rpc_call_finish(struct kms_rpc_call *c, int grpc_status, const char *details,
-                         const uint8_t *resp, size_t resplen)
+/* Sends the status (and message). The caller won the `finished` exchange,
+ * so the gRPC side is live and c->srv valid. */
+static void call_send(struct kms_rpc_call *c, int grpc_status, const char *details,
+                      const uint8_t *resp, size_t resplen)
 {
     grpc_op ops[4];
     size_t n = 0;
     grpc_call_error ce;
+    struct kms_rpc_server *srv = c->srv;
 
-    if (atomic_exchange(&c->finished, true)) {
-        kms_log(KMS_LOG_ERROR, "rpc", "kms_rpc_call_finish called twice", "method", c->method,
-                NULL);
-        return;
-    }
-    if (grpc_status == GRPC_STATUS_OK && resp != NULL && resplen > c->srv->max_message) {
+    pthread_mutex_lock(&srv->mu);
+    srv->open_calls--;
+    pthread_cond_broadcast(&srv->cv);
+    pthread_mutex_unlock(&srv->mu);
+    if (grpc_status == GRPC_STATUS_OK && resp != NULL && resplen > c->max_message) {
         grpc_status = GRPC_STATUS_RESOURCE_EXHAUSTED;
         details = "response larger than the maximum message size";
     }
@@ -301,8 +354,65 @@ void kms_rpc_call_finish(struct kms_rpc_call *c, int grpc_status, const char *de
     if (ce != GRPC_CALL_OK) {
         kms_logf(KMS_LOG_ERROR, "rpc", "grpc_call_start_batch failed: %d", (int)ce);
         grpc_call_cancel(c->call, NULL);
-        call_free(c);
+        call_grpc_done(c);
     }
+}
+
+void kms_rpc_call_finish(struct kms_rpc_call *c, int grpc_status, const char *details,
+                         const uint8_t *resp, size_t resplen)
+{
+    if (atomic_exchange(&c->finished, true)) {
+        if (!c->by_server) {
+            kms_log(KMS_LOG_ERROR, "rpc", "kms_rpc_call_finish called twice", "method",
+                    c->method, NULL);
+            return;
+        }
+        /* The server answered UNAVAILABLE while stopping: drop the
+         * handler's reference only. */
+        call_unref(c);
+        return;
+    }
+    call_send(c, grpc_status, details, resp, resplen);
+    call_unref(c);
+}
+
+bool kms_rpc_call_done(const struct kms_rpc_call *c)
+{
+    return atomic_load(&c->finished);
+}
+
+/* Stop step 3: the server finishes every open call with UNAVAILABLE and
+ * refuses calls that still arrive. Returns how many it finished. */
+static size_t calls_abort(struct kms_rpc_server *srv)
+{
+    size_t n = 0;
+    pthread_mutex_lock(&srv->mu);
+    srv->refusing = true;
+    for (;;) {
+        struct kms_rpc_call *c;
+        for (c = srv->calls; c != NULL; c = c->next) {
+            if (!atomic_load(&c->finished)) {
+                break;
+            }
+        }
+        if (c == NULL) {
+            break;
+        }
+        /* by_server is written before the exchange publishes `finished`;
+         * the handler reads it only after seeing finished == true. */
+        c->by_server = true;
+        if (atomic_exchange(&c->finished, true)) {
+            c->by_server = false; /* the handler won the race */
+            continue;
+        }
+        pthread_mutex_unlock(&srv->mu);
+        call_send(c, GRPC_STATUS_UNAVAILABLE, "server is closing this listener; retry", NULL,
+                  0);
+        n++;
+        pthread_mutex_lock(&srv->mu);
+    }
+    pthread_mutex_unlock(&srv->mu);
+    return n;
 }
 
 const char *kms_rpc_call_method(const struct kms_rpc_call *c)
@@ -444,6 +554,7 @@ static void on_request(struct slot *s, bool ok)
     gpr_timespec deadline = s->generic ? s->details.deadline : s->deadline;
     uint8_t *req = NULL;
     size_t reqlen = 0;
+    bool refusing;
 
     grpc_metadata_array_destroy(&s->md);
     if (s->generic) {
@@ -486,7 +597,10 @@ static void on_request(struct slot *s, bool ok)
     c->kind = TAG_FINISH;
     c->srv = srv;
     c->call = call;
-    c->method = m != NULL ? m->path : "(unregistered)";
+    snprintf(c->method, sizeof(c->method), "%s", m != NULL ? m->path : "(unregistered)");
+    c->max_message = srv->max_message;
+    atomic_init(&c->refs, 2);
+    atomic_init(&c->finished, false);
     c->peer = NULL;
     {
         char *p = grpc_call_get_peer(call);
@@ -510,7 +624,29 @@ static void on_request(struct slot *s, bool ok)
         }
     }
 
+    pthread_mutex_lock(&srv->mu);
+    c->next = srv->calls;
+    if (srv->calls != NULL) {
+        srv->calls->prev = c;
+    }
+    srv->calls = c;
+    srv->open_calls++;
+    clock_gettime(CLOCK_MONOTONIC, &srv->last_call);
+    refusing = srv->refusing;
+    pthread_mutex_unlock(&srv->mu);
+
+    if (refusing) {
+        if (payload != NULL) {
+            grpc_byte_buffer_destroy(payload);
+        }
+        kms_rpc_call_finish(c, GRPC_STATUS_UNAVAILABLE, "server is closing this listener; retry",
+                            NULL, 0);
+        return;
+    }
     if (m == NULL) {
+        if (payload != NULL) {
+            grpc_byte_buffer_destroy(payload);
+        }
         kms_rpc_call_finish(c, GRPC_STATUS_UNIMPLEMENTED, "unknown method", NULL, 0);
         return;
     }
@@ -567,7 +703,7 @@ static void *worker_main(void *arg)
             on_request(ev.tag, ev.success != 0);
             break;
         case TAG_FINISH:
-            call_free(ev.tag);
+            call_grpc_done(ev.tag);
             break;
         case TAG_SHUTDOWN:
             pthread_mutex_lock(&srv->mu);
@@ -633,7 +769,13 @@ int kms_rpc_server_create(const struct kms_rpc_server_config *cfg,
     }
     pthread_mutex_init(&srv->tls_mu, NULL);
     pthread_mutex_init(&srv->mu, NULL);
-    pthread_cond_init(&srv->cv, NULL);
+    {
+        pthread_condattr_t ca;
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&srv->cv, &ca);
+        pthread_condattr_destroy(&ca);
+    }
     srv->shutdown_tag.kind = TAG_SHUTDOWN;
     srv->state = ST_CREATED;
     if (srv->listen == NULL) {
@@ -801,16 +943,17 @@ int kms_rpc_server_port(const struct kms_rpc_server *srv)
     return srv != NULL ? srv->port : 0;
 }
 
-/* gRPC 1.51 fails with CANCELLED every call that arrives on an accepted
- * connection after grpc_server_shutdown_and_notify() (a client whose TLS
- * handshake was under way when we stopped). Talos opens a new connection per
+/* Stop step 1. gRPC 1.51 fails with CANCELLED every call that arrives on an
+ * accepted connection after grpc_server_shutdown_and_notify() (a client
+ * whose TLS handshake was under way when we stopped), and has no call to
+ * stop accepting without that shutdown. Talos opens a new connection per
  * RPC and treats CANCELLED as a failed unseal (next key slot, then a 30 s
  * retry), while a refused connection makes grpc-go fail over to the next
- * address at once. So stop first shuts the listening socket down (new
- * connections are refused; gRPC's accept loop sees EINVAL, logs nothing at
- * our level and deactivates the port), lets the connections already accepted
- * send their call, and only then starts gRPC's own shutdown. Returns the
- * number of listening sockets shut down. */
+ * address at once. So we shut the listening socket down ourselves (found by
+ * port in /proc/self/fd; new connections are refused; gRPC's accept loop
+ * sees EINVAL, logs one "Failed accept4" line and deactivates the port) and
+ * start gRPC's shutdown only once the accepted connections have delivered
+ * their calls. Returns the number of listening sockets shut down. */
 static int close_listeners(int port)
 {
     DIR *d;
@@ -848,9 +991,25 @@ static int close_listeners(int port)
     return n;
 }
 
-static bool wait_until(struct kms_rpc_server *srv, const struct timespec *abs)
+static void ts_add_ms(struct timespec *t, unsigned ms)
 {
-    /* caller holds srv->mu */
+    t->tv_sec += ms / 1000;
+    t->tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (t->tv_nsec >= 1000000000L) {
+        t->tv_sec++;
+        t->tv_nsec -= 1000000000L;
+    }
+}
+
+static bool ts_before(const struct timespec *a, const struct timespec *b)
+{
+    return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
+}
+
+/* Caller holds srv->mu. Waits for gRPC's shutdown tag and for every finish
+ * batch to complete, until abs (CLOCK_MONOTONIC) or forever (abs NULL). */
+static bool wait_grpc_idle(struct kms_rpc_server *srv, const struct timespec *abs)
+{
     while (!srv->shutdown_done || srv->live_calls > 0) {
         if (abs == NULL) {
             pthread_cond_wait(&srv->cv, &srv->mu);
@@ -861,10 +1020,27 @@ static bool wait_until(struct kms_rpc_server *srv, const struct timespec *abs)
     return true;
 }
 
+/* Stop step 2: caller holds srv->mu. Returns when no call is open and none
+ * arrived for QUIET_MS, or at `end` (CLOCK_MONOTONIC). */
+static void wait_admitted(struct kms_rpc_server *srv, const struct timespec *end)
+{
+    for (;;) {
+        struct timespec now, quiet_end = srv->last_call, wake;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        ts_add_ms(&quiet_end, QUIET_MS);
+        if (!ts_before(&now, end) || (srv->open_calls == 0 && !ts_before(&now, &quiet_end))) {
+            return;
+        }
+        wake = srv->open_calls == 0 && ts_before(&quiet_end, end) ? quiet_end : *end;
+        (void)pthread_cond_timedwait(&srv->cv, &srv->mu, &wake);
+    }
+}
+
 void kms_rpc_server_stop(struct kms_rpc_server *srv, unsigned grace_ms)
 {
-    struct timespec abs;
-    bool drained;
+    struct timespec end;
+    size_t aborted;
+    bool idle;
 
     if (srv == NULL) {
         return;
@@ -893,33 +1069,43 @@ void kms_rpc_server_stop(struct kms_rpc_server *srv, unsigned grace_ms)
         return;
     }
     srv->state = ST_STOPPED;
+    /* the quiet period counts from the moment we stop accepting */
+    clock_gettime(CLOCK_MONOTONIC, &srv->last_call);
     pthread_mutex_unlock(&srv->mu);
 
-    /* Drain phase: close the listening socket ourselves, keep serving the
-     * connections already accepted for a moment, then shut gRPC down. */
-    if (close_listeners(srv->port) > 0 && grace_ms > 0) {
-        unsigned drain = grace_ms < DRAIN_MS ? grace_ms : DRAIN_MS;
-        struct timespec ts = {drain / 1000, (long)(drain % 1000) * 1000000L};
-        nanosleep(&ts, NULL);
-    }
-    grpc_server_shutdown_and_notify(srv->server, srv->cqs[0], &srv->shutdown_tag);
+    /* 1. stop accepting */
+    (void)close_listeners(srv->port);
 
-    clock_gettime(CLOCK_REALTIME, &abs);
-    abs.tv_sec += grace_ms / 1000;
-    abs.tv_nsec += (long)(grace_ms % 1000) * 1000000L;
-    if (abs.tv_nsec >= 1000000000L) {
-        abs.tv_sec++;
-        abs.tv_nsec -= 1000000000L;
-    }
+    /* 2. admitted connections deliver their call; open calls may finish */
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    ts_add_ms(&end, grace_ms);
     pthread_mutex_lock(&srv->mu);
-    drained = wait_until(srv, &abs);
+    if (grace_ms > 0) {
+        wait_admitted(srv, &end);
+    }
     pthread_mutex_unlock(&srv->mu);
-    if (!drained) {
-        kms_log(KMS_LOG_WARN, "rpc", "grace period over, cancelling in-flight calls", "addr",
+
+    /* 3. what is still open gets UNAVAILABLE from us, not CANCELLED */
+    aborted = calls_abort(srv);
+    if (aborted > 0) {
+        kms_logf(KMS_LOG_INFO, "rpc", "stopping %s: answered %zu open call(s) UNAVAILABLE",
+                 srv->listen, aborted);
+    }
+
+    /* 4. gRPC's own shutdown */
+    grpc_server_shutdown_and_notify(srv->server, srv->cqs[0], &srv->shutdown_tag);
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    ts_add_ms(&end, SHUTDOWN_WAIT_MS);
+    pthread_mutex_lock(&srv->mu);
+    idle = wait_grpc_idle(srv, &end);
+    pthread_mutex_unlock(&srv->mu);
+    if (!idle) {
+        kms_log(KMS_LOG_WARN, "rpc", "shutdown slow, cancelling the remaining calls", "addr",
                 srv->listen, NULL);
         grpc_server_cancel_all_calls(srv->server);
+        (void)calls_abort(srv); /* calls that arrived after step 3 */
         pthread_mutex_lock(&srv->mu);
-        wait_until(srv, NULL);
+        wait_grpc_idle(srv, NULL);
         pthread_mutex_unlock(&srv->mu);
     }
     grpc_server_destroy(srv->server);

@@ -479,11 +479,109 @@ static void test_stop_restart(void **state)
     while (atomic_load(&g_slow_started) == 0) {
         sleep_ms(5);
     }
+    t0 = now_ms();
     kms_rpc_server_stop(srv, 100);
+    /* The stop does not wait for the parked handler (it finishes 1.5 s after
+     * it started): the server answers the open call itself. */
+    fprintf(stderr, "stop(100) with a handler parked for 1.5 s took %.0f ms\n", now_ms() - t0);
+    assert_true(now_ms() - t0 < 1000);
     pthread_join(b.t, NULL);
     assert_int_equal(b.status, GRPC_STATUS_UNAVAILABLE);
     kms_rpc_server_destroy(srv);
     kms_rpc_channel_destroy(ch);
+    /* The handler's late kms_rpc_call_finish() runs after the server is
+     * gone and only releases the call (ASan checks it). */
+    sleep_ms(1600);
+}
+
+static atomic_int g_keep_polls;
+static bool keep_300ms_cb(void *arg)
+{
+    double *t0 = arg;
+    atomic_fetch_add(&g_keep_polls, 1);
+    return now_ms() - *t0 < 300;
+}
+
+/* kms_rpc_unary_watch: a call abandoned by its poll callback is cancelled at
+ * once and reported CANCELLED, long before the handler would answer. */
+static void test_unary_watch(void **state)
+{
+    int port = next_port();
+    struct kms_rpc_server *srv = start_server(port, KMS_RPC_TLS, 0, 1);
+    struct kms_rpc_channel *ch = channel(port, g_ca, NULL, NULL, false);
+    uint8_t *resp = NULL;
+    size_t rlen = 0;
+    int status = -1;
+    char *details = NULL;
+    struct kms_err err;
+    double t0;
+    (void)state;
+    assert_non_null(srv);
+    kms_err_clear(&err);
+    atomic_store(&g_keep_polls, 0);
+    t0 = now_ms();
+    assert_int_equal(kms_rpc_unary_watch(ch, "/test.Echo/Slow", (const uint8_t *)"1500", 4, 5000,
+                                         50, keep_300ms_cb, &t0, &resp, &rlen, &status,
+                                         &details, &err),
+                     0);
+    assert_int_equal(status, GRPC_STATUS_CANCELLED);
+    assert_null(resp);
+    assert_true(now_ms() - t0 >= 250);
+    assert_true(now_ms() - t0 < 1000);
+    assert_true(atomic_load(&g_keep_polls) >= 3);
+    free(details);
+    /* a call that completes first is not affected */
+    details = NULL;
+    t0 = now_ms();
+    assert_int_equal(kms_rpc_unary_watch(ch, "/test.Echo/Slow", (const uint8_t *)"100", 3, 5000,
+                                         50, keep_300ms_cb, &t0, &resp, &rlen, &status,
+                                         &details, &err),
+                     0);
+    assert_int_equal(status, GRPC_STATUS_OK);
+    assert_int_equal(rlen, 3);
+    free(resp);
+    free(details);
+    kms_rpc_channel_destroy(ch);
+    kms_rpc_server_stop(srv, 2000);
+    kms_rpc_server_destroy(srv);
+    sleep_ms(1600); /* the abandoned handler's late finish */
+}
+
+/* The connect timeout bounds one connection attempt, not gRPC's 100 ms
+ * reconnect backoff: against a listener that never answers the handshake,
+ * a call with a 3 s deadline and a 1.5 s connect timeout lasts >= 1.5 s. */
+static void test_connect_timeout(void **state)
+{
+    int port = next_port();
+    struct sockaddr_in sa;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct kms_rpc_client_tls tls = {g_ca, NULL, NULL};
+    struct kms_rpc_channel_options opts = {1500};
+    struct kms_rpc_channel *ch = NULL;
+    struct kms_err err;
+    char target[64];
+    double t0, dt;
+    int one = 1;
+    (void)state;
+    assert_true(fd >= 0);
+    (void)setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    memset(&sa, 0, sizeof(sa));
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons((uint16_t)port);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    assert_int_equal(listen(fd, 16), 0); /* the kernel accepts; nobody answers */
+    snprintf(target, sizeof(target), "127.0.0.1:%d", port);
+    kms_err_clear(&err);
+    assert_int_equal(kms_rpc_channel_create_opts(target, &tls, &opts, &ch, &err), 0);
+    t0 = now_ms();
+    int st = call(ch, "/test.Echo/Echo", "x", 1, NULL, 0, 3000);
+    dt = now_ms() - t0;
+    fprintf(stderr, "connect timeout 1.5 s: call ended after %.0f ms (status %d)\n", dt, st);
+    assert_true(st == GRPC_STATUS_UNAVAILABLE || st == GRPC_STATUS_DEADLINE_EXCEEDED);
+    assert_true(dt >= 1300);
+    kms_rpc_channel_destroy(ch);
+    close(fd);
 }
 
 struct load {
@@ -842,6 +940,8 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_reload),
         cmocka_unit_test(test_concurrent),
         cmocka_unit_test(test_stop_restart),
+        cmocka_unit_test(test_unary_watch),
+        cmocka_unit_test(test_connect_timeout),
         cmocka_unit_test(test_cycles_under_load),
     };
     struct kms_err err;

@@ -27,6 +27,7 @@
 #include "kms_time.h"
 #include "kmsd.h"
 #include "kmsd_authz.h"
+#include "kmsd_pool.h"
 
 #include "kmsd/v1/cluster.pb-c.h"
 #include "kmsd/v1/entry.pb-c.h"
@@ -72,43 +73,97 @@ static bool operator_ok(struct kmsd *d, struct kms_rpc_call *call, const char *o
 
 /* ---- kmsd.v1.Cluster ------------------------------------------------- */
 
-static void forward_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+/* A parked Forward (leader side): the proposal waits for a commit on the
+ * write pool, not on a cluster API worker. */
+struct forward_job {
+    struct kmsd *d;
+    struct kms_rpc_call *call;
+    Kmsd__V1__ForwardRequest *r;
+    uint64_t t0;
+};
+
+static void forward_run_cb(void *arg)
 {
-    struct kmsd *d = arg;
-    Kmsd__V1__ForwardRequest *r = NULL;
+    struct forward_job *j = arg;
+    struct kmsd *d = j->d;
     Kmsd__V1__ForwardResponse resp = KMSD__V1__FORWARD_RESPONSE__INIT;
     struct kms_raft_result rr;
     struct kms_err err;
+    uint64_t now = kms_mono_ms(), left_call = kms_rpc_call_deadline_ms(j->call);
+    unsigned wait_ms;
     int rc;
 
     kms_err_clear(&err);
-    if (!kmsd_authz_node(d, call)) {
-        finish_err(call, "forward", KMS_EDENIED, "certificate is not a cluster node certificate");
-        goto out;
+    /* The budget: requestWait from arrival, never past the caller's deadline. */
+    wait_ms = now - j->t0 < d->opt.request_wait_ms
+                  ? (unsigned)(d->opt.request_wait_ms - (now - j->t0))
+                  : 0;
+    if (left_call < wait_ms) {
+        wait_ms = (unsigned)left_call;
     }
-    r = kmsd__v1__forward_request__unpack(NULL, len, req);
-    if (r == NULL || r->entry == NULL) {
-        finish_err(call, "forward", KMS_EINVAL, "malformed forward request");
+    if (wait_ms == 0 || kms_rpc_call_done(j->call) || atomic_load(&d->stopping)) {
+        kms_rpc_call_finish(j->call, GRPC_STATUS_UNAVAILABLE, "no time left to propose", NULL,
+                            0);
         goto out;
     }
     memset(&rr, 0, sizeof(rr));
-    rc = kms_raft_propose(d->raft, r->entry, d->opt.request_wait_ms, &rr, &err);
+    rc = kms_raft_propose(d->raft, j->r->entry, wait_ms, &rr, &err);
     if (rc == KMS_ENOTLEADER) {
-        kms_rpc_call_finish(call, GRPC_STATUS_FAILED_PRECONDITION, "not the leader", NULL, 0);
+        kms_rpc_call_finish(j->call, GRPC_STATUS_FAILED_PRECONDITION, "not the leader", NULL,
+                            0);
         goto out;
     }
     if (rc != 0) {
-        kms_rpc_call_finish(call, GRPC_STATUS_UNAVAILABLE, err.msg, NULL, 0);
+        kms_rpc_call_finish(j->call, GRPC_STATUS_UNAVAILABLE, err.msg, NULL, 0);
         goto out;
     }
     resp.index = rr.index;
     resp.result_code = rr.code;
     resp.result_msg = rr.msg;
     resp.count = rr.count;
-    finish_msg(call, &resp.base);
+    finish_msg(j->call, &resp.base);
 out:
-    if (r != NULL) {
-        kmsd__v1__forward_request__free_unpacked(r, NULL);
+    kmsd__v1__forward_request__free_unpacked(j->r, NULL);
+    free(j);
+}
+
+static void forward_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+{
+    struct kmsd *d = arg;
+    struct forward_job *j = NULL;
+    int rc;
+
+    if (!kmsd_authz_node(d, call)) {
+        finish_err(call, "forward", KMS_EDENIED, "certificate is not a cluster node certificate");
+        goto out;
+    }
+    j = calloc(1, sizeof(*j));
+    if (j == NULL) {
+        finish_err(call, "forward", KMS_ENOMEM, "out of memory");
+        goto out;
+    }
+    j->d = d;
+    j->call = call;
+    j->t0 = kms_mono_ms();
+    j->r = kmsd__v1__forward_request__unpack(NULL, len, req);
+    if (j->r == NULL || j->r->entry == NULL) {
+        finish_err(call, "forward", KMS_EINVAL, "malformed forward request");
+        goto out;
+    }
+    if ((rc = kmsd_pool_submit(d->write_pool, forward_run_cb, j)) != 0) {
+        kms_rpc_call_finish(call, GRPC_STATUS_UNAVAILABLE,
+                            rc == KMS_EBUSY ? "leader busy: too many proposals waiting"
+                                            : "shutting down",
+                            NULL, 0);
+        goto out;
+    }
+    j = NULL; /* parked */
+out:
+    if (j != NULL) {
+        if (j->r != NULL) {
+            kmsd__v1__forward_request__free_unpacked(j->r, NULL);
+        }
+        free(j);
     }
 }
 
@@ -792,13 +847,67 @@ out:
     }
 }
 
+/* ---- parking operator calls ---------------------------------------- */
+
+/* Operator handlers may block for long (a write waiting for quorum, members
+ * add catching a new node up for up to a minute). They run on the operator
+ * pool, so the cluster API workers stay free for Forward (which parks on the
+ * write pool) and the next operator call. */
+struct op_job {
+    struct kmsd_op_method *m;
+    struct kms_rpc_call *call;
+    uint8_t *req;
+    size_t len;
+};
+
+static void op_run_cb(void *arg)
+{
+    struct op_job *j = arg;
+    if (atomic_load(&j->m->d->stopping)) {
+        /* raft may be gone: do not start operator work while stopping */
+        kms_rpc_call_finish(j->call, GRPC_STATUS_UNAVAILABLE, "shutting down", NULL, 0);
+    } else {
+        j->m->fn(j->m->d, j->call, j->req, j->len);
+    }
+    OPENSSL_cleanse(j->req, j->len); /* shares travel in operator requests */
+    free(j->req);
+    free(j);
+}
+
+static void op_park_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+{
+    struct kmsd_op_method *m = arg;
+    struct op_job *j = calloc(1, sizeof(*j));
+    int rc;
+
+    if (j == NULL || (j->req = malloc(len > 0 ? len : 1)) == NULL) {
+        free(j);
+        finish_err(call, "operator", KMS_ENOMEM, "out of memory");
+        goto out;
+    }
+    memcpy(j->req, req, len);
+    j->m = m;
+    j->call = call;
+    j->len = len;
+    if ((rc = kmsd_pool_submit(m->d->op_pool, op_run_cb, j)) != 0) {
+        finish_err(call, "operator", KMS_EUNAVAIL,
+                   rc == KMS_EBUSY ? "too many operator calls waiting; retry later"
+                                   : "shutting down");
+        OPENSSL_cleanse(j->req, len);
+        free(j->req);
+        free(j);
+        goto out;
+    }
+out:
+    return;
+}
+
 int kmsd_cluster_register(struct kmsd *d, struct kms_rpc_server *srv)
 {
     static const struct {
         const char *path;
         kms_rpc_handler_fn fn;
     } methods[] = {
-        {"/kmsd.v1.Cluster/Forward", forward_cb},
         {"/kmsd.v1.Operator/Status", status_cb},
         {"/kmsd.v1.Operator/Initialize", init_cb},
         {"/kmsd.v1.Operator/Unseal", unseal_cb},
@@ -813,8 +922,17 @@ int kmsd_cluster_register(struct kmsd *d, struct kms_rpc_server *srv)
         {"/kmsd.v1.Operator/KeysShow", keys_show_cb},
         {"/kmsd.v1.Operator/KeysRevoke", keys_revoke_cb},
     };
+    int rc = kms_rpc_server_add_method(srv, "/kmsd.v1.Cluster/Forward", forward_cb, d);
+    if (rc != 0) {
+        return rc;
+    }
+    if (sizeof(methods) / sizeof(methods[0]) > KMSD_OP_METHODS) {
+        return KMS_ERANGE;
+    }
     for (size_t i = 0; i < sizeof(methods) / sizeof(methods[0]); i++) {
-        int rc = kms_rpc_server_add_method(srv, methods[i].path, methods[i].fn, d);
+        d->op_methods[i].d = d;
+        d->op_methods[i].fn = methods[i].fn;
+        rc = kms_rpc_server_add_method(srv, methods[i].path, op_park_cb, &d->op_methods[i]);
         if (rc != 0) {
             return rc;
         }

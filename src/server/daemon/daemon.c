@@ -6,8 +6,20 @@
  * been gone for longer than lease_grace_ms the server is shut down, which
  * closes the port, so Talos's grpc-go client gets "connection refused" and
  * moves on to the next address. Shorter gaps (an election) are absorbed by
- * handlers waiting up to request_wait_ms.
+ * handlers parked up to request_wait_ms.
+ *
+ * Closing never waits for parked handlers: kms_rpc_server_stop() refuses new
+ * connections, lets the accepted ones deliver their calls, answers what is
+ * still open UNAVAILABLE (a parked handler's later finish only releases its
+ * call) and returns, so the supervisor can reopen the listener as soon as
+ * the lease is back.
  */
+#define TALOS_CLOSE_GRACE_MS 500    /* lease lost / sealed: nothing to wait for */
+#define TALOS_STOP_GRACE_MS 2000    /* SIGTERM: let admitted calls finish */
+#define POOL_THREADS 32             /* per pool; they mostly sleep in waits */
+#define POOL_QUEUE 4096
+#define OP_POOL_THREADS 4           /* operator calls: rare, may block long */
+#define OP_POOL_QUEUE 256
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +35,7 @@
 #include "kms_time.h"
 #include "kmsd.h"
 #include "kmsd_authz.h"
+#include "kmsd_pool.h"
 
 #include <raft.h>
 
@@ -71,16 +84,20 @@ static int talos_open(struct kmsd *d, struct kms_err *err)
     return 0;
 }
 
-static void talos_close(struct kmsd *d, const char *why)
+static void talos_close(struct kmsd *d, const char *why, unsigned grace_ms)
 {
+    uint64_t t0 = kms_mono_ms();
+    char took[32];
+
     if (d->talos_srv == NULL) {
         return;
     }
     atomic_store(&d->talos_listening, false);
-    kms_rpc_server_stop(d->talos_srv, 2000);
+    kms_rpc_server_stop(d->talos_srv, grace_ms);
     kms_rpc_server_destroy(d->talos_srv);
     d->talos_srv = NULL;
-    kms_log(KMS_LOG_WARN, "talos", "Talos API closed", "reason", why, NULL);
+    snprintf(took, sizeof(took), "%llu", (unsigned long long)(kms_mono_ms() - t0));
+    kms_log(KMS_LOG_WARN, "talos", "Talos API closed", "reason", why, "close_ms", took, NULL);
 }
 
 struct self_meta {
@@ -133,7 +150,8 @@ static void *supervisor_main(void *arg)
                 sleep_ms(500);
             }
         } else if (!want && d->talos_srv != NULL) {
-            talos_close(d, !unsealed ? "sealed" : "no read lease for longer than the grace period");
+            talos_close(d, !unsealed ? "sealed" : "no read lease for longer than the grace period",
+                        TALOS_CLOSE_GRACE_MS);
         }
 
         if (now - last_slow >= 1000) {
@@ -210,6 +228,16 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
     pthread_mutex_init(&d->rate_mu, NULL);
     pthread_rwlock_init(&d->kr_lock, NULL);
 
+    {
+        const char *pause = getenv("KMSD_TEST_READ_PAUSE_MS");
+        if (pause != NULL && pause[0] != '\0') {
+            d->test_read_pause_ms = (unsigned)strtoul(pause, NULL, 10);
+            kms_log(KMS_LOG_WARN, "kmsd",
+                    "TEST FAULT HOOK: every local read pauses between its lease check and "
+                    "the read (KMSD_TEST_READ_PAUSE_MS); never set this in production",
+                    "pause_ms", pause, NULL);
+        }
+    }
     d->pending = kms_secmem_alloc(sizeof(struct kms_share) * KMSD_MAX_SHARES);
     if (d->pending == NULL) {
         return kms_err_set(err, KMS_ENOMEM, "cannot allocate secure memory for shares");
@@ -246,6 +274,14 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
         return kms_err_wrap(err, rc, "raft");
     }
 
+    if ((rc = kmsd_pool_create("kmsd-write", POOL_THREADS, POOL_QUEUE, &d->write_pool, err)) !=
+            0 ||
+        (rc = kmsd_pool_create("kmsd-wait", POOL_THREADS, POOL_QUEUE, &d->wait_pool, err)) !=
+            0 ||
+        (rc = kmsd_pool_create("kmsd-op", OP_POOL_THREADS, OP_POOL_QUEUE, &d->op_pool, err)) !=
+            0) {
+        return kms_err_wrap(err, rc, "handler pools");
+    }
     if ((rc = client_ca_bundle(d, bundle, sizeof(bundle), err)) != 0) {
         return rc;
     }
@@ -307,16 +343,37 @@ void kmsd_stop(struct kmsd *d)
     }
     /* Close the Talos port first so clients move on; in-flight calls get
      * the grace period, then UNAVAILABLE. */
-    talos_close(d, "shutting down");
-    if (d->raft != NULL) {
-        kms_raft_stop(d->raft); /* transfers leadership first when leader */
-        d->raft = NULL;
+    talos_close(d, "shutting down", TALOS_STOP_GRACE_MS);
+    /* Parked jobs see `stopping` and finish their calls; they use raft, so
+     * the pools go before it. */
+    kmsd_pool_stop(d->write_pool);
+    kmsd_pool_stop(d->wait_pool);
+    /* Operator jobs may sit in a long raft call (members add waits up to a
+     * minute): give them requestWait, then stop raft anyway, which fails
+     * their pending raft requests with KMS_ESHUTDOWN (queued ones see
+     * `stopping` and do not start). */
+    if (!kmsd_pool_wait_idle(d->op_pool, d->opt.request_wait_ms)) {
+        kms_log(KMS_LOG_WARN, "kmsd", "operator calls still running; stopping raft under them",
+                NULL);
     }
+    /* Transfers leadership first when leader. d->raft stays allocated
+     * (calls fail fast) until every thread that may use it is gone. */
+    kms_raft_shutdown(d->raft);
+    kmsd_pool_stop(d->op_pool);
     if (d->cluster_srv != NULL) {
         kms_rpc_server_stop(d->cluster_srv, 1000);
         kms_rpc_server_destroy(d->cluster_srv);
         d->cluster_srv = NULL;
     }
+    /* Nothing submits any more (both servers are gone). */
+    kmsd_pool_destroy(d->write_pool);
+    d->write_pool = NULL;
+    kmsd_pool_destroy(d->wait_pool);
+    d->wait_pool = NULL;
+    kmsd_pool_destroy(d->op_pool);
+    d->op_pool = NULL;
+    kms_raft_free(d->raft);
+    d->raft = NULL;
     for (size_t i = 0; i < sizeof(d->fwd) / sizeof(d->fwd[0]); i++) {
         if (d->fwd[i].ch != NULL) {
             kms_rpc_channel_destroy(d->fwd[i].ch);

@@ -3,7 +3,13 @@
  * store (RocksDB), the raft node, the key material and the gRPC servers.
  *
  * Threads:
- *  - gRPC worker threads run the Talos API and cluster API handlers;
+ *  - gRPC worker threads run the Talos API and cluster API handlers; a
+ *    handler that must wait (leader, lease, commit, apply) parks its call on
+ *    a pool instead of blocking the worker (kmsd_pool.h):
+ *      write_pool  Seal and forwarded proposals (Forward on the leader);
+ *      wait_pool   Unseals that wait for a lease or a read barrier;
+ *      op_pool     every kmsd.v1.Operator call (writes, members add...);
+ *    so a Seal blocked without quorum never delays an Unseal;
  *  - the raft thread (owned by kms_raft) applies entries to the store;
  *  - the supervisor thread opens and closes the Talos listener as the node's
  *    state changes (sealed/unsealed, read lease held/lost), picks up rotated
@@ -34,9 +40,11 @@ struct kms_store;
 struct kms_raft;
 struct kms_rpc_server;
 struct kms_rpc_channel;
+struct kms_rpc_call;
 struct kms_keyring;
 struct kms_share;
 struct kmsd_authz;
+struct kmsd_pool;
 struct MHD_Daemon;
 
 #define KMSD_MAX_PEERS 16
@@ -100,6 +108,17 @@ struct kmsd_options {
     size_t n_uuids;
 };
 
+/* An operator method run on the operator pool: the real handler and its
+ * argument (cluster_api.c). */
+#define KMSD_OP_METHODS 16
+struct kmsd;
+typedef void (*kmsd_op_fn)(void *arg, struct kms_rpc_call *call, const uint8_t *req,
+                           size_t len);
+struct kmsd_op_method {
+    struct kmsd *d;
+    kmsd_op_fn fn;
+};
+
 /* Per-source-address limiter of failed unseals (fixed-size table). */
 #define KMSD_RATE_SLOTS 1024
 struct kmsd_rate_slot {
@@ -122,6 +141,10 @@ struct kmsd {
     struct kms_raft *raft;
     struct kms_rpc_server *cluster_srv;
     struct kmsd_authz *authz;            /* CA stores, swapped on reload (authz.c) */
+    struct kmsd_pool *write_pool;        /* parked Seals and Forwards (pool.c) */
+    struct kmsd_pool *wait_pool;         /* parked Unseals */
+    struct kmsd_pool *op_pool;           /* operator calls (cluster_api.c) */
+    struct kmsd_op_method op_methods[KMSD_OP_METHODS]; /* handler args, set at register */
 
     /* Talos API server: created/destroyed only by the supervisor thread. */
     struct kms_rpc_server *talos_srv;
@@ -148,6 +171,11 @@ struct kmsd {
 
     pthread_mutex_t rate_mu;
     struct kmsd_rate_slot rate[KMSD_RATE_SLOTS];
+
+    /* Test-only fault hook (KMSD_TEST_READ_PAUSE_MS, read at start): each
+     * local read sleeps this long between its lease check and the RocksDB
+     * get, to test the lease deadline rule. 0 in production. */
+    unsigned test_read_pause_ms;
 
     atomic_bool stopping;
     pthread_t supervisor;
@@ -183,7 +211,9 @@ struct kms_keyring *kmsd_keyring_get(struct kmsd *d);
 
 /* Writes (node_propose.c): propose locally when leader, else forward to the
  * leader over the cluster API, then wait until this node applied the entry.
- * Waits up to request_wait_ms for a leader. */
+ * Waits up to wait_ms for a leader; a forward abandons a leader that is no
+ * longer leader and retries the new one within the same budget. Blocking:
+ * from pool threads (or rare operator calls), never the Talos API workers. */
 struct Kmsd__V1__Entry;
 struct kmsd_write_result {
     uint64_t index;
@@ -193,14 +223,16 @@ struct kmsd_write_result {
 };
 int kmsd_write(struct kmsd *d, const struct Kmsd__V1__Entry *e, unsigned wait_ms,
                struct kmsd_write_result *res, struct kms_err *err);
-/* Waits until this node may serve a local read (lease, or any applied state
- * with unsealReads: local). 0, or KMS_EUNAVAIL after wait_ms. */
-int kmsd_wait_readable(struct kmsd *d, unsigned wait_ms);
+/* True when this node may serve a local read now (lease, or any applied
+ * state with unsealReads: local). Lock-free. A read must still follow the
+ * lease deadline rule (talos_api.c unseal_read). */
 bool kmsd_readable(struct kmsd *d);
 /* Waits until this node applied everything the leader had committed when
  * the call started (the leader's commit index arrives with the next
  * heartbeat). Used before answering NOT_FOUND, so a key sealed through
- * another replica and acknowledged is found here too. 0 or KMS_EUNAVAIL. */
+ * another replica and acknowledged is found here too. 0, or KMS_EUNAVAIL /
+ * KMS_ETIMEDOUT when it could not be done within wait_ms (the caller then
+ * answers UNAVAILABLE, never NOT_FOUND). Blocking: pool threads only. */
 int kmsd_read_barrier(struct kmsd *d, unsigned wait_ms);
 
 /* RPC services. */

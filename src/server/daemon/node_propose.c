@@ -11,6 +11,14 @@
  * are built so a second apply is harmless: a PutRecord for a key_id already
  * present is refused with KMS_EEXIST, which for a retry means "the first
  * attempt committed" and is reported as success.
+ *
+ * A forward follows leader changes: while the call to the leader is in
+ * flight, this node's raft status is polled (every FORWARD_POLL_MS); when
+ * it names another leader (or this node became leader) the call is
+ * abandoned - its outcome is unknown, so the retry rule above applies - and
+ * the entry is sent to the new leader within the same budget. A leader that
+ * stalls (paused, partitioned) therefore costs about one election, not the
+ * whole request budget.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,18 +51,6 @@ bool kmsd_readable(struct kmsd *d)
         return true;
     }
     return kms_raft_lease_valid(d->raft);
-}
-
-int kmsd_wait_readable(struct kmsd *d, unsigned wait_ms)
-{
-    uint64_t deadline = kms_mono_ms() + wait_ms;
-    while (!kmsd_readable(d)) {
-        if (kms_mono_ms() >= deadline || atomic_load(&d->stopping)) {
-            return KMS_EUNAVAIL;
-        }
-        sleep_ms(20);
-    }
-    return 0;
 }
 
 int kmsd_read_barrier(struct kmsd *d, unsigned wait_ms)
@@ -156,6 +152,31 @@ out:
     return rc;
 }
 
+#define FORWARD_POLL_MS 100
+
+struct forward_watch {
+    struct kmsd *d;
+    uint64_t leader_id; /* the node the call went to */
+};
+
+/* Polled while a forward is in flight: keep waiting only while this node
+ * still believes leader_id leads (or knows no leader yet). */
+static bool forward_keep_cb(void *arg)
+{
+    struct forward_watch *w = arg;
+    struct kms_raft_status st;
+
+    if (atomic_load(&w->d->stopping)) {
+        return false;
+    }
+    memset(&st, 0, sizeof(st));
+    (void)kms_raft_status(w->d->raft, &st);
+    if (st.role == KMS_RAFT_LEADER) {
+        return false;
+    }
+    return st.leader_id == 0 || st.leader_id == w->leader_id;
+}
+
 /* Forwards `e` to the leader `leader_id`. Returns 0 with *res filled when the
  * leader committed it, KMS_ENOTLEADER when the callee is not (or no longer)
  * leader, KMS_EUNAVAIL when it could not be reached. */
@@ -191,10 +212,15 @@ static int forward(struct kmsd *d, uint64_t leader_id, const Kmsd__V1__Entry *e,
     if ((rc = forward_channel(d, leader_id, addr, &ch, err)) != 0) {
         goto out;
     }
-    rc = kms_rpc_unary(ch, "/kmsd.v1.Cluster/Forward", buf, len, deadline_ms, &out,
-                       &outlen, &status, &details, err);
-    /* CANCELLED: gRPC 1.51 cancels calls that race a server shutdown on an
-     * existing connection; the entry may or may not have been proposed. */
+    {
+        struct forward_watch w = {d, leader_id};
+        rc = kms_rpc_unary_watch(ch, "/kmsd.v1.Cluster/Forward", buf, len, deadline_ms,
+                                 FORWARD_POLL_MS, forward_keep_cb, &w, &out, &outlen, &status,
+                                 &details, err);
+    }
+    /* CANCELLED: abandoned by forward_keep_cb (the leader changed), or gRPC
+     * 1.51 cancelled a call racing a server shutdown on an existing
+     * connection; either way the entry may or may not have been proposed. */
     if (rc != 0 || status == GRPC_STATUS_UNAVAILABLE ||
         status == GRPC_STATUS_DEADLINE_EXCEEDED || status == GRPC_STATUS_CANCELLED) {
         rc = kms_err_set(err, KMS_EUNAVAIL, "forward to leader %llu at %s: %s",

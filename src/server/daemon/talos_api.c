@@ -9,28 +9,48 @@
  *   PERMISSION_DENIED UUID mismatch, revoked key, enrolment policy
  *   UNAVAILABLE       sealed, no leader/lease within request_wait, rate limited
  *
- * Handlers run on gRPC worker threads. Unseal never touches the raft thread:
- * blob -> RocksDB get -> decrypt -> reply. Seal encrypts here and commits
- * through kmsd_write (local propose or forward to the leader).
+ * Handlers start on gRPC worker threads and never wait there:
+ *  - Unseal answers on the worker when it can right now (read lease valid
+ *    and the record found, or a definitive refusal): blob -> RocksDB get ->
+ *    decrypt -> reply, without the raft thread. Otherwise (no lease yet, or
+ *    a miss that must be proven fresh) the call is parked on the daemon's
+ *    wait pool, which waits up to requestWait and completes it.
+ *  - Seal checks the request on the worker, then parks the call on the
+ *    write pool, which encrypts and commits it through kmsd_write (local
+ *    propose or forward to the leader) and completes it.
+ * Every local read follows the lease deadline rule of kms_raft.h
+ * (unseal_read). NOT_FOUND is answered only for a miss read under a valid
+ * lease after catching up with the leader's commit index; when that cannot
+ * be proven within the budget the answer is UNAVAILABLE (Talos retries),
+ * never NOT_FOUND.
  */
 #include <arpa/inet.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 #include <grpc/status.h>
 #include <openssl/crypto.h>
 
 #include "kms_crypto.h"
 #include "kms_log.h"
+#include "kms_raft.h"
 #include "kms_rpc.h"
 #include "kms_store.h"
 #include "kms_time.h"
 #include "kmsd.h"
+#include "kmsd_pool.h"
 
 #include "kmsd/v1/entry.pb-c.h"
 #include "sidero/kms/kms.pb-c.h"
+
+static void sleep_ms(unsigned ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
 
 int kmsd_grpc_status(int code)
 {
@@ -190,6 +210,11 @@ static void reply(struct kmsd *d, struct kms_rpc_call *call, const char *op,
     uint8_t buf[128];
     size_t n;
 
+    if (kms_rpc_call_done(call)) {
+        /* The listener closed meanwhile and answered UNAVAILABLE. */
+        kms_rpc_call_finish(call, GRPC_STATUS_UNAVAILABLE, NULL, NULL, 0);
+        return;
+    }
     resp.data.data = (uint8_t *)data;
     resp.data.len = len;
     n = protobuf_c_message_get_packed_size(&resp.base);
@@ -206,37 +231,72 @@ static void reply(struct kmsd *d, struct kms_rpc_call *call, const char *op,
 static void fail(struct kmsd *d, struct kms_rpc_call *call, const char *op, int code,
                  const char *msg, const char *peer)
 {
+    if (kms_rpc_call_done(call)) {
+        kms_rpc_call_finish(call, GRPC_STATUS_UNAVAILABLE, NULL, NULL, 0);
+        return;
+    }
     count(d, op, kmsd_grpc_status(code));
     kms_log(KMS_LOG_INFO, "talos", "request failed", "op", op, "error",
             kms_errname(code), "detail", msg, "peer", peer, NULL);
     kms_rpc_call_finish(call, kmsd_grpc_status(code), msg, NULL, 0);
 }
 
-static void seal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t reqlen)
+/* ---- Seal ---------------------------------------------------------- */
+
+/* A parked Seal: everything the write pool needs, owned by the job. */
+struct seal_job {
+    struct kmsd *d;
+    struct kms_rpc_call *call;
+    Sidero__Kms__Request *r;
+    uint8_t ipraw[16];
+    size_t iplen;
+    uint64_t t0; /* arrival, kms_mono_ms() */
+};
+
+static void seal_job_free(struct seal_job *j)
 {
-    struct kmsd *d = arg;
-    Sidero__Kms__Request *r = NULL;
+    if (j->r != NULL) {
+        OPENSSL_cleanse(j->r->data.data, j->r->data.len);
+        sidero__kms__request__free_unpacked(j->r, NULL);
+    }
+    free(j);
+}
+
+/* Milliseconds left of the request budget that started at t0; 0 when the
+ * budget is spent, the daemon stops, or the server already answered the
+ * call (its listener closed). */
+static unsigned budget_left(struct kmsd *d, struct kms_rpc_call *call, uint64_t t0)
+{
+    uint64_t now = kms_mono_ms();
+    uint64_t end = t0 + d->opt.request_wait_ms;
+    if (now >= end || atomic_load(&d->stopping) || kms_rpc_call_done(call)) {
+        return 0;
+    }
+    return (unsigned)(end - now);
+}
+
+/* Write pool thread: encrypt, commit (propose or forward, wait for apply). */
+static void seal_run_cb(void *arg)
+{
+    struct seal_job *j = arg;
+    struct kmsd *d = j->d;
+    struct kms_rpc_call *call = j->call;
+    Sidero__Kms__Request *r = j->r;
     Kmsd__V1__SealedRecord *rec = NULL;
     struct kms_keyring *kr = NULL;
     struct kms_err err;
     struct kmsd_write_result res;
     uint8_t blob[KMS_BLOB_MAX];
     size_t bloblen = 0;
-    uint8_t ip[16], ipraw[16];
-    size_t iplen = 0;
     const char *peer = kms_rpc_call_peer(call);
+    unsigned left;
     char kid[33];
     int rc;
 
     kms_err_clear(&err);
-    peer_addr(call, ipraw, &iplen, ip);
-    r = sidero__kms__request__unpack(NULL, reqlen, req);
-    if (r == NULL) {
-        fail(d, call, "seal", KMS_EINVAL, "malformed request", peer);
-        goto out;
-    }
-    if (!enrolment_allowed(d, ip, r->node_uuid != NULL ? r->node_uuid : "")) {
-        fail(d, call, "seal", KMS_EDENIED, "enrolment policy refuses this node", peer);
+    left = budget_left(d, call, j->t0);
+    if (left == 0) {
+        fail(d, call, "seal", KMS_EUNAVAIL, "no time left to commit the seal", peer);
         goto out;
     }
     kr = kmsd_keyring_get(d);
@@ -244,8 +304,8 @@ static void seal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
         fail(d, call, "seal", KMS_EUNAVAIL, "node is sealed", peer);
         goto out;
     }
-    rc = kms_seal(kr, r->node_uuid, r->data.data, r->data.len, kms_wall_ms(), ipraw, iplen,
-                  &rec, blob, &bloblen, &err);
+    rc = kms_seal(kr, r->node_uuid, r->data.data, r->data.len, kms_wall_ms(), j->ipraw,
+                  j->iplen, &rec, blob, &bloblen, &err);
     if (rc != 0) {
         fail(d, call, "seal", rc, err.msg, peer);
         goto out;
@@ -257,7 +317,7 @@ static void seal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
         pr.record = rec;
         e.op_case = KMSD__V1__ENTRY__OP_PUT_RECORD;
         e.put_record = &pr;
-        rc = kmsd_write(d, &e, d->opt.request_wait_ms, &res, &err);
+        rc = kmsd_write(d, &e, left, &res, &err);
     }
     if (rc != 0) {
         fail(d, call, "seal", KMS_EUNAVAIL, err.msg, peer);
@@ -279,105 +339,301 @@ out:
     if (kr != NULL) {
         kms_keyring_unref(kr);
     }
-    if (r != NULL) {
-        OPENSSL_cleanse(r->data.data, r->data.len);
-        sidero__kms__request__free_unpacked(r, NULL);
+    seal_job_free(j);
+}
+
+/* CQ worker: checks that need no waiting, then parks the call on the write
+ * pool (a seal always waits for a commit). */
+static void seal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t reqlen)
+{
+    struct kmsd *d = arg;
+    struct seal_job *j = NULL;
+    uint8_t ip[16];
+    const char *peer = kms_rpc_call_peer(call);
+    int rc;
+
+    j = calloc(1, sizeof(*j));
+    if (j == NULL) {
+        fail(d, call, "seal", KMS_ENOMEM, "out of memory", peer);
+        goto out;
+    }
+    j->d = d;
+    j->call = call;
+    j->t0 = kms_mono_ms();
+    peer_addr(call, j->ipraw, &j->iplen, ip);
+    j->r = sidero__kms__request__unpack(NULL, reqlen, req);
+    if (j->r == NULL) {
+        fail(d, call, "seal", KMS_EINVAL, "malformed request", peer);
+        goto out;
+    }
+    if (!enrolment_allowed(d, ip, j->r->node_uuid != NULL ? j->r->node_uuid : "")) {
+        fail(d, call, "seal", KMS_EDENIED, "enrolment policy refuses this node", peer);
+        goto out;
+    }
+    if (!kmsd_is_unsealed(d)) {
+        fail(d, call, "seal", KMS_EUNAVAIL, "node is sealed", peer);
+        goto out;
+    }
+    if ((rc = kmsd_pool_submit(d->write_pool, seal_run_cb, j)) != 0) {
+        fail(d, call, "seal", KMS_EUNAVAIL,
+             rc == KMS_EBUSY ? "too many seals waiting; retry later" : "shutting down", peer);
+        goto out;
+    }
+    j = NULL; /* the pool owns it */
+out:
+    if (j != NULL) {
+        seal_job_free(j);
     }
 }
 
-static void unseal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t reqlen)
+/* ---- Unseal -------------------------------------------------------- */
+
+/* An Unseal in progress (on the worker, then parked on the wait pool). */
+struct unseal_job {
+    struct kmsd *d;
+    struct kms_rpc_call *call;
+    Sidero__Kms__Request *r;
+    uint8_t key_id[16];
+    uint8_t ip[16];
+    char kid[33];
+    uint64_t t0; /* arrival, kms_mono_ms() */
+    int first;   /* result of the read on the worker: KMS_ENOTFOUND or KMS_EUNAVAIL */
+};
+
+static void unseal_job_free(struct unseal_job *j)
 {
-    struct kmsd *d = arg;
-    Sidero__Kms__Request *r = NULL;
+    if (j->r != NULL) {
+        sidero__kms__request__free_unpacked(j->r, NULL);
+    }
+    OPENSSL_cleanse(j->key_id, sizeof(j->key_id));
+    free(j);
+}
+
+/* One local read under the lease deadline rule (kms_raft.h): take the
+ * deadline d, require now < d, read the record and decrypt, require now < d
+ * again with the same d. A read that may have finished after the lease
+ * ended is KMS_EUNAVAIL and its result is discarded (a process paused
+ * between the check and the read must not answer from stale state).
+ * With unsealReads: local there is no lease to respect.
+ * Returns 0 (data filled), KMS_ENOTFOUND (no record: a miss, not yet proven
+ * fresh), KMS_EUNAVAIL (no lease, or it ended during the read), or the
+ * definitive errors of kms_unseal (KMS_EDENIED...) with err set. *stale is
+ * set when the KMS_EUNAVAIL is the lease's (worth waiting for). */
+static int unseal_read(struct unseal_job *j, uint8_t *data, size_t *datalen, bool *stale,
+                       struct kms_err *err)
+{
+    struct kmsd *d = j->d;
     Kmsd__V1__SealedRecord *rec = NULL;
     struct kms_keyring *kr = NULL;
-    struct kms_err err;
-    uint8_t key_id[16], client_half[32];
-    uint8_t data[KMS_BLOB_MAX];
-    size_t datalen = 0;
-    uint8_t ip[16], ipraw[16];
-    size_t iplen = 0;
-    const char *peer = kms_rpc_call_peer(call);
-    char kid[33];
+    uint64_t lease_end = UINT64_MAX;
     int rc;
 
-    kms_err_clear(&err);
-    peer_addr(call, ipraw, &iplen, ip);
-    if (kmsd_rate_limited(d, ip)) {
-        fail(d, call, "unseal", KMS_EUNAVAIL, "too many failed unseals from this address; retry later",
-             peer);
-        goto out;
-    }
-    r = sidero__kms__request__unpack(NULL, reqlen, req);
-    if (r == NULL) {
-        kmsd_rate_fail(d, ip);
-        fail(d, call, "unseal", KMS_EINVAL, "malformed request", peer);
-        goto out;
-    }
-    rc = kms_blob_parse(r->data.data, r->data.len, key_id, client_half, &err);
-    if (rc != 0) {
-        kmsd_rate_fail(d, ip);
-        fail(d, call, "unseal", KMS_EINVAL, err.msg, peer);
-        goto out;
-    }
-    key_hex(key_id, 16, kid);
-    if (kmsd_wait_readable(d, d->opt.request_wait_ms) != 0) {
-        fail(d, call, "unseal", KMS_EUNAVAIL, "no read lease: cluster quorum unreachable", peer);
-        goto out;
-    }
-    rc = kms_store_record_get(d->store, key_id, &rec, &err);
-    if (rc == KMS_ENOTFOUND && kmsd_read_barrier(d, d->opt.request_wait_ms) == 0) {
-        /* Sealed through another replica a moment ago? Catch up with the
-         * leader's commit index once before saying NOT_FOUND. */
-        kms_err_clear(&err);
-        rc = kms_store_record_get(d->store, key_id, &rec, &err);
-    }
-    if (rc != 0) {
-        kmsd_rate_fail(d, ip);
-        fail(d, call, "unseal", rc == KMS_ENOTFOUND ? KMS_ENOTFOUND : KMS_EUNAVAIL,
-             rc == KMS_ENOTFOUND ? "unknown key" : err.msg, peer);
-        goto out;
-    }
-    for (int attempt = 0; attempt < 2; attempt++) {
-        kr = kmsd_keyring_get(d);
-        if (kr == NULL) {
-            fail(d, call, "unseal", KMS_EUNAVAIL, "node is sealed", peer);
+    *datalen = 0;
+    *stale = false;
+    if (!d->opt.unseal_reads_local) {
+        lease_end = kms_raft_lease_deadline_ms(d->raft);
+        if (kms_mono_ms() >= lease_end) {
+            *stale = true;
+            rc = kms_err_set(err, KMS_EUNAVAIL, "no read lease: cluster quorum unreachable");
             goto out;
         }
-        rc = kms_unseal(kr, rec, r->node_uuid, r->data.data, r->data.len, data, &datalen, &err);
-        if (rc != KMS_ENOTFOUND || attempt == 1) {
-            break;
-        }
-        /* The record's term came from a rotation this node has not loaded
-         * yet: pick the new keyring up and try once more. */
-        kms_keyring_unref(kr);
-        kr = NULL;
-        kmsd_keyring_refresh(d);
     }
-    if (rc != 0) {
-        kmsd_rate_fail(d, ip);
-        if (rc == KMS_ENOTFOUND || rc == KMS_EAUTH) {
-            rc = rc == KMS_EAUTH ? KMS_EDENIED : KMS_EUNAVAIL;
-        }
-        kms_log(KMS_LOG_WARN, "audit", "unseal refused", "key_id", kid, "node_uuid",
-                r->node_uuid, "peer", peer, "error", kms_errname(rc), NULL);
-        fail(d, call, "unseal", rc, err.msg, peer);
-        goto out;
+    if (d->test_read_pause_ms > 0) {
+        sleep_ms(d->test_read_pause_ms); /* test fault hook (kmsd.h) */
     }
-    kms_log(KMS_LOG_INFO, "audit", "unseal", "key_id", kid, "node_uuid", r->node_uuid,
-            "peer", peer, NULL);
-    reply(d, call, "unseal", data, datalen);
+    rc = kms_store_record_get(d->store, j->key_id, &rec, err);
+    if (rc == 0) {
+        for (int attempt = 0; attempt < 2; attempt++) {
+            kr = kmsd_keyring_get(d);
+            if (kr == NULL) {
+                rc = kms_err_set(err, KMS_EUNAVAIL, "node is sealed");
+                break;
+            }
+            rc = kms_unseal(kr, rec, j->r->node_uuid, j->r->data.data, j->r->data.len, data,
+                            datalen, err);
+            if (rc != KMS_ENOTFOUND || attempt == 1) {
+                break;
+            }
+            /* The record's term came from a rotation this node has not
+             * loaded yet: pick the new keyring up and try once more. */
+            kms_keyring_unref(kr);
+            kr = NULL;
+            kms_err_clear(err);
+            kmsd_keyring_refresh(d);
+        }
+        /* kms_err_wrap keeps the lower code in err; the mapped one is rc. */
+        if (rc == KMS_ENOTFOUND) {
+            (void)kms_err_wrap(err, rc, "keyring term of the record not loaded");
+            rc = KMS_EUNAVAIL;
+        } else if (rc == KMS_EAUTH) {
+            rc = KMS_EDENIED;
+        }
+    } else if (rc != KMS_ENOTFOUND) {
+        (void)kms_err_wrap(err, rc, "record read failed");
+        rc = KMS_EUNAVAIL;
+    }
+    if (kms_mono_ms() >= lease_end) {
+        /* The lease ended while we read: nothing read may be answered. */
+        OPENSSL_cleanse(data, KMS_BLOB_MAX);
+        *datalen = 0;
+        *stale = true;
+        kms_err_clear(err);
+        rc = kms_err_set(err, KMS_EUNAVAIL, "read lease ended during the read");
+    }
 out:
-    OPENSSL_cleanse(data, sizeof(data));
-    OPENSSL_cleanse(client_half, sizeof(client_half));
     if (rec != NULL) {
         kmsd__v1__sealed_record__free_unpacked(rec, NULL);
     }
     if (kr != NULL) {
         kms_keyring_unref(kr);
     }
-    if (r != NULL) {
-        sidero__kms__request__free_unpacked(r, NULL);
+    return rc;
+}
+
+/* Answers the call from a final unseal_read() result. */
+static void unseal_answer(struct unseal_job *j, int rc, const uint8_t *data, size_t datalen,
+                          const struct kms_err *err)
+{
+    struct kmsd *d = j->d;
+    const char *peer = kms_rpc_call_peer(j->call);
+
+    if (rc == 0) {
+        kms_log(KMS_LOG_INFO, "audit", "unseal", "key_id", j->kid, "node_uuid",
+                j->r->node_uuid, "peer", peer, NULL);
+        reply(d, j->call, "unseal", data, datalen);
+        return;
+    }
+    if (rc == KMS_ENOTFOUND) {
+        kmsd_rate_fail(d, j->ip);
+        fail(d, j->call, "unseal", KMS_ENOTFOUND, "unknown key", peer);
+        return;
+    }
+    if (rc != KMS_EUNAVAIL) {
+        kmsd_rate_fail(d, j->ip);
+        kms_log(KMS_LOG_WARN, "audit", "unseal refused", "key_id", j->kid, "node_uuid",
+                j->r->node_uuid, "peer", peer, "error", kms_errname(rc), NULL);
+    }
+    fail(d, j->call, "unseal", rc, err->msg, peer);
+}
+
+/* Wait pool thread: waits for a lease, reads; on a miss catches up with the
+ * leader's commit index (read barrier) and reads again. NOT_FOUND only for
+ * a miss read under a valid lease after a successful barrier; every other
+ * way out of the budget is UNAVAILABLE. */
+static void unseal_run_cb(void *arg)
+{
+    struct unseal_job *j = arg;
+    struct kmsd *d = j->d;
+    uint8_t data[KMS_BLOB_MAX];
+    size_t datalen = 0;
+    bool caught_up = false, stale = false;
+    struct kms_err err;
+    int rc = j->first;
+
+    kms_err_clear(&err);
+    kms_err_set(&err, KMS_EUNAVAIL, "no read lease within the request budget");
+    for (;;) {
+        unsigned left = budget_left(d, j->call, j->t0);
+        if (left == 0) {
+            if (rc == KMS_ENOTFOUND) {
+                kms_err_clear(&err);
+                kms_err_set(&err, KMS_EUNAVAIL,
+                            "key not found locally and the leader's commit index could not "
+                            "be reached in time; retry");
+            }
+            rc = KMS_EUNAVAIL;
+            break;
+        }
+        if (!kmsd_readable(d)) {
+            sleep_ms(10); /* polled: gives up as soon as the call is answered */
+            continue;
+        }
+        if (rc == KMS_ENOTFOUND && !caught_up) {
+            /* Sealed through another replica a moment ago? Catch up with
+             * the leader's commit index before believing the miss. */
+            if (kmsd_read_barrier(d, left) != 0) {
+                continue;
+            }
+            caught_up = true;
+        }
+        kms_err_clear(&err);
+        rc = unseal_read(j, data, &datalen, &stale, &err);
+        if (rc == KMS_EUNAVAIL && stale) {
+            sleep_ms(5);
+            continue; /* no lease or it ended during the read: wait again */
+        }
+        if (rc == KMS_ENOTFOUND && !caught_up) {
+            continue;
+        }
+        break;
+    }
+    unseal_answer(j, rc, data, datalen, &err);
+    OPENSSL_cleanse(data, sizeof(data));
+    unseal_job_free(j);
+}
+
+/* CQ worker: answers at once when it can (lease valid and the record found,
+ * or a definitive refusal); otherwise parks the call on the wait pool. */
+static void unseal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t reqlen)
+{
+    struct kmsd *d = arg;
+    struct unseal_job *j = NULL;
+    uint8_t client_half[32];
+    uint8_t ipraw[16];
+    uint8_t data[KMS_BLOB_MAX];
+    size_t datalen = 0, iplen = 0;
+    const char *peer = kms_rpc_call_peer(call);
+    struct kms_err err;
+    bool stale = false;
+    int rc;
+
+    kms_err_clear(&err);
+    j = calloc(1, sizeof(*j));
+    if (j == NULL) {
+        fail(d, call, "unseal", KMS_ENOMEM, "out of memory", peer);
+        goto out;
+    }
+    j->d = d;
+    j->call = call;
+    j->t0 = kms_mono_ms();
+    peer_addr(call, ipraw, &iplen, j->ip);
+    if (kmsd_rate_limited(d, j->ip)) {
+        fail(d, call, "unseal", KMS_EUNAVAIL,
+             "too many failed unseals from this address; retry later", peer);
+        goto out;
+    }
+    j->r = sidero__kms__request__unpack(NULL, reqlen, req);
+    if (j->r == NULL) {
+        kmsd_rate_fail(d, j->ip);
+        fail(d, call, "unseal", KMS_EINVAL, "malformed request", peer);
+        goto out;
+    }
+    rc = kms_blob_parse(j->r->data.data, j->r->data.len, j->key_id, client_half, &err);
+    if (rc != 0) {
+        kmsd_rate_fail(d, j->ip);
+        fail(d, call, "unseal", KMS_EINVAL, err.msg, peer);
+        goto out;
+    }
+    key_hex(j->key_id, 16, j->kid);
+    rc = unseal_read(j, data, &datalen, &stale, &err);
+    if (rc != KMS_ENOTFOUND && !(rc == KMS_EUNAVAIL && stale)) {
+        unseal_answer(j, rc, data, datalen, &err);
+        goto out;
+    }
+    j->first = rc;
+    if ((rc = kmsd_pool_submit(d->wait_pool, unseal_run_cb, j)) != 0) {
+        kms_err_clear(&err);
+        kms_err_set(&err, KMS_EUNAVAIL, "%s",
+                    rc == KMS_EBUSY ? "too many unseals waiting; retry later" : "shutting down");
+        unseal_answer(j, KMS_EUNAVAIL, NULL, 0, &err);
+        goto out;
+    }
+    j = NULL; /* parked: the pool owns it */
+out:
+    OPENSSL_cleanse(data, sizeof(data));
+    OPENSSL_cleanse(client_half, sizeof(client_half));
+    if (j != NULL) {
+        unseal_job_free(j);
     }
 }
 
