@@ -34,6 +34,14 @@ struct kms_glue {
     kms_glue_filter_cb recv_filter_cb; /* NULL = pass all */
     kms_glue_filter_cb send_filter_cb;
     void (*after_recv_cb)(void *data);  /* after raft processed a message */
+    /* A log append failed (disk error). raft 0.22.1 cannot recover from
+     * that (legacyPersistEntriesCb asserts the failure is a cancel at
+     * close, and the node crashes later inside raft_apply): the glue does
+     * not hand the failure to raft but reports it here, once. */
+    void (*io_error_cb)(void *data, int status, const char *errmsg);
+    int (*append_orig)(struct raft_io *, struct raft_io_append *, const struct raft_entry[],
+                       unsigned, raft_io_append_cb);
+    bool io_failed;
     int (*start_orig)(struct raft_io *, unsigned, raft_io_tick_cb, raft_io_recv_cb);
     raft_io_recv_cb recv_orig;
     int (*send_orig)(struct raft_io *, struct raft_io_send *, const struct raft_message *,
@@ -58,7 +66,8 @@ struct kms_glue {
  * raft_init) and initialises the defer timer on `loop`. */
 void kms_glue_io_wrap(struct kms_glue *g, uv_loop_t *loop, void *data,
                       kms_glue_filter_cb recv_filter, kms_glue_filter_cb send_filter,
-                      void (*after_recv)(void *data));
+                      void (*after_recv)(void *data),
+                      void (*io_error)(void *data, int status, const char *errmsg));
 /* Keeps a copy of an incoming RequestVote the recv filter just refused and
  * passes it through the filter (and to raft) again `delay_ms` from now:
  * a vote request that arrives a few milliseconds before this node's

@@ -358,6 +358,7 @@ void kmsd_stop(struct kmsd *d)
     }
     /* Transfers leadership first when leader. d->raft stays allocated
      * (calls fail fast) until every thread that may use it is gone. */
+    d->raft_failed = kms_raft_failed(d->raft);
     kms_raft_shutdown(d->raft);
     kmsd_pool_stop(d->op_pool);
     if (d->cluster_srv != NULL) {
