@@ -37,7 +37,6 @@
 #include "kmsd_authz.h"
 #include "kmsd_pool.h"
 
-#include <raft.h>
 
 static void sleep_ms(unsigned ms)
 {
