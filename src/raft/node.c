@@ -1291,6 +1291,7 @@ int kms_raft_start(const struct kms_raft_config *cfg, struct kms_store *store,
         goto fail_io;
     }
     r->raft.data = r;
+    r->glue.raft = &r->raft;
     raft_set_election_timeout(&r->raft, r->election_ms);
     raft_set_heartbeat_timeout(&r->raft, r->heartbeat_ms);
     raft_set_snapshot_threshold(&r->raft,

@@ -17,6 +17,11 @@ static struct kms_glue *glue_of_io(struct raft_io *io)
 static void glue_recv_cb(struct raft_io *io, struct raft_message *m)
 {
     struct kms_glue *g = glue_of_io(io);
+    if (g->raft != NULL && kms_glue_install_races_snapshot(g->raft, m)) {
+        g->installs_dropped++;
+        kms_glue_msg_release(m);
+        return;
+    }
     if (g->recv_filter_cb != NULL && !g->recv_filter_cb(g->data, m)) {
         /* Dropped like a lost packet. A RequestVote owns no buffers; other
          * types are never dropped by node.c (it only filters votes). */
@@ -339,5 +344,24 @@ bool kms_glue_msg_from_leader(const struct raft_message *m, uint64_t *term)
         return true;
     default:
         return false;
+    }
+}
+
+bool kms_glue_snapshot_taking(const struct raft *raft)
+{
+    return raft->legacy.snapshot_taking;
+}
+
+bool kms_glue_install_races_snapshot(struct raft *raft, const struct raft_message *m)
+{
+    return m->type == RAFT_INSTALL_SNAPSHOT && raft->legacy.snapshot_taking;
+}
+
+void kms_glue_msg_release(struct raft_message *m)
+{
+    if (m->type == RAFT_INSTALL_SNAPSHOT) {
+        raft_free(m->install_snapshot.data.base);
+        m->install_snapshot.data.base = NULL;
+        raft_configuration_close(&m->install_snapshot.conf);
     }
 }
