@@ -77,6 +77,10 @@ struct op {
     struct raft_apply apply;
     struct raft_change change;
     struct raft_transfer transfer;
+    /* OP_PROPOSE in raft (raft thread only): fsm_apply copies the store's
+     * result into res when it applies this op's index. */
+    struct op *inflight_next, *inflight_prev;
+    bool in_flight, result_set;
 };
 
 struct kms_raft {
@@ -100,6 +104,7 @@ struct kms_raft {
     struct kms_glue glue;         /* owns the raft_io */
     struct raft raft;
     struct raft_fsm fsm;          /* the fsm handed to raft (calls the store) */
+    struct op *inflight;          /* proposals raft holds (raft thread only) */
     struct kms_lease lease;
     uint64_t contact_us;          /* arrival of the last LEADER stamp of our leader */
     uint64_t vote_drops;          /* vote messages dropped by the promise rule */
@@ -385,7 +390,19 @@ static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void *
                  (unsigned long long)index, err.msg);
         return fsm_raft_code(rc);
     }
-    *result = (void *)sr;
+    /* raft 0.22 queues apply callbacks and fires them after a whole batch
+     * is applied, so a result the store reuses would be overwritten by the
+     * next entry's before apply_cb runs: copy it into the op now. */
+    for (struct op *op = r->inflight; op != NULL; op = op->inflight_next) {
+        if (op->apply.index == index) {
+            op->res.code = sr->code;
+            op->res.count = sr->count;
+            snprintf(op->res.msg, sizeof(op->res.msg), "%s", sr->msg);
+            op->result_set = true;
+            break;
+        }
+    }
+    *result = NULL;
     atomic_store(&r->applied_index, index);
     if (atomic_load(&r->waiters) > 0) {
         pthread_mutex_lock(&r->applied_mu);
@@ -736,18 +753,48 @@ static bool peer_allowed_cb(void *data, uint64_t peer_id)
 
 /* ------------------------------------------------------------------ dispatch */
 
+static void inflight_add(struct kms_raft *r, struct op *op)
+{
+    op->inflight_prev = NULL;
+    op->inflight_next = r->inflight;
+    if (r->inflight != NULL) {
+        r->inflight->inflight_prev = op;
+    }
+    r->inflight = op;
+    op->in_flight = true;
+}
+
+static void inflight_remove(struct kms_raft *r, struct op *op)
+{
+    if (!op->in_flight) {
+        return;
+    }
+    if (op->inflight_prev != NULL) {
+        op->inflight_prev->inflight_next = op->inflight_next;
+    } else {
+        r->inflight = op->inflight_next;
+    }
+    if (op->inflight_next != NULL) {
+        op->inflight_next->inflight_prev = op->inflight_prev;
+    }
+    op->inflight_next = op->inflight_prev = NULL;
+    op->in_flight = false;
+}
+
 static void apply_cb(struct raft_apply *req, int status, void *result)
 {
     struct op *op = req->data;
     struct kms_raft *r = op->r;
+    (void)result; /* fsm_apply copied the store's result into op->res */
+    inflight_remove(r, op);
     if (status == 0) {
-        if (result != NULL) {
-            struct kms_store_result *sr = result;
-            op->res.code = sr->code;
-            op->res.count = sr->count;
-            snprintf(op->res.msg, sizeof(op->res.msg), "%s", sr->msg);
-        }
         op->res.index = req->index;
+        if (!op->result_set) {
+            op_complete(op, KMS_EUNAVAIL,
+                        "entry %llu applied but its result was not recorded; outcome unknown",
+                        (unsigned long long)req->index);
+            return;
+        }
         op_complete(op, 0, NULL);
         return;
     }
@@ -937,6 +984,7 @@ static void dispatch(struct kms_raft *r, struct op *op)
         }
         op->buf.base = NULL; /* owned by raft now */
         op->res.index = op->apply.index;
+        inflight_add(r, op);
         return;
     }
     case OP_ADD: {

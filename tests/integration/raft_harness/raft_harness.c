@@ -15,6 +15,10 @@
  *   status                        raft + store status
  *   propose N SIZE K [TIMEOUT_MS] N PutRecord entries with SIZE-byte
  *                                 ciphertexts, K in flight; rate
+ *   propose_dup N SIZE K [MS]     the same, every key proposed twice: one of
+ *                                 each pair gets EEXIST, and every error
+ *                                 result must name the op's own key
+ *                                 ("mismatched" counts those that do not)
  *   digest                        store digest, applied index, record count
  *   wait_applied INDEX MS         read-your-writes wait
  *   add ID ADDR [MS] | remove ID [MS] | transfer ID [MS]
@@ -108,6 +112,8 @@ struct prop_run {
     _Atomic uint64_t next;
     _Atomic uint64_t committed, notleader, unavail, timedout, other, apply_errors;
     _Atomic uint64_t max_index;
+    bool dup;                      /* seq 2i and 2i+1 propose the same key */
+    _Atomic uint64_t mismatched;   /* an error result naming another key */
     pthread_mutex_t mu;
     char last_error[600];
     uint64_t lat_sum_us;
@@ -139,7 +145,8 @@ static void *prop_worker(void *arg)
         }
         memcpy(key_id, pr->prefix, 8);
         for (int b = 0; b < 8; b++) {
-            key_id[8 + b] = (uint8_t)(seq >> (56 - 8 * b));
+            uint64_t kseq = pr->dup ? seq / 2 : seq;
+            key_id[8 + b] = (uint8_t)(kseq >> (56 - 8 * b));
         }
         rec.version = 1;
         rec.key_id.data = key_id;
@@ -166,7 +173,15 @@ static void *prop_worker(void *arg)
             while (res.index > mi && !atomic_compare_exchange_weak(&pr->max_index, &mi, res.index)) {
             }
             if (res.code != 0) {
+                char hx[33];
                 atomic_fetch_add(&pr->apply_errors, 1);
+                for (int b = 0; b < 16; b++) {
+                    snprintf(hx + 2 * b, 3, "%02x", key_id[b]);
+                }
+                if (strstr(res.msg, hx) == NULL) {
+                    /* the result of another entry: a mapping bug */
+                    atomic_fetch_add(&pr->mismatched, 1);
+                }
             }
             pthread_mutex_lock(&pr->mu);
             pr->lat_sum_us += dt * 1000u;
@@ -194,7 +209,7 @@ static void *prop_worker(void *arg)
     return NULL;
 }
 
-static void cmd_propose(uint64_t n, size_t size, unsigned k, unsigned timeout_ms)
+static void cmd_propose(uint64_t n, size_t size, unsigned k, unsigned timeout_ms, bool dup)
 {
     struct prop_run *pr = calloc(1, sizeof(*pr));
     pthread_t th[256];
@@ -210,6 +225,7 @@ static void cmd_propose(uint64_t n, size_t size, unsigned k, unsigned timeout_ms
     pr->n = n;
     pr->size = size;
     pr->timeout_ms = timeout_ms;
+    pr->dup = dup;
     pthread_mutex_init(&pr->mu, NULL);
     if (getrandom(pr->prefix, sizeof(pr->prefix), 0) != (ssize_t)sizeof(pr->prefix)) {
         memset(pr->prefix, 0x5a, sizeof(pr->prefix));
@@ -226,11 +242,11 @@ static void cmd_propose(uint64_t n, size_t size, unsigned k, unsigned timeout_ms
     printf("{\"ok\":%s,\"n\":%" PRIu64 ",\"size\":%zu,\"inflight\":%u,\"committed\":%" PRIu64
            ",\"notleader\":%" PRIu64 ",\"unavail\":%" PRIu64 ",\"timedout\":%" PRIu64
            ",\"other\":%" PRIu64 ",\"apply_errors\":%" PRIu64 ",\"max_index\":%" PRIu64
-           ",\"ms\":%" PRIu64 ",\"rate\":%.1f,\"lat_avg_ms\":%.2f,\"lat_max_ms\":%.1f,\"error\":",
+           ",\"mismatched\":%" PRIu64 ",\"ms\":%" PRIu64 ",\"rate\":%.1f,\"lat_avg_ms\":%.2f,\"lat_max_ms\":%.1f,\"error\":",
            atomic_load(&pr->committed) == n ? "true" : "false", n, size, k,
            atomic_load(&pr->committed), atomic_load(&pr->notleader), atomic_load(&pr->unavail),
            atomic_load(&pr->timedout), atomic_load(&pr->other), atomic_load(&pr->apply_errors),
-           atomic_load(&pr->max_index), ms, rate,
+           atomic_load(&pr->max_index), atomic_load(&pr->mismatched), ms, rate,
            atomic_load(&pr->committed) ? (double)pr->lat_sum_us / 1000.0 /
                                              (double)atomic_load(&pr->committed)
                                        : 0.0,
@@ -431,10 +447,11 @@ int main(int argc, char **argv)
             printf("{\"ok\":true}\n");
         } else if (strcmp(cmd, "status") == 0) {
             cmd_status();
-        } else if (strcmp(cmd, "propose") == 0 && n >= 3) {
+        } else if ((strcmp(cmd, "propose") == 0 || strcmp(cmd, "propose_dup") == 0) && n >= 3) {
             cmd_propose(strtoull(a1, NULL, 10), (size_t)strtoul(a2, NULL, 10),
                         n >= 4 ? (unsigned)strtoul(a3, NULL, 10) : 1,
-                        n >= 5 ? (unsigned)strtoul(a4, NULL, 10) : 5000);
+                        n >= 5 ? (unsigned)strtoul(a4, NULL, 10) : 5000,
+                        strcmp(cmd, "propose_dup") == 0);
         } else if (strcmp(cmd, "digest") == 0) {
             cmd_digest();
         } else if (strcmp(cmd, "lease") == 0) {
