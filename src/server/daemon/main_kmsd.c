@@ -8,6 +8,7 @@
 #include <arpa/inet.h>
 #include <signal.h>
 #include <stdio.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -171,8 +172,12 @@ stop:
     kmsd_stop(d);
     kms_rpc_global_shutdown();
     if (d->raft_failed) {
+        /* The disk is failing and the raft thread may be left behind stuck
+         * on it: leave now (keys are already wiped by kmsd_stop) rather than
+         * run library destructors that may block on the same disk. */
         kms_log(KMS_LOG_ERROR, "kmsd", "stopped after a raft log write failure", NULL);
-        code = 3;
+        fflush(NULL);
+        _exit(3);
     } else {
         kms_log(KMS_LOG_INFO, "kmsd", "stopped", NULL);
     }
