@@ -871,7 +871,7 @@ def summary_line(res):
     return (f"{res['scenario']} n={res['nodes']} seed={res['seed']}: {res['status'].upper()} "
             f"ops={res.get('ops')} acked={res.get('acked_seals')} lost={c.get('lost_seals')} "
             f"wrong={c.get('wrong_unseals')} stale={c.get('stale_revoked')} dup={c.get('duplicates')} "
-            f"denied={c.get('spurious_denied')} avail={res.get('availability')}% "
+            f"denied={c.get('spurious_denied')} false_fail={c.get('false_failures')} avail={res.get('availability')}% "
             f"gap={res.get('seal_gap_s')}s failed_unseals={res.get('failed_unseals')}")
 
 

@@ -12,9 +12,9 @@ def fmt(v, suffix=""):
 def main():
     rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
     print("| scenario | nodes | seed | result | ops | acked seals | acked seals lost | wrong unseals "
-          "| stale revoked unseals | duplicates | split brain | availability in window "
+          "| stale revoked unseals | duplicates | split brain | spurious denials | definite errors that took effect | availability in window "
           "| longest seal gap | failed multi-endpoint unseals | notes |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r.get("counts", {})
         notes = []
@@ -48,6 +48,7 @@ def main():
               f"| {fmt(r.get('ops'))} | {fmt(r.get('acked_seals'))} | {fmt(c.get('lost_seals'))} "
               f"| {fmt(c.get('wrong_unseals'))} | {fmt(c.get('stale_revoked'))} "
               f"| {fmt(c.get('duplicates'))} | {fmt(c.get('split_brain'))} "
+              f"| {fmt(c.get('spurious_denied'))} | {fmt(c.get('false_failures'))} "
               f"| {fmt(r.get('availability'), ' %')} | {fmt(r.get('seal_gap_s'), ' s')} "
               f"| {fmt(r.get('failed_unseals'))} | {'; '.join(notes)} |")
 
