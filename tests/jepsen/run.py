@@ -903,7 +903,17 @@ def outer(args):
             return 2
     base = args.out or os.path.join(cluster.SRC, "build", "jepsen")
     run_dir = os.path.join(base, f"{args.scenario}-n{args.nodes}-s{args.seed}")
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if os.path.isdir(run_dir):
+        # never destroy the evidence of an earlier failing run
+        try:
+            with open(os.path.join(run_dir, "result.json")) as f:
+                old_status = json.load(f).get("status")
+        except (OSError, ValueError):
+            old_status = None
+        if old_status in (None, "pass", "skip"):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            os.rename(run_dir, f"{run_dir}.{old_status}-{int(time.time())}")
     os.makedirs(run_dir)
     build_tools(base)
     n_ns = args.nodes + 1

@@ -40,6 +40,8 @@ def main():
         for ch in r.get("checks", []) or []:
             if not ch["ok"]:
                 notes.append(f"FAILED: {ch['name']} ({ch['detail']})")
+        if r.get("rechecked"):
+            notes.append(r["rechecked"])
         if r.get("status") == "skip":
             notes.append(f"SKIP: {r.get('reason')}")
         if r.get("status") == "error":
@@ -48,7 +50,8 @@ def main():
               f"| {fmt(r.get('ops'))} | {fmt(r.get('acked_seals'))} | {fmt(c.get('lost_seals'))} "
               f"| {fmt(c.get('wrong_unseals'))} | {fmt(c.get('stale_revoked'))} "
               f"| {fmt(c.get('duplicates'))} | {fmt(c.get('split_brain'))} "
-              f"| {fmt(c.get('spurious_denied'))} | {fmt(c.get('false_failures'))} "
+              f"| {fmt(c.get('spurious_denied'))} "
+              f"| {fmt(c.get('false_failures', 0 if c and not c.get('spurious_denied') and not c.get('lost_seals') else None))} "
               f"| {fmt(r.get('availability'), ' %')} | {fmt(r.get('seal_gap_s'), ' s')} "
               f"| {fmt(r.get('failed_unseals'))} | {'; '.join(notes)} |")
 
