@@ -19,6 +19,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <raft.h>
+
 #include "kms_store.h"
 
 static double now_s(void)

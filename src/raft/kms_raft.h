@@ -92,6 +92,11 @@ void kms_raft_shutdown(struct kms_raft *r);
  * no-op. */
 void kms_raft_free(struct kms_raft *r);
 
+/* True once a raft log write failed (disk error): the node then holds no
+ * lease, refuses requests, and has sent SIGTERM to its own process so that
+ * it stops; the caller should exit non-zero. Any thread. */
+bool kms_raft_failed(struct kms_raft *r);
+
 /* kms_raft_shutdown() then kms_raft_free(): for single-threaded callers. */
 void kms_raft_stop(struct kms_raft *r);
 

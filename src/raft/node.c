@@ -40,6 +40,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <unistd.h>
 
 #include <raft.h>
 #include <raft/uv.h>
@@ -131,6 +132,7 @@ struct kms_raft {
     _Atomic uint64_t applied_index;
     _Atomic int waiters;
     atomic_bool shut_down;        /* kms_raft_shutdown finished: calls fail fast */
+    atomic_bool failed;           /* the raft log could not be written */
     pthread_mutex_t applied_mu;
     pthread_cond_t applied_cv;
     pthread_mutex_t status_mu;
@@ -515,7 +517,7 @@ static void lease_update(struct kms_raft *r)
         }
         r->last_state = state;
     }
-    if (r->closing) {
+    if (r->closing || atomic_load(&r->failed)) {
         atomic_store(&r->lease_until_us, 0);
         return;
     }
@@ -667,6 +669,22 @@ static bool recv_filter_cb(void *data, const struct raft_message *m)
 static bool send_filter_cb(void *data, const struct raft_message *m)
 {
     return vote_filter(data, m, false);
+}
+
+/* The raft log could not be written (EIO, ENOSPC): this node must not go
+ * on as if it had. It keeps no lease, refuses every request, and asks the
+ * process to stop (SIGTERM to itself: kmsd's main thread handles it and
+ * exits non-zero, see kms_raft_failed). */
+static void io_error_cb(void *data, int status, const char *errmsg)
+{
+    struct kms_raft *r = data;
+    kms_logf(KMS_LOG_ERROR, MOD,
+             "raft log write failed: %s (%s); node %" PRIu64 " stops: it cannot keep its log",
+             raft_strerror(status), errmsg != NULL && errmsg[0] != '\0' ? errmsg : "no detail",
+             r->id);
+    atomic_store(&r->failed, true);
+    atomic_store(&r->lease_until_us, 0);
+    kill(getpid(), SIGTERM);
 }
 
 /* Role changes (and the term-start barrier) are noticed right after raft
@@ -896,6 +914,10 @@ static void dispatch(struct kms_raft *r, struct op *op)
         op_complete(op, KMS_ESHUTDOWN, "raft node is shutting down");
         return;
     }
+    if (atomic_load(&r->failed)) {
+        op_complete(op, KMS_EIO, "the raft log of this node could not be written");
+        return;
+    }
     if (kms_glue_role(&r->raft) != KMS_RAFT_LEADER) {
         op_not_leader(op);
         return;
@@ -1036,7 +1058,8 @@ static void raft_thread_stop_step(struct kms_raft *r)
         return;
     }
     r->stopping = true;
-    if (kms_glue_role(&r->raft) == KMS_RAFT_LEADER && !kms_glue_transfer_pending(&r->raft)) {
+    if (kms_glue_role(&r->raft) == KMS_RAFT_LEADER && !kms_glue_transfer_pending(&r->raft) &&
+        !atomic_load(&r->failed)) {
         uint64_t voters[MAX_PEERS];
         size_t nv = kms_glue_voters(&r->raft, voters, MAX_PEERS);
         for (size_t i = 0; i < nv; i++) {
@@ -1250,7 +1273,8 @@ int kms_raft_start(const struct kms_raft_config *cfg, struct kms_store *store,
         goto fail_transport;
     }
     raft_uv_set_connect_retry_delay(&r->glue.io, 250);
-    kms_glue_io_wrap(&r->glue, &r->loop, r, recv_filter_cb, send_filter_cb, after_recv_cb);
+    kms_glue_io_wrap(&r->glue, &r->loop, r, recv_filter_cb, send_filter_cb, after_recv_cb,
+                     io_error_cb);
     {
         struct kms_lease_config lc;
         memset(&lc, 0, sizeof(lc));
@@ -1267,6 +1291,7 @@ int kms_raft_start(const struct kms_raft_config *cfg, struct kms_store *store,
         goto fail_io;
     }
     r->raft.data = r;
+    r->glue.raft = &r->raft;
     raft_set_election_timeout(&r->raft, r->election_ms);
     raft_set_heartbeat_timeout(&r->raft, r->heartbeat_ms);
     raft_set_snapshot_threshold(&r->raft,
@@ -1388,6 +1413,11 @@ void kms_raft_shutdown(struct kms_raft *r)
     pthread_cond_broadcast(&r->applied_cv);
     pthread_mutex_unlock(&r->applied_mu);
     kms_logf(KMS_LOG_INFO, MOD, "raft node %" PRIu64 " stopped", r->id);
+}
+
+bool kms_raft_failed(struct kms_raft *r)
+{
+    return r != NULL && atomic_load(&r->failed);
 }
 
 void kms_raft_free(struct kms_raft *r)

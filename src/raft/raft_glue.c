@@ -4,6 +4,7 @@
 #include "raft_glue.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kms_raft.h"
@@ -16,6 +17,11 @@ static struct kms_glue *glue_of_io(struct raft_io *io)
 static void glue_recv_cb(struct raft_io *io, struct raft_message *m)
 {
     struct kms_glue *g = glue_of_io(io);
+    if (g->raft != NULL && kms_glue_install_races_snapshot(g->raft, m)) {
+        g->installs_dropped++;
+        kms_glue_msg_release(m);
+        return;
+    }
     if (g->recv_filter_cb != NULL && !g->recv_filter_cb(g->data, m)) {
         /* Dropped like a lost packet. A RequestVote owns no buffers; other
          * types are never dropped by node.c (it only filters votes). */
@@ -113,11 +119,76 @@ void kms_glue_hold_vote(struct kms_glue *g, const struct raft_message *m, unsign
     glue_hold_timer_cb(&g->hold_timer); /* (re)arms for the earliest */
 }
 
+/* One append in flight: raft's request and callback, and ours. */
+struct glue_append {
+    struct raft_io_append inner;
+    struct kms_glue *g;
+    struct raft_io_append *outer;
+    raft_io_append_cb cb;
+};
+
+static void glue_append_cb(struct raft_io_append *req, int status)
+{
+    struct glue_append *a = (struct glue_append *)req;
+    struct kms_glue *g = a->g;
+    struct raft_io_append *outer = a->outer;
+    raft_io_append_cb cb = a->cb;
+    free(a);
+    if (status != 0 && status != RAFT_CANCELED) {
+        if (!g->io_failed) {
+            g->io_failed = true;
+            if (g->io_error_cb != NULL) {
+                g->io_error_cb(g->data, status, g->io.errmsg);
+            }
+        }
+        return; /* raft never hears of it (see raft_glue.h) */
+    }
+    cb(outer, status);
+}
+
+static int glue_append(struct raft_io *io, struct raft_io_append *req,
+                       const struct raft_entry entries[], unsigned n, raft_io_append_cb cb)
+{
+    struct kms_glue *g = glue_of_io(io);
+    struct glue_append *a;
+    int rv;
+    if (g->io_failed) {
+        return 0; /* swallowed: the node is stopping */
+    }
+    a = calloc(1, sizeof(*a));
+    if (a == NULL) {
+        return RAFT_NOMEM;
+    }
+    a->g = g;
+    a->outer = req;
+    a->cb = cb;
+    a->inner.data = req->data;
+    rv = g->append_orig(io, &a->inner, entries, n, glue_append_cb);
+    if (rv != 0) {
+        free(a);
+        /* raft 0.22.1's error path for a failed append leaves it in a state
+         * that crashes the next raft_apply: swallow the request (it never
+         * completes) and stop the node instead. */
+        if (!g->io_failed) {
+            g->io_failed = true;
+            if (g->io_error_cb != NULL) {
+                g->io_error_cb(g->data, rv, g->io.errmsg);
+            }
+        }
+        return 0;
+    }
+    return 0;
+}
+
 void kms_glue_io_wrap(struct kms_glue *g, uv_loop_t *loop, void *data,
                       kms_glue_filter_cb recv_filter, kms_glue_filter_cb send_filter,
-                      void (*after_recv)(void *data))
+                      void (*after_recv)(void *data),
+                      void (*io_error)(void *data, int status, const char *errmsg))
 {
     g->after_recv_cb = after_recv;
+    g->io_error_cb = io_error;
+    g->append_orig = g->io.append;
+    g->io.append = glue_append;
     g->data = data;
     g->recv_filter_cb = recv_filter;
     g->send_filter_cb = send_filter;
@@ -273,5 +344,24 @@ bool kms_glue_msg_from_leader(const struct raft_message *m, uint64_t *term)
         return true;
     default:
         return false;
+    }
+}
+
+bool kms_glue_snapshot_taking(const struct raft *raft)
+{
+    return raft->legacy.snapshot_taking;
+}
+
+bool kms_glue_install_races_snapshot(struct raft *raft, const struct raft_message *m)
+{
+    return m->type == RAFT_INSTALL_SNAPSHOT && raft->legacy.snapshot_taking;
+}
+
+void kms_glue_msg_release(struct raft_message *m)
+{
+    if (m->type == RAFT_INSTALL_SNAPSHOT) {
+        raft_free(m->install_snapshot.data.base);
+        m->install_snapshot.data.base = NULL;
+        raft_configuration_close(&m->install_snapshot.conf);
     }
 }

@@ -34,6 +34,16 @@ struct kms_glue {
     kms_glue_filter_cb recv_filter_cb; /* NULL = pass all */
     kms_glue_filter_cb send_filter_cb;
     void (*after_recv_cb)(void *data);  /* after raft processed a message */
+    /* A log append failed (disk error). raft 0.22.1 cannot recover from
+     * that (legacyPersistEntriesCb asserts the failure is a cancel at
+     * close, and the node crashes later inside raft_apply): the glue does
+     * not hand the failure to raft but reports it here, once. */
+    void (*io_error_cb)(void *data, int status, const char *errmsg);
+    int (*append_orig)(struct raft_io *, struct raft_io_append *, const struct raft_entry[],
+                       unsigned, raft_io_append_cb);
+    bool io_failed;
+    struct raft *raft;           /* set by node.c after raft_init */
+    uint64_t installs_dropped;   /* InstallSnapshot racing our own snapshot */
     int (*start_orig)(struct raft_io *, unsigned, raft_io_tick_cb, raft_io_recv_cb);
     raft_io_recv_cb recv_orig;
     int (*send_orig)(struct raft_io *, struct raft_io_send *, const struct raft_message *,
@@ -58,7 +68,8 @@ struct kms_glue {
  * raft_init) and initialises the defer timer on `loop`. */
 void kms_glue_io_wrap(struct kms_glue *g, uv_loop_t *loop, void *data,
                       kms_glue_filter_cb recv_filter, kms_glue_filter_cb send_filter,
-                      void (*after_recv)(void *data));
+                      void (*after_recv)(void *data),
+                      void (*io_error)(void *data, int status, const char *errmsg));
 /* Keeps a copy of an incoming RequestVote the recv filter just refused and
  * passes it through the filter (and to raft) again `delay_ms` from now:
  * a vote request that arrives a few milliseconds before this node's
@@ -97,6 +108,18 @@ bool kms_glue_member_find(const struct raft *raft, uint64_t id, const char **add
 /* RequestVote fields of a message: false if it is not one. */
 bool kms_glue_msg_vote(const struct raft_message *m, uint64_t *term, bool *pre_vote,
                        bool *disrupt);
+
+/* raft->legacy.snapshot_taking: this node is taking its own snapshot. */
+bool kms_glue_snapshot_taking(const struct raft *raft);
+
+/* An incoming InstallSnapshot while this node takes its own snapshot:
+ * raft 0.22.1 parks the install until the snapshot completes and then
+ * crashes (NULL dereference; reproduced with raft's own TCP transport,
+ * tests/unit/test_raft_transport.c KMS_TEST_SNAP3). True when `m` is such
+ * a message; the caller drops it (the leader sends it again) after
+ * kms_glue_msg_release() frees what raft would have taken over. */
+bool kms_glue_install_races_snapshot(struct raft *raft, const struct raft_message *m);
+void kms_glue_msg_release(struct raft_message *m);
 
 /* AppendEntries / InstallSnapshot (a leader's message): its term. */
 bool kms_glue_msg_from_leader(const struct raft_message *m, uint64_t *term);

@@ -3,6 +3,8 @@
  * canonical raft 0.15 loses entries whose length is not a multiple of 8, so
  * every entry is an 8-byte header, the packed kmsd.v1.Entry and zero padding.
  */
+#include <raft.h>
+
 #include "kms_store.h"
 
 #include <string.h>

@@ -34,7 +34,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include <raft.h>
+struct raft_buffer; /* <raft.h>: framing and snapshots are raft_malloc()ed buffers */
 
 #include "kms_err.h"
 #include "kmsd/v1/entry.pb-c.h"

@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 
+#include <raft.h> /* raft_buffer, raft_malloc: buffers handed to or from raft */
 #include <rocksdb/c.h>
 
 #include "kms_store.h"

@@ -34,6 +34,25 @@
 #include "kms_time.h"
 #include "kms_transport.h"
 
+/* libraft 0.22.1 leaks a few small objects when a follower receives an
+ * InstallSnapshot while one is in progress (raft's TCP transport too); the
+ * snapshot test runs with leak detection off. */
+#if defined(__SANITIZE_ADDRESS__)
+#define KMS_LSAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define KMS_LSAN 1
+#endif
+#endif
+#ifdef KMS_LSAN
+#include <sanitizer/lsan_interface.h>
+#define lsan_off() __lsan_disable()
+#define lsan_on() __lsan_enable()
+#else
+#define lsan_off() ((void)0)
+#define lsan_on() ((void)0)
+#endif
+
 #ifndef KMS_SOURCE_DIR
 #define KMS_SOURCE_DIR ""
 #endif
@@ -231,6 +250,8 @@ struct node {
     uint64_t sum;
     bool started, closed;
     bool hooks;           /* install hk below before raft starts */
+    unsigned snap_threshold; /* 0 = practically never */
+    unsigned restores;       /* fsm_restore calls */
     struct hook_ctx hk;
 };
 
@@ -263,6 +284,7 @@ static int fsm_restore(struct raft_fsm *fsm, struct raft_buffer *buf)
     struct node *n = fsm->data;
     memcpy(&n->applied, buf->base, 8);
     memcpy(&n->sum, (char *)buf->base + 8, 8);
+    n->restores++;
     raft_free(buf->base);
     return 0;
 }
@@ -278,6 +300,13 @@ static void node_start(struct node *n, const char *cert, const char *key, const 
 
     snprintf(n->dir, sizeof n->dir, "%s/raft-%s", g_tmp, n->addr);
     assert_int_equal(mkdir(n->dir, 0700), 0);
+    if (getenv("KMS_TEST_PLAIN_TCP") != NULL) {
+        /* Comparison runs: libraft's own TCP transport, no hooks. */
+        memset(&n->transport, 0, sizeof n->transport);
+        n->transport.version = 1;
+        assert_int_equal(raft_uv_tcp_init(&n->transport, &g_loop), 0);
+        n->hooks = false;
+    } else
     init_transport(&n->transport, cert, key, ca);
     if (n->hooks) {
         hooks_install(&n->transport, &n->hk, n->id);
@@ -297,7 +326,8 @@ static void node_start(struct node *n, const char *cert, const char *key, const 
     n->raft.data = n;
     raft_set_election_timeout(&n->raft, election_ms);
     raft_set_heartbeat_timeout(&n->raft, 50);
-    raft_set_snapshot_threshold(&n->raft, 1u << 20);
+    raft_set_snapshot_threshold(&n->raft, n->snap_threshold != 0 ? n->snap_threshold : 1u << 20);
+    raft_set_snapshot_trailing(&n->raft, 8);
     raft_configuration_init(&conf);
     for (unsigned i = 0; i < n_voters; i++) {
         assert_int_equal(raft_configuration_add(&conf, ids[i], addrs[i], RAFT_VOTER), 0);
@@ -318,6 +348,9 @@ static void node_closed_cb(struct raft *r)
 {
     struct node *n = r->data;
     raft_uv_close(&n->io);
+    if (getenv("KMS_TEST_PLAIN_TCP") != NULL) {
+        raft_uv_tcp_close(&n->transport);
+    } else
     kms_transport_tls_close(&n->transport);
     n->closed = true;
 }
@@ -895,6 +928,66 @@ static void test_cluster_stamps(void **state)
     free(c);
 }
 
+/* Real InstallSnapshot through the transport: nodes 1 and 2 commit 200
+ * entries with a snapshot every 32 and 8 trailing, then node 3 starts and
+ * can only catch up from a snapshot (its configuration encoded by raft
+ * itself must pass validation). */
+static void test_cluster_snapshot(void **state)
+{
+    struct cluster *c = calloc(1, sizeof *c);
+    uint64_t ids[3] = {1, 2, 3};
+    char addrs[3][64];
+    char name[2][32];
+    struct applied_goal goal;
+    struct node *leader;
+    (void)state;
+
+    lsan_off();
+    assert_non_null(c);
+    for (int i = 0; i < 3; i++) {
+        snprintf(addrs[i], sizeof addrs[i], "127.0.0.1:%d", free_port());
+        c->nodes[i].id = ids[i];
+        c->nodes[i].hooks = true;
+        c->nodes[i].snap_threshold = 32;
+        snprintf(c->nodes[i].addr, sizeof c->nodes[i].addr, "%s", addrs[i]);
+    }
+    for (int i = 0; i < 2; i++) {
+        snprintf(name[0], sizeof name[0], "node%d.pem", i + 1);
+        snprintf(name[1], sizeof name[1], "node%d-key.pem", i + 1);
+        node_start(&c->nodes[i], name[0], name[1], "ca.pem", ids, addrs, 3, 400);
+    }
+    c->nodes[2].applied = 200; /* not started: all_applied waits on 1 and 2 */
+    assert_true(run_until(has_leader, c, 15000));
+    leader = leader_of(c);
+    apply_n(leader, 200, 1);
+    goal.c = c;
+    goal.want = 200;
+    assert_true(run_until(all_applied, &goal, 20000));
+    c->nodes[2].applied = 0;
+    /* Node 3 takes no snapshots of its own: libraft 0.22.1 crashes (NULL
+     * dereference in its legacy snapshot code) when a follower's own
+     * snapshot completes while it installs the leader's (seen with raft's
+     * TCP transport too: KMS_TEST_SNAP3=1 KMS_TEST_PLAIN_TCP=1). */
+    if (getenv("KMS_TEST_SNAP3") == NULL) {
+        c->nodes[2].snap_threshold = 0;
+    }
+    node_start(&c->nodes[2], "node3.pem", "node3-key.pem", "ca.pem", ids, addrs, 3, 400);
+    assert_true(run_until(all_applied, &goal, 20000));
+    assert_int_equal(c->nodes[2].sum, 200 * 201 / 2);
+    assert_true(c->nodes[2].restores >= 1); /* it did install a snapshot */
+    for (int i = 0; i < 3 && getenv("KMS_TEST_PLAIN_TCP") == NULL; i++) {
+        struct kms_transport_stats st = stats(&c->nodes[i].transport);
+        assert_int_equal(st.malformed, 0);
+        assert_int_equal(st.malformed_out, 0);
+        assert_int_equal(c->nodes[i].hk.bad, 0);
+    }
+    for (int i = 0; i < 3; i++) {
+        node_stop(&c->nodes[i]);
+    }
+    free(c);
+    lsan_on();
+}
+
 /* Data path without raft: a bulk transfer through two transports, exercising
  * back-pressure, over the given host (IPv4 literal, hostname or IPv6). */
 struct pipe_test {
@@ -1423,6 +1516,10 @@ int main(void)
         cmocka_unit_test(test_connect_deadline),
         cmocka_unit_test(test_cluster),
         cmocka_unit_test(test_cluster_stamps),
+        cmocka_unit_test(test_cluster_snapshot),
     };
+    if (getenv("KMS_TEST_FILTER") != NULL) {
+        cmocka_set_test_filter(getenv("KMS_TEST_FILTER")); /* e.g. "test_cluster*" */
+    }
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <raft.h>
+
 #include "kms_store.h"
 
 /* ---- fixtures ----------------------------------------------------------- */

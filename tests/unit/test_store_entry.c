@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <raft.h>
+
 #include "kms_store.h"
 
 static uint32_t rd_le32(const uint8_t *p)

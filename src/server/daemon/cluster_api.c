@@ -31,7 +31,6 @@
 
 #include "kmsd/v1/cluster.pb-c.h"
 #include "kmsd/v1/entry.pb-c.h"
-#include <raft.h>
 
 static void finish_msg(struct kms_rpc_call *call, const ProtobufCMessage *m)
 {

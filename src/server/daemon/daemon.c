@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "kms_crypto.h"
@@ -37,7 +38,29 @@
 #include "kmsd_authz.h"
 #include "kmsd_pool.h"
 
-#include <raft.h>
+
+/* RocksDB (Debian's build has assertions on) aborts when it opens on a
+ * full filesystem, and raft preallocates 8 MiB log segments: refuse to
+ * start with a clear message instead. */
+#define KMSD_MIN_FREE_BYTES (64ull * 1024 * 1024)
+
+static int data_dir_space_check(const char *dir, struct kms_err *err)
+{
+    struct statvfs v;
+    unsigned long long avail;
+    if (statvfs(dir, &v) != 0) {
+        return 0; /* not there yet: created later, errors reported there */
+    }
+    avail = (unsigned long long)v.f_bavail * (unsigned long long)v.f_frsize;
+    if (avail < KMSD_MIN_FREE_BYTES) {
+        return kms_err_set(err, KMS_EIO,
+                           "dataDir %s: only %llu MiB free, kmsd needs at least %llu MiB "
+                           "(raft log segments and the RocksDB WAL are preallocated); free "
+                           "space and start again",
+                           dir, avail / (1024 * 1024), KMSD_MIN_FREE_BYTES / (1024 * 1024));
+    }
+    return 0;
+}
 
 static void sleep_ms(unsigned ms)
 {
@@ -246,6 +269,9 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
         return kms_err_wrap(err, rc, "cluster API CAs");
     }
 
+    if ((rc = data_dir_space_check(d->opt.data_dir, err)) != 0) {
+        return rc;
+    }
     snprintf(path, sizeof(path), "%s/store", d->opt.data_dir);
     if ((rc = kms_store_open(path, &d->store, err)) != 0) {
         return kms_err_wrap(err, rc, "store");
@@ -358,6 +384,7 @@ void kmsd_stop(struct kmsd *d)
     }
     /* Transfers leadership first when leader. d->raft stays allocated
      * (calls fail fast) until every thread that may use it is gone. */
+    d->raft_failed = kms_raft_failed(d->raft);
     kms_raft_shutdown(d->raft);
     kmsd_pool_stop(d->op_pool);
     if (d->cluster_srv != NULL) {

@@ -20,7 +20,6 @@
 #include "kmsd.h"
 #include "kmsd_http.h"
 
-#include <raft.h>
 
 static enum MHD_Result respond(struct MHD_Connection *c, unsigned code, const char *type,
                                const char *body)

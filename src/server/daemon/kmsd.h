@@ -134,6 +134,7 @@ struct kmsd_metrics {
 };
 
 struct kmsd {
+    bool raft_failed;            /* set by kmsd_stop: the raft log could not be written */
     struct kmsd_options opt;
     struct kmsd_metrics metrics;
     struct MHD_Daemon *http;             /* HTTP endpoints (http.c) */

@@ -170,7 +170,12 @@ stop:
     kmsd_http_stop(d);
     kmsd_stop(d);
     kms_rpc_global_shutdown();
-    kms_log(KMS_LOG_INFO, "kmsd", "stopped", NULL);
+    if (d->raft_failed) {
+        kms_log(KMS_LOG_ERROR, "kmsd", "stopped after a raft log write failure", NULL);
+        code = 3;
+    } else {
+        kms_log(KMS_LOG_INFO, "kmsd", "stopped", NULL);
+    }
 out:
     free(d);
     kms_config_free(&cfg);

@@ -37,7 +37,6 @@
 #include "kmsd/v1/cluster.pb-c.h"
 #include "kmsd/v1/entry.pb-c.h"
 
-#include <raft.h>
 
 static void sleep_ms(unsigned ms)
 {
