@@ -879,7 +879,7 @@ def setup_loop(run_dir):
     img = os.path.join(run_dir, "enospc.img")
     mnt = os.path.join(run_dir, "enospc-mnt")
     os.makedirs(mnt, exist_ok=True)
-    subprocess.run(["truncate", "-s", "160M", img], check=True)
+    subprocess.run(["truncate", "-s", "320M", img], check=True)
     loop = subprocess.run(["losetup", "-f", "--show", img], capture_output=True, text=True)
     if loop.returncode != 0:
         return None, None
