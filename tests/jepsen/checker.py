@@ -22,6 +22,8 @@ Safety (each must be 0):
                     record for a seal that definitely failed, a record
                     nobody sealed, or a repeated key id
   spurious_denied   PERMISSION_DENIED for a key whose revoke was never invoked
+  false_failures    a revoke answered with a definite error (AlreadyExists,
+                    NotFound, ...) whose key is nevertheless seen revoked
   split_brain       two nodes reported leader in the same term (status.jsonl,
                     polled every 0.5 s by the runner)
 Liveness (reported; the runner decides what fails):
@@ -104,6 +106,16 @@ def check(history, final=(), nemesis=(), keys=None, lease_bound_ms=1000, status=
             if op["type"] == "ok" and op["code"] == "OK":
                 t = op["complete_t"]
                 revoke_ack[op["key_id"]] = min(revoke_ack.get(op["key_id"], INF), t)
+    # A revoke answered with a definite server error (not "connection
+    # refused"): it must not have taken effect. If the key is later seen
+    # revoked and no other revoke of it was invoked, the answer was false:
+    # counted as false_failures, and the key is treated as revoked so the
+    # same fact is not counted again as lost/denied.
+    refused_revokes = {}
+    for op in ops:
+        if op["f"] == "revoke" and op["type"] == "fail" and op.get("code") not in (
+                "Unavailable", "LOCAL", None):
+            refused_revokes.setdefault(op["key_id"], []).append(op)
     revoke_invoked = {k: min(o["invoke_t"] for o in l) for k, l in revokes.items()}
 
     unseals = [op for op in ops if op["f"] in ("unseal", "forged")] + \
@@ -113,6 +125,22 @@ def check(history, final=(), nemesis=(), keys=None, lease_bound_ms=1000, status=
     for op in unseals:
         if op["f"] != "forged" and op["type"] == "ok" and op.get("code") == "PERMISSION_DENIED":
             denied_at[op["key_id"]] = min(denied_at.get(op["key_id"], INF), op["complete_t"])
+
+    v["false_failures"] = []
+    for kid, rl in refused_revokes.items():
+        if kid in revokes:
+            continue
+        seen = [op for op in unseals if op["key_id"] == kid and op["f"] != "forged"
+                and op["type"] == "ok" and op.get("code") == "PERMISSION_DENIED"
+                and op["complete_t"] > rl[0]["invoke_t"]]
+        if seen:
+            v["false_failures"].append({"why": "revoke answered with an error, yet the key is revoked",
+                                        "key_id": kid, "code": rl[0].get("code"),
+                                        "detail": rl[0].get("detail"),
+                                        "revoke_invoke_t": rl[0]["invoke_t"],
+                                        "first_denied_t": min(o["complete_t"] for o in seen)})
+            revokes[kid] = rl
+            revoke_invoked[kid] = rl[0]["invoke_t"]
 
     for op in unseals:
         if op["type"] != "ok":

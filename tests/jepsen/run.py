@@ -871,7 +871,7 @@ def summary_line(res):
     return (f"{res['scenario']} n={res['nodes']} seed={res['seed']}: {res['status'].upper()} "
             f"ops={res.get('ops')} acked={res.get('acked_seals')} lost={c.get('lost_seals')} "
             f"wrong={c.get('wrong_unseals')} stale={c.get('stale_revoked')} dup={c.get('duplicates')} "
-            f"denied={c.get('spurious_denied')} avail={res.get('availability')}% "
+            f"denied={c.get('spurious_denied')} false_fail={c.get('false_failures')} avail={res.get('availability')}% "
             f"gap={res.get('seal_gap_s')}s failed_unseals={res.get('failed_unseals')}")
 
 
@@ -879,7 +879,7 @@ def setup_loop(run_dir):
     img = os.path.join(run_dir, "enospc.img")
     mnt = os.path.join(run_dir, "enospc-mnt")
     os.makedirs(mnt, exist_ok=True)
-    subprocess.run(["truncate", "-s", "160M", img], check=True)
+    subprocess.run(["truncate", "-s", "320M", img], check=True)
     loop = subprocess.run(["losetup", "-f", "--show", img], capture_output=True, text=True)
     if loop.returncode != 0:
         return None, None
@@ -903,7 +903,17 @@ def outer(args):
             return 2
     base = args.out or os.path.join(cluster.SRC, "build", "jepsen")
     run_dir = os.path.join(base, f"{args.scenario}-n{args.nodes}-s{args.seed}")
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if os.path.isdir(run_dir):
+        # never destroy the evidence of an earlier failing run
+        try:
+            with open(os.path.join(run_dir, "result.json")) as f:
+                old_status = json.load(f).get("status")
+        except (OSError, ValueError):
+            old_status = None
+        if old_status in (None, "pass", "skip"):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            os.rename(run_dir, f"{run_dir}.{old_status}-{int(time.time())}")
     os.makedirs(run_dir)
     build_tools(base)
     n_ns = args.nodes + 1

@@ -153,6 +153,12 @@ def check_split_brain():
     return ok
 
 
+def m_false_failure(h, f, n, k):
+    h[11]["type"] = "fail"
+    h[11]["code"] = "AlreadyExists"
+    h[11]["detail"] = "key cc.. already exists"
+
+
 CASES = [
     ("valid history passes", m_none, None),
     ("indeterminate revoke, never observed, passes", m_info_revoke_final_ok, None),
@@ -168,6 +174,7 @@ CASES = [
     ("duplicate record for one seal", m_dup, "duplicates"),
     ("record for a definitely failed seal", m_phantom, "duplicates"),
     ("denial without a revoke", m_spurious, "spurious_denied"),
+    ("revoke answered with an error but applied", m_false_failure, "false_failures"),
 ]
 
 

@@ -12,9 +12,9 @@ def fmt(v, suffix=""):
 def main():
     rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
     print("| scenario | nodes | seed | result | ops | acked seals | acked seals lost | wrong unseals "
-          "| stale revoked unseals | duplicates | split brain | availability in window "
+          "| stale revoked unseals | duplicates | split brain | spurious denials | definite errors that took effect | availability in window "
           "| longest seal gap | failed multi-endpoint unseals | notes |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r.get("counts", {})
         notes = []
@@ -40,6 +40,8 @@ def main():
         for ch in r.get("checks", []) or []:
             if not ch["ok"]:
                 notes.append(f"FAILED: {ch['name']} ({ch['detail']})")
+        if r.get("rechecked"):
+            notes.append(r["rechecked"])
         if r.get("status") == "skip":
             notes.append(f"SKIP: {r.get('reason')}")
         if r.get("status") == "error":
@@ -48,6 +50,8 @@ def main():
               f"| {fmt(r.get('ops'))} | {fmt(r.get('acked_seals'))} | {fmt(c.get('lost_seals'))} "
               f"| {fmt(c.get('wrong_unseals'))} | {fmt(c.get('stale_revoked'))} "
               f"| {fmt(c.get('duplicates'))} | {fmt(c.get('split_brain'))} "
+              f"| {fmt(c.get('spurious_denied'))} "
+              f"| {fmt(c.get('false_failures', 0 if c and not c.get('spurious_denied') and not c.get('lost_seals') else None))} "
               f"| {fmt(r.get('availability'), ' %')} | {fmt(r.get('seal_gap_s'), ' s')} "
               f"| {fmt(r.get('failed_unseals'))} | {'; '.join(notes)} |")
 
