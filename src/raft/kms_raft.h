@@ -192,8 +192,7 @@ int kms_raft_transfer(struct kms_raft *r, uint64_t id, unsigned timeout_ms,
 
 /* Re-reads the certificate, key and CA files given at start into the raft
  * transport (SIGHUP): new connections use them, open ones keep theirs. On
- * failure the old material stays. KMS_ECONFIG when the transport is plain
- * TCP; KMS_ETLS for unreadable/invalid files. */
+ * failure the old material stays. KMS_ETLS for unreadable/invalid files. */
 int kms_raft_reload_tls(struct kms_raft *r, struct kms_err *err);
 
 #endif /* KMS_RAFT_H */

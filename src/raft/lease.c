@@ -82,7 +82,6 @@ void kms_lease_init(struct kms_lease *l, const struct kms_lease_config *cfg, uin
 {
     memset(l, 0, sizeof(*l));
     l->cfg = *cfg;
-    l->promise_term = 0;
     l->promise_end_us = now_us + cfg->election_us;
 }
 

@@ -91,7 +91,6 @@ struct kms_raft {
     char dir[4096];
     unsigned election_ms, heartbeat_ms;
     struct kms_store *store;
-    bool tls;
     char cert_file[4096], key_file[4096], ca_file[4096];
     bool handles_inited;
     bool started;                 /* raft_start returned: restores now come from the leader */
@@ -349,9 +348,10 @@ static int map_raft_rc(int rv)
 /* The raft_fsm (version 3), the only one: raft calls it on the raft thread
  * (snapshot_async on an io worker) and it calls the store directly.
  *
- * apply: raft passes no index; the entry is at raft_last_applied() + 1. On
- * success *result points to the store-owned result (valid until the next
- * apply; apply_cb copies it). A store error is fatal to this node: raft
+ * apply: raft passes no index; the entry is at raft_last_applied() + 1. The
+ * store's result (store-owned, reused by the next apply) is copied into the
+ * proposal of that index, if this node has one; raft gets no result
+ * pointer. A store error is fatal to this node: raft
  * gets RAFT_CORRUPT (RAFT_IOERR for storage, RAFT_NOMEM) and stops applying,
  * the store keeps the error sticky (kms_store_fatal).
  * snapshot: pins a RocksDB snapshot at last_applied and returns no buffers;
@@ -402,7 +402,6 @@ static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void *
             break;
         }
     }
-    *result = NULL;
     atomic_store(&r->applied_index, index);
     if (atomic_load(&r->waiters) > 0) {
         pthread_mutex_lock(&r->applied_mu);
@@ -514,12 +513,22 @@ static void lease_view(struct kms_raft *r, struct kms_lease_view *v, uint64_t *v
     v->n_voters = kms_glue_voters(&r->raft, voters, MAX_PEERS);
 }
 
-/* Raft thread: recompute the lease deadline and publish it. */
+/* Recomputes the lease from view v and publishes its deadline (none while
+ * closing or after a disk failure). */
+static void lease_publish(struct kms_raft *r, const struct kms_lease_view *v)
+{
+    uint64_t until = 0;
+    if (!r->closing && !atomic_load(&r->failed)) {
+        until = kms_lease_compute(&r->lease, kms_mono_us(), v);
+    }
+    atomic_store_explicit(&r->lease_until_us, until, memory_order_release);
+}
+
+/* Raft thread: notice role changes, recompute the lease and publish it. */
 static void lease_update(struct kms_raft *r)
 {
     uint64_t voters[MAX_PEERS];
     struct kms_lease_view v;
-    uint64_t until;
     int state = kms_glue_role(&r->raft);
 
     if (state != r->last_state) {
@@ -534,13 +543,8 @@ static void lease_update(struct kms_raft *r)
         }
         r->last_state = state;
     }
-    if (r->closing || atomic_load(&r->failed)) {
-        atomic_store(&r->lease_until_us, 0);
-        return;
-    }
     lease_view(r, &v, voters);
-    until = kms_lease_compute(&r->lease, kms_mono_us(), &v);
-    atomic_store_explicit(&r->lease_until_us, until, memory_order_release);
+    lease_publish(r, &v);
 }
 
 static void barrier_cb(struct raft_barrier *req, int status)
@@ -630,10 +634,10 @@ static void status_publish(struct kms_raft *r)
 
 /* Every vote message, in or out, passes the promise rule (lease.h). A
  * RequestVote that may pass reaches raft, whose own rule rejects votes
- * while a leader is known; once our promise has ended the leader has sent
- * no LEADER stamp for a full election timeout, so we forget it (raft
- * thesis 4.2.3: refuse votes only "within the minimum election timeout of
- * hearing from a current leader"). */
+ * while a leader is known; once our promise has ended (no LEADER stamp for
+ * a full election timeout) and no AppendEntries has arrived for as long,
+ * we forget the leader (raft thesis 4.2.3: refuse votes only "within the
+ * minimum election timeout of hearing from a current leader"). */
 static bool vote_filter(struct kms_raft *r, const struct raft_message *m, bool incoming)
 {
     uint64_t term, now = kms_mono_us();
@@ -659,8 +663,8 @@ static bool vote_filter(struct kms_raft *r, const struct raft_message *m, bool i
                      "%s for term %" PRIu64 " %s node %llu dropped: promised no votes above term "
                      "%" PRIu64 " for %" PRIu64 " ms more (%" PRIu64 " dropped so far)",
                      pre_vote ? "pre-vote" : "vote request", term, incoming ? "from" : "to",
-                     (unsigned long long)m->server_id, r->lease.promise_term,
-                     (r->lease.promise_end_us - now) / 1000u, r->vote_drops);
+                     (unsigned long long)m->server_id, r->lease.promise_term, left / 1000u,
+                     r->vote_drops);
         }
         return false;
     }
@@ -739,8 +743,7 @@ static void stamp_in_cb(void *data, uint64_t peer_id, const struct kms_transport
     }
     /* Inside the transport's read callback: only recompute and publish
      * (lease_update may start a barrier, which must not happen here). */
-    atomic_store_explicit(&r->lease_until_us, kms_lease_compute(&r->lease, kms_mono_us(), &v),
-                          memory_order_release);
+    lease_publish(r, &v);
 }
 
 /* Incoming raft connections only from members, or from anyone while this
@@ -869,6 +872,16 @@ static void transfer_cb(struct raft_transfer *req)
 static void stop_transfer_cb(struct raft_transfer *req);
 static void begin_close(struct kms_raft *r);
 
+/* Fails a transfer still waiting for its release (shutdown). */
+static void transfer_op_shutdown(struct kms_raft *r)
+{
+    struct op *t = r->transfer_op;
+    if (t != NULL) {
+        r->transfer_op = NULL;
+        op_complete(t, KMS_ESHUTDOWN, "raft node is shutting down");
+    }
+}
+
 static void release_timer_cb(uv_timer_t *t)
 {
     struct kms_raft *r = t->data;
@@ -940,9 +953,7 @@ static void dispatch(struct kms_raft *r, struct op *op)
     if (op->kind == OP_RELOAD_TLS) {
         struct kms_err e;
         kms_err_clear(&e);
-        if (!r->tls) {
-            op_complete(op, KMS_ECONFIG, "raft transport is plain TCP: nothing to reload");
-        } else if (kms_transport_tls_reload(&r->transport, r->cert_file, r->key_file, r->ca_file,
+        if (kms_transport_tls_reload(&r->transport, r->cert_file, r->key_file, r->ca_file,
                                             &e) != 0) {
             op_complete(op, e.code != 0 ? e.code : KMS_ETLS, "%s", e.msg);
         } else {
@@ -1068,11 +1079,7 @@ static void begin_close(struct kms_raft *r)
     r->closing = true;
     atomic_store(&r->lease_until_us, 0);
     uv_timer_stop(&r->release_timer);
-    if (r->transfer_op != NULL) {
-        struct op *t = r->transfer_op;
-        r->transfer_op = NULL;
-        op_complete(t, KMS_ESHUTDOWN, "raft node is shutting down");
-    }
+    transfer_op_shutdown(r);
     pthread_mutex_lock(&r->mu);
     r->closed = true;
     q = r->q_head;
@@ -1117,11 +1124,7 @@ static void raft_thread_stop_step(struct kms_raft *r)
         }
     }
     if (others > 0) {
-        if (r->transfer_op != NULL) {
-            struct op *t = r->transfer_op;
-            r->transfer_op = NULL;
-            op_complete(t, KMS_ESHUTDOWN, "raft node is shutting down");
-        }
+        transfer_op_shutdown(r);
         release_start(r, true);
         r->stop_deadline_ms = kms_mono_ms() +
                               kms_lease_release_wait_us(&r->lease, kms_mono_us()) / 1000u +
@@ -1223,7 +1226,6 @@ static int transport_init(struct kms_raft *r, const struct kms_raft_config *cfg,
     hooks.stamp_in = stamp_in_cb;
     hooks.peer_allowed = peer_allowed_cb;
     kms_transport_tls_set_hooks(&r->transport, &hooks);
-    r->tls = true;
     snprintf(r->cert_file, sizeof(r->cert_file), "%s", cfg->cert_file);
     snprintf(r->key_file, sizeof(r->key_file), "%s", cfg->key_file);
     snprintf(r->ca_file, sizeof(r->ca_file), "%s", cfg->ca_file);
@@ -1406,8 +1408,8 @@ int kms_raft_start(const struct kms_raft_config *cfg, struct kms_store *store,
         return kms_err_set(err, KMS_ENOMEM, "raft: cannot create thread");
     }
     r->thread_started = true;
-    kms_logf(KMS_LOG_INFO, MOD, "raft node %" PRIu64 " started on %s (%s transport)", r->id,
-             r->address, r->tls ? "mutual TLS" : "plain TCP");
+    kms_logf(KMS_LOG_INFO, MOD, "raft node %" PRIu64 " started on %s (mutual TLS transport)", r->id,
+             r->address);
     *out = r;
     return 0;
 
