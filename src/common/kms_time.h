@@ -19,6 +19,13 @@ static inline uint64_t kms_mono_us(void)
     return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
 }
 
+/* Sleeps about ms milliseconds (a signal may cut it short). */
+static inline void kms_sleep_ms(unsigned ms)
+{
+    struct timespec ts = {(time_t)(ms / 1000u), (long)(ms % 1000u) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
 static inline int64_t kms_wall_ms(void)
 {
     struct timespec ts;

@@ -62,12 +62,6 @@ static int data_dir_space_check(const char *dir, struct kms_err *err)
     return 0;
 }
 
-static void sleep_ms(unsigned ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
 static int talos_open(struct kmsd *d, struct kms_err *err)
 {
     struct kms_rpc_server_config cfg;
@@ -170,7 +164,7 @@ static void *supervisor_main(void *arg)
             if (talos_open(d, &err) != 0) {
                 kms_log(KMS_LOG_ERROR, "talos", "cannot open Talos API", "error", err.msg,
                         NULL);
-                sleep_ms(500);
+                kms_sleep_ms(500);
             }
         } else if (!want && d->talos_srv != NULL) {
             talos_close(d, !unsealed ? "sealed" : "no read lease for longer than the grace period",
@@ -196,7 +190,7 @@ static void *supervisor_main(void *arg)
                 }
             }
         }
-        sleep_ms(50);
+        kms_sleep_ms(50);
     }
     return NULL;
 }

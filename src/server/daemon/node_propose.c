@@ -38,12 +38,6 @@
 #include "kmsd/v1/entry.pb-c.h"
 
 
-static void sleep_ms(unsigned ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
 bool kmsd_readable(struct kmsd *d)
 {
     if (d->opt.unseal_reads_local) {
@@ -72,7 +66,7 @@ int kmsd_read_barrier(struct kmsd *d, unsigned wait_ms)
         if (now >= deadline || atomic_load(&d->stopping)) {
             return KMS_EUNAVAIL;
         }
-        sleep_ms(10);
+        kms_sleep_ms(10);
     }
     uint64_t now = kms_mono_ms();
     return kms_raft_wait_applied(d->raft, st.commit_index,
@@ -311,7 +305,7 @@ int kmsd_write(struct kmsd *d, const Kmsd__V1__Entry *e, unsigned wait_ms,
             return rc;
         }
         kms_log(KMS_LOG_DEBUG, "write", "retrying write", "reason", e2.msg, NULL);
-        sleep_ms(25);
+        kms_sleep_ms(25);
     }
 done:
     if (uncertain && res->code == KMS_EEXIST &&

@@ -46,12 +46,6 @@
 #include "kmsd/v1/entry.pb-c.h"
 #include "sidero/kms/kms.pb-c.h"
 
-static void sleep_ms(unsigned ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
 int kmsd_grpc_status(int code)
 {
     switch (code) {
@@ -439,7 +433,7 @@ static int unseal_read(struct unseal_job *j, uint8_t *data, size_t *datalen, boo
         }
     }
     if (d->test_read_pause_ms > 0) {
-        sleep_ms(d->test_read_pause_ms); /* test fault hook (kmsd.h) */
+        kms_sleep_ms(d->test_read_pause_ms); /* test fault hook (kmsd.h) */
     }
     rc = kms_store_record_get(d->store, j->key_id, &rec, err);
     if (rc == 0) {
@@ -545,7 +539,7 @@ static void unseal_run_cb(void *arg)
             break;
         }
         if (!kmsd_readable(d)) {
-            sleep_ms(10); /* polled: gives up as soon as the call is answered */
+            kms_sleep_ms(10); /* polled: gives up as soon as the call is answered */
             continue;
         }
         if (rc == KMS_ENOTFOUND && !caught_up) {
@@ -559,7 +553,7 @@ static void unseal_run_cb(void *arg)
         kms_err_clear(&err);
         rc = unseal_read(j, data, &datalen, &stale, &err);
         if (rc == KMS_EUNAVAIL && stale) {
-            sleep_ms(5);
+            kms_sleep_ms(5);
             continue; /* no lease or it ended during the read: wait again */
         }
         if (rc == KMS_ENOTFOUND && !caught_up) {
