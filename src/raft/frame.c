@@ -83,7 +83,7 @@ static const uint8_t version_max[7] = {
  * RAFT_SPARE. */
 #define ROLE_MAX 2u
 
-static uint64_t get64(const uint8_t *p)
+uint64_t kms_frame_get64le(const uint8_t *p)
 {
     uint64_t v = 0;
     for (int i = 7; i >= 0; i--) {
@@ -97,7 +97,7 @@ static uint32_t get32(const uint8_t *p)
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-static void put64(uint8_t *p, uint64_t v)
+void kms_frame_put64le(uint8_t *p, uint64_t v)
 {
     for (int i = 0; i < 8; i++) {
         p[i] = (uint8_t)(v >> (8 * i));
@@ -183,7 +183,7 @@ static int parser_preamble(struct kms_frame_parser *p)
     const uint8_t *b = p->buf;
     uint8_t type = b[0];
     uint8_t version = b[2];
-    uint64_t len = get64(b + 8);
+    uint64_t len = kms_frame_get64le(b + 8);
     uint64_t fixed = 0;
 
     memset(&p->info, 0, sizeof p->info);
@@ -262,20 +262,20 @@ static int parser_field_done(struct kms_frame_parser *p, enum kms_frame_event *e
     case F_PREAMBLE:
         return parser_preamble(p);
     case F_FIXED:
-        in->term = get64(b);
+        in->term = kms_frame_get64le(b);
         if (in->type == KMS_FRAME_STAMP) {
-            in->stamp.sent_us = get64(b);
-            in->stamp.echo_us = get64(b + 8);
-            in->stamp.term = get64(b + 16);
-            in->stamp.flags = get64(b + 24);
-            in->stamp.lease_rem_us = get64(b + 32);
-            in->stamp.commit = get64(b + 40);
+            in->stamp.sent_us = kms_frame_get64le(b);
+            in->stamp.echo_us = kms_frame_get64le(b + 8);
+            in->stamp.term = kms_frame_get64le(b + 16);
+            in->stamp.flags = kms_frame_get64le(b + 24);
+            in->stamp.lease_rem_us = kms_frame_get64le(b + 32);
+            in->stamp.commit = kms_frame_get64le(b + 40);
             in->term = in->stamp.term;
         }
         return parser_header_done(p, ev);
     case F_AE_FIXED:
-        in->term = get64(b);
-        v = get64(b + 32);
+        in->term = kms_frame_get64le(b);
+        v = kms_frame_get64le(b + 32);
         /* The decoder trusts n and reads 16 bytes per entry from a header of
          * the length the preamble gave: they must agree exactly. */
         if (v != (in->header_len - AE_HEADER_MIN) / AE_ENTRY) {
@@ -313,8 +313,8 @@ static int parser_field_done(struct kms_frame_parser *p, enum kms_frame_event *e
     case F_IS_TAIL:
         return parser_header_done(p, ev);
     case F_IS_FIXED:
-        in->term = get64(b);
-        v = get64(b + 32);
+        in->term = kms_frame_get64le(b);
+        v = kms_frame_get64le(b + 32);
         if (v != in->header_len - IS_FIXED - IS_TRAILER) {
             return parser_fail(p, "InstallSnapshot configuration length does not match its header");
         }
@@ -329,14 +329,14 @@ static int parser_field_done(struct kms_frame_parser *p, enum kms_frame_event *e
         }
         return parser_expect(p, F_CONF_N, 8, true);
     case F_CONF_N:
-        v = get64(b);
+        v = kms_frame_get64le(b);
         if (v == 0 || v > p->conf_left / CONF_SERVER_MIN) {
             return parser_fail(p, "configuration server count invalid");
         }
         p->servers_left = v;
         return parser_next_server(p);
     case F_SRV_ID:
-        if (get64(b) == 0) {
+        if (kms_frame_get64le(b) == 0) {
             return parser_fail(p, "configuration server id 0");
         }
         p->field = F_SRV_ADDR;
@@ -356,7 +356,7 @@ static int parser_field_done(struct kms_frame_parser *p, enum kms_frame_event *e
         }
         return parser_expect(p, F_IS_DATA_LEN, 8, false);
     case F_IS_DATA_LEN:
-        v = get64(b);
+        v = kms_frame_get64le(b);
         if (v > KMS_FRAME_IS_PAYLOAD_MAX) {
             return parser_fail(p, "InstallSnapshot data too large");
         }
@@ -466,11 +466,11 @@ void kms_frame_stamp_encode(const struct kms_frame_stamp *s, uint8_t out[KMS_FRA
     memset(out, 0, KMS_FRAME_PREAMBLE);
     out[0] = KMS_FRAME_STAMP;
     out[2] = KMS_FRAME_STAMP_VERSION;
-    put64(out + 8, KMS_FRAME_STAMP_BODY);
-    put64(out + 16, s->sent_us);
-    put64(out + 24, s->echo_us);
-    put64(out + 32, s->term);
-    put64(out + 40, s->flags);
-    put64(out + 48, s->lease_rem_us);
-    put64(out + 56, s->commit);
+    kms_frame_put64le(out + 8, KMS_FRAME_STAMP_BODY);
+    kms_frame_put64le(out + 16, s->sent_us);
+    kms_frame_put64le(out + 24, s->echo_us);
+    kms_frame_put64le(out + 32, s->term);
+    kms_frame_put64le(out + 40, s->flags);
+    kms_frame_put64le(out + 48, s->lease_rem_us);
+    kms_frame_put64le(out + 56, s->commit);
 }

@@ -133,4 +133,9 @@ const char *kms_frame_parser_error(const struct kms_frame_parser *p);
 void kms_frame_stamp_encode(const struct kms_frame_stamp *s,
                             uint8_t out[KMS_FRAME_STAMP_SIZE]);
 
+/* Little-endian 64-bit fields, the byte order of raft's wire format and of
+ * the transport's preamble. */
+uint64_t kms_frame_get64le(const uint8_t *p);
+void kms_frame_put64le(uint8_t *p, uint64_t v);
+
 #endif /* KMS_FRAME_H */

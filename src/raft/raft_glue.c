@@ -347,11 +347,7 @@ bool kms_glue_msg_from_leader(const struct raft_message *m, uint64_t *term)
     }
 }
 
-bool kms_glue_snapshot_taking(const struct raft *raft)
-{
-    return raft->legacy.snapshot_taking;
-}
-
+/* raft->legacy.snapshot_taking: this node is taking its own snapshot. */
 bool kms_glue_install_races_snapshot(struct raft *raft, const struct raft_message *m)
 {
     return m->type == RAFT_INSTALL_SNAPSHOT && raft->legacy.snapshot_taking;

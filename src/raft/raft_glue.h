@@ -109,9 +109,6 @@ bool kms_glue_member_find(const struct raft *raft, uint64_t id, const char **add
 bool kms_glue_msg_vote(const struct raft_message *m, uint64_t *term, bool *pre_vote,
                        bool *disrupt);
 
-/* raft->legacy.snapshot_taking: this node is taking its own snapshot. */
-bool kms_glue_snapshot_taking(const struct raft *raft);
-
 /* An incoming InstallSnapshot while this node takes its own snapshot:
  * raft 0.22.1 parks the install until the snapshot completes and then
  * crashes (NULL dereference; reproduced with raft's own TCP transport,

@@ -185,22 +185,6 @@ static void count(_Atomic uint64_t *v, int64_t d)
     atomic_fetch_add_explicit(v, (uint64_t)d, memory_order_relaxed);
 }
 
-static uint64_t get64le(const unsigned char *p)
-{
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) {
-        v = (v << 8) | p[i];
-    }
-    return v;
-}
-
-static void put64le(unsigned char *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++) {
-        p[i] = (unsigned char)(v >> (8 * i));
-    }
-}
-
 /* Whether the TLS handshake of c selected "kmsd-raft/2". */
 static bool alpn_has_stamps(const SSL *ssl)
 {
@@ -929,9 +913,9 @@ static void outgoing_established(struct conn *c)
     c->stamps = tt->hooks.stamp_out != NULL && alpn_has_stamps(c->ssl);
     kms_frame_parser_init(&c->parser, false); /* raft never writes stamps */
     memset(pre, 0, sizeof pre);
-    put64le(pre, KMS_TRANSPORT_PROTOCOL);
-    put64le(pre + 8, tt->id);
-    put64le(pre + 16, alen);
+    kms_frame_put64le(pre, KMS_TRANSPORT_PROTOCOL);
+    kms_frame_put64le(pre + 8, tt->id);
+    kms_frame_put64le(pre + 16, alen);
     memcpy(pre + 24, tt->address, strlen(tt->address));
     ERR_clear_error();
     if (SSL_write(c->ssl, pre, (int)len) != (int)len) {
@@ -991,9 +975,9 @@ static void incoming_preamble(struct conn *c)
             if (c->pre_got < sizeof c->pre) {
                 continue;
             }
-            proto = get64le(c->pre);
-            c->peer_id = get64le(c->pre + 8);
-            c->pre_addr_len = (size_t)get64le(c->pre + 16);
+            proto = kms_frame_get64le(c->pre);
+            c->peer_id = kms_frame_get64le(c->pre + 8);
+            c->pre_addr_len = (size_t)kms_frame_get64le(c->pre + 16);
             if (proto != KMS_TRANSPORT_PROTOCOL) {
                 snprintf(reason, sizeof reason, "unsupported preamble protocol %" PRIu64, proto);
                 conn_fail(c, KMS_LOG_WARN, reason);
