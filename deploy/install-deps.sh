@@ -15,7 +15,7 @@ PKGS=(
   golang-go golang-google-grpc-dev golang-goprotobuf-dev golang-google-protobuf-dev
   python3 python3-grpcio
   etcd-server nghttp2-client softhsm2
-  iproute2 nftables strace faketime procps psmisc curl jq
+  iproute2 nftables strace faketime procps psmisc curl jq e2fsprogs
 )
 
 # raft comes from bookworm-backports: Debian 12's own libraft 0.15 has known
