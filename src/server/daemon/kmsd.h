@@ -228,12 +228,13 @@ int kmsd_write(struct kmsd *d, const struct Kmsd__V1__Entry *e, unsigned wait_ms
  * state with unsealReads: local). Lock-free. A read must still follow the
  * lease deadline rule (talos_api.c unseal_read). */
 bool kmsd_readable(struct kmsd *d);
-/* Waits until this node applied everything the leader had committed when
- * the call started (the leader's commit index arrives with the next
- * heartbeat). Used before answering NOT_FOUND, so a key sealed through
- * another replica and acknowledged is found here too. 0, or KMS_EUNAVAIL /
- * KMS_ETIMEDOUT when it could not be done within wait_ms (the caller then
- * answers UNAVAILABLE, never NOT_FOUND). Blocking: pool threads only. */
+/* Read barrier: waits until this node applied every write acknowledged
+ * anywhere before the call started (kms_raft_read_index: on a follower one
+ * heartbeat round trip to the leader). Used before answering NOT_FOUND, so
+ * a key sealed through another replica and acknowledged is found here too.
+ * 0, or KMS_EUNAVAIL / KMS_ESHUTDOWN when it could not be done within
+ * wait_ms (the caller then answers UNAVAILABLE, never NOT_FOUND).
+ * Blocking: pool threads only. */
 int kmsd_read_barrier(struct kmsd *d, unsigned wait_ms);
 
 /* RPC services. */

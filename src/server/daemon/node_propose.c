@@ -48,29 +48,17 @@ bool kmsd_readable(struct kmsd *d)
 
 int kmsd_read_barrier(struct kmsd *d, unsigned wait_ms)
 {
-    uint64_t t0 = kms_mono_ms();
-    uint64_t deadline = t0 + wait_ms;
-    struct kms_raft_status st;
+    uint64_t t0 = kms_mono_ms(), end = t0 + wait_ms, index = 0, now;
+    int rc;
 
-    for (;;) {
-        uint64_t now = kms_mono_ms();
-        memset(&st, 0, sizeof(st));
-        if (kms_raft_status(d->raft, &st) == 0) {
-            /* The leader's own commit index, or a follower's once it heard
-             * from the leader after t0 (heartbeats carry the commit index). */
-            if (st.role == KMS_RAFT_LEADER ||
-                (st.leader_id != 0 && st.last_leader_contact_ms < now - t0)) {
-                break;
-            }
-        }
-        if (now >= deadline || atomic_load(&d->stopping)) {
-            return KMS_EUNAVAIL;
-        }
-        kms_sleep_ms(10);
+    /* Every write acknowledged before this call has an index the read
+     * index covers (kms_raft.h); then wait until this node applied it. */
+    rc = kms_raft_read_index(d->raft, kms_mono_us(), wait_ms, &index);
+    if (rc != 0) {
+        return rc == KMS_ESHUTDOWN ? rc : KMS_EUNAVAIL;
     }
-    uint64_t now = kms_mono_ms();
-    return kms_raft_wait_applied(d->raft, st.commit_index,
-                                 now < deadline ? (unsigned)(deadline - now) : 1);
+    now = kms_mono_ms();
+    return kms_raft_wait_applied(d->raft, index, now < end ? (unsigned)(end - now) : 1);
 }
 
 /* Cluster API address of a member: the replicated member metadata first,

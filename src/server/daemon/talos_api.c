@@ -498,8 +498,10 @@ static void unseal_answer(struct unseal_job *j, int rc, const uint8_t *data, siz
         return;
     }
     if (rc == KMS_ENOTFOUND) {
+        char msg[64];
+        snprintf(msg, sizeof(msg), "unknown key %s", j->kid);
         kmsd_rate_fail(d, j->ip);
-        fail(d, j->call, "unseal", KMS_ENOTFOUND, "unknown key", peer);
+        fail(d, j->call, "unseal", KMS_ENOTFOUND, msg, peer);
         return;
     }
     if (rc != KMS_EUNAVAIL) {
