@@ -311,6 +311,15 @@ int kmsd_write(struct kmsd *d, const Kmsd__V1__Entry *e, unsigned wait_ms,
         if (rc == KMS_ENOTLEADER && rr.leader_id != 0 && rr.leader_id != d->opt.node_id &&
             !kmsd_authz_entry_forwardable(e->op_case)) {
             char msg[400];
+            if (uncertain) {
+                /* An earlier attempt on this node may have committed: the
+                 * caller must not blindly send it to the new leader. */
+                return kms_err_set(err, KMS_EUNAVAIL,
+                                   "leadership moved to node %llu while the write was in "
+                                   "flight; it may or may not have been applied (check "
+                                   "before retrying)",
+                                   (unsigned long long)rr.leader_id);
+            }
             if (!kmsd_leader_redirect(d, msg, sizeof(msg))) {
                 snprintf(msg, sizeof(msg), "not the leader; the leader is node %llu",
                          (unsigned long long)rr.leader_id);
