@@ -19,6 +19,7 @@ directly (python3-grpcio, raw protobuf bytes) with every entry type:
 import base64
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -214,6 +215,7 @@ def main():
         run(c, tmp)
     finally:
         c.down()
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"total {time.time() - t0:.1f}s")
     finish()
 
