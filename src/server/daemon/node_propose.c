@@ -287,6 +287,19 @@ int kmsd_write(struct kmsd *d, const Kmsd__V1__Entry *e, unsigned wait_ms,
     int rc;
 
     memset(res, 0, sizeof(*res));
+    if (e->op_case == KMSD__V1__ENTRY__OP_PUT_RECORD) {
+        /* What a leader proposes is checked like what it accepts by Forward. */
+        Kmsd__V1__EncryptedKeyring *ek = NULL;
+        uint32_t max_term = 0;
+        if (kms_store_keyring_get(d->store, &ek, NULL) == 0) {
+            max_term = ek->active_term;
+            kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
+        }
+        if (e->put_record == NULL ||
+            (rc = kmsd_authz_record_check(e->put_record->record, max_term, err)) != 0) {
+            return kms_err_wrap(err, KMS_EFORMAT, "refusing to propose a malformed record");
+        }
+    }
     for (;;) {
         uint64_t now = kms_mono_ms();
         unsigned left = now < deadline ? (unsigned)(deadline - now) : 0;
