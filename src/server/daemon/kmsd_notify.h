@@ -30,8 +30,8 @@ struct kmsd;
  * the supervisor thread starts. */
 void kmsd_notify_init(void);
 
-/* READY=1 with the current STATUS. */
-void kmsd_notify_ready(void);
+/* READY=1 with the current STATUS (d started: kmsd_start succeeded). */
+void kmsd_notify_ready(struct kmsd *d);
 
 /* STOPPING=1 and STATUS=stopping. */
 void kmsd_notify_stopping(void);

@@ -172,7 +172,7 @@ int main(int argc, char **argv)
         code = 2;
         goto stop;
     }
-    kmsd_notify_ready(); /* serving, or waiting for init / unseal shares */
+    kmsd_notify_ready(d); /* serving, or waiting for init / unseal shares */
     for (;;) {
         if (sigwait(&set, &sig) != 0) {
             continue;

@@ -43,28 +43,12 @@ void kmsd_notify_init(void)
     }
 }
 
-void kmsd_notify_ready(void)
-{
-    char msg[NOTIFY_STATUS_MAX + 32];
-    pthread_mutex_lock(&notify_mu);
-    snprintf(msg, sizeof(msg), "READY=1\nSTATUS=%s", notify_status);
-    notify_send(msg);
-    pthread_mutex_unlock(&notify_mu);
-}
-
-void kmsd_notify_stopping(void)
-{
-    pthread_mutex_lock(&notify_mu);
-    snprintf(notify_status, sizeof(notify_status), "stopping");
-    notify_send("STOPPING=1\nSTATUS=stopping");
-    pthread_mutex_unlock(&notify_mu);
-}
-
-/* The node's state in one line, as `systemctl status kmsd` shows it. */
-static void status_format(struct kmsd *d, char *buf, size_t len)
+/* The node's state in one line, as `systemctl status kmsd` shows it.
+ * talos_open: the supervisor's own view of its Talos server. */
+static void status_format(struct kmsd *d, bool talos_open, char *buf, size_t len)
 {
     if (kmsd_is_unsealed(d)) {
-        if (d->talos_srv != NULL) {
+        if (talos_open) {
             snprintf(buf, len, "serving: unsealed, Talos API open on %s",
                      d->opt.talos_listen);
         } else {
@@ -81,19 +65,44 @@ static void status_format(struct kmsd *d, char *buf, size_t len)
     }
 }
 
+/* Sends STATUS= when st differs from the last one sent (or always with
+ * prefix, e.g. "READY=1\n"). */
+static void status_publish(const char *prefix, const char *st)
+{
+    pthread_mutex_lock(&notify_mu);
+    if (prefix != NULL || strcmp(st, notify_status) != 0) {
+        char msg[NOTIFY_STATUS_MAX + 32];
+        snprintf(notify_status, sizeof(notify_status), "%s", st);
+        snprintf(msg, sizeof(msg), "%sSTATUS=%s", prefix != NULL ? prefix : "", st);
+        notify_send(msg);
+    }
+    pthread_mutex_unlock(&notify_mu);
+}
+
+void kmsd_notify_ready(struct kmsd *d)
+{
+    char st[NOTIFY_STATUS_MAX];
+    /* A node always starts sealed (the root key is only ever in memory), so
+     * the Talos server is not open yet: no need to read the supervisor's
+     * talos_srv from this thread. */
+    status_format(d, false, st, sizeof(st));
+    status_publish("READY=1\n", st);
+}
+
+void kmsd_notify_stopping(void)
+{
+    pthread_mutex_lock(&notify_mu);
+    snprintf(notify_status, sizeof(notify_status), "stopping");
+    notify_send("STOPPING=1\nSTATUS=stopping");
+    pthread_mutex_unlock(&notify_mu);
+}
+
 void kmsd_notify_tick(struct kmsd *d, uint64_t now_ms)
 {
     char st[NOTIFY_STATUS_MAX];
 
-    status_format(d, st, sizeof(st));
-    pthread_mutex_lock(&notify_mu);
-    if (strcmp(st, notify_status) != 0) {
-        char msg[NOTIFY_STATUS_MAX + 16];
-        memcpy(notify_status, st, sizeof(notify_status));
-        snprintf(msg, sizeof(msg), "STATUS=%s", st);
-        notify_send(msg);
-    }
-    pthread_mutex_unlock(&notify_mu);
+    status_format(d, d->talos_srv != NULL, st, sizeof(st));
+    status_publish(NULL, st);
     if (watchdog_every_ms != 0 && now_ms - watchdog_last_ms >= watchdog_every_ms) {
         watchdog_last_ms = now_ms;
         notify_send("WATCHDOG=1");
