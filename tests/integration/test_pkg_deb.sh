@@ -314,6 +314,19 @@ check "data written to /var/lib/kmsd owned by kmsd" \
 check "nothing in /var/lib/kmsd readable by others" \
   test -z "$(find /var/lib/kmsd -mindepth 1 -perm /o+r)"
 
+# --- 6. upgrade path (reinstall), remove (data kept), purge (everything gone) -------
+echo "# local edit" >>/etc/kmsd/kmsd.yaml
+uid_before=$(id -u kmsd)
+store_before=$(find /var/lib/kmsd -type f | sort | md5sum)
+if dpkg -i --force-confold "$deb" >"$tmp/dpkg-up.log" 2>&1; then ok "dpkg -i over the installed package"; else
+  cat "$tmp/dpkg-up.log"; bad "dpkg -i (upgrade path)"; fi
+check "upgrade: postinst says the running kmsd needs a manual restart" \
+  grep -q "systemctl restart kmsd" "$tmp/dpkg-up.log"
+check "upgrade: local conffile edit kept" grep -qx "# local edit" /etc/kmsd/kmsd.yaml
+check "upgrade: same kmsd uid" test "$(id -u kmsd)" = "$uid_before"
+check "upgrade: /var/lib/kmsd untouched" \
+  test "$(find /var/lib/kmsd -type f | sort | md5sum)" = "$store_before" -a \
+       "$(stat -c '%a %U:%G' /var/lib/kmsd)" = "700 kmsd:kmsd"
 # --- 6. remove (data kept), purge (everything gone) -------------------------------
 if dpkg -r kmsd kmsctl >"$tmp/dpkg-r.log" 2>&1; then ok "dpkg -r"; else
   cat "$tmp/dpkg-r.log"; bad "dpkg -r"; fi
