@@ -10,14 +10,18 @@
 #  3. dpkg -i: the kmsd system user, /var/lib/kmsd 0700 kmsd:kmsd,
 #     /etc/kmsd/tls 0750 root:kmsd; systemd-analyze verify and security of
 #     the installed unit.
-#  4. The acme.sh hook installs a certificate with safe modes; the packaged
+#  4. The acme.sh hook installs a certificate with safe modes (and refuses a
+#     key that does not match); the packaged
 #     /etc/kmsd/kmsd.yaml passes --check-config once certificates exist.
 #  5. The installed /usr/sbin/kmsd runs as the kmsd user on ports 29800-29803
 #     with NOTIFY_SOCKET pointing at a datagram socket of this test: READY=1,
-#     STATUS= (uninitialised -> sealed 1 of 2 -> serving), WATCHDOG=1; SIGHUP
-#     reloads; --dump-config round-trips through --check-config; SIGTERM sends
-#     STOPPING=1 and exits 0.
-#  6. dpkg -r keeps the user, the config and /var/lib/kmsd (with the data);
+#     STATUS= (uninitialised -> sealed 0 of 2 -> 1 of 2 -> serving), WATCHDOG=1
+#     about every second with WATCHDOG_USEC=2s; a renewal through the acme
+#     hook + SIGHUP makes the Talos port present the new certificate, still
+#     serving; --dump-config round-trips through --check-config; SIGTERM
+#     sends STOPPING=1 and exits 0.
+#  6. dpkg -i again (the upgrade path) keeps the conffile edit, the uid and
+#     the data and says a restart is manual; dpkg -r keeps the user, the config and /var/lib/kmsd (with the data);
 #     dpkg -P removes every file dpkg -L listed, the state, the user, the
 #     systemd enablement links.
 # Exit 77 (skipped) when not root, without dpkg/cpack, or when a kmsd
@@ -273,10 +277,32 @@ ctl operator unseal "${shares[0]:-x}" >/dev/null 2>&1
 check "STATUS after one share: sealed (1 of 2)" wait_for "$tmp/notify.log" '^STATUS=sealed: .*\(1 of 2\)' 10
 ctl operator unseal "${shares[1]:-x}" >/dev/null 2>&1
 check "STATUS after the second share: serving" wait_for "$tmp/notify.log" '^STATUS=serving: ' 20
-kill -HUP "$kmsd_pid"
+served_fp() { # the certificate the Talos port presents now
+  openssl s_client -connect "127.0.0.1:$p0" -tls1_3 </dev/null 2>/dev/null |
+    openssl x509 -noout -fingerprint -sha256 2>/dev/null
+}
+fp_of() { openssl x509 -in "$1" -noout -fingerprint -sha256; }
+check "Talos port serves the hook-installed certificate" test "$(served_fp)" = "$(fp_of "$tmp/pki/node1.pem")"
+# Renewal: the acme hook installs a new certificate and reloads (SIGHUP, as
+# `systemctl reload kmsd` does through ExecReload).
+"$src/deploy/gen-pki.sh" "$tmp/pki2" --nodes 1 >/dev/null || bad "gen-pki.sh (second PKI)"
+if KMSD_ACME_CERT=$tmp/pki2/node1.pem KMSD_ACME_KEY=$tmp/pki2/node1-key.pem \
+   KMSD_RELOAD="kill -HUP $kmsd_pid" /usr/lib/kmsd/kmsd-acme-reload >"$tmp/acme3.log" 2>&1; then
+  ok "acme hook with reload: $(cat "$tmp/acme3.log")"
+else
+  bad "acme hook with reload: $(cat "$tmp/acme3.log")"
+fi
 check "SIGHUP reloads certificates (systemctl reload)" \
   wait_for "$tmp/kmsd.log" 'TLS certificates reloaded' 10
-check "still serving after SIGHUP" kill -0 "$kmsd_pid"
+n=0
+until [ "$(served_fp)" = "$(fp_of "$tmp/pki2/node1.pem")" ]; do
+  n=$((n + 1)); [ $n -lt 50 ] || break; sleep 0.1
+done
+check "Talos port serves the renewed certificate after the reload" \
+  test "$(served_fp)" = "$(fp_of "$tmp/pki2/node1.pem")"
+check "still running after SIGHUP" kill -0 "$kmsd_pid"
+check "still serving (STATUS unchanged: no serving -> other transition)" \
+  test "$(grep '^STATUS=' "$tmp/notify.log" | tail -1 | cut -d: -f1)" = "STATUS=serving"
 
 dump=$(as_kmsd env KMSD_LOG_LEVEL=debug /usr/sbin/kmsd --config "$tmp/test.yaml" --dump-config \
        --raft-election-timeout 2s 2>&1)
