@@ -11,8 +11,8 @@
 #     /etc/kmsd/tls 0750 root:kmsd; systemd-analyze verify and security of
 #     the installed unit.
 #  4. The acme.sh hook installs a certificate with safe modes (and refuses a
-#     key that does not match); the packaged
-#     /etc/kmsd/kmsd.yaml passes --check-config once certificates exist.
+#     key that does not match); the packaged /etc/kmsd/kmsd.yaml passes
+#     --check-config once certificates exist.
 #  5. The installed /usr/sbin/kmsd runs as the kmsd user on ports 29800-29803
 #     with NOTIFY_SOCKET pointing at a datagram socket of this test: READY=1,
 #     STATUS= (uninitialised -> sealed 0 of 2 -> 1 of 2 -> serving), WATCHDOG=1
@@ -21,9 +21,9 @@
 #     serving; --dump-config round-trips through --check-config; SIGTERM
 #     sends STOPPING=1 and exits 0.
 #  6. dpkg -i again (the upgrade path) keeps the conffile edit, the uid and
-#     the data and says a restart is manual; dpkg -r keeps the user, the config and /var/lib/kmsd (with the data);
-#     dpkg -P removes every file dpkg -L listed, the state, the user, the
-#     systemd enablement links.
+#     the data and says a restart is manual; dpkg -r keeps the user, the
+#     config and /var/lib/kmsd (with the data); dpkg -P removes every file
+#     dpkg -L listed, the state, the user, the systemd enablement links.
 # Exit 77 (skipped) when not root, without dpkg/cpack, or when a kmsd
 # package, user or directory already exists (never touch a real install).
 set -u
@@ -270,7 +270,8 @@ if init=$(ctl operator init --key-shares 2 --key-threshold 2 -o json 2>"$tmp/ini
 else
   bad "kmsctl operator init: $(cat "$tmp/init.err")"
 fi
-mapfile -t shares < <(/usr/bin/python3 -c 'import json,sys; print("\n".join(json.load(sys.stdin)["shares"]))' <<<"$init" 2>/dev/null)
+mapfile -t shares < <(/usr/bin/python3 -c \
+  'import json,sys; print("\n".join(json.load(sys.stdin)["shares"]))' <<<"$init" 2>/dev/null)
 [ "${#shares[@]}" -eq 2 ] || bad "init returned ${#shares[@]} shares"
 check "STATUS after init: sealed (0 of 2)" wait_for "$tmp/notify.log" '^STATUS=sealed: .*\(0 of 2\)' 10
 ctl operator unseal "${shares[0]:-x}" >/dev/null 2>&1
@@ -368,7 +369,8 @@ if dpkg -P kmsd kmsctl >"$tmp/dpkg-p.log" 2>&1; then ok "dpkg -P"; else
 left=""
 while read -r f; do
   case "$f" in
-    /.|/etc|/lib|/lib/systemd|/lib/systemd/system|/usr|/usr/bin|/usr/sbin|/usr/lib|/usr/share|/usr/share/doc) continue ;;
+    /.|/etc|/lib|/lib/systemd|/lib/systemd/system|/usr|/usr/bin|/usr/sbin|/usr/lib|/usr/share|\
+      /usr/share/doc) continue ;;
   esac
   [ -e "$f" ] && left="$left $f"
 done <"$tmp/listed"
