@@ -105,6 +105,10 @@ void kms_rpc_server_destroy(struct kms_rpc_server *srv);
  * the old material stays and an error is logged). */
 void kms_rpc_server_reload_tls(struct kms_rpc_server *srv);
 
+/* Reads cert_file and key_file and checks that they parse and match (what
+ * the servers' reload would accept). Any thread. */
+int kms_rpc_check_tls_files(const char *cert_file, const char *key_file, struct kms_err *err);
+
 /* Bound port (useful with "127.0.0.1:0"); 0 before start. */
 int kms_rpc_server_port(const struct kms_rpc_server *srv);
 

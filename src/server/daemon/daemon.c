@@ -21,10 +21,12 @@
 #define OP_POOL_THREADS 4           /* operator calls: rare, may block long */
 #define OP_POOL_QUEUE 256
 #include <errno.h>
+#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -58,6 +60,68 @@ static int data_dir_space_check(const char *dir, struct kms_err *err)
                            "(raft log segments and the RocksDB WAL are preallocated); free "
                            "space and start again",
                            dir, avail / (1024 * 1024), KMSD_MIN_FREE_BYTES / (1024 * 1024));
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* dataDir permissions.                                                 */
+
+static unsigned long perm_fixed;
+
+static int perm_fix_cb(const char *path, const struct stat *st, int type, struct FTW *ftw)
+{
+    (void)type;
+    (void)ftw;
+    if (!S_ISLNK(st->st_mode) && (st->st_mode & 077) != 0 &&
+        chmod(path, st->st_mode & 07700) == 0) {
+        perm_fixed++;
+    }
+    return 0;
+}
+
+int kmsd_data_dir_secure(const char *dir, struct kms_err *err)
+{
+    struct stat st;
+    char tmp[4096];
+    char fixed[32];
+
+    if (stat(dir, &st) != 0) {
+        if (errno != ENOENT) {
+            return kms_err_set(err, KMS_EIO, "dataDir %s: %s", dir, strerror(errno));
+        }
+        snprintf(tmp, sizeof(tmp), "%s", dir);
+        for (char *p = tmp + 1; *p != '\0'; p++) {
+            if (*p == '/') {
+                *p = '\0';
+                if (mkdir(tmp, 0700) != 0 && errno != EEXIST) {
+                    return kms_err_set(err, KMS_EIO, "cannot create %s: %s", tmp,
+                                       strerror(errno));
+                }
+                *p = '/';
+            }
+        }
+        if (mkdir(tmp, 0700) != 0 && errno != EEXIST) {
+            return kms_err_set(err, KMS_EIO, "cannot create dataDir %s: %s", dir,
+                               strerror(errno));
+        }
+        return 0;
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        return kms_err_set(err, KMS_ECONFIG, "dataDir %s is not a directory", dir);
+    }
+    /* Startup only (single-threaded here): nftw's callback has no argument. */
+    perm_fixed = 0;
+    if (nftw(dir, perm_fix_cb, 16, FTW_PHYS) != 0) {
+        return kms_err_set(err, KMS_EIO, "dataDir %s: cannot walk it: %s", dir,
+                           strerror(errno));
+    }
+    if (perm_fixed > 0) {
+        snprintf(fixed, sizeof(fixed), "%lu", perm_fixed);
+        kms_log(KMS_LOG_WARN, "kmsd",
+                "dataDir was readable by group or others: removed their access (it holds the "
+                "sealed records and the encrypted keyring)",
+                "dir", dir, "paths_fixed", fixed, NULL);
     }
     return 0;
 }
@@ -137,6 +201,8 @@ static int self_meta_cb(void *arg, const Kmsd__V1__Member *m)
     return 0;
 }
 
+static void tls_reload(struct kmsd *d);
+
 static void *supervisor_main(void *arg)
 {
     struct kmsd *d = arg;
@@ -171,6 +237,9 @@ static void *supervisor_main(void *arg)
                         TALOS_CLOSE_GRACE_MS);
         }
 
+        if (atomic_exchange(&d->reload_requested, false)) {
+            tls_reload(d);
+        }
         if (now - last_slow >= 1000) {
             last_slow = now;
             if (unsealed) {
@@ -196,17 +265,21 @@ static void *supervisor_main(void *arg)
 }
 
 /* Writes cluster CA + operator CA into one bundle for the cluster API's
- * client verification (gRPC takes one PEM root bundle). */
+ * client verification (gRPC takes one PEM root bundle). Written to a
+ * temporary file and renamed, so a handshake that re-reads it mid-reload
+ * sees the old or the new bundle, never half of one. */
 static int client_ca_bundle(struct kmsd *d, char *path, size_t pathlen, struct kms_err *err)
 {
     const char *files[2] = {d->opt.cluster_ca, d->opt.operator_ca};
+    char tmp[4200];
     FILE *out;
     int rc = 0;
 
     snprintf(path, pathlen, "%s/client-ca-bundle.pem", d->opt.data_dir);
-    out = fopen(path, "w");
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    out = fopen(tmp, "w");
     if (out == NULL) {
-        return kms_err_set(err, KMS_EIO, "cannot write %s: %s", path, strerror(errno));
+        return kms_err_set(err, KMS_EIO, "cannot write %s: %s", tmp, strerror(errno));
     }
     for (int i = 0; i < 2; i++) {
         char buf[4096];
@@ -218,13 +291,22 @@ static int client_ca_bundle(struct kmsd *d, char *path, size_t pathlen, struct k
             break;
         }
         while ((n = fread(buf, 1, sizeof(buf), in)) > 0) {
-            fwrite(buf, 1, n, out);
+            if (fwrite(buf, 1, n, out) != n && rc == 0) {
+                rc = kms_err_set(err, KMS_EIO, "cannot write %s", tmp);
+            }
         }
         fputc('\n', out);
         fclose(in);
     }
     if (fclose(out) != 0 && rc == 0) {
-        rc = kms_err_set(err, KMS_EIO, "cannot write %s", path);
+        rc = kms_err_set(err, KMS_EIO, "cannot write %s", tmp);
+    }
+    if (rc == 0 && rename(tmp, path) != 0) {
+        rc = kms_err_set(err, KMS_EIO, "cannot rename %s to %s: %s", tmp, path,
+                         strerror(errno));
+    }
+    if (rc != 0) {
+        unlink(tmp);
     }
     return rc;
 }
@@ -263,7 +345,8 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
         return kms_err_wrap(err, rc, "cluster API CAs");
     }
 
-    if ((rc = data_dir_space_check(d->opt.data_dir, err)) != 0) {
+    if ((rc = kmsd_data_dir_secure(d->opt.data_dir, err)) != 0 ||
+        (rc = data_dir_space_check(d->opt.data_dir, err)) != 0) {
         return rc;
     }
     snprintf(path, sizeof(path), "%s/store", d->opt.data_dir);
@@ -334,14 +417,51 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
 
 void kmsd_reload_tls(struct kmsd *d)
 {
+    atomic_store(&d->reload_requested, true);
+}
+
+/* Supervisor thread only (it owns talos_srv). Every piece is validated
+ * before it replaces the old one: the CA stores (authz) first, and the
+ * cluster API's CA bundle is rewritten only when both CA files loaded, so a
+ * broken file leaves the old bundle, stores and certificates in use. */
+static void tls_reload(struct kmsd *d)
+{
     struct kms_err err;
+    char bundle[4096];
+    bool failed = false;
+
     kms_err_clear(&err);
     if (kmsd_authz_load(d, &err) != 0) {
-        kms_log(KMS_LOG_ERROR, "kmsd", "TLS reload: keeping old CAs", "error", err.msg, NULL);
+        kms_log(KMS_LOG_ERROR, "kmsd", "TLS reload: CA files invalid, keeping the old CAs",
+                "error", err.msg, NULL);
+        failed = true;
+    } else if (client_ca_bundle(d, bundle, sizeof(bundle), &err) != 0) {
+        kms_log(KMS_LOG_ERROR, "kmsd", "TLS reload: cluster API keeps the old CA bundle",
+                "error", err.msg, NULL);
+        failed = true;
     }
+    kms_err_clear(&err);
     if (d->raft != NULL && kms_raft_reload_tls(d->raft, &err) != 0) {
         kms_log(KMS_LOG_ERROR, "kmsd", "TLS reload: raft transport keeps old certificates",
                 "error", err.msg, NULL);
+        failed = true;
+    }
+    /* The servers re-read their files at the next handshake and keep the
+     * old material when the new one is unreadable or mismatched; check the
+     * pairs here too so the outcome reported below is honest. */
+    kms_err_clear(&err);
+    if (kms_rpc_check_tls_files(d->opt.node_cert, d->opt.node_key, &err) != 0) {
+        kms_log(KMS_LOG_ERROR, "kmsd", "TLS reload: node certificate invalid, keeping the old one",
+                "error", err.msg, NULL);
+        failed = true;
+    }
+    kms_err_clear(&err);
+    if (!d->opt.talos_plaintext &&
+        kms_rpc_check_tls_files(d->opt.talos_cert, d->opt.talos_key, &err) != 0) {
+        kms_log(KMS_LOG_ERROR, "kmsd",
+                "TLS reload: Talos certificate invalid, keeping the old one", "error", err.msg,
+                NULL);
+        failed = true;
     }
     if (d->cluster_srv != NULL) {
         kms_rpc_server_reload_tls(d->cluster_srv);
@@ -351,7 +471,17 @@ void kmsd_reload_tls(struct kmsd *d)
     if (d->talos_srv != NULL) {
         kms_rpc_server_reload_tls(d->talos_srv);
     }
-    kms_log(KMS_LOG_INFO, "kmsd", "TLS certificates reloaded for new connections", NULL);
+    atomic_store(&d->tls_reload_last_failed, failed);
+    if (failed) {
+        atomic_fetch_add(&d->tls_reloads_failed, 1);
+        kms_log(KMS_LOG_ERROR, "kmsd",
+                "TLS reload failed: the files named above are not in use, the previous "
+                "material keeps serving", NULL);
+    } else {
+        atomic_fetch_add(&d->tls_reloads_ok, 1);
+        kms_log(KMS_LOG_INFO, "kmsd",
+                "TLS certificates and CA bundles reloaded for new connections", NULL);
+    }
 }
 
 void kmsd_stop(struct kmsd *d)
