@@ -141,8 +141,10 @@ unseal_one() {
     n=$((n + 1)); [ $n -lt 150 ] || die "node $i never saw the initialised keyring"
     sleep 0.2
   done
+  # Shares go in on stdin ("-"), never on the command line, where any local
+  # user could read them in /proc/<pid>/cmdline.
   head -n 3 "$dir/shares.txt" | while read -r s; do
-    ctl "$i" operator unseal "$s" >/dev/null
+    printf '%s\n' "$s" | ctl "$i" operator unseal - >/dev/null
   done
   ctl "$i" status >/dev/null || die "node $i still sealed after 3 shares"
 }

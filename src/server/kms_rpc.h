@@ -62,6 +62,8 @@ struct kms_rpc_server_config {
     const char *ca_file;     /* PEM CA bundle for client certs (MTLS; optional for TLS) */
     unsigned workers;        /* worker threads; 0 = number of online CPUs */
     size_t max_message;      /* max receive and send message bytes; 0 = 4 MiB */
+    bool allow_tls12;        /* accept TLS 1.2 too, if kms_rpc_global_init allowed it;
+                              * false: this port negotiates TLS 1.3 only */
 };
 
 struct kms_rpc_server;

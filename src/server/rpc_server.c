@@ -121,6 +121,7 @@ struct kms_rpc_server {
     char *cert_file, *key_file, *ca_file;
     unsigned workers;
     size_t max_message;
+    bool allow_tls12;
 
     struct method methods[MAX_METHODS];
     unsigned n_methods;
@@ -755,6 +756,7 @@ int kms_rpc_server_create(const struct kms_rpc_server_config *cfg,
             srv->ca_file = xstrdup(cfg->ca_file);
         }
     }
+    srv->allow_tls12 = cfg->allow_tls12;
     srv->workers = cfg->workers;
     if (srv->workers == 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
@@ -820,9 +822,20 @@ int kms_rpc_server_add_method(struct kms_rpc_server *srv, const char *path,
     return 0;
 }
 
+/* gRPC 1.51 has no C API for a per-server TLS version floor (the process
+ * policy from kms_rpc_global_init is the only knob), but its credentials
+ * object has one: grpc_ssl_server_credentials::set_min_tls_version, an
+ * exported non-virtual member (Itanium ABI: `this` first). The security
+ * connector passes it to every SSL_CTX it builds, fetcher ones included, so
+ * a port can stay TLS 1.3-only while talos.tls12 opens 1.2 on the Talos
+ * port. tests/integration/test_adv_hygiene.py checks it with s_client. */
+extern void _ZN27grpc_ssl_server_credentials19set_min_tls_versionE16grpc_tls_version(
+    grpc_server_credentials *self, grpc_tls_version v);
+
 static grpc_server_credentials *make_creds(struct kms_rpc_server *srv)
 {
     grpc_ssl_server_credentials_options *opts;
+    grpc_server_credentials *creds;
     if (srv->mode == KMS_RPC_INSECURE) {
         return grpc_insecure_server_credentials_create();
     }
@@ -833,7 +846,11 @@ static grpc_server_credentials *make_creds(struct kms_rpc_server *srv)
     if (opts == NULL) {
         return NULL;
     }
-    return grpc_ssl_server_credentials_create_with_options(opts); /* takes opts */
+    creds = grpc_ssl_server_credentials_create_with_options(opts); /* takes opts */
+    if (creds != NULL && !srv->allow_tls12) {
+        _ZN27grpc_ssl_server_credentials19set_min_tls_versionE16grpc_tls_version(creds, TLS1_3);
+    }
+    return creds;
 }
 
 int kms_rpc_server_start(struct kms_rpc_server *srv, struct kms_err *err)

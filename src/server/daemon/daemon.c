@@ -136,6 +136,7 @@ static int talos_open(struct kmsd *d, struct kms_err *err)
     cfg.listen = d->opt.talos_listen;
     cfg.workers = d->opt.workers;
     cfg.max_message = d->opt.talos_max_message;
+    cfg.allow_tls12 = d->opt.talos_tls12; /* the cluster API stays TLS 1.3-only */
     if (d->opt.talos_plaintext) {
         cfg.mode = KMS_RPC_INSECURE;
     } else {
