@@ -91,7 +91,11 @@ start_one() {
   local i=$1
   if is_running "$i"; then log "node $i already running"; return 0; fi
   # setsid: the node outlives this script and its terminal (Ctrl-C, timeout).
-  setsid "$kmsd" --config "$dir/node$i/kmsd.yaml" >>"$dir/node$i/kmsd.log" 2>&1 </dev/null &
+  # This script's own KMSD_* settings are not kmsd options (kmsd warns about
+  # unknown KMSD_* variables): leave them out of its environment.
+  env -u KMSD_CLUSTER_DIR -u KMSD_BASE_PORT -u KMSD_BIN_DIR -u KMSD_NO_UNSEAL \
+    -u KMSD_TALOS_ENDPOINTS -u KMSD_CA \
+    setsid "$kmsd" --config "$dir/node$i/kmsd.yaml" >>"$dir/node$i/kmsd.log" 2>&1 </dev/null &
   echo $! >"$dir/node$i/kmsd.pid"
 }
 

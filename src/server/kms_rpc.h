@@ -107,6 +107,12 @@ void kms_rpc_server_destroy(struct kms_rpc_server *srv);
  * the old material stays and an error is logged). */
 void kms_rpc_server_reload_tls(struct kms_rpc_server *srv);
 
+/* True when srv cannot reload in place and must be rebuilt to pick up new
+ * TLS files: a TLS 1.3-only server in a process whose policy also allows
+ * TLS 1.2 (talos.tls12) uses static credentials (gRPC 1.51 drops the
+ * per-server version floor for fetched configs). Any thread. */
+bool kms_rpc_server_reload_needs_rebuild(const struct kms_rpc_server *srv);
+
 /* Reads cert_file and key_file and checks that they parse and match (what
  * the servers' reload would accept). Any thread. */
 int kms_rpc_check_tls_files(const char *cert_file, const char *key_file, struct kms_err *err);

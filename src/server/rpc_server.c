@@ -825,32 +825,62 @@ int kms_rpc_server_add_method(struct kms_rpc_server *srv, const char *path,
 /* gRPC 1.51 has no C API for a per-server TLS version floor (the process
  * policy from kms_rpc_global_init is the only knob), but its credentials
  * object has one: grpc_ssl_server_credentials::set_min_tls_version, an
- * exported non-virtual member (Itanium ABI: `this` first). The security
- * connector passes it to every SSL_CTX it builds, fetcher ones included, so
- * a port can stay TLS 1.3-only while talos.tls12 opens 1.2 on the Talos
- * port. tests/integration/test_adv_hygiene.py checks it with s_client. */
+ * exported non-virtual member (Itanium ABI: `this` first). Only static
+ * credentials honour it: with a certificate-config fetcher, every config
+ * the fetcher returns builds an SSL_CTX with the default versions. So a
+ * server that must stay TLS 1.3-only while the process allows 1.2
+ * (talos.tls12) gets static credentials, and its owner reloads it by
+ * rebuilding it (kms_rpc_server_reload_needs_rebuild).
+ * tests/integration/test_adv_hygiene.py checks both ports with s_client. */
 extern void _ZN27grpc_ssl_server_credentials19set_min_tls_versionE16grpc_tls_version(
     grpc_server_credentials *self, grpc_tls_version v);
+
+static bool needs_static_tls(const struct kms_rpc_server *srv)
+{
+    return srv->mode != KMS_RPC_INSECURE && !srv->allow_tls12 && kms_rpc_tls12_allowed();
+}
+
+bool kms_rpc_server_reload_needs_rebuild(const struct kms_rpc_server *srv)
+{
+    return srv != NULL && needs_static_tls(srv);
+}
 
 static grpc_server_credentials *make_creds(struct kms_rpc_server *srv)
 {
     grpc_ssl_server_credentials_options *opts;
-    grpc_server_credentials *creds;
+    grpc_server_credentials *creds = NULL;
+    grpc_ssl_client_certificate_request_type req =
+        srv->mode == KMS_RPC_MTLS ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                                  : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE;
     if (srv->mode == KMS_RPC_INSECURE) {
         return grpc_insecure_server_credentials_create();
     }
-    opts = grpc_ssl_server_credentials_create_options_using_config_fetcher(
-        srv->mode == KMS_RPC_MTLS ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
-                                  : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
-        fetch_cert_config, srv);
+    if (needs_static_tls(srv)) {
+        char *cert, *key, *roots;
+        struct kms_err err;
+        kms_err_clear(&err);
+        if (load_tls(srv, &cert, &key, &roots, &err) != 0) {
+            kms_log(KMS_LOG_ERROR, "rpc", "cannot load TLS certificate", "addr", srv->listen,
+                    "error", err.msg, NULL);
+            return NULL;
+        }
+        grpc_ssl_pem_key_cert_pair pair = {key, cert};
+        creds = grpc_ssl_server_credentials_create_ex(roots, &pair, 1, req, NULL);
+        kms_rpc_free_secret(key);
+        free(cert);
+        free(roots);
+        if (creds != NULL) {
+            _ZN27grpc_ssl_server_credentials19set_min_tls_versionE16grpc_tls_version(creds,
+                                                                                    TLS1_3);
+        }
+        return creds;
+    }
+    opts = grpc_ssl_server_credentials_create_options_using_config_fetcher(req, fetch_cert_config,
+                                                                           srv);
     if (opts == NULL) {
         return NULL;
     }
-    creds = grpc_ssl_server_credentials_create_with_options(opts); /* takes opts */
-    if (creds != NULL && !srv->allow_tls12) {
-        _ZN27grpc_ssl_server_credentials19set_min_tls_versionE16grpc_tls_version(creds, TLS1_3);
-    }
-    return creds;
+    return grpc_ssl_server_credentials_create_with_options(opts); /* takes opts */
 }
 
 int kms_rpc_server_start(struct kms_rpc_server *srv, struct kms_err *err)

@@ -203,11 +203,13 @@ static int self_meta_cb(void *arg, const Kmsd__V1__Member *m)
 }
 
 static void tls_reload(struct kmsd *d);
+static int cluster_open(struct kmsd *d, struct kms_err *err);
 
 static void *supervisor_main(void *arg)
 {
     struct kmsd *d = arg;
     uint64_t last_slow = 0;
+    uint64_t last_cluster_try = 0;
     bool self_published = false;
     bool lease_seen = false;
 
@@ -240,6 +242,15 @@ static void *supervisor_main(void *arg)
 
         if (atomic_exchange(&d->reload_requested, false)) {
             tls_reload(d);
+        }
+        if (d->cluster_srv == NULL && now - last_cluster_try >= 500) {
+            struct kms_err err;
+            kms_err_clear(&err);
+            last_cluster_try = now; /* a rebuild on reload could not reopen it */
+            if (cluster_open(d, &err) != 0) {
+                kms_log(KMS_LOG_ERROR, "cluster", "cannot reopen the cluster API", "error",
+                        err.msg, NULL);
+            }
         }
         if (now - last_slow >= 1000) {
             last_slow = now;
@@ -312,13 +323,43 @@ static int client_ca_bundle(struct kmsd *d, char *path, size_t pathlen, struct k
     return rc;
 }
 
+/* Writes the CA bundle and opens the cluster API (start; the supervisor's
+ * rebuild on reload when the server cannot reload in place). */
+static int cluster_open(struct kmsd *d, struct kms_err *err)
+{
+    struct kms_rpc_server_config ccfg;
+    struct kms_rpc_server *srv = NULL;
+    char bundle[4096];
+    int rc;
+
+    if ((rc = client_ca_bundle(d, bundle, sizeof(bundle), err)) != 0) {
+        return rc;
+    }
+    memset(&ccfg, 0, sizeof(ccfg));
+    ccfg.listen = d->opt.cluster_listen;
+    ccfg.workers = d->opt.workers;
+    ccfg.max_message = 4 * 1024 * 1024;
+    ccfg.mode = KMS_RPC_MTLS;
+    ccfg.cert_file = d->opt.node_cert;
+    ccfg.key_file = d->opt.node_key;
+    ccfg.ca_file = bundle;
+    if ((rc = kms_rpc_server_create(&ccfg, &srv, err)) != 0 ||
+        (rc = kmsd_cluster_register(d, srv)) != 0 ||
+        (rc = kms_rpc_server_start(srv, err)) != 0) {
+        kms_rpc_server_destroy(srv);
+        return kms_err_wrap(err, rc, "cluster API on %s", d->opt.cluster_listen);
+    }
+    d->cluster_srv = srv;
+    kms_log(KMS_LOG_INFO, "cluster", "cluster API listening", "addr", d->opt.cluster_listen,
+            "tls", "1.3", NULL);
+    return 0;
+}
+
 int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *err)
 {
     struct kms_raft_config rc_cfg;
     struct kms_raft_peer peers[KMSD_MAX_PEERS];
-    struct kms_rpc_server_config ccfg;
     char path[4096];
-    char bundle[4096];
     int rc;
 
     memset(d, 0, sizeof(*d));
@@ -386,24 +427,9 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
             0) {
         return kms_err_wrap(err, rc, "handler pools");
     }
-    if ((rc = client_ca_bundle(d, bundle, sizeof(bundle), err)) != 0) {
+    if ((rc = cluster_open(d, err)) != 0) {
         return rc;
     }
-    memset(&ccfg, 0, sizeof(ccfg));
-    ccfg.listen = d->opt.cluster_listen;
-    ccfg.workers = d->opt.workers;
-    ccfg.max_message = 4 * 1024 * 1024;
-    ccfg.mode = KMS_RPC_MTLS;
-    ccfg.cert_file = d->opt.node_cert;
-    ccfg.key_file = d->opt.node_key;
-    ccfg.ca_file = bundle;
-    if ((rc = kms_rpc_server_create(&ccfg, &d->cluster_srv, err)) != 0 ||
-        (rc = kmsd_cluster_register(d, d->cluster_srv)) != 0 ||
-        (rc = kms_rpc_server_start(d->cluster_srv, err)) != 0) {
-        return kms_err_wrap(err, rc, "cluster API on %s", d->opt.cluster_listen);
-    }
-    kms_log(KMS_LOG_INFO, "cluster", "cluster API listening", "addr", d->opt.cluster_listen,
-            NULL);
 
     if (pthread_create(&d->supervisor, NULL, supervisor_main, d) != 0) {
         return kms_err_set(err, KMS_ENOMEM, "cannot start supervisor thread");
@@ -464,7 +490,23 @@ static void tls_reload(struct kmsd *d)
                 NULL);
         failed = true;
     }
-    if (d->cluster_srv != NULL) {
+    if (d->cluster_srv != NULL && kms_rpc_server_reload_needs_rebuild(d->cluster_srv)) {
+        /* talos.tls12: the cluster API has static TLS 1.3-only credentials;
+         * new files mean a new server (the port is closed for the grace
+         * period; open calls get UNAVAILABLE and are retried). Only after
+         * the files checked out, so a broken file keeps the old server. */
+        if (!failed) {
+            kms_rpc_server_stop(d->cluster_srv, 500);
+            kms_rpc_server_destroy(d->cluster_srv);
+            d->cluster_srv = NULL;
+            kms_err_clear(&err);
+            if (cluster_open(d, &err) != 0) {
+                kms_log(KMS_LOG_ERROR, "kmsd", "TLS reload: cannot reopen the cluster API",
+                        "error", err.msg, NULL);
+                failed = true;
+            }
+        }
+    } else if (d->cluster_srv != NULL) {
         kms_rpc_server_reload_tls(d->cluster_srv);
     }
     /* The Talos server is recreated from files on every open; ask the live
