@@ -59,6 +59,7 @@
 #include <grpc/support/time.h>
 
 #include "kms_log.h"
+#include "kms_tsan.h"
 #include "kms_rpc.h"
 #include "rpc_internal.h"
 
@@ -317,6 +318,7 @@ static void call_send(struct kms_rpc_call *c, int grpc_status, const char *detai
     grpc_op ops[4];
     size_t n = 0;
     grpc_call_error ce;
+    grpc_call *gcall;
     struct kms_rpc_server *srv = c->srv;
 
     pthread_mutex_lock(&srv->mu);
@@ -351,10 +353,14 @@ static void call_send(struct kms_rpc_call *c, int grpc_status, const char *detai
     ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     ops[n].data.recv_close_on_server.cancelled = &c->cancelled;
     n++;
-    ce = grpc_call_start_batch(c->call, ops, n, c, NULL);
+    /* Once the batch is started a worker may complete it and clear
+     * c->call: read it before. */
+    gcall = c->call;
+    KMS_TSAN_RELEASE(c);
+    ce = grpc_call_start_batch(gcall, ops, n, c, NULL);
     if (ce != GRPC_CALL_OK) {
         kms_logf(KMS_LOG_ERROR, "rpc", "grpc_call_start_batch failed: %d", (int)ce);
-        grpc_call_cancel(c->call, NULL);
+        grpc_call_cancel(gcall, NULL);
         call_grpc_done(c);
     }
 }
@@ -526,6 +532,7 @@ static void arm(struct slot *s)
     s->call = NULL;
     s->payload = NULL;
     grpc_metadata_array_init(&s->md);
+    KMS_TSAN_RELEASE(s);
     if (s->generic) {
         grpc_call_details_init(&s->details);
         ce = grpc_server_request_call(srv->server, &s->call, &s->details, &s->md,
@@ -699,6 +706,7 @@ static void *worker_main(void *arg)
         if (ev.type != GRPC_OP_COMPLETE || ev.tag == NULL) {
             continue;
         }
+        KMS_TSAN_ACQUIRE(ev.tag);
         switch (*(enum tag_kind *)ev.tag) {
         case TAG_REQUEST:
             on_request(ev.tag, ev.success != 0);
@@ -1140,6 +1148,7 @@ void kms_rpc_server_stop(struct kms_rpc_server *srv, unsigned grace_ms)
     }
 
     /* 4. gRPC's own shutdown */
+    KMS_TSAN_RELEASE(&srv->shutdown_tag);
     grpc_server_shutdown_and_notify(srv->server, srv->cqs[0], &srv->shutdown_tag);
     clock_gettime(CLOCK_MONOTONIC, &end);
     ts_add_ms(&end, SHUTDOWN_WAIT_MS);
@@ -1183,6 +1192,11 @@ void kms_rpc_server_destroy(struct kms_rpc_server *srv)
         return;
     }
     kms_rpc_server_stop(srv, 0);
+    /* The certificate fetcher runs on whichever gRPC thread polls (often
+     * another server's worker) and reads srv under tls_mu: take it once so
+     * a fetch that was still running has finished before srv goes. */
+    pthread_mutex_lock(&srv->tls_mu);
+    pthread_mutex_unlock(&srv->tls_mu);
     for (unsigned i = 0; i < srv->n_methods; i++) {
         free(srv->methods[i].path);
     }

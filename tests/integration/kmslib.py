@@ -216,6 +216,12 @@ class Cluster:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        for i in range(1, self.nodes + 1):
+            path = os.path.join(self.dir, f"node{i}", "kmsd.log")
+            if os.path.exists(path):
+                with open(path, errors="replace") as f:
+                    if "WARNING: ThreadSanitizer" in f.read():
+                        check(False, f"node {i}: ThreadSanitizer report in kmsd.log")
         if failures:
             self.dump_logs()
         if not self.keep:
