@@ -1633,6 +1633,13 @@ out:
     }
     if (rc != 0) {
         kms_config_free(cfg);
+        /* Messages quote offending values: keep them one printable line
+         * (a quoted YAML scalar may hold newlines and control bytes). */
+        for (char *c = err != NULL ? err->msg : NULL; c != NULL && *c != '\0'; c++) {
+            if ((unsigned char)*c < 0x20 || *c == 0x7f) {
+                *c = ' ';
+            }
+        }
     }
     return rc;
 }
