@@ -83,6 +83,10 @@ struct kms_store_result {
     uint64_t count; /* records written/revoked/touched by the op */
     char msg[128];  /* human-readable outcome, may be empty */
     bool skipped;   /* index was already applied (replay): nothing done */
+    bool shred;     /* a revocation removed ciphertext (or, when skipped, the
+                     * replayed entry is a revocation): old copies of it are
+                     * still in the RocksDB files and the raft log until
+                     * kms_store_shred_compact() and new raft snapshots */
 };
 
 /* Releases a result returned by kms_store_apply(). NULL is accepted. */
@@ -102,6 +106,19 @@ void kms_store_result_free(struct kms_store_result *r);
  * the node stops instead of skipping an entry. buf is not retained. */
 int kms_store_apply(struct kms_store *s, uint64_t index, const void *buf, size_t len,
                     struct kms_store_result **result, struct kms_err *err);
+
+/* Revocation shreds (docs/security.md "Revocation"): applying RevokeKey or
+ * RevokeNode rewrites each record without its nonce and ciphertext (key id,
+ * node uuid, term, timestamps and revoked_at stay for audit) and sets
+ * result->shred. The old value still sits in the memtable/WAL and SST files
+ * until this is called: it flushes the memtable (the WAL becomes obsolete
+ * and is deleted) and force-compacts the whole record key range, bottommost
+ * level included, so the superseded values are dropped and their files
+ * deleted. A RocksDB snapshot older than the revocation (a raft snapshot
+ * being serialised) keeps the old version alive: call it when none is
+ * pinned. Any thread, concurrently with applies; takes milliseconds to
+ * seconds depending on the size of the store. */
+int kms_store_shred_compact(struct kms_store *s, struct kms_err *err);
 
 /* The sticky fatal error, if any: returns 0 when none, else its code and
  * copies its message into err. */
