@@ -137,6 +137,12 @@ int kms_store_records_list(struct kms_store *s, const char *node_uuid,
                            int (*cb)(void *arg, const Kmsd__V1__SealedRecord *r), void *arg,
                            struct kms_err *err);
 
+/* Counts the live (not revoked) records of node_uuid, stopping at max (the
+ * walk is bounded: one index entry and one point read per record, at most
+ * max live ones). From one consistent RocksDB snapshot. */
+int kms_store_records_count_live(struct kms_store *s, const char *node_uuid, uint64_t max,
+                                 uint64_t *live, struct kms_err *err);
+
 /* The replicated (encrypted) keyring. KMS_EUNINIT if the cluster has none. */
 int kms_store_keyring_get(struct kms_store *s, Kmsd__V1__EncryptedKeyring **out,
                           struct kms_err *err);

@@ -1072,6 +1072,60 @@ out:
     return rc;
 }
 
+int kms_store_records_count_live(struct kms_store *s, const char *node_uuid, uint64_t max,
+                                 uint64_t *live, struct kms_err *err)
+{
+    struct view v = {NULL, NULL};
+    rocksdb_iterator_t *it = NULL;
+    uint8_t prefix[1 + UUID_MAX + 1];
+    size_t plen, ulen = 0;
+    char *rerr = NULL;
+    int rc;
+
+    if (s == NULL || live == NULL || !uuid_valid(node_uuid, &ulen)) {
+        return kms_err_set(err, KMS_EINVAL, "records count: node uuid must be 1..128 bytes");
+    }
+    *live = 0;
+    plen = uuid_key(prefix, node_uuid, ulen, NULL);
+    if ((rc = view_open(s, &v, err)) != 0) {
+        goto out;
+    }
+    it = rocksdb_create_iterator(s->db, v.ro);
+    for (rocksdb_iter_seek(it, (const char *)prefix, plen); rocksdb_iter_valid(it) && *live < max;
+         rocksdb_iter_next(it)) {
+        size_t klen;
+        const char *k = rocksdb_iter_key(it, &klen);
+        Kmsd__V1__SealedRecord *r = NULL;
+        if (klen < plen || memcmp(k, prefix, plen) != 0) {
+            break;
+        }
+        if (klen != plen + 16) {
+            rc = kms_err_set(err, KMS_ECORRUPT, "store %s: bad node index key", s->path);
+            goto out;
+        }
+        rc = record_read(s, v.ro, (const uint8_t *)k + plen, &r, err);
+        if (rc == KMS_ENOTFOUND) {
+            rc = 0;
+            continue;
+        }
+        if (rc != 0) {
+            goto out;
+        }
+        *live += r->revoked_at == 0;
+        kmsd__v1__sealed_record__free_unpacked(r, NULL);
+    }
+    rocksdb_iter_get_error(it, &rerr);
+    if (rerr != NULL) {
+        rc = rdb_err(s, rerr, "iterate", err);
+    }
+out:
+    if (it != NULL) {
+        rocksdb_iter_destroy(it);
+    }
+    view_close(s, &v);
+    return rc;
+}
+
 int kms_store_keyring_get(struct kms_store *s, Kmsd__V1__EncryptedKeyring **out,
                           struct kms_err *err)
 {
