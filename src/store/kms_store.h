@@ -143,6 +143,13 @@ int kms_store_records_list(struct kms_store *s, const char *node_uuid,
 int kms_store_records_count_live(struct kms_store *s, const char *node_uuid, uint64_t max,
                                  uint64_t *live, struct kms_err *err);
 
+/* Same, starting strictly after key id `after` (16 bytes; NULL = from the
+ * first): the walk seeks there, so paging costs O(page). */
+int kms_store_records_list_after(struct kms_store *s, const char *node_uuid,
+                                 const uint8_t *after,
+                                 int (*cb)(void *arg, const Kmsd__V1__SealedRecord *r),
+                                 void *arg, struct kms_err *err);
+
 /* The replicated (encrypted) keyring. KMS_EUNINIT if the cluster has none. */
 int kms_store_keyring_get(struct kms_store *s, Kmsd__V1__EncryptedKeyring **out,
                           struct kms_err *err);

@@ -1002,6 +1002,14 @@ int kms_store_records_list(struct kms_store *s, const char *node_uuid,
                            int (*cb)(void *arg, const Kmsd__V1__SealedRecord *r), void *arg,
                            struct kms_err *err)
 {
+    return kms_store_records_list_after(s, node_uuid, NULL, cb, arg, err);
+}
+
+int kms_store_records_list_after(struct kms_store *s, const char *node_uuid,
+                                 const uint8_t *after,
+                                 int (*cb)(void *arg, const Kmsd__V1__SealedRecord *r),
+                                 void *arg, struct kms_err *err)
+{
     struct view v = {NULL, NULL};
     rocksdb_iterator_t *it = NULL;
     uint8_t prefix[1 + UUID_MAX + 1];
@@ -1025,13 +1033,24 @@ int kms_store_records_list(struct kms_store *s, const char *node_uuid,
         goto out;
     }
     it = rocksdb_create_iterator(s->db, v.ro);
-    for (rocksdb_iter_seek(it, (const char *)prefix, plen); rocksdb_iter_valid(it);
-         rocksdb_iter_next(it)) {
+    if (after != NULL) {
+        /* Keys sort by key id within the prefix: start at prefix||after. */
+        uint8_t start[sizeof(prefix) + 16];
+        memcpy(start, prefix, plen);
+        memcpy(start + plen, after, 16);
+        rocksdb_iter_seek(it, (const char *)start, plen + 16);
+    } else {
+        rocksdb_iter_seek(it, (const char *)prefix, plen);
+    }
+    for (; rocksdb_iter_valid(it); rocksdb_iter_next(it)) {
         size_t klen, vlen;
         const char *k = rocksdb_iter_key(it, &klen);
         Kmsd__V1__SealedRecord *r = NULL;
         if (klen < plen || memcmp(k, prefix, plen) != 0) {
             break;
+        }
+        if (after != NULL && klen == plen + 16 && memcmp(k + plen, after, 16) == 0) {
+            continue; /* strictly after */
         }
         if (node_uuid == NULL) {
             const char *val = rocksdb_iter_value(it, &vlen);

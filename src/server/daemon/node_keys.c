@@ -358,6 +358,7 @@ int kmsd_rotate(struct kmsd *d, uint32_t *active_term, struct kms_err *err)
 {
     Kmsd__V1__EncryptedKeyring *ek = NULL, *nek = NULL;
     struct kms_keyring *kr = NULL, *next = NULL;
+    bool locked = true;
     int rc;
 
     pthread_mutex_lock(&d->mu);
@@ -375,17 +376,30 @@ int kmsd_rotate(struct kmsd *d, uint32_t *active_term, struct kms_err *err)
         kms_err_wrap(err, rc, "rotate");
         goto out;
     }
+    /* The replicated write may take up to requestWait: not under d->mu
+     * (unseal progress, status and seal would wait for it). The root key is
+     * no longer needed; two concurrent rotations are ordered by the store,
+     * which refuses the stale one. */
+    pthread_mutex_unlock(&d->mu);
+    locked = false;
     if ((rc = keyring_commit(d, nek, false, err)) != 0) {
         kms_err_wrap(err, rc, "rotate");
         goto out;
     }
     *active_term = kms_keyring_active_term(next);
-    keyring_publish(d, next);
-    next = NULL;
+    pthread_mutex_lock(&d->mu);
+    locked = true;
+    if (d->unsealed) {
+        /* Sealed meanwhile: nothing to publish (kmsd_seal dropped it). */
+        keyring_publish(d, next);
+        next = NULL;
+    }
     kms_logf(KMS_LOG_INFO, "keys", "keyring rotated: active term %u", *active_term);
     rc = 0;
 out:
-    pthread_mutex_unlock(&d->mu);
+    if (locked) {
+        pthread_mutex_unlock(&d->mu);
+    }
     if (kr != NULL) {
         kms_keyring_unref(kr);
     }
