@@ -112,9 +112,13 @@ static const char *list_uuid;
 
 #define LIST_MAX_PAGES 100000 /* 10^8 keys: a server that never ends paging */
 
+static unsigned long list_page_size;
+
 static const struct cli_flag list_flags[] = {
     {"node-uuid", 0, CLI_FLAG_STRING, &list_uuid, NULL, 0, 0, "UUID",
      "only the keys sealed by this machine (SMBIOS UUID)", false},
+    {"page-size", 0, CLI_FLAG_UINT, &list_page_size, NULL, 1, 1000, "N",
+     "keys fetched per request (default: the server's, 1000); all pages are shown", false},
     {NULL, 0, 0, NULL, NULL, 0, 0, NULL, NULL, false},
 };
 
@@ -127,11 +131,12 @@ static int list_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, ch
     int npos = 0, rc;
 
     list_uuid = NULL;
+    list_page_size = 0;
     if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, &npos)) >= 0) {
         return rc;
     }
     req.node_uuid = (char *)(list_uuid != NULL ? list_uuid : "");
-    req.page_size = 0; /* the server's default (and maximum) page */
+    req.page_size = (uint32_t)list_page_size; /* 0: the server's default (and maximum) */
     /* Pages transparently: every page is fetched, then all keys printed. */
     for (;;) {
         ProtobufCMessage **more;
