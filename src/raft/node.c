@@ -129,6 +129,7 @@ struct kms_raft {
     uint64_t shred_last_snap;     /* index of the last of them */
     uint64_t shred_drive_until_ms; /* leader: propose NOOPs until then (and done) */
     uint64_t shred_noop_ms;       /* when the last NOOP was proposed */
+    uint64_t shred_begin_ms;      /* when the pending shred began */
     bool shred_compacting;        /* a compaction work item is queued */
     bool shred_compact_again;     /* another revocation finished meanwhile */
     uv_work_t shred_work;
@@ -398,7 +399,10 @@ static int fsm_raft_code(int kms)
  *  2. (leader only) proposes a NOOP every SHRED_NOOP_MS for SHRED_DRIVE_MS
  *     after the revocation and until its own shred is done, so that entries
  *     exist to snapshot even on an idle cluster (followers apply the same
- *     NOOPs and snapshot too);
+ *     NOOPs and snapshot too). A follower whose shred is still pending (it
+ *     was down, or installed a snapshot) sets KMS_STAMP_SHRED on its raft
+ *     frames for up to SHRED_ASK_MS, and the leader keeps proposing NOOPs
+ *     while such stamps arrive;
  *  3. counts persisted snapshots at an index >= I. libraft closes the open
  *     segments at each snapshot, deletes closed segments ending before the
  *     snapshot index and keeps the two newest snapshots: after SHRED_SNAPS
@@ -412,6 +416,7 @@ static int fsm_raft_code(int kms)
 #define SHRED_SNAPS 3u
 #define SHRED_NOOP_MS 100u
 #define SHRED_DRIVE_MS 2000u
+#define SHRED_ASK_MS 60000u /* a follower asks the leader for NOOPs this long */
 
 static void shred_begin(struct kms_raft *r, uint64_t index)
 {
@@ -421,6 +426,7 @@ static void shred_begin(struct kms_raft *r, uint64_t index)
     }
     r->shred_index = index;
     r->shred_snaps = 0;
+    r->shred_begin_ms = kms_mono_ms();
     r->shred_drive_until_ms = kms_mono_ms() + SHRED_DRIVE_MS;
     kms_logf(KMS_LOG_INFO, MOD,
              "revocation at index %" PRIu64 ": shredding the old copies (snapshots, "
@@ -879,7 +885,13 @@ static bool stamp_out_cb(void *data, uint64_t peer_id, struct kms_transport_stam
         return false;
     }
     lease_view(r, &v, voters);
-    return kms_lease_stamp_out(&r->lease, peer_id, kms_mono_us(), &v, s);
+    if (!kms_lease_stamp_out(&r->lease, peer_id, kms_mono_us(), &v, s)) {
+        return false;
+    }
+    if (r->shred_index != 0 && kms_mono_ms() - r->shred_begin_ms < SHRED_ASK_MS) {
+        s->flags |= KMS_STAMP_SHRED;
+    }
+    return true;
 }
 
 static void stamp_in_cb(void *data, uint64_t peer_id, const struct kms_transport_stamp *s,
@@ -895,6 +907,14 @@ static void stamp_in_cb(void *data, uint64_t peer_id, const struct kms_transport
     kms_lease_on_stamp(&r->lease, peer_id, s, arrival_us, &v);
     if ((s->flags & KMS_STAMP_LEADER) != 0 && s->term >= v.term) {
         r->contact_us = arrival_us;
+    }
+    if ((s->flags & KMS_STAMP_SHRED) != 0) {
+        /* A follower (restarted, or lagging) still shreds: keep proposing
+         * NOOPs for a little while (shred_tick, leader only). */
+        uint64_t until = kms_mono_ms() + 3u * SHRED_NOOP_MS;
+        if (until > r->shred_drive_until_ms) {
+            r->shred_drive_until_ms = until;
+        }
     }
     /* Inside the transport's read callback: only recompute and publish
      * (lease_update may start a barrier, which must not happen here). */

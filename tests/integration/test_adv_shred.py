@@ -222,6 +222,45 @@ def run(c):
     left = copies(c, secrets)
     check(not left, f"no copy after the restart either (left: {left[:6]})")
 
+    # --- a node that is down during the revoke shreds when it comes back
+    pid = c.pid(3)
+    os.kill(pid, signal.SIGTERM)
+    end = time.time() + 15
+    while time.time() < end:
+        try:
+            os.kill(pid, 0)
+            time.sleep(0.05)
+        except ProcessLookupError:
+            break
+    os.unlink(os.path.join(c.dir, "node3", "kmsd.pid"))
+    old_u, old_blob, old_data, old_kid = kept[0]  # node 3 holds this one on disk
+    sec = find_secret(c, old_kid)
+    late = [sec[0] + sec[1], sec[1]] if sec else []
+    check(bool(copies(c, late)) and any(h[0] == 3 for h in copies(c, late)),
+          "node 3 (down) still holds the key revoked next")
+    ok = False
+    end = time.time() + 10
+    while not ok and time.time() < end:
+        ok = c.ctl(1, "keys", "revoke", old_kid.hex()).returncode == 0
+    check(ok, "revoke while node 3 is down")
+    env = dict(c.env, KMSD_NO_UNSEAL="1")
+    saved, c.env = c.env, env
+    try:
+        c.local("start-node", "3")
+    finally:
+        c.env = saved
+    t0 = time.time()
+    left = copies(c, late)
+    while left and time.time() - t0 < SHRED_BOUND_S:
+        time.sleep(0.25)
+        left = copies(c, late)
+    print(f"FIGURE node down during the revoke: {len(left)} copies left {time.time() - t0:.1f}s "
+          "after it restarted (sealed)")
+    check(not left, f"the restarted node shreds too, within {SHRED_BOUND_S:.0f}s (left: {left[:6]})")
+    for (u, blob, data, kid) in kept[1:]:
+        check(c.unseal(c.talos(1), u, blob) == (OK, data),
+              f"kept key {kid.hex()[:8]} still unseals after the second revoke")
+
 
 if __name__ == "__main__":
     main()
