@@ -134,7 +134,7 @@ struct kms_raft {
     bool shred_compacting;        /* a compaction work item is queued */
     bool shred_compact_again;     /* another revocation finished meanwhile */
     uv_work_t shred_work;
-    uint64_t shreds_done;         /* completed shred rounds (status, tests) */
+    uint64_t shreds_done;         /* completed shred rounds (logged) */
 
     pthread_t thread;
     bool thread_started;
