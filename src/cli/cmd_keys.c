@@ -4,6 +4,7 @@
  */
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cli_common.h"
@@ -109,32 +110,83 @@ void cli_keys_print(FILE *f, enum cli_output out, Kmsd__V1__KeyInfo *const *k, s
 
 static const char *list_uuid;
 
+#define LIST_MAX_PAGES 100000 /* 10^8 keys: a server that never ends paging */
+
+static unsigned long list_page_size;
+
 static const struct cli_flag list_flags[] = {
     {"node-uuid", 0, CLI_FLAG_STRING, &list_uuid, NULL, 0, 0, "UUID",
      "only the keys sealed by this machine (SMBIOS UUID)", false},
+    {"page-size", 0, CLI_FLAG_UINT, &list_page_size, NULL, 1, 1000, "N",
+     "keys fetched per request (default: the server's, 1000); all pages are shown", false},
     {NULL, 0, 0, NULL, NULL, 0, 0, NULL, NULL, false},
 };
 
 static int list_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv)
 {
     Kmsd__V1__KeysListRequest req = KMSD__V1__KEYS_LIST_REQUEST__INIT;
-    ProtobufCMessage *m = NULL;
+    ProtobufCMessage *m = NULL, **pages = NULL;
+    Kmsd__V1__KeyInfo **all = NULL;
+    size_t n_pages = 0, n_keys = 0;
     int npos = 0, rc;
 
     list_uuid = NULL;
+    list_page_size = 0;
     if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, &npos)) >= 0) {
         return rc;
     }
     req.node_uuid = (char *)(list_uuid != NULL ? list_uuid : "");
-    rc = cli_rpc(ctx, "keys list", "KeysList", &req.base,
-                 &kmsd__v1__keys_list_response__descriptor, &m, false);
-    if (rc != 0) {
-        return rc;
+    req.page_size = (uint32_t)list_page_size; /* 0: the server's default (and maximum) */
+    /* Pages transparently: every page is fetched, then all keys printed. */
+    for (;;) {
+        ProtobufCMessage **more;
+        Kmsd__V1__KeysListResponse *r;
+        rc = cli_rpc(ctx, "keys list", "KeysList", &req.base,
+                     &kmsd__v1__keys_list_response__descriptor, &m, false);
+        if (rc != 0) {
+            goto out;
+        }
+        r = (Kmsd__V1__KeysListResponse *)m;
+        more = realloc(pages, (n_pages + 1) * sizeof(*pages));
+        if (more == NULL || n_pages >= LIST_MAX_PAGES) {
+            protobuf_c_message_free_unpacked(m, NULL);
+            fprintf(ctx->err, "kmsctl: keys list: %s\n",
+                    more == NULL ? "out of memory" : "too many pages");
+            if (more != NULL) {
+                pages = more;
+            }
+            rc = CLI_EXIT_LOCAL;
+            goto out;
+        }
+        pages = more;
+        pages[n_pages++] = m;
+        n_keys += r->n_keys;
+        if (r->next_page_token == NULL || r->next_page_token[0] == '\0' || r->n_keys == 0) {
+            break;
+        }
+        req.page_token = r->next_page_token;
     }
-    Kmsd__V1__KeysListResponse *r = (Kmsd__V1__KeysListResponse *)m;
-    cli_keys_print(ctx->out, ctx->g.out, r->keys, r->n_keys);
-    protobuf_c_message_free_unpacked(m, NULL);
-    return CLI_EXIT_OK;
+    all = calloc(n_keys + 1, sizeof(*all));
+    if (all == NULL) {
+        fprintf(ctx->err, "kmsctl: keys list: out of memory\n");
+        rc = CLI_EXIT_LOCAL;
+        goto out;
+    }
+    for (size_t p = 0, k = 0; p < n_pages; p++) {
+        Kmsd__V1__KeysListResponse *r = (Kmsd__V1__KeysListResponse *)pages[p];
+        for (size_t i = 0; i < r->n_keys; i++) {
+            all[k++] = r->keys[i];
+        }
+    }
+    cli_keys_print(ctx->out, ctx->g.out, all, n_keys);
+    rc = CLI_EXIT_OK;
+out:
+    free(all);
+    for (size_t p = 0; p < n_pages; p++) {
+        protobuf_c_message_free_unpacked(pages[p], NULL);
+    }
+    free(pages);
+    return rc;
 }
 
 /* ---- show ------------------------------------------------------------ */

@@ -45,7 +45,8 @@
     X(KMS_ESTORE, -24, "storage error")                               \
     X(KMS_EREVOKED, -25, "revoked")                                   \
     X(KMS_EBUSY, -26, "busy")                                         \
-    X(KMS_ECORRUPT, -27, "corrupt data")
+    X(KMS_ECORRUPT, -27, "corrupt data")                              \
+    X(KMS_EQUOTA, -28, "quota exceeded")
 
 enum kms_errcode {
 #define KMS_ERR_ENUM(name, value, msg) name = value,

@@ -221,7 +221,8 @@ int kms_unseal(const struct kms_keyring *kr, const Kmsd__V1__SealedRecord *rec,
                size_t *outlen, struct kms_err *err);
 
 /* Checks every field of a record (version, lengths, node_uuid charset,
- * term >= 1, timestamps >= 0). KMS_EFORMAT. */
+ * term >= 1, timestamps >= 0). KMS_EFORMAT. A revoked record (revoked_at > 0)
+ * may have neither nonce nor ciphertext: the store shreds both on revoke. */
 int kms_record_validate(const Kmsd__V1__SealedRecord *rec, struct kms_err *err);
 /* Validates, then packs into a malloc'd buffer (*out, free with free()). */
 int kms_record_pack(const Kmsd__V1__SealedRecord *rec, uint8_t **out, size_t *len,

@@ -216,6 +216,10 @@ int kms_record_validate(const Kmsd__V1__SealedRecord *rec, struct kms_err *err)
     if (rec->term == 0) {
         return kms_err_set(err, KMS_EFORMAT, "record: term 0");
     }
+    if (rec->revoked_at > 0 && rec->nonce.len == 0 && rec->ciphertext.len == 0) {
+        /* A revoked record is shredded on apply (kms_store.h): metadata only. */
+        goto meta;
+    }
     if (rec->nonce.len != KMS_AEAD_NONCE_LEN || rec->nonce.data == NULL) {
         return kms_err_set(err, KMS_EFORMAT, "record: nonce is %zu bytes, expected %d",
                            rec->nonce.len, KMS_AEAD_NONCE_LEN);
@@ -227,6 +231,7 @@ int kms_record_validate(const Kmsd__V1__SealedRecord *rec, struct kms_err *err)
                            rec->ciphertext.len, KMS_SEAL_MIN_DATA + KMS_AEAD_TAG_LEN,
                            KMS_SEAL_MAX_DATA + KMS_AEAD_TAG_LEN);
     }
+meta:
     if ((rec->source_ip.len != 0 && rec->source_ip.len != 4 && rec->source_ip.len != 16) ||
         (rec->source_ip.len > 0 && rec->source_ip.data == NULL)) {
         return kms_err_set(err, KMS_EFORMAT, "record: source ip is %zu bytes",

@@ -123,6 +123,9 @@ struct uv_loop_s;
 #define KMS_STAMP_FRAME_TYPE 0xC8
 #define KMS_STAMP_FRAME_BODY 48u
 #define KMS_STAMP_LEADER 0x1u  /* flags: sender leads `term` and seeks a lease */
+#define KMS_STAMP_SHRED 0x4u   /* flags: sender has a revocation to shred and needs
+                                  new entries to snapshot (node.c "shred"); a
+                                  leader answers with NOOPs. Older nodes ignore it. */
 
 struct kms_transport_stamp {
     uint64_t sent_us;      /* sender's CLOCK_MONOTONIC, microseconds */

@@ -123,6 +123,19 @@ struct kms_raft {
     uint64_t elections_won, snapshots_restored;
     uint64_t snapshot_index;      /* last snapshot taken or installed */
 
+    /* Shredding after a revocation (raft thread only; see "shred" below). */
+    unsigned snap_threshold, snap_trailing; /* the configured values */
+    uint64_t shred_index;         /* latest revocation not yet shredded; 0 = none */
+    unsigned shred_snaps;         /* snapshots persisted at >= shred_index since */
+    uint64_t shred_last_snap;     /* index of the last of them */
+    uint64_t shred_drive_until_ms; /* leader: propose NOOPs until then (and done) */
+    uint64_t shred_noop_ms;       /* when the last NOOP was proposed */
+    uint64_t shred_begin_ms;      /* when the pending shred began */
+    bool shred_compacting;        /* a compaction work item is queued */
+    bool shred_compact_again;     /* another revocation finished meanwhile */
+    uv_work_t shred_work;
+    uint64_t shreds_done;         /* completed shred rounds (logged) */
+
     pthread_t thread;
     bool thread_started;
 
@@ -379,6 +392,146 @@ static int fsm_raft_code(int kms)
     }
 }
 
+/* ------------------------------------------------------------------ shred
+ *
+ * A revocation rewrites the record without its ciphertext (kms_store.h), but
+ * the old bytes stay in three places: the raft log (the PutRecord entry),
+ * raft snapshots taken before the revocation, and RocksDB's WAL/SST files.
+ * When the store reports result.shred for an applied (or replayed)
+ * revocation at index I, this node:
+ *  1. lowers the snapshot threshold to 1 and the trailing to 1, so every
+ *     newly committed entry triggers a snapshot and keeps one entry;
+ *  2. (leader only) proposes a NOOP every SHRED_NOOP_MS for SHRED_DRIVE_MS
+ *     after the revocation and until its own shred is done, so that entries
+ *     exist to snapshot even on an idle cluster (followers apply the same
+ *     NOOPs and snapshot too). A follower whose shred is still pending (it
+ *     was down, or installed a snapshot) sets KMS_STAMP_SHRED on its raft
+ *     frames for up to SHRED_ASK_MS, and the leader keeps proposing NOOPs
+ *     while such stamps arrive;
+ *  3. counts persisted snapshots at an index >= I. libraft closes the open
+ *     segments at each snapshot, deletes closed segments ending before the
+ *     snapshot index and keeps the two newest snapshots: after SHRED_SNAPS
+ *     such snapshots no segment holding an entry <= I nor any snapshot older
+ *     than I remains;
+ *  4. then restores the configured threshold/trailing and runs
+ *     kms_store_shred_compact() on a libuv worker (no RocksDB snapshot
+ *     older than I is pinned any more: each was released at finalize).
+ * The bound this gives is documented in docs/security.md "Revocation". */
+
+#define SHRED_SNAPS 3u
+#define SHRED_NOOP_MS 100u
+#define SHRED_DRIVE_MS 2000u
+#define SHRED_ASK_MS 60000u /* a follower asks the leader for NOOPs this long */
+
+static void shred_begin(struct kms_raft *r, uint64_t index)
+{
+    if (r->shred_index == 0) {
+        raft_set_snapshot_threshold(&r->raft, 1);
+        raft_set_snapshot_trailing(&r->raft, 1);
+    }
+    r->shred_index = index;
+    r->shred_snaps = 0;
+    r->shred_begin_ms = kms_mono_ms();
+    r->shred_drive_until_ms = kms_mono_ms() + SHRED_DRIVE_MS;
+    kms_logf(KMS_LOG_INFO, MOD,
+             "revocation at index %" PRIu64 ": shredding the old copies (snapshots, "
+             "compaction)",
+             index);
+}
+
+static void shred_work_cb(uv_work_t *w)
+{
+    struct kms_raft *r = w->data;
+    struct kms_err err;
+    kms_err_clear(&err);
+    if (kms_store_shred_compact(r->store, &err) != 0) {
+        kms_logf(KMS_LOG_ERROR, MOD, "shred: compaction failed: %s", err.msg);
+    }
+}
+
+static void shred_compact_start(struct kms_raft *r);
+
+static void shred_after_work_cb(uv_work_t *w, int status)
+{
+    struct kms_raft *r = w->data;
+    (void)status;
+    r->shred_compacting = false;
+    r->shreds_done++;
+    kms_logf(KMS_LOG_INFO, MOD, "shred: revoked ciphertext removed from the raft log, "
+                                "snapshots and store files (%" PRIu64 " rounds)",
+             r->shreds_done);
+    if (r->shred_compact_again && !r->closing) {
+        r->shred_compact_again = false;
+        shred_compact_start(r);
+    }
+}
+
+static void shred_compact_start(struct kms_raft *r)
+{
+    if (r->shred_compacting) {
+        r->shred_compact_again = true;
+        return;
+    }
+    r->shred_work.data = r;
+    if (uv_queue_work(&r->loop, &r->shred_work, shred_work_cb, shred_after_work_cb) != 0) {
+        kms_logf(KMS_LOG_ERROR, MOD, "shred: cannot queue the compaction");
+        return;
+    }
+    r->shred_compacting = true;
+}
+
+/* After a snapshot was persisted (raft has already deleted old segments and
+ * snapshots): count it towards the pending shred. */
+static void shred_snapshot_done(struct kms_raft *r, uint64_t index)
+{
+    if (r->shred_index == 0 || index < r->shred_index || index <= r->shred_last_snap) {
+        return;
+    }
+    r->shred_last_snap = index;
+    if (++r->shred_snaps < SHRED_SNAPS) {
+        return;
+    }
+    raft_set_snapshot_threshold(&r->raft, r->snap_threshold);
+    raft_set_snapshot_trailing(&r->raft, r->snap_trailing);
+    r->shred_index = 0;
+    shred_compact_start(r);
+}
+
+static void shred_noop_cb(struct raft_apply *req, int status, void *result)
+{
+    (void)status;
+    (void)result;
+    free(req);
+}
+
+/* Timer tick: the leader proposes NOOPs while a shred needs snapshots. */
+static void shred_tick(struct kms_raft *r)
+{
+    Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
+    Kmsd__V1__Noop noop = KMSD__V1__NOOP__INIT;
+    struct raft_buffer buf;
+    struct raft_apply *req;
+    uint64_t now = kms_mono_ms();
+
+    if (r->closing || r->stopping || kms_glue_role(&r->raft) != KMS_RAFT_LEADER ||
+        (r->shred_index == 0 && now >= r->shred_drive_until_ms) ||
+        now - r->shred_noop_ms < SHRED_NOOP_MS) {
+        return;
+    }
+    r->shred_noop_ms = now;
+    e.version = 1;
+    e.op_case = KMSD__V1__ENTRY__OP_NOOP;
+    e.noop = &noop;
+    if (kms_entry_encode(&e, &buf, NULL) != 0) {
+        return;
+    }
+    req = calloc(1, sizeof(*req));
+    if (req == NULL || raft_apply(&r->raft, req, &buf, 1, shred_noop_cb) != 0) {
+        free(req);
+        raft_free(buf.base);
+    }
+}
+
 static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void **result)
 {
     struct kms_raft *r = fsm->data;
@@ -406,6 +559,9 @@ static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void *
             op->result_set = true;
             break;
         }
+    }
+    if (sr->shred) {
+        shred_begin(r, index);
     }
     atomic_store(&r->applied_index, index);
     if (atomic_load(&r->waiters) > 0) {
@@ -458,6 +614,7 @@ static int fsm_snapshot_finalize(struct raft_fsm *fsm, struct raft_buffer *bufs[
     *bufs = NULL;
     *n_bufs = 0;
     kms_store_snapshot_unpin(r->store);
+    shred_snapshot_done(r, r->snapshot_index);
     return 0;
 }
 
@@ -481,6 +638,10 @@ static int fsm_restore(struct raft_fsm *fsm, struct raft_buffer *buf)
         kms_logf(KMS_LOG_INFO, MOD, "restored the local snapshot at start-up");
     } else {
         r->snapshots_restored++;
+        /* The store's old values (replaced by range deletes) stay in its
+         * files until compacted, and the old local snapshots until two new
+         * ones exist: shred as after a revocation. */
+        shred_begin(r, r->snapshot_index);
         kms_logf(KMS_LOG_INFO, MOD, "restored a snapshot from the leader (%" PRIu64 " so far)",
                  r->snapshots_restored);
     }
@@ -761,7 +922,13 @@ static bool stamp_out_cb(void *data, uint64_t peer_id, struct kms_transport_stam
         return false;
     }
     lease_view(r, &v, voters);
-    return kms_lease_stamp_out(&r->lease, peer_id, kms_mono_us(), &v, s);
+    if (!kms_lease_stamp_out(&r->lease, peer_id, kms_mono_us(), &v, s)) {
+        return false;
+    }
+    if (r->shred_index != 0 && kms_mono_ms() - r->shred_begin_ms < SHRED_ASK_MS) {
+        s->flags |= KMS_STAMP_SHRED;
+    }
+    return true;
 }
 
 static void stamp_in_cb(void *data, uint64_t peer_id, const struct kms_transport_stamp *s,
@@ -783,6 +950,14 @@ static void stamp_in_cb(void *data, uint64_t peer_id, const struct kms_transport
              * term-start barrier applied): its commit then covers every
              * write acknowledged before echo_us on our clock. */
             read_index_note(r, s->echo_us, s->commit);
+        }
+    }
+    if ((s->flags & KMS_STAMP_SHRED) != 0) {
+        /* A follower (restarted, or lagging) still shreds: keep proposing
+         * NOOPs for a little while (shred_tick, leader only). */
+        uint64_t until = kms_mono_ms() + 3u * SHRED_NOOP_MS;
+        if (until > r->shred_drive_until_ms) {
+            r->shred_drive_until_ms = until;
         }
     }
     /* Inside the transport's read callback: only recompute and publish
@@ -1219,6 +1394,7 @@ static void timer_cb(uv_timer_t *h)
     }
     lease_update(r);
     status_publish(r);
+    shred_tick(r);
     if (r->stopping && r->stop_deadline_ms != 0 && kms_mono_ms() >= r->stop_deadline_ms) {
         kms_logf(KMS_LOG_WARN, MOD, "shutdown leadership transfer timed out");
         begin_close(r);
@@ -1388,12 +1564,11 @@ int kms_raft_start(const struct kms_raft_config *cfg, struct kms_store *store,
     r->glue.raft = &r->raft;
     raft_set_election_timeout(&r->raft, r->election_ms);
     raft_set_heartbeat_timeout(&r->raft, r->heartbeat_ms);
-    raft_set_snapshot_threshold(&r->raft,
-                                (unsigned)(cfg->snapshot_threshold != 0 ? cfg->snapshot_threshold
-                                                                        : 8192));
-    raft_set_snapshot_trailing(&r->raft,
-                               (unsigned)(cfg->snapshot_trailing != 0 ? cfg->snapshot_trailing
-                                                                      : 2048));
+    r->snap_threshold =
+        (unsigned)(cfg->snapshot_threshold != 0 ? cfg->snapshot_threshold : 8192);
+    r->snap_trailing = (unsigned)(cfg->snapshot_trailing != 0 ? cfg->snapshot_trailing : 2048);
+    raft_set_snapshot_threshold(&r->raft, r->snap_threshold);
+    raft_set_snapshot_trailing(&r->raft, r->snap_trailing);
     raft_set_pre_vote(&r->raft, true);
 
     if (cfg->n_initial > 0 && self_listed) {

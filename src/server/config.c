@@ -51,6 +51,10 @@ struct f_peer {
 };
 struct f_rate {
     char *failedUnsealsPerMinute;
+    char *failedUnsealsGlobalPerMinute;
+    char *sealsPerMinute;
+    char *sealsPerNodePerMinute;
+    char *recordsPerNode;
 };
 struct f_enrol {
     char **allowedCIDRs;
@@ -116,6 +120,10 @@ static const cyaml_schema_value_t peer_entry = {
     CYAML_VALUE_MAPPING(CYAML_FLAG_DEFAULT, struct f_peer, peer_fields)};
 static const cyaml_schema_field_t rate_fields[] = {
     OPT_STR("failedUnsealsPerMinute", struct f_rate, failedUnsealsPerMinute),
+    OPT_STR("failedUnsealsGlobalPerMinute", struct f_rate, failedUnsealsGlobalPerMinute),
+    OPT_STR("sealsPerMinute", struct f_rate, sealsPerMinute),
+    OPT_STR("sealsPerNodePerMinute", struct f_rate, sealsPerNodePerMinute),
+    OPT_STR("recordsPerNode", struct f_rate, recordsPerNode),
     CYAML_FIELD_END};
 static const cyaml_schema_value_t string_entry = {
     CYAML_VALUE_STRING(CYAML_FLAG_POINTER, char, 0, 4096)};
@@ -281,7 +289,21 @@ static const struct opt opts[] = {
     {"rateLimit.failedUnsealsPerMinute", "KMSD_RATE_LIMIT_FAILED_UNSEALS_PER_MINUTE",
      "rate-limit-failed-unseals-per-minute", T_UINT, "30", IMM,
      C(failed_unseals_per_minute), F(rateLimit.failedUnsealsPerMinute), 0, 1000000, NULL,
-     "N", "failed Unseals allowed per source address per minute (0 = no limit)"},
+     "N", "failed Unseals allowed per source address (IPv6: per /64) per minute (0 = no limit)"},
+    {"rateLimit.failedUnsealsGlobalPerMinute", "KMSD_RATE_LIMIT_FAILED_UNSEALS_GLOBAL_PER_MINUTE",
+     "rate-limit-failed-unseals-global-per-minute", T_UINT, "600", IMM,
+     C(failed_unseals_global_per_minute), F(rateLimit.failedUnsealsGlobalPerMinute), 0, 10000000,
+     NULL, "N", "failed Unseals allowed per minute over all addresses (0 = no limit)"},
+    {"rateLimit.sealsPerMinute", "KMSD_RATE_LIMIT_SEALS_PER_MINUTE", "rate-limit-seals-per-minute",
+     T_UINT, "120", IMM, C(seals_per_minute), F(rateLimit.sealsPerMinute), 0, 10000000, NULL, "N",
+     "Seals allowed per source address (IPv6: per /64) per minute (0 = no limit)"},
+    {"rateLimit.sealsPerNodePerMinute", "KMSD_RATE_LIMIT_SEALS_PER_NODE_PER_MINUTE",
+     "rate-limit-seals-per-node-per-minute", T_UINT, "10", IMM, C(seals_per_node_per_minute),
+     F(rateLimit.sealsPerNodePerMinute), 0, 1000000, NULL, "N",
+     "Seals allowed per node UUID per minute (0 = no limit)"},
+    {"rateLimit.recordsPerNode", "KMSD_RATE_LIMIT_RECORDS_PER_NODE", "rate-limit-records-per-node",
+     T_UINT, "256", IMM, C(records_per_node), F(rateLimit.recordsPerNode), 0, 100000, NULL, "N",
+     "live (unrevoked) keys allowed per node UUID (0 = no limit)"},
     {"enrolment.allowedCIDRs", "KMSD_ENROLMENT_ALLOWED_CIDRS", "enrolment-allowed-cidrs",
      T_CIDRS, "", IMM, C(allowed_cidrs), NOF, 0, 0, NULL, "CIDR,...",
      "source networks allowed to Seal (empty = any)"},

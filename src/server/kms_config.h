@@ -117,6 +117,10 @@ struct kms_config {
     unsigned request_wait_ms;
 
     unsigned failed_unseals_per_minute; /* 0 = no limit */
+    unsigned failed_unseals_global_per_minute; /* 0 = no limit */
+    unsigned seals_per_minute;          /* per source address; 0 = no limit */
+    unsigned seals_per_node_per_minute; /* per node UUID; 0 = no limit */
+    unsigned records_per_node;          /* live records per node UUID; 0 = no limit */
 
     struct kms_config_cidr *allowed_cidrs; /* empty = any source */
     size_t n_allowed_cidrs;

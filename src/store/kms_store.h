@@ -83,6 +83,10 @@ struct kms_store_result {
     uint64_t count; /* records written/revoked/touched by the op */
     char msg[128];  /* human-readable outcome, may be empty */
     bool skipped;   /* index was already applied (replay): nothing done */
+    bool shred;     /* a revocation removed ciphertext (or, when skipped, the
+                     * replayed entry is a revocation): old copies of it are
+                     * still in the RocksDB files and the raft log until
+                     * kms_store_shred_compact() and new raft snapshots */
 };
 
 /* Releases a result returned by kms_store_apply(). NULL is accepted. */
@@ -103,6 +107,19 @@ void kms_store_result_free(struct kms_store_result *r);
 int kms_store_apply(struct kms_store *s, uint64_t index, const void *buf, size_t len,
                     struct kms_store_result **result, struct kms_err *err);
 
+/* Revocation shreds (docs/security.md "Revocation"): applying RevokeKey or
+ * RevokeNode rewrites each record without its nonce and ciphertext (key id,
+ * node uuid, term, timestamps and revoked_at stay for audit) and sets
+ * result->shred. The old value still sits in the memtable/WAL and SST files
+ * until this is called: it flushes the memtable (the WAL becomes obsolete
+ * and is deleted) and force-compacts the whole record key range, bottommost
+ * level included, so the superseded values are dropped and their files
+ * deleted. A RocksDB snapshot older than the revocation (a raft snapshot
+ * being serialised) keeps the old version alive: call it when none is
+ * pinned. Any thread, concurrently with applies; takes milliseconds to
+ * seconds depending on the size of the store. */
+int kms_store_shred_compact(struct kms_store *s, struct kms_err *err);
+
 /* The sticky fatal error, if any: returns 0 when none, else its code and
  * copies its message into err. */
 int kms_store_fatal(struct kms_store *s, struct kms_err *err);
@@ -119,6 +136,19 @@ int kms_store_record_get(struct kms_store *s, const uint8_t key_id[16],
 int kms_store_records_list(struct kms_store *s, const char *node_uuid,
                            int (*cb)(void *arg, const Kmsd__V1__SealedRecord *r), void *arg,
                            struct kms_err *err);
+
+/* Counts the live (not revoked) records of node_uuid, stopping at max (the
+ * walk is bounded: one index entry and one point read per record, at most
+ * max live ones). From one consistent RocksDB snapshot. */
+int kms_store_records_count_live(struct kms_store *s, const char *node_uuid, uint64_t max,
+                                 uint64_t *live, struct kms_err *err);
+
+/* Same, starting strictly after key id `after` (16 bytes; NULL = from the
+ * first): the walk seeks there, so paging costs O(page). */
+int kms_store_records_list_after(struct kms_store *s, const char *node_uuid,
+                                 const uint8_t *after,
+                                 int (*cb)(void *arg, const Kmsd__V1__SealedRecord *r),
+                                 void *arg, struct kms_err *err);
 
 /* The replicated (encrypted) keyring. KMS_EUNINIT if the cluster has none. */
 int kms_store_keyring_get(struct kms_store *s, Kmsd__V1__EncryptedKeyring **out,

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 
 #include "kms_log.h"
@@ -440,9 +441,44 @@ static int op_put_record(struct apply_ctx *c, const Kmsd__V1__PutRecord *op)
     return 0;
 }
 
+/* Writes r revoked at `at` (if not yet revoked) and without its nonce and
+ * ciphertext: only the audit metadata stays. r keeps its own buffers (they
+ * are wiped here and freed by the caller's free_unpacked). Returns 0 and
+ * sets *changed when something was written. */
+static int record_shred(struct apply_ctx *c, Kmsd__V1__SealedRecord *r, int64_t at, bool *changed)
+{
+    ProtobufCBinaryData nonce = r->nonce, ct = r->ciphertext;
+    int rc = 0;
+
+    *changed = false;
+    if (r->revoked_at != 0 && nonce.len == 0 && ct.len == 0) {
+        goto out; /* already revoked and shredded */
+    }
+    if (r->revoked_at == 0) {
+        r->revoked_at = at;
+    }
+    r->nonce.len = 0;
+    r->nonce.data = NULL;
+    r->ciphertext.len = 0;
+    r->ciphertext.data = NULL;
+    rc = record_write(c, r);
+    r->nonce = nonce;
+    r->ciphertext = ct;
+    if (ct.data != NULL) {
+        OPENSSL_cleanse(ct.data, ct.len);
+    }
+    if (rc == 0) {
+        *changed = true;
+        c->res->shred = true;
+    }
+out:
+    return rc;
+}
+
 static int op_revoke_key(struct apply_ctx *c, const Kmsd__V1__RevokeKey *op)
 {
     Kmsd__V1__SealedRecord *r = NULL;
+    bool was, changed = false;
     char hx[33];
     int rc;
 
@@ -460,12 +496,13 @@ static int op_revoke_key(struct apply_ctx *c, const Kmsd__V1__RevokeKey *op)
     if (rc != 0) {
         goto out;
     }
-    if (r->revoked_at != 0) {
-        result(c, 0, 0, "key %s already revoked", hx);
+    was = r->revoked_at != 0;
+    if ((rc = record_shred(c, r, op->revoked_at, &changed)) != 0) {
         goto out;
     }
-    r->revoked_at = op->revoked_at;
-    if ((rc = record_write(c, r)) != 0) {
+    if (was) {
+        /* Revoked before shredding existed: shredded now. */
+        result(c, 0, 0, "key %s already revoked%s", hx, changed ? "; ciphertext shredded" : "");
         goto out;
     }
     result(c, 0, 1, "key %s revoked", hx);
@@ -517,10 +554,10 @@ static int op_revoke_node(struct apply_ctx *c, const Kmsd__V1__RevokeNode *op)
             }
             goto out;
         }
-        if (r->revoked_at == 0) {
-            r->revoked_at = op->revoked_at;
-            rc = record_write(c, r);
-            revoked++;
+        {
+            bool was = r->revoked_at != 0, changed = false;
+            rc = record_shred(c, r, op->revoked_at, &changed);
+            revoked += !was && changed;
         }
         kmsd__v1__sealed_record__free_unpacked(r, NULL);
         if (rc != 0) {
@@ -753,6 +790,15 @@ static int apply_entry(struct kms_store *s, uint64_t index, const void *buf, siz
     }
     if (index <= applied) {
         res->skipped = true;
+        /* A replayed revocation (after a crash or restart) may not have
+         * finished shredding the old copies: report it so the caller
+         * compacts and snapshots again. */
+        if (kms_entry_decode(buf, len, &e, NULL) == 0) {
+            res->shred = e->op_case == KMSD__V1__ENTRY__OP_REVOKE_KEY ||
+                         e->op_case == KMSD__V1__ENTRY__OP_REVOKE_NODE;
+            kmsd__v1__entry__free_unpacked(e, NULL);
+            e = NULL;
+        }
         snprintf(res->msg, sizeof(res->msg), "entry %" PRIu64 " already applied (applied %" PRIu64 ")",
                  index, applied);
         return 0;
@@ -864,6 +910,47 @@ int ks_apply_into(struct kms_store *s, uint64_t index, const void *buf, size_t l
     return apply_entry(s, index, buf, len, res, err);
 }
 
+int kms_store_shred_compact(struct kms_store *s, struct kms_err *err)
+{
+    rocksdb_flushoptions_t *fo = NULL;
+    rocksdb_compactoptions_t *co = NULL;
+    char *rerr = NULL;
+    const char start[1] = {KS_P_RECORD}, limit[1] = {KS_P_RECORD + 1};
+    int rc = 0;
+
+    if (s == NULL) {
+        return kms_err_set(err, KMS_EINVAL, "shred compact: no store");
+    }
+    fo = rocksdb_flushoptions_create();
+    co = rocksdb_compactoptions_create();
+    if (fo == NULL || co == NULL) {
+        rc = kms_err_set(err, KMS_ENOMEM, "shred compact: out of memory");
+        goto out;
+    }
+    /* The memtable (and so the WAL that backs it) holds the old record
+     * value: flush it to an SST, which makes the WAL obsolete (RocksDB
+     * deletes obsolete WAL files: no archive TTL is set). */
+    rocksdb_flushoptions_set_wait(fo, 1);
+    rocksdb_flush(s->db, fo, &rerr);
+    if (rerr != NULL) {
+        rc = rdb_err(s, rerr, "flush", err);
+        goto out;
+    }
+    /* Rewrite every SST holding record keys, the bottommost level too, so no
+     * older version of a record survives; the replaced files are deleted. */
+    rocksdb_compactoptions_set_exclusive_manual_compaction(co, 0);
+    rocksdb_compactoptions_set_bottommost_level_compaction(co, 2 /* kForce */);
+    rocksdb_compact_range_opt(s->db, co, start, sizeof(start), limit, sizeof(limit));
+out:
+    if (fo != NULL) {
+        rocksdb_flushoptions_destroy(fo);
+    }
+    if (co != NULL) {
+        rocksdb_compactoptions_destroy(co);
+    }
+    return rc;
+}
+
 /* ---- reads ------------------------------------------------------------- */
 
 int kms_store_record_get(struct kms_store *s, const uint8_t key_id[16],
@@ -915,6 +1002,14 @@ int kms_store_records_list(struct kms_store *s, const char *node_uuid,
                            int (*cb)(void *arg, const Kmsd__V1__SealedRecord *r), void *arg,
                            struct kms_err *err)
 {
+    return kms_store_records_list_after(s, node_uuid, NULL, cb, arg, err);
+}
+
+int kms_store_records_list_after(struct kms_store *s, const char *node_uuid,
+                                 const uint8_t *after,
+                                 int (*cb)(void *arg, const Kmsd__V1__SealedRecord *r),
+                                 void *arg, struct kms_err *err)
+{
     struct view v = {NULL, NULL};
     rocksdb_iterator_t *it = NULL;
     uint8_t prefix[1 + UUID_MAX + 1];
@@ -938,13 +1033,24 @@ int kms_store_records_list(struct kms_store *s, const char *node_uuid,
         goto out;
     }
     it = rocksdb_create_iterator(s->db, v.ro);
-    for (rocksdb_iter_seek(it, (const char *)prefix, plen); rocksdb_iter_valid(it);
-         rocksdb_iter_next(it)) {
+    if (after != NULL) {
+        /* Keys sort by key id within the prefix: start at prefix||after. */
+        uint8_t start[sizeof(prefix) + 16];
+        memcpy(start, prefix, plen);
+        memcpy(start + plen, after, 16);
+        rocksdb_iter_seek(it, (const char *)start, plen + 16);
+    } else {
+        rocksdb_iter_seek(it, (const char *)prefix, plen);
+    }
+    for (; rocksdb_iter_valid(it); rocksdb_iter_next(it)) {
         size_t klen, vlen;
         const char *k = rocksdb_iter_key(it, &klen);
         Kmsd__V1__SealedRecord *r = NULL;
         if (klen < plen || memcmp(k, prefix, plen) != 0) {
             break;
+        }
+        if (after != NULL && klen == plen + 16 && memcmp(k + plen, after, 16) == 0) {
+            continue; /* strictly after */
         }
         if (node_uuid == NULL) {
             const char *val = rocksdb_iter_value(it, &vlen);
@@ -972,6 +1078,60 @@ int kms_store_records_list(struct kms_store *s, const char *node_uuid,
         if (rc != 0) {
             goto out;
         }
+    }
+    rocksdb_iter_get_error(it, &rerr);
+    if (rerr != NULL) {
+        rc = rdb_err(s, rerr, "iterate", err);
+    }
+out:
+    if (it != NULL) {
+        rocksdb_iter_destroy(it);
+    }
+    view_close(s, &v);
+    return rc;
+}
+
+int kms_store_records_count_live(struct kms_store *s, const char *node_uuid, uint64_t max,
+                                 uint64_t *live, struct kms_err *err)
+{
+    struct view v = {NULL, NULL};
+    rocksdb_iterator_t *it = NULL;
+    uint8_t prefix[1 + UUID_MAX + 1];
+    size_t plen, ulen = 0;
+    char *rerr = NULL;
+    int rc;
+
+    if (s == NULL || live == NULL || !uuid_valid(node_uuid, &ulen)) {
+        return kms_err_set(err, KMS_EINVAL, "records count: node uuid must be 1..128 bytes");
+    }
+    *live = 0;
+    plen = uuid_key(prefix, node_uuid, ulen, NULL);
+    if ((rc = view_open(s, &v, err)) != 0) {
+        goto out;
+    }
+    it = rocksdb_create_iterator(s->db, v.ro);
+    for (rocksdb_iter_seek(it, (const char *)prefix, plen); rocksdb_iter_valid(it) && *live < max;
+         rocksdb_iter_next(it)) {
+        size_t klen;
+        const char *k = rocksdb_iter_key(it, &klen);
+        Kmsd__V1__SealedRecord *r = NULL;
+        if (klen < plen || memcmp(k, prefix, plen) != 0) {
+            break;
+        }
+        if (klen != plen + 16) {
+            rc = kms_err_set(err, KMS_ECORRUPT, "store %s: bad node index key", s->path);
+            goto out;
+        }
+        rc = record_read(s, v.ro, (const uint8_t *)k + plen, &r, err);
+        if (rc == KMS_ENOTFOUND) {
+            rc = 0;
+            continue;
+        }
+        if (rc != 0) {
+            goto out;
+        }
+        *live += r->revoked_at == 0;
+        kmsd__v1__sealed_record__free_unpacked(r, NULL);
     }
     rocksdb_iter_get_error(it, &rerr);
     if (rerr != NULL) {

@@ -87,6 +87,10 @@ class Cluster:
             f"  operatorCAFile: {p}/ca.pem",
             "rateLimit:",
             "  failedUnsealsPerMinute: 0",
+            "  failedUnsealsGlobalPerMinute: 0",
+            "  sealsPerMinute: 0",          # one client host drives the whole load
+            "  sealsPerNodePerMinute: 0",
+            "  recordsPerNode: 0",
         ]
         if initial:
             lines.append("initialCluster:")

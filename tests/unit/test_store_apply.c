@@ -15,6 +15,7 @@
 
 #include <raft.h>
 
+#include "kms_crypto.h"
 #include "kms_store.h"
 
 /* ---- fixtures ----------------------------------------------------------- */
@@ -898,6 +899,153 @@ static void test_fsm_store_side(void **state)
     dir_remove(&d);
 }
 
+static int ids_cb(void *arg, const Kmsd__V1__SealedRecord *r)
+{
+    unsigned *v = arg;
+    v[++v[0]] = r->key_id.data[15];
+    return 0;
+}
+
+/* True when some file under dir holds n bytes of value b in a row. */
+static bool files_hold(const char *dir, uint8_t b, size_t n);
+static const char *fh_dir;
+static uint8_t fh_b;
+static size_t fh_n;
+static bool fh_found;
+
+static int fh_cb(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)ftw;
+    if (flag != FTW_F || sb->st_size == 0) {
+        return 0;
+    }
+    FILE *f = fopen(p, "rb");
+    size_t run = 0;
+    int c;
+    if (f == NULL) {
+        return 0;
+    }
+    while ((c = fgetc(f)) != EOF) {
+        run = c == fh_b ? run + 1 : 0;
+        if (run >= fh_n) {
+            fh_found = true;
+            break;
+        }
+    }
+    fclose(f);
+    return 0;
+}
+
+static bool files_hold(const char *dir, uint8_t b, size_t n)
+{
+    fh_dir = dir;
+    fh_b = b;
+    fh_n = n;
+    fh_found = false;
+    nftw(dir, fh_cb, 16, FTW_PHYS);
+    return fh_found;
+}
+
+/* Revocation shreds: nonce and ciphertext leave the record (metadata stays),
+ * result->shred is set (also on replay), and after kms_store_shred_compact
+ * no RocksDB file holds the old ciphertext. Plus the live count per UUID
+ * and paging with records_list_after. */
+static void test_revoke_shreds(void **state)
+{
+    (void)state;
+    struct dir d;
+    struct kms_store *s;
+    struct kms_store_result *res;
+    struct kms_err err;
+    Kmsd__V1__SealedRecord *r;
+    uint64_t live = 0, count = 0;
+    unsigned ids[8];
+    uint8_t after[16];
+    int rc;
+
+    dir_make(&d);
+    s = open_in(&d, "db");
+    assert_int_equal(put_record(s, 1, 1, "node-a"), 0);
+    assert_int_equal(put_record(s, 2, 2, "node-a"), 0);
+    assert_int_equal(put_record(s, 3, 3, "node-b"), 0);
+    assert_int_equal(put_record(s, 4, 4, "node-b"), 0);
+    /* flushed to an SST: the old values must be compacted away later */
+    assert_int_equal(kms_store_shred_compact(s, &err), 0);
+    assert_true(files_hold(d.path, 0xc7, 48));
+    assert_int_equal(kms_store_records_count_live(s, "node-a", 100, &live, &err), 0);
+    assert_int_equal(live, 2);
+    assert_int_equal(kms_store_records_count_live(s, "node-a", 1, &live, &err), 0);
+    assert_int_equal(live, 1); /* bounded by max */
+
+    {
+        Kmsd__V1__RevokeKey rk = KMSD__V1__REVOKE_KEY__INIT;
+        Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
+        uint8_t id[16];
+        key_id(id, 1);
+        rk.key_id.data = id;
+        rk.key_id.len = 16;
+        rk.revoked_at = 555;
+        e.version = 1;
+        e.op_case = KMSD__V1__ENTRY__OP_REVOKE_KEY;
+        e.revoke_key = &rk;
+        kms_err_clear(&err);
+        res = apply_e(s, 5, &e, NULL, &err);
+        assert_int_equal(res->code, 0);
+        assert_true(res->shred);
+        kms_store_result_free(res);
+        res = apply_e(s, 5, &e, NULL, &err); /* replay */
+        assert_true(res->skipped);
+        assert_true(res->shred);
+        kms_store_result_free(res);
+    }
+    r = get_rec(s, 1);
+    assert_non_null(r);
+    assert_int_equal(r->revoked_at, 555);
+    assert_int_equal(r->ciphertext.len, 0);
+    assert_int_equal(r->nonce.len, 0);
+    assert_string_equal(r->node_uuid, "node-a");
+    assert_int_equal(r->created_at, 1001);
+    assert_int_equal(kms_record_validate(r, &err), 0); /* a shredded record is valid */
+    kmsd__v1__sealed_record__free_unpacked(r, NULL);
+    assert_int_equal(revoke_key(s, 6, 1, 999), 0); /* again: nothing changes */
+    r = get_rec(s, 1);
+    assert_int_equal(r->revoked_at, 555);
+    kmsd__v1__sealed_record__free_unpacked(r, NULL);
+
+    assert_int_equal(revoke_node(s, 7, "node-a", &count), 0);
+    assert_int_equal(count, 1); /* key 2 newly revoked */
+    r = get_rec(s, 2);
+    assert_int_equal(r->ciphertext.len, 0);
+    kmsd__v1__sealed_record__free_unpacked(r, NULL);
+    assert_int_equal(kms_store_records_count_live(s, "node-a", 100, &live, &err), 0);
+    assert_int_equal(live, 0);
+    assert_int_equal(revoke_node(s, 8, "node-b", &count), 0);
+    assert_int_equal(count, 2);
+
+    /* paging */
+    memset(ids, 0, sizeof(ids));
+    key_id(after, 2);
+    assert_int_equal(kms_store_records_list_after(s, NULL, after, ids_cb, ids, &err), 0);
+    assert_int_equal(ids[0], 2);
+    assert_int_equal(ids[1], 3);
+    assert_int_equal(ids[2], 4);
+    memset(ids, 0, sizeof(ids));
+    key_id(after, 3);
+    assert_int_equal(kms_store_records_list_after(s, "node-b", after, ids_cb, ids, &err), 0);
+    assert_int_equal(ids[0], 1);
+    assert_int_equal(ids[1], 4);
+
+    /* the 48-byte 0xc7 ciphertexts: in the WAL/SSTs until compacted */
+    rc = kms_store_shred_compact(s, &err);
+    assert_int_equal(rc, 0);
+    kms_store_close(s);
+    assert_false(files_hold(d.path, 0xc7, 48));
+    s = open_in(&d, "db");
+    assert_int_equal(kms_store_count(s), 4);
+    kms_store_close(s);
+    dir_remove(&d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -910,6 +1058,7 @@ int main(void)
         cmocka_unit_test(test_same_entries_same_digest),
         cmocka_unit_test(test_concurrent_readers),
         cmocka_unit_test(test_fsm_store_side),
+        cmocka_unit_test(test_revoke_shreds),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

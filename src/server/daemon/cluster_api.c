@@ -703,14 +703,22 @@ static void key_info_clear(Kmsd__V1__KeyInfo *ki)
     free(ki->source_ip);
 }
 
+/* KeysList paging (cluster.proto): default and maximum page size. */
+#define KEYS_PAGE_MAX 1000u
+#define KEYS_LIST_MORE 1 /* keys_list_each: page full, one more key exists */
+
 struct keys_ctx {
     Kmsd__V1__KeyInfo *ki;
     size_t n, cap;
+    size_t limit; /* page size; 0 = unbounded (KeysRevoke and friends) */
 };
 
 static int keys_list_each(void *arg, const Kmsd__V1__SealedRecord *rec)
 {
     struct keys_ctx *c = arg;
+    if (c->limit > 0 && c->n == c->limit) {
+        return KEYS_LIST_MORE;
+    }
     if (c->n == c->cap) {
         size_t cap = c->cap ? c->cap * 2 : 64;
         Kmsd__V1__KeyInfo *ki = realloc(c->ki, cap * sizeof(*ki));
@@ -733,7 +741,9 @@ static void keys_list_cb(void *arg, struct kms_rpc_call *call, const uint8_t *re
     Kmsd__V1__KeysListRequest *r = NULL;
     Kmsd__V1__KeysListResponse resp = KMSD__V1__KEYS_LIST_RESPONSE__INIT;
     Kmsd__V1__KeyInfo **ptrs = NULL;
-    struct keys_ctx c = {NULL, 0, 0};
+    struct keys_ctx c = {NULL, 0, 0, KEYS_PAGE_MAX};
+    uint8_t after[16];
+    char next[33] = "";
     struct kms_err err;
     int rc;
 
@@ -743,12 +753,26 @@ static void keys_list_cb(void *arg, struct kms_rpc_call *call, const uint8_t *re
         finish_err(call, "keys-list", KMS_EINVAL, "malformed request");
         goto out;
     }
+    if (r->page_size > 0 && r->page_size < KEYS_PAGE_MAX) {
+        c.limit = r->page_size;
+    }
+    if (r->page_token != NULL && r->page_token[0] != '\0' &&
+        (strlen(r->page_token) != 32 ||
+         kms_hex_decode_ct(r->page_token, 32, after, sizeof(after), NULL, NULL) != 0)) {
+        finish_err(call, "keys-list", KMS_EINVAL, "invalid page token");
+        goto out;
+    }
     /* Operator reads reflect every write acknowledged before the call,
      * whichever replica acknowledged it. */
     (void)kmsd_read_barrier(d, d->opt.request_wait_ms);
-    rc = kms_store_records_list(d->store,
-                                r->node_uuid != NULL && r->node_uuid[0] ? r->node_uuid : NULL,
-                                keys_list_each, &c, &err);
+    rc = kms_store_records_list_after(
+        d->store, r->node_uuid != NULL && r->node_uuid[0] ? r->node_uuid : NULL,
+        r->page_token != NULL && r->page_token[0] != '\0' ? after : NULL, keys_list_each, &c,
+        &err);
+    if (rc == KEYS_LIST_MORE) {
+        rc = 0;
+        snprintf(next, sizeof(next), "%s", c.ki[c.n - 1].key_id);
+    }
     if (rc != 0) {
         finish_err(call, "keys-list", rc, err.msg[0] ? err.msg : kms_strerror(rc));
         goto out;
@@ -763,6 +787,7 @@ static void keys_list_cb(void *arg, struct kms_rpc_call *call, const uint8_t *re
     }
     resp.n_keys = c.n;
     resp.keys = ptrs;
+    resp.next_page_token = next;
     finish_msg(call, &resp.base);
 out:
     for (size_t i = 0; i < c.n; i++) {

@@ -368,8 +368,10 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
     d->opt = *opt;
     pthread_mutex_init(&d->mu, NULL);
     pthread_mutex_init(&d->fwd_mu, NULL);
-    pthread_mutex_init(&d->rate_mu, NULL);
     pthread_rwlock_init(&d->kr_lock, NULL);
+    if ((rc = kmsd_limits_init(d, err)) != 0) {
+        return rc;
+    }
 
     {
         const char *pause = getenv("KMSD_TEST_READ_PAUSE_MS");
@@ -582,6 +584,7 @@ void kmsd_stop(struct kmsd *d)
         d->store = NULL;
     }
     kmsd_authz_free(d);
+    kmsd_limits_free(d);
     kms_secmem_free(d->pending, sizeof(struct kms_share) * KMSD_MAX_SHARES);
     d->pending = NULL;
 }

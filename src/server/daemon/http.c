@@ -106,6 +106,24 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
             }
         }
     }
+    M("# HELP kmsd_unseal_limited_total Failing Unseals refused by the failed-unseal limiter.\n"
+      "# TYPE kmsd_unseal_limited_total counter\nkmsd_unseal_limited_total %llu\n",
+      (unsigned long long)atomic_load(&d->metrics.unseal_limited));
+    M("# HELP kmsd_seal_quota_refused_total Seals refused by a quota.\n"
+      "# TYPE kmsd_seal_quota_refused_total counter\n");
+    {
+        static const char *const q[3] = {"address_rate", "node_rate", "node_records"};
+        for (int i = 0; i < 3; i++) {
+            M("kmsd_seal_quota_refused_total{quota=\"%s\"} %llu\n", q[i],
+              (unsigned long long)atomic_load(&d->metrics.seal_quota[i]));
+        }
+    }
+    M("# HELP kmsd_policy_denied_total Requests refused by the enrolment policy.\n"
+      "# TYPE kmsd_policy_denied_total counter\n"
+      "kmsd_policy_denied_total{method=\"Seal\"} %llu\n"
+      "kmsd_policy_denied_total{method=\"Unseal\"} %llu\n",
+      (unsigned long long)atomic_load(&d->metrics.policy_denied[0]),
+      (unsigned long long)atomic_load(&d->metrics.policy_denied[1]));
 #undef M
     if (o >= sizeof(body)) {
         o = sizeof(body) - 1;

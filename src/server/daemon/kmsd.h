@@ -101,6 +101,10 @@ struct kmsd_options {
     unsigned lease_grace_ms;
     unsigned request_wait_ms;
     unsigned failed_unseals_per_minute;
+    unsigned failed_unseals_global_per_minute;
+    unsigned seals_per_minute;
+    unsigned seals_per_node_per_minute;
+    unsigned records_per_node;
 
     struct kmsd_cidr cidrs[KMSD_MAX_CIDRS];
     size_t n_cidrs;
@@ -121,22 +125,21 @@ struct kmsd_op_method {
     unsigned flags;     /* KMSD_AUTH_* | KMSD_RUN_* from the policy table (kmsd_authz.h) */
 };
 
-/* Per-source-address limiter of failed unseals (fixed-size table). */
-#define KMSD_RATE_SLOTS 1024
-struct kmsd_rate_slot {
-    uint8_t ip[16];
-    uint64_t window_start_ms;
-    unsigned failures;
-};
-
-/* Talos API request counters: [0] Seal, [1] Unseal, by gRPC status code. */
+/* Talos API request counters: [0] Seal, [1] Unseal, by gRPC status code;
+ * and the refusals of the limits (talos_api.c). */
 #define KMSD_METRIC_CODES 17
 struct kmsd_metrics {
     atomic_ullong requests[2][KMSD_METRIC_CODES];
+    atomic_ullong unseal_limited;       /* failing unseals refused by the limiter */
+    atomic_ullong seal_quota[3];        /* Seals refused: [0] address rate, [1] UUID
+                                         * rate, [2] live records per UUID */
+    atomic_ullong policy_denied[2];     /* enrolment policy refusals: [0] Seal, [1] Unseal */
     atomic_ullong keyring_refresh_failures; /* replicated keyring did not decrypt */
     atomic_ullong forward_refused;          /* Forward calls refused (identity or entry) */
     atomic_ullong seal_readback_failures;   /* sealed record not found as written */
 };
+
+struct kmsd_limiter;
 
 struct kmsd {
     bool raft_failed;            /* set by kmsd_stop: the raft log could not be written */
@@ -180,8 +183,10 @@ struct kmsd {
         struct kms_rpc_channel *ch;
     } fwd[KMSD_MAX_PEERS * 2];
 
-    pthread_mutex_t rate_mu;
-    struct kmsd_rate_slot rate[KMSD_RATE_SLOTS];
+    /* Talos API limits (kmsd_limit.h), created at start, freed at stop. */
+    struct kmsd_limiter *unseal_fail_lim; /* failed unseals per address + global */
+    struct kmsd_limiter *seal_addr_lim;   /* seals per address */
+    struct kmsd_limiter *seal_uuid_lim;   /* seals per node UUID */
 
     /* Test-only fault hook (KMSD_TEST_READ_PAUSE_MS, read at start): each
      * local read sleeps this long between its lease check and the RocksDB
@@ -286,8 +291,8 @@ int kmsd_publish_self(struct kmsd *d, struct kms_err *err);
 /* Maps a KMS_E* code to a gRPC status code. */
 int kmsd_grpc_status(int code);
 
-/* Policy and limits (talos_api.c). */
-bool kmsd_rate_limited(struct kmsd *d, const uint8_t ip[16]);
-void kmsd_rate_fail(struct kmsd *d, const uint8_t ip[16]);
+/* Policy and limits (talos_api.c): creates/frees d's limiters from d->opt. */
+int kmsd_limits_init(struct kmsd *d, struct kms_err *err);
+void kmsd_limits_free(struct kmsd *d);
 
 #endif /* KMSD_H */

@@ -132,6 +132,10 @@ static int options_from_config(const struct kms_config *c, struct kmsd_options *
     o->lease_grace_ms = c->lease_grace_ms;
     o->request_wait_ms = c->request_wait_ms;
     o->failed_unseals_per_minute = c->failed_unseals_per_minute;
+    o->failed_unseals_global_per_minute = c->failed_unseals_global_per_minute;
+    o->seals_per_minute = c->seals_per_minute;
+    o->seals_per_node_per_minute = c->seals_per_node_per_minute;
+    o->records_per_node = c->records_per_node;
     for (size_t i = 0; i < c->n_allowed_cidrs && i < KMSD_MAX_CIDRS; i++) {
         memcpy(o->cidrs[i].addr, c->allowed_cidrs[i].addr, 16);
         o->cidrs[i].prefix = c->allowed_cidrs[i].prefix;

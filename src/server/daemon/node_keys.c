@@ -396,6 +396,8 @@ int kmsd_rotate(struct kmsd *d, uint32_t *active_term, struct kms_err *err)
 {
     Kmsd__V1__EncryptedKeyring *ek = NULL, *nek = NULL;
     struct kms_keyring *kr = NULL, *next = NULL;
+    uint8_t *root = NULL; /* secure memory: a copy of R for the commit check */
+    bool locked = true;
     int rc;
 
     pthread_mutex_lock(&d->mu);
@@ -413,17 +415,38 @@ int kmsd_rotate(struct kmsd *d, uint32_t *active_term, struct kms_err *err)
         kms_err_wrap(err, rc, "rotate");
         goto out;
     }
-    if ((rc = keyring_commit(d, nek, d->root, false, err)) != 0) {
+    /* The replicated write may take up to requestWait: not under d->mu
+     * (unseal progress, status and seal would wait for it). keyring_commit
+     * checks the keyring against a copy of R in locked memory (kmsd_seal may
+     * wipe d->root meanwhile); two concurrent rotations are ordered by the
+     * store, which refuses the stale one. */
+    root = kms_secmem_alloc(KMS_ROOT_KEY_LEN);
+    if (root == NULL) {
+        rc = kms_err_set(err, KMS_ENOMEM, "rotate: no secure memory");
+        goto out;
+    }
+    memcpy(root, d->root, KMS_ROOT_KEY_LEN);
+    pthread_mutex_unlock(&d->mu);
+    locked = false;
+    if ((rc = keyring_commit(d, nek, root, false, err)) != 0) {
         kms_err_wrap(err, rc, "rotate");
         goto out;
     }
     *active_term = kms_keyring_active_term(next);
-    keyring_publish(d, next);
-    next = NULL;
+    pthread_mutex_lock(&d->mu);
+    locked = true;
+    if (d->unsealed) {
+        /* Sealed meanwhile: nothing to publish (kmsd_seal dropped it). */
+        keyring_publish(d, next);
+        next = NULL;
+    }
     kms_logf(KMS_LOG_INFO, "keys", "keyring rotated: active term %u", *active_term);
     rc = 0;
 out:
-    pthread_mutex_unlock(&d->mu);
+    if (locked) {
+        pthread_mutex_unlock(&d->mu);
+    }
+    kms_secmem_free(root, KMS_ROOT_KEY_LEN);
     if (kr != NULL) {
         kms_keyring_unref(kr);
     }

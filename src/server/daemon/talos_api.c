@@ -7,7 +7,10 @@
  *   INVALID_ARGUMENT  malformed request or blob
  *   NOT_FOUND         unknown key id
  *   PERMISSION_DENIED UUID mismatch, revoked key, enrolment policy
- *   UNAVAILABLE       sealed, no leader/lease within request_wait, rate limited
+ *   UNAVAILABLE       sealed, no leader/lease within request_wait; a *failing*
+ *                     unseal from a limited address (never a valid one)
+ *   RESOURCE_EXHAUSTED a Seal over a quota (rate per address / node UUID,
+ *                     live keys per node UUID)
  *
  * Handlers start on gRPC worker threads and never wait there:
  *  - Unseal answers on the worker when it can right now (read lease valid
@@ -25,6 +28,7 @@
  * never NOT_FOUND.
  */
 #include <arpa/inet.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,6 +45,7 @@
 #include "kms_store.h"
 #include "kms_time.h"
 #include "kmsd.h"
+#include "kmsd_limit.h"
 #include "kmsd_pool.h"
 
 #include "kmsd/v1/entry.pb-c.h"
@@ -70,6 +75,8 @@ int kmsd_grpc_status(int code)
         return GRPC_STATUS_FAILED_PRECONDITION;
     case KMS_ERANGE:
         return GRPC_STATUS_OUT_OF_RANGE;
+    case KMS_EQUOTA:
+        return GRPC_STATUS_RESOURCE_EXHAUSTED;
     default:
         return GRPC_STATUS_UNAVAILABLE;
     }
@@ -100,50 +107,72 @@ static void peer_addr(struct kms_rpc_call *call, uint8_t raw[16], size_t *len, u
     ip16(raw, *len, ip);
 }
 
-static size_t rate_slot(const uint8_t ip[16])
+/* ---- limits (kmsd_limit.h; docs/security.md "Limits") ---------------- */
+
+#define LIMIT_TABLE 4096 /* entries per limiter: fixed memory, LRU eviction */
+#define LIMIT_WINDOW_MS 60000u
+#define LIMIT_LOG_EVERY_MS 10000u
+
+int kmsd_limits_init(struct kmsd *d, struct kms_err *err)
 {
-    uint32_t h = 2166136261u;
-    for (int i = 0; i < 16; i++) {
-        h = (h ^ ip[i]) * 16777619u;
+    int rc;
+    if ((rc = kmsd_limiter_new(LIMIT_TABLE, d->opt.failed_unseals_per_minute,
+                               d->opt.failed_unseals_global_per_minute, LIMIT_WINDOW_MS,
+                               &d->unseal_fail_lim, err)) != 0 ||
+        (rc = kmsd_limiter_new(LIMIT_TABLE, d->opt.seals_per_minute, 0, LIMIT_WINDOW_MS,
+                               &d->seal_addr_lim, err)) != 0 ||
+        (rc = kmsd_limiter_new(LIMIT_TABLE, d->opt.seals_per_node_per_minute, 0, LIMIT_WINDOW_MS,
+                               &d->seal_uuid_lim, err)) != 0) {
+        kmsd_limits_free(d);
+        return kms_err_wrap(err, rc, "Talos API limits");
     }
-    return h % KMSD_RATE_SLOTS;
+    return 0;
 }
 
-bool kmsd_rate_limited(struct kmsd *d, const uint8_t ip[16])
+void kmsd_limits_free(struct kmsd *d)
 {
-    bool limited = false;
-    size_t i = rate_slot(ip);
-    uint64_t now = kms_mono_ms();
-
-    if (d->opt.failed_unseals_per_minute == 0) {
-        return false;
-    }
-    pthread_mutex_lock(&d->rate_mu);
-    struct kmsd_rate_slot *s = &d->rate[i];
-    if (memcmp(s->ip, ip, 16) == 0 && now - s->window_start_ms < 60000 &&
-        s->failures >= d->opt.failed_unseals_per_minute) {
-        limited = true;
-    }
-    pthread_mutex_unlock(&d->rate_mu);
-    return limited;
+    kmsd_limiter_free(d->unseal_fail_lim);
+    kmsd_limiter_free(d->seal_addr_lim);
+    kmsd_limiter_free(d->seal_uuid_lim);
+    d->unseal_fail_lim = d->seal_addr_lim = d->seal_uuid_lim = NULL;
 }
 
-void kmsd_rate_fail(struct kmsd *d, const uint8_t ip[16])
-{
-    size_t i = rate_slot(ip);
-    uint64_t now = kms_mono_ms();
+/* A warn line for a limit refusal, at most one per LIMIT_LOG_EVERY_MS per
+ * kind, with the number of refusals not logged since. */
+struct limit_log {
+    _Atomic uint64_t next_ms;
+    atomic_ullong suppressed;
+};
 
-    pthread_mutex_lock(&d->rate_mu);
-    struct kmsd_rate_slot *s = &d->rate[i];
-    if (memcmp(s->ip, ip, 16) != 0 || now - s->window_start_ms >= 60000) {
-        /* A colliding address takes the slot over: the limiter is best
-         * effort and never blocks an address it has not seen fail. */
-        memcpy(s->ip, ip, 16);
-        s->window_start_ms = now;
-        s->failures = 0;
+static void limit_log(struct limit_log *l, const char *what, const char *peer, const char *detail)
+{
+    uint64_t now = kms_mono_ms(), next = atomic_load(&l->next_ms);
+    char n[24];
+    if (now < next || !atomic_compare_exchange_strong(&l->next_ms, &next,
+                                                       now + LIMIT_LOG_EVERY_MS)) {
+        atomic_fetch_add(&l->suppressed, 1);
+        return;
     }
-    s->failures++;
-    pthread_mutex_unlock(&d->rate_mu);
+    snprintf(n, sizeof(n), "%llu", (unsigned long long)atomic_exchange(&l->suppressed, 0));
+    kms_log(KMS_LOG_WARN, "talos", what, "peer", peer, "detail", detail, "suppressed", n, NULL);
+}
+
+static struct limit_log unseal_limit_log, seal_limit_log;
+
+/* True when failing unseals from ip are being refused (its address or the
+ * global bound is over the limit). */
+static bool unseal_fail_limited(struct kmsd *d, const uint8_t ip[16], bool *global_hit)
+{
+    uint8_t k[16];
+    size_t kl = kmsd_limit_addr_key(ip, k);
+    return kmsd_limiter_over(d->unseal_fail_lim, k, kl, kms_mono_ms(), global_hit);
+}
+
+static void unseal_fail_count(struct kmsd *d, const uint8_t ip[16])
+{
+    uint8_t k[16];
+    size_t kl = kmsd_limit_addr_key(ip, k);
+    kmsd_limiter_count(d->unseal_fail_lim, k, kl, kms_mono_ms());
 }
 
 static bool cidr_match(const struct kmsd_cidr *c, const uint8_t ip[16])
@@ -295,6 +324,23 @@ static void seal_run_cb(void *arg)
         fail(d, call, "seal", KMS_EUNAVAIL, "no time left to commit the seal", peer);
         goto out;
     }
+    if (d->opt.records_per_node > 0 && r->node_uuid != NULL && r->node_uuid[0] != '\0') {
+        uint64_t live = 0;
+        /* This replica's applied state: a bound within replication lag. */
+        if (kms_store_records_count_live(d->store, r->node_uuid, d->opt.records_per_node, &live,
+                                         NULL) == 0 &&
+            live >= d->opt.records_per_node) {
+            char msg[200];
+            atomic_fetch_add(&d->metrics.seal_quota[2], 1);
+            snprintf(msg, sizeof(msg),
+                     "seal quota: node UUID already has %u live keys "
+                     "(rateLimit.recordsPerNode); revoke old ones with kmsctl keys revoke",
+                     d->opt.records_per_node);
+            limit_log(&seal_limit_log, "seal refused by a quota", peer, msg);
+            fail(d, call, "seal", KMS_EQUOTA, msg, peer);
+            goto out;
+        }
+    }
     kr = kmsd_keyring_get(d);
     if (kr == NULL) {
         fail(d, call, "seal", KMS_EUNAVAIL, "node is sealed", peer);
@@ -344,6 +390,34 @@ out:
     seal_job_free(j);
 }
 
+/* The rate quotas of a Seal (per source address, per node UUID): 0 when
+ * allowed (and counted), KMS_EQUOTA with msg otherwise. */
+static int seal_quota(struct kmsd *d, const uint8_t ip[16], const char *uuid, char *msg,
+                      size_t msglen)
+{
+    uint8_t k[16];
+    size_t kl = kmsd_limit_addr_key(ip, k);
+    uint64_t now = kms_mono_ms();
+
+    if (!kmsd_limiter_take(d->seal_addr_lim, k, kl, now, NULL)) {
+        atomic_fetch_add(&d->metrics.seal_quota[0], 1);
+        snprintf(msg, msglen,
+                 "seal quota: more than %u seals per minute from this address "
+                 "(rateLimit.sealsPerMinute); retry later",
+                 d->opt.seals_per_minute);
+        return KMS_EQUOTA;
+    }
+    if (!kmsd_limiter_take(d->seal_uuid_lim, uuid, strlen(uuid), now, NULL)) {
+        atomic_fetch_add(&d->metrics.seal_quota[1], 1);
+        snprintf(msg, msglen,
+                 "seal quota: more than %u seals per minute for this node UUID "
+                 "(rateLimit.sealsPerNodePerMinute); retry later",
+                 d->opt.seals_per_node_per_minute);
+        return KMS_EQUOTA;
+    }
+    return 0;
+}
+
 /* CQ worker: checks that need no waiting, then parks the call on the write
  * pool (a seal always waits for a commit). */
 static void seal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t reqlen)
@@ -352,6 +426,7 @@ static void seal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
     struct seal_job *j = NULL;
     uint8_t ip[16];
     const char *peer = kms_rpc_call_peer(call);
+    char msg[160];
     int rc;
 
     j = calloc(1, sizeof(*j));
@@ -373,11 +448,18 @@ static void seal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
         goto out;
     }
     if (!enrolment_allowed(d, ip, j->r->node_uuid != NULL ? j->r->node_uuid : "")) {
+        atomic_fetch_add(&d->metrics.policy_denied[0], 1);
         fail(d, call, "seal", KMS_EDENIED, "enrolment policy refuses this node", peer);
         goto out;
     }
     if (!kmsd_is_unsealed(d)) {
         fail(d, call, "seal", KMS_EUNAVAIL, "node is sealed", peer);
+        goto out;
+    }
+    if ((rc = seal_quota(d, ip, j->r->node_uuid != NULL ? j->r->node_uuid : "", msg,
+                         sizeof(msg))) != 0) {
+        limit_log(&seal_limit_log, "seal refused by a quota", peer, msg);
+        fail(d, call, "seal", KMS_EQUOTA, msg, peer);
         goto out;
     }
     if ((rc = kmsd_pool_submit(d->write_pool, seal_run_cb, j)) != 0) {
@@ -404,7 +486,36 @@ struct unseal_job {
     char kid[33];
     uint64_t t0; /* arrival, kms_mono_ms() */
     int first;   /* result of the read on the worker: KMS_ENOTFOUND or KMS_EUNAVAIL */
+    bool counted; /* this request's failure is already counted by the limiter */
 };
+
+/* Counts this request's failure once. */
+static void unseal_job_failed(struct unseal_job *j)
+{
+    if (!j->counted) {
+        j->counted = true;
+        unseal_fail_count(j->d, j->ip);
+    }
+}
+
+/* A failing unseal from a limited address (or while the global bound is
+ * reached) is refused at once: no read barrier, no detail. Valid keys never
+ * get here (a record that decrypts is always served). */
+static void unseal_refuse_limited(struct unseal_job *j, bool global_hit)
+{
+    struct kmsd *d = j->d;
+    const char *peer = kms_rpc_call_peer(j->call);
+    const char *msg = global_hit ? "too many failed unseals on this replica; retry later"
+                                 : "too many failed unseals from this address; retry later";
+    atomic_fetch_add(&d->metrics.unseal_limited, 1);
+    limit_log(&unseal_limit_log, "failing unseal refused by the limiter", peer, msg);
+    if (kms_rpc_call_done(j->call)) {
+        kms_rpc_call_finish(j->call, GRPC_STATUS_UNAVAILABLE, NULL, NULL, 0);
+        return;
+    }
+    count(d, "unseal", GRPC_STATUS_UNAVAILABLE);
+    kms_rpc_call_finish(j->call, GRPC_STATUS_UNAVAILABLE, msg, NULL, 0);
+}
 
 static void unseal_job_free(struct unseal_job *j)
 {
@@ -509,15 +620,21 @@ static void unseal_answer(struct unseal_job *j, int rc, const uint8_t *data, siz
         reply(d, j->call, "unseal", data, datalen);
         return;
     }
+    if (rc != KMS_EUNAVAIL) {
+        bool global_hit = false;
+        unseal_job_failed(j);
+        if (unseal_fail_limited(d, j->ip, &global_hit)) {
+            unseal_refuse_limited(j, global_hit);
+            return;
+        }
+    }
     if (rc == KMS_ENOTFOUND) {
         char msg[64];
         snprintf(msg, sizeof(msg), "unknown key %s", j->kid);
-        kmsd_rate_fail(d, j->ip);
         fail(d, j->call, "unseal", KMS_ENOTFOUND, msg, peer);
         return;
     }
     if (rc != KMS_EUNAVAIL) {
-        kmsd_rate_fail(d, j->ip);
         kms_log(KMS_LOG_WARN, "audit", "unseal refused", "key_id", j->kid, "node_uuid",
                 j->r->node_uuid, "peer", peer, "error", kms_errname(rc), NULL);
     }
@@ -557,6 +674,12 @@ static void unseal_run_cb(void *arg)
             continue;
         }
         if (rc == KMS_ENOTFOUND && !caught_up) {
+            bool global_hit = false;
+            unseal_job_failed(j); /* counted now, not after the barrier */
+            if (unseal_fail_limited(d, j->ip, &global_hit)) {
+                unseal_refuse_limited(j, global_hit);
+                goto done;
+            }
             /* Sealed through another replica a moment ago? Catch up with
              * the leader's commit index before believing the miss. */
             if (kmsd_read_barrier(d, left) != 0) {
@@ -576,6 +699,7 @@ static void unseal_run_cb(void *arg)
         break;
     }
     unseal_answer(j, rc, data, datalen, &err);
+done:
     OPENSSL_cleanse(data, sizeof(data));
     unseal_job_free(j);
 }
@@ -605,25 +729,30 @@ static void unseal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     j->call = call;
     j->t0 = kms_mono_ms();
     peer_addr(call, ipraw, &iplen, j->ip);
-    if (kmsd_rate_limited(d, j->ip)) {
-        fail(d, call, "unseal", KMS_EUNAVAIL,
-             "too many failed unseals from this address; retry later", peer);
-        goto out;
-    }
+    /* No limiter check before the read: a request whose blob decrypts is
+     * always served, whatever its address did before (NAT). */
     j->r = sidero__kms__request__unpack(NULL, reqlen, req);
     if (j->r == NULL) {
-        kmsd_rate_fail(d, j->ip);
+        unseal_job_failed(j);
         fail(d, call, "unseal", KMS_EINVAL, "malformed request", peer);
         goto out;
     }
     if (!kms_node_uuid_valid(j->r->node_uuid)) {
-        kmsd_rate_fail(d, j->ip);
+        unseal_job_failed(j);
         fail(d, call, "unseal", KMS_EINVAL, NODE_UUID_INVALID, peer);
+        goto out;
+    }
+    /* The enrolment policy holds for Unseal as for Seal (docs/security.md):
+     * a node outside it cannot use a blob it (or a thief) holds. */
+    if (!enrolment_allowed(d, j->ip, j->r->node_uuid != NULL ? j->r->node_uuid : "")) {
+        unseal_job_failed(j);
+        atomic_fetch_add(&d->metrics.policy_denied[1], 1);
+        fail(d, call, "unseal", KMS_EDENIED, "enrolment policy refuses this node", peer);
         goto out;
     }
     rc = kms_blob_parse(j->r->data.data, j->r->data.len, j->key_id, client_half, &err);
     if (rc != 0) {
-        kmsd_rate_fail(d, j->ip);
+        unseal_job_failed(j);
         fail(d, call, "unseal", KMS_EINVAL, err.msg, peer);
         goto out;
     }
@@ -632,6 +761,15 @@ static void unseal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     if (rc != KMS_ENOTFOUND && !(rc == KMS_EUNAVAIL && stale)) {
         unseal_answer(j, rc, data, datalen, &err);
         goto out;
+    }
+    if (rc == KMS_ENOTFOUND) {
+        bool global_hit = false;
+        /* Count the miss at once; a limited address gets no read barrier. */
+        unseal_job_failed(j);
+        if (unseal_fail_limited(d, j->ip, &global_hit)) {
+            unseal_refuse_limited(j, global_hit);
+            goto out;
+        }
     }
     j->first = rc;
     if ((rc = kmsd_pool_submit(d->wait_pool, unseal_run_cb, j)) != 0) {

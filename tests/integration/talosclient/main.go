@@ -19,6 +19,9 @@
 //	roundtrip -uuid U [-seal-endpoint X] [-unseal-endpoint Y]
 //	load      -clients 8 -duration 10s -blobs FILE (seal output lines) [-rotate]
 //	probe     -tls12only | -noalpn           raw crypto/tls + one gRPC call
+//	burst     -n N -uuid U|-uuids U,U.. [-blob B64 | -seal] [-sources IP,IP...] [-parallel P]
+//	          N unseals of B64 (or seals of random data), each from the next
+//	          source address; prints {"codes":{"OK":n,...},"elapsed_ms":t}
 //
 // Exit status: the gRPC status code of the failing RPC (0 = OK), 100 when an
 // unseal returned OK with the wrong bytes, 64 on usage errors, 2 when a
@@ -135,6 +138,7 @@ type client struct {
 	roots      *x509.CertPool
 	serverName string
 	timeout    time.Duration
+	source     net.IP // local address to bind (nil: the kernel's choice)
 }
 
 var resolverSeq int64
@@ -180,6 +184,13 @@ func (c *client) call(endpoints []string, method string, req []byte) ([]byte, er
 	r.InitialState(resolver.State{Addresses: addrs})
 
 	opts := []grpc.DialOption{grpc.WithResolvers(r)}
+	if c.source != nil {
+		src := &net.TCPAddr{IP: c.source}
+		opts = append(opts, grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+			d := net.Dialer{LocalAddr: src}
+			return d.DialContext(ctx, "tcp", addr)
+		}))
+	}
 	if c.plaintext {
 		opts = append(opts, grpc.WithInsecure())
 	} else {
@@ -593,6 +604,7 @@ type globals struct {
 	endpoints, caFile, serverName string
 	plaintext                     bool
 	timeout                       time.Duration
+	source                        string
 }
 
 var g = globals{endpoints: "127.0.0.1:4050", timeout: 10 * time.Second}
@@ -603,6 +615,7 @@ func addGlobals(fs *flag.FlagSet) {
 	fs.BoolVar(&g.plaintext, "plaintext", g.plaintext, "plaintext h2c (Talos grpc:// endpoints)")
 	fs.StringVar(&g.serverName, "servername", g.serverName, "TLS server name (default: host of the first endpoint)")
 	fs.DurationVar(&g.timeout, "timeout", g.timeout, "deadline per RPC (Talos: 10s)")
+	fs.StringVar(&g.source, "source", g.source, "local IP address to connect from (e.g. 127.0.0.2)")
 }
 
 func parseAll(fs *flag.FlagSet, args []string) *client {
@@ -617,6 +630,11 @@ func parseAll(fs *flag.FlagSet, args []string) *client {
 	}
 	c := &client{endpoints: eps, plaintext: g.plaintext || plain, serverName: g.serverName,
 		timeout: g.timeout}
+	if g.source != "" {
+		if c.source = net.ParseIP(g.source); c.source == nil {
+			usage("-source: not an IP address: " + g.source)
+		}
+	}
 	if g.caFile != "" && !c.plaintext {
 		pem, err := ioutil.ReadFile(g.caFile)
 		if err != nil {
@@ -643,11 +661,78 @@ func main() {
 	}
 	cmds := map[string]func(*flag.FlagSet, []string){
 		"seal": cmdSeal, "unseal": cmdUnseal, "roundtrip": cmdRoundtrip, "load": cmdLoad,
-		"probe": cmdProbe,
+		"probe": cmdProbe, "burst": cmdBurst,
 	}
 	run, ok := cmds[flag.Arg(0)]
 	if !ok {
 		usage("unknown command " + flag.Arg(0))
 	}
 	run(flag.NewFlagSet(flag.Arg(0), flag.ExitOnError), flag.Args()[1:])
+}
+
+// cmdBurst makes n calls (unseal of one blob, or seals) with the source
+// address rotating over -sources, p at a time, and counts the status codes.
+func cmdBurst(fs *flag.FlagSet, args []string) {
+	uuid := fs.String("uuid", "", "node UUID")
+	uuids := fs.String("uuids", "", "comma-separated node UUIDs to cycle over (overrides -uuid)")
+	blob64 := fs.String("blob", "", "sealed blob to unseal (base64)")
+	doSeal := fs.Bool("seal", false, "seal random data instead of unsealing")
+	n := fs.Int("n", 100, "number of calls")
+	sources := fs.String("sources", "", "comma-separated local addresses to rotate over")
+	par := fs.Int("parallel", 4, "calls in flight")
+	c := parseAll(fs, args)
+	blob, err := base64.StdEncoding.DecodeString(*blob64)
+	if err != nil || (*blob64 == "" && !*doSeal) {
+		usage("burst: -blob (base64) or -seal is required")
+	}
+	var srcs []net.IP
+	for _, s := range strings.Split(*sources, ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			ip := net.ParseIP(s)
+			if ip == nil {
+				usage("burst: -sources: not an IP address: " + s)
+			}
+			srcs = append(srcs, ip)
+		}
+	}
+	ulist := []string{*uuid}
+	if *uuids != "" {
+		ulist = strings.Split(*uuids, ",")
+	}
+	var mu sync.Mutex
+	codes := map[string]int{}
+	var next int64 = -1
+	var wg sync.WaitGroup
+	t0 := time.Now()
+	for w := 0; w < *par; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := atomic.AddInt64(&next, 1)
+				if i >= int64(*n) {
+					return
+				}
+				cc := *c
+				if len(srcs) > 0 {
+					cc.source = srcs[int(i)%len(srcs)]
+				}
+				var err error
+				if *doSeal {
+					data := make([]byte, 32)
+					_, _ = rand.Read(data)
+					_, err = cc.seal(cc.endpoints, ulist[int(i)%len(ulist)], data)
+				} else {
+					_, err = cc.unseal(cc.endpoints, ulist[int(i)%len(ulist)], blob)
+				}
+				mu.Lock()
+				codes[status.Code(err).String()]++
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	out, _ := json.Marshal(map[string]interface{}{"codes": codes,
+		"elapsed_ms": time.Since(t0).Milliseconds()})
+	fmt.Println(string(out))
 }
