@@ -52,6 +52,11 @@ struct f_peer {
 struct f_rate {
     char *failedUnsealsPerMinute;
 };
+struct f_limits {
+    char *maxConnections, *maxConnectionsPerAddress, *handshakeTimeout, *maxConcurrentStreams,
+        *grpcMemory, *connectionIdle, *connectionMaxAge, *httpMaxConnections,
+        *httpMaxConnectionsPerAddress, *listenerProbeInterval;
+};
 struct f_enrol {
     char **allowedCIDRs;
     unsigned allowedCIDRs_count;
@@ -69,6 +74,7 @@ struct f_doc {
     unsigned initialCluster_count;
     char *unsealReads, *leaseGrace, *requestWait;
     struct f_rate rateLimit;
+    struct f_limits limits;
     struct f_enrol enrolment;
     char *logLevel;
 };
@@ -116,6 +122,18 @@ static const cyaml_schema_value_t peer_entry = {
 static const cyaml_schema_field_t rate_fields[] = {
     OPT_STR("failedUnsealsPerMinute", struct f_rate, failedUnsealsPerMinute),
     CYAML_FIELD_END};
+static const cyaml_schema_field_t limits_fields[] = {
+    OPT_STR("maxConnections", struct f_limits, maxConnections),
+    OPT_STR("maxConnectionsPerAddress", struct f_limits, maxConnectionsPerAddress),
+    OPT_STR("handshakeTimeout", struct f_limits, handshakeTimeout),
+    OPT_STR("maxConcurrentStreams", struct f_limits, maxConcurrentStreams),
+    OPT_STR("grpcMemory", struct f_limits, grpcMemory),
+    OPT_STR("connectionIdle", struct f_limits, connectionIdle),
+    OPT_STR("connectionMaxAge", struct f_limits, connectionMaxAge),
+    OPT_STR("httpMaxConnections", struct f_limits, httpMaxConnections),
+    OPT_STR("httpMaxConnectionsPerAddress", struct f_limits, httpMaxConnectionsPerAddress),
+    OPT_STR("listenerProbeInterval", struct f_limits, listenerProbeInterval),
+    CYAML_FIELD_END};
 static const cyaml_schema_value_t string_entry = {
     CYAML_VALUE_STRING(CYAML_FLAG_POINTER, char, 0, 4096)};
 static const cyaml_schema_field_t enrol_fields[] = {
@@ -141,6 +159,7 @@ static const cyaml_schema_field_t doc_fields[] = {
     OPT_STR("leaseGrace", struct f_doc, leaseGrace),
     OPT_STR("requestWait", struct f_doc, requestWait),
     CYAML_FIELD_MAPPING("rateLimit", CYAML_FLAG_OPTIONAL, struct f_doc, rateLimit, rate_fields),
+    CYAML_FIELD_MAPPING("limits", CYAML_FLAG_OPTIONAL, struct f_doc, limits, limits_fields),
     CYAML_FIELD_MAPPING("enrolment", CYAML_FLAG_OPTIONAL, struct f_doc, enrolment, enrol_fields),
     OPT_STR("logLevel", struct f_doc, logLevel),
     CYAML_FIELD_END};
@@ -280,6 +299,40 @@ static const struct opt opts[] = {
      "rate-limit-failed-unseals-per-minute", T_UINT, "30", IMM,
      C(failed_unseals_per_minute), F(rateLimit.failedUnsealsPerMinute), 0, 1000000, NULL,
      "N", "failed Unseals allowed per source address per minute (0 = no limit)"},
+    {"limits.maxConnections", "KMSD_LIMITS_MAX_CONNECTIONS", "limits-max-connections", T_UINT,
+     "0", IMM, C(limits.max_connections), F(limits.maxConnections), 0, 1000000, NULL, "N",
+     "open connections per gRPC port, all peers (0 = auto: min(1024, (fd limit - 128) / 4))"},
+    {"limits.maxConnectionsPerAddress", "KMSD_LIMITS_MAX_CONNECTIONS_PER_ADDRESS",
+     "limits-max-connections-per-address", T_UINT, "64", IMM,
+     C(limits.max_connections_per_address), F(limits.maxConnectionsPerAddress), 1, 1000000,
+     NULL, "N", "open connections per source address on each gRPC port"},
+    {"limits.handshakeTimeout", "KMSD_LIMITS_HANDSHAKE_TIMEOUT", "limits-handshake-timeout",
+     T_DURATION, "10s", IMM, C(limits.handshake_timeout_ms), F(limits.handshakeTimeout), 100,
+     60000, NULL, "DURATION", "a connection must finish TLS and HTTP/2 set-up within this"},
+    {"limits.maxConcurrentStreams", "KMSD_LIMITS_MAX_CONCURRENT_STREAMS",
+     "limits-max-concurrent-streams", T_UINT, "16", IMM, C(limits.max_concurrent_streams),
+     F(limits.maxConcurrentStreams), 1, 1000, NULL, "N",
+     "concurrent HTTP/2 streams per gRPC connection"},
+    {"limits.grpcMemory", "KMSD_LIMITS_GRPC_MEMORY", "limits-grpc-memory", T_SIZE, "64MiB", IMM,
+     C(limits.grpc_memory), F(limits.grpcMemory), 4u << 20, UINT64_C(16) << 30, NULL, "SIZE",
+     "gRPC resource quota (transport memory) per gRPC port"},
+    {"limits.connectionIdle", "KMSD_LIMITS_CONNECTION_IDLE", "limits-connection-idle",
+     T_DURATION, "5m", IMM, C(limits.connection_idle_ms), F(limits.connectionIdle), 1000,
+     86400000, NULL, "DURATION", "close gRPC connections without a call for this long"},
+    {"limits.connectionMaxAge", "KMSD_LIMITS_CONNECTION_MAX_AGE", "limits-connection-max-age",
+     T_DURATION, "30m", IMM, C(limits.connection_max_age_ms), F(limits.connectionMaxAge), 1000,
+     86400000, NULL, "DURATION", "GOAWAY gRPC connections older than this (10 s grace)"},
+    {"limits.httpMaxConnections", "KMSD_LIMITS_HTTP_MAX_CONNECTIONS",
+     "limits-http-max-connections", T_UINT, "64", IMM, C(limits.http_max_connections),
+     F(limits.httpMaxConnections), 1, 10000, NULL, "N", "open connections on the HTTP port"},
+    {"limits.httpMaxConnectionsPerAddress", "KMSD_LIMITS_HTTP_MAX_CONNECTIONS_PER_ADDRESS",
+     "limits-http-max-connections-per-address", T_UINT, "8", IMM,
+     C(limits.http_max_connections_per_address), F(limits.httpMaxConnectionsPerAddress), 1,
+     10000, NULL, "N", "open connections per source address on the HTTP port"},
+    {"limits.listenerProbeInterval", "KMSD_LIMITS_LISTENER_PROBE_INTERVAL",
+     "limits-listener-probe-interval", T_DURATION, "2s", IMM,
+     C(limits.listener_probe_interval_ms), F(limits.listenerProbeInterval), 0, 60000, NULL,
+     "DURATION", "self-connect check of the gRPC listeners (0 = off)"},
     {"enrolment.allowedCIDRs", "KMSD_ENROLMENT_ALLOWED_CIDRS", "enrolment-allowed-cidrs",
      T_CIDRS, "", IMM, C(allowed_cidrs), NOF, 0, 0, NULL, "CIDR,...",
      "source networks allowed to Seal (empty = any)"},

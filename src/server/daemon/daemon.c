@@ -25,8 +25,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/resource.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
+
+#include "kms_connlimit.h"
 
 #include "kms_crypto.h"
 #include "kms_log.h"
@@ -62,6 +65,61 @@ static int data_dir_space_check(const char *dir, struct kms_err *err)
     return 0;
 }
 
+/* Raises the soft RLIMIT_NOFILE to the hard limit (a 1,024 soft limit is
+ * easily exhausted by idle connections) and derives the default total
+ * connection cap per gRPC port from it: two gRPC ports, the HTTP port, raft
+ * and RocksDB must all fit, so each gRPC port gets a quarter of what is left
+ * after 128 descriptors for everything else, at most 1024. */
+static void fd_limit_raise(struct kmsd *d)
+{
+    struct rlimit rl;
+    char soft[32], hard[32], cap[32];
+    unsigned long long lim = 1024;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        unsigned long long before = rl.rlim_cur;
+        if (rl.rlim_cur < rl.rlim_max) {
+            rl.rlim_cur = rl.rlim_max;
+            if (setrlimit(RLIMIT_NOFILE, &rl) != 0) {
+                (void)getrlimit(RLIMIT_NOFILE, &rl);
+            }
+        }
+        lim = rl.rlim_cur == RLIM_INFINITY ? 1048576ull : (unsigned long long)rl.rlim_cur;
+        snprintf(soft, sizeof(soft), "%llu", before);
+        snprintf(hard, sizeof(hard), "%llu", lim);
+    } else {
+        snprintf(soft, sizeof(soft), "?");
+        snprintf(hard, sizeof(hard), "?");
+    }
+    d->fd_limit = lim;
+    if (d->opt.max_conns != 0) {
+        d->max_conns_effective = d->opt.max_conns;
+    } else {
+        unsigned long long auto_cap = lim > 128 + 64 ? (lim - 128) / 4 : 16;
+        d->max_conns_effective = auto_cap > 1024 ? 1024 : (unsigned)auto_cap;
+    }
+    snprintf(cap, sizeof(cap), "%u", d->max_conns_effective);
+    kms_log(KMS_LOG_INFO, "kmsd", "file descriptor limit", "soft_before", soft, "soft", hard,
+            "max_connections_per_grpc_port", cap, NULL);
+    if (2ull * d->max_conns_effective + d->opt.http_max_conns + 128 > lim) {
+        kms_log(KMS_LOG_WARN, "kmsd",
+                "limits.maxConnections leaves too few file descriptors: connections beyond "
+                "the fd limit are reset at accept",
+                "fd_limit", hard, "max_connections", cap, NULL);
+    }
+}
+
+static void rpc_limits_fill(const struct kmsd *d, struct kms_rpc_server_config *cfg)
+{
+    cfg->max_conns = d->max_conns_effective;
+    cfg->max_conns_per_addr = d->opt.max_conns_per_addr;
+    cfg->handshake_timeout_ms = d->opt.handshake_timeout_ms;
+    cfg->max_streams = d->opt.max_streams;
+    cfg->memory_quota = d->opt.grpc_memory;
+    cfg->max_idle_ms = d->opt.conn_idle_ms;
+    cfg->max_age_ms = d->opt.conn_max_age_ms;
+}
+
 static int talos_open(struct kmsd *d, struct kms_err *err)
 {
     struct kms_rpc_server_config cfg;
@@ -72,6 +130,7 @@ static int talos_open(struct kmsd *d, struct kms_err *err)
     cfg.listen = d->opt.talos_listen;
     cfg.workers = d->opt.workers;
     cfg.max_message = d->opt.talos_max_message;
+    rpc_limits_fill(d, &cfg);
     if (d->opt.talos_plaintext) {
         cfg.mode = KMS_RPC_INSECURE;
     } else {
@@ -137,10 +196,48 @@ static int self_meta_cb(void *arg, const Kmsd__V1__Member *m)
     return 0;
 }
 
+static int cluster_open(struct kmsd *d, struct kms_err *err);
+
+#define PROBE_TIMEOUT_MS 500 /* the accept filter sees a live loop's accept in ~1 ms */
+#define PROBE_FAILS_REBUILD 2 /* consecutive failed probes before a rebuild */
+#define LOG_FLUSH_MS 10000   /* suppressed-line reports */
+
+/* One probe of a listener; true when it accepted. Rebuilds are decided by
+ * the caller from *fails. */
+static bool listener_probe(struct kms_rpc_server *srv, const char *what, unsigned *fails,
+                           bool *was_ok)
+{
+    int r = kms_rpc_server_probe(srv, PROBE_TIMEOUT_MS);
+    if (r == KMS_PROBE_OK) {
+        if (!*was_ok) {
+            kms_log(KMS_LOG_INFO, "kmsd", "listener accepts again", "listener", what, NULL);
+        }
+        *fails = 0;
+        *was_ok = true;
+        return true;
+    }
+    (*fails)++;
+    *was_ok = false;
+    {
+        char n[16];
+        snprintf(n, sizeof(n), "%u", *fails);
+        kms_log(KMS_LOG_ERROR, "kmsd", "listener probe failed: not serving new connections",
+                "listener", what, "result", kms_probe_result_name((enum kms_probe_result)r),
+                "consecutive", n, NULL);
+    }
+    /* Out of descriptors: a rebuild would not help (and needs fds itself). */
+    if (r == KMS_PROBE_NO_FD) {
+        *fails = 0;
+    }
+    return false;
+}
+
 static void *supervisor_main(void *arg)
 {
     struct kmsd *d = arg;
-    uint64_t last_slow = 0;
+    uint64_t last_slow = 0, last_probe = 0, last_flush = 0;
+    unsigned talos_fails = 0, cluster_fails = 0;
+    bool talos_ok = true, cluster_ok = true;
     bool self_published = false;
     bool lease_seen = false;
 
@@ -169,6 +266,57 @@ static void *supervisor_main(void *arg)
         } else if (!want && d->talos_srv != NULL) {
             talos_close(d, !unsealed ? "sealed" : "no read lease for longer than the grace period",
                         TALOS_CLOSE_GRACE_MS);
+        }
+
+        /* Listener truth: a listener whose accept loop stopped (gRPC 1.51
+         * gives up on some accept errors) is rebuilt; /readyz and kmsctl
+         * status report the probe, not the intent. */
+        if (d->opt.probe_interval_ms > 0 && now - last_probe >= d->opt.probe_interval_ms) {
+            last_probe = now;
+            if (d->talos_srv != NULL) {
+                bool ok = listener_probe(d->talos_srv, "talos", &talos_fails, &talos_ok);
+                atomic_store(&d->talos_listening, ok);
+                if (talos_fails >= PROBE_FAILS_REBUILD) {
+                    talos_fails = 0;
+                    d->listener_rebuilds++;
+                    talos_close(d, "listener probe failed: rebuilding it", 0);
+                    continue; /* reopened by the next pass (still wanted) */
+                }
+            } else {
+                talos_fails = 0;
+                talos_ok = true;
+            }
+            if (d->cluster_srv != NULL) {
+                bool ok = listener_probe(d->cluster_srv, "cluster", &cluster_fails,
+                                         &cluster_ok);
+                atomic_store(&d->cluster_listening, ok);
+                if (cluster_fails >= PROBE_FAILS_REBUILD) {
+                    struct kms_err err;
+                    cluster_fails = 0;
+                    d->listener_rebuilds++;
+                    kms_log(KMS_LOG_WARN, "cluster",
+                            "cluster API listener probe failed: rebuilding it", NULL);
+                    kms_rpc_server_stop(d->cluster_srv, 0);
+                    kms_rpc_server_destroy(d->cluster_srv);
+                    d->cluster_srv = NULL;
+                    kms_err_clear(&err);
+                    if (cluster_open(d, &err) != 0) {
+                        kms_log(KMS_LOG_ERROR, "cluster", "cannot reopen the cluster API",
+                                "error", err.msg, NULL);
+                    }
+                }
+            } else {
+                struct kms_err err;
+                kms_err_clear(&err);
+                if (cluster_open(d, &err) != 0) {
+                    kms_log(KMS_LOG_ERROR, "cluster", "cannot reopen the cluster API", "error",
+                            err.msg, NULL);
+                }
+            }
+        }
+        if (now - last_flush >= LOG_FLUSH_MS) {
+            last_flush = now;
+            kms_log_flush_suppressed();
         }
 
         if (now - last_slow >= 1000) {
@@ -229,13 +377,44 @@ static int client_ca_bundle(struct kmsd *d, char *path, size_t pathlen, struct k
     return rc;
 }
 
+/* Creates and starts the cluster API server (start-up, and the supervisor
+ * when a probe found its accept loop dead). */
+static int cluster_open(struct kmsd *d, struct kms_err *err)
+{
+    struct kms_rpc_server_config ccfg;
+    char bundle[4096];
+    int rc;
+
+    if ((rc = client_ca_bundle(d, bundle, sizeof(bundle), err)) != 0) {
+        return rc;
+    }
+    memset(&ccfg, 0, sizeof(ccfg));
+    ccfg.listen = d->opt.cluster_listen;
+    ccfg.workers = d->opt.workers;
+    ccfg.max_message = 4 * 1024 * 1024;
+    ccfg.mode = KMS_RPC_MTLS;
+    ccfg.cert_file = d->opt.node_cert;
+    ccfg.key_file = d->opt.node_key;
+    ccfg.ca_file = bundle;
+    rpc_limits_fill(d, &ccfg);
+    if ((rc = kms_rpc_server_create(&ccfg, &d->cluster_srv, err)) != 0 ||
+        (rc = kmsd_cluster_register(d, d->cluster_srv)) != 0 ||
+        (rc = kms_rpc_server_start(d->cluster_srv, err)) != 0) {
+        if (d->cluster_srv != NULL) {
+            kms_rpc_server_destroy(d->cluster_srv);
+            d->cluster_srv = NULL;
+        }
+        return kms_err_wrap(err, rc, "cluster API on %s", d->opt.cluster_listen);
+    }
+    atomic_store(&d->cluster_listening, true);
+    return 0;
+}
+
 int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *err)
 {
     struct kms_raft_config rc_cfg;
     struct kms_raft_peer peers[KMSD_MAX_PEERS];
-    struct kms_rpc_server_config ccfg;
     char path[4096];
-    char bundle[4096];
     int rc;
 
     memset(d, 0, sizeof(*d));
@@ -244,6 +423,7 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
     pthread_mutex_init(&d->fwd_mu, NULL);
     pthread_mutex_init(&d->rate_mu, NULL);
     pthread_rwlock_init(&d->kr_lock, NULL);
+    fd_limit_raise(d);
 
     {
         const char *pause = getenv("KMSD_TEST_READ_PAUSE_MS");
@@ -302,21 +482,8 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
             0) {
         return kms_err_wrap(err, rc, "handler pools");
     }
-    if ((rc = client_ca_bundle(d, bundle, sizeof(bundle), err)) != 0) {
+    if ((rc = cluster_open(d, err)) != 0) {
         return rc;
-    }
-    memset(&ccfg, 0, sizeof(ccfg));
-    ccfg.listen = d->opt.cluster_listen;
-    ccfg.workers = d->opt.workers;
-    ccfg.max_message = 4 * 1024 * 1024;
-    ccfg.mode = KMS_RPC_MTLS;
-    ccfg.cert_file = d->opt.node_cert;
-    ccfg.key_file = d->opt.node_key;
-    ccfg.ca_file = bundle;
-    if ((rc = kms_rpc_server_create(&ccfg, &d->cluster_srv, err)) != 0 ||
-        (rc = kmsd_cluster_register(d, d->cluster_srv)) != 0 ||
-        (rc = kms_rpc_server_start(d->cluster_srv, err)) != 0) {
-        return kms_err_wrap(err, rc, "cluster API on %s", d->opt.cluster_listen);
     }
     kms_log(KMS_LOG_INFO, "cluster", "cluster API listening", "addr", d->opt.cluster_listen,
             NULL);

@@ -102,6 +102,18 @@ struct kmsd_options {
     unsigned request_wait_ms;
     unsigned failed_unseals_per_minute;
 
+    /* connection and resource limits (docs/security.md "Limits") */
+    unsigned max_conns;            /* per gRPC port; 0 = auto from the fd limit */
+    unsigned max_conns_per_addr;
+    unsigned handshake_timeout_ms;
+    unsigned max_streams;
+    size_t grpc_memory;
+    unsigned conn_idle_ms;
+    unsigned conn_max_age_ms;
+    unsigned http_max_conns;
+    unsigned http_max_conns_per_addr;
+    unsigned probe_interval_ms;    /* 0 = no listener probe */
+
     struct kmsd_cidr cidrs[KMSD_MAX_CIDRS];
     size_t n_cidrs;
     const char *uuids[KMSD_MAX_UUIDS];
@@ -149,7 +161,11 @@ struct kmsd {
 
     /* Talos API server: created/destroyed only by the supervisor thread. */
     struct kms_rpc_server *talos_srv;
-    atomic_bool talos_listening;
+    atomic_bool talos_listening;         /* open and its last probe accepted */
+    atomic_bool cluster_listening;       /* cluster API's last probe accepted */
+    unsigned max_conns_effective;        /* per gRPC port, after the fd-limit default */
+    unsigned long long fd_limit;         /* RLIMIT_NOFILE soft limit after start */
+    unsigned long long listener_rebuilds; /* supervisor thread writes, metrics read */
 
     pthread_mutex_t mu;                  /* guards the fields below */
     bool unsealed;
