@@ -55,7 +55,8 @@ struct f_rate {
 struct f_limits {
     char *maxConnections, *maxConnectionsPerAddress, *handshakeTimeout, *maxConcurrentStreams,
         *grpcMemory, *connectionIdle, *connectionMaxAge, *httpMaxConnections,
-        *httpMaxConnectionsPerAddress, *listenerProbeInterval;
+        *httpMaxConnectionsPerAddress, *listenerProbeInterval, *talosConnectionBytes,
+        *abuseBanAfter, *abuseBanTime;
 };
 struct f_enrol {
     char **allowedCIDRs;
@@ -133,6 +134,9 @@ static const cyaml_schema_field_t limits_fields[] = {
     OPT_STR("httpMaxConnections", struct f_limits, httpMaxConnections),
     OPT_STR("httpMaxConnectionsPerAddress", struct f_limits, httpMaxConnectionsPerAddress),
     OPT_STR("listenerProbeInterval", struct f_limits, listenerProbeInterval),
+    OPT_STR("talosConnectionBytes", struct f_limits, talosConnectionBytes),
+    OPT_STR("abuseBanAfter", struct f_limits, abuseBanAfter),
+    OPT_STR("abuseBanTime", struct f_limits, abuseBanTime),
     CYAML_FIELD_END};
 static const cyaml_schema_value_t string_entry = {
     CYAML_VALUE_STRING(CYAML_FLAG_POINTER, char, 0, 4096)};
@@ -333,6 +337,16 @@ static const struct opt opts[] = {
      "limits-listener-probe-interval", T_DURATION, "2s", IMM,
      C(limits.listener_probe_interval_ms), F(limits.listenerProbeInterval), 0, 60000, NULL,
      "DURATION", "self-connect check of the gRPC listeners (0 = off)"},
+    {"limits.talosConnectionBytes", "KMSD_LIMITS_TALOS_CONNECTION_BYTES",
+     "limits-talos-connection-bytes", T_SIZE, "32KiB", IMM, C(limits.talos_connection_bytes),
+     F(limits.talosConnectionBytes), 0, UINT64_C(1) << 30, NULL, "SIZE",
+     "shut down a Talos API connection that received more than this (0 = off)"},
+    {"limits.abuseBanAfter", "KMSD_LIMITS_ABUSE_BAN_AFTER", "limits-abuse-ban-after", T_UINT,
+     "3", IMM, C(limits.abuse_ban_after), F(limits.abuseBanAfter), 0, 1000, NULL, "N",
+     "byte-budget shutdowns of one address within 10s that ban it (0 = never)"},
+    {"limits.abuseBanTime", "KMSD_LIMITS_ABUSE_BAN_TIME", "limits-abuse-ban-time", T_DURATION,
+     "30s", IMM, C(limits.abuse_ban_ms), F(limits.abuseBanTime), 0, MS_MAX, NULL, "DURATION",
+     "how long a banned address is refused on the Talos API"},
     {"enrolment.allowedCIDRs", "KMSD_ENROLMENT_ALLOWED_CIDRS", "enrolment-allowed-cidrs",
      T_CIDRS, "", IMM, C(allowed_cidrs), NOF, 0, 0, NULL, "CIDR,...",
      "source networks allowed to Seal (empty = any)"},

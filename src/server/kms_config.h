@@ -127,6 +127,9 @@ struct kms_config {
         unsigned http_max_connections;
         unsigned http_max_connections_per_address;
         unsigned listener_probe_interval_ms;  /* 0 = no probe */
+        uint64_t talos_connection_bytes;      /* 0 = no byte police */
+        unsigned abuse_ban_after;
+        unsigned abuse_ban_ms;
     } limits;
 
     struct kms_config_cidr *allowed_cidrs; /* empty = any source */

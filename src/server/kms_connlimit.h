@@ -32,10 +32,21 @@
 
 #include "kms_err.h"
 
-/* Caps for a listener; 0 in a field = no cap on it. */
+/* Caps for a listener; 0 in a field = no cap on it.
+ *
+ * max_conn_bytes polices HTTP/2 abuse that gRPC 1.51 does not bound, rapid
+ * reset above all (HEADERS + RST_STREAM: the streams never reach kmsd's
+ * handlers, but gRPC creates and cancels a call for each and falls behind):
+ * a police thread reads every tracked connection's received byte count
+ * (TCP_INFO) every POLICE_MS and shuts down a connection that received more
+ * than max_conn_bytes in total; an address whose connections were shut
+ * down ban_after times within 10 s is refused at accept for ban_ms. */
 struct kms_connlimit {
     unsigned max_total;
     unsigned max_per_addr;
+    unsigned long long max_conn_bytes; /* per connection, lifetime; 0 = no police */
+    unsigned ban_after;                /* kills within 10 s before a ban; 0 = never ban */
+    unsigned ban_ms;
 };
 
 /* Applies caps to the listening socket(s) bound to TCP port `port` (IPv4
@@ -52,6 +63,8 @@ struct kms_connlimit_stats {
     unsigned long long accepted;     /* passed to gRPC */
     unsigned long long rejected;     /* closed for a cap */
     unsigned long long emfile;       /* dropped because the process was out of fds */
+    unsigned long long killed;       /* shut down by the byte police */
+    unsigned long long banned;       /* refused at accept: address banned */
 };
 void kms_connlimit_stats(int port, struct kms_connlimit_stats *out);
 

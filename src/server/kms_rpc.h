@@ -71,6 +71,9 @@ struct kms_rpc_server_config {
     size_t memory_quota;           /* gRPC resource quota (transport buffers); 0 = 64 MiB */
     unsigned max_idle_ms;          /* close connections idle this long; 0 = 5 min */
     unsigned max_age_ms;           /* GOAWAY connections older than this; 0 = 30 min */
+    unsigned long long max_conn_bytes; /* shut down a connection that received more; 0 = off */
+    unsigned ban_after;            /* byte-budget kills in 10 s that ban the address; 0 = never */
+    unsigned ban_ms;               /* how long such an address is refused */
 };
 
 struct kms_rpc_server;

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <linux/tcp.h> /* tcp_info with tcpi_bytes_received (glibc's lacks it) */
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -25,12 +26,24 @@
 #define MAX_PORTS 8
 #define MAX_PROBES 8
 #define FULL_SWEEP_MIN_MS 100 /* at most one full sweep per listener per 100 ms */
+#define POLICE_MS 20          /* byte police period */
+#define BAN_WINDOW_MS 10000   /* kills counted over this window for a ban */
+#define MAX_BANS 256          /* addresses remembered (kills or ban), oldest replaced */
 
 struct conn {
     int fd;
     ino_t ino;
     dev_t dev;
     uint8_t ip[16]; /* IPv4 as v4-mapped */
+    unsigned long long bytes_seen; /* last TCP_INFO tcpi_bytes_received */
+};
+
+struct ban {
+    uint8_t ip[16];
+    int port;
+    uint64_t window_start_ms;
+    unsigned kills;
+    uint64_t until_ms; /* banned until (0 = not banned) */
 };
 
 struct listener {
@@ -39,7 +52,7 @@ struct listener {
     struct conn *conns;
     size_t n, cap;
     uint64_t last_full_sweep_ms;
-    unsigned long long accepted, rejected, emfile;
+    unsigned long long accepted, rejected, emfile, killed, banned;
 };
 
 struct probe {
@@ -53,6 +66,8 @@ static pthread_cond_t g_cv = PTHREAD_COND_INITIALIZER;
 static struct listener g_lis[MAX_PORTS];
 static struct probe g_probes[MAX_PROBES];
 static atomic_int g_n_ports;
+static struct ban g_bans[MAX_BANS];
+static bool g_police_started;
 static int g_reserve_fd = -1; /* under g_reserve_mu */
 static pthread_mutex_t g_reserve_mu = PTHREAD_MUTEX_INITIALIZER;
 
@@ -167,6 +182,16 @@ static const char *listener_admit(struct listener *l, int fd, const uint8_t ip[1
     struct stat st;
     struct conn *c;
 
+    if (l->lim.ban_ms > 0) {
+        uint64_t now = now_ms();
+        for (int i = 0; i < MAX_BANS; i++) {
+            if (g_bans[i].port == l->port && g_bans[i].until_ms > now &&
+                memcmp(g_bans[i].ip, ip, 16) == 0) {
+                l->banned++;
+                return "address banned after repeated abuse";
+            }
+        }
+    }
     /* the fd number was closed by gRPC and reused: that entry is dead */
     for (size_t i = 0; i < l->n; i++) {
         if (l->conns[i].fd == fd) {
@@ -206,6 +231,7 @@ static const char *listener_admit(struct listener *l, int fd, const uint8_t ip[1
     }
     c = &l->conns[l->n++];
     c->fd = fd;
+    c->bytes_seen = 0;
     c->ino = st.st_ino;
     c->dev = st.st_dev;
     memcpy(c->ip, ip, 16);
@@ -337,6 +363,96 @@ __attribute__((visibility("default"))) int accept4(int fd, struct sockaddr *addr
     }
 }
 
+/* Caller holds g_mu. Counts a kill of ip on port; bans it after enough. */
+static bool ban_note(int port, const uint8_t ip[16], const struct kms_connlimit *lim,
+                     uint64_t now)
+{
+    struct ban *b = NULL, *oldest = &g_bans[0];
+    for (int i = 0; i < MAX_BANS; i++) {
+        if (g_bans[i].port == port && memcmp(g_bans[i].ip, ip, 16) == 0) {
+            b = &g_bans[i];
+            break;
+        }
+        if (g_bans[i].window_start_ms < oldest->window_start_ms &&
+            g_bans[i].until_ms < now) {
+            oldest = &g_bans[i];
+        }
+    }
+    if (b == NULL) {
+        b = oldest;
+        memset(b, 0, sizeof(*b));
+        memcpy(b->ip, ip, 16);
+        b->port = port;
+    }
+    if (now - b->window_start_ms > BAN_WINDOW_MS) {
+        b->window_start_ms = now;
+        b->kills = 0;
+    }
+    b->kills++;
+    if (lim->ban_after > 0 && lim->ban_ms > 0 && b->kills >= lim->ban_after) {
+        b->until_ms = now + lim->ban_ms;
+        b->kills = 0;
+        return true;
+    }
+    return false;
+}
+
+/* One police pass over every listener with a byte budget. */
+static void police_pass(void)
+{
+    uint64_t now = now_ms();
+    pthread_mutex_lock(&g_mu);
+    for (int i = 0; i < MAX_PORTS; i++) {
+        struct listener *l = &g_lis[i];
+        if (l->port == 0 || l->lim.max_conn_bytes == 0) {
+            continue;
+        }
+        for (size_t k = 0; k < l->n; k++) {
+            struct conn *c = &l->conns[k];
+            struct tcp_info ti;
+            socklen_t tl = sizeof(ti);
+            memset(&ti, 0, sizeof(ti));
+            if (getsockopt(c->fd, IPPROTO_TCP, TCP_INFO, &ti, &tl) != 0) {
+                continue;
+            }
+            c->bytes_seen = ti.tcpi_bytes_received;
+            if (c->bytes_seen <= l->lim.max_conn_bytes || !conn_alive(c)) {
+                continue;
+            }
+            /* gRPC owns the fd: shut the socket down (it sees EOF and
+             * tears the transport down with all its streams), never close */
+            (void)shutdown(c->fd, SHUT_RDWR);
+            l->killed++;
+            {
+                char a[INET6_ADDRSTRLEN], p[16], b[32];
+                bool banned = ban_note(l->port, c->ip, &l->lim, now);
+                ip16_str(c->ip, a, sizeof(a));
+                snprintf(p, sizeof(p), "%d", l->port);
+                snprintf(b, sizeof(b), "%llu", c->bytes_seen);
+                kms_log(KMS_LOG_WARN, "net",
+                        banned ? "connection over its byte budget shut down; address banned"
+                               : "connection over its byte budget shut down",
+                        "peer", a, "port", p, "bytes", b, NULL);
+            }
+            c->bytes_seen = 0;
+            l->conns[k] = l->conns[--l->n];
+            k--;
+        }
+    }
+    pthread_mutex_unlock(&g_mu);
+}
+
+static void *police_main(void *arg)
+{
+    struct timespec ts = {0, POLICE_MS * 1000000L};
+    (void)arg;
+    for (;;) {
+        nanosleep(&ts, NULL);
+        police_pass();
+    }
+    return NULL;
+}
+
 int kms_connlimit_register(int port, const struct kms_connlimit *lim, struct kms_err *err)
 {
     struct listener *l;
@@ -364,6 +480,19 @@ int kms_connlimit_register(int port, const struct kms_connlimit *lim, struct kms
                          MAX_PORTS);
     } else {
         l->lim = *lim;
+        if (lim->max_conn_bytes > 0 && !g_police_started) {
+            /* process-lifetime helper: it only sleeps and scans the table */
+            pthread_t t;
+            pthread_attr_t a;
+            pthread_attr_init(&a);
+            pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+            if (pthread_create(&t, &a, police_main, NULL) == 0) {
+                g_police_started = true;
+            } else {
+                rc = kms_err_set(err, KMS_ENOMEM, "connection limits: cannot start a thread");
+            }
+            pthread_attr_destroy(&a);
+        }
     }
     pthread_mutex_unlock(&g_mu);
     return rc;
@@ -392,6 +521,8 @@ void kms_connlimit_stats(int port, struct kms_connlimit_stats *out)
         out->accepted = l->accepted;
         out->rejected = l->rejected;
         out->emfile = l->emfile;
+        out->killed = l->killed;
+        out->banned = l->banned;
     }
     pthread_mutex_unlock(&g_mu);
 }
@@ -501,15 +632,15 @@ enum kms_probe_result kms_connlimit_probe(const char *listen, int port, unsigned
     }
     pfd.fd = s;
     pfd.events = POLLOUT;
-    if (poll(&pfd, 1, (int)timeout_ms) <= 0 ||
-        getsockopt(s, SOL_SOCKET, SO_ERROR, &soerr, &el) != 0 || soerr != 0) {
-        res = soerr == 0 ? KMS_PROBE_NO_ACCEPT : KMS_PROBE_REFUSED;
-        goto out;
-    }
-    /* connected (the kernel's backlog took it): now the accept loop must */
+    (void)poll(&pfd, 1, (int)timeout_ms);
+    /* The filter may already have accepted and reset the connection (on
+     * loopback before poll returns), so SO_ERROR alone decides nothing:
+     * the accept being seen does. */
+    (void)getsockopt(s, SOL_SOCKET, SO_ERROR, &soerr, &el);
     clock_gettime(CLOCK_REALTIME, &end);
     {
-        uint64_t left = timeout_ms > now_ms() - t0 ? timeout_ms - (now_ms() - t0) : 0;
+        uint64_t spent = now_ms() - t0;
+        uint64_t left = timeout_ms > spent ? timeout_ms - spent : 0;
         end.tv_sec += (time_t)(left / 1000);
         end.tv_nsec += (long)(left % 1000) * 1000000L;
         if (end.tv_nsec >= 1000000000L) {
@@ -517,15 +648,16 @@ enum kms_probe_result kms_connlimit_probe(const char *listen, int port, unsigned
             end.tv_nsec -= 1000000000L;
         }
     }
-    res = KMS_PROBE_NO_ACCEPT;
     pthread_mutex_lock(&g_mu);
-    while (!g_probes[slot].seen) {
+    while (!g_probes[slot].seen && (soerr == 0 || soerr == ECONNRESET)) {
         if (pthread_cond_timedwait(&g_cv, &g_mu, &end) == ETIMEDOUT) {
             break;
         }
     }
     if (g_probes[slot].seen) {
         res = KMS_PROBE_OK;
+    } else {
+        res = soerr != 0 && soerr != ECONNRESET ? KMS_PROBE_REFUSED : KMS_PROBE_NO_ACCEPT;
     }
     pthread_mutex_unlock(&g_mu);
 out:

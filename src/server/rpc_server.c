@@ -788,6 +788,9 @@ int kms_rpc_server_create(const struct kms_rpc_server_config *cfg,
 #define DEF(v, d) ((v) != 0 ? (v) : (d))
     srv->conn_limit.max_total = DEF(cfg->max_conns, DEFAULT_MAX_CONNS);
     srv->conn_limit.max_per_addr = DEF(cfg->max_conns_per_addr, DEFAULT_MAX_CONNS_PER_ADDR);
+    srv->conn_limit.max_conn_bytes = cfg->max_conn_bytes;
+    srv->conn_limit.ban_after = cfg->ban_after;
+    srv->conn_limit.ban_ms = cfg->ban_ms;
     srv->handshake_timeout_ms = DEF(cfg->handshake_timeout_ms, DEFAULT_HANDSHAKE_MS);
     srv->max_streams = DEF(cfg->max_streams, DEFAULT_MAX_STREAMS);
     srv->memory_quota = DEF(cfg->memory_quota, DEFAULT_MEMORY_QUOTA);

@@ -21,6 +21,7 @@
 #define OP_POOL_THREADS 4           /* operator calls: rare, may block long */
 #define OP_POOL_QUEUE 256
 #include <errno.h>
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -131,6 +132,12 @@ static int talos_open(struct kmsd *d, struct kms_err *err)
     cfg.workers = d->opt.workers;
     cfg.max_message = d->opt.talos_max_message;
     rpc_limits_fill(d, &cfg);
+    /* Talos connections carry one small call each: police their bytes
+     * (rapid reset). The cluster API needs a client certificate before any
+     * HTTP/2 frame, so it is not policed. */
+    cfg.max_conn_bytes = d->opt.talos_conn_bytes;
+    cfg.ban_after = d->opt.abuse_ban_after;
+    cfg.ban_ms = d->opt.abuse_ban_ms;
     if (d->opt.talos_plaintext) {
         cfg.mode = KMS_RPC_INSECURE;
     } else {
@@ -317,6 +324,9 @@ static void *supervisor_main(void *arg)
         if (now - last_flush >= LOG_FLUSH_MS) {
             last_flush = now;
             kms_log_flush_suppressed();
+            /* gRPC's per-call garbage from a flood is freed but stays in
+             * malloc's arenas; hand it back so RSS reflects live memory */
+            (void)malloc_trim(0);
         }
 
         if (now - last_slow >= 1000) {

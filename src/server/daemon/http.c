@@ -219,12 +219,12 @@ int kmsd_http_start(struct kmsd *d, struct kms_err *err)
     d->http = MHD_start_daemon(
         MHD_USE_EPOLL_INTERNAL_THREAD | MHD_USE_ERROR_LOG |
             (((struct sockaddr *)&ss)->sa_family == AF_INET6 ? MHD_USE_IPv6 : 0),
-        (uint16_t)port, NULL, NULL, handler, d, MHD_OPTION_SOCK_ADDR, &ss,
+        (uint16_t)port, NULL, NULL, handler, d, MHD_OPTION_EXTERNAL_LOGGER, http_log_cb, NULL,
+        MHD_OPTION_SOCK_ADDR, &ss,
         MHD_OPTION_THREAD_POOL_SIZE, (unsigned)HTTP_THREADS,
         MHD_OPTION_CONNECTION_LIMIT, d->opt.http_max_conns,
         MHD_OPTION_PER_IP_CONNECTION_LIMIT, d->opt.http_max_conns_per_addr,
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)HTTP_IDLE_TIMEOUT_S,
-        MHD_OPTION_EXTERNAL_LOGGER, http_log_cb, NULL, MHD_OPTION_END);
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)HTTP_IDLE_TIMEOUT_S, MHD_OPTION_END);
     if (d->http == NULL) {
         return kms_err_set(err, KMS_EIO, "http: cannot listen on %s", d->opt.http_listen);
     }

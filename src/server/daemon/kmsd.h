@@ -113,6 +113,9 @@ struct kmsd_options {
     unsigned http_max_conns;
     unsigned http_max_conns_per_addr;
     unsigned probe_interval_ms;    /* 0 = no listener probe */
+    unsigned long long talos_conn_bytes; /* Talos byte police; 0 = off */
+    unsigned abuse_ban_after;
+    unsigned abuse_ban_ms;
 
     struct kmsd_cidr cidrs[KMSD_MAX_CIDRS];
     size_t n_cidrs;

@@ -75,6 +75,9 @@ static int options_from_config(const struct kms_config *c, struct kmsd_options *
     o->http_max_conns = c->limits.http_max_connections;
     o->http_max_conns_per_addr = c->limits.http_max_connections_per_address;
     o->probe_interval_ms = c->limits.listener_probe_interval_ms;
+    o->talos_conn_bytes = c->limits.talos_connection_bytes;
+    o->abuse_ban_after = c->limits.abuse_ban_after;
+    o->abuse_ban_ms = c->limits.abuse_ban_ms;
     for (size_t i = 0; i < c->n_allowed_cidrs && i < KMSD_MAX_CIDRS; i++) {
         memcpy(o->cidrs[i].addr, c->allowed_cidrs[i].addr, 16);
         o->cidrs[i].prefix = c->allowed_cidrs[i].prefix;
