@@ -26,7 +26,8 @@
 #define MAX_PORTS 8
 #define MAX_PROBES 8
 #define FULL_SWEEP_MIN_MS 100 /* at most one full sweep per listener per 100 ms */
-#define POLICE_MS 20          /* byte police period */
+#define POLICE_MS 10          /* byte police period */
+#define POLICED_RCVBUF 16384  /* SO_RCVBUF of policed connections (kernel doubles it) */
 #define BAN_WINDOW_MS 10000   /* kills counted over this window for a ban */
 #define MAX_BANS 256          /* addresses remembered (kills or ban), oldest replaced */
 
@@ -342,6 +343,12 @@ __attribute__((visibility("default"))) int accept4(int fd, struct sockaddr *addr
                 l->rejected++;
             } else {
                 l->accepted++;
+                if (l->lim.max_conn_bytes > 0) {
+                    /* a small receive buffer keeps what the kernel takes in
+                     * for gRPC (beyond what the police has seen) small */
+                    int rcv = POLICED_RCVBUF;
+                    (void)setsockopt(nfd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof(rcv));
+                }
             }
         }
         pthread_mutex_unlock(&g_mu);

@@ -136,6 +136,11 @@ static int talos_open(struct kmsd *d, struct kms_err *err)
      * (rapid reset). The cluster API needs a client certificate before any
      * HTTP/2 frame, so it is not policed. */
     cfg.max_conn_bytes = d->opt.talos_conn_bytes;
+    if (cfg.max_conn_bytes != 0 &&
+        cfg.max_conn_bytes < 4ull * d->opt.talos_max_message + 16384ull) {
+        /* never below a few full-size calls plus the TLS handshake */
+        cfg.max_conn_bytes = 4ull * d->opt.talos_max_message + 16384ull;
+    }
     cfg.ban_after = d->opt.abuse_ban_after;
     cfg.ban_ms = d->opt.abuse_ban_ms;
     if (d->opt.talos_plaintext) {
