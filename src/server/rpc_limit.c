@@ -374,19 +374,25 @@ __attribute__((visibility("default"))) int accept4(int fd, struct sockaddr *addr
 static bool ban_note(int port, const uint8_t ip[16], const struct kms_connlimit *lim,
                      uint64_t now)
 {
-    struct ban *b = NULL, *oldest = &g_bans[0];
+    struct ban *b = NULL, *spare = NULL;
     for (int i = 0; i < MAX_BANS; i++) {
-        if (g_bans[i].port == port && memcmp(g_bans[i].ip, ip, 16) == 0) {
-            b = &g_bans[i];
+        struct ban *x = &g_bans[i];
+        if (x->port == port && memcmp(x->ip, ip, 16) == 0) {
+            b = x;
             break;
         }
-        if (g_bans[i].window_start_ms < oldest->window_start_ms &&
-            g_bans[i].until_ms < now) {
-            oldest = &g_bans[i];
+        /* reuse a free slot, else the oldest one not banned right now */
+        if (x->until_ms <= now &&
+            (spare == NULL || x->port == 0 ||
+             (spare->port != 0 && x->window_start_ms < spare->window_start_ms))) {
+            spare = x;
         }
     }
+    if (b == NULL && spare == NULL) {
+        return false; /* every slot holds a live ban: count nothing new */
+    }
     if (b == NULL) {
-        b = oldest;
+        b = spare;
         memset(b, 0, sizeof(*b));
         memcpy(b->ip, ip, 16);
         b->port = port;

@@ -158,7 +158,9 @@ static int talos_open(struct kmsd *d, struct kms_err *err)
         }
         return kms_err_wrap(err, rc, "talos API on %s", d->opt.talos_listen);
     }
+    pthread_mutex_lock(&d->srv_mu);
     d->talos_srv = srv;
+    pthread_mutex_unlock(&d->srv_mu);
     atomic_store(&d->talos_listening, true);
     kms_log(KMS_LOG_INFO, "talos", "Talos API listening", "addr", d->opt.talos_listen,
             "tls", d->opt.talos_plaintext ? "off" : (d->opt.talos_tls12 ? "1.2+" : "1.3"),
@@ -180,10 +182,15 @@ static void talos_close(struct kmsd *d, const char *why, unsigned grace_ms)
     if (d->talos_srv == NULL) {
         return;
     }
+    struct kms_rpc_server *srv;
+
     atomic_store(&d->talos_listening, false);
-    kms_rpc_server_stop(d->talos_srv, grace_ms);
-    kms_rpc_server_destroy(d->talos_srv);
+    pthread_mutex_lock(&d->srv_mu);
+    srv = d->talos_srv;
     d->talos_srv = NULL;
+    pthread_mutex_unlock(&d->srv_mu);
+    kms_rpc_server_stop(srv, grace_ms);
+    kms_rpc_server_destroy(srv);
     snprintf(took, sizeof(took), "%llu", (unsigned long long)(kms_mono_ms() - t0));
     kms_log(KMS_LOG_WARN, "talos", "Talos API closed", "reason", why, "close_ms", took, NULL);
 }
@@ -308,9 +315,13 @@ static void *supervisor_main(void *arg)
                     d->listener_rebuilds++;
                     kms_log(KMS_LOG_WARN, "cluster",
                             "cluster API listener probe failed: rebuilding it", NULL);
-                    kms_rpc_server_stop(d->cluster_srv, 0);
-                    kms_rpc_server_destroy(d->cluster_srv);
+                    struct kms_rpc_server *old;
+                    pthread_mutex_lock(&d->srv_mu);
+                    old = d->cluster_srv;
                     d->cluster_srv = NULL;
+                    pthread_mutex_unlock(&d->srv_mu);
+                    kms_rpc_server_stop(old, 0);
+                    kms_rpc_server_destroy(old);
                     kms_err_clear(&err);
                     if (cluster_open(d, &err) != 0) {
                         kms_log(KMS_LOG_ERROR, "cluster", "cannot reopen the cluster API",
@@ -397,6 +408,7 @@ static int client_ca_bundle(struct kmsd *d, char *path, size_t pathlen, struct k
 static int cluster_open(struct kmsd *d, struct kms_err *err)
 {
     struct kms_rpc_server_config ccfg;
+    struct kms_rpc_server *srv = NULL;
     char bundle[4096];
     int rc;
 
@@ -412,15 +424,17 @@ static int cluster_open(struct kmsd *d, struct kms_err *err)
     ccfg.key_file = d->opt.node_key;
     ccfg.ca_file = bundle;
     rpc_limits_fill(d, &ccfg);
-    if ((rc = kms_rpc_server_create(&ccfg, &d->cluster_srv, err)) != 0 ||
-        (rc = kmsd_cluster_register(d, d->cluster_srv)) != 0 ||
-        (rc = kms_rpc_server_start(d->cluster_srv, err)) != 0) {
-        if (d->cluster_srv != NULL) {
-            kms_rpc_server_destroy(d->cluster_srv);
-            d->cluster_srv = NULL;
+    if ((rc = kms_rpc_server_create(&ccfg, &srv, err)) != 0 ||
+        (rc = kmsd_cluster_register(d, srv)) != 0 ||
+        (rc = kms_rpc_server_start(srv, err)) != 0) {
+        if (srv != NULL) {
+            kms_rpc_server_destroy(srv);
         }
         return kms_err_wrap(err, rc, "cluster API on %s", d->opt.cluster_listen);
     }
+    pthread_mutex_lock(&d->srv_mu);
+    d->cluster_srv = srv;
+    pthread_mutex_unlock(&d->srv_mu);
     atomic_store(&d->cluster_listening, true);
     return 0;
 }
@@ -437,6 +451,7 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
     pthread_mutex_init(&d->mu, NULL);
     pthread_mutex_init(&d->fwd_mu, NULL);
     pthread_mutex_init(&d->rate_mu, NULL);
+    pthread_mutex_init(&d->srv_mu, NULL);
     pthread_rwlock_init(&d->kr_lock, NULL);
     fd_limit_raise(d);
 
@@ -525,6 +540,7 @@ void kmsd_reload_tls(struct kmsd *d)
         kms_log(KMS_LOG_ERROR, "kmsd", "TLS reload: raft transport keeps old certificates",
                 "error", err.msg, NULL);
     }
+    pthread_mutex_lock(&d->srv_mu);
     if (d->cluster_srv != NULL) {
         kms_rpc_server_reload_tls(d->cluster_srv);
     }
@@ -533,6 +549,7 @@ void kmsd_reload_tls(struct kmsd *d)
     if (d->talos_srv != NULL) {
         kms_rpc_server_reload_tls(d->talos_srv);
     }
+    pthread_mutex_unlock(&d->srv_mu);
     kms_log(KMS_LOG_INFO, "kmsd", "TLS certificates reloaded for new connections", NULL);
 }
 

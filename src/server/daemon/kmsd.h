@@ -162,7 +162,11 @@ struct kmsd {
     struct kmsd_pool *op_pool;           /* operator calls (cluster_api.c) */
     struct kmsd_op_method op_methods[KMSD_OP_METHODS]; /* handler args, set at register */
 
-    /* Talos API server: created/destroyed only by the supervisor thread. */
+    /* Talos API server: created/destroyed only by the supervisor thread
+     * (which also rebuilds cluster_srv). srv_mu guards both pointers for
+     * readers on other threads (TLS reload); the supervisor swaps a pointer
+     * under it and stops the old server outside it. */
+    pthread_mutex_t srv_mu;
     struct kms_rpc_server *talos_srv;
     atomic_bool talos_listening;         /* open and its last probe accepted */
     atomic_bool cluster_listening;       /* cluster API's last probe accepted */
