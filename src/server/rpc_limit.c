@@ -262,6 +262,7 @@ static bool drop_pending(int lfd)
 {
     int nfd = -1;
     pthread_mutex_lock(&g_reserve_mu);
+    reserve_take(); /* lost to another thread last time? try again */
     if (g_reserve_fd >= 0) {
         close(g_reserve_fd);
         g_reserve_fd = -1;

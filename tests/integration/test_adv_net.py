@@ -395,12 +395,24 @@ def scenario_log_flood(c):
     # per key: a burst of 20, then 2 lines/s; a few keys are involved
     bound = 4 * (20 + 2 * dt) + 10
     check(len(new) < bound, f"{len(new)} log lines for 500 failures in {dt:.1f}s (< {bound:.0f})")
+    talos = [l for l in new if '"mod":"talos"' in l]
+    hs = [l for l in new if "Handshake failed" in l and '"msg"' in l and "of_msg" not in l]
+    check(len(talos) <= 22, f"{len(talos)} talos lines for 400 failed requests (burst 20)")
+    check(len(hs) <= 22, f"{len(hs)} handshake-failure lines for 100 bad handshakes")
+
+    def reported(mod):
+        # a later line of the key carries "suppressed", or the 10 s flush
+        # reports the key that went quiet
+        return [l for l in new if '"suppressed"' in l and
+                (f'"of_mod":"{mod}"' in l or (f'"mod":"{mod}"' in l and "of_mod" not in l))]
     end = time.time() + 12
-    while time.time() < end and not any('"suppressed"' in l for l in new):
+    while time.time() < end and not (reported("talos") and reported("grpc")):
         time.sleep(0.5)
         new = log_lines(c)[before:]
-    sup = [l for l in new if '"suppressed"' in l]
-    check(len(sup) > 0, "a suppressed-count is logged: " + (sup[0].strip()[:200] if sup else ""))
+    for mod in ("talos", "grpc"):
+        r = reported(mod)
+        check(len(r) > 0, f"suppressed {mod} lines are counted: " +
+              (r[0].strip()[:220] if r else "none"))
 
 
 if __name__ == "__main__":
