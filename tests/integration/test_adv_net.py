@@ -11,7 +11,8 @@ and the limits that stop them (docs/security.md "Limits"). Ports 29000-29003.
   2  HTTP/2 rapid reset on the Talos port: resident memory stays bounded,
      legitimate unseals keep p99 < 1 s with no failure.
   3  gzip flood: compressed requests are refused (UNIMPLEMENTED) without
-     being inflated (kmsd's CPU time stays small), unseals unaffected.
+     being inflated (kmsd's CPU time stays small), unseals unaffected; an
+     idle connection is dropped after limits.handshakeTimeout.
   4  many idle HTTP connections: /healthz still answers within 1 s.
   5  log flood: failing requests produce a bounded number of log lines plus
      a count of the suppressed ones.
@@ -325,8 +326,17 @@ def gzip_flood(c, n, size):
 def scenario_gzip(c, blobs):
     print("\n--- 3: gzip flood (16 MiB of zeros per call, ~16 KiB on the wire)")
     # the byte police off: this shows what the compression setting alone does
-    restart(c, {"talosConnectionBytes": 0})
+    restart(c, {"talosConnectionBytes": 0, "handshakeTimeout": "1s"})
     p = pid(c)
+    # (and a short handshake timeout: an idle TCP connection is dropped)
+    idle = open_idle(1, TALOS, src="127.0.0.4")
+    t0 = time.time()
+    while time.time() - t0 < 4 and still_open(idle) == 1:
+        time.sleep(0.1)
+    check(still_open(idle) == 0 and time.time() - t0 < 3,
+          f"a connection that never starts TLS is closed after {time.time() - t0:.1f}s "
+          "(handshakeTimeout 1s)")
+    close_all(idle)
     # alone first, so kmsd's CPU time is the flood's: inflating 50 x 16 MiB
     # would take about a CPU second (zlib), refusing from the headers ~none
     cpu0 = cpu_s(p)
