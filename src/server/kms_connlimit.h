@@ -16,7 +16,14 @@
  *   - on EMFILE/ENFILE frees a reserve descriptor, accepts and resets the
  *     pending connection, re-takes the reserve and reports EAGAIN, so the
  *     backlog drains and gRPC's accept loop never sees EMFILE;
- *   - answers listener probes (kms_connlimit_probe) itself.
+ *   - answers listener probes (kms_connlimit_probe) itself;
+ *   - turns accept errors that gRPC 1.51 would stop its accept loop on but
+ *     that concern one pending connection (ECONNRESET, EPROTO, ENETDOWN,
+ *     EHOSTUNREACH, ...) into "take the next one", and ENOBUFS/ENOMEM into
+ *     EAGAIN; EINVAL (the socket shut down by kms_rpc_server_stop) passes.
+ * Test fault hook: KMSD_TEST_ACCEPT_FAULT_PORT=<port> (read at the first
+ * registration) fails the first accept on that port with EBADFD, which
+ * stops gRPC's accept loop for good (tests the supervisor's rebuild).
  * Every other socket (raft's libuv listener, libmicrohttpd) passes through
  * unchanged. Connections are tracked as (fd, socket inode): gRPC closes its
  * fds itself, so a tracked entry whose fd no longer refers to the same

@@ -67,6 +67,7 @@ static pthread_cond_t g_cv = PTHREAD_COND_INITIALIZER;
 static struct listener g_lis[MAX_PORTS];
 static struct probe g_probes[MAX_PROBES];
 static atomic_int g_n_ports;
+static atomic_int g_fault_port = -1; /* -1: hook not read yet; 0: off */
 static struct ban g_bans[MAX_BANS];
 static bool g_police_started;
 static int g_reserve_fd = -1; /* under g_reserve_mu */
@@ -302,7 +303,16 @@ __attribute__((visibility("default"))) int accept4(int fd, struct sockaddr *addr
         struct listener *l;
         const char *why = NULL;
         uint8_t ip[16];
-        int nfd = raw_accept4(fd, (struct sockaddr *)&peer, &pl, flags);
+        int nfd;
+
+        if (atomic_load(&g_fault_port) == lport &&
+            atomic_exchange(&g_fault_port, 0) == lport) {
+            /* test fault hook: one fatal accept error, as gRPC 1.51 meets
+             * on paths the filter does not cover; its accept loop stops */
+            errno = EBADFD;
+            return -1;
+        }
+        nfd = raw_accept4(fd, (struct sockaddr *)&peer, &pl, flags);
 
         if (nfd < 0) {
             int e = errno;
@@ -327,8 +337,23 @@ __attribute__((visibility("default"))) int accept4(int fd, struct sockaddr *addr
                 errno = EAGAIN; /* keep gRPC's accept loop alive */
                 return -1;
             }
-            errno = e;
-            return -1;
+            switch (e) {
+            case ENETDOWN: case EPROTO: case ENOPROTOOPT: case EHOSTDOWN: case ENONET:
+            case EHOSTUNREACH: case EOPNOTSUPP: case ENETUNREACH: case EPERM:
+            case ETIMEDOUT: case ECONNRESET:
+                /* that pending connection failed (accept(2) reports its
+                 * network error): gRPC 1.51 would stop accepting; take
+                 * the next one */
+                continue;
+            case ENOBUFS: case ENOMEM:
+                errno = EAGAIN; /* transient: gRPC re-arms, the probe re-triggers */
+                return -1;
+            default:
+                /* EINVAL after kms_rpc_server_stop shut the socket down,
+                 * EBADF, EINTR, EAGAIN: gRPC's own handling is right */
+                errno = e;
+                return -1;
+            }
         }
         sock_ip16(&peer, ip);
         pthread_mutex_lock(&g_mu);
@@ -478,6 +503,17 @@ int kms_connlimit_register(int port, const struct kms_connlimit *lim, struct kms
     pthread_mutex_lock(&g_reserve_mu);
     reserve_take();
     pthread_mutex_unlock(&g_reserve_mu);
+    if (atomic_load(&g_fault_port) == -1) {
+        const char *f = getenv("KMSD_TEST_ACCEPT_FAULT_PORT");
+        int fp = f != NULL ? atoi(f) : 0;
+        atomic_store(&g_fault_port, fp > 0 && fp < 65536 ? fp : 0);
+        if (fp > 0) {
+            kms_log(KMS_LOG_WARN, "net",
+                    "TEST FAULT HOOK: the first accept on this port fails fatally "
+                    "(KMSD_TEST_ACCEPT_FAULT_PORT); never set this in production",
+                    "port", f, NULL);
+        }
+    }
     pthread_mutex_lock(&g_mu);
     if ((l = listener_find(port)) == NULL) {
         for (int i = 0; i < MAX_PORTS && l == NULL; i++) {

@@ -16,6 +16,8 @@ and the limits that stop them (docs/security.md "Limits"). Ports 29000-29003.
   4  many idle HTTP connections: /healthz still answers within 1 s.
   5  log flood: failing requests produce a bounded number of log lines plus
      a count of the suppressed ones.
+  6  gRPC's accept loop stopped anyway (test fault hook): the supervisor's
+     probe notices, /readyz is not ready, the listener is rebuilt.
 """
 import errno
 import json
@@ -119,7 +121,7 @@ def close_all(socks):
         s.close()
 
 
-def restart(c, limits=None):
+def restart(c, limits=None, wait=True):
     """Restarts node 1 with a `limits:` section (dict) in its config."""
     c.local("stop-node", "1")
     path = os.path.join(c.dir, "node1", "kmsd.yaml")
@@ -131,7 +133,8 @@ def restart(c, limits=None):
     with open(path, "w") as f:
         f.write(text)
     c.local("start-node", "1")
-    wait_ready(10)
+    if wait:
+        wait_ready(10)
 
 
 def wait_ready(timeout):
@@ -221,6 +224,36 @@ def run(c):
     scenario_gzip(c, blobs)
     scenario_http_idle(c)
     scenario_log_flood(c)
+    scenario_rebuild(c, keys)
+
+
+def scenario_rebuild(c, keys):
+    print("\n--- 6: gRPC's accept loop dies (test fault hook): probe and rebuild")
+    t0 = time.time()
+    c.env["KMSD_TEST_ACCEPT_FAULT_PORT"] = str(TALOS)
+    try:
+        restart(c, None, wait=False)
+    finally:
+        del c.env["KMSD_TEST_ACCEPT_FAULT_PORT"]
+    end = time.time() + 20
+    log = ""
+    not_ready_while_dead = False
+    while time.time() < end and "rebuilding it" not in log:
+        time.sleep(0.2)
+        log = "".join(log_lines(c)[-200:])
+        if "Failed accept4" in log and "rebuilding it" not in log:
+            st, _ = http_get("/readyz")
+            not_ready_while_dead = not_ready_while_dead or st == 503
+    check("Failed accept4" in log, "gRPC's accept loop stopped (Failed accept4 logged)")
+    check("listener probe failed" in log, "the supervisor's probe noticed")
+    check(not_ready_while_dead, "/readyz 503 while the listener did not accept")
+    check("rebuilding it" in log, f"and rebuilt the Talos listener ({time.time() - t0:.1f}s)")
+    check(wait_ready(10), f"/readyz 200 after the rebuild ({time.time() - t0:.1f}s)")
+    check(unseal_ok(c, keys), "unseal works after the rebuild")
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{HTTP}/metrics", timeout=2).read()
+    m = re.search(rb"kmsd_listener_rebuilds_total (\d+)", metrics)
+    check(m is not None and int(m.group(1)) >= 1, "kmsd_listener_rebuilds_total counts it")
+    restart(c, None)
 
 
 def scenario_fd_caps(c, keys):

@@ -20,6 +20,7 @@
 #define POOL_QUEUE 4096
 #define OP_POOL_THREADS 4           /* operator calls: rare, may block long */
 #define OP_POOL_QUEUE 256
+#define PROBE_TIMEOUT_MS 500        /* the accept filter sees a live loop's accept in ~1 ms */
 #include <errno.h>
 #include <malloc.h>
 #include <stdio.h>
@@ -161,7 +162,10 @@ static int talos_open(struct kmsd *d, struct kms_err *err)
     pthread_mutex_lock(&d->srv_mu);
     d->talos_srv = srv;
     pthread_mutex_unlock(&d->srv_mu);
-    atomic_store(&d->talos_listening, true);
+    /* ready only once the listener is seen accepting (probe), not on intent */
+    atomic_store(&d->talos_listening,
+                 d->opt.probe_interval_ms == 0 ||
+                     kms_rpc_server_probe(srv, PROBE_TIMEOUT_MS) == KMS_PROBE_OK);
     kms_log(KMS_LOG_INFO, "talos", "Talos API listening", "addr", d->opt.talos_listen,
             "tls", d->opt.talos_plaintext ? "off" : (d->opt.talos_tls12 ? "1.2+" : "1.3"),
             NULL);
@@ -217,7 +221,6 @@ static int self_meta_cb(void *arg, const Kmsd__V1__Member *m)
 
 static int cluster_open(struct kmsd *d, struct kms_err *err);
 
-#define PROBE_TIMEOUT_MS 500 /* the accept filter sees a live loop's accept in ~1 ms */
 #define PROBE_FAILS_REBUILD 2 /* consecutive failed probes before a rebuild */
 #define LOG_FLUSH_MS 10000   /* suppressed-line reports */
 
