@@ -11,7 +11,7 @@ PKGS=(
   libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
   libgrpc-dev
   librocksdb-dev
-  libcmocka-dev libcyaml-dev libyaml-dev libmicrohttpd-dev
+  libcmocka-dev libcyaml-dev libyaml-dev libmicrohttpd-dev libsystemd-dev
   golang-go golang-google-grpc-dev golang-goprotobuf-dev golang-google-protobuf-dev
   python3 python3-grpcio
   etcd-server nghttp2-client softhsm2

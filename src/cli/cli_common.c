@@ -1031,7 +1031,7 @@ static int connect_once(struct cli_ctx *ctx, const char *op)
         struct kms_rpc_client_tls tls = {ctx->g.cacert, ctx->g.cert, ctx->g.key};
         /* One connection attempt may take the whole --timeout (a lossy or
          * slow link), not gRPC's reconnect backoff. */
-        struct kms_rpc_channel_options copts = {ctx->g.timeout_ms};
+        struct kms_rpc_channel_options copts = {ctx->g.timeout_ms, NULL};
         if (kms_rpc_channel_create_opts(ctx->g.target, ctx->g.insecure ? NULL : &tls, &copts,
                                         &ctx->ch, &err) != 0) {
             fprintf(ctx->err, "Error: %s: ", op);
@@ -1043,6 +1043,49 @@ static int connect_once(struct cli_ctx *ctx, const char *op)
     return 0;
 }
 
+bool cli_leader_redirect_parse(const char *details, uint64_t *id, char *addr, size_t addrlen)
+{
+    static const char pre[] = "not the leader; the leader is node ";
+    static const char mid[] = ", cluster API at ";
+    const char *p;
+    char *end = NULL;
+    unsigned long long v;
+    size_t n;
+
+    if (details == NULL || (p = strstr(details, pre)) == NULL) {
+        return false;
+    }
+    p += sizeof(pre) - 1;
+    if (*p < '1' || *p > '9') {
+        return false;
+    }
+    errno = 0;
+    v = strtoull(p, &end, 10);
+    if (errno != 0 || end == NULL || strncmp(end, mid, sizeof(mid) - 1) != 0) {
+        return false;
+    }
+    p = end + sizeof(mid) - 1;
+    n = strcspn(p, " \t\r\n;,");
+    if (n == 0 || n >= addrlen) {
+        return false;
+    }
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if (c <= 0x20 || c >= 0x7f) {
+            return false;
+        }
+    }
+    memcpy(addr, p, n);
+    addr[n] = '\0';
+    *id = (uint64_t)v;
+    return true;
+}
+
+/* Writes run on the leader: a follower answers "not the leader; the leader
+ * is node N, cluster API at ADDR" having changed nothing, and the call is
+ * sent again there, at most CLI_MAX_REDIRECTS times. */
+#define CLI_MAX_REDIRECTS 2
+
 int cli_rpc(struct cli_ctx *ctx, const char *op, const char *method,
             const ProtobufCMessage *req, const ProtobufCMessageDescriptor *resp_desc,
             ProtobufCMessage **resp, bool secret)
@@ -1053,13 +1096,11 @@ int cli_rpc(struct cli_ctx *ctx, const char *op, const char *method,
     int status = GRPC_STATUS_UNKNOWN, rc, ex = CLI_EXIT_OK;
     char *details = NULL;
     struct kms_err err;
+    unsigned hops = 0;
 
     *resp = NULL;
     kms_err_clear(&err);
     snprintf(path, sizeof(path), "/kmsd.v1.Operator/%s", method);
-    if (ctx->fake_rpc == NULL && (rc = connect_once(ctx, op)) != 0) {
-        return rc;
-    }
     n = protobuf_c_message_get_packed_size(req);
     buf = malloc(n > 0 ? n : 1);
     if (buf == NULL) {
@@ -1067,6 +1108,11 @@ int cli_rpc(struct cli_ctx *ctx, const char *op, const char *method,
         return CLI_EXIT_LOCAL;
     }
     protobuf_c_message_pack(req, buf);
+again:
+    if (ctx->fake_rpc == NULL && (rc = connect_once(ctx, op)) != 0) {
+        ex = rc;
+        goto out;
+    }
     if (ctx->fake_rpc != NULL) {
         rc = ctx->fake_rpc(ctx->fake_arg, path, buf, n, &rbuf, &rlen, &status, &details);
         if (rc != 0) {
@@ -1076,10 +1122,6 @@ int cli_rpc(struct cli_ctx *ctx, const char *op, const char *method,
         rc = kms_rpc_unary(ctx->ch, path, buf, n, ctx->g.timeout_ms, &rbuf, &rlen, &status,
                            &details, &err);
     }
-    if (secret) {
-        OPENSSL_cleanse(buf, n);
-    }
-    free(buf);
     if (rc != 0) {
         fprintf(ctx->err, "Error: %s: ", op);
         cli_write_safe(ctx->err, err.msg[0] ? err.msg : kms_strerror(rc));
@@ -1089,6 +1131,29 @@ int cli_rpc(struct cli_ctx *ctx, const char *op, const char *method,
     }
     if (status != GRPC_STATUS_OK) {
         char msg[1024], where[160];
+        uint64_t lid = 0;
+        char laddr[sizeof(ctx->redirect_target)];
+
+        if (hops < CLI_MAX_REDIRECTS &&
+            cli_leader_redirect_parse(details, &lid, laddr, sizeof(laddr)) &&
+            (ctx->g.target == NULL || strcmp(laddr, ctx->g.target) != 0)) {
+            hops++;
+            fprintf(ctx->err, "Note: %s is not the leader; sending %s to leader %llu at ",
+                    ctx->g.target != NULL ? ctx->g.target : "", op, (unsigned long long)lid);
+            cli_write_safe(ctx->err, laddr);
+            fputc('\n', ctx->err);
+            memcpy(ctx->redirect_target, laddr, sizeof(laddr));
+            ctx->g.target = ctx->redirect_target;
+            if (ctx->ch != NULL) {
+                kms_rpc_channel_destroy(ctx->ch);
+                ctx->ch = NULL;
+            }
+            free(details);
+            details = NULL;
+            free(rbuf);
+            rbuf = NULL;
+            goto again;
+        }
         /* Transport failures: say which endpoint could not be reached. */
         if (status == GRPC_STATUS_UNAVAILABLE || status == GRPC_STATUS_DEADLINE_EXCEEDED) {
             snprintf(where, sizeof(where), "%s: %s", op, ctx->g.target ? ctx->g.target : "");
@@ -1106,6 +1171,10 @@ int cli_rpc(struct cli_ctx *ctx, const char *op, const char *method,
         ex = CLI_EXIT_REMOTE;
     }
 out:
+    if (secret) {
+        OPENSSL_cleanse(buf, n);
+    }
+    free(buf);
     if (rbuf != NULL && secret) {
         OPENSSL_cleanse(rbuf, rlen);
     }

@@ -126,6 +126,7 @@ struct cli_ctx {
     /* connection (lazy) */
     struct kms_rpc_channel *ch;
     bool rpc_inited;
+    char redirect_target[256];    /* the leader's address once a follower named it */
     /* test hook: when set, cli_rpc() calls it instead of the network */
     int (*fake_rpc)(void *arg, const char *method, const uint8_t *req, size_t reqlen,
                     uint8_t **resp, size_t *resplen, int *grpc_status, char **details);
@@ -218,6 +219,11 @@ void cli_json_print_u64(FILE *f, const char *key, uint64_t v);
 int cli_rpc(struct cli_ctx *ctx, const char *op, const char *method,
             const ProtobufCMessage *req, const ProtobufCMessageDescriptor *resp_desc,
             ProtobufCMessage **resp, bool secret);
+/* cli_rpc follows a follower's "not the leader; the leader is node N,
+ * cluster API at ADDR" (nothing was changed there) to ADDR, at most twice,
+ * with a note on ctx->err. This parses that message: true with *id and addr
+ * (printable, no spaces) filled. */
+bool cli_leader_redirect_parse(const char *details, uint64_t *id, char *addr, size_t addrlen);
 
 /* ---- commands (cmd_*.c) --------------------------------------------- */
 

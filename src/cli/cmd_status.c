@@ -60,6 +60,7 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
         cli_json_str(&j, "version", st->version);
         cli_json_str(&j, "cluster_id", st->cluster_id);
         cli_json_u64(&j, "active_term", st->active_term);
+        cli_json_str(&j, "keyring_error", st->keyring_error);
         cli_json_obj_end(&j);
         cli_json_end(&j);
         return;
@@ -98,6 +99,9 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
         kv_u64(t, "Active Key Term", st->active_term);
     } else {
         kv(t, "Active Key Term", "-");
+    }
+    if (st->keyring_error != NULL && st->keyring_error[0] != '\0') {
+        kv(t, "Keyring Error", st->keyring_error);
     }
     cli_table_print(f, t);
     cli_table_free(t);

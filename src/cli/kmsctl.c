@@ -16,6 +16,9 @@
 #ifndef KMSD_VERSION
 #define KMSD_VERSION "unknown"
 #endif
+#ifndef KMSD_BUILD_VERSION
+#define KMSD_BUILD_VERSION KMSD_VERSION
+#endif
 
 static int version_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv)
 {
@@ -31,7 +34,7 @@ static int version_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc,
         cli_json_obj_end(&j);
         cli_json_end(&j);
     } else {
-        fprintf(ctx->out, "kmsctl %s\n", KMSD_VERSION);
+        fprintf(ctx->out, "kmsctl %s\n", KMSD_BUILD_VERSION);
     }
     return 0;
 }
@@ -55,6 +58,7 @@ static const struct cli_cmd root = {
     "Usage: kmsctl COMMAND [flags]\n"
     "\n"
     "kmsctl talks to the cluster API of one kmsd replica (mutual TLS, port 4051).\n"
+    "kmsctl --version (or kmsctl version) prints the version.\n"
     "Exit codes: 0 ok, 1 local or usage error, 2 remote error.",
     root_subs, NULL, NULL, false,
 };
@@ -70,6 +74,10 @@ int main(int argc, char **argv)
     (void)setrlimit(RLIMIT_CORE, &no_core);
     (void)prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 
+    if (argc == 2 && strcmp(argv[1], "--version") == 0) {
+        printf("kmsctl %s\n", KMSD_BUILD_VERSION);
+        return fflush(stdout) == 0 ? 0 : 1;
+    }
     cli_ctx_init(&ctx, stdout, stderr);
     rc = cli_main(&root, &ctx, argc, argv, NULL);
     cli_ctx_close(&ctx);

@@ -126,6 +126,18 @@ int kms_raft_propose(struct kms_raft *r, const Kmsd__V1__Entry *e, unsigned time
  * forwarded proposal). 0 or KMS_ETIMEDOUT (KMS_ESHUTDOWN when stopping). */
 int kms_raft_wait_applied(struct kms_raft *r, uint64_t index, unsigned timeout_ms);
 
+/* Read index. Blocks (never call it on the raft thread) until this node
+ * knows a commit index that a leader holding its lease had reached at or
+ * after `since_us` (kms_mono_us() of this host) and stores it in *index:
+ * every write acknowledged anywhere before since_us has an index <= *index.
+ * On the leader that is its own commit index at its next lease computation;
+ * on a follower, the commit index of a leader stamp that echoes a frame
+ * this node sent at or after since_us (one heartbeat round trip). Then
+ * kms_raft_wait_applied(*index) makes a local read as fresh as since_us.
+ * 0, KMS_ETIMEDOUT or KMS_ESHUTDOWN. */
+int kms_raft_read_index(struct kms_raft *r, uint64_t since_us, unsigned timeout_ms,
+                        uint64_t *index);
+
 /* Lock-free. True when this node may serve a local read now:
  *  - leader: heard (AppendEntries result in the current term) from a majority
  *    of voters, itself included, within the election timeout, and no

@@ -107,6 +107,7 @@ struct kms_raft {
     struct kms_lease lease;
     uint64_t contact_us;          /* arrival of the last LEADER stamp of our leader */
     uint64_t vote_drops;          /* vote messages dropped by the promise rule */
+    uint64_t vote_drop_log_term;  /* term of the last logged drop */
     uint64_t heard_us;            /* last AppendEntries/InstallSnapshot of our term or later */
     bool releasing;               /* leases released before a transfer */
     uv_timer_t release_timer;     /* ends the release wait */
@@ -139,6 +140,10 @@ struct kms_raft {
     atomic_bool failed;           /* the raft log could not be written */
     pthread_mutex_t applied_mu;
     pthread_cond_t applied_cv;
+    /* Read index (kms_raft_read_index), under applied_mu, written on the
+     * raft thread: at ri_at_us (this node's clock) a leader holding its
+     * lease had committed at least ri_commit. */
+    uint64_t ri_at_us, ri_commit;
     pthread_mutex_t status_mu;
     struct kms_raft_status status; /* under status_mu */
 };
@@ -515,13 +520,36 @@ static void lease_view(struct kms_raft *r, struct kms_lease_view *v, uint64_t *v
 
 /* Recomputes the lease from view v and publishes its deadline (none while
  * closing or after a disk failure). */
+/* Raft thread: a leader holding its lease had committed `commit` at
+ * `at_us` (this node's clock). Wakes kms_raft_read_index callers. */
+static void read_index_note(struct kms_raft *r, uint64_t at_us, uint64_t commit)
+{
+    pthread_mutex_lock(&r->applied_mu);
+    if (at_us > r->ri_at_us) {
+        r->ri_at_us = at_us;
+    }
+    if (commit > r->ri_commit) {
+        r->ri_commit = commit;
+    }
+    if (atomic_load(&r->waiters) > 0) {
+        pthread_cond_broadcast(&r->applied_cv);
+    }
+    pthread_mutex_unlock(&r->applied_mu);
+}
+
 static void lease_publish(struct kms_raft *r, const struct kms_lease_view *v)
 {
-    uint64_t until = 0;
+    uint64_t until = 0, now = kms_mono_us();
     if (!r->closing && !atomic_load(&r->failed)) {
-        until = kms_lease_compute(&r->lease, kms_mono_us(), v);
+        until = kms_lease_compute(&r->lease, now, v);
     }
     atomic_store_explicit(&r->lease_until_us, until, memory_order_release);
+    if (v->role == KMS_RAFT_LEADER && until > now) {
+        /* Commit only advances on this thread and every write is
+         * acknowledged after its commit: v->commit covers every write
+         * acknowledged before now, and no later leader exists yet. */
+        read_index_note(r, now, v->commit);
+    }
 }
 
 /* Raft thread: notice role changes, recompute the lease and publish it. */
@@ -539,6 +567,10 @@ static void lease_update(struct kms_raft *r)
             start_barrier(r);
         } else if (r->last_state == KMS_RAFT_LEADER) {
             kms_logf(KMS_LOG_INFO, MOD, "node %" PRIu64 " is no longer leader (term %" PRIu64 ")",
+                     r->id, kms_glue_term(&r->raft));
+        }
+        if (state == KMS_RAFT_CANDIDATE) {
+            kms_logf(KMS_LOG_INFO, MOD, "node %" PRIu64 " stands for election (term %" PRIu64 ")",
                      r->id, kms_glue_term(&r->raft));
         }
         r->last_state = state;
@@ -654,17 +686,22 @@ static bool vote_filter(struct kms_raft *r, const struct raft_message *m, bool i
     }
     if (!kms_lease_vote_allowed(&r->lease, term, now)) {
         uint64_t left = r->lease.promise_end_us - now;
+        bool held = false;
         if (incoming && left <= (uint64_t)r->election_ms * 500u) {
             /* Ends soon: look at it again then rather than losing a round. */
             kms_glue_hold_vote(&r->glue, m, (unsigned)(left / 1000u) + 2u);
+            held = true;
         }
-        if (r->vote_drops++ % 64 == 0) {
+        /* The first drop of each term is logged (an election episode),
+         * then every 64th. */
+        if (r->vote_drops++ % 64 == 0 || term != r->vote_drop_log_term) {
+            r->vote_drop_log_term = term;
             kms_logf(KMS_LOG_INFO, MOD,
-                     "%s for term %" PRIu64 " %s node %llu dropped: promised no votes above term "
-                     "%" PRIu64 " for %" PRIu64 " ms more (%" PRIu64 " dropped so far)",
+                     "%s for term %" PRIu64 " %s node %llu %s: promised no votes above term "
+                     "%" PRIu64 " for %" PRIu64 " ms more (%" PRIu64 " so far)",
                      pre_vote ? "pre-vote" : "vote request", term, incoming ? "from" : "to",
-                     (unsigned long long)m->server_id, r->lease.promise_term, left / 1000u,
-                     r->vote_drops);
+                     (unsigned long long)m->server_id, held ? "held" : "dropped",
+                     r->lease.promise_term, left / 1000u, r->vote_drops);
         }
         return false;
     }
@@ -740,6 +777,13 @@ static void stamp_in_cb(void *data, uint64_t peer_id, const struct kms_transport
     kms_lease_on_stamp(&r->lease, peer_id, s, arrival_us, &v);
     if ((s->flags & KMS_STAMP_LEADER) != 0 && s->term >= v.term) {
         r->contact_us = arrival_us;
+        if (s->lease_rem_us > 0 && s->echo_us != 0 && s->echo_us <= arrival_us) {
+            /* The leader sent this after receiving our frame sent at
+             * echo_us, while it held its lease (rem > 0 needs its
+             * term-start barrier applied): its commit then covers every
+             * write acknowledged before echo_us on our clock. */
+            read_index_note(r, s->echo_us, s->commit);
+        }
     }
     /* Inside the transport's read callback: only recompute and publish
      * (lease_update may start a barrier, which must not happen here). */
@@ -1538,6 +1582,34 @@ int kms_raft_wait_applied(struct kms_raft *r, uint64_t index, unsigned timeout_m
             break;
         }
     }
+    pthread_mutex_unlock(&r->applied_mu);
+    atomic_fetch_sub(&r->waiters, 1);
+    return rc;
+}
+
+int kms_raft_read_index(struct kms_raft *r, uint64_t since_us, unsigned timeout_ms,
+                        uint64_t *index)
+{
+    struct timespec ts;
+    int rc = 0;
+
+    *index = 0;
+    ts = deadline_ts(timeout_ms);
+    atomic_fetch_add(&r->waiters, 1);
+    pthread_mutex_lock(&r->applied_mu);
+    while (r->ri_at_us < since_us) {
+        if (atomic_load(&r->shut_down)) {
+            rc = KMS_ESHUTDOWN;
+            goto out;
+        }
+        if (pthread_cond_timedwait(&r->applied_cv, &r->applied_mu, &ts) == ETIMEDOUT &&
+            r->ri_at_us < since_us) {
+            rc = KMS_ETIMEDOUT;
+            goto out;
+        }
+    }
+    *index = r->ri_commit;
+out:
     pthread_mutex_unlock(&r->applied_mu);
     atomic_fetch_sub(&r->waiters, 1);
     return rc;

@@ -1380,7 +1380,8 @@ static const struct opt *opt_by_flag(const char *name, size_t n)
 }
 
 /* First pass: the flags that decide what to load (--config, --help,
- * --check-config); the option flags are applied after the environment. */
+ * --version, --check-config, --dump-config); the option flags are applied
+ * after the environment. */
 static int scan_meta_flags(struct loader *l, int argc, char **argv, const char **file)
 {
     int rc = 0;
@@ -1388,8 +1389,12 @@ static int scan_meta_flags(struct loader *l, int argc, char **argv, const char *
         const char *a = argv[i];
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
             l->cfg->help = true;
+        } else if (strcmp(a, "--version") == 0) {
+            l->cfg->version = true;
         } else if (strcmp(a, "--check-config") == 0) {
             l->cfg->check_only = true;
+        } else if (strcmp(a, "--dump-config") == 0) {
+            l->cfg->dump_only = true;
         } else if (strcmp(a, "--config") == 0) {
             if (i + 1 >= argc) {
                 rc = kms_err_set(l->err, KMS_ECONFIG, "--config: missing value");
@@ -1420,8 +1425,9 @@ static int load_flags(struct loader *l, int argc, char **argv)
         const char *val;
         const struct opt *o;
         struct origin org = {SRC_FLAG, 0};
-        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0 ||
-            strcmp(a, "--check-config") == 0 || strncmp(a, "--config=", 9) == 0) {
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0 || strcmp(a, "--version") == 0 ||
+            strcmp(a, "--check-config") == 0 || strcmp(a, "--dump-config") == 0 ||
+            strncmp(a, "--config=", 9) == 0) {
             continue;
         }
         if (strcmp(a, "--config") == 0) {
@@ -1615,6 +1621,9 @@ int kms_config_load(struct kms_config *cfg, int argc, char **argv, char **envp,
     }
     if (cfg->help) {
         kms_config_usage(stdout, argc > 0 ? argv[0] : "kmsd");
+        goto out;
+    }
+    if (cfg->version) {
         goto out;
     }
     if (file == NULL && envp != NULL) {
@@ -1832,13 +1841,16 @@ int kms_config_dump(const struct kms_config *cfg, FILE *f)
 void kms_config_usage(FILE *f, const char *prog)
 {
     fprintf(f,
-            "usage: %s [--config FILE] [--check-config] [--OPTION VALUE ...]\n"
+            "usage: %s [--config FILE] [--check-config | --dump-config] [--OPTION VALUE ...]\n"
             "\n"
             "Precedence: defaults < config file < KMSD_* environment < flags.\n"
             "Flags take \"--flag VALUE\" or \"--flag=VALUE\"; a boolean flag alone means true.\n"
             "\n"
             "  --config FILE             YAML configuration file (env KMSD_CONFIG)\n"
             "  --check-config            validate the configuration and exit\n"
+            "  --dump-config             validate, print the effective configuration as YAML\n"
+            "                            (sensitive values redacted) and exit\n"
+            "  --version                 print the version and exit\n"
             "  --help                    print this help and exit\n"
             "\n",
             prog);

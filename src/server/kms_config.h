@@ -67,6 +67,8 @@ struct kms_config {
     char *config_file; /* --config / KMSD_CONFIG, NULL when none */
     bool check_only;   /* --check-config: validate, print nothing, exit */
     bool help;         /* --help: usage was printed to stdout; exit 0 */
+    bool version;      /* --version: nothing else loaded; main prints it, exit 0 */
+    bool dump_only;    /* --dump-config: load, validate, main dumps it, exit */
 
     uint64_t node_id;
     char *data_dir;
@@ -146,7 +148,9 @@ struct kms_config {
  * (argv[0] is the program name). cfg is overwritten; on failure it is left
  * empty (kms_config_free is still safe) and KMS_ECONFIG is returned with a
  * one-line message. With --help the usage is printed to stdout, cfg->help is
- * set and 0 is returned without loading anything else.
+ * set and 0 is returned without loading anything else; likewise --version
+ * (cfg->version set, nothing printed: main prints its build version).
+ * --dump-config loads and validates everything and sets cfg->dump_only.
  */
 int kms_config_load(struct kms_config *cfg, int argc, char **argv, char **envp,
                     struct kms_err *err);

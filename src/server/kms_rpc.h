@@ -183,7 +183,17 @@ struct kms_rpc_channel_options {
     /* Bound on one connection attempt (TCP connect + TLS handshake); the
      * call's deadline still applies. 0 = 5 s. kmsctl passes --timeout. */
     unsigned connect_timeout_ms;
+    /* When set (TLS only): the server certificate's subject must hold
+     * exactly one CN, equal to this string, on top of the usual chain and
+     * host name checks; otherwise the handshake fails (the call sees
+     * UNAVAILABLE) and an error is logged. Copied. */
+    const char *expect_peer_cn;
 };
+
+/* The check behind expect_peer_cn, for tests: 0 when the PEM certificate's
+ * subject holds exactly one CN and it equals cn, else KMS_EDENIED (with the
+ * reason in err) or KMS_EFORMAT (not a certificate). */
+int kms_rpc_peer_cn_check(const char *peer_pem, const char *cn, struct kms_err *err);
 
 /* target "host:port". tls NULL = plaintext (h2c). The connection is made
  * lazily and re-made after failures; the channel is thread-safe and may be

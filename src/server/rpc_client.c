@@ -22,6 +22,10 @@
 #include <grpc/slice.h>
 #include <grpc/support/time.h>
 
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
+#include "kms_log.h"
 #include "kms_rpc.h"
 #include "rpc_internal.h"
 
@@ -33,6 +37,55 @@ struct kms_rpc_channel {
     char *target;
     size_t max_message;
 };
+
+int kms_rpc_peer_cn_check(const char *peer_pem, const char *cn, struct kms_err *err)
+{
+    BIO *bio = peer_pem != NULL ? BIO_new_mem_buf(peer_pem, -1) : NULL;
+    X509 *cert = bio != NULL ? PEM_read_bio_X509(bio, NULL, NULL, NULL) : NULL;
+    X509_NAME *name = cert != NULL ? X509_get_subject_name(cert) : NULL;
+    unsigned char *got = NULL;
+    int idx, n = -1, rc;
+
+    if (name == NULL) {
+        rc = kms_err_set(err, KMS_EFORMAT, "peer certificate unreadable");
+        goto out;
+    }
+    idx = X509_NAME_get_index_by_NID(name, NID_commonName, -1);
+    if (idx < 0 || X509_NAME_get_index_by_NID(name, NID_commonName, idx) >= 0) {
+        rc = kms_err_set(err, KMS_EDENIED, "peer certificate must have exactly one CN (%s)", cn);
+        goto out;
+    }
+    n = ASN1_STRING_to_UTF8(&got, X509_NAME_ENTRY_get_data(X509_NAME_get_entry(name, idx)));
+    if (n < 0 || (size_t)n != strlen(cn) || memcmp(got, cn, (size_t)n) != 0) {
+        rc = kms_err_set(err, KMS_EDENIED, "peer certificate CN is '%.*s', expected '%s'",
+                         n > 0 && n < 128 ? n : 0, n > 0 ? (const char *)got : "", cn);
+        goto out;
+    }
+    rc = 0;
+out:
+    OPENSSL_free(got);
+    X509_free(cert);
+    BIO_free(bio);
+    return rc;
+}
+
+/* grpc's verify_peer_callback: non-zero fails the handshake. */
+static int expect_cn_cb(const char *target_name, const char *peer_pem, void *userdata)
+{
+    struct kms_err err;
+    kms_err_clear(&err);
+    if (kms_rpc_peer_cn_check(peer_pem, userdata, &err) != 0) {
+        kms_log(KMS_LOG_ERROR, "rpc", "server identity refused", "target",
+                target_name != NULL ? target_name : "", "error", err.msg, NULL);
+        return 1;
+    }
+    return 0;
+}
+
+static void expect_cn_free_cb(void *userdata)
+{
+    free(userdata);
+}
 
 int kms_rpc_channel_create(const char *target, const struct kms_rpc_client_tls *tls,
                            struct kms_rpc_channel **out, struct kms_err *err)
@@ -77,11 +130,24 @@ int kms_rpc_channel_create_opts(const char *target, const struct kms_rpc_client_
             rc = kms_err_wrap(err, rc, "client TLS for %s", target);
             goto out;
         }
+        verify_peer_options vopt = {NULL, NULL, NULL};
+        if (opts != NULL && opts->expect_peer_cn != NULL) {
+            vopt.verify_peer_callback = expect_cn_cb;
+            vopt.verify_peer_callback_userdata = strdup(opts->expect_peer_cn);
+            vopt.verify_peer_destruct = expect_cn_free_cb;
+            if (vopt.verify_peer_callback_userdata == NULL) {
+                rc = kms_err_set(err, KMS_ENOMEM, "out of memory");
+                goto out;
+            }
+        }
         if (cert != NULL) {
             grpc_ssl_pem_key_cert_pair pair = {key, cert};
-            creds = grpc_ssl_credentials_create(ca, &pair, NULL, NULL);
+            creds = grpc_ssl_credentials_create(ca, &pair, &vopt, NULL);
         } else {
-            creds = grpc_ssl_credentials_create(ca, NULL, NULL, NULL);
+            creds = grpc_ssl_credentials_create(ca, NULL, &vopt, NULL);
+        }
+        if (creds == NULL && vopt.verify_peer_callback_userdata != NULL) {
+            free(vopt.verify_peer_callback_userdata);
         }
     } else {
         creds = grpc_insecure_credentials_create();

@@ -175,9 +175,10 @@ class Cluster:
         for i in range(1, self.nodes + 1):
             path = os.path.join(self.dir, f"node{i}", "kmsd.log")
             if os.path.exists(path):
+                # Audit lines (one per request) would hide everything else.
                 with open(path, errors="replace") as f:
-                    tail = f.readlines()[-lines:]
-                print(f"--- node {i} log (last {lines} lines)", file=sys.stderr)
+                    tail = [ln for ln in f if '"mod":"audit"' not in ln][-lines:]
+                print(f"--- node {i} log (last {lines} non-audit lines)", file=sys.stderr)
                 sys.stderr.write("".join(tail))
 
     def down(self):

@@ -442,6 +442,31 @@ static void test_help_lists_every_option(void **state)
     kms_config_free(&c);
 }
 
+/* --version short-circuits like --help; --dump-config loads and validates
+ * everything (a bad file still fails) and only sets dump_only. */
+static void test_version_and_dump_flags(void **state)
+{
+    struct kms_config c;
+    struct kms_err e;
+    (void)state;
+    assert_int_equal(load(&c, &e, no_env, "--config", "missing.yaml", "--version", NULL), 0);
+    assert_true(c.version);
+    assert_false(c.dump_only);
+    kms_config_free(&c);
+    assert_int_equal(load(&c, &e, no_env, "--config", "minimal.yaml", "--dump-config", NULL),
+                     0);
+    assert_true(c.dump_only);
+    assert_false(c.check_only);
+    assert_false(c.version);
+    assert_int_equal(c.node_id, 1);
+    kms_config_free(&c);
+    assert_int_not_equal(load(&c, &e, no_env, "--dump-config", "--config", "bad-dup-id.yaml",
+                              NULL),
+                         0);
+    assert_non_null(strstr(e.msg, "duplicate id 1"));
+    kms_config_free(&c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -456,6 +481,7 @@ int main(void)
         cmocka_unit_test(test_dump_redacts),
         cmocka_unit_test(test_dump_round_trip),
         cmocka_unit_test(test_help_lists_every_option),
+        cmocka_unit_test(test_version_and_dump_flags),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }

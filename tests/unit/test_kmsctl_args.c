@@ -536,7 +536,8 @@ static const char status_json[] =
     "  \"talos_listening\": true,\n"
     "  \"version\": \"0.1.0\",\n"
     "  \"cluster_id\": \"00112233445566778899aabbccddeeff\",\n"
-    "  \"active_term\": 2\n"
+    "  \"active_term\": 2,\n"
+    "  \"keyring_error\": \"\"\n"
     "}\n";
 
 static void test_status_json(void **state)
@@ -618,6 +619,8 @@ struct fake {
     uint8_t req[512];
     size_t reqlen;
     int calls;
+    int redirects;            /* the first N calls answer redirect_details */
+    const char *redirect_details;
 };
 
 static int fake_rpc(void *arg, const char *method, const uint8_t *req, size_t reqlen,
@@ -634,6 +637,12 @@ static int fake_rpc(void *arg, const char *method, const uint8_t *req, size_t re
     *details = f->details ? strdup(f->details) : NULL;
     *resp = NULL;
     *resplen = 0;
+    if (f->calls <= f->redirects) {
+        free(*details);
+        *grpc_status = GRPC_STATUS_UNAVAILABLE;
+        *details = strdup(f->redirect_details);
+        return 0;
+    }
     if (f->status == GRPC_STATUS_OK) {
         size_t n = f->resp ? protobuf_c_message_get_packed_size(f->resp) : 0;
         *resp = malloc(n + 1);
@@ -660,6 +669,66 @@ static int run_main(struct fake *f, char **out, char **err, struct argv_buf *a)
     *out = cap_close(&co);
     *err = cap_close(&ce);
     return rc;
+}
+
+static void test_leader_redirect(void **state)
+{
+    Kmsd__V1__RotateResponse rr = KMSD__V1__ROTATE_RESPONSE__INIT;
+    static const char msg[] = "not the leader; the leader is node 2, cluster API at "
+                              "127.0.0.1:29211";
+    struct fake f = {.status = GRPC_STATUS_OK};
+    struct argv_buf a;
+    char *out, *err, addr[64];
+    uint64_t id = 0;
+    (void)state;
+
+    assert_true(cli_leader_redirect_parse(msg, &id, addr, sizeof(addr)));
+    assert_int_equal(id, 2);
+    assert_string_equal(addr, "127.0.0.1:29211");
+    /* wrapped by a handler's own message: still found */
+    assert_true(cli_leader_redirect_parse("rotate: not the leader; the leader is node 13, "
+                                          "cluster API at [::1]:4051", &id, addr,
+                                          sizeof(addr)));
+    assert_int_equal(id, 13);
+    assert_string_equal(addr, "[::1]:4051");
+    assert_false(cli_leader_redirect_parse(NULL, &id, addr, sizeof(addr)));
+    assert_false(cli_leader_redirect_parse("not the leader; leader is 2 at 127.0.0.1:4052",
+                                           &id, addr, sizeof(addr))); /* raft's: no follow */
+    assert_false(cli_leader_redirect_parse("not the leader; the leader is node 2 (its cluster "
+                                           "API address is unknown)", &id, addr,
+                                           sizeof(addr)));
+    assert_false(cli_leader_redirect_parse("not the leader; the leader is node 0, cluster API "
+                                           "at x:1", &id, addr, sizeof(addr)));
+    assert_false(cli_leader_redirect_parse("not the leader; the leader is node 2, cluster API "
+                                           "at ", &id, addr, sizeof(addr)));
+    assert_false(cli_leader_redirect_parse("not the leader; the leader is node 2, cluster API "
+                                           "at \x1b[31m", &id, addr, 4));
+
+    /* a follower answers the redirect once: kmsctl sends the call again */
+    rr.active_term = 3;
+    f.resp = &rr.base;
+    f.redirects = 1;
+    f.redirect_details = msg;
+    av(&a, "kmsctl", "-o", "json", "operator", "rotate", NULL);
+    assert_int_equal(run_main(&f, &out, &err, &a), 0);
+    assert_int_equal(f.calls, 2);
+    assert_string_equal(f.method, "/kmsd.v1.Operator/Rotate");
+    assert_non_null(strstr(out, "\"active_term\": 3"));
+    assert_non_null(strstr(err, "sending rotate to leader 2 at 127.0.0.1:29211"));
+    free(out);
+    free(err);
+    av_free(&a);
+
+    /* the same redirect again from the leader it named: no loop */
+    f.calls = 0;
+    f.redirects = 10;
+    av(&a, "kmsctl", "operator", "rotate", NULL);
+    assert_int_equal(run_main(&f, &out, &err, &a), 2);
+    assert_int_equal(f.calls, 2);
+    assert_non_null(strstr(err, "not the leader"));
+    free(out);
+    free(err);
+    av_free(&a);
 }
 
 static void test_dispatch_status(void **state)
@@ -914,6 +983,7 @@ int main(void)
         cmocka_unit_test(test_status_json),
         cmocka_unit_test(test_status_table),
         cmocka_unit_test(test_keys_json_times),
+        cmocka_unit_test(test_leader_redirect),
         cmocka_unit_test(test_dispatch_status),
         cmocka_unit_test(test_dispatch_unseal),
         cmocka_unit_test(test_dispatch_init_and_keys),

@@ -556,7 +556,7 @@ static void test_connect_timeout(void **state)
     struct sockaddr_in sa;
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     struct kms_rpc_client_tls tls = {g_ca, NULL, NULL};
-    struct kms_rpc_channel_options opts = {1500};
+    struct kms_rpc_channel_options opts = {1500, NULL};
     struct kms_rpc_channel *ch = NULL;
     struct kms_err err;
     char target[64];

@@ -7,10 +7,14 @@
 #include <openssl/x509_vfy.h>
 #include <openssl/x509v3.h>
 
+#include "kms_crypto.h"
 #include "kms_log.h"
 #include "kms_rpc.h"
 #include "kmsd.h"
 #include "kmsd_authz.h"
+
+#include "kmsd/v1/entry.pb-c.h"
+#include "kmsd/v1/record.pb-c.h"
 
 struct kmsd_authz {
     X509_STORE *cluster;
@@ -71,27 +75,113 @@ void kmsd_authz_free(struct kmsd *d)
     pthread_rwlock_unlock(&authz_lock);
 }
 
+/* ---- certificate names -------------------------------------------------- */
+
+int kmsd_authz_node_cn_parse(const char *cn, uint64_t *id)
+{
+    static const char prefix[] = "kmsd-node-";
+    const size_t plen = sizeof(prefix) - 1;
+    uint64_t v = 0;
+    size_t i;
+
+    if (cn == NULL || strncmp(cn, prefix, plen) != 0) {
+        return KMS_EDENIED;
+    }
+    cn += plen;
+    if (cn[0] < '1' || cn[0] > '9') { /* no empty id, no leading zero, no sign */
+        return KMS_EDENIED;
+    }
+    for (i = 0; cn[i] != '\0'; i++) {
+        unsigned digit;
+        if (cn[i] < '0' || cn[i] > '9' || i >= 20) {
+            return KMS_EDENIED;
+        }
+        digit = (unsigned)(cn[i] - '0');
+        if (v > (UINT64_MAX - digit) / 10) {
+            return KMS_EDENIED;
+        }
+        v = v * 10 + digit;
+    }
+    *id = v;
+    return 0;
+}
+
+/* The subject's only CN, into cn; KMS_EDENIED for none or several, or one
+ * with an embedded NUL. */
+static int cert_single_cn(X509 *cert, char *cn, size_t cnlen)
+{
+    X509_NAME *name = X509_get_subject_name(cert);
+    int first, more;
+    X509_NAME_ENTRY *ent;
+    ASN1_STRING *data;
+    unsigned char *utf8 = NULL;
+    int n;
+
+    cn[0] = '\0';
+    if (name == NULL || (first = X509_NAME_get_index_by_NID(name, NID_commonName, -1)) < 0) {
+        return KMS_EDENIED;
+    }
+    more = X509_NAME_get_index_by_NID(name, NID_commonName, first);
+    if (more >= 0) {
+        return KMS_EDENIED;
+    }
+    ent = X509_NAME_get_entry(name, first);
+    data = ent != NULL ? X509_NAME_ENTRY_get_data(ent) : NULL;
+    if (data == NULL || (n = ASN1_STRING_to_UTF8(&utf8, data)) < 0) {
+        return KMS_EDENIED;
+    }
+    if ((size_t)n >= cnlen || memchr(utf8, '\0', (size_t)n) != NULL) {
+        OPENSSL_free(utf8);
+        return KMS_EDENIED;
+    }
+    memcpy(cn, utf8, (size_t)n);
+    cn[n] = '\0';
+    OPENSSL_free(utf8);
+    return 0;
+}
+
+static X509 *pem_cert(const char *pem)
+{
+    BIO *bio = pem != NULL ? BIO_new_mem_buf(pem, -1) : NULL;
+    X509 *cert = bio != NULL ? PEM_read_bio_X509(bio, NULL, NULL, NULL) : NULL;
+    BIO_free(bio);
+    return cert;
+}
+
+int kmsd_authz_pem_node_id(const char *pem, uint64_t *id)
+{
+    X509 *cert = pem_cert(pem);
+    char cn[256];
+    int rc;
+
+    if (cert == NULL) {
+        return KMS_EFORMAT;
+    }
+    rc = cert_single_cn(cert, cn, sizeof(cn));
+    if (rc == 0) {
+        rc = kmsd_authz_node_cn_parse(cn, id);
+    }
+    X509_free(cert);
+    return rc;
+}
+
 /* Verifies the caller's leaf certificate against one store; returns the
- * certificate's CN in cn (may be empty). */
+ * certificate's only CN in cn (empty when it has none or several). */
 static bool verify(struct kmsd *d, struct kms_rpc_call *call, bool cluster, char *cn,
                    size_t cnlen)
 {
-    const char *pem = kms_rpc_call_peer_cert_pem(call);
-    BIO *bio = NULL;
     X509 *cert = NULL;
     X509_STORE_CTX *ctx = NULL;
     bool ok = false;
 
     cn[0] = '\0';
-    if (pem == NULL) {
-        return false;
-    }
-    bio = BIO_new_mem_buf(pem, -1);
-    cert = bio != NULL ? PEM_read_bio_X509(bio, NULL, NULL, NULL) : NULL;
+    cert = pem_cert(kms_rpc_call_peer_cert_pem(call));
     if (cert == NULL) {
         goto out;
     }
-    X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, cn, (int)cnlen);
+    if (cert_single_cn(cert, cn, cnlen) != 0) {
+        cn[0] = '\0';
+    }
     pthread_rwlock_rdlock(&authz_lock);
     if (d->authz != NULL && (ctx = X509_STORE_CTX_new()) != NULL &&
         X509_STORE_CTX_init(ctx, cluster ? d->authz->cluster : d->authz->operator, cert,
@@ -103,21 +193,145 @@ static bool verify(struct kmsd *d, struct kms_rpc_call *call, bool cluster, char
 out:
     X509_STORE_CTX_free(ctx);
     X509_free(cert);
-    BIO_free(bio);
     return ok;
 }
 
-bool kmsd_authz_node(struct kmsd *d, struct kms_rpc_call *call)
+bool kmsd_authz_node(struct kmsd *d, struct kms_rpc_call *call, uint64_t *id)
 {
     char cn[256];
     if (!verify(d, call, true, cn, sizeof(cn))) {
         return false;
     }
-    return strncmp(cn, "kmsd-node-", 10) == 0 && cn[10] != '\0';
+    return kmsd_authz_node_cn_parse(cn, id) == 0;
 }
 
 bool kmsd_authz_operator(struct kmsd *d, struct kms_rpc_call *call)
 {
     char cn[256];
-    return verify(d, call, false, cn, sizeof(cn));
+    if (!verify(d, call, false, cn, sizeof(cn))) {
+        return false;
+    }
+    /* A node certificate never acts as an operator, even from a shared CA. */
+    return strncmp(cn, "kmsd-node-", 10) != 0;
+}
+
+/* ---- the method table ---------------------------------------------------- */
+
+static const struct kmsd_method_policy methods[] = {
+    /* node to node: only what a follower needs */
+    {"/kmsd.v1.Cluster/Forward", KMSD_AUTH_NODE},
+    /* reads and per-replica actions: the replica that was called */
+    {"/kmsd.v1.Operator/Status", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK},
+    {"/kmsd.v1.Operator/Unseal", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK},
+    {"/kmsd.v1.Operator/Seal", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK},
+    {"/kmsd.v1.Operator/MembersList", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK},
+    {"/kmsd.v1.Operator/KeysList", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK},
+    {"/kmsd.v1.Operator/KeysShow", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK},
+    /* writes and leadership: on the leader, under the operator's identity */
+    {"/kmsd.v1.Operator/Initialize", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    {"/kmsd.v1.Operator/Rotate", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    {"/kmsd.v1.Operator/KeysRevoke", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    {"/kmsd.v1.Operator/MembersAdd", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    {"/kmsd.v1.Operator/MembersRemove", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    {"/kmsd.v1.Operator/StepDown", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    {"/kmsd.v1.Operator/TransferLeader", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+};
+
+const struct kmsd_method_policy *kmsd_authz_methods(size_t *n)
+{
+    *n = sizeof(methods) / sizeof(methods[0]);
+    return methods;
+}
+
+const struct kmsd_method_policy *kmsd_authz_method(const char *path)
+{
+    for (size_t i = 0; path != NULL && i < sizeof(methods) / sizeof(methods[0]); i++) {
+        if (strcmp(methods[i].path, path) == 0) {
+            return &methods[i];
+        }
+    }
+    return NULL;
+}
+
+/* ---- entries ------------------------------------------------------------- */
+
+bool kmsd_authz_entry_forwardable(int op_case)
+{
+    return op_case == KMSD__V1__ENTRY__OP_PUT_RECORD;
+}
+
+int kmsd_authz_record_check(const Kmsd__V1__SealedRecord *rec, uint32_t max_term,
+                            struct kms_err *err)
+{
+    size_t n = 0;
+    int rc;
+
+    if ((rc = kms_record_validate(rec, err)) != 0) {
+        return rc;
+    }
+    for (; rec->node_uuid[n] != '\0'; n++) {
+        unsigned char c = (unsigned char)rec->node_uuid[n];
+        if (c < 0x21 || c > 0x7e || n >= KMS_NODE_UUID_MAX) {
+            return kms_err_set(err, KMS_EFORMAT,
+                               "record: node uuid must be 1..%d printable ASCII bytes",
+                               KMS_NODE_UUID_MAX);
+        }
+    }
+    if (max_term == 0) {
+        return kms_err_set(err, KMS_EFORMAT, "record: the cluster has no keyring yet");
+    }
+    if (rec->term > max_term) {
+        return kms_err_set(err, KMS_EFORMAT, "record: term %u does not exist (keyring has 1..%u)",
+                           rec->term, max_term);
+    }
+    if (rec->revoked_at != 0 || rec->last_access_at != 0) {
+        return kms_err_set(err, KMS_EFORMAT, "record: a new record cannot be revoked or used");
+    }
+    return 0;
+}
+
+int kmsd_authz_keyring_check(const Kmsd__V1__EncryptedKeyring *ek, const uint8_t root[32],
+                             const Kmsd__V1__EncryptedKeyring *cur, bool init,
+                             struct kms_err *err)
+{
+    struct kms_keyring *kr = NULL;
+    int rc;
+
+    if (ek == NULL || root == NULL) {
+        return kms_err_set(err, KMS_EINVAL, "keyring: invalid argument");
+    }
+    if (init && cur != NULL) {
+        return kms_err_set(err, KMS_EEXIST, "cluster is already initialised");
+    }
+    if (!init && cur == NULL) {
+        return kms_err_set(err, KMS_EUNINIT, "keyring: no keyring to replace");
+    }
+    if ((rc = kms_keyring_decrypt(ek, root, &kr, err)) != 0) {
+        return kms_err_wrap(err, rc, "keyring does not decrypt under the root key held");
+    }
+    if (ek->active_term == 0 || kms_keyring_active_term(kr) != ek->active_term) {
+        rc = kms_err_set(err, KMS_EFORMAT, "keyring: active term %u (plaintext %u)",
+                         ek->active_term, kms_keyring_active_term(kr));
+        goto out;
+    }
+    if (cur != NULL) {
+        if (cur->cluster_id.len != ek->cluster_id.len ||
+            memcmp(cur->cluster_id.data, ek->cluster_id.data, ek->cluster_id.len) != 0) {
+            rc = kms_err_set(err, KMS_EFORMAT, "keyring: cluster id differs from the cluster's");
+            goto out;
+        }
+        if (ek->active_term < cur->active_term) {
+            rc = kms_err_set(err, KMS_EFORMAT, "keyring: active term %u is below the current %u",
+                             ek->active_term, cur->active_term);
+            goto out;
+        }
+        if (ek->share_count != cur->share_count || ek->threshold != cur->threshold) {
+            rc = kms_err_set(err, KMS_EFORMAT, "keyring: share count or threshold changed");
+            goto out;
+        }
+    }
+    rc = 0;
+out:
+    kms_keyring_unref(kr);
+    return rc;
 }

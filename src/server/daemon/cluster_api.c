@@ -3,12 +3,15 @@
  * kmsd.v1.Operator (kmsctl).
  *
  * The gRPC server verifies client certificates against the union of the
- * cluster CA and the operator CA. Each method then checks which CA the
- * certificate chains to (authz.c): Forward needs a node certificate from the
- * cluster CA, operator methods a certificate from the operator CA. So an
- * operator certificate cannot forward raft entries, and a stolen node
- * certificate cannot run operator commands (unless one CA signs both, as in
- * the dev PKI; docs/security.md says to use two CAs in production).
+ * cluster CA and the operator CA. Who may call which method is one table,
+ * kmsd_authz_method() (authz.c), applied by dispatch_cb below before any
+ * handler runs: Forward needs a node certificate of a current member (one
+ * CN, exactly kmsd-node-<id>, cluster CA) and carries only PutRecord
+ * entries, which the leader validates; operator methods need an operator
+ * certificate that is not a node certificate. Every other write (keyring,
+ * members, revocations) is proposed by the leader itself for an operator
+ * call; a follower answers such calls "not the leader; ..." and kmsctl
+ * follows it to the leader.
  *
  * Error details carry the whole kms_err chain so kmsctl can show it.
  */
@@ -60,14 +63,29 @@ static void audit(struct kms_rpc_call *call, const char *op)
             "peer", kms_rpc_call_peer(call), NULL);
 }
 
-/* Authorises an operator call; on refusal finishes the call and returns false. */
-static bool operator_ok(struct kmsd *d, struct kms_rpc_call *call, const char *op)
+/* True when the call's node certificate names a current member of the raft
+ * configuration (pool threads: kms_raft_status may wait). */
+static bool node_is_member(struct kmsd *d, uint64_t id)
 {
-    if (kmsd_authz_operator(d, call)) {
-        return true;
+    struct kms_raft_status st;
+    memset(&st, 0, sizeof(st));
+    (void)kms_raft_status(d->raft, &st);
+    for (size_t i = 0; i < st.n_members && i < sizeof(st.members) / sizeof(st.members[0]);
+         i++) {
+        if (st.members[i].id == id) {
+            return true;
+        }
     }
-    finish_err(call, op, KMS_EDENIED, "certificate is not an operator certificate");
     return false;
+}
+
+static void forward_refuse(struct kmsd *d, struct kms_rpc_call *call, const char *why)
+{
+    atomic_fetch_add(&d->metrics.forward_refused, 1);
+    kms_log(KMS_LOG_WARN, "authz", "forward refused", "reason", why, "peer",
+            kms_rpc_call_peer(call), "cn",
+            kms_rpc_call_peer_cn(call) != NULL ? kms_rpc_call_peer_cn(call) : "", NULL);
+    kms_rpc_call_finish(call, GRPC_STATUS_PERMISSION_DENIED, why, NULL, 0);
 }
 
 /* ---- kmsd.v1.Cluster ------------------------------------------------- */
@@ -79,6 +97,7 @@ struct forward_job {
     struct kms_rpc_call *call;
     Kmsd__V1__ForwardRequest *r;
     uint64_t t0;
+    uint64_t caller_id; /* from the certificate's CN */
 };
 
 static void forward_run_cb(void *arg)
@@ -105,6 +124,37 @@ static void forward_run_cb(void *arg)
                             0);
         goto out;
     }
+    if (!node_is_member(d, j->caller_id)) {
+        char why[96];
+        snprintf(why, sizeof(why), "node %llu is not a member of the cluster",
+                 (unsigned long long)j->caller_id);
+        forward_refuse(d, j->call, why);
+        goto out;
+    }
+    if (j->r->from_id != j->caller_id) {
+        forward_refuse(d, j->call, "from_id differs from the certificate's node id");
+        goto out;
+    }
+    if (!kmsd_authz_entry_forwardable(j->r->entry->op_case)) {
+        forward_refuse(d, j->call, "a node may forward only sealed records (PutRecord)");
+        goto out;
+    }
+    {
+        Kmsd__V1__EncryptedKeyring *ek = NULL;
+        uint32_t max_term = 0;
+        if (kms_store_keyring_get(d->store, &ek, NULL) == 0) {
+            max_term = ek->active_term;
+            kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
+        }
+        if (j->r->entry->version != 1 || j->r->entry->put_record == NULL ||
+            kmsd_authz_record_check(j->r->entry->put_record->record, max_term, &err) != 0) {
+            char why[sizeof(err.msg) + 32];
+            snprintf(why, sizeof(why), "malformed record: %s",
+                     err.msg[0] ? err.msg : "bad entry version");
+            forward_refuse(d, j->call, why);
+            goto out;
+        }
+    }
     memset(&rr, 0, sizeof(rr));
     rc = kms_raft_propose(d->raft, j->r->entry, wait_ms, &rr, &err);
     if (rc == KMS_ENOTLEADER) {
@@ -130,10 +180,12 @@ static void forward_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req,
 {
     struct kmsd *d = arg;
     struct forward_job *j = NULL;
+    uint64_t caller_id = 0;
     int rc;
 
-    if (!kmsd_authz_node(d, call)) {
-        finish_err(call, "forward", KMS_EDENIED, "certificate is not a cluster node certificate");
+    /* The dispatcher checked the certificate already; its id is needed here. */
+    if (!kmsd_authz_node(d, call, &caller_id)) {
+        forward_refuse(d, call, "certificate is not a cluster node certificate");
         goto out;
     }
     j = calloc(1, sizeof(*j));
@@ -144,6 +196,7 @@ static void forward_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req,
     j->d = d;
     j->call = call;
     j->t0 = kms_mono_ms();
+    j->caller_id = caller_id;
     j->r = kmsd__v1__forward_request__unpack(NULL, len, req);
     if (j->r == NULL || j->r->entry == NULL) {
         finish_err(call, "forward", KMS_EINVAL, "malformed forward request");
@@ -260,11 +313,9 @@ static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     Kmsd__V1__MemberStatus **ptrs = NULL;
     struct kms_keyring *kr = NULL;
     char cid[33] = "";
+    char kerr[sizeof(d->keyring_error)];
     unsigned progress = 0, threshold = 0;
 
-    if (!operator_ok(d, call, "status")) {
-        return;
-    }
     memset(&st, 0, sizeof(st));
     (void)kms_raft_status(d->raft, &st);
     if (kms_store_keyring_get(d->store, &ek, NULL) == 0) {
@@ -291,6 +342,10 @@ static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     resp.cluster_id = cid;
     kr = kmsd_keyring_get(d);
     resp.active_term = kr != NULL ? kms_keyring_active_term(kr) : 0;
+    pthread_mutex_lock(&d->mu);
+    snprintf(kerr, sizeof(kerr), "%s", d->keyring_error);
+    pthread_mutex_unlock(&d->mu);
+    resp.keyring_error = kerr;
     ptrs = members_build(d, &st, &mc);
     resp.n_members = ptrs != NULL ? mc.n : 0;
     resp.members = ptrs;
@@ -316,9 +371,6 @@ static void init_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
     int rc;
 
     kms_err_clear(&err);
-    if (!operator_ok(d, call, "init")) {
-        return;
-    }
     r = kmsd__v1__init_request__unpack(NULL, len, req);
     if (r == NULL) {
         finish_err(call, "init", KMS_EINVAL, "malformed request");
@@ -366,9 +418,6 @@ static void unseal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     int rc;
 
     kms_err_clear(&err);
-    if (!operator_ok(d, call, "unseal")) {
-        return;
-    }
     r = kmsd__v1__unseal_request__unpack(NULL, len, req);
     if (r == NULL) {
         finish_err(call, "unseal", KMS_EINVAL, "malformed request");
@@ -397,9 +446,6 @@ static void seal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
 {
     struct kmsd *d = arg;
     Kmsd__V1__SealResponse resp = KMSD__V1__SEAL_RESPONSE__INIT;
-    if (!operator_ok(d, call, "seal")) {
-        return;
-    }
     audit(call, "seal");
     kmsd_seal(d);
     finish_msg(call, &resp.base);
@@ -414,9 +460,6 @@ static void stepdown_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req
     int rc;
 
     kms_err_clear(&err);
-    if (!operator_ok(d, call, "step-down")) {
-        return;
-    }
     audit(call, "step-down");
     memset(&st, 0, sizeof(st));
     (void)kms_raft_status(d->raft, &st);
@@ -445,9 +488,6 @@ static void transfer_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req
     int rc;
 
     kms_err_clear(&err);
-    if (!operator_ok(d, call, "transfer-leader")) {
-        return;
-    }
     r = kmsd__v1__transfer_leader_request__unpack(NULL, len, req);
     if (r == NULL) {
         finish_err(call, "transfer-leader", KMS_EINVAL, "malformed request");
@@ -475,9 +515,6 @@ static void rotate_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     int rc;
 
     kms_err_clear(&err);
-    if (!operator_ok(d, call, "rotate")) {
-        return;
-    }
     audit(call, "rotate");
     rc = kmsd_rotate(d, &term, &err);
     if (rc != 0) {
@@ -497,9 +534,6 @@ static void members_list_cb(void *arg, struct kms_rpc_call *call, const uint8_t 
     struct members_ctx mc = {NULL, 0};
     Kmsd__V1__MemberStatus **ptrs;
 
-    if (!operator_ok(d, call, "members-list")) {
-        return;
-    }
     memset(&st, 0, sizeof(st));
     (void)kms_raft_status(d->raft, &st);
     ptrs = members_build(d, &st, &mc);
@@ -529,8 +563,18 @@ static int put_member(struct kmsd *d, uint64_t id, const char *raft, const char 
     return kmsd_write(d, &e, d->opt.request_wait_ms, &res, err);
 }
 
+/* Only the leader publishes its own metadata: member entries are never
+ * forwarded (a node certificate could otherwise re-point a member's cluster
+ * address). A follower's entry comes from `members add` or the configured
+ * peers until it leads. */
 int kmsd_publish_self(struct kmsd *d, struct kms_err *err)
 {
+    struct kms_raft_status st;
+    memset(&st, 0, sizeof(st));
+    (void)kms_raft_status(d->raft, &st);
+    if (st.role != KMS_RAFT_LEADER) {
+        return kms_err_set(err, KMS_ENOTLEADER, "member metadata is published by the leader");
+    }
     return put_member(d, d->opt.node_id, d->opt.raft_advertise, d->opt.cluster_advertise,
                       d->opt.talos_advertise, d->opt.version, err);
 }
@@ -545,9 +589,6 @@ static void members_add_cb(void *arg, struct kms_rpc_call *call, const uint8_t *
     int rc;
 
     kms_err_clear(&err);
-    if (!operator_ok(d, call, "members-add")) {
-        return;
-    }
     r = kmsd__v1__members_add_request__unpack(NULL, len, req);
     if (r == NULL || r->id == 0 || r->raft_address == NULL || r->raft_address[0] == '\0') {
         finish_err(call, "members-add", KMS_EINVAL, "id and raft address are required");
@@ -581,9 +622,6 @@ static void members_remove_cb(void *arg, struct kms_rpc_call *call, const uint8_
     int rc;
 
     kms_err_clear(&err);
-    if (!operator_ok(d, call, "members-remove")) {
-        return;
-    }
     r = kmsd__v1__members_remove_request__unpack(NULL, len, req);
     if (r == NULL || r->id == 0) {
         finish_err(call, "members-remove", KMS_EINVAL, "member id is required");
@@ -700,9 +738,6 @@ static void keys_list_cb(void *arg, struct kms_rpc_call *call, const uint8_t *re
     int rc;
 
     kms_err_clear(&err);
-    if (!operator_ok(d, call, "keys-list")) {
-        return;
-    }
     r = kmsd__v1__keys_list_request__unpack(NULL, len, req);
     if (r == NULL) {
         finish_err(call, "keys-list", KMS_EINVAL, "malformed request");
@@ -754,9 +789,6 @@ static void keys_show_cb(void *arg, struct kms_rpc_call *call, const uint8_t *re
     kms_err_clear(&err);
     kmsd__v1__key_info__init(&ki);
     ki.key_id = ki.node_uuid = ki.source_ip = NULL;
-    if (!operator_ok(d, call, "keys-show")) {
-        return;
-    }
     r = kmsd__v1__keys_show_request__unpack(NULL, len, req);
     if (r == NULL || hex_decode16(r->key_id, id) != 0) {
         finish_err(call, "keys-show", KMS_EINVAL, "key id must be 32 hex digits");
@@ -799,9 +831,6 @@ static void keys_revoke_cb(void *arg, struct kms_rpc_call *call, const uint8_t *
     int rc;
 
     kms_err_clear(&err);
-    if (!operator_ok(d, call, "keys-revoke")) {
-        return;
-    }
     r = kmsd__v1__keys_revoke_request__unpack(NULL, len, req);
     if (r == NULL) {
         finish_err(call, "keys-revoke", KMS_EINVAL, "malformed request");
@@ -846,12 +875,18 @@ out:
     }
 }
 
-/* ---- parking operator calls ---------------------------------------- */
+/* ---- dispatch: the one place that authorises ------------------------- */
 
-/* Operator handlers may block for long (a write waiting for quorum, members
- * add catching a new node up for up to a minute). They run on the operator
- * pool, so the cluster API workers stay free for Forward (which parks on the
- * write pool) and the next operator call. */
+/* Every cluster API method is registered through dispatch_cb with its row of
+ * the policy table (kmsd_authz_method): the caller's certificate is checked
+ * there, before any handler runs. Operator handlers may block for long (a
+ * write waiting for quorum, members add catching a new node up for up to a
+ * minute): they run on the operator pool (KMSD_RUN_PARK), so the cluster API
+ * workers stay free for Forward (which parks on the write pool) and the next
+ * operator call. A KMSD_RUN_LEADER method on a follower is answered "not the
+ * leader; the leader is node N, cluster API at ADDR" before its handler
+ * runs: writes and leadership changes run on the leader, under the
+ * operator's own identity (kmsctl follows the answer). */
 struct op_job {
     struct kmsd_op_method *m;
     struct kms_rpc_call *call;
@@ -862,23 +897,45 @@ struct op_job {
 static void op_run_cb(void *arg)
 {
     struct op_job *j = arg;
-    if (atomic_load(&j->m->d->stopping)) {
+    struct kmsd *d = j->m->d;
+    char msg[400];
+
+    if (atomic_load(&d->stopping)) {
         /* raft may be gone: do not start operator work while stopping */
         kms_rpc_call_finish(j->call, GRPC_STATUS_UNAVAILABLE, "shutting down", NULL, 0);
+    } else if ((j->m->flags & KMSD_RUN_LEADER) && kmsd_leader_redirect(d, msg, sizeof(msg))) {
+        finish_err(j->call, j->m->path, KMS_ENOTLEADER, msg);
     } else {
-        j->m->fn(j->m->d, j->call, j->req, j->len);
+        j->m->fn(d, j->call, j->req, j->len);
     }
     OPENSSL_cleanse(j->req, j->len); /* shares travel in operator requests */
     free(j->req);
     free(j);
 }
 
-static void op_park_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+static void dispatch_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
 {
     struct kmsd_op_method *m = arg;
-    struct op_job *j = calloc(1, sizeof(*j));
+    struct kmsd *d = m->d;
+    struct op_job *j = NULL;
+    uint64_t node_id = 0;
     int rc;
 
+    if (m->flags & KMSD_AUTH_NODE) {
+        if (!kmsd_authz_node(d, call, &node_id)) {
+            forward_refuse(d, call, "certificate is not a cluster node certificate "
+                                    "(one CN kmsd-node-<id>, cluster CA)");
+            goto out;
+        }
+    } else if (!(m->flags & KMSD_AUTH_OPERATOR) || !kmsd_authz_operator(d, call)) {
+        finish_err(call, m->path, KMS_EDENIED, "certificate is not an operator certificate");
+        goto out;
+    }
+    if (!(m->flags & KMSD_RUN_PARK)) {
+        m->fn(d, call, req, len);
+        goto out;
+    }
+    j = calloc(1, sizeof(*j));
     if (j == NULL || (j->req = malloc(len > 0 ? len : 1)) == NULL) {
         free(j);
         finish_err(call, "operator", KMS_ENOMEM, "out of memory");
@@ -888,7 +945,7 @@ static void op_park_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req,
     j->m = m;
     j->call = call;
     j->len = len;
-    if ((rc = kmsd_pool_submit(m->d->op_pool, op_run_cb, j)) != 0) {
+    if ((rc = kmsd_pool_submit(d->op_pool, op_run_cb, j)) != 0) {
         finish_err(call, "operator", KMS_EUNAVAIL,
                    rc == KMS_EBUSY ? "too many operator calls waiting; retry later"
                                    : "shutting down");
@@ -906,7 +963,8 @@ int kmsd_cluster_register(struct kmsd *d, struct kms_rpc_server *srv)
     static const struct {
         const char *path;
         kms_rpc_handler_fn fn;
-    } methods[] = {
+    } handlers[] = {
+        {"/kmsd.v1.Cluster/Forward", forward_cb},
         {"/kmsd.v1.Operator/Status", status_cb},
         {"/kmsd.v1.Operator/Initialize", init_cb},
         {"/kmsd.v1.Operator/Unseal", unseal_cb},
@@ -921,17 +979,23 @@ int kmsd_cluster_register(struct kmsd *d, struct kms_rpc_server *srv)
         {"/kmsd.v1.Operator/KeysShow", keys_show_cb},
         {"/kmsd.v1.Operator/KeysRevoke", keys_revoke_cb},
     };
-    int rc = kms_rpc_server_add_method(srv, "/kmsd.v1.Cluster/Forward", forward_cb, d);
-    if (rc != 0) {
-        return rc;
+    size_t n = sizeof(handlers) / sizeof(handlers[0]), npol = 0;
+    int rc;
+
+    (void)kmsd_authz_methods(&npol);
+    if (n > KMSD_OP_METHODS || n != npol) {
+        return KMS_ERANGE; /* a handler without a policy row, or the reverse */
     }
-    if (sizeof(methods) / sizeof(methods[0]) > KMSD_OP_METHODS) {
-        return KMS_ERANGE;
-    }
-    for (size_t i = 0; i < sizeof(methods) / sizeof(methods[0]); i++) {
+    for (size_t i = 0; i < n; i++) {
+        const struct kmsd_method_policy *pol = kmsd_authz_method(handlers[i].path);
+        if (pol == NULL) {
+            return KMS_ERANGE;
+        }
         d->op_methods[i].d = d;
-        d->op_methods[i].fn = methods[i].fn;
-        rc = kms_rpc_server_add_method(srv, methods[i].path, op_park_cb, &d->op_methods[i]);
+        d->op_methods[i].fn = handlers[i].fn;
+        d->op_methods[i].path = pol->path;
+        d->op_methods[i].flags = pol->flags;
+        rc = kms_rpc_server_add_method(srv, handlers[i].path, dispatch_cb, &d->op_methods[i]);
         if (rc != 0) {
             return rc;
         }

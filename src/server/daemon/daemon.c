@@ -41,6 +41,7 @@
 #include "kms_time.h"
 #include "kmsd.h"
 #include "kmsd_authz.h"
+#include "kmsd_notify.h"
 #include "kmsd_pool.h"
 
 
@@ -367,6 +368,7 @@ static void *supervisor_main(void *arg)
                 }
             }
         }
+        kmsd_notify_tick(d, now); /* systemd STATUS= on change, WATCHDOG=1 */
         kms_sleep_ms(50);
     }
     return NULL;

@@ -128,6 +128,18 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
       (unsigned long long)st.applied_index);
     M("# TYPE kmsd_records gauge\nkmsd_records %llu\n",
       (unsigned long long)kms_store_count(d->store));
+    M("# HELP kmsd_keyring_refresh_failures_total Checks where the replicated keyring did "
+      "not decrypt under this node's root key.\n"
+      "# TYPE kmsd_keyring_refresh_failures_total counter\n"
+      "kmsd_keyring_refresh_failures_total %llu\n",
+      (unsigned long long)atomic_load(&d->metrics.keyring_refresh_failures));
+    M("# HELP kmsd_forward_refused_total Cluster/Forward calls refused (identity or entry).\n"
+      "# TYPE kmsd_forward_refused_total counter\nkmsd_forward_refused_total %llu\n",
+      (unsigned long long)atomic_load(&d->metrics.forward_refused));
+    M("# HELP kmsd_seal_readback_failures_total Seals refused because the record read back "
+      "differed or was absent.\n# TYPE kmsd_seal_readback_failures_total counter\n"
+      "kmsd_seal_readback_failures_total %llu\n",
+      (unsigned long long)atomic_load(&d->metrics.seal_readback_failures));
     M("# HELP kmsd_requests_total Talos API requests by method and gRPC code.\n"
       "# TYPE kmsd_requests_total counter\n");
     for (int m = 0; m < 2; m++) {

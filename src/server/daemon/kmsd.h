@@ -132,6 +132,8 @@ typedef void (*kmsd_op_fn)(void *arg, struct kms_rpc_call *call, const uint8_t *
 struct kmsd_op_method {
     struct kmsd *d;
     kmsd_op_fn fn;
+    const char *path;   /* method path, for messages */
+    unsigned flags;     /* KMSD_AUTH_* | KMSD_RUN_* from the policy table (kmsd_authz.h) */
 };
 
 /* Per-source-address limiter of failed unseals (fixed-size table). */
@@ -146,6 +148,9 @@ struct kmsd_rate_slot {
 #define KMSD_METRIC_CODES 17
 struct kmsd_metrics {
     atomic_ullong requests[2][KMSD_METRIC_CODES];
+    atomic_ullong keyring_refresh_failures; /* replicated keyring did not decrypt */
+    atomic_ullong forward_refused;          /* Forward calls refused (identity or entry) */
+    atomic_ullong seal_readback_failures;   /* sealed record not found as written */
 };
 
 struct kmsd {
@@ -180,6 +185,11 @@ struct kmsd {
     struct kms_share *pending;           /* secure memory, KMSD_MAX_SHARES entries */
     size_t n_pending;
     uint32_t threshold_seen;             /* k from the replicated keyring meta */
+
+    /* Set while the replicated keyring does not decrypt under R (a keyring
+     * the cluster committed that this node cannot read): the reason, shown
+     * by kmsctl status. Guarded by mu. */
+    char keyring_error[160];
 
     pthread_rwlock_t kr_lock;            /* guards `keyring` pointer swaps */
     struct kms_keyring *keyring;         /* NULL while sealed; one reference */
@@ -239,6 +249,7 @@ struct kms_keyring *kmsd_keyring_get(struct kmsd *d);
  * longer leader and retries the new one within the same budget. Blocking:
  * from pool threads (or rare operator calls), never the Talos API workers. */
 struct Kmsd__V1__Entry;
+struct Kmsd__V1__SealedRecord;
 struct kmsd_write_result {
     uint64_t index;
     int code;          /* apply result (KMS_E*) */
@@ -247,16 +258,30 @@ struct kmsd_write_result {
 };
 int kmsd_write(struct kmsd *d, const struct Kmsd__V1__Entry *e, unsigned wait_ms,
                struct kmsd_write_result *res, struct kms_err *err);
+/* Only entries kmsd_authz_entry_forwardable() allows (PutRecord) are
+ * forwarded. Any other entry is proposed only by the leader: on a follower
+ * kmsd_write returns KMS_ENOTLEADER with the message
+ * "not the leader; leader is N at ADDR" (ADDR: the leader's cluster API) as
+ * soon as a leader is known, having proposed nothing; kmsctl follows it. */
+/* The same message for the operator dispatcher: fills msg and returns true
+ * when another node is known to lead. Blocking up to 500 ms (raft status). */
+bool kmsd_leader_redirect(struct kmsd *d, char *msg, size_t msglen);
+/* Reads rec's key back from this node's applied state and compares key id,
+ * term, nonce, ciphertext and node uuid byte for byte. 0, or KMS_EUNAVAIL
+ * (absent or different; logged at error level). */
+int kmsd_record_readback(struct kmsd *d, const struct Kmsd__V1__SealedRecord *rec,
+                         struct kms_err *err);
 /* True when this node may serve a local read now (lease, or any applied
  * state with unsealReads: local). Lock-free. A read must still follow the
  * lease deadline rule (talos_api.c unseal_read). */
 bool kmsd_readable(struct kmsd *d);
-/* Waits until this node applied everything the leader had committed when
- * the call started (the leader's commit index arrives with the next
- * heartbeat). Used before answering NOT_FOUND, so a key sealed through
- * another replica and acknowledged is found here too. 0, or KMS_EUNAVAIL /
- * KMS_ETIMEDOUT when it could not be done within wait_ms (the caller then
- * answers UNAVAILABLE, never NOT_FOUND). Blocking: pool threads only. */
+/* Read barrier: waits until this node applied every write acknowledged
+ * anywhere before the call started (kms_raft_read_index: on a follower one
+ * heartbeat round trip to the leader). Used before answering NOT_FOUND, so
+ * a key sealed through another replica and acknowledged is found here too.
+ * 0, or KMS_EUNAVAIL / KMS_ESHUTDOWN when it could not be done within
+ * wait_ms (the caller then answers UNAVAILABLE, never NOT_FOUND).
+ * Blocking: pool threads only. */
 int kmsd_read_barrier(struct kmsd *d, unsigned wait_ms);
 
 /* RPC services. */

@@ -3,6 +3,8 @@
  * the daemon and waits for signals:
  *   SIGTERM/SIGINT  graceful stop (a leader transfers leadership first)
  *   SIGHUP          reload TLS certificates and keys (new connections)
+ * Under systemd (kmsd.service, Type=notify) it reports READY/STATUS/WATCHDOG
+ * through kmsd_notify.h.
  * Exit codes: 0 clean stop, 1 configuration error, 2 start-up failure.
  */
 #include <arpa/inet.h>
@@ -18,6 +20,7 @@
 #include "kms_rpc.h"
 #include "kmsd.h"
 #include "kmsd_http.h"
+#include "kmsd_notify.h"
 
 extern char **environ;
 
@@ -131,9 +134,22 @@ int main(int argc, char **argv)
     if (cfg.help) {
         goto out;
     }
+    if (cfg.version) {
+        printf("kmsd %s\n", KMSD_BUILD_VERSION);
+        goto out;
+    }
     if (options_from_config(&cfg, &opt, &err) != 0) {
         fprintf(stderr, "kmsd: config: %s\n", err.msg);
         code = 1;
+        goto out;
+    }
+    if (cfg.dump_only) {
+        /* Effective configuration (file + env + flags), sensitive values
+         * redacted; --check-config accepts it back. */
+        if (kms_config_dump(&cfg, stdout) != 0) {
+            fprintf(stderr, "kmsd: --dump-config: cannot write to stdout\n");
+            code = 1;
+        }
         goto out;
     }
     if (cfg.check_only) {
@@ -152,6 +168,7 @@ int main(int argc, char **argv)
         code = 2;
         goto out;
     }
+    kmsd_notify_init();
     d = calloc(1, sizeof(*d));
     if (d == NULL) {
         code = 2;
@@ -168,6 +185,7 @@ int main(int argc, char **argv)
         code = 2;
         goto stop;
     }
+    kmsd_notify_ready(d); /* serving, or waiting for init / unseal shares */
     for (;;) {
         if (sigwait(&set, &sig) != 0) {
             continue;
@@ -181,6 +199,7 @@ int main(int argc, char **argv)
         break;
     }
 stop:
+    kmsd_notify_stopping();
     kmsd_http_stop(d);
     kmsd_stop(d);
     kms_rpc_global_shutdown();

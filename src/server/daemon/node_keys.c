@@ -21,6 +21,7 @@
 #include "kms_store.h"
 #include "kms_time.h"
 #include "kmsd.h"
+#include "kmsd_authz.h"
 
 #include "kmsd/v1/entry.pb-c.h"
 
@@ -76,15 +77,29 @@ static void pending_wipe(struct kmsd *d)
 }
 
 /* Commits an encrypted keyring (init: the first one; else a rotation) and
- * maps the store's apply result to an error. */
-static int keyring_commit(struct kmsd *d, Kmsd__V1__EncryptedKeyring *ek, bool init,
-                          struct kms_err *err)
+ * maps the store's apply result to an error. The keyring is checked first
+ * (kmsd_authz_keyring_check): it must decrypt under root, the key this node
+ * holds, and extend the replicated one; a keyring no holder of the shares
+ * could read is never proposed. */
+static int keyring_commit(struct kmsd *d, Kmsd__V1__EncryptedKeyring *ek, const uint8_t *root,
+                          bool init, struct kms_err *err)
 {
     Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
     Kmsd__V1__PutKeyring pk = KMSD__V1__PUT_KEYRING__INIT;
+    Kmsd__V1__EncryptedKeyring *cur = NULL;
     struct kmsd_write_result res;
     int rc;
 
+    (void)kms_store_keyring_get(d->store, &cur, NULL);
+    rc = kmsd_authz_keyring_check(ek, root, cur, init, err);
+    if (cur != NULL) {
+        kmsd__v1__encrypted_keyring__free_unpacked(cur, NULL);
+    }
+    if (rc != 0) {
+        kms_log(KMS_LOG_ERROR, "keys", "refusing to propose an invalid keyring", "error",
+                err != NULL ? err->msg : "", NULL);
+        return rc == KMS_EEXIST ? rc : kms_err_wrap(err, rc, "keyring check");
+    }
     e.version = 1;
     pk.keyring = ek;
     pk.init = init;
@@ -147,7 +162,7 @@ int kmsd_init_cluster(struct kmsd *d, unsigned n, unsigned k, char ***share_text
         }
     }
 
-    if ((rc = keyring_commit(d, ek, true, err)) != 0) {
+    if ((rc = keyring_commit(d, ek, root, true, err)) != 0) {
         if (rc != KMS_EEXIST) {
             kms_err_wrap(err, rc, "init");
         }
@@ -316,6 +331,7 @@ void kmsd_seal(struct kmsd *d)
         d->root = NULL;
     }
     d->unsealed = false;
+    d->keyring_error[0] = '\0';
     keyring_publish(d, NULL);
     pthread_mutex_unlock(&d->mu);
     kms_log(KMS_LOG_WARN, "keys", "sealed: key material wiped from memory", NULL);
@@ -325,6 +341,7 @@ void kmsd_keyring_refresh(struct kmsd *d)
 {
     Kmsd__V1__EncryptedKeyring *ek = NULL;
     struct kms_keyring *cur = NULL, *kr = NULL;
+    struct kms_err err;
 
     pthread_mutex_lock(&d->mu);
     if (!d->unsealed || d->root == NULL) {
@@ -334,18 +351,39 @@ void kmsd_keyring_refresh(struct kmsd *d)
         goto out;
     }
     cur = kmsd_keyring_get(d);
-    if (cur != NULL && kms_keyring_active_term(cur) == ek->active_term &&
-        kms_keyring_term_count(cur) > 0) {
-        goto out;
-    }
-    if (kms_keyring_decrypt(ek, d->root, &kr, NULL) == 0) {
+    /* Decrypted every time (one small AES-GCM per second), so a replicated
+     * keyring that cannot be read is noticed even at an unchanged term. */
+    kms_err_clear(&err);
+    if (kms_keyring_decrypt(ek, d->root, &kr, &err) == 0 && cur != NULL &&
+        kms_keyring_active_term(cur) == kms_keyring_active_term(kr) &&
+        kms_keyring_term_count(cur) == kms_keyring_term_count(kr)) {
+        d->keyring_error[0] = '\0';
+    } else if (kr != NULL) {
         kms_logf(KMS_LOG_INFO, "keys", "keyring updated: active term %u",
                  kms_keyring_active_term(kr));
         keyring_publish(d, kr);
         kr = NULL;
+        d->keyring_error[0] = '\0';
+    } else {
+        /* The cluster committed a keyring this node's R cannot read: keep
+         * serving from the keyring held, but say so loudly: an error log
+         * when it starts, a counter in /metrics (+1 per check, each second)
+         * and the reason in kmsctl status while it lasts. */
+        bool first = d->keyring_error[0] == '\0';
+        snprintf(d->keyring_error, sizeof(d->keyring_error),
+                 "replicated keyring (active term %u) does not decrypt under this node's "
+                 "root key", ek->active_term);
+        atomic_fetch_add(&d->metrics.keyring_refresh_failures, 1);
+        if (first) {
+            kms_log(KMS_LOG_ERROR, "keys", "keyring refresh failed: replicated keyring does "
+                    "not decrypt; serving from the keyring held", "error", err.msg, NULL);
+        }
     }
 out:
     pthread_mutex_unlock(&d->mu);
+    if (kr != NULL) {
+        kms_keyring_unref(kr);
+    }
     if (cur != NULL) {
         kms_keyring_unref(cur);
     }
@@ -375,7 +413,7 @@ int kmsd_rotate(struct kmsd *d, uint32_t *active_term, struct kms_err *err)
         kms_err_wrap(err, rc, "rotate");
         goto out;
     }
-    if ((rc = keyring_commit(d, nek, false, err)) != 0) {
+    if ((rc = keyring_commit(d, nek, d->root, false, err)) != 0) {
         kms_err_wrap(err, rc, "rotate");
         goto out;
     }

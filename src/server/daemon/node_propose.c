@@ -1,6 +1,13 @@
 /*
  * Writes from any node: propose on the leader, or forward to it.
  *
+ * Only a sealed record (PutRecord, for a Talos Seal) is ever forwarded
+ * (kmsd_authz_entry_forwardable). Every other entry is proposed on the
+ * leader by the leader's own code for an operator call it authorised; on a
+ * follower kmsd_write refuses it with "not the leader; ..." naming the
+ * leader's cluster API, and proposes nothing. A forward goes only to a
+ * server whose certificate's single CN is kmsd-node-<leader id>.
+ *
  * A follower never answers "sealed" for a record that is not committed: it
  * replies only after the leader reported the entry committed and applied AND
  * this node's own applied index reached it (read-your-writes: an Unseal on
@@ -27,15 +34,18 @@
 
 #include <grpc/status.h>
 
+#include "kms_crypto.h"
 #include "kms_log.h"
 #include "kms_raft.h"
 #include "kms_rpc.h"
 #include "kms_store.h"
 #include "kms_time.h"
 #include "kmsd.h"
+#include "kmsd_authz.h"
 
 #include "kmsd/v1/cluster.pb-c.h"
 #include "kmsd/v1/entry.pb-c.h"
+#include "kmsd/v1/record.pb-c.h"
 
 
 bool kmsd_readable(struct kmsd *d)
@@ -48,29 +58,17 @@ bool kmsd_readable(struct kmsd *d)
 
 int kmsd_read_barrier(struct kmsd *d, unsigned wait_ms)
 {
-    uint64_t t0 = kms_mono_ms();
-    uint64_t deadline = t0 + wait_ms;
-    struct kms_raft_status st;
+    uint64_t t0 = kms_mono_ms(), end = t0 + wait_ms, index = 0, now;
+    int rc;
 
-    for (;;) {
-        uint64_t now = kms_mono_ms();
-        memset(&st, 0, sizeof(st));
-        if (kms_raft_status(d->raft, &st) == 0) {
-            /* The leader's own commit index, or a follower's once it heard
-             * from the leader after t0 (heartbeats carry the commit index). */
-            if (st.role == KMS_RAFT_LEADER ||
-                (st.leader_id != 0 && st.last_leader_contact_ms < now - t0)) {
-                break;
-            }
-        }
-        if (now >= deadline || atomic_load(&d->stopping)) {
-            return KMS_EUNAVAIL;
-        }
-        kms_sleep_ms(10);
+    /* Every write acknowledged before this call has an index the read
+     * index covers (kms_raft.h); then wait until this node applied it. */
+    rc = kms_raft_read_index(d->raft, kms_mono_us(), wait_ms, &index);
+    if (rc != 0) {
+        return rc == KMS_ESHUTDOWN ? rc : KMS_EUNAVAIL;
     }
-    uint64_t now = kms_mono_ms();
-    return kms_raft_wait_applied(d->raft, st.commit_index,
-                                 now < deadline ? (unsigned)(deadline - now) : 1);
+    now = kms_mono_ms();
+    return kms_raft_wait_applied(d->raft, index, now < end ? (unsigned)(end - now) : 1);
 }
 
 /* Cluster API address of a member: the replicated member metadata first,
@@ -126,7 +124,15 @@ static int forward_channel(struct kmsd *d, uint64_t id, const char *addr,
         if (d->fwd[i].ch == NULL) {
             struct kms_rpc_client_tls tls = {d->opt.cluster_ca, d->opt.node_cert,
                                               d->opt.node_key};
-            rc = kms_rpc_channel_create(addr, &tls, &d->fwd[i].ch, err);
+            struct kms_rpc_channel_options copts;
+            char cn[40];
+            /* The leader proves it is that node: a server certificate with
+             * another id (or a fake server at a wrong address) fails the
+             * handshake, so no answer from it is ever believed. */
+            snprintf(cn, sizeof(cn), "kmsd-node-%llu", (unsigned long long)id);
+            memset(&copts, 0, sizeof(copts));
+            copts.expect_peer_cn = cn;
+            rc = kms_rpc_channel_create_opts(addr, &tls, &copts, &d->fwd[i].ch, err);
             if (rc != 0) {
                 d->fwd[i].ch = NULL;
                 rc = kms_err_wrap(err, KMS_EUNAVAIL, "forward to leader %llu at %s",
@@ -143,6 +149,27 @@ static int forward_channel(struct kmsd *d, uint64_t id, const char *addr,
 out:
     pthread_mutex_unlock(&d->fwd_mu);
     return rc;
+}
+
+bool kmsd_leader_redirect(struct kmsd *d, char *msg, size_t msglen)
+{
+    struct kms_raft_status st;
+    char addr[256];
+
+    memset(&st, 0, sizeof(st));
+    (void)kms_raft_status(d->raft, &st);
+    if (st.role == KMS_RAFT_LEADER || st.leader_id == 0 || st.leader_id == d->opt.node_id) {
+        return false;
+    }
+    if (cluster_address(d, st.leader_id, addr) == 0) {
+        snprintf(msg, msglen, "not the leader; the leader is node %llu, cluster API at %s",
+                 (unsigned long long)st.leader_id, addr);
+    } else {
+        snprintf(msg, msglen,
+                 "not the leader; the leader is node %llu (its cluster API address is unknown)",
+                 (unsigned long long)st.leader_id);
+    }
+    return true;
 }
 
 #define FORWARD_POLL_MS 100
@@ -260,6 +287,19 @@ int kmsd_write(struct kmsd *d, const Kmsd__V1__Entry *e, unsigned wait_ms,
     int rc;
 
     memset(res, 0, sizeof(*res));
+    if (e->op_case == KMSD__V1__ENTRY__OP_PUT_RECORD) {
+        /* What a leader proposes is checked like what it accepts by Forward. */
+        Kmsd__V1__EncryptedKeyring *ek = NULL;
+        uint32_t max_term = 0;
+        if (kms_store_keyring_get(d->store, &ek, NULL) == 0) {
+            max_term = ek->active_term;
+            kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
+        }
+        if (e->put_record == NULL ||
+            (rc = kmsd_authz_record_check(e->put_record->record, max_term, err)) != 0) {
+            return kms_err_wrap(err, KMS_EFORMAT, "refusing to propose a malformed record");
+        }
+    }
     for (;;) {
         uint64_t now = kms_mono_ms();
         unsigned left = now < deadline ? (unsigned)(deadline - now) : 0;
@@ -280,6 +320,24 @@ int kmsd_write(struct kmsd *d, const Kmsd__V1__Entry *e, unsigned wait_ms,
             memcpy(res->msg, rr.msg, sizeof(res->msg));
             res->msg[sizeof(res->msg) - 1] = '\0';
             goto done;
+        }
+        if (rc == KMS_ENOTLEADER && rr.leader_id != 0 && rr.leader_id != d->opt.node_id &&
+            !kmsd_authz_entry_forwardable(e->op_case)) {
+            char msg[400];
+            if (uncertain) {
+                /* An earlier attempt on this node may have committed: the
+                 * caller must not blindly send it to the new leader. */
+                return kms_err_set(err, KMS_EUNAVAIL,
+                                   "leadership moved to node %llu while the write was in "
+                                   "flight; it may or may not have been applied (check "
+                                   "before retrying)",
+                                   (unsigned long long)rr.leader_id);
+            }
+            if (!kmsd_leader_redirect(d, msg, sizeof(msg))) {
+                snprintf(msg, sizeof(msg), "not the leader; the leader is node %llu",
+                         (unsigned long long)rr.leader_id);
+            }
+            return kms_err_set(err, KMS_ENOTLEADER, "%s", msg);
         }
         if (rc == KMS_ENOTLEADER && rr.leader_id != 0 && rr.leader_id != d->opt.node_id) {
             rc = forward(d, rr.leader_id, e, left, res, &e2);
@@ -314,4 +372,44 @@ done:
         res->code = 0;
     }
     return 0;
+}
+
+/* Both byte strings equal (lengths first). Not secret: ciphertext, ids. */
+static bool bytes_eq(const ProtobufCBinaryData *a, const ProtobufCBinaryData *b)
+{
+    return a->len == b->len && (a->len == 0 || memcmp(a->data, b->data, a->len) == 0);
+}
+
+int kmsd_record_readback(struct kmsd *d, const Kmsd__V1__SealedRecord *rec,
+                         struct kms_err *err)
+{
+    Kmsd__V1__SealedRecord *got = NULL;
+    struct kms_err e2;
+    char kid[33] = "";
+    const char *why = NULL;
+    int rc;
+
+    kms_err_clear(&e2);
+    (void)kms_hex_encode_ct(rec->key_id.data, rec->key_id.len, kid, sizeof(kid), NULL);
+    if (rec->key_id.len != KMS_KEY_ID_LEN) {
+        why = "bad key id";
+    } else if ((rc = kms_store_record_get(d->store, rec->key_id.data, &got, &e2)) != 0) {
+        why = rc == KMS_ENOTFOUND ? "record absent from the applied state" : e2.msg;
+    } else if (!bytes_eq(&got->key_id, &rec->key_id) || got->term != rec->term ||
+               !bytes_eq(&got->nonce, &rec->nonce) ||
+               !bytes_eq(&got->ciphertext, &rec->ciphertext) || got->node_uuid == NULL ||
+               rec->node_uuid == NULL || strcmp(got->node_uuid, rec->node_uuid) != 0) {
+        why = "stored record differs from the one sealed";
+    }
+    if (got != NULL) {
+        kmsd__v1__sealed_record__free_unpacked(got, NULL);
+    }
+    if (why == NULL) {
+        return 0;
+    }
+    atomic_fetch_add(&d->metrics.seal_readback_failures, 1);
+    kms_log(KMS_LOG_ERROR, "write", "seal not acknowledged: read-back failed", "key_id", kid,
+            "reason", why, NULL);
+    return kms_err_set(err, KMS_EUNAVAIL, "seal could not be verified in the replicated state: %s",
+                       why);
 }

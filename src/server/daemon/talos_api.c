@@ -321,6 +321,12 @@ static void seal_run_cb(void *arg)
         fail(d, call, "seal", KMS_EUNAVAIL, res.msg, peer);
         goto out;
     }
+    /* OK only for a record this node can read back exactly as sealed: an
+     * answer from a leader that did not store it never reaches Talos. */
+    if (kmsd_record_readback(d, rec, &err) != 0) {
+        fail(d, call, "seal", KMS_EUNAVAIL, err.msg, peer);
+        goto out;
+    }
     key_hex(rec->key_id.data, rec->key_id.len, kid);
     kms_log(KMS_LOG_INFO, "audit", "seal", "key_id", kid, "node_uuid", r->node_uuid,
             "peer", peer, NULL);
@@ -498,8 +504,10 @@ static void unseal_answer(struct unseal_job *j, int rc, const uint8_t *data, siz
         return;
     }
     if (rc == KMS_ENOTFOUND) {
+        char msg[64];
+        snprintf(msg, sizeof(msg), "unknown key %s", j->kid);
         kmsd_rate_fail(d, j->ip);
-        fail(d, j->call, "unseal", KMS_ENOTFOUND, "unknown key", peer);
+        fail(d, j->call, "unseal", KMS_ENOTFOUND, msg, peer);
         return;
     }
     if (rc != KMS_EUNAVAIL) {

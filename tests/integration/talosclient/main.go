@@ -281,6 +281,7 @@ func cmdRoundtrip(fs *flag.FlagSet, args []string) {
 	uuid := fs.String("uuid", "", "node UUID")
 	se := fs.String("seal-endpoint", "", "endpoint(s) for Seal (default -endpoints)")
 	ue := fs.String("unseal-endpoint", "", "endpoint(s) for Unseal (default -endpoints)")
+	n := fs.Int("n", 1, "round trips (more than 1: one JSON report, failures counted)")
 	c := parseAll(fs, args)
 	sealEps, unsealEps := c.endpoints, c.endpoints
 	var err error
@@ -293,6 +294,10 @@ func cmdRoundtrip(fs *flag.FlagSet, args []string) {
 		if unsealEps, _, err = splitEndpoints(*ue); err != nil {
 			usage(err.Error())
 		}
+	}
+	if *n > 1 {
+		roundtrips(c, sealEps, unsealEps, *uuid, *n)
+		return
 	}
 	data := make([]byte, 32)
 	_, _ = rand.Read(data)
@@ -309,6 +314,45 @@ func cmdRoundtrip(fs *flag.FlagSet, args []string) {
 		os.Exit(exitMismatch)
 	}
 	fmt.Printf("{\"ok\":true,\"blob_len\":%d}\n", len(blob))
+}
+
+// roundtrips seals and at once unseals n times (read-your-writes across
+// replicas when the endpoints differ) and prints one JSON report: seal
+// failures and unseal failures by gRPC code. Exit 1 on any unseal failure
+// after a successful seal, exitMismatch on wrong bytes.
+func roundtrips(c *client, sealEps, unsealEps []string, uuid string, n int) {
+	rep := struct {
+		OK           int            `json:"ok"`
+		SealFailures map[string]int `json:"seal_failures"`
+		Failures     map[string]int `json:"unseal_failures"`
+		Wrong        int            `json:"wrong_bytes"`
+	}{SealFailures: map[string]int{}, Failures: map[string]int{}}
+	for i := 0; i < n; i++ {
+		data := make([]byte, 32)
+		_, _ = rand.Read(data)
+		blob, err := c.seal(sealEps, uuid, data)
+		if err != nil {
+			rep.SealFailures[status.Code(err).String()]++
+			continue
+		}
+		got, err := c.unseal(unsealEps, uuid, blob)
+		switch {
+		case err != nil:
+			rep.Failures[status.Code(err).String()]++
+		case string(got) != string(data):
+			rep.Wrong++
+		default:
+			rep.OK++
+		}
+	}
+	out, _ := json.Marshal(rep)
+	fmt.Println(string(out))
+	if rep.Wrong > 0 {
+		os.Exit(exitMismatch)
+	}
+	if len(rep.Failures) > 0 {
+		os.Exit(1)
+	}
 }
 
 type second struct {
