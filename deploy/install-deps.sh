@@ -13,6 +13,7 @@ PKGS=(
   librocksdb-dev
   libcmocka-dev libcyaml-dev libyaml-dev libmicrohttpd-dev libsystemd-dev
   golang-go golang-google-grpc-dev golang-goprotobuf-dev golang-google-protobuf-dev
+  golang-golang-x-net-dev
   python3 python3-grpcio
   etcd-server nghttp2-client softhsm2
   iproute2 nftables strace faketime procps psmisc curl jq e2fsprogs

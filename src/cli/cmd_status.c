@@ -56,6 +56,7 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
         cli_json_u64(&j, "applied_index", st->applied_index);
         cli_json_members(&j, "members", st->members, st->n_members);
         cli_json_bool(&j, "lease", st->lease);
+        cli_json_bool(&j, "talos_listening", st->talos_listening);
         cli_json_str(&j, "version", st->version);
         cli_json_str(&j, "cluster_id", st->cluster_id);
         cli_json_u64(&j, "active_term", st->active_term);

@@ -1,8 +1,11 @@
 #include "kms_log.h"
 
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,7 +56,7 @@ static int current_level(void)
 #define LOG_LINE_MAX 8192
 #define LOG_VALUE_MAX 1024 /* input bytes kept per field value */
 #define LOG_MSG_MAX 2048   /* input bytes kept of the message */
-#define LOG_TAIL 40        /* room kept for ,"fields_dropped":"N"}\n */
+#define LOG_TAIL 80        /* room kept for ,"fields_dropped":"N","suppressed":"N"}\n */
 #define LOG_MARK 32        /* room kept for ...(+N bytes)" */
 
 struct line {
@@ -166,8 +169,132 @@ static void put_field(struct line *ln, const char *k, const char *v)
     put_json(ln, v, LOG_VALUE_MAX);
 }
 
+/* ---- rate limit ------------------------------------------------------
+ *
+ * One token bucket per message key (module + key, hashed into RL_SLOTS
+ * slots; two keys sharing a slot share its bucket). A line spends one token;
+ * tokens refill at RL_RATE per second up to RL_BURST. A line without a token
+ * is dropped and counted; the next line of that key that gets through
+ * carries "suppressed":"N", and kms_log_flush_suppressed() reports counts
+ * whose key went quiet. Audit lines at info (successful seals, unseals,
+ * operator calls) are never limited. */
+#define RL_SLOTS 256
+#define RL_BURST 20.0
+#define RL_RATE 2.0 /* lines per second and key */
+
+struct rl_slot {
+    uint64_t hash;     /* 0 = unused */
+    char mod[24];
+    char key[96];
+    double tokens;
+    uint64_t last_ms;
+    uint64_t suppressed;
+};
+
+static pthread_mutex_t rl_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct rl_slot rl[RL_SLOTS];
+static atomic_ullong rl_total_suppressed;
+
+static uint64_t rl_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static uint64_t rl_hash(const char *mod, const char *key)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (const char *p = mod; p != NULL && *p != '\0'; p++) {
+        h = (h ^ (unsigned char)*p) * 1099511628211ull;
+    }
+    h = (h ^ 0xffu) * 1099511628211ull;
+    for (const char *p = key; p != NULL && *p != '\0'; p++) {
+        h = (h ^ (unsigned char)*p) * 1099511628211ull;
+    }
+    return h != 0 ? h : 1;
+}
+
+/* True when the line may be written; *suppressed gets the count of lines of
+ * this key dropped since the last one written. */
+static bool rl_admit(const char *mod, const char *key, uint64_t *suppressed)
+{
+    uint64_t h = rl_hash(mod, key), now = rl_now_ms();
+    struct rl_slot *s = &rl[h % RL_SLOTS];
+    bool ok;
+
+    *suppressed = 0;
+    pthread_mutex_lock(&rl_mu);
+    if (s->hash != h) {
+        if (s->hash != 0 && s->suppressed > 0) {
+            /* another key takes the slot: its pending count rides on this
+             * line rather than being lost */
+            *suppressed = s->suppressed;
+        }
+        s->hash = h;
+        snprintf(s->mod, sizeof(s->mod), "%s", mod != NULL ? mod : "");
+        snprintf(s->key, sizeof(s->key), "%s", key != NULL ? key : "");
+        s->tokens = RL_BURST;
+        s->last_ms = now;
+        s->suppressed = 0;
+    }
+    s->tokens += (double)(now - s->last_ms) * RL_RATE / 1000.0;
+    if (s->tokens > RL_BURST) {
+        s->tokens = RL_BURST;
+    }
+    s->last_ms = now;
+    ok = s->tokens >= 1.0;
+    if (ok) {
+        s->tokens -= 1.0;
+        *suppressed += s->suppressed;
+        s->suppressed = 0;
+    } else {
+        s->suppressed++;
+        atomic_fetch_add(&rl_total_suppressed, 1);
+    }
+    pthread_mutex_unlock(&rl_mu);
+    return ok;
+}
+
 static void emit(enum kms_log_level level, const char *mod, const char *msg,
-                 va_list *fields)
+                 va_list *fields, uint64_t suppressed);
+
+void kms_log_flush_suppressed(void)
+{
+    for (unsigned i = 0; i < RL_SLOTS; i++) {
+        char mod[24], key[96], n[32];
+        uint64_t cnt = 0;
+        pthread_mutex_lock(&rl_mu);
+        if (rl[i].hash != 0 && rl[i].suppressed > 0) {
+            cnt = rl[i].suppressed;
+            rl[i].suppressed = 0;
+            memcpy(mod, rl[i].mod, sizeof(mod));
+            memcpy(key, rl[i].key, sizeof(key));
+        }
+        pthread_mutex_unlock(&rl_mu);
+        if (cnt > 0) {
+            snprintf(n, sizeof(n), "%llu", (unsigned long long)cnt);
+            kms_log(KMS_LOG_WARN, "log", "repeated log lines suppressed", "of_mod", mod,
+                    "of_msg", key, "suppressed", n, NULL);
+        }
+    }
+}
+
+unsigned long long kms_log_suppressed_total(void)
+{
+    return atomic_load(&rl_total_suppressed);
+}
+
+static bool rl_exempt(enum kms_log_level level, const char *mod)
+{
+    /* "log" lines are the suppression reports themselves (one per key and
+     * flush); successful audit lines are the audit trail. */
+    return (mod != NULL && strcmp(mod, "log") == 0) ||
+           (level <= KMS_LOG_INFO && mod != NULL && strcmp(mod, "audit") == 0);
+}
+
+static void emit(enum kms_log_level level, const char *mod, const char *msg,
+                 va_list *fields, uint64_t suppressed)
 {
     struct line ln;
     struct timespec ts;
@@ -207,6 +334,13 @@ static void emit(enum kms_log_level level, const char *mod, const char *msg,
         put_str(&ln, n);
         put_str(&ln, "\"");
     }
+    if (suppressed > 0) {
+        char n[32];
+        snprintf(n, sizeof(n), "%llu", (unsigned long long)suppressed);
+        put_str(&ln, ",\"suppressed\":\"");
+        put_str(&ln, n);
+        put_str(&ln, "\"");
+    }
     ln.buf[ln.len++] = '}';
     ln.buf[ln.len++] = '\n';
     /* One write per line keeps lines whole across threads. */
@@ -217,12 +351,33 @@ static void emit(enum kms_log_level level, const char *mod, const char *msg,
 void kms_log(enum kms_log_level level, const char *mod, const char *msg, ...)
 {
     va_list ap;
+    uint64_t sup = 0;
 
     if ((int)level < current_level()) {
         return;
     }
+    if (!rl_exempt(level, mod) && !rl_admit(mod, msg, &sup)) {
+        return;
+    }
     va_start(ap, msg);
-    emit(level, mod, msg, &ap);
+    emit(level, mod, msg, &ap, sup);
+    va_end(ap);
+}
+
+void kms_log_keyed(enum kms_log_level level, const char *mod, const char *key,
+                   const char *msg, ...)
+{
+    va_list ap;
+    uint64_t sup = 0;
+
+    if ((int)level < current_level()) {
+        return;
+    }
+    if (!rl_exempt(level, mod) && !rl_admit(mod, key != NULL ? key : msg, &sup)) {
+        return;
+    }
+    va_start(ap, msg);
+    emit(level, mod, msg, &ap, sup);
     va_end(ap);
 }
 
@@ -230,6 +385,7 @@ void kms_logf(enum kms_log_level level, const char *mod, const char *fmt, ...)
 {
     char msg[2048];
     va_list ap;
+    uint64_t sup = 0;
 
     if ((int)level < current_level()) {
         return;
@@ -237,5 +393,9 @@ void kms_logf(enum kms_log_level level, const char *mod, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
-    emit(level, mod, msg, NULL);
+    /* keyed by the format: the same call site shares one bucket */
+    if (!rl_exempt(level, mod) && !rl_admit(mod, fmt, &sup)) {
+        return;
+    }
+    emit(level, mod, msg, NULL, sup);
 }

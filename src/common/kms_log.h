@@ -9,6 +9,13 @@
  * Never pass a secret, share, passphrase or blob to these functions: callers
  * log identifiers (key ids in hex, node UUIDs, addresses) only.
  * Thread-safe: each line is written with one write(2).
+ *
+ * Rate limit: every line goes through a token bucket keyed by its module and
+ * message (kms_logf: its format; kms_log_keyed: an explicit key): a burst of
+ * 20 lines, then 2 lines per second per key. Dropped lines are counted; the
+ * next line of the key that is written carries "suppressed":"N", and
+ * kms_log_flush_suppressed() writes one "repeated log lines suppressed" line
+ * per key with a pending count. Audit lines at info level are never limited.
  */
 #ifndef KMS_LOG_H
 #define KMS_LOG_H
@@ -31,5 +38,17 @@ void kms_log(enum kms_log_level level, const char *mod, const char *msg, ...);
 /* Like kms_log with a printf-formatted message and no extra fields. */
 void kms_logf(enum kms_log_level level, const char *mod, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+
+/* kms_log with an explicit rate-limit key (for messages whose text varies,
+ * e.g. gRPC's, keyed by source location). */
+void kms_log_keyed(enum kms_log_level level, const char *mod, const char *key,
+                   const char *msg, ...);
+
+/* Writes one line per key whose dropped lines have not been reported yet.
+ * Call periodically (the daemon's supervisor does, every 10 s). */
+void kms_log_flush_suppressed(void);
+
+/* Lines dropped by the rate limit since start (all keys). */
+unsigned long long kms_log_suppressed_total(void);
 
 #endif /* KMS_LOG_H */

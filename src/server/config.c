@@ -56,6 +56,12 @@ struct f_rate {
     char *sealsPerNodePerMinute;
     char *recordsPerNode;
 };
+struct f_limits {
+    char *maxConnections, *maxConnectionsPerAddress, *handshakeTimeout, *maxConcurrentStreams,
+        *grpcMemory, *connectionIdle, *connectionMaxAge, *httpMaxConnections,
+        *httpMaxConnectionsPerAddress, *listenerProbeInterval, *talosConnectionBytes,
+        *abuseBanAfter, *abuseBanTime;
+};
 struct f_enrol {
     char **allowedCIDRs;
     unsigned allowedCIDRs_count;
@@ -73,6 +79,7 @@ struct f_doc {
     unsigned initialCluster_count;
     char *unsealReads, *leaseGrace, *requestWait;
     struct f_rate rateLimit;
+    struct f_limits limits;
     struct f_enrol enrolment;
     char *logLevel;
     char *memoryLock;
@@ -125,6 +132,21 @@ static const cyaml_schema_field_t rate_fields[] = {
     OPT_STR("sealsPerNodePerMinute", struct f_rate, sealsPerNodePerMinute),
     OPT_STR("recordsPerNode", struct f_rate, recordsPerNode),
     CYAML_FIELD_END};
+static const cyaml_schema_field_t limits_fields[] = {
+    OPT_STR("maxConnections", struct f_limits, maxConnections),
+    OPT_STR("maxConnectionsPerAddress", struct f_limits, maxConnectionsPerAddress),
+    OPT_STR("handshakeTimeout", struct f_limits, handshakeTimeout),
+    OPT_STR("maxConcurrentStreams", struct f_limits, maxConcurrentStreams),
+    OPT_STR("grpcMemory", struct f_limits, grpcMemory),
+    OPT_STR("connectionIdle", struct f_limits, connectionIdle),
+    OPT_STR("connectionMaxAge", struct f_limits, connectionMaxAge),
+    OPT_STR("httpMaxConnections", struct f_limits, httpMaxConnections),
+    OPT_STR("httpMaxConnectionsPerAddress", struct f_limits, httpMaxConnectionsPerAddress),
+    OPT_STR("listenerProbeInterval", struct f_limits, listenerProbeInterval),
+    OPT_STR("talosConnectionBytes", struct f_limits, talosConnectionBytes),
+    OPT_STR("abuseBanAfter", struct f_limits, abuseBanAfter),
+    OPT_STR("abuseBanTime", struct f_limits, abuseBanTime),
+    CYAML_FIELD_END};
 static const cyaml_schema_value_t string_entry = {
     CYAML_VALUE_STRING(CYAML_FLAG_POINTER, char, 0, 4096)};
 static const cyaml_schema_field_t enrol_fields[] = {
@@ -150,6 +172,7 @@ static const cyaml_schema_field_t doc_fields[] = {
     OPT_STR("leaseGrace", struct f_doc, leaseGrace),
     OPT_STR("requestWait", struct f_doc, requestWait),
     CYAML_FIELD_MAPPING("rateLimit", CYAML_FLAG_OPTIONAL, struct f_doc, rateLimit, rate_fields),
+    CYAML_FIELD_MAPPING("limits", CYAML_FLAG_OPTIONAL, struct f_doc, limits, limits_fields),
     CYAML_FIELD_MAPPING("enrolment", CYAML_FLAG_OPTIONAL, struct f_doc, enrolment, enrol_fields),
     OPT_STR("logLevel", struct f_doc, logLevel),
     OPT_STR("memoryLock", struct f_doc, memoryLock),
@@ -304,6 +327,50 @@ static const struct opt opts[] = {
     {"rateLimit.recordsPerNode", "KMSD_RATE_LIMIT_RECORDS_PER_NODE", "rate-limit-records-per-node",
      T_UINT, "256", IMM, C(records_per_node), F(rateLimit.recordsPerNode), 0, 100000, NULL, "N",
      "live (unrevoked) keys allowed per node UUID (0 = no limit)"},
+    {"limits.maxConnections", "KMSD_LIMITS_MAX_CONNECTIONS", "limits-max-connections", T_UINT,
+     "0", IMM, C(limits.max_connections), F(limits.maxConnections), 0, 1000000, NULL, "N",
+     "open connections per gRPC port, all peers (0 = auto: min(1024, (fd limit - 128) / 4))"},
+    {"limits.maxConnectionsPerAddress", "KMSD_LIMITS_MAX_CONNECTIONS_PER_ADDRESS",
+     "limits-max-connections-per-address", T_UINT, "64", IMM,
+     C(limits.max_connections_per_address), F(limits.maxConnectionsPerAddress), 1, 1000000,
+     NULL, "N", "open connections per source address on each gRPC port"},
+    {"limits.handshakeTimeout", "KMSD_LIMITS_HANDSHAKE_TIMEOUT", "limits-handshake-timeout",
+     T_DURATION, "10s", IMM, C(limits.handshake_timeout_ms), F(limits.handshakeTimeout), 100,
+     60000, NULL, "DURATION", "a connection must finish TLS and HTTP/2 set-up within this"},
+    {"limits.maxConcurrentStreams", "KMSD_LIMITS_MAX_CONCURRENT_STREAMS",
+     "limits-max-concurrent-streams", T_UINT, "16", IMM, C(limits.max_concurrent_streams),
+     F(limits.maxConcurrentStreams), 1, 1000, NULL, "N",
+     "concurrent HTTP/2 streams per gRPC connection"},
+    {"limits.grpcMemory", "KMSD_LIMITS_GRPC_MEMORY", "limits-grpc-memory", T_SIZE, "64MiB", IMM,
+     C(limits.grpc_memory), F(limits.grpcMemory), 4u << 20, UINT64_C(16) << 30, NULL, "SIZE",
+     "gRPC resource quota (transport memory) per gRPC port"},
+    {"limits.connectionIdle", "KMSD_LIMITS_CONNECTION_IDLE", "limits-connection-idle",
+     T_DURATION, "5m", IMM, C(limits.connection_idle_ms), F(limits.connectionIdle), 1000,
+     86400000, NULL, "DURATION", "close gRPC connections without a call for this long"},
+    {"limits.connectionMaxAge", "KMSD_LIMITS_CONNECTION_MAX_AGE", "limits-connection-max-age",
+     T_DURATION, "30m", IMM, C(limits.connection_max_age_ms), F(limits.connectionMaxAge), 1000,
+     86400000, NULL, "DURATION", "GOAWAY gRPC connections older than this (10 s grace)"},
+    {"limits.httpMaxConnections", "KMSD_LIMITS_HTTP_MAX_CONNECTIONS",
+     "limits-http-max-connections", T_UINT, "64", IMM, C(limits.http_max_connections),
+     F(limits.httpMaxConnections), 1, 10000, NULL, "N", "open connections on the HTTP port"},
+    {"limits.httpMaxConnectionsPerAddress", "KMSD_LIMITS_HTTP_MAX_CONNECTIONS_PER_ADDRESS",
+     "limits-http-max-connections-per-address", T_UINT, "8", IMM,
+     C(limits.http_max_connections_per_address), F(limits.httpMaxConnectionsPerAddress), 1,
+     10000, NULL, "N", "open connections per source address on the HTTP port"},
+    {"limits.listenerProbeInterval", "KMSD_LIMITS_LISTENER_PROBE_INTERVAL",
+     "limits-listener-probe-interval", T_DURATION, "2s", IMM,
+     C(limits.listener_probe_interval_ms), F(limits.listenerProbeInterval), 0, 60000, NULL,
+     "DURATION", "self-connect check of the gRPC listeners (0 = off)"},
+    {"limits.talosConnectionBytes", "KMSD_LIMITS_TALOS_CONNECTION_BYTES",
+     "limits-talos-connection-bytes", T_SIZE, "32KiB", IMM, C(limits.talos_connection_bytes),
+     F(limits.talosConnectionBytes), 0, UINT64_C(1) << 30, NULL, "SIZE",
+     "shut down a Talos API connection that received more than this (0 = off)"},
+    {"limits.abuseBanAfter", "KMSD_LIMITS_ABUSE_BAN_AFTER", "limits-abuse-ban-after", T_UINT,
+     "3", IMM, C(limits.abuse_ban_after), F(limits.abuseBanAfter), 0, 1000, NULL, "N",
+     "byte-budget shutdowns of one address within 10s that ban it (0 = never)"},
+    {"limits.abuseBanTime", "KMSD_LIMITS_ABUSE_BAN_TIME", "limits-abuse-ban-time", T_DURATION,
+     "30s", IMM, C(limits.abuse_ban_ms), F(limits.abuseBanTime), 0, MS_MAX, NULL, "DURATION",
+     "how long a banned address is refused on the Talos API"},
     {"enrolment.allowedCIDRs", "KMSD_ENROLMENT_ALLOWED_CIDRS", "enrolment-allowed-cidrs",
      T_CIDRS, "", IMM, C(allowed_cidrs), NOF, 0, 0, NULL, "CIDR,...",
      "source networks allowed to Seal (empty = any)"},

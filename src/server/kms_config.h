@@ -122,6 +122,22 @@ struct kms_config {
     unsigned seals_per_node_per_minute; /* per node UUID; 0 = no limit */
     unsigned records_per_node;          /* live records per node UUID; 0 = no limit */
 
+    struct {
+        unsigned max_connections;             /* per gRPC port; 0 = auto */
+        unsigned max_connections_per_address; /* per gRPC port */
+        unsigned handshake_timeout_ms;
+        unsigned max_concurrent_streams;
+        uint64_t grpc_memory;                 /* bytes, per gRPC port */
+        unsigned connection_idle_ms;
+        unsigned connection_max_age_ms;
+        unsigned http_max_connections;
+        unsigned http_max_connections_per_address;
+        unsigned listener_probe_interval_ms;  /* 0 = no probe */
+        uint64_t talos_connection_bytes;      /* 0 = no byte police */
+        unsigned abuse_ban_after;
+        unsigned abuse_ban_ms;
+    } limits;
+
     struct kms_config_cidr *allowed_cidrs; /* empty = any source */
     size_t n_allowed_cidrs;
     char **uuid_allow_list; /* empty = any node UUID */

@@ -64,6 +64,18 @@ struct kms_rpc_server_config {
     size_t max_message;      /* max receive and send message bytes; 0 = 4 MiB */
     bool allow_tls12;        /* accept TLS 1.2 too, if kms_rpc_global_init allowed it;
                               * false: this port negotiates TLS 1.3 only */
+
+    /* Resource limits (docs/security.md "Limits"); 0 takes the default. */
+    unsigned max_conns;            /* open connections, all peers; 0 = 1024 */
+    unsigned max_conns_per_addr;   /* open connections per source address; 0 = 64 */
+    unsigned handshake_timeout_ms; /* TCP accept to HTTP/2 settings, TLS included; 0 = 10 s */
+    unsigned max_streams;          /* concurrent streams per connection; 0 = 16 */
+    size_t memory_quota;           /* gRPC resource quota (transport buffers); 0 = 64 MiB */
+    unsigned max_idle_ms;          /* close connections idle this long; 0 = 5 min */
+    unsigned max_age_ms;           /* GOAWAY connections older than this; 0 = 30 min */
+    unsigned long long max_conn_bytes; /* shut down a connection that received more; 0 = off */
+    unsigned ban_after;            /* byte-budget kills in 10 s that ban the address; 0 = never */
+    unsigned ban_ms;               /* how long such an address is refused */
 };
 
 struct kms_rpc_server;
@@ -119,6 +131,17 @@ int kms_rpc_check_tls_files(const char *cert_file, const char *key_file, struct 
 
 /* Bound port (useful with "127.0.0.1:0"); 0 before start. */
 int kms_rpc_server_port(const struct kms_rpc_server *srv);
+
+/* Checks that the running server's accept loop really accepts: connects to
+ * its port and waits up to timeout_ms for the accept filter to see the
+ * connection (kms_connlimit.h). Returns an enum kms_probe_result (0 = ok).
+ * Blocks; call from a thread that is not a worker. */
+int kms_rpc_server_probe(const struct kms_rpc_server *srv, unsigned timeout_ms);
+
+/* Connection counters of the running server (kms_connlimit.h). */
+struct kms_connlimit_stats;
+void kms_rpc_server_conn_stats(const struct kms_rpc_server *srv,
+                               struct kms_connlimit_stats *out);
 
 /* Completes the call: grpc_status GRPC_STATUS_OK sends resp (may be empty);
  * any other status sends no message and details (may be NULL). Exactly once

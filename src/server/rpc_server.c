@@ -58,6 +58,7 @@
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 
+#include "kms_connlimit.h"
 #include "kms_log.h"
 #include "kms_tsan.h"
 #include "kms_rpc.h"
@@ -69,6 +70,18 @@
 #define DEFAULT_MAX_MESSAGE (4u * 1024u * 1024u)
 #define QUIET_MS 250          /* stop: no new call for this long = accepted ones are in */
 #define SHUTDOWN_WAIT_MS 1000 /* stop: finish batches, before cancel_all_calls */
+/* Limit defaults (kms_rpc_server_config; docs/security.md "Limits"). */
+#define DEFAULT_MAX_CONNS 1024
+#define DEFAULT_MAX_CONNS_PER_ADDR 64
+#define DEFAULT_HANDSHAKE_MS 10000
+#define DEFAULT_MAX_STREAMS 16
+#define DEFAULT_MEMORY_QUOTA (64u * 1024u * 1024u)
+#define DEFAULT_MAX_IDLE_MS (5u * 60u * 1000u)
+#define DEFAULT_MAX_AGE_MS (30u * 60u * 1000u)
+#define MAX_AGE_GRACE_MS 10000   /* calls in flight when max age hits may finish */
+#define KEEPALIVE_TIME_MS 120000 /* server pings an idle peer to find dead ones */
+#define KEEPALIVE_TIMEOUT_MS 20000
+#define MAX_METADATA_BYTES 8192
 
 enum tag_kind { TAG_REQUEST = 1, TAG_FINISH, TAG_SHUTDOWN };
 
@@ -123,6 +136,11 @@ struct kms_rpc_server {
     unsigned workers;
     size_t max_message;
     bool allow_tls12;
+    struct kms_connlimit conn_limit;
+    unsigned handshake_timeout_ms, max_streams, max_idle_ms, max_age_ms;
+    size_t memory_quota;
+    grpc_resource_quota *quota; /* one reference, released at destroy */
+    bool limit_registered;      /* port registered with kms_connlimit */
 
     struct method methods[MAX_METHODS];
     unsigned n_methods;
@@ -777,6 +795,23 @@ int kms_rpc_server_create(const struct kms_rpc_server_config *cfg,
     if (srv->max_message > INT32_MAX) {
         srv->max_message = INT32_MAX;
     }
+#define DEF(v, d) ((v) != 0 ? (v) : (d))
+    srv->conn_limit.max_total = DEF(cfg->max_conns, DEFAULT_MAX_CONNS);
+    srv->conn_limit.max_per_addr = DEF(cfg->max_conns_per_addr, DEFAULT_MAX_CONNS_PER_ADDR);
+    srv->conn_limit.max_conn_bytes = cfg->max_conn_bytes;
+    srv->conn_limit.ban_after = cfg->ban_after;
+    srv->conn_limit.ban_ms = cfg->ban_ms;
+    srv->handshake_timeout_ms = DEF(cfg->handshake_timeout_ms, DEFAULT_HANDSHAKE_MS);
+    srv->max_streams = DEF(cfg->max_streams, DEFAULT_MAX_STREAMS);
+    srv->memory_quota = DEF(cfg->memory_quota, DEFAULT_MEMORY_QUOTA);
+    srv->max_idle_ms = DEF(cfg->max_idle_ms, DEFAULT_MAX_IDLE_MS);
+    srv->max_age_ms = DEF(cfg->max_age_ms, DEFAULT_MAX_AGE_MS);
+#undef DEF
+    if (srv->handshake_timeout_ms > INT32_MAX || srv->max_idle_ms > INT32_MAX ||
+        srv->max_age_ms > INT32_MAX || srv->max_streams > INT32_MAX) {
+        kms_rpc_server_destroy(srv);
+        return kms_err_set(err, KMS_EINVAL, "rpc server %s: limit out of range", cfg->listen);
+    }
     pthread_mutex_init(&srv->tls_mu, NULL);
     pthread_mutex_init(&srv->mu, NULL);
     {
@@ -891,27 +926,57 @@ static grpc_server_credentials *make_creds(struct kms_rpc_server *srv)
     return grpc_ssl_server_credentials_create_with_options(opts); /* takes opts */
 }
 
+static void arg_int(grpc_arg *a, const char *key, int v)
+{
+    a->type = GRPC_ARG_INTEGER;
+    a->key = (char *)key;
+    a->value.integer = v;
+}
+
 int kms_rpc_server_start(struct kms_rpc_server *srv, struct kms_err *err)
 {
-    grpc_arg args[3];
+    grpc_arg args[16];
     grpc_channel_args cargs;
     grpc_server_credentials *creds;
+    size_t na = 0;
+    int rc;
 
     if (srv == NULL || srv->state != ST_CREATED) {
         return kms_err_set(err, KMS_EINVAL, "rpc server: already started");
     }
-    args[0].type = GRPC_ARG_INTEGER;
-    args[0].key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
-    args[0].value.integer = (int)srv->max_message;
-    args[1].type = GRPC_ARG_INTEGER;
-    args[1].key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
-    args[1].value.integer = (int)srv->max_message;
+    arg_int(&args[na++], GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, (int)srv->max_message);
+    arg_int(&args[na++], GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, (int)srv->max_message);
     /* No SO_REUSEPORT: a second process on the same port must fail to bind
      * instead of silently sharing the traffic. */
-    args[2].type = GRPC_ARG_INTEGER;
-    args[2].key = (char *)GRPC_ARG_ALLOW_REUSEPORT;
-    args[2].value.integer = 0;
-    cargs.num_args = 3;
+    arg_int(&args[na++], GRPC_ARG_ALLOW_REUSEPORT, 0);
+    /* Few streams per connection: unary calls, one or two at a time. */
+    arg_int(&args[na++], GRPC_ARG_MAX_CONCURRENT_STREAMS, (int)srv->max_streams);
+    /* Identity only: gRPC 1.51 inflates a compressed message before the
+     * size limit applies; with gzip/deflate disabled a request that names
+     * them is failed UNIMPLEMENTED from its headers, never inflated (see
+     * tests/integration/test_adv_net.py). */
+    arg_int(&args[na++], GRPC_COMPRESSION_CHANNEL_ENABLED_ALGORITHMS_BITSET, 1);
+    arg_int(&args[na++], GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS, (int)srv->handshake_timeout_ms);
+    arg_int(&args[na++], GRPC_ARG_MAX_CONNECTION_IDLE_MS, (int)srv->max_idle_ms);
+    arg_int(&args[na++], GRPC_ARG_MAX_CONNECTION_AGE_MS, (int)srv->max_age_ms);
+    arg_int(&args[na++], GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, MAX_AGE_GRACE_MS);
+    arg_int(&args[na++], GRPC_ARG_KEEPALIVE_TIME_MS, KEEPALIVE_TIME_MS);
+    arg_int(&args[na++], GRPC_ARG_KEEPALIVE_TIMEOUT_MS, KEEPALIVE_TIMEOUT_MS);
+    arg_int(&args[na++], GRPC_ARG_MAX_METADATA_SIZE, MAX_METADATA_BYTES);
+    /* Memory bound for transport buffers of all connections of this
+     * server; under pressure gRPC shrinks read buffers and refuses new
+     * streams' memory instead of growing. */
+    srv->quota = grpc_resource_quota_create(srv->listen);
+    if (srv->quota == NULL) {
+        return kms_err_set(err, KMS_ENOMEM, "rpc server: cannot create resource quota");
+    }
+    grpc_resource_quota_resize(srv->quota, srv->memory_quota);
+    args[na].type = GRPC_ARG_POINTER;
+    args[na].key = (char *)GRPC_ARG_RESOURCE_QUOTA;
+    args[na].value.pointer.p = srv->quota;
+    args[na].value.pointer.vtable = grpc_resource_quota_arg_vtable();
+    na++;
+    cargs.num_args = na;
     cargs.args = args;
 
     srv->server = grpc_server_create(&cargs, NULL);
@@ -949,6 +1014,11 @@ int kms_rpc_server_start(struct kms_rpc_server *srv, struct kms_err *err)
                            "cannot listen on %s (address in use, not local, or invalid%s)",
                            srv->listen, srv->mode != KMS_RPC_INSECURE ? ", or TLS material unusable" : "");
     }
+    /* Caps apply from the first accept (grpc_server_start arms it). */
+    if ((rc = kms_connlimit_register(srv->port, &srv->conn_limit, err)) != 0) {
+        return kms_err_wrap(err, rc, "rpc server %s", srv->listen);
+    }
+    srv->limit_registered = true;
     grpc_server_start(srv->server);
     pthread_mutex_lock(&srv->mu);
     srv->state = ST_RUNNING;
@@ -996,6 +1066,23 @@ int kms_rpc_server_start(struct kms_rpc_server *srv, struct kms_err *err)
 int kms_rpc_server_port(const struct kms_rpc_server *srv)
 {
     return srv != NULL ? srv->port : 0;
+}
+
+int kms_rpc_server_probe(const struct kms_rpc_server *srv, unsigned timeout_ms)
+{
+    if (srv == NULL || srv->port <= 0 || !srv->limit_registered) {
+        return KMS_PROBE_REFUSED;
+    }
+    return (int)kms_connlimit_probe(srv->listen, srv->port, timeout_ms);
+}
+
+void kms_rpc_server_conn_stats(const struct kms_rpc_server *srv,
+                               struct kms_connlimit_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (srv != NULL && srv->limit_registered) {
+        kms_connlimit_stats(srv->port, out);
+    }
 }
 
 /* Stop step 1. gRPC 1.51 fails with CANCELLED every call that arrives on an
@@ -1166,6 +1253,10 @@ void kms_rpc_server_stop(struct kms_rpc_server *srv, unsigned grace_ms)
     }
     grpc_server_destroy(srv->server);
     srv->server = NULL;
+    if (srv->limit_registered) {
+        kms_connlimit_unregister(srv->port);
+        srv->limit_registered = false;
+    }
     for (unsigned i = 0; i < srv->workers; i++) {
         grpc_completion_queue_shutdown(srv->cqs[i]);
     }
@@ -1207,6 +1298,9 @@ void kms_rpc_server_destroy(struct kms_rpc_server *srv)
     free(srv->cert_file);
     free(srv->key_file);
     free(srv->ca_file);
+    if (srv->quota != NULL) {
+        grpc_resource_quota_unref(srv->quota);
+    }
     pthread_mutex_destroy(&srv->tls_mu);
     pthread_mutex_destroy(&srv->mu);
     pthread_cond_destroy(&srv->cv);

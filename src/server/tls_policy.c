@@ -148,7 +148,10 @@ static void grpc_log_sink(gpr_log_func_args *args)
                                                                       : KMS_LOG_DEBUG;
     const char *file = args->file != NULL ? strrchr(args->file, '/') : NULL;
     snprintf(where, sizeof(where), "%s:%d", file != NULL ? file + 1 : "?", args->line);
-    kms_log(lvl, "grpc", args->message != NULL ? args->message : "", "src", where, NULL);
+    /* gRPC's messages embed peers and error details: key on the source
+     * location so one failing call site shares one rate-limit bucket. */
+    kms_log_keyed(lvl, "grpc", where, args->message != NULL ? args->message : "", "src", where,
+                  NULL);
 }
 
 int kms_rpc_global_init(bool allow_tls12, struct kms_err *err)

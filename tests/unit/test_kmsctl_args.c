@@ -533,6 +533,7 @@ static const char status_json[] =
     "    }\n"
     "  ],\n"
     "  \"lease\": true,\n"
+    "  \"talos_listening\": true,\n"
     "  \"version\": \"0.1.0\",\n"
     "  \"cluster_id\": \"00112233445566778899aabbccddeeff\",\n"
     "  \"active_term\": 2,\n"

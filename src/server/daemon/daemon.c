@@ -20,15 +20,20 @@
 #define POOL_QUEUE 4096
 #define OP_POOL_THREADS 4           /* operator calls: rare, may block long */
 #define OP_POOL_QUEUE 256
+#define PROBE_TIMEOUT_MS 500        /* the accept filter sees a live loop's accept in ~1 ms */
 #include <errno.h>
 #include <ftw.h>
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <sys/stat.h>
+#include <sys/resource.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
+
+#include "kms_connlimit.h"
 
 #include "kms_crypto.h"
 #include "kms_log.h"
@@ -127,6 +132,61 @@ int kmsd_data_dir_secure(const char *dir, struct kms_err *err)
     return 0;
 }
 
+/* Raises the soft RLIMIT_NOFILE to the hard limit (a 1,024 soft limit is
+ * easily exhausted by idle connections) and derives the default total
+ * connection cap per gRPC port from it: two gRPC ports, the HTTP port, raft
+ * and RocksDB must all fit, so each gRPC port gets a quarter of what is left
+ * after 128 descriptors for everything else, at most 1024. */
+static void fd_limit_raise(struct kmsd *d)
+{
+    struct rlimit rl;
+    char soft[32], hard[32], cap[32];
+    unsigned long long lim = 1024;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        unsigned long long before = rl.rlim_cur;
+        if (rl.rlim_cur < rl.rlim_max) {
+            rl.rlim_cur = rl.rlim_max;
+            if (setrlimit(RLIMIT_NOFILE, &rl) != 0) {
+                (void)getrlimit(RLIMIT_NOFILE, &rl);
+            }
+        }
+        lim = rl.rlim_cur == RLIM_INFINITY ? 1048576ull : (unsigned long long)rl.rlim_cur;
+        snprintf(soft, sizeof(soft), "%llu", before);
+        snprintf(hard, sizeof(hard), "%llu", lim);
+    } else {
+        snprintf(soft, sizeof(soft), "?");
+        snprintf(hard, sizeof(hard), "?");
+    }
+    d->fd_limit = lim;
+    if (d->opt.max_conns != 0) {
+        d->max_conns_effective = d->opt.max_conns;
+    } else {
+        unsigned long long auto_cap = lim > 128 + 64 ? (lim - 128) / 4 : 16;
+        d->max_conns_effective = auto_cap > 1024 ? 1024 : (unsigned)auto_cap;
+    }
+    snprintf(cap, sizeof(cap), "%u", d->max_conns_effective);
+    kms_log(KMS_LOG_INFO, "kmsd", "file descriptor limit", "soft_before", soft, "soft", hard,
+            "max_connections_per_grpc_port", cap, NULL);
+    if (2ull * d->max_conns_effective + d->opt.http_max_conns + 128 > lim) {
+        kms_log(KMS_LOG_WARN, "kmsd",
+                "limits.maxConnections leaves too few file descriptors: connections beyond "
+                "the fd limit are reset at accept",
+                "fd_limit", hard, "max_connections", cap, NULL);
+    }
+}
+
+static void rpc_limits_fill(const struct kmsd *d, struct kms_rpc_server_config *cfg)
+{
+    cfg->max_conns = d->max_conns_effective;
+    cfg->max_conns_per_addr = d->opt.max_conns_per_addr;
+    cfg->handshake_timeout_ms = d->opt.handshake_timeout_ms;
+    cfg->max_streams = d->opt.max_streams;
+    cfg->memory_quota = d->opt.grpc_memory;
+    cfg->max_idle_ms = d->opt.conn_idle_ms;
+    cfg->max_age_ms = d->opt.conn_max_age_ms;
+}
+
 static int talos_open(struct kmsd *d, struct kms_err *err)
 {
     struct kms_rpc_server_config cfg;
@@ -138,6 +198,18 @@ static int talos_open(struct kmsd *d, struct kms_err *err)
     cfg.workers = d->opt.workers;
     cfg.max_message = d->opt.talos_max_message;
     cfg.allow_tls12 = d->opt.talos_tls12; /* the cluster API stays TLS 1.3-only */
+    rpc_limits_fill(d, &cfg);
+    /* Talos connections carry one small call each: police their bytes
+     * (rapid reset). The cluster API needs a client certificate before any
+     * HTTP/2 frame, so it is not policed. */
+    cfg.max_conn_bytes = d->opt.talos_conn_bytes;
+    if (cfg.max_conn_bytes != 0 &&
+        cfg.max_conn_bytes < 4ull * d->opt.talos_max_message + 16384ull) {
+        /* never below a few full-size calls plus the TLS handshake */
+        cfg.max_conn_bytes = 4ull * d->opt.talos_max_message + 16384ull;
+    }
+    cfg.ban_after = d->opt.abuse_ban_after;
+    cfg.ban_ms = d->opt.abuse_ban_ms;
     if (d->opt.talos_plaintext) {
         cfg.mode = KMS_RPC_INSECURE;
     } else {
@@ -153,8 +225,13 @@ static int talos_open(struct kmsd *d, struct kms_err *err)
         }
         return kms_err_wrap(err, rc, "talos API on %s", d->opt.talos_listen);
     }
+    pthread_mutex_lock(&d->srv_mu);
     d->talos_srv = srv;
-    atomic_store(&d->talos_listening, true);
+    pthread_mutex_unlock(&d->srv_mu);
+    /* ready only once the listener is seen accepting (probe), not on intent */
+    atomic_store(&d->talos_listening,
+                 d->opt.probe_interval_ms == 0 ||
+                     kms_rpc_server_probe(srv, PROBE_TIMEOUT_MS) == KMS_PROBE_OK);
     kms_log(KMS_LOG_INFO, "talos", "Talos API listening", "addr", d->opt.talos_listen,
             "tls", d->opt.talos_plaintext ? "off" : (d->opt.talos_tls12 ? "1.2+" : "1.3"),
             NULL);
@@ -175,10 +252,15 @@ static void talos_close(struct kmsd *d, const char *why, unsigned grace_ms)
     if (d->talos_srv == NULL) {
         return;
     }
+    struct kms_rpc_server *srv;
+
     atomic_store(&d->talos_listening, false);
-    kms_rpc_server_stop(d->talos_srv, grace_ms);
-    kms_rpc_server_destroy(d->talos_srv);
+    pthread_mutex_lock(&d->srv_mu);
+    srv = d->talos_srv;
     d->talos_srv = NULL;
+    pthread_mutex_unlock(&d->srv_mu);
+    kms_rpc_server_stop(srv, grace_ms);
+    kms_rpc_server_destroy(srv);
     snprintf(took, sizeof(took), "%llu", (unsigned long long)(kms_mono_ms() - t0));
     kms_log(KMS_LOG_WARN, "talos", "Talos API closed", "reason", why, "close_ms", took, NULL);
 }
@@ -206,11 +288,46 @@ static int self_meta_cb(void *arg, const Kmsd__V1__Member *m)
 static void tls_reload(struct kmsd *d);
 static int cluster_open(struct kmsd *d, struct kms_err *err);
 
+#define PROBE_FAILS_REBUILD 2 /* consecutive failed probes before a rebuild */
+#define LOG_FLUSH_MS 10000   /* suppressed-line reports */
+
+/* One probe of a listener; true when it accepted. Rebuilds are decided by
+ * the caller from *fails. */
+static bool listener_probe(struct kms_rpc_server *srv, const char *what, unsigned *fails,
+                           bool *was_ok)
+{
+    int r = kms_rpc_server_probe(srv, PROBE_TIMEOUT_MS);
+    if (r == KMS_PROBE_OK) {
+        if (!*was_ok) {
+            kms_log(KMS_LOG_INFO, "kmsd", "listener accepts again", "listener", what, NULL);
+        }
+        *fails = 0;
+        *was_ok = true;
+        return true;
+    }
+    (*fails)++;
+    *was_ok = false;
+    {
+        char n[16];
+        snprintf(n, sizeof(n), "%u", *fails);
+        kms_log(KMS_LOG_ERROR, "kmsd", "listener probe failed: not serving new connections",
+                "listener", what, "result", kms_probe_result_name((enum kms_probe_result)r),
+                "consecutive", n, NULL);
+    }
+    /* Out of descriptors: a rebuild would not help (and needs fds itself). */
+    if (r == KMS_PROBE_NO_FD) {
+        *fails = 0;
+    }
+    return false;
+}
+
 static void *supervisor_main(void *arg)
 {
     struct kmsd *d = arg;
-    uint64_t last_slow = 0;
+    uint64_t last_slow = 0, last_probe = 0, last_flush = 0;
     uint64_t last_cluster_try = 0;
+    unsigned talos_fails = 0, cluster_fails = 0;
+    bool talos_ok = true, cluster_ok = true;
     bool self_published = false;
     bool lease_seen = false;
 
@@ -253,6 +370,57 @@ static void *supervisor_main(void *arg)
                         err.msg, NULL);
             }
         }
+        /* Listener truth: a listener whose accept loop stopped (gRPC 1.51
+         * gives up on some accept errors) is rebuilt; /readyz and kmsctl
+         * status report the probe, not the intent. */
+        if (d->opt.probe_interval_ms > 0 && now - last_probe >= d->opt.probe_interval_ms) {
+            last_probe = now;
+            if (d->talos_srv != NULL) {
+                bool ok = listener_probe(d->talos_srv, "talos", &talos_fails, &talos_ok);
+                atomic_store(&d->talos_listening, ok);
+                if (talos_fails >= PROBE_FAILS_REBUILD) {
+                    talos_fails = 0;
+                    d->listener_rebuilds++;
+                    talos_close(d, "listener probe failed: rebuilding it", 0);
+                    continue; /* reopened by the next pass (still wanted) */
+                }
+            } else {
+                talos_fails = 0;
+                talos_ok = true;
+            }
+            if (d->cluster_srv != NULL) {
+                bool ok = listener_probe(d->cluster_srv, "cluster", &cluster_fails,
+                                         &cluster_ok);
+                atomic_store(&d->cluster_listening, ok);
+                if (cluster_fails >= PROBE_FAILS_REBUILD) {
+                    struct kms_err err;
+                    cluster_fails = 0;
+                    d->listener_rebuilds++;
+                    kms_log(KMS_LOG_WARN, "cluster",
+                            "cluster API listener probe failed: rebuilding it", NULL);
+                    struct kms_rpc_server *old;
+                    pthread_mutex_lock(&d->srv_mu);
+                    old = d->cluster_srv;
+                    d->cluster_srv = NULL;
+                    pthread_mutex_unlock(&d->srv_mu);
+                    kms_rpc_server_stop(old, 0);
+                    kms_rpc_server_destroy(old);
+                    kms_err_clear(&err);
+                    if (cluster_open(d, &err) != 0) {
+                        kms_log(KMS_LOG_ERROR, "cluster", "cannot reopen the cluster API",
+                                "error", err.msg, NULL);
+                    }
+                }
+            }
+        }
+        if (now - last_flush >= LOG_FLUSH_MS) {
+            last_flush = now;
+            kms_log_flush_suppressed();
+            /* gRPC's per-call garbage from a flood is freed but stays in
+             * malloc's arenas; hand it back so RSS reflects live memory */
+            (void)malloc_trim(0);
+        }
+
         if (now - last_slow >= 1000) {
             last_slow = now;
             if (unsealed) {
@@ -325,8 +493,9 @@ static int client_ca_bundle(struct kmsd *d, char *path, size_t pathlen, struct k
     return rc;
 }
 
-/* Writes the CA bundle and opens the cluster API (start; the supervisor's
- * rebuild on reload when the server cannot reload in place). */
+/* Writes the CA bundle and opens the cluster API (start-up; the
+ * supervisor when a probe found its accept loop dead, or on a reload that
+ * cannot update the server in place). */
 static int cluster_open(struct kmsd *d, struct kms_err *err)
 {
     struct kms_rpc_server_config ccfg;
@@ -345,13 +514,19 @@ static int cluster_open(struct kmsd *d, struct kms_err *err)
     ccfg.cert_file = d->opt.node_cert;
     ccfg.key_file = d->opt.node_key;
     ccfg.ca_file = bundle;
+    rpc_limits_fill(d, &ccfg);
     if ((rc = kms_rpc_server_create(&ccfg, &srv, err)) != 0 ||
         (rc = kmsd_cluster_register(d, srv)) != 0 ||
         (rc = kms_rpc_server_start(srv, err)) != 0) {
-        kms_rpc_server_destroy(srv);
+        if (srv != NULL) {
+            kms_rpc_server_destroy(srv);
+        }
         return kms_err_wrap(err, rc, "cluster API on %s", d->opt.cluster_listen);
     }
+    pthread_mutex_lock(&d->srv_mu);
     d->cluster_srv = srv;
+    pthread_mutex_unlock(&d->srv_mu);
+    atomic_store(&d->cluster_listening, true);
     kms_log(KMS_LOG_INFO, "cluster", "cluster API listening", "addr", d->opt.cluster_listen,
             "tls", "1.3", NULL);
     return 0;
@@ -368,10 +543,12 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
     d->opt = *opt;
     pthread_mutex_init(&d->mu, NULL);
     pthread_mutex_init(&d->fwd_mu, NULL);
+    pthread_mutex_init(&d->srv_mu, NULL);
     pthread_rwlock_init(&d->kr_lock, NULL);
     if ((rc = kmsd_limits_init(d, err)) != 0) {
         return rc;
     }
+    fd_limit_raise(d);
 
     {
         const char *pause = getenv("KMSD_TEST_READ_PAUSE_MS");
@@ -500,9 +677,13 @@ static void tls_reload(struct kmsd *d)
          * period; open calls get UNAVAILABLE and are retried). Only after
          * the files checked out, so a broken file keeps the old server. */
         if (!failed) {
-            kms_rpc_server_stop(d->cluster_srv, 500);
-            kms_rpc_server_destroy(d->cluster_srv);
+            struct kms_rpc_server *old;
+            pthread_mutex_lock(&d->srv_mu);
+            old = d->cluster_srv;
             d->cluster_srv = NULL;
+            pthread_mutex_unlock(&d->srv_mu);
+            kms_rpc_server_stop(old, 500);
+            kms_rpc_server_destroy(old);
             kms_err_clear(&err);
             if (cluster_open(d, &err) != 0) {
                 kms_log(KMS_LOG_ERROR, "kmsd", "TLS reload: cannot reopen the cluster API",
@@ -510,7 +691,9 @@ static void tls_reload(struct kmsd *d)
                 failed = true;
             }
         }
-    } else if (d->cluster_srv != NULL) {
+    }
+    pthread_mutex_lock(&d->srv_mu);
+    if (d->cluster_srv != NULL && !kms_rpc_server_reload_needs_rebuild(d->cluster_srv)) {
         kms_rpc_server_reload_tls(d->cluster_srv);
     }
     /* The Talos server is recreated from files on every open; ask the live
@@ -518,6 +701,7 @@ static void tls_reload(struct kmsd *d)
     if (d->talos_srv != NULL) {
         kms_rpc_server_reload_tls(d->talos_srv);
     }
+    pthread_mutex_unlock(&d->srv_mu);
     atomic_store(&d->tls_reload_last_failed, failed);
     if (failed) {
         atomic_fetch_add(&d->tls_reloads_failed, 1);

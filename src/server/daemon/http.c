@@ -11,11 +11,14 @@
 #include <sys/socket.h>
 
 #include <microhttpd.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
+#include "kms_connlimit.h"
 #include "kms_log.h"
 #include "kms_raft.h"
+#include "kms_rpc.h"
 #include "kms_store.h"
 #include "kmsd.h"
 #include "kmsd_http.h"
@@ -36,6 +39,27 @@ static enum MHD_Result respond(struct MHD_Connection *c, unsigned code, const ch
     return ret;
 }
 
+/* Port of a "host:port" listen address; 0 when there is none. */
+static int listen_port(const char *listen)
+{
+    const char *colon = listen != NULL ? strrchr(listen, ':') : NULL;
+    int p = 0;
+    if (colon != NULL && sscanf(colon + 1, "%d", &p) != 1) {
+        p = 0;
+    }
+    return p;
+}
+
+static int talos_port(const struct kmsd *d)
+{
+    return listen_port(d->opt.talos_listen);
+}
+
+static int cluster_port(const struct kmsd *d)
+{
+    return listen_port(d->opt.cluster_listen);
+}
+
 static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *url,
                                const char *method, const char *version,
                                const char *upload_data, size_t *upload_data_size,
@@ -52,6 +76,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         return respond(c, 200, "text/plain", "ok\n");
     }
     if (strcmp(url, "/readyz") == 0) {
+        /* the supervisor's last self-connect probe, not just "opened" */
         bool ready = atomic_load(&d->talos_listening);
         return respond(c, ready ? 200 : 503, "text/plain", ready ? "ready\n" : "not ready\n");
     }
@@ -66,7 +91,35 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     M("# TYPE kmsd_sealed gauge\nkmsd_sealed %d\n", kmsd_is_unsealed(d) ? 0 : 1);
     M("# TYPE kmsd_talos_listening gauge\nkmsd_talos_listening %d\n",
       atomic_load(&d->talos_listening) ? 1 : 0);
+    M("# TYPE kmsd_cluster_listening gauge\nkmsd_cluster_listening %d\n",
+      atomic_load(&d->cluster_listening) ? 1 : 0);
     M("# TYPE kmsd_read_lease gauge\nkmsd_read_lease %d\n", kmsd_readable(d) ? 1 : 0);
+    M("# TYPE kmsd_fd_limit gauge\nkmsd_fd_limit %llu\n", d->fd_limit);
+    M("# TYPE kmsd_listener_rebuilds_total counter\nkmsd_listener_rebuilds_total %llu\n",
+      d->listener_rebuilds);
+    M("# TYPE kmsd_log_suppressed_total counter\nkmsd_log_suppressed_total %llu\n",
+      kms_log_suppressed_total());
+    {
+        /* The Talos server is replaced by the supervisor; its counters are
+         * read by port through the accept filter's table, which is
+         * lock-protected and does not touch the server object. */
+        struct kms_connlimit_stats cs;
+        int ports[2] = {talos_port(d), cluster_port(d)};
+        const char *names[2] = {"talos", "cluster"};
+        M("# HELP kmsd_connections Accept filter: open connections and counters by port.\n"
+          "# TYPE kmsd_connections gauge\n");
+        for (int i = 0; i < 2; i++) {
+            if (ports[i] <= 0) {
+                continue;
+            }
+            kms_connlimit_stats(ports[i], &cs);
+            M("kmsd_connections{listener=\"%s\"} %u\n", names[i], cs.open);
+            M("kmsd_connections_rejected_total{listener=\"%s\"} %llu\n", names[i],
+              cs.rejected);
+            M("kmsd_connections_reset_no_fd_total{listener=\"%s\"} %llu\n", names[i],
+              cs.emfile);
+        }
+    }
     M("# TYPE kmsd_raft_leader gauge\nkmsd_raft_leader %d\n", st.role == KMS_RAFT_LEADER ? 1 : 0);
     M("# TYPE kmsd_raft_term gauge\nkmsd_raft_term %llu\n", (unsigned long long)st.term);
     M("# TYPE kmsd_raft_commit_index gauge\nkmsd_raft_commit_index %llu\n",
@@ -132,6 +185,24 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     return respond(c, 200, "text/plain; version=0.0.4", body);
 }
 
+#define HTTP_THREADS 2        /* epoll thread pool */
+#define HTTP_IDLE_TIMEOUT_S 5 /* close a connection idle this long */
+
+/* libmicrohttpd's own messages (accept failures, limits) into kms_log,
+ * rate-limited by format like every other line. */
+static void http_log_cb(void *cls, const char *fmt, va_list ap)
+{
+    char msg[512];
+    size_t n;
+    (void)cls;
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    n = strlen(msg);
+    while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == '\r')) {
+        msg[--n] = '\0';
+    }
+    kms_log_keyed(KMS_LOG_WARN, "http", fmt, msg, NULL);
+}
+
 int kmsd_http_start(struct kmsd *d, struct kms_err *err)
 {
     struct sockaddr_storage ss;
@@ -179,11 +250,19 @@ int kmsd_http_start(struct kmsd *d, struct kms_err *err)
         sslen = sizeof(*sin);
     }
     (void)sslen;
-    d->http = MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD |
-                                   (((struct sockaddr *)&ss)->sa_family == AF_INET6 ? MHD_USE_IPv6 : 0),
-                               (uint16_t)port, NULL, NULL, handler, d, MHD_OPTION_SOCK_ADDR, &ss,
-                               MHD_OPTION_CONNECTION_LIMIT, 64U, MHD_OPTION_CONNECTION_TIMEOUT,
-                               10U, MHD_OPTION_END);
+    /* Idle connections must not starve the probes: epoll in a small thread
+     * pool (one idle connection costs no thread), a per-address cap so one
+     * client cannot hold every slot, a total cap, and a short idle timeout.
+     * Connections over a cap are closed at accept by libmicrohttpd. */
+    d->http = MHD_start_daemon(
+        MHD_USE_EPOLL_INTERNAL_THREAD | MHD_USE_ERROR_LOG |
+            (((struct sockaddr *)&ss)->sa_family == AF_INET6 ? MHD_USE_IPv6 : 0),
+        (uint16_t)port, NULL, NULL, handler, d, MHD_OPTION_EXTERNAL_LOGGER, http_log_cb, NULL,
+        MHD_OPTION_SOCK_ADDR, &ss,
+        MHD_OPTION_THREAD_POOL_SIZE, (unsigned)HTTP_THREADS,
+        MHD_OPTION_CONNECTION_LIMIT, d->opt.http_max_conns,
+        MHD_OPTION_PER_IP_CONNECTION_LIMIT, d->opt.http_max_conns_per_addr,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)HTTP_IDLE_TIMEOUT_S, MHD_OPTION_END);
     if (d->http == NULL) {
         return kms_err_set(err, KMS_EIO, "http: cannot listen on %s", d->opt.http_listen);
     }

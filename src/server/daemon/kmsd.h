@@ -106,6 +106,21 @@ struct kmsd_options {
     unsigned seals_per_node_per_minute;
     unsigned records_per_node;
 
+    /* connection and resource limits (docs/security.md "Limits") */
+    unsigned max_conns;            /* per gRPC port; 0 = auto from the fd limit */
+    unsigned max_conns_per_addr;
+    unsigned handshake_timeout_ms;
+    unsigned max_streams;
+    size_t grpc_memory;
+    unsigned conn_idle_ms;
+    unsigned conn_max_age_ms;
+    unsigned http_max_conns;
+    unsigned http_max_conns_per_addr;
+    unsigned probe_interval_ms;    /* 0 = no listener probe */
+    unsigned long long talos_conn_bytes; /* Talos byte police; 0 = off */
+    unsigned abuse_ban_after;
+    unsigned abuse_ban_ms;
+
     struct kmsd_cidr cidrs[KMSD_MAX_CIDRS];
     size_t n_cidrs;
     const char *uuids[KMSD_MAX_UUIDS];
@@ -155,9 +170,17 @@ struct kmsd {
     struct kmsd_pool *op_pool;           /* operator calls (cluster_api.c) */
     struct kmsd_op_method op_methods[KMSD_OP_METHODS]; /* handler args, set at register */
 
-    /* Talos API server: created/destroyed only by the supervisor thread. */
+    /* Talos API server: created/destroyed only by the supervisor thread
+     * (which also rebuilds cluster_srv). srv_mu guards both pointers for
+     * readers on other threads (TLS reload); the supervisor swaps a pointer
+     * under it and stops the old server outside it. */
+    pthread_mutex_t srv_mu;
     struct kms_rpc_server *talos_srv;
-    atomic_bool talos_listening;
+    atomic_bool talos_listening;         /* open and its last probe accepted */
+    atomic_bool cluster_listening;       /* cluster API's last probe accepted */
+    unsigned max_conns_effective;        /* per gRPC port, after the fd-limit default */
+    unsigned long long fd_limit;         /* RLIMIT_NOFILE soft limit after start */
+    unsigned long long listener_rebuilds; /* supervisor thread writes, metrics read */
 
     pthread_mutex_t mu;                  /* guards the fields below */
     bool unsealed;

@@ -136,6 +136,19 @@ static int options_from_config(const struct kms_config *c, struct kmsd_options *
     o->seals_per_minute = c->seals_per_minute;
     o->seals_per_node_per_minute = c->seals_per_node_per_minute;
     o->records_per_node = c->records_per_node;
+    o->max_conns = c->limits.max_connections;
+    o->max_conns_per_addr = c->limits.max_connections_per_address;
+    o->handshake_timeout_ms = c->limits.handshake_timeout_ms;
+    o->max_streams = c->limits.max_concurrent_streams;
+    o->grpc_memory = (size_t)c->limits.grpc_memory;
+    o->conn_idle_ms = c->limits.connection_idle_ms;
+    o->conn_max_age_ms = c->limits.connection_max_age_ms;
+    o->http_max_conns = c->limits.http_max_connections;
+    o->http_max_conns_per_addr = c->limits.http_max_connections_per_address;
+    o->probe_interval_ms = c->limits.listener_probe_interval_ms;
+    o->talos_conn_bytes = c->limits.talos_connection_bytes;
+    o->abuse_ban_after = c->limits.abuse_ban_after;
+    o->abuse_ban_ms = c->limits.abuse_ban_ms;
     for (size_t i = 0; i < c->n_allowed_cidrs && i < KMSD_MAX_CIDRS; i++) {
         memcpy(o->cidrs[i].addr, c->allowed_cidrs[i].addr, 16);
         o->cidrs[i].prefix = c->allowed_cidrs[i].prefix;
