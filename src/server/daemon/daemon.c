@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -265,6 +266,10 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
         return kms_err_wrap(err, rc, "cluster API CAs");
     }
 
+    if (mkdir(d->opt.data_dir, 0700) != 0 && errno != EEXIST) {
+        return kms_err_set(err, KMS_EIO, "dataDir %s: cannot create it: %s", d->opt.data_dir,
+                           strerror(errno));
+    }
     if ((rc = data_dir_space_check(d->opt.data_dir, err)) != 0) {
         return rc;
     }
@@ -327,10 +332,14 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
         return kms_err_set(err, KMS_ENOMEM, "cannot start supervisor thread");
     }
     d->supervisor_started = true;
-    kms_log(KMS_LOG_INFO, "kmsd", kmsd_is_initialized(d)
-                                      ? "started sealed: waiting for unseal key shares"
-                                      : "started uninitialised: waiting for kmsctl operator init",
+    kms_log(KMS_LOG_INFO, "kmsd",
+            kmsd_is_initialized(d) ? "started sealed: waiting for unseal key shares"
+            : kmsd_raft_is_member(d)
+                ? "started uninitialised: waiting for kmsctl operator init"
+                : "started outside the cluster: waiting to be added (kmsctl operator members "
+                  "add on the leader), then for unseal key shares",
             NULL);
+    kmsd_warn_local_reads(d, "start");
     return 0;
 }
 
