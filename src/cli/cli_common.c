@@ -1081,18 +1081,13 @@ static int connect_once(struct cli_ctx *ctx, const char *op)
     }
     if (ctx->ch == NULL && !ctx->g.insecure && !ctx->tls_checked) {
         /* gRPC 1.51 says little when a handshake fails: check locally what
-         * can be checked first. The cluster API needs an operator
-         * certificate on every call. */
+         * can be checked first. (Without a client certificate the
+         * handshake fails; the error then says none was configured.) */
         struct kms_check_report rep = {ctx->err, op, 0, 0, true};
-        if (ctx->g.cert == NULL) {
-            fprintf(ctx->err,
-                    "Error: %s: no client certificate configured: the cluster API needs an "
-                    "operator certificate: give --cert and --key (KMSCTL_CERT, KMSCTL_KEY)\n",
-                    op);
-            return CLI_EXIT_LOCAL;
+        if (ctx->g.cert != NULL) {
+            (void)kms_tls_check_pair(&rep, ctx->g.cert_src, ctx->g.cert, ctx->g.key,
+                                     KMS_CERT_CLIENT, NULL);
         }
-        (void)kms_tls_check_pair(&rep, ctx->g.cert_src, ctx->g.cert, ctx->g.key,
-                                 KMS_CERT_CLIENT, NULL);
         if (ctx->g.cacert != NULL) {
             (void)kms_tls_check_ca(&rep, ctx->g.cacert_src, ctx->g.cacert, NULL, NULL);
         }
@@ -1211,6 +1206,14 @@ static void explain_failure(struct cli_ctx *ctx, char *buf, size_t len, const ch
                  op, t, ctx->g.timeout_ms);
         break;
     case CLI_FAIL_TLS:
+        if (ctx->g.cert == NULL && !ctx->g.insecure) {
+            snprintf(buf, len,
+                     "Error: %s: %s: the TLS handshake failed (%s): no client certificate "
+                     "configured: the cluster API needs an operator certificate: give --cert "
+                     "and --key (KMSCTL_CERT, KMSCTL_KEY)",
+                     op, t, safe != NULL ? safe : "?");
+            break;
+        }
         snprintf(buf, len,
                  "Error: %s: %s: the TLS handshake failed (%s): likely the server certificate "
                  "is not signed by the CA %s, or the server refused the client certificate %s "

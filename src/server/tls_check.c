@@ -142,7 +142,7 @@ static void check_eku(struct kms_check_report *r, const char *what, const char *
     bool need_server = role == KMS_CERT_SERVER || role == KMS_CERT_NODE;
     bool need_client = role == KMS_CERT_CLIENT || role == KMS_CERT_NODE;
     if ((need_server && !server) || (need_client && !client)) {
-        report(r, true, "%s %s: extended key usage lacks %s%s%s (it is %s)", what, path,
+        report(r, true, "%s %s: extended key usage lacks %s%s%s (it is used as %s)", what, path,
                need_server && !server ? "serverAuth" : "",
                need_server && !server && need_client && !client ? " and " : "",
                need_client && !client ? "clientAuth" : "",
