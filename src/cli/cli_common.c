@@ -1214,6 +1214,15 @@ static void explain_failure(struct cli_ctx *ctx, char *buf, size_t len, const ch
                      op, t, safe != NULL ? safe : "?");
             break;
         }
+        if (safe != NULL && (strstr(safe, "0A000086") != NULL ||
+                             strstr(safe, "certificate verify failed") != NULL ||
+                             strstr(safe, "CERTIFICATE_VERIFY_FAILED") != NULL)) {
+            snprintf(buf, len,
+                     "Error: %s: %s: the server certificate is not signed by the CA %s (TLS "
+                     "certificate verify failed): give --cacert the CA of the cluster API",
+                     op, t, ctx->g.cacert != NULL ? ctx->g.cacert : "(system roots)");
+            break;
+        }
         snprintf(buf, len,
                  "Error: %s: %s: the TLS handshake failed (%s): likely the server certificate "
                  "is not signed by the CA %s, or the server refused the client certificate %s "
