@@ -8,8 +8,8 @@
  *
  * Exit codes (like Vault): 0 ok, 1 local or usage error (bad flags,
  * unreadable files), 2 remote error (any non-OK gRPC status, including a
- * refused connection or a deadline); `status` exits 2 while the node is
- * sealed or uninitialised.
+ * refused connection or a deadline). `status` differs (docs/kmsctl.md): 0
+ * serving, 2 reached but not serving, 1 when it cannot ask.
  */
 #ifndef KMSCTL_CLI_COMMON_H
 #define KMSCTL_CLI_COMMON_H

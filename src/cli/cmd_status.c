@@ -54,6 +54,13 @@ static const char *lease_text(const Kmsd__V1__StatusResponse *st)
     return st->lease ? "true" : "false";
 }
 
+/* Older servers do not send member: a node that lists members or holds the
+ * keyring is one. */
+static bool is_member(const Kmsd__V1__StatusResponse *st)
+{
+    return st->member || st->initialized || st->n_members > 0;
+}
+
 bool cli_status_serving(const Kmsd__V1__StatusResponse *st)
 {
     return st->initialized && !st->sealed && (st->lease || local_reads(st)) &&
@@ -105,7 +112,7 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
         cli_json_str(&j, "unseal_reads",
                      st->unseal_reads != NULL && st->unseal_reads[0] ? st->unseal_reads : "lease");
         cli_json_str(&j, "read_lease", lease_text(st));
-        cli_json_bool(&j, "member", st->member || st->initialized || st->n_members > 0);
+        cli_json_bool(&j, "member", is_member(st));
         cli_json_bool(&j, "serving", cli_status_serving(st));
         cli_json_obj_end(&j);
         cli_json_end(&j);
@@ -142,6 +149,9 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
     kv(t, "Read Lease", lease_text(st));
     if (local_reads(st)) {
         kv(t, "Unseal Reads", "unsealReads: local");
+    }
+    if (!is_member(st)) {
+        kv(t, "Member", "no: waiting to be added (kmsctl operator members add)");
     }
     kv(t, "Talos Listener", st->talos_listening ? "open" : "closed");
     if (st->active_term != 0) {

@@ -4,7 +4,7 @@
  * One file per command group (cmd_status.c, cmd_operator.c, cmd_members.c,
  * cmd_keys.c), dispatched from the table below; flags, output and the
  * connection are in cli_common.c. Exit codes: 0 ok, 1 local or usage error,
- * 2 remote error (and `status` on a sealed or uninitialised replica).
+ * 2 remote error; `status`: 0 serving, 2 not serving, 1 cannot ask.
  */
 #include <stdio.h>
 #include <string.h>

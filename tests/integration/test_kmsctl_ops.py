@@ -210,6 +210,10 @@ tls:
     time.sleep(0.3)
     with open(os.path.join(n4, "kmsd.log")) as f:
         l4 = f.read()
+    p = ctl(c, 1, "status", "-o", "json", env_over=ep4)
+    st4 = json.loads(p.stdout) if p.stdout.strip().startswith("{") else {}
+    check(p.returncode == 2 and st4.get("member") is False,
+          f"status on the joining node exits 2 with member false (rc {p.returncode})")
     check("waiting to be added" in l4 and "waiting for kmsctl operator init" not in l4,
           "the joining node logs that it waits to be added (not for init)")
     proc4.send_signal(signal.SIGTERM)
