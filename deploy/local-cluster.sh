@@ -91,7 +91,11 @@ start_one() {
   local i=$1
   if is_running "$i"; then log "node $i already running"; return 0; fi
   # setsid: the node outlives this script and its terminal (Ctrl-C, timeout).
-  setsid "$kmsd" --config "$dir/node$i/kmsd.yaml" >>"$dir/node$i/kmsd.log" 2>&1 </dev/null &
+  # This script's own KMSD_* settings are not kmsd options (kmsd warns about
+  # unknown KMSD_* variables): leave them out of its environment.
+  env -u KMSD_CLUSTER_DIR -u KMSD_BASE_PORT -u KMSD_BIN_DIR -u KMSD_NO_UNSEAL \
+    -u KMSD_TALOS_ENDPOINTS -u KMSD_CA \
+    setsid "$kmsd" --config "$dir/node$i/kmsd.yaml" >>"$dir/node$i/kmsd.log" 2>&1 </dev/null &
   echo $! >"$dir/node$i/kmsd.pid"
 }
 
@@ -141,8 +145,10 @@ unseal_one() {
     n=$((n + 1)); [ $n -lt 150 ] || die "node $i never saw the initialised keyring"
     sleep 0.2
   done
+  # Shares go in on stdin ("-"), never on the command line, where any local
+  # user could read them in /proc/<pid>/cmdline.
   head -n 3 "$dir/shares.txt" | while read -r s; do
-    ctl "$i" operator unseal "$s" >/dev/null
+    printf '%s\n' "$s" | ctl "$i" operator unseal - >/dev/null
   done
   # status exits 0 once the node serves (unsealed, read lease, Talos port open).
   n=0

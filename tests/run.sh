@@ -3,8 +3,9 @@
 # calls. It installs dependencies (deploy/install-deps.sh, idempotent),
 # builds the Release and ASan+UBSan presets with -Werror, runs ctest on both,
 # runs the Jepsen CI subset against the Release build (tests/jepsen/ci.sh),
-# then builds the libFuzzer targets with clang and runs each for
-# KMS_FUZZ_SECONDS (default 20). Exits non-zero on any failure.
+# then the ThreadSanitizer preset on the unit tests and an integration subset
+# (KMS_TSAN_TESTS), then builds the libFuzzer targets with clang and runs each
+# for KMS_FUZZ_SECONDS (default 15). Exits non-zero on any failure.
 #
 #   tests/run.sh            everything (what CI runs)
 #   tests/run.sh --quick    Release build and ctest only
@@ -49,10 +50,36 @@ if [ "$quick" = 1 ]; then
   exit 0
 fi
 
+# ThreadSanitizer: the unit tests and an integration subset (real kmsd
+# processes, raft, gRPC) on the tsan preset. Every process writes its
+# reports to $tsan_dir/tsan.<pid> (log_path) and stops at the first one
+# (halt_on_error, exit 66); the step fails if any report file exists, so a
+# race in a kmsd child process fails it even if its test passed.
+# tests/tsan.supp covers reports wholly inside uninstrumented libraries.
+echo "=== build tsan"
+cmake --preset tsan >/dev/null
+cmake --build build/tsan -j "$jobs"
+tsan_dir=$(mktemp -d)
+tsan_tests=${KMS_TSAN_TESTS:-"^(test_.*|integration_test_(e2e_cluster|e2e_tls|raft_basic|raft_failover|adv_hygiene))$"}
+echo "=== test tsan ($tsan_tests)"
+t0=$(date +%s)
+tsan_rc=0
+TSAN_OPTIONS="halt_on_error=1 exitcode=66 second_deadlock_stack=1 \
+suppressions=$PWD/tests/tsan.supp log_path=$tsan_dir/tsan" \
+  ctest --test-dir build/tsan --output-on-failure -j "$jobs" -R "$tsan_tests" || tsan_rc=$?
+if compgen -G "$tsan_dir/tsan*" >/dev/null; then
+  for r in "$tsan_dir"/tsan*; do echo "--- $r"; head -n 60 "$r"; done
+  echo "ThreadSanitizer reported races (above)" >&2
+  tsan_rc=1
+fi
+rm -rf "$tsan_dir"
+echo "=== tsan took $(( $(date +%s) - t0 ))s"
+[ "$tsan_rc" = 0 ] || exit 1
+
 echo "=== build fuzz"
 cmake --preset fuzz >/dev/null
 cmake --build build/fuzz -j "$jobs" --target fuzzers
-secs=${KMS_FUZZ_SECONDS:-20}
+secs=${KMS_FUZZ_SECONDS:-15}
 shopt -s nullglob
 for f in build/fuzz/tests/fuzz/fuzz_*; do
   [ -x "$f" ] || continue

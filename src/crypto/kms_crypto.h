@@ -187,6 +187,11 @@ int kms_root_key_generate(uint8_t root[32], struct kms_err *err);
 #define KMS_SEAL_MIN_DATA 16
 #define KMS_SEAL_MAX_DATA 64
 #define KMS_NODE_UUID_MAX 128
+
+/* True when uuid is 1..KMS_NODE_UUID_MAX printable ASCII characters
+ * (0x20..0x7e): what Seal binds into a record. Talos sends SMBIOS UUIDs in
+ * the canonical 36-character form, in either case. Pure: any thread. */
+bool kms_node_uuid_valid(const char *uuid);
 #define KMS_RECORD_VERSION 1
 
 /* Seals `data` (16..64 bytes) for node_uuid (1..128 printable ASCII bytes)

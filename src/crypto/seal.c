@@ -43,6 +43,11 @@ static size_t node_uuid_len(const char *uuid)
     return n;
 }
 
+bool kms_node_uuid_valid(const char *uuid)
+{
+    return node_uuid_len(uuid) != 0;
+}
+
 /* KEK = HKDF-SHA256(term key, client_half, "kmsd/seal/v1" || key_id). */
 static int derive_kek(const uint8_t term_key[32], const uint8_t client_half[32],
                       const uint8_t key_id[16], uint8_t kek[32], struct kms_err *err)

@@ -474,3 +474,29 @@ void kms_frame_stamp_encode(const struct kms_frame_stamp *s, uint8_t out[KMS_FRA
     kms_frame_put64le(out + 48, s->lease_rem_us);
     kms_frame_put64le(out + 56, s->commit);
 }
+
+int kms_preamble_parse(const uint8_t pre[KMS_PREAMBLE_FIXED], uint64_t protocol,
+                       size_t addr_max, uint64_t *proto_out, uint64_t *id, size_t *addr_len,
+                       const char **why)
+{
+    uint64_t len = kms_frame_get64le(pre + 16);
+    *proto_out = kms_frame_get64le(pre);
+    *id = kms_frame_get64le(pre + 8);
+    *addr_len = 0;
+    if (*proto_out != protocol) {
+        *why = "unsupported preamble protocol";
+        return KMS_EVERSION;
+    }
+    if (*id == 0 || len == 0 || len % 8 != 0 || len > addr_max) {
+        *why = "malformed preamble";
+        return KMS_EFORMAT;
+    }
+    *addr_len = (size_t)len;
+    *why = NULL;
+    return 0;
+}
+
+bool kms_preamble_address_ok(const char *addr, size_t len)
+{
+    return len > 0 && memchr(addr, '\0', len) != NULL && addr[0] != '\0';
+}

@@ -138,4 +138,17 @@ void kms_frame_stamp_encode(const struct kms_frame_stamp *s,
 uint64_t kms_frame_get64le(const uint8_t *p);
 void kms_frame_put64le(uint8_t *p, uint64_t v);
 
+/* The transport's connection preamble, the first bytes a dialling peer
+ * sends after TLS: u64le protocol, u64le raft id, u64le address length
+ * (a multiple of 8, 8..addr_max), then the address, NUL-padded.
+ * kms_preamble_parse checks the 24 fixed bytes: 0, KMS_EVERSION for another
+ * protocol (*proto_out says which), KMS_EFORMAT for id 0 or a bad length;
+ * *why names the problem. kms_preamble_address_ok checks the address
+ * bytes (NUL-terminated inside len, not empty). Pure: any thread. */
+#define KMS_PREAMBLE_FIXED 24
+int kms_preamble_parse(const uint8_t pre[KMS_PREAMBLE_FIXED], uint64_t protocol,
+                       size_t addr_max, uint64_t *proto_out, uint64_t *id, size_t *addr_len,
+                       const char **why);
+bool kms_preamble_address_ok(const char *addr, size_t len);
+
 #endif /* KMS_FRAME_H */

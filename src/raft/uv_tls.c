@@ -946,7 +946,7 @@ static void incoming_preamble(struct conn *c)
     char subject[256];
     char reason[400];
     const char *why;
-    uint64_t proto;
+    uint64_t proto, claimed;
     int n;
 
     while (c->pre_got < sizeof c->pre || c->pre_addr_got < c->pre_addr_len) {
@@ -975,24 +975,23 @@ static void incoming_preamble(struct conn *c)
             if (c->pre_got < sizeof c->pre) {
                 continue;
             }
-            proto = kms_frame_get64le(c->pre);
-            c->peer_id = kms_frame_get64le(c->pre + 8);
-            c->pre_addr_len = (size_t)kms_frame_get64le(c->pre + 16);
-            if (proto != KMS_TRANSPORT_PROTOCOL) {
-                snprintf(reason, sizeof reason, "unsupported preamble protocol %" PRIu64, proto);
+            n = kms_preamble_parse(c->pre, KMS_TRANSPORT_PROTOCOL, sizeof c->pre_addr, &proto,
+                                   &claimed, &c->pre_addr_len, &why);
+            c->peer_id = (raft_id)claimed;
+            if (n == KMS_EVERSION) {
+                snprintf(reason, sizeof reason, "%s %" PRIu64, why, proto);
                 conn_fail(c, KMS_LOG_WARN, reason);
                 return;
             }
-            if (c->peer_id == 0 || c->pre_addr_len == 0 || c->pre_addr_len % 8 != 0 ||
-                c->pre_addr_len > sizeof c->pre_addr) {
-                conn_fail(c, KMS_LOG_WARN, "malformed preamble");
+            if (n != 0) {
+                conn_fail(c, KMS_LOG_WARN, why);
                 return;
             }
         } else {
             c->pre_addr_got += (size_t)n;
         }
     }
-    if (memchr(c->pre_addr, '\0', c->pre_addr_len) == NULL || c->pre_addr[0] == '\0') {
+    if (!kms_preamble_address_ok(c->pre_addr, c->pre_addr_len)) {
         conn_fail(c, KMS_LOG_WARN, "malformed address in preamble");
         return;
     }

@@ -71,6 +71,7 @@ struct f_doc {
     struct f_rate rateLimit;
     struct f_enrol enrolment;
     char *logLevel;
+    char *memoryLock;
 };
 
 #define OPT_STR(k, s, m) CYAML_FIELD_STRING_PTR(k, CYAML_FLAG_OPTIONAL, s, m, 0, 4096)
@@ -143,6 +144,7 @@ static const cyaml_schema_field_t doc_fields[] = {
     CYAML_FIELD_MAPPING("rateLimit", CYAML_FLAG_OPTIONAL, struct f_doc, rateLimit, rate_fields),
     CYAML_FIELD_MAPPING("enrolment", CYAML_FLAG_OPTIONAL, struct f_doc, enrolment, enrol_fields),
     OPT_STR("logLevel", struct f_doc, logLevel),
+    OPT_STR("memoryLock", struct f_doc, memoryLock),
     CYAML_FIELD_END};
 static const cyaml_schema_value_t doc_schema = {
     CYAML_VALUE_MAPPING(CYAML_FLAG_POINTER, struct f_doc, doc_fields)};
@@ -288,6 +290,9 @@ static const struct opt opts[] = {
      "node UUIDs allowed to Seal (empty = any)"},
     {"logLevel", "KMSD_LOG_LEVEL", "log-level", T_ENUM, "info", IMM, C(log_level),
      F(logLevel), 0, 0, log_level_names, "debug|info|warn|error", "minimum log level"},
+    {"memoryLock", "KMSD_MEMORY_LOCK", "memory-lock", T_BOOL, "true", IMM, C(memory_lock),
+     F(memoryLock), 0, 0, NULL, "BOOL",
+     "mlockall() the whole process so no key or share is ever swapped out"},
 };
 #define N_OPTS (sizeof(opts) / sizeof(opts[0]))
 
@@ -1302,6 +1307,39 @@ out:
     return rc;
 }
 
+/* KMSD_* variables kmsd reads outside the option table. */
+static const char *const env_extra[] = {"KMSD_CONFIG", "KMSD_TEST_READ_PAUSE_MS", NULL};
+
+size_t kms_config_unknown_env(char **envp, void (*cb)(void *arg, const char *name, size_t len),
+                              void *arg)
+{
+    size_t n_unknown = 0;
+    if (envp == NULL) {
+        return 0;
+    }
+    for (char **e = envp; *e != NULL; e++) {
+        const char *eq = strchr(*e, '=');
+        size_t len = eq != NULL ? (size_t)(eq - *e) : strlen(*e);
+        bool known = false;
+        if (strncmp(*e, "KMSD_", 5) != 0) {
+            continue;
+        }
+        for (size_t i = 0; i < N_OPTS && !known; i++) {
+            known = strlen(opts[i].env) == len && strncmp(*e, opts[i].env, len) == 0;
+        }
+        for (size_t i = 0; env_extra[i] != NULL && !known; i++) {
+            known = strlen(env_extra[i]) == len && strncmp(*e, env_extra[i], len) == 0;
+        }
+        if (!known) {
+            n_unknown++;
+            if (cb != NULL) {
+                cb(arg, *e, len);
+            }
+        }
+    }
+    return n_unknown;
+}
+
 static const struct opt *opt_by_flag(const char *name, size_t n)
 {
     for (size_t i = 0; i < N_OPTS; i++) {
@@ -1604,6 +1642,13 @@ out:
     }
     if (rc != 0) {
         kms_config_free(cfg);
+        /* Messages quote offending values: keep them one printable line
+         * (a quoted YAML scalar may hold newlines and control bytes). */
+        for (char *c = err != NULL ? err->msg : NULL; c != NULL && *c != '\0'; c++) {
+            if ((unsigned char)*c < 0x20 || *c == 0x7f) {
+                *c = ' ';
+            }
+        }
     }
     return rc;
 }

@@ -124,6 +124,7 @@ struct kms_config {
     size_t n_uuid_allow_list;
 
     int log_level; /* enum kms_log_level (kms_log.h) */
+    bool memory_lock; /* mlockall() at start (default true) */
 };
 
 /*
@@ -138,6 +139,15 @@ struct kms_config {
  */
 int kms_config_load(struct kms_config *cfg, int argc, char **argv, char **envp,
                     struct kms_err *err);
+
+/*
+ * Calls cb(arg, name, len) for every KMSD_* variable in envp that is not a
+ * kmsd option (a misspelling is otherwise silently ignored); name is the
+ * whole "NAME=value" entry, len the length of NAME. Returns how many.
+ * Pure: any thread.
+ */
+size_t kms_config_unknown_env(char **envp, void (*cb)(void *arg, const char *name, size_t len),
+                              void *arg);
 
 /* Frees everything cfg owns and zeroes it. Safe on a zeroed or freed cfg. */
 void kms_config_free(struct kms_config *cfg);

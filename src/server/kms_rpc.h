@@ -62,6 +62,8 @@ struct kms_rpc_server_config {
     const char *ca_file;     /* PEM CA bundle for client certs (MTLS; optional for TLS) */
     unsigned workers;        /* worker threads; 0 = number of online CPUs */
     size_t max_message;      /* max receive and send message bytes; 0 = 4 MiB */
+    bool allow_tls12;        /* accept TLS 1.2 too, if kms_rpc_global_init allowed it;
+                              * false: this port negotiates TLS 1.3 only */
 };
 
 struct kms_rpc_server;
@@ -104,6 +106,16 @@ void kms_rpc_server_destroy(struct kms_rpc_server *srv);
  * files are read at the next handshake; if they are unreadable or invalid
  * the old material stays and an error is logged). */
 void kms_rpc_server_reload_tls(struct kms_rpc_server *srv);
+
+/* True when srv cannot reload in place and must be rebuilt to pick up new
+ * TLS files: a TLS 1.3-only server in a process whose policy also allows
+ * TLS 1.2 (talos.tls12) uses static credentials (gRPC 1.51 drops the
+ * per-server version floor for fetched configs). Any thread. */
+bool kms_rpc_server_reload_needs_rebuild(const struct kms_rpc_server *srv);
+
+/* Reads cert_file and key_file and checks that they parse and match (what
+ * the servers' reload would accept). Any thread. */
+int kms_rpc_check_tls_files(const char *cert_file, const char *key_file, struct kms_err *err);
 
 /* Bound port (useful with "127.0.0.1:0"); 0 before start. */
 int kms_rpc_server_port(const struct kms_rpc_server *srv);

@@ -54,7 +54,8 @@ bool kms_tls_check_ca(struct kms_check_report *r, const char *what, const char *
  * certificate (CN kmsd-node-<nodeId>, clientAuth+serverAuth) and its key,
  * signed by the cluster CA; the Talos certificate (serverAuth) unless
  * talos.plaintext; the cluster and operator CAs; dataDir exists and is a
- * writable directory, or its parent exists so it can be created. Returns
+ * writable directory, or can be created (its nearest existing ancestor is a
+ * writable directory: kmsd creates missing parents too). Returns
  * the number of errors (warnings in r->warnings). */
 unsigned kms_config_check_startup(const struct kms_config *cfg, struct kms_check_report *r);
 

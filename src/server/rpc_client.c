@@ -27,6 +27,7 @@
 
 #include "kms_log.h"
 #include "kms_rpc.h"
+#include "kms_tsan.h"
 #include "rpc_internal.h"
 
 #define DEFAULT_MAX_MESSAGE (4 * 1024 * 1024)
@@ -312,6 +313,7 @@ int kms_rpc_unary_watch(struct kms_rpc_channel *ch, const char *method_path,
     ops[5].data.recv_status_on_client.trailing_metadata = &md_trail;
     ops[5].data.recv_status_on_client.status = &status;
     ops[5].data.recv_status_on_client.status_details = &status_details;
+    KMS_TSAN_RELEASE(&tag);
     ce = grpc_call_start_batch(call, ops, 6, &tag, NULL);
     if (ce != GRPC_CALL_OK) {
         rc = kms_err_set(err, KMS_EIO, "rpc %s: start_batch failed (%d)", method_path, (int)ce);
@@ -327,6 +329,7 @@ int kms_rpc_unary_watch(struct kms_rpc_channel *ch, const char *method_path,
                                    gpr_time_from_millis((int64_t)poll_ms, GPR_TIMESPAN));
             ev = grpc_completion_queue_next(cq, wake, NULL);
             if (ev.type == GRPC_OP_COMPLETE && ev.tag == &tag) {
+                KMS_TSAN_ACQUIRE(&tag);
                 break;
             }
             if (ev.type == GRPC_QUEUE_TIMEOUT && !abandoned && !keep_cb(keep_arg)) {

@@ -59,6 +59,7 @@
 #include <grpc/support/time.h>
 
 #include "kms_log.h"
+#include "kms_tsan.h"
 #include "kms_rpc.h"
 #include "rpc_internal.h"
 
@@ -121,6 +122,7 @@ struct kms_rpc_server {
     char *cert_file, *key_file, *ca_file;
     unsigned workers;
     size_t max_message;
+    bool allow_tls12;
 
     struct method methods[MAX_METHODS];
     unsigned n_methods;
@@ -316,6 +318,7 @@ static void call_send(struct kms_rpc_call *c, int grpc_status, const char *detai
     grpc_op ops[4];
     size_t n = 0;
     grpc_call_error ce;
+    grpc_call *gcall;
     struct kms_rpc_server *srv = c->srv;
 
     pthread_mutex_lock(&srv->mu);
@@ -350,10 +353,14 @@ static void call_send(struct kms_rpc_call *c, int grpc_status, const char *detai
     ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     ops[n].data.recv_close_on_server.cancelled = &c->cancelled;
     n++;
-    ce = grpc_call_start_batch(c->call, ops, n, c, NULL);
+    /* Once the batch is started a worker may complete it and clear
+     * c->call: read it before. */
+    gcall = c->call;
+    KMS_TSAN_RELEASE(c);
+    ce = grpc_call_start_batch(gcall, ops, n, c, NULL);
     if (ce != GRPC_CALL_OK) {
         kms_logf(KMS_LOG_ERROR, "rpc", "grpc_call_start_batch failed: %d", (int)ce);
-        grpc_call_cancel(c->call, NULL);
+        grpc_call_cancel(gcall, NULL);
         call_grpc_done(c);
     }
 }
@@ -525,6 +532,7 @@ static void arm(struct slot *s)
     s->call = NULL;
     s->payload = NULL;
     grpc_metadata_array_init(&s->md);
+    KMS_TSAN_RELEASE(s);
     if (s->generic) {
         grpc_call_details_init(&s->details);
         ce = grpc_server_request_call(srv->server, &s->call, &s->details, &s->md,
@@ -698,6 +706,7 @@ static void *worker_main(void *arg)
         if (ev.type != GRPC_OP_COMPLETE || ev.tag == NULL) {
             continue;
         }
+        KMS_TSAN_ACQUIRE(ev.tag);
         switch (*(enum tag_kind *)ev.tag) {
         case TAG_REQUEST:
             on_request(ev.tag, ev.success != 0);
@@ -755,6 +764,7 @@ int kms_rpc_server_create(const struct kms_rpc_server_config *cfg,
             srv->ca_file = xstrdup(cfg->ca_file);
         }
     }
+    srv->allow_tls12 = cfg->allow_tls12;
     srv->workers = cfg->workers;
     if (srv->workers == 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
@@ -820,16 +830,61 @@ int kms_rpc_server_add_method(struct kms_rpc_server *srv, const char *path,
     return 0;
 }
 
+/* gRPC 1.51 has no C API for a per-server TLS version floor (the process
+ * policy from kms_rpc_global_init is the only knob), but its credentials
+ * object has one: grpc_ssl_server_credentials::set_min_tls_version, an
+ * exported non-virtual member (Itanium ABI: `this` first). Only static
+ * credentials honour it: with a certificate-config fetcher, every config
+ * the fetcher returns builds an SSL_CTX with the default versions. So a
+ * server that must stay TLS 1.3-only while the process allows 1.2
+ * (talos.tls12) gets static credentials, and its owner reloads it by
+ * rebuilding it (kms_rpc_server_reload_needs_rebuild).
+ * tests/integration/test_adv_hygiene.py checks both ports with s_client. */
+extern void _ZN27grpc_ssl_server_credentials19set_min_tls_versionE16grpc_tls_version(
+    grpc_server_credentials *self, grpc_tls_version v);
+
+static bool needs_static_tls(const struct kms_rpc_server *srv)
+{
+    return srv->mode != KMS_RPC_INSECURE && !srv->allow_tls12 && kms_rpc_tls12_allowed();
+}
+
+bool kms_rpc_server_reload_needs_rebuild(const struct kms_rpc_server *srv)
+{
+    return srv != NULL && needs_static_tls(srv);
+}
+
 static grpc_server_credentials *make_creds(struct kms_rpc_server *srv)
 {
     grpc_ssl_server_credentials_options *opts;
+    grpc_server_credentials *creds = NULL;
+    grpc_ssl_client_certificate_request_type req =
+        srv->mode == KMS_RPC_MTLS ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                                  : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE;
     if (srv->mode == KMS_RPC_INSECURE) {
         return grpc_insecure_server_credentials_create();
     }
-    opts = grpc_ssl_server_credentials_create_options_using_config_fetcher(
-        srv->mode == KMS_RPC_MTLS ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
-                                  : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
-        fetch_cert_config, srv);
+    if (needs_static_tls(srv)) {
+        char *cert, *key, *roots;
+        struct kms_err err;
+        kms_err_clear(&err);
+        if (load_tls(srv, &cert, &key, &roots, &err) != 0) {
+            kms_log(KMS_LOG_ERROR, "rpc", "cannot load TLS certificate", "addr", srv->listen,
+                    "error", err.msg, NULL);
+            return NULL;
+        }
+        grpc_ssl_pem_key_cert_pair pair = {key, cert};
+        creds = grpc_ssl_server_credentials_create_ex(roots, &pair, 1, req, NULL);
+        kms_rpc_free_secret(key);
+        free(cert);
+        free(roots);
+        if (creds != NULL) {
+            _ZN27grpc_ssl_server_credentials19set_min_tls_versionE16grpc_tls_version(creds,
+                                                                                    TLS1_3);
+        }
+        return creds;
+    }
+    opts = grpc_ssl_server_credentials_create_options_using_config_fetcher(req, fetch_cert_config,
+                                                                           srv);
     if (opts == NULL) {
         return NULL;
     }
@@ -1093,6 +1148,7 @@ void kms_rpc_server_stop(struct kms_rpc_server *srv, unsigned grace_ms)
     }
 
     /* 4. gRPC's own shutdown */
+    KMS_TSAN_RELEASE(&srv->shutdown_tag);
     grpc_server_shutdown_and_notify(srv->server, srv->cqs[0], &srv->shutdown_tag);
     clock_gettime(CLOCK_MONOTONIC, &end);
     ts_add_ms(&end, SHUTDOWN_WAIT_MS);
@@ -1136,6 +1192,11 @@ void kms_rpc_server_destroy(struct kms_rpc_server *srv)
         return;
     }
     kms_rpc_server_stop(srv, 0);
+    /* The certificate fetcher runs on whichever gRPC thread polls (often
+     * another server's worker) and reads srv under tls_mu: take it once so
+     * a fetch that was still running has finished before srv goes. */
+    pthread_mutex_lock(&srv->tls_mu);
+    pthread_mutex_unlock(&srv->tls_mu);
     for (unsigned i = 0; i < srv->n_methods; i++) {
         free(srv->methods[i].path);
     }

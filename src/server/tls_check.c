@@ -268,10 +268,13 @@ out:
     return r->errors == before;
 }
 
+/* kmsd creates a missing dataDir with its missing parents (mode 0700) at
+ * start: it can when the nearest existing ancestor is a directory this user
+ * may write. */
 static void check_data_dir(struct kms_check_report *r, const char *dir)
 {
     struct stat sb;
-    char parent[4096];
+    char anc[4096];
     char *slash;
 
     if (dir == NULL || dir[0] == '\0') {
@@ -287,31 +290,54 @@ static void check_data_dir(struct kms_check_report *r, const char *dir)
         }
         return;
     }
+    if (errno == ENOTDIR) {
+        report(r, true, "dataDir %s: does not exist and cannot be created: a parent in the path "
+               "is a file, not a directory", dir);
+        return;
+    }
     if (errno != ENOENT) {
         report(r, true, "dataDir %s: %s", dir, strerror(errno));
         return;
     }
-    snprintf(parent, sizeof(parent), "%s", dir);
-    while ((slash = strrchr(parent, '/')) != NULL && slash[1] == '\0' && slash != parent) {
-        *slash = '\0'; /* trailing slashes */
+    if (strlen(dir) >= sizeof(anc)) {
+        report(r, true, "dataDir %s: path too long", dir);
+        return;
     }
-    slash = strrchr(parent, '/');
-    if (slash == NULL) {
-        snprintf(parent, sizeof(parent), ".");
-    } else if (slash == parent) {
-        parent[1] = '\0';
-    } else {
-        *slash = '\0';
+    snprintf(anc, sizeof(anc), "%s", dir);
+    for (;;) {
+        while ((slash = strrchr(anc, '/')) != NULL && slash[1] == '\0' && slash != anc) {
+            *slash = '\0'; /* trailing slashes */
+        }
+        slash = strrchr(anc, '/');
+        if (slash == NULL) {
+            snprintf(anc, sizeof(anc), ".");
+        } else if (slash == anc) {
+            anc[1] = '\0';
+        } else {
+            *slash = '\0';
+        }
+        if (stat(anc, &sb) == 0) {
+            break;
+        }
+        if (errno != ENOENT || strcmp(anc, "/") == 0 || strcmp(anc, ".") == 0) {
+            report(r, true, "dataDir %s: cannot be created: %s: %s", dir, anc, strerror(errno));
+            return;
+        }
     }
-    if (stat(parent, &sb) != 0 || !S_ISDIR(sb.st_mode)) {
-        report(r, true, "dataDir %s: does not exist, and neither does its parent %s (create it: "
-               "install -d -m 0700 %s)", dir, parent, dir);
-    } else if (access(parent, W_OK | X_OK) != 0) {
-        report(r, true, "dataDir %s: does not exist and its parent %s is not writable by this "
-               "user (uid %u), so kmsd cannot create it", dir, parent, (unsigned)geteuid());
+    if (!S_ISDIR(sb.st_mode)) {
+        report(r, true, "dataDir %s: does not exist and cannot be created: its parent %s is not "
+               "a directory", dir, anc);
+    } else if (access(anc, W_OK | X_OK) != 0) {
+        report(r, true, "dataDir %s: does not exist and cannot be created: %s is not writable "
+               "by this user (uid %u) (create it: install -d -m 0700 -o <user> %s)", dir, anc,
+               (unsigned)geteuid(), dir);
     } else if (r->f != NULL) {
-        fprintf(r->f, "%s: note: dataDir %s does not exist yet; kmsd creates it (mode 0700) at "
-                "start\n", r->prefix != NULL ? r->prefix : "check", dir);
+        fprintf(r->f, "%s: note: dataDir %s does not exist yet; kmsd creates it%s (mode 0700) "
+                "under %s at start\n", r->prefix != NULL ? r->prefix : "check", dir,
+                strlen(anc) + 1 < strlen(dir) && strchr(dir + strlen(anc) + 1, '/') != NULL
+                    ? " and its missing parents"
+                    : "",
+                anc);
     }
 }
 

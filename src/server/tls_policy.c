@@ -316,3 +316,19 @@ out:
     X509_free(leaf);
     return rc;
 }
+
+int kms_rpc_check_tls_files(const char *cert_file, const char *key_file, struct kms_err *err)
+{
+    char *cert = NULL;
+    char *key = NULL;
+    int rc;
+
+    if ((rc = kms_rpc_read_pem(cert_file, "certificate", &cert, err)) != 0 ||
+        (rc = kms_rpc_read_pem(key_file, "private key", &key, err)) != 0 ||
+        (rc = kms_rpc_check_tls(cert, key, NULL, err)) != 0) {
+        rc = kms_err_wrap(err, rc, "%s", cert_file);
+    }
+    free(cert);
+    kms_rpc_free_secret(key);
+    return rc;
+}

@@ -92,6 +92,24 @@ int kms_entry_encode(const Kmsd__V1__Entry *e, struct raft_buffer *out, struct k
         rc = kms_err_set(err, KMS_EINVAL, "encode entry: packed size mismatch");
         goto out;
     }
+    /* What goes into the log must decode on every node: protobuf-c keeps
+     * unknown fields of a message it unpacked (a forwarded entry) and can
+     * pack some of them into bytes its own unpack refuses (found by
+     * fuzz_rpc_request: an unknown field with number 0). Such an entry would
+     * stop every replica at apply (sticky KMS_ECORRUPT): refuse it here. */
+    {
+        Kmsd__V1__Entry *back = kmsd__v1__entry__unpack(NULL, n, p + KMS_ENTRY_HEADER_LEN);
+        if (back == NULL || !op_known(back->op_case)) {
+            if (back != NULL) {
+                kmsd__v1__entry__free_unpacked(back, NULL);
+            }
+            raft_free(p);
+            rc = kms_err_set(err, KMS_EINVAL, "encode entry: does not decode back (malformed "
+                                              "unknown fields?)");
+            goto out;
+        }
+        kmsd__v1__entry__free_unpacked(back, NULL);
+    }
     out->base = p;
     out->len = total;
 out:

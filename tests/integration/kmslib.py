@@ -48,6 +48,19 @@ def finish():
     sys.exit(0)
 
 
+def share_to_stdin(args):
+    """`operator unseal SHARE` -> `operator unseal -` with SHARE on stdin:
+    a share on argv is readable by every local user in /proc/PID/cmdline."""
+    args = list(args)
+    if len(args) >= 3 and args[0] == "operator" and args[1] == "unseal":
+        for j in range(2, len(args)):
+            if not args[j].startswith("-"):
+                share = args[j]
+                args[j] = "-"
+                return args, share + "\n"
+    return args, None
+
+
 def port_open(port, host="127.0.0.1"):
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -100,8 +113,9 @@ class Cluster:
                    KMSCTL_CACERT=os.path.join(self.dir, "pki", "ca.pem"),
                    KMSCTL_CERT=os.path.join(self.dir, "pki", "operator.pem"),
                    KMSCTL_KEY=os.path.join(self.dir, "pki", "operator-key.pem"))
+        args, stdin = share_to_stdin(args)
         return subprocess.run([KMSCTL, *args], env=env, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, input=stdin)
 
     def status(self, i):
         p = self.ctl(i, "status", "-o", "json")
@@ -203,6 +217,12 @@ class Cluster:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        for i in range(1, self.nodes + 1):
+            path = os.path.join(self.dir, f"node{i}", "kmsd.log")
+            if os.path.exists(path):
+                with open(path, errors="replace") as f:
+                    if "WARNING: ThreadSanitizer" in f.read():
+                        check(False, f"node {i}: ThreadSanitizer report in kmsd.log")
         if failures:
             self.dump_logs()
         if not self.keep:

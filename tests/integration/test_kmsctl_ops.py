@@ -134,12 +134,25 @@ def check_config(c, pki):
     check(p.returncode == 1 and "expired" in p.stderr and exp in p.stderr,
           f"expired node certificate refused: {p.stderr.strip()[:160]}")
 
-    # dataDir whose parent is missing.
+    # dataDir whose parent is missing: kmsd creates missing parents (mode
+    # 0700), so that passes and says so; a parent that is a file cannot be.
     dd = os.path.join(c.dir, "node1", "data")
     p = run_cc("nodatadir", base.replace(f"dataDir: {dd}",
                                          f"dataDir: {tmp}/missing-parent/data"))
-    check(p.returncode == 1 and "missing-parent" in p.stderr and "does not exist" in p.stderr,
-          f"dataDir with a missing parent refused: {p.stderr.strip()[:160]}")
+    check(p.returncode == 0 and "missing parents" in p.stderr,
+          f"dataDir with a missing parent: created with its parents, said so: "
+          f"{p.stderr.strip()[:160]}")
+    with open(os.path.join(tmp, "afile"), "w") as f:
+        f.write("x")
+    p = run_cc("filedatadir", base.replace(f"dataDir: {dd}", f"dataDir: {tmp}/afile/data"))
+    check(p.returncode == 1 and "afile/data" in p.stderr and "cannot be created" in p.stderr,
+          f"dataDir under a regular file refused: {p.stderr.strip()[:160]}")
+    os.makedirs(os.path.join(tmp, "ro"), exist_ok=True)
+    if os.geteuid() != 0:
+        os.chmod(os.path.join(tmp, "ro"), 0o500)
+        p = run_cc("rodatadir", base.replace(f"dataDir: {dd}", f"dataDir: {tmp}/ro/x/data"))
+        check(p.returncode == 1 and "not writable" in p.stderr,
+              f"dataDir under a read-only parent refused: {p.stderr.strip()[:160]}")
     # dataDir that does not exist yet but can be created: accepted, said so.
     p = run_cc("newdatadir", base.replace(f"dataDir: {dd}", f"dataDir: {tmp}/fresh-data"))
     check(p.returncode == 0 and "creates it" in p.stderr,

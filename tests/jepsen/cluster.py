@@ -193,9 +193,15 @@ class Cluster:
                    KMSCTL_CACERT=f"{self.pki}/ca.pem", KMSCTL_CERT=f"{self.pki}/operator.pem",
                    KMSCTL_KEY=f"{self.pki}/operator-key.pem", KMSCTL_TIMEOUT="5s")
         env.pop("LD_PRELOAD", None)
+        stdin = None
+        if len(args) >= 3 and args[0] == "operator" and args[1] == "unseal" and \
+                not args[2].startswith("-"):
+            # the share goes on stdin, never on argv (/proc/PID/cmdline)
+            stdin = args[2] + "\n"
+            args = (*args[:2], "-", *args[3:])
         try:
             return subprocess.run([KMSCTL, *args], env=env, capture_output=True, text=True,
-                                  timeout=timeout)
+                                  timeout=timeout, input=stdin)
         except subprocess.TimeoutExpired:
             return subprocess.CompletedProcess(args, 124, "", "timeout")
 

@@ -265,6 +265,10 @@ static void test_bad_files(void **state)
         {"bad-node-id.yaml", "config bad-node-id.yaml:1: nodeId: invalid number \"0x10\""},
         {"bad-shape.yaml",
          "config bad-shape.yaml:4: talos.listen: expected a scalar, got a list"},
+        /* control characters in a quoted value become spaces: one line */
+        {"bad-multiline-value.yaml",
+         "config bad-multiline-value.yaml:4: raft.listen: invalid address \"127.0.0.1:40   x:  "
+         "y\" (host:port, :port or [v6]:port)"},
     };
     (void)state;
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {

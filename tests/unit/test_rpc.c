@@ -907,6 +907,7 @@ static int serve(int argc, char **argv)
             cfg.key_file = argv[++i];
         }
     }
+    cfg.allow_tls12 = tls12; /* a Talos-like port: 1.2 too when asked */
     if (kms_rpc_global_init(tls12, &err) != 0 || kms_rpc_server_create(&cfg, &srv, &err) != 0 ||
         kms_rpc_server_add_method(srv, "/sidero.kms.KMSService/Seal", serve_seal, NULL) != 0 ||
         kms_rpc_server_add_method(srv, "/sidero.kms.KMSService/Unseal", serve_unseal, NULL) !=

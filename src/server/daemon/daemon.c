@@ -21,6 +21,7 @@
 #define OP_POOL_THREADS 4           /* operator calls: rare, may block long */
 #define OP_POOL_QUEUE 256
 #include <errno.h>
+#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -64,6 +65,68 @@ static int data_dir_space_check(const char *dir, struct kms_err *err)
     return 0;
 }
 
+/* ------------------------------------------------------------------ */
+/* dataDir permissions.                                                 */
+
+static unsigned long perm_fixed;
+
+static int perm_fix_cb(const char *path, const struct stat *st, int type, struct FTW *ftw)
+{
+    (void)type;
+    (void)ftw;
+    if (!S_ISLNK(st->st_mode) && (st->st_mode & 077) != 0 &&
+        chmod(path, st->st_mode & 07700) == 0) {
+        perm_fixed++;
+    }
+    return 0;
+}
+
+int kmsd_data_dir_secure(const char *dir, struct kms_err *err)
+{
+    struct stat st;
+    char tmp[4096];
+    char fixed[32];
+
+    if (stat(dir, &st) != 0) {
+        if (errno != ENOENT) {
+            return kms_err_set(err, KMS_EIO, "dataDir %s: %s", dir, strerror(errno));
+        }
+        snprintf(tmp, sizeof(tmp), "%s", dir);
+        for (char *p = tmp + 1; *p != '\0'; p++) {
+            if (*p == '/') {
+                *p = '\0';
+                if (mkdir(tmp, 0700) != 0 && errno != EEXIST) {
+                    return kms_err_set(err, KMS_EIO, "cannot create %s: %s", tmp,
+                                       strerror(errno));
+                }
+                *p = '/';
+            }
+        }
+        if (mkdir(tmp, 0700) != 0 && errno != EEXIST) {
+            return kms_err_set(err, KMS_EIO, "cannot create dataDir %s: %s", dir,
+                               strerror(errno));
+        }
+        return 0;
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        return kms_err_set(err, KMS_ECONFIG, "dataDir %s is not a directory", dir);
+    }
+    /* Startup only (single-threaded here): nftw's callback has no argument. */
+    perm_fixed = 0;
+    if (nftw(dir, perm_fix_cb, 16, FTW_PHYS) != 0) {
+        return kms_err_set(err, KMS_EIO, "dataDir %s: cannot walk it: %s", dir,
+                           strerror(errno));
+    }
+    if (perm_fixed > 0) {
+        snprintf(fixed, sizeof(fixed), "%lu", perm_fixed);
+        kms_log(KMS_LOG_WARN, "kmsd",
+                "dataDir was readable by group or others: removed their access (it holds the "
+                "sealed records and the encrypted keyring)",
+                "dir", dir, "paths_fixed", fixed, NULL);
+    }
+    return 0;
+}
+
 static int talos_open(struct kmsd *d, struct kms_err *err)
 {
     struct kms_rpc_server_config cfg;
@@ -74,6 +137,7 @@ static int talos_open(struct kmsd *d, struct kms_err *err)
     cfg.listen = d->opt.talos_listen;
     cfg.workers = d->opt.workers;
     cfg.max_message = d->opt.talos_max_message;
+    cfg.allow_tls12 = d->opt.talos_tls12; /* the cluster API stays TLS 1.3-only */
     if (d->opt.talos_plaintext) {
         cfg.mode = KMS_RPC_INSECURE;
     } else {
@@ -139,10 +203,14 @@ static int self_meta_cb(void *arg, const Kmsd__V1__Member *m)
     return 0;
 }
 
+static void tls_reload(struct kmsd *d);
+static int cluster_open(struct kmsd *d, struct kms_err *err);
+
 static void *supervisor_main(void *arg)
 {
     struct kmsd *d = arg;
     uint64_t last_slow = 0;
+    uint64_t last_cluster_try = 0;
     bool self_published = false;
     bool lease_seen = false;
 
@@ -173,6 +241,18 @@ static void *supervisor_main(void *arg)
                         TALOS_CLOSE_GRACE_MS);
         }
 
+        if (atomic_exchange(&d->reload_requested, false)) {
+            tls_reload(d);
+        }
+        if (d->cluster_srv == NULL && now - last_cluster_try >= 500) {
+            struct kms_err err;
+            kms_err_clear(&err);
+            last_cluster_try = now; /* a rebuild on reload could not reopen it */
+            if (cluster_open(d, &err) != 0) {
+                kms_log(KMS_LOG_ERROR, "cluster", "cannot reopen the cluster API", "error",
+                        err.msg, NULL);
+            }
+        }
         if (now - last_slow >= 1000) {
             last_slow = now;
             if (unsealed) {
@@ -199,17 +279,21 @@ static void *supervisor_main(void *arg)
 }
 
 /* Writes cluster CA + operator CA into one bundle for the cluster API's
- * client verification (gRPC takes one PEM root bundle). */
+ * client verification (gRPC takes one PEM root bundle). Written to a
+ * temporary file and renamed, so a handshake that re-reads it mid-reload
+ * sees the old or the new bundle, never half of one. */
 static int client_ca_bundle(struct kmsd *d, char *path, size_t pathlen, struct kms_err *err)
 {
     const char *files[2] = {d->opt.cluster_ca, d->opt.operator_ca};
+    char tmp[4200];
     FILE *out;
     int rc = 0;
 
     snprintf(path, pathlen, "%s/client-ca-bundle.pem", d->opt.data_dir);
-    out = fopen(path, "w");
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    out = fopen(tmp, "w");
     if (out == NULL) {
-        return kms_err_set(err, KMS_EIO, "cannot write %s: %s", path, strerror(errno));
+        return kms_err_set(err, KMS_EIO, "cannot write %s: %s", tmp, strerror(errno));
     }
     for (int i = 0; i < 2; i++) {
         char buf[4096];
@@ -221,24 +305,63 @@ static int client_ca_bundle(struct kmsd *d, char *path, size_t pathlen, struct k
             break;
         }
         while ((n = fread(buf, 1, sizeof(buf), in)) > 0) {
-            fwrite(buf, 1, n, out);
+            if (fwrite(buf, 1, n, out) != n && rc == 0) {
+                rc = kms_err_set(err, KMS_EIO, "cannot write %s", tmp);
+            }
         }
         fputc('\n', out);
         fclose(in);
     }
     if (fclose(out) != 0 && rc == 0) {
-        rc = kms_err_set(err, KMS_EIO, "cannot write %s", path);
+        rc = kms_err_set(err, KMS_EIO, "cannot write %s", tmp);
+    }
+    if (rc == 0 && rename(tmp, path) != 0) {
+        rc = kms_err_set(err, KMS_EIO, "cannot rename %s to %s: %s", tmp, path,
+                         strerror(errno));
+    }
+    if (rc != 0) {
+        unlink(tmp);
     }
     return rc;
+}
+
+/* Writes the CA bundle and opens the cluster API (start; the supervisor's
+ * rebuild on reload when the server cannot reload in place). */
+static int cluster_open(struct kmsd *d, struct kms_err *err)
+{
+    struct kms_rpc_server_config ccfg;
+    struct kms_rpc_server *srv = NULL;
+    char bundle[4096];
+    int rc;
+
+    if ((rc = client_ca_bundle(d, bundle, sizeof(bundle), err)) != 0) {
+        return rc;
+    }
+    memset(&ccfg, 0, sizeof(ccfg));
+    ccfg.listen = d->opt.cluster_listen;
+    ccfg.workers = d->opt.workers;
+    ccfg.max_message = 4 * 1024 * 1024;
+    ccfg.mode = KMS_RPC_MTLS;
+    ccfg.cert_file = d->opt.node_cert;
+    ccfg.key_file = d->opt.node_key;
+    ccfg.ca_file = bundle;
+    if ((rc = kms_rpc_server_create(&ccfg, &srv, err)) != 0 ||
+        (rc = kmsd_cluster_register(d, srv)) != 0 ||
+        (rc = kms_rpc_server_start(srv, err)) != 0) {
+        kms_rpc_server_destroy(srv);
+        return kms_err_wrap(err, rc, "cluster API on %s", d->opt.cluster_listen);
+    }
+    d->cluster_srv = srv;
+    kms_log(KMS_LOG_INFO, "cluster", "cluster API listening", "addr", d->opt.cluster_listen,
+            "tls", "1.3", NULL);
+    return 0;
 }
 
 int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *err)
 {
     struct kms_raft_config rc_cfg;
     struct kms_raft_peer peers[KMSD_MAX_PEERS];
-    struct kms_rpc_server_config ccfg;
     char path[4096];
-    char bundle[4096];
     int rc;
 
     memset(d, 0, sizeof(*d));
@@ -266,11 +389,8 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
         return kms_err_wrap(err, rc, "cluster API CAs");
     }
 
-    if (mkdir(d->opt.data_dir, 0700) != 0 && errno != EEXIST) {
-        return kms_err_set(err, KMS_EIO, "dataDir %s: cannot create it: %s", d->opt.data_dir,
-                           strerror(errno));
-    }
-    if ((rc = data_dir_space_check(d->opt.data_dir, err)) != 0) {
+    if ((rc = kmsd_data_dir_secure(d->opt.data_dir, err)) != 0 ||
+        (rc = data_dir_space_check(d->opt.data_dir, err)) != 0) {
         return rc;
     }
     snprintf(path, sizeof(path), "%s/store", d->opt.data_dir);
@@ -309,24 +429,9 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
             0) {
         return kms_err_wrap(err, rc, "handler pools");
     }
-    if ((rc = client_ca_bundle(d, bundle, sizeof(bundle), err)) != 0) {
+    if ((rc = cluster_open(d, err)) != 0) {
         return rc;
     }
-    memset(&ccfg, 0, sizeof(ccfg));
-    ccfg.listen = d->opt.cluster_listen;
-    ccfg.workers = d->opt.workers;
-    ccfg.max_message = 4 * 1024 * 1024;
-    ccfg.mode = KMS_RPC_MTLS;
-    ccfg.cert_file = d->opt.node_cert;
-    ccfg.key_file = d->opt.node_key;
-    ccfg.ca_file = bundle;
-    if ((rc = kms_rpc_server_create(&ccfg, &d->cluster_srv, err)) != 0 ||
-        (rc = kmsd_cluster_register(d, d->cluster_srv)) != 0 ||
-        (rc = kms_rpc_server_start(d->cluster_srv, err)) != 0) {
-        return kms_err_wrap(err, rc, "cluster API on %s", d->opt.cluster_listen);
-    }
-    kms_log(KMS_LOG_INFO, "cluster", "cluster API listening", "addr", d->opt.cluster_listen,
-            NULL);
 
     if (pthread_create(&d->supervisor, NULL, supervisor_main, d) != 0) {
         return kms_err_set(err, KMS_ENOMEM, "cannot start supervisor thread");
@@ -345,16 +450,69 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
 
 void kmsd_reload_tls(struct kmsd *d)
 {
+    atomic_store(&d->reload_requested, true);
+}
+
+/* Supervisor thread only (it owns talos_srv). Every piece is validated
+ * before it replaces the old one: the CA stores (authz) first, and the
+ * cluster API's CA bundle is rewritten only when both CA files loaded, so a
+ * broken file leaves the old bundle, stores and certificates in use. */
+static void tls_reload(struct kmsd *d)
+{
     struct kms_err err;
+    char bundle[4096];
+    bool failed = false;
+
     kms_err_clear(&err);
     if (kmsd_authz_load(d, &err) != 0) {
-        kms_log(KMS_LOG_ERROR, "kmsd", "TLS reload: keeping old CAs", "error", err.msg, NULL);
+        kms_log(KMS_LOG_ERROR, "kmsd", "TLS reload: CA files invalid, keeping the old CAs",
+                "error", err.msg, NULL);
+        failed = true;
+    } else if (client_ca_bundle(d, bundle, sizeof(bundle), &err) != 0) {
+        kms_log(KMS_LOG_ERROR, "kmsd", "TLS reload: cluster API keeps the old CA bundle",
+                "error", err.msg, NULL);
+        failed = true;
     }
+    kms_err_clear(&err);
     if (d->raft != NULL && kms_raft_reload_tls(d->raft, &err) != 0) {
         kms_log(KMS_LOG_ERROR, "kmsd", "TLS reload: raft transport keeps old certificates",
                 "error", err.msg, NULL);
+        failed = true;
     }
-    if (d->cluster_srv != NULL) {
+    /* The servers re-read their files at the next handshake and keep the
+     * old material when the new one is unreadable or mismatched; check the
+     * pairs here too so the outcome reported below is honest. */
+    kms_err_clear(&err);
+    if (kms_rpc_check_tls_files(d->opt.node_cert, d->opt.node_key, &err) != 0) {
+        kms_log(KMS_LOG_ERROR, "kmsd", "TLS reload: node certificate invalid, keeping the old one",
+                "error", err.msg, NULL);
+        failed = true;
+    }
+    kms_err_clear(&err);
+    if (!d->opt.talos_plaintext &&
+        kms_rpc_check_tls_files(d->opt.talos_cert, d->opt.talos_key, &err) != 0) {
+        kms_log(KMS_LOG_ERROR, "kmsd",
+                "TLS reload: Talos certificate invalid, keeping the old one", "error", err.msg,
+                NULL);
+        failed = true;
+    }
+    if (d->cluster_srv != NULL && kms_rpc_server_reload_needs_rebuild(d->cluster_srv)) {
+        /* talos.tls12: the cluster API has static TLS 1.3-only credentials;
+         * new files mean a new server (the port is closed for the grace
+         * period; open calls get UNAVAILABLE and are retried). Only after
+         * the files checked out, so a broken file keeps the old server. */
+        if (!failed) {
+            kms_rpc_server_stop(d->cluster_srv, 500);
+            kms_rpc_server_destroy(d->cluster_srv);
+            d->cluster_srv = NULL;
+            kms_err_clear(&err);
+            if (cluster_open(d, &err) != 0) {
+                kms_log(KMS_LOG_ERROR, "kmsd", "TLS reload: cannot reopen the cluster API",
+                        "error", err.msg, NULL);
+                failed = true;
+            }
+        }
+    } else if (d->cluster_srv != NULL) {
         kms_rpc_server_reload_tls(d->cluster_srv);
     }
     /* The Talos server is recreated from files on every open; ask the live
@@ -362,7 +520,17 @@ void kmsd_reload_tls(struct kmsd *d)
     if (d->talos_srv != NULL) {
         kms_rpc_server_reload_tls(d->talos_srv);
     }
-    kms_log(KMS_LOG_INFO, "kmsd", "TLS certificates reloaded for new connections", NULL);
+    atomic_store(&d->tls_reload_last_failed, failed);
+    if (failed) {
+        atomic_fetch_add(&d->tls_reloads_failed, 1);
+        kms_log(KMS_LOG_ERROR, "kmsd",
+                "TLS reload failed: the files named above are not in use, the previous "
+                "material keeps serving", NULL);
+    } else {
+        atomic_fetch_add(&d->tls_reloads_ok, 1);
+        kms_log(KMS_LOG_INFO, "kmsd",
+                "TLS certificates and CA bundles reloaded for new connections", NULL);
+    }
 }
 
 void kmsd_stop(struct kmsd *d)

@@ -92,6 +92,14 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
       "differed or was absent.\n# TYPE kmsd_seal_readback_failures_total counter\n"
       "kmsd_seal_readback_failures_total %llu\n",
       (unsigned long long)atomic_load(&d->metrics.seal_readback_failures));
+    M("# HELP kmsd_tls_reloads_total SIGHUP TLS reloads by result.\n"
+      "# TYPE kmsd_tls_reloads_total counter\n"
+      "kmsd_tls_reloads_total{result=\"ok\"} %llu\n"
+      "kmsd_tls_reloads_total{result=\"failed\"} %llu\n",
+      (unsigned long long)atomic_load(&d->tls_reloads_ok),
+      (unsigned long long)atomic_load(&d->tls_reloads_failed));
+    M("# TYPE kmsd_tls_reload_failed gauge\nkmsd_tls_reload_failed %d\n",
+      atomic_load(&d->tls_reload_last_failed) ? 1 : 0);
     M("# HELP kmsd_requests_total Talos API requests by method and gRPC code.\n"
       "# TYPE kmsd_requests_total counter\n");
     for (int m = 0; m < 2; m++) {

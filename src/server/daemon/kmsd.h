@@ -188,6 +188,14 @@ struct kmsd {
      * get, to test the lease deadline rule. 0 in production. */
     unsigned test_read_pause_ms;
 
+    /* TLS reload (SIGHUP): main only sets reload_requested; the supervisor
+     * thread, which owns the Talos server, runs the reload, so nothing
+     * touches a server another thread may be destroying. */
+    atomic_bool reload_requested;
+    atomic_ullong tls_reloads_ok;        /* reloads that took every file */
+    atomic_ullong tls_reloads_failed;    /* reloads that kept (some) old material */
+    atomic_bool tls_reload_last_failed;  /* the latest reload failed */
+
     atomic_bool stopping;
     pthread_t supervisor;
     bool supervisor_started;
@@ -199,7 +207,14 @@ struct kmsd {
 /* Lifecycle (main_kmsd.c). */
 int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *err);
 void kmsd_stop(struct kmsd *d);
+/* Asks the supervisor thread to reload TLS certificates, keys and CA
+ * bundles (within ~50 ms); any thread, async-signal context excluded. The
+ * outcome is logged and counted in tls_reloads_ok/failed (/metrics). */
 void kmsd_reload_tls(struct kmsd *d);
+
+/* Makes dataDir private: creates it 0700 when missing, otherwise removes
+ * group and other access from it and everything under it (logged). */
+int kmsd_data_dir_secure(const char *dir, struct kms_err *err);
 
 /* Key state (node_keys.c). All take d->mu themselves. */
 bool kmsd_is_initialized(struct kmsd *d);

@@ -8,11 +8,14 @@
  * Exit codes: 0 clean stop, 1 configuration error, 2 start-up failure.
  */
 #include <arpa/inet.h>
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 
 #include "kms_config.h"
 #include "kms_crypto.h"
@@ -24,6 +27,67 @@
 #include "kmsd_notify.h"
 
 extern char **environ;
+
+/* Sanitizer runtimes reserve terabytes of shadow memory: locking it all
+ * cannot work, so those test builds skip mlockall (and say so). */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define KMSD_SANITIZER_BUILD 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define KMSD_SANITIZER_BUILD 1
+#endif
+#endif
+
+static void unknown_env_cb(void *arg, const char *entry, size_t len)
+{
+    char name[128];
+    bool to_stderr = *(bool *)arg;
+    snprintf(name, sizeof(name), "%.*s", (int)(len < sizeof(name) - 1 ? len : sizeof(name) - 1),
+             entry);
+    if (to_stderr) {
+        fprintf(stderr, "kmsd: warning: unknown environment variable %s ignored (misspelt "
+                        "option? see kmsd --help)\n", name);
+    } else {
+        kms_log(KMS_LOG_WARN, "config",
+                "unknown KMSD_* environment variable ignored (misspelt option? see kmsd --help)",
+                "name", name, NULL);
+    }
+}
+
+/* Locks every page the process has and will fault in, so no key, share or
+ * passphrase in any buffer (gRPC, TLS, protobuf) ever reaches swap.
+ * MCL_ONFAULT locks pages as they are touched instead of populating every
+ * mapping (32 MiB of pool thread stacks would otherwise become resident).
+ * A failure is a warning: the secure heap is still locked on its own. */
+static void memory_lock(bool enabled)
+{
+    int flags = MCL_CURRENT | MCL_FUTURE;
+    if (!enabled) {
+        kms_log(KMS_LOG_WARN, "kmsd",
+                "memoryLock is false: request buffers holding shares and passphrases may be "
+                "swapped out", NULL);
+        return;
+    }
+#ifdef KMSD_SANITIZER_BUILD
+    (void)flags;
+    kms_log(KMS_LOG_WARN, "kmsd", "sanitizer build: mlockall skipped", NULL);
+#else
+#ifdef MCL_ONFAULT
+    flags |= MCL_ONFAULT;
+#endif
+    if (mlockall(flags) != 0) {
+        int e = errno;
+        kms_log(KMS_LOG_WARN, "kmsd",
+                "mlockall failed: memory outside the secure heap (request buffers holding "
+                "shares and passphrases) may be swapped out; give the service "
+                "LimitMEMLOCK=infinity (systemd) or CAP_IPC_LOCK, or set memoryLock: false "
+                "to silence this",
+                "error", strerror(e), NULL);
+        return;
+    }
+    kms_log(KMS_LOG_INFO, "kmsd", "all process memory locked (mlockall)", NULL);
+#endif
+}
 
 static int options_from_config(const struct kms_config *c, struct kmsd_options *o,
                                struct kms_err *err)
@@ -103,6 +167,9 @@ int main(int argc, char **argv)
 
     memset(&cfg, 0, sizeof(cfg));
     kms_err_clear(&err);
+    /* Everything kmsd creates (RocksDB, raft log, the CA bundle, the TLS
+     * policy file) is for kmsd alone. */
+    umask(077);
     /* Block the signals we wait for before any thread starts, so every
      * thread inherits the mask and sigwait below receives them. SIGPIPE is
      * ignored: a peer vanishing mid-write must not kill the process
@@ -144,6 +211,8 @@ int main(int argc, char **argv)
         /* What start-up will need from the files: certificates, keys, CAs,
          * dataDir (kms_tls_check.h); findings on stderr. */
         struct kms_check_report rep = {stderr, "kmsd: check-config", 0, 0, false};
+        bool to_stderr = true;
+        (void)kms_config_unknown_env(environ, unknown_env_cb, &to_stderr);
         if (kms_config_check_startup(&cfg, &rep) != 0) {
             fprintf(stderr, "kmsd: check-config: %u error(s), %u warning(s): kmsd would not "
                     "start\n", rep.errors, rep.warnings);
@@ -154,6 +223,11 @@ int main(int argc, char **argv)
         goto out;
     }
     kms_log_set_level((enum kms_log_level)cfg.log_level);
+    {
+        bool to_stderr = false;
+        (void)kms_config_unknown_env(environ, unknown_env_cb, &to_stderr);
+    }
+    memory_lock(cfg.memory_lock);
 
     if (kms_crypto_init(&err) != 0 || kms_process_harden(&err) != 0) {
         kms_log(KMS_LOG_ERROR, "kmsd", "cannot secure the process", "error", err.msg, NULL);

@@ -76,6 +76,8 @@ int kmsd_grpc_status(int code)
 }
 
 /* Normalises a peer address to 16 bytes (IPv4 as v4-mapped IPv6). */
+#define NODE_UUID_INVALID "node uuid must be 1..128 printable ASCII characters"
+
 static void ip16(const uint8_t *ip, size_t len, uint8_t out[16])
 {
     memset(out, 0, 16);
@@ -366,6 +368,10 @@ static void seal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
         fail(d, call, "seal", KMS_EINVAL, "malformed request", peer);
         goto out;
     }
+    if (!kms_node_uuid_valid(j->r->node_uuid)) {
+        fail(d, call, "seal", KMS_EINVAL, NODE_UUID_INVALID, peer);
+        goto out;
+    }
     if (!enrolment_allowed(d, ip, j->r->node_uuid != NULL ? j->r->node_uuid : "")) {
         fail(d, call, "seal", KMS_EDENIED, "enrolment policy refuses this node", peer);
         goto out;
@@ -608,6 +614,11 @@ static void unseal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     if (j->r == NULL) {
         kmsd_rate_fail(d, j->ip);
         fail(d, call, "unseal", KMS_EINVAL, "malformed request", peer);
+        goto out;
+    }
+    if (!kms_node_uuid_valid(j->r->node_uuid)) {
+        kmsd_rate_fail(d, j->ip);
+        fail(d, call, "unseal", KMS_EINVAL, NODE_UUID_INVALID, peer);
         goto out;
     }
     rc = kms_blob_parse(j->r->data.data, j->r->data.len, j->key_id, client_half, &err);
