@@ -150,7 +150,13 @@ unseal_one() {
   head -n 3 "$dir/shares.txt" | while read -r s; do
     printf '%s\n' "$s" | ctl "$i" operator unseal - >/dev/null
   done
-  ctl "$i" status >/dev/null || die "node $i still sealed after 3 shares"
+  # status exits 0 once the node serves (unsealed, read lease, Talos port open).
+  n=0
+  until ctl "$i" status >/dev/null 2>&1; do
+    n=$((n + 1))
+    [ $n -lt 100 ] || { ctl "$i" status >&2 || true; die "node $i not serving 20 s after 3 shares"; }
+    sleep 0.2
+  done
 }
 
 cmd_up() {

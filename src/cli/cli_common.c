@@ -17,6 +17,7 @@
 #include "kms_err.h"
 #include "kms_log.h"
 #include "kms_rpc.h"
+#include "kms_tls_check.h"
 
 /* ---- global flags ---------------------------------------------------- */
 
@@ -52,6 +53,7 @@ void cli_global_env(struct cli_global *g, cli_getenv_fn ge)
     if (ge == NULL) {
         ge = real_getenv;
     }
+    env_one(ge, "KMSCTL_ENDPOINTS", &g->endpoint, &g->endpoint_src);
     env_one(ge, "KMSCTL_ENDPOINT", &g->endpoint, &g->endpoint_src);
     env_one(ge, "KMSCTL_CACERT", &g->cacert, &g->cacert_src);
     env_one(ge, "KMSCTL_CERT", &g->cert, &g->cert_src);
@@ -60,9 +62,65 @@ void cli_global_env(struct cli_global *g, cli_getenv_fn ge)
     env_one(ge, "KMSCTL_TIMEOUT", &g->timeout, &g->timeout_src);
 }
 
+/* One endpoint of the list: scheme split off, host:port checked, copied to
+ * g->targets[g->n_targets]. shown is the whole option value for messages. */
+static int endpoint_one(struct cli_global *g, const char *e, size_t len, char *errbuf,
+                        size_t errlen)
+{
+    char one[CLI_TARGET_MAX];
+    bool insecure = false;
+    const char *colon;
+    unsigned long port;
+
+    if (len >= sizeof(one)) {
+        snprintf(errbuf, errlen, "invalid endpoint in '%.60s' from %s (too long)", g->endpoint,
+                 g->endpoint_src);
+        return CLI_EXIT_LOCAL;
+    }
+    memcpy(one, e, len);
+    one[len] = '\0';
+    e = one;
+    if (strncmp(e, "grpc://", 7) == 0) {
+        insecure = true;
+        e += 7;
+    } else if (strncmp(e, "https://", 8) == 0) {
+        e += 8;
+    } else if (strstr(e, "://") != NULL) {
+        snprintf(errbuf, errlen,
+                 "invalid endpoint '%s' from %s (want host:port, https://host:port or "
+                 "grpc://host:port)",
+                 g->endpoint, g->endpoint_src);
+        return CLI_EXIT_LOCAL;
+    }
+    /* host:port, [v6]:port; the port is required. */
+    colon = strrchr(e, ':');
+    if (e[0] == '\0' || colon == NULL || colon == e ||
+        cli_parse_ulong(colon + 1, 1, 65535, &port) != 0 ||
+        (e[0] == '[' && colon[-1] != ']') || strchr(e, '/') != NULL) {
+        snprintf(errbuf, errlen, "invalid endpoint '%s' from %s (want host:port)", g->endpoint,
+                 g->endpoint_src);
+        return CLI_EXIT_LOCAL;
+    }
+    if (g->n_targets > 0 && insecure != g->insecure) {
+        snprintf(errbuf, errlen,
+                 "invalid endpoints '%s' from %s: mixes grpc:// (plaintext) and TLS endpoints",
+                 g->endpoint, g->endpoint_src);
+        return CLI_EXIT_LOCAL;
+    }
+    if (g->n_targets >= CLI_MAX_ENDPOINTS) {
+        snprintf(errbuf, errlen, "too many endpoints from %s (at most %d)", g->endpoint_src,
+                 CLI_MAX_ENDPOINTS);
+        return CLI_EXIT_LOCAL;
+    }
+    g->insecure = insecure;
+    snprintf(g->targets[g->n_targets++], CLI_TARGET_MAX, "%s", e);
+    return 0;
+}
+
 int cli_global_finish(struct cli_global *g, char *errbuf, size_t errlen)
 {
     const char *e = g->endpoint;
+    int rc;
 
     if (strcmp(g->output, "table") == 0) {
         g->out = CLI_OUT_TABLE;
@@ -80,29 +138,19 @@ int cli_global_finish(struct cli_global *g, char *errbuf, size_t errlen)
         return CLI_EXIT_LOCAL;
     }
     g->insecure = false;
-    if (strncmp(e, "grpc://", 7) == 0) {
-        g->insecure = true;
-        e += 7;
-    } else if (strncmp(e, "https://", 8) == 0) {
-        e += 8;
-    } else if (strstr(e, "://") != NULL) {
-        snprintf(errbuf, errlen,
-                 "invalid endpoint '%s' from %s (want host:port, https://host:port or "
-                 "grpc://host:port)",
-                 g->endpoint, g->endpoint_src);
-        return CLI_EXIT_LOCAL;
+    g->n_targets = 0;
+    g->cur_target = 0;
+    for (;;) {
+        size_t len = strcspn(e, ",");
+        if ((rc = endpoint_one(g, e, len, errbuf, errlen)) != 0) {
+            return rc;
+        }
+        if (e[len] == '\0') {
+            break;
+        }
+        e += len + 1;
     }
-    /* host:port, [v6]:port; the port is required. */
-    const char *colon = strrchr(e, ':');
-    unsigned long port;
-    if (e[0] == '\0' || colon == NULL || colon == e ||
-        cli_parse_ulong(colon + 1, 1, 65535, &port) != 0 ||
-        (e[0] == '[' && colon[-1] != ']') || strchr(e, '/') != NULL) {
-        snprintf(errbuf, errlen, "invalid endpoint '%s' from %s (want host:port)", g->endpoint,
-                 g->endpoint_src);
-        return CLI_EXIT_LOCAL;
-    }
-    g->target = e;
+    g->target = g->targets[0];
     if ((g->cert == NULL) != (g->key == NULL)) {
         snprintf(errbuf, errlen, "a client certificate needs its key: give both %s and %s",
                  g->cert == NULL ? "--cert (KMSCTL_CERT)" : g->cert_src,
@@ -119,7 +167,7 @@ int cli_global_finish(struct cli_global *g, char *errbuf, size_t errlen)
 
 /* ---- argument parsing ----------------------------------------------- */
 
-enum gflag { GF_ENDPOINT, GF_CACERT, GF_CERT, GF_KEY, GF_OUTPUT, GF_TIMEOUT, GF_HELP };
+enum gflag { GF_ENDPOINT, GF_ENDPOINTS, GF_CACERT, GF_CERT, GF_KEY, GF_OUTPUT, GF_TIMEOUT, GF_HELP };
 
 static const struct {
     const char *name;
@@ -130,6 +178,9 @@ static const struct {
     [GF_ENDPOINT] = {"endpoint", 0, "--endpoint", "HOST:PORT",
                      "cluster API of a kmsd replica (KMSCTL_ENDPOINT, default "
                      CLI_DEFAULT_ENDPOINT "; grpc://HOST:PORT = plaintext)"},
+    [GF_ENDPOINTS] = {"endpoints", 0, "--endpoints", "A,B,C",
+                      "replicas to try in order: the next one when a connection fails "
+                      "(KMSCTL_ENDPOINTS; --endpoint takes a list too)"},
     [GF_CACERT] = {"cacert", 0, "--cacert", "FILE",
                    "CA bundle that signed the server certificate (KMSCTL_CACERT; default: "
                    "system roots)"},
@@ -148,6 +199,7 @@ static void set_global(struct cli_global *g, enum gflag f, const char *v)
     const char *src = gflags[f].src;
     switch (f) {
     case GF_ENDPOINT:
+    case GF_ENDPOINTS:
         g->endpoint = v;
         g->endpoint_src = src;
         break;
@@ -1027,6 +1079,23 @@ static int connect_once(struct cli_ctx *ctx, const char *op)
         }
         ctx->rpc_inited = true;
     }
+    if (ctx->ch == NULL && !ctx->g.insecure && !ctx->tls_checked) {
+        /* gRPC 1.51 says little when a handshake fails: check locally what
+         * can be checked first. (Without a client certificate the
+         * handshake fails; the error then says none was configured.) */
+        struct kms_check_report rep = {ctx->err, op, 0, 0, true};
+        if (ctx->g.cert != NULL) {
+            (void)kms_tls_check_pair(&rep, ctx->g.cert_src, ctx->g.cert, ctx->g.key,
+                                     KMS_CERT_CLIENT, NULL);
+        }
+        if (ctx->g.cacert != NULL) {
+            (void)kms_tls_check_ca(&rep, ctx->g.cacert_src, ctx->g.cacert, NULL, NULL);
+        }
+        if (rep.errors > 0) {
+            return CLI_EXIT_LOCAL;
+        }
+        ctx->tls_checked = true;
+    }
     if (ctx->ch == NULL) {
         struct kms_rpc_client_tls tls = {ctx->g.cacert, ctx->g.cert, ctx->g.key};
         /* One connection attempt may take the whole --timeout (a lossy or
@@ -1081,6 +1150,120 @@ bool cli_leader_redirect_parse(const char *details, uint64_t *id, char *addr, si
     return true;
 }
 
+enum cli_fail_kind cli_fail_classify(int s, const char *details)
+{
+    const char *d = details != NULL ? details : "";
+    if (s == GRPC_STATUS_DEADLINE_EXCEEDED) {
+        /* gRPC core's own deadline text; kmsd's deadlines carry their own
+         * words ("timed out waiting for ..."). */
+        return strcmp(d, "") == 0 || strcmp(d, "Deadline Exceeded") == 0 ? CLI_FAIL_TIMEOUT
+                                                                           : CLI_FAIL_APP;
+    }
+    if (s != GRPC_STATUS_UNAVAILABLE) {
+        return CLI_FAIL_APP;
+    }
+    if (strstr(d, "Connection refused") != NULL) {
+        return CLI_FAIL_REFUSED;
+    }
+    if (strstr(d, "Timeout occurred") != NULL || strstr(d, "timed out") != NULL ||
+        strstr(d, "Connection timed out") != NULL) {
+        return strstr(d, "failed to connect") != NULL || strstr(d, "Timeout occurred") != NULL
+                   ? CLI_FAIL_TIMEOUT
+                   : CLI_FAIL_APP;
+    }
+    if (strstr(d, "Socket closed") != NULL || strstr(d, "andshake") != NULL ||
+        strstr(d, "SSL") != NULL || strstr(d, "Ssl") != NULL || strstr(d, "TLS") != NULL ||
+        strstr(d, "Connection reset") != NULL || strstr(d, "Broken pipe") != NULL) {
+        return CLI_FAIL_TLS;
+    }
+    if (strstr(d, "failed to connect") != NULL || strstr(d, "DNS resolution failed") != NULL ||
+        strstr(d, "empty address list") != NULL || strstr(d, "No route to host") != NULL ||
+        strstr(d, "Network is unreachable") != NULL || strstr(d, "Connect Failed") != NULL ||
+        strstr(d, "Failed to connect") != NULL || d[0] == '\0') {
+        return CLI_FAIL_TRANSPORT;
+    }
+    return CLI_FAIL_APP;
+}
+
+/* An operator-readable line for a failure gRPC core reported (kind !=
+ * CLI_FAIL_APP), or for the server refusing the client certificate. */
+static void explain_failure(struct cli_ctx *ctx, char *buf, size_t len, const char *op,
+                            enum cli_fail_kind kind, int s, const char *details)
+{
+    const char *t = ctx->g.target != NULL ? ctx->g.target : "";
+    char *safe = safe_dup(details != NULL ? details : "");
+    switch (kind) {
+    case CLI_FAIL_REFUSED:
+        snprintf(buf, len,
+                 "Error: %s: %s: connection refused: nothing listens there (is kmsd running, "
+                 "and is this its cluster API port?)",
+                 op, t);
+        break;
+    case CLI_FAIL_TIMEOUT:
+        snprintf(buf, len,
+                 "Error: %s: %s: no answer within %u ms (--timeout): host down, a firewall "
+                 "dropping packets, or a wrong address",
+                 op, t, ctx->g.timeout_ms);
+        break;
+    case CLI_FAIL_TLS:
+        if (ctx->g.cert == NULL && !ctx->g.insecure) {
+            snprintf(buf, len,
+                     "Error: %s: %s: the TLS handshake failed (%s): no client certificate "
+                     "configured: the cluster API needs an operator certificate: give --cert "
+                     "and --key (KMSCTL_CERT, KMSCTL_KEY)",
+                     op, t, safe != NULL ? safe : "?");
+            break;
+        }
+        if (safe != NULL && (strstr(safe, "0A000086") != NULL ||
+                             strstr(safe, "certificate verify failed") != NULL ||
+                             strstr(safe, "CERTIFICATE_VERIFY_FAILED") != NULL)) {
+            snprintf(buf, len,
+                     "Error: %s: %s: the server certificate is not signed by the CA %s (TLS "
+                     "certificate verify failed): give --cacert the CA of the cluster API",
+                     op, t, ctx->g.cacert != NULL ? ctx->g.cacert : "(system roots)");
+            break;
+        }
+        snprintf(buf, len,
+                 "Error: %s: %s: the TLS handshake failed (%s): likely the server certificate "
+                 "is not signed by the CA %s, or the server refused the client certificate %s "
+                 "(not signed by its operator CA)",
+                 op, t, safe != NULL ? safe : "?",
+                 ctx->g.cacert != NULL ? ctx->g.cacert : "(system roots: give --cacert)",
+                 ctx->g.cert != NULL ? ctx->g.cert : "(none)");
+        break;
+    case CLI_FAIL_TRANSPORT:
+        snprintf(buf, len, "Error: %s: %s: cannot connect: %s (code %s)", op, t,
+                 safe != NULL && safe[0] ? safe : "unavailable", cli_grpc_code_name(s));
+        break;
+    case CLI_FAIL_APP:
+        if (s == GRPC_STATUS_PERMISSION_DENIED || s == GRPC_STATUS_UNAUTHENTICATED) {
+            snprintf(buf, len,
+                     "Error: %s: %s refused the client certificate %s: not an operator "
+                     "certificate this cluster accepts (%s) (code %s)",
+                     op, t, ctx->g.cert != NULL ? ctx->g.cert : "(none)",
+                     safe != NULL && safe[0] ? safe : "permission denied",
+                     cli_grpc_code_name(s));
+        } else {
+            cli_format_rpc_error(buf, len, op, s, details);
+        }
+        break;
+    }
+    free(safe);
+}
+
+static void rpc_fail(struct cli_ctx *ctx, const char *msg)
+{
+    size_t l = strlen(msg);
+    if (l >= sizeof(ctx->last_error)) {
+        l = sizeof(ctx->last_error) - 1;
+    }
+    memcpy(ctx->last_error, msg, l);
+    ctx->last_error[l] = '\0';
+    if (!ctx->quiet) {
+        fprintf(ctx->err, "%s\n", msg);
+    }
+}
+
 /* Writes run on the leader: a follower answers "not the leader; the leader
  * is node N, cluster API at ADDR" having changed nothing, and the call is
  * sent again there, at most CLI_MAX_REDIRECTS times. */
@@ -1100,6 +1283,8 @@ int cli_rpc(struct cli_ctx *ctx, const char *op, const char *method,
 
     *resp = NULL;
     kms_err_clear(&err);
+    ctx->last_unreachable = false;
+    ctx->last_error[0] = '\0';
     snprintf(path, sizeof(path), "/kmsd.v1.Operator/%s", method);
     n = protobuf_c_message_get_packed_size(req);
     buf = malloc(n > 0 ? n : 1);
@@ -1130,7 +1315,29 @@ again:
         goto out;
     }
     if (status != GRPC_STATUS_OK) {
-        char msg[1024], where[160];
+        enum cli_fail_kind kind = cli_fail_classify(status, details);
+        char msg[1024];
+        if (kind != CLI_FAIL_APP && ctx->g.cur_target + 1 < ctx->g.n_targets &&
+            ctx->g.target == ctx->g.targets[ctx->g.cur_target]) {
+            /* The call never reached this replica: try the next one. */
+            explain_failure(ctx, msg, sizeof(msg), op, kind, status, details);
+            if (!ctx->quiet) {
+                fprintf(ctx->err, "%s\nNote: trying the next endpoint, %s\n", msg,
+                        ctx->g.targets[ctx->g.cur_target + 1]);
+            }
+            ctx->g.cur_target++;
+            ctx->g.target = ctx->g.targets[ctx->g.cur_target];
+            if (ctx->ch != NULL) {
+                kms_rpc_channel_destroy(ctx->ch);
+                ctx->ch = NULL;
+            }
+            free(details);
+            details = NULL;
+            free(rbuf);
+            rbuf = NULL;
+            goto again;
+        }
+        char where[160];
         uint64_t lid = 0;
         char laddr[sizeof(ctx->redirect_target)];
 
@@ -1160,8 +1367,14 @@ again:
         } else {
             snprintf(where, sizeof(where), "%s", op);
         }
-        cli_format_rpc_error(msg, sizeof(msg), where, status, details);
-        fprintf(ctx->err, "%s\n", msg);
+        ctx->last_unreachable = kind != CLI_FAIL_APP;
+        if (kind != CLI_FAIL_APP || status == GRPC_STATUS_PERMISSION_DENIED ||
+            status == GRPC_STATUS_UNAUTHENTICATED) {
+            explain_failure(ctx, msg, sizeof(msg), op, kind, status, details);
+        } else {
+            cli_format_rpc_error(msg, sizeof(msg), where, status, details);
+        }
+        rpc_fail(ctx, msg);
         ex = cli_exit_for_grpc(status);
         goto out;
     }

@@ -8,8 +8,8 @@
  *
  * Exit codes (like Vault): 0 ok, 1 local or usage error (bad flags,
  * unreadable files), 2 remote error (any non-OK gRPC status, including a
- * refused connection or a deadline); `status` exits 2 while the node is
- * sealed or uninitialised.
+ * refused connection or a deadline). `status` differs (docs/kmsctl.md): 0
+ * serving, 2 reached but not serving, 1 when it cannot ask.
  */
 #ifndef KMSCTL_CLI_COMMON_H
 #define KMSCTL_CLI_COMMON_H
@@ -30,6 +30,8 @@
 #define CLI_DEFAULT_ENDPOINT "127.0.0.1:4051"
 #define CLI_DEFAULT_TIMEOUT_MS 10000u
 #define CLI_ERRBUF 512
+#define CLI_MAX_ENDPOINTS 8
+#define CLI_TARGET_MAX 256
 
 enum cli_output { CLI_OUT_TABLE = 0, CLI_OUT_JSON = 1 };
 
@@ -46,18 +48,23 @@ struct cli_global {
     enum cli_output out;
     unsigned timeout_ms;
     bool insecure;          /* endpoint given as grpc://host:port */
-    const char *target;     /* endpoint without its scheme */
+    const char *target;     /* endpoint without its scheme (the one in use) */
+    /* --endpoints a,b,c (or KMSCTL_ENDPOINT with commas): each without its
+     * scheme; cli_rpc moves to the next one when a connection fails. */
+    char targets[CLI_MAX_ENDPOINTS][CLI_TARGET_MAX];
+    unsigned n_targets, cur_target;
 };
 
 typedef const char *(*cli_getenv_fn)(const char *name);
 
 /* Defaults. */
 void cli_global_init(struct cli_global *g);
-/* KMSCTL_ENDPOINT, KMSCTL_CACERT, KMSCTL_CERT, KMSCTL_KEY, KMSCTL_OUTPUT,
+/* KMSCTL_ENDPOINT (or KMSCTL_ENDPOINTS), KMSCTL_CACERT, KMSCTL_CERT, KMSCTL_KEY, KMSCTL_OUTPUT,
  * KMSCTL_TIMEOUT (empty values are ignored). getenv_fn NULL = getenv. */
 void cli_global_env(struct cli_global *g, cli_getenv_fn getenv_fn);
-/* Validates and converts output and timeout, splits the endpoint scheme
- * (none or https:// = TLS, grpc:// = plaintext). CLI_EXIT_LOCAL with a
+/* Validates and converts output and timeout, splits the endpoint list at
+ * commas (at most CLI_MAX_ENDPOINTS, one scheme for all) and each endpoint's
+ * scheme (none or https:// = TLS, grpc:// = plaintext). CLI_EXIT_LOCAL with a
  * one-line message in errbuf on error, else 0. */
 int cli_global_finish(struct cli_global *g, char *errbuf, size_t errlen);
 
@@ -127,6 +134,12 @@ struct cli_ctx {
     struct kms_rpc_channel *ch;
     bool rpc_inited;
     char redirect_target[256];    /* the leader's address once a follower named it */
+    /* quiet: cli_rpc does not print its error, only stores it in last_error
+     * (status --cluster puts it in a row). */
+    bool quiet;
+    char last_error[CLI_ERRBUF];
+    bool last_unreachable;        /* the last failure was a connection failure */
+    bool tls_checked;             /* local TLS file checks passed */
     /* test hook: when set, cli_rpc() calls it instead of the network */
     int (*fake_rpc)(void *arg, const char *method, const uint8_t *req, size_t reqlen,
                     uint8_t **resp, size_t *resplen, int *grpc_status, char **details);
@@ -160,6 +173,19 @@ int cli_leaf_parse(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, cha
 const char *cli_grpc_code_name(int grpc_status);
 /* 0 for OK, CLI_EXIT_REMOTE for every other status. */
 int cli_exit_for_grpc(int grpc_status);
+
+/* What a failed call's status says about the connection: the call reached
+ * the server (an application error: CLI_FAIL_APP), or gRPC core failed it
+ * before: refused, timed out, TLS handshake (gRPC 1.51 says only "Socket
+ * closed" or "handshake" failures), or another transport failure. */
+enum cli_fail_kind {
+    CLI_FAIL_APP = 0,
+    CLI_FAIL_REFUSED,
+    CLI_FAIL_TIMEOUT,
+    CLI_FAIL_TLS,
+    CLI_FAIL_TRANSPORT,
+};
+enum cli_fail_kind cli_fail_classify(int grpc_status, const char *details);
 /* "Error: <op>: <details> (code <Name>)" into buf (no newline); details are
  * made terminal-safe; empty details use the code's description. */
 void cli_format_rpc_error(char *buf, size_t len, const char *op, int grpc_status,
@@ -230,6 +256,7 @@ bool cli_leader_redirect_parse(const char *details, uint64_t *id, char *addr, si
 /* Group tables (name NULL ends each) and usage texts, for kmsctl.c's root
  * table; "operator members" is cmd_members.c. */
 extern const char cli_status_usage[];
+extern const struct cli_flag cli_status_flags[];
 int cli_status_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv);
 extern const struct cli_cmd cli_operator_subs[];
 extern const char cli_operator_usage[];
@@ -244,8 +271,10 @@ void cli_json_members(struct cli_json *j, const char *key, Kmsd__V1__MemberStatu
 
 /* Status output, exposed for tests. */
 void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusResponse *st);
-/* 0 when initialised and unsealed, else CLI_EXIT_REMOTE. */
+/* 0 when serving: initialised, unsealed, a read lease (or unsealReads:
+ * local) and the Talos listener open; else CLI_EXIT_REMOTE. */
 int cli_status_exit(const Kmsd__V1__StatusResponse *st);
+bool cli_status_serving(const Kmsd__V1__StatusResponse *st);
 /* Table, or {"members": [...]} in JSON. */
 void cli_members_print(FILE *f, enum cli_output out, Kmsd__V1__MemberStatus *const *m,
                        size_t n);

@@ -1,11 +1,17 @@
 /*
  * kmsctl status: the replica's state, like `vault status`. Exits 0 when the
- * node is initialised and unsealed, 2 when it is sealed or uninitialised (the
- * state is still printed, so scripts can poll and read it).
+ * node serves (initialised, unsealed, a read lease or unsealReads: local, the
+ * Talos listener open), 2 when it does not (the state is still printed, so
+ * scripts can poll and read it), 1 when it cannot be asked (connection,
+ * TLS, arguments). --cluster asks every member itself, like
+ * `etcdctl endpoint status --cluster`.
  */
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+
+#include "kms_rpc.h"
 
 #include "cli_common.h"
 
@@ -16,8 +22,50 @@ const char cli_status_usage[] =
     "unseal progress, raft role, leader, term, commit and applied index, and the\n"
     "cluster's members.\n"
     "\n"
-    "Exit code: 0 when the replica is unsealed, 2 when it is sealed or not\n"
-    "initialised (or cannot be reached), 1 for a local error.";
+    "With --cluster: one row per member (asked directly at its cluster API\n"
+    "address, as the replica reached lists it); unreachable members show so.\n"
+    "\n"
+    "Exit code: 0 serving (unsealed, read lease or unsealReads: local, Talos\n"
+    "listener open); 2 reached but not serving (uninitialised, sealed, no lease,\n"
+    "listener closed, or waiting to be added); 1 error (cannot connect, TLS\n"
+    "failure, bad arguments). With --cluster: 0 when every member serves, 2 when\n"
+    "one does not or cannot be reached, 1 when no endpoint answers.";
+
+static bool opt_cluster;
+
+const struct cli_flag cli_status_flags[] = {
+    {"cluster", 0, CLI_FLAG_BOOL, &opt_cluster, NULL, 0, 0, NULL,
+     "one row per member, each asked directly", false},
+    {NULL, 0, CLI_FLAG_BOOL, NULL, NULL, 0, 0, NULL, NULL, false},
+};
+
+static bool local_reads(const Kmsd__V1__StatusResponse *st)
+{
+    return st->unseal_reads != NULL && strcmp(st->unseal_reads, "local") == 0;
+}
+
+/* What the table says about reads: the quorum lease, or unsealReads: local
+ * (which never claims one). */
+static const char *lease_text(const Kmsd__V1__StatusResponse *st)
+{
+    if (local_reads(st)) {
+        return "local reads (no quorum lease)";
+    }
+    return st->lease ? "true" : "false";
+}
+
+/* Older servers do not send member: a node that lists members or holds the
+ * keyring is one. */
+static bool is_member(const Kmsd__V1__StatusResponse *st)
+{
+    return st->member || st->initialized || st->n_members > 0;
+}
+
+bool cli_status_serving(const Kmsd__V1__StatusResponse *st)
+{
+    return st->initialized && !st->sealed && (st->lease || local_reads(st)) &&
+           st->talos_listening;
+}
 
 static const char *b(bool v)
 {
@@ -61,6 +109,12 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
         cli_json_str(&j, "cluster_id", st->cluster_id);
         cli_json_u64(&j, "active_term", st->active_term);
         cli_json_str(&j, "keyring_error", st->keyring_error);
+        cli_json_bool(&j, "talos_listening", st->talos_listening);
+        cli_json_str(&j, "unseal_reads",
+                     st->unseal_reads != NULL && st->unseal_reads[0] ? st->unseal_reads : "lease");
+        cli_json_str(&j, "read_lease", lease_text(st));
+        cli_json_bool(&j, "member", is_member(st));
+        cli_json_bool(&j, "serving", cli_status_serving(st));
         cli_json_obj_end(&j);
         cli_json_end(&j);
         return;
@@ -93,7 +147,13 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
     kv_u64(t, "Raft Term", st->term);
     kv_u64(t, "Commit Index", st->commit_index);
     kv_u64(t, "Applied Index", st->applied_index);
-    kv(t, "Read Lease", b(st->lease));
+    kv(t, "Read Lease", lease_text(st));
+    if (local_reads(st)) {
+        kv(t, "Unseal Reads", "unsealReads: local");
+    }
+    if (!is_member(st)) {
+        kv(t, "Member", "no: waiting to be added (kmsctl operator members add)");
+    }
     kv(t, "Talos Listener", st->talos_listening ? "open" : "closed");
     if (st->active_term != 0) {
         kv_u64(t, "Active Key Term", st->active_term);
@@ -113,7 +173,151 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
 
 int cli_status_exit(const Kmsd__V1__StatusResponse *st)
 {
-    return st->initialized && !st->sealed ? CLI_EXIT_OK : CLI_EXIT_REMOTE;
+    return cli_status_serving(st) ? CLI_EXIT_OK : CLI_EXIT_REMOTE;
+}
+
+/* ---- --cluster -------------------------------------------------------- */
+
+struct member_row {
+    uint64_t id;
+    const char *addr;
+    Kmsd__V1__StatusResponse *st; /* NULL when unreachable */
+    char error[CLI_ERRBUF];
+};
+
+static void cluster_print(FILE *f, enum cli_output out, struct member_row *rows, size_t n)
+{
+    if (out == CLI_OUT_JSON) {
+        struct cli_json j;
+        cli_json_init(&j, f);
+        cli_json_obj_begin(&j, NULL);
+        cli_json_arr_begin(&j, "members");
+        for (size_t i = 0; i < n; i++) {
+            Kmsd__V1__StatusResponse *st = rows[i].st;
+            cli_json_obj_begin(&j, NULL);
+            cli_json_u64(&j, "id", rows[i].id);
+            cli_json_str(&j, "address", rows[i].addr);
+            cli_json_bool(&j, "reachable", st != NULL);
+            if (st == NULL) {
+                cli_json_str(&j, "error", rows[i].error);
+            } else {
+                cli_json_str(&j, "role", st->role);
+                cli_json_bool(&j, "initialized", st->initialized);
+                cli_json_bool(&j, "sealed", st->sealed);
+                cli_json_bool(&j, "lease", st->lease);
+                cli_json_str(&j, "unseal_reads", local_reads(st) ? "local" : "lease");
+                cli_json_str(&j, "read_lease", lease_text(st));
+                cli_json_u64(&j, "term", st->term);
+                cli_json_u64(&j, "leader_id", st->leader_id);
+                cli_json_u64(&j, "applied_index", st->applied_index);
+                cli_json_str(&j, "version", st->version);
+                cli_json_bool(&j, "talos_listening", st->talos_listening);
+                cli_json_bool(&j, "serving", cli_status_serving(st));
+            }
+            cli_json_obj_end(&j);
+        }
+        cli_json_arr_end(&j);
+        cli_json_obj_end(&j);
+        cli_json_end(&j);
+        return;
+    }
+    static const char *const hdr[8] = {"ID",    "ADDRESS",       "ROLE",    "SEALED",
+                                       "LEASE", "APPLIED INDEX", "VERSION", "TALOS LISTENER"};
+    struct cli_table *t = cli_table_new(8, hdr);
+    for (size_t i = 0; i < n; i++) {
+        Kmsd__V1__StatusResponse *st = rows[i].st;
+        char id[24], applied[24];
+        snprintf(id, sizeof(id), "%" PRIu64, rows[i].id);
+        if (st == NULL) {
+            const char *row[8] = {id, rows[i].addr, "unreachable", "-", "-", "-", "-", "-"};
+            cli_table_row(t, row);
+            continue;
+        }
+        snprintf(applied, sizeof(applied), "%" PRIu64, st->applied_index);
+        const char *row[8] = {id,
+                              rows[i].addr,
+                              st->role != NULL && st->role[0] ? st->role : "-",
+                              !st->initialized ? "uninitialised" : b(st->sealed),
+                              lease_text(st),
+                              applied,
+                              st->version != NULL && st->version[0] ? st->version : "-",
+                              st->talos_listening ? "open" : "closed"};
+        cli_table_row(t, row);
+    }
+    cli_table_print(f, t);
+    cli_table_free(t);
+    for (size_t i = 0; i < n; i++) {
+        if (rows[i].st == NULL && out == CLI_OUT_TABLE) {
+            fprintf(f, "member %" PRIu64 ": ", rows[i].id);
+            cli_write_safe(f, rows[i].error);
+            fputc('\n', f);
+        }
+    }
+}
+
+/* first: the Status of the replica reached, whose member list is used. */
+static int cluster_run(struct cli_ctx *ctx, Kmsd__V1__StatusResponse *first)
+{
+    Kmsd__V1__StatusRequest req = KMSD__V1__STATUS_REQUEST__INIT;
+    size_t n = first->n_members;
+    struct member_row *rows = calloc(n > 0 ? n : 1, sizeof(*rows));
+    int ex = CLI_EXIT_OK;
+
+    if (rows == NULL) {
+        fprintf(ctx->err, "Error: status: out of memory\n");
+        return CLI_EXIT_LOCAL;
+    }
+    if (n == 0) {
+        fprintf(ctx->err, "Error: status --cluster: %s lists no members (not a member of a "
+                "cluster yet)\n", ctx->g.target);
+        free(rows);
+        return CLI_EXIT_REMOTE;
+    }
+    ctx->quiet = true;
+    for (size_t i = 0; i < n; i++) {
+        const Kmsd__V1__MemberStatus *m = first->members[i];
+        ProtobufCMessage *resp = NULL;
+        rows[i].id = m->id;
+        rows[i].addr = m->cluster_address != NULL && m->cluster_address[0]
+                           ? m->cluster_address
+                           : "-";
+        if (strcmp(rows[i].addr, "-") == 0) {
+            snprintf(rows[i].error, sizeof(rows[i].error), "no cluster API address known");
+            ex = CLI_EXIT_REMOTE;
+            continue;
+        }
+        /* Each member itself, no fail-over to another one. */
+        if (ctx->ch != NULL) {
+            kms_rpc_channel_destroy(ctx->ch);
+            ctx->ch = NULL;
+        }
+        ctx->g.target = rows[i].addr;
+        ctx->g.n_targets = 1;
+        ctx->g.cur_target = 0;
+        if (cli_rpc(ctx, "status", "Status", &req.base, &kmsd__v1__status_response__descriptor,
+                    &resp, false) != 0) {
+            memcpy(rows[i].error, ctx->last_error, sizeof(rows[i].error));
+            rows[i].error[sizeof(rows[i].error) - 1] = '\0';
+            if (rows[i].error[0] == '\0') {
+                snprintf(rows[i].error, sizeof(rows[i].error), "unreachable");
+            }
+            ex = CLI_EXIT_REMOTE;
+            continue;
+        }
+        rows[i].st = (Kmsd__V1__StatusResponse *)resp;
+        if (!cli_status_serving(rows[i].st)) {
+            ex = CLI_EXIT_REMOTE;
+        }
+    }
+    ctx->quiet = false;
+    cluster_print(ctx->out, ctx->g.out, rows, n);
+    for (size_t i = 0; i < n; i++) {
+        if (rows[i].st != NULL) {
+            protobuf_c_message_free_unpacked(&rows[i].st->base, NULL);
+        }
+    }
+    free(rows);
+    return ex;
 }
 
 int cli_status_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv)
@@ -122,17 +326,24 @@ int cli_status_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, cha
     ProtobufCMessage *m = NULL;
     int npos = 0, rc;
 
+    opt_cluster = false;
     if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, &npos)) >= 0) {
         return rc;
     }
     rc = cli_rpc(ctx, "status", "Status", &req.base, &kmsd__v1__status_response__descriptor,
                  &m, false);
     if (rc != 0) {
-        return rc;
+        /* Not asked at all (connection, TLS, an error answer): 1, apart
+         * from 2 = reached and not serving. */
+        return CLI_EXIT_LOCAL;
     }
     Kmsd__V1__StatusResponse *st = (Kmsd__V1__StatusResponse *)m;
-    cli_status_print(ctx->out, ctx->g.out, st);
-    rc = cli_status_exit(st);
+    if (opt_cluster) {
+        rc = cluster_run(ctx, st);
+    } else {
+        cli_status_print(ctx->out, ctx->g.out, st);
+        rc = cli_status_exit(st);
+    }
     protobuf_c_message_free_unpacked(m, NULL);
     return rc;
 }

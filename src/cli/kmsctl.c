@@ -4,7 +4,7 @@
  * One file per command group (cmd_status.c, cmd_operator.c, cmd_members.c,
  * cmd_keys.c), dispatched from the table below; flags, output and the
  * connection are in cli_common.c. Exit codes: 0 ok, 1 local or usage error,
- * 2 remote error (and `status` on a sealed or uninitialised replica).
+ * 2 remote error; `status`: 0 serving, 2 not serving, 1 cannot ask.
  */
 #include <stdio.h>
 #include <string.h>
@@ -40,8 +40,8 @@ static int version_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc,
 }
 
 static const struct cli_cmd root_subs[] = {
-    {"status", "show a replica's state (exit 2 when sealed)", cli_status_usage, NULL,
-     cli_status_run, NULL, false},
+    {"status", "show a replica's state (exit 2 when not serving, 1 on errors)",
+     cli_status_usage, NULL, cli_status_run, cli_status_flags, false},
     {"operator", "init, unseal, seal, step-down, rotate, members", cli_operator_usage,
      cli_operator_subs, NULL, NULL, false},
     {"keys", "list, show and revoke sealed keys", cli_keys_usage, cli_keys_subs, NULL, NULL,

@@ -206,6 +206,22 @@ static void test_endpoint_forms(void **state)
     g.cert_src = "--cert";
     assert_int_equal(cli_global_finish(&g, err, sizeof(err)), CLI_EXIT_LOCAL);
     assert_non_null(strstr(err, "--key"));
+
+    /* endpoint lists */
+    cli_global_init(&g);
+    g.endpoint = "kms-1:4051,https://kms-2:4051,[::1]:4051";
+    g.endpoint_src = "--endpoints";
+    assert_int_equal(cli_global_finish(&g, err, sizeof(err)), 0);
+    assert_int_equal(g.n_targets, 3);
+    assert_string_equal(g.target, "kms-1:4051");
+    assert_string_equal(g.targets[1], "kms-2:4051");
+    assert_string_equal(g.targets[2], "[::1]:4051");
+    g.endpoint = "kms-1:4051,,kms-2:4051";
+    assert_int_equal(cli_global_finish(&g, err, sizeof(err)), CLI_EXIT_LOCAL);
+    assert_non_null(strstr(err, "--endpoints"));
+    g.endpoint = "grpc://kms-1:4051,kms-2:4051";
+    assert_int_equal(cli_global_finish(&g, err, sizeof(err)), CLI_EXIT_LOCAL);
+    assert_non_null(strstr(err, "mixes"));
 }
 
 static void test_durations_and_numbers(void **state)
@@ -344,7 +360,31 @@ static void test_exit_codes_and_error_text(void **state)
     st.sealed = true;
     assert_int_equal(cli_status_exit(&st), 2);
     st.sealed = false;
-    assert_int_equal(cli_status_exit(&st), 0);
+    assert_int_equal(cli_status_exit(&st), 2); /* unsealed, no lease, listener closed */
+    st.lease = true;
+    assert_int_equal(cli_status_exit(&st), 2); /* listener closed */
+    st.talos_listening = true;
+    assert_int_equal(cli_status_exit(&st), 0); /* serving */
+    st.lease = false;
+    assert_int_equal(cli_status_exit(&st), 2); /* no lease */
+    st.unseal_reads = "local";
+    assert_int_equal(cli_status_exit(&st), 0); /* local reads need no lease */
+    st.sealed = true;
+    assert_int_equal(cli_status_exit(&st), 2);
+
+    /* What a failed call says about the connection. */
+    assert_int_equal(cli_fail_classify(GRPC_STATUS_UNAVAILABLE,
+                                       "failed to connect to all addresses; last error: UNKNOWN: "
+                                       "ipv4:127.0.0.1:1: Failed to connect to remote host: "
+                                       "Connection refused"),
+                     CLI_FAIL_REFUSED);
+    assert_int_equal(cli_fail_classify(GRPC_STATUS_UNAVAILABLE, "Socket closed"), CLI_FAIL_TLS);
+    assert_int_equal(cli_fail_classify(GRPC_STATUS_DEADLINE_EXCEEDED, "Deadline Exceeded"),
+                     CLI_FAIL_TIMEOUT);
+    assert_int_equal(cli_fail_classify(GRPC_STATUS_UNAVAILABLE,
+                                       "no read lease: cluster quorum unreachable"),
+                     CLI_FAIL_APP);
+    assert_int_equal(cli_fail_classify(GRPC_STATUS_FAILED_PRECONDITION, "sealed"), CLI_FAIL_APP);
 }
 
 /* ---- JSON, time, table ----------------------------------------------- */
@@ -537,7 +577,12 @@ static const char status_json[] =
     "  \"version\": \"0.1.0\",\n"
     "  \"cluster_id\": \"00112233445566778899aabbccddeeff\",\n"
     "  \"active_term\": 2,\n"
-    "  \"keyring_error\": \"\"\n"
+    "  \"keyring_error\": \"\",\n"
+    "  \"talos_listening\": true,\n"
+    "  \"unseal_reads\": \"lease\",\n"
+    "  \"read_lease\": \"true\",\n"
+    "  \"member\": true,\n"
+    "  \"serving\": true\n"
     "}\n";
 
 static void test_status_json(void **state)

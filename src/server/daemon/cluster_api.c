@@ -337,7 +337,11 @@ static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     resp.commit_index = st.commit_index;
     resp.applied_index = st.applied_index;
     resp.version = (char *)d->opt.version;
-    resp.lease = kmsd_readable(d);
+    /* The quorum read lease only: with unsealReads: local the node serves
+     * without one, and says so in unseal_reads. */
+    resp.lease = kms_raft_lease_valid(d->raft);
+    resp.unseal_reads = d->opt.unseal_reads_local ? "local" : "lease";
+    resp.member = kmsd_raft_is_member(d);
     resp.talos_listening = atomic_load(&d->talos_listening);
     resp.cluster_id = cid;
     kr = kmsd_keyring_get(d);
@@ -384,6 +388,15 @@ static void init_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
         goto out;
     }
     audit(call, "init");
+    if (!kmsd_is_initialized(d) && !kmsd_raft_is_member(d)) {
+        /* Started outside initialCluster: no configuration to commit the
+         * keyring to (it would wait for a leader that never comes). */
+        finish_err(call, "init", KMS_EUNINIT,
+                   "this node is not a member of a cluster: it waits to be added (run kmsctl "
+                   "operator members add on the cluster's leader), or run init against a "
+                   "member of initialCluster");
+        goto out;
+    }
     rc = kmsd_init_cluster(d, n, r->key_threshold, &shares, cid, &err);
     if (rc != 0) {
         finish_err(call, "init", rc, err.msg);

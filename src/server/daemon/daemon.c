@@ -616,10 +616,14 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
         return kms_err_set(err, KMS_ENOMEM, "cannot start supervisor thread");
     }
     d->supervisor_started = true;
-    kms_log(KMS_LOG_INFO, "kmsd", kmsd_is_initialized(d)
-                                      ? "started sealed: waiting for unseal key shares"
-                                      : "started uninitialised: waiting for kmsctl operator init",
+    kms_log(KMS_LOG_INFO, "kmsd",
+            kmsd_is_initialized(d) ? "started sealed: waiting for unseal key shares"
+            : kmsd_raft_is_member(d)
+                ? "started uninitialised: waiting for kmsctl operator init"
+                : "started outside the cluster: waiting to be added (kmsctl operator members "
+                  "add on the leader), then for unseal key shares",
             NULL);
+    kmsd_warn_local_reads(d, "start");
     return 0;
 }
 

@@ -93,7 +93,6 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
       atomic_load(&d->talos_listening) ? 1 : 0);
     M("# TYPE kmsd_cluster_listening gauge\nkmsd_cluster_listening %d\n",
       atomic_load(&d->cluster_listening) ? 1 : 0);
-    M("# TYPE kmsd_read_lease gauge\nkmsd_read_lease %d\n", kmsd_readable(d) ? 1 : 0);
     M("# TYPE kmsd_fd_limit gauge\nkmsd_fd_limit %llu\n", d->fd_limit);
     M("# TYPE kmsd_listener_rebuilds_total counter\nkmsd_listener_rebuilds_total %llu\n",
       d->listener_rebuilds);
@@ -120,6 +119,12 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
               cs.emfile);
         }
     }
+    /* A quorum read lease, never claimed for unsealReads: local (which
+     * serves without one: kmsd_unseal_reads_local says so). */
+    M("# TYPE kmsd_read_lease gauge\nkmsd_read_lease %d\n",
+      kms_raft_lease_valid(d->raft) ? 1 : 0);
+    M("# TYPE kmsd_unseal_reads_local gauge\nkmsd_unseal_reads_local %d\n",
+      d->opt.unseal_reads_local ? 1 : 0);
     M("# TYPE kmsd_raft_leader gauge\nkmsd_raft_leader %d\n", st.role == KMS_RAFT_LEADER ? 1 : 0);
     M("# TYPE kmsd_raft_term gauge\nkmsd_raft_term %llu\n", (unsigned long long)st.term);
     M("# TYPE kmsd_raft_commit_index gauge\nkmsd_raft_commit_index %llu\n",

@@ -302,6 +302,13 @@ bool kmsd_readable(struct kmsd *d);
  * 0, or KMS_EUNAVAIL / KMS_ESHUTDOWN when it could not be done within
  * wait_ms (the caller then answers UNAVAILABLE, never NOT_FOUND).
  * Blocking: pool threads only. */
+/* True when this node is in the raft configuration it holds (false for a
+ * node started outside initialCluster that waits for `members add`). Any
+ * thread. */
+bool kmsd_raft_is_member(struct kmsd *d);
+/* With unsealReads: local, a warn-level log line saying so (when: "start",
+ * "unseal"). Any thread. */
+void kmsd_warn_local_reads(struct kmsd *d, const char *when);
 int kmsd_read_barrier(struct kmsd *d, unsigned wait_ms);
 
 /* RPC services. */

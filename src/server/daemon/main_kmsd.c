@@ -21,6 +21,7 @@
 #include "kms_crypto.h"
 #include "kms_log.h"
 #include "kms_rpc.h"
+#include "kms_tls_check.h"
 #include "kmsd.h"
 #include "kmsd_http.h"
 #include "kmsd_notify.h"
@@ -224,9 +225,18 @@ int main(int argc, char **argv)
         goto out;
     }
     if (cfg.check_only) {
+        /* What start-up will need from the files: certificates, keys, CAs,
+         * dataDir (kms_tls_check.h); findings on stderr. */
+        struct kms_check_report rep = {stderr, "kmsd: check-config", 0, 0, false};
         bool to_stderr = true;
         (void)kms_config_unknown_env(environ, unknown_env_cb, &to_stderr);
-        printf("kmsd: configuration OK\n");
+        if (kms_config_check_startup(&cfg, &rep) != 0) {
+            fprintf(stderr, "kmsd: check-config: %u error(s), %u warning(s): kmsd would not "
+                    "start\n", rep.errors, rep.warnings);
+            code = 1;
+            goto out;
+        }
+        printf("kmsd: configuration OK%s\n", rep.warnings > 0 ? " (with warnings)" : "");
         goto out;
     }
     kms_log_set_level((enum kms_log_level)cfg.log_level);

@@ -308,6 +308,7 @@ int kmsd_unseal_submit(struct kmsd *d, const char *share, bool reset,
     keyring_publish(d, kr);
     kr = NULL;
     kms_log(KMS_LOG_INFO, "keys", "unsealed", NULL);
+    kmsd_warn_local_reads(d, "unseal");
     rc = 0;
 out:
     pthread_mutex_unlock(&d->mu);

@@ -56,6 +56,30 @@ bool kmsd_readable(struct kmsd *d)
     return kms_raft_lease_valid(d->raft);
 }
 
+bool kmsd_raft_is_member(struct kmsd *d)
+{
+    struct kms_raft_status st;
+    memset(&st, 0, sizeof(st));
+    (void)kms_raft_status(d->raft, &st);
+    for (size_t i = 0; i < st.n_members && i < sizeof(st.members) / sizeof(st.members[0]); i++) {
+        if (st.members[i].id == d->opt.node_id) {
+            return true;
+        }
+    }
+    return false;
+}
+
+void kmsd_warn_local_reads(struct kmsd *d, const char *when)
+{
+    if (d->opt.unseal_reads_local) {
+        kms_log(KMS_LOG_WARN, "kmsd",
+                "unsealReads: local: unseals are served from this node's applied state without "
+                "a quorum read lease (a partitioned node may unseal revoked keys); switch back "
+                "to unsealReads: lease once a quorum is available",
+                "when", when, NULL);
+    }
+}
+
 int kmsd_read_barrier(struct kmsd *d, unsigned wait_ms)
 {
     uint64_t t0 = kms_mono_ms(), end = t0 + wait_ms, index = 0, now;
