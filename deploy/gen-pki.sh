@@ -8,6 +8,7 @@
 #                                           DNS:localhost (+ each --ip)
 #   operator.pem operator-key.pem           CN=kmsctl-operator, clientAuth
 #   foreign-ca.pem foreign-ca-key.pem foreign-node1.pem foreign-node1-key.pem
+#   foreign-operator.pem foreign-operator-key.pem  (tests: a CA nobody trusts)
 #                                           another CA, for negative tests
 # Keys are 0600. Production clusters should use separate cluster and operator CAs.
 set -euo pipefail
@@ -64,5 +65,6 @@ done
 leaf operator kmsctl-operator ca clientAuth ""
 ca foreign-ca "kmsd foreign CA"
 leaf foreign-node1 kmsd-node-1 foreign-ca "serverAuth,clientAuth" "$san"
+leaf foreign-operator kmsctl-operator foreign-ca clientAuth ""
 chmod 0644 ./*.pem
 chmod 0600 ./*-key.pem

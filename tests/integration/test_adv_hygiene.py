@@ -227,7 +227,10 @@ def run(c, pki, opca, pids):
           f"{out.strip().splitlines()[-1][:100] if out.strip() else ''})")
 
     # --- SIGHUP reloads CA bundles ----------------------------------------
-    fcert, fkey = os.path.join(pki, "foreign-node1.pem"), os.path.join(pki, "foreign-node1-key.pem")
+    # An operator certificate (a kmsd-node-* CN is never an operator) from a
+    # CA the node does not trust yet.
+    fcert = os.path.join(pki, "foreign-operator.pem")
+    fkey = os.path.join(pki, "foreign-operator-key.pem")
     p = ctl_as(c, fcert, fkey, "status")
     check(p.returncode != 0, "a client certificate from an unknown CA is refused")
     with open(opca, "a") as f, open(os.path.join(pki, "foreign-ca.pem")) as g:

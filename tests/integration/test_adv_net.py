@@ -238,15 +238,17 @@ def scenario_rebuild(c, keys):
     end = time.time() + 20
     log = ""
     not_ready_while_dead = False
+    seen = []
     while time.time() < end and "rebuilding it" not in log:
         time.sleep(0.2)
         log = "".join(log_lines(c)[-200:])
         if "Failed accept4" in log and "rebuilding it" not in log:
             st, _ = http_get("/readyz")
+            seen.append(st)
             not_ready_while_dead = not_ready_while_dead or st == 503
     check("Failed accept4" in log, "gRPC's accept loop stopped (Failed accept4 logged)")
     check("listener probe failed" in log, "the supervisor's probe noticed")
-    check(not_ready_while_dead, "/readyz 503 while the listener did not accept")
+    check(not_ready_while_dead, f"/readyz 503 while the listener did not accept (seen {seen[-8:]})")
     check("rebuilding it" in log, f"and rebuilt the Talos listener ({time.time() - t0:.1f}s)")
     check(wait_ready(10), f"/readyz 200 after the rebuild ({time.time() - t0:.1f}s)")
     check(unseal_ok(c, keys), "unseal works after the rebuild")

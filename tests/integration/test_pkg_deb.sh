@@ -294,7 +294,7 @@ else
   bad "acme hook with reload: $(cat "$tmp/acme3.log")"
 fi
 check "SIGHUP reloads certificates (systemctl reload)" \
-  wait_for "$tmp/kmsd.log" 'TLS certificates reloaded' 10
+  wait_for "$tmp/kmsd.log" 'reloaded for new connections' 10
 n=0
 until [ "$(served_fp)" = "$(fp_of "$tmp/pki2/node1.pem")" ]; do
   n=$((n + 1)); [ $n -lt 50 ] || break; sleep 0.1
