@@ -11,8 +11,11 @@
  */
 #include "kmsd_dr.h"
 
+#include <dirent.h>
 #include <errno.h>
+#include <ftw.h>
 #include <inttypes.h>
+#include <sys/stat.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,7 +35,7 @@ struct dr_members {
 
 bool kmsd_dr_is_subcommand(int argc, char **argv)
 {
-    return argc > 1 && strcmp(argv[1], "recover") == 0;
+    return argc > 1 && (strcmp(argv[1], "recover") == 0 || strcmp(argv[1], "restore") == 0);
 }
 
 static int dr_member_addr_cb(void *arg, const Kmsd__V1__Member *m)
@@ -245,8 +248,185 @@ out:
     return code;
 }
 
+static void dr_restore_usage(FILE *f)
+{
+    fprintf(f,
+            "usage: kmsd restore --snapshot FILE --config FILE [--force]\n"
+            "  Builds a fresh dataDir for one member of a NEW cluster from a snapshot\n"
+            "  (kmsctl operator snapshot save). Run it on every new member, with the\n"
+            "  same FILE and the same initialCluster (which must list this node).\n"
+            "  --force replaces a non-empty dataDir of the same cluster.\n");
+}
+
+static int dr_rm_cb(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)sb;
+    (void)flag;
+    (void)ftw;
+    return remove(path) != 0 && errno != ENOENT ? -1 : 0;
+}
+
+/* 1 when dir exists and holds anything, 0 when empty or missing, -1 error. */
+static int dr_dir_nonempty(const char *dir)
+{
+    DIR *dp = opendir(dir);
+    struct dirent *de;
+    int r = 0;
+    if (dp == NULL) {
+        return errno == ENOENT ? 0 : -1;
+    }
+    while ((de = readdir(dp)) != NULL) {
+        if (strcmp(de->d_name, ".") != 0 && strcmp(de->d_name, "..") != 0) {
+            r = 1;
+            break;
+        }
+    }
+    closedir(dp);
+    return r;
+}
+
+static int dr_restore(int argc, char **argv, char **envp)
+{
+    struct kms_config cfg;
+    struct kms_err err;
+    struct kms_store *store = NULL;
+    struct kms_backup_info *info = NULL;
+    const char *snap = NULL;
+    bool force = false, self_listed = false;
+    char **cargv = NULL;
+    int cargc = 0, rc, code = 0, ne;
+    char path[4200];
+
+    memset(&cfg, 0, sizeof(cfg));
+    kms_err_clear(&err);
+    cargv = calloc((size_t)argc + 1, sizeof(*cargv));
+    info = calloc(1, sizeof(*info));
+    if (cargv == NULL || info == NULL) {
+        code = 2;
+        goto out;
+    }
+    cargv[cargc++] = argv[0];
+    for (int i = 2; i < argc; i++) {
+        if (strcmp(argv[i], "--force") == 0) {
+            force = true;
+        } else if (strcmp(argv[i], "--snapshot") == 0 && i + 1 < argc) {
+            snap = argv[++i];
+        } else if (strncmp(argv[i], "--snapshot=", 11) == 0) {
+            snap = argv[i] + 11;
+        } else if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            dr_restore_usage(stdout);
+            goto out;
+        } else {
+            cargv[cargc++] = argv[i];
+        }
+    }
+    if (snap == NULL) {
+        dr_restore_usage(stderr);
+        code = 1;
+        goto out;
+    }
+    if (kms_config_load(&cfg, cargc, cargv, envp, &err) != 0) {
+        fprintf(stderr, "kmsd restore: %s\n", err.msg);
+        code = 1;
+        goto out;
+    }
+    for (size_t i = 0; i < cfg.n_initial_cluster; i++) {
+        self_listed = self_listed || cfg.initial_cluster[i].id == cfg.node_id;
+    }
+    if (!self_listed) {
+        fprintf(stderr, "kmsd restore: initialCluster must list this node (%" PRIu64 "): every "
+                        "new member is restored from the snapshot and bootstraps together\n",
+                cfg.node_id);
+        code = 1;
+        goto out;
+    }
+    /* Verify the whole file before touching anything. */
+    if (kms_backup_verify(snap, info, NULL, NULL, &err) != 0) {
+        fprintf(stderr, "kmsd restore: %s; nothing was changed\n", err.msg);
+        code = 1;
+        goto out;
+    }
+    ne = dr_dir_nonempty(cfg.data_dir);
+    if (ne < 0) {
+        fprintf(stderr, "kmsd restore: %s: %s\n", cfg.data_dir, strerror(errno));
+        code = 2;
+        goto out;
+    }
+    snprintf(path, sizeof(path), "%s/store", cfg.data_dir);
+    if (ne == 1) {
+        Kmsd__V1__EncryptedKeyring *ek = NULL;
+        char cid[40] = "";
+        if (!force) {
+            fprintf(stderr, "kmsd restore: dataDir %s is not empty: refusing (pass --force to "
+                            "replace it with the snapshot); nothing was changed\n",
+                    cfg.data_dir);
+            code = 1;
+            goto out;
+        }
+        if (dr_dir_nonempty(path) == 1) {
+            if (kms_store_open(path, &store, &err) != 0) {
+                fprintf(stderr, "kmsd restore: cannot open the existing store (is kmsd "
+                                "running?): %s\n", err.msg);
+                code = 2;
+                goto out;
+            }
+            if (kms_store_keyring_get(store, &ek, NULL) == 0) {
+                for (size_t i = 0; i < ek->cluster_id.len && i < 16; i++) {
+                    snprintf(cid + 2 * i, 3, "%02x", ek->cluster_id.data[i]);
+                }
+                kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
+            }
+            kms_store_close(store);
+            store = NULL;
+            if (cid[0] != '\0' && strcmp(cid, info->cluster_id) != 0) {
+                fprintf(stderr, "kmsd restore: dataDir %s holds cluster %s but the snapshot is "
+                                "of cluster %s: refusing even with --force; nothing was changed\n",
+                        cfg.data_dir, cid, info->cluster_id);
+                code = 1;
+                goto out;
+            }
+        }
+        if (nftw(cfg.data_dir, dr_rm_cb, 16, FTW_DEPTH | FTW_PHYS) != 0) {
+            fprintf(stderr, "kmsd restore: cannot empty %s: %s\n", cfg.data_dir, strerror(errno));
+            code = 2;
+            goto out;
+        }
+    }
+    if (mkdir(cfg.data_dir, 0700) != 0 && errno != EEXIST) {
+        fprintf(stderr, "kmsd restore: cannot create %s: %s\n", cfg.data_dir, strerror(errno));
+        code = 2;
+        goto out;
+    }
+    if ((rc = kms_store_open(path, &store, &err)) != 0 ||
+        (rc = kms_backup_load(store, snap, info, &err)) != 0) {
+        fprintf(stderr, "kmsd restore: %s (%s)\n", err.msg, kms_strerror(rc));
+        if (store != NULL) {
+            kms_store_close(store);
+            store = NULL;
+        }
+        (void)nftw(path, dr_rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+        code = 2;
+        goto out;
+    }
+    kms_store_close(store);
+    store = NULL;
+    printf("kmsd restore: node %" PRIu64 " restored from %s: cluster %s, snapshot index %" PRIu64
+           ", %" PRIu64 " records (%" PRIu64 " revoked).\n"
+           "Next: restore every member of initialCluster the same way, start them, and\n"
+           "unseal each with k of the cluster's existing key shares.\n",
+           cfg.node_id, snap, info->cluster_id, info->index, info->records, info->revoked);
+out:
+    free(info);
+    free(cargv);
+    kms_config_free(&cfg);
+    return code;
+}
+
 int kmsd_dr_main(int argc, char **argv, char **envp)
 {
+    if (argc > 1 && strcmp(argv[1], "restore") == 0) {
+        return dr_restore(argc, argv, envp);
+    }
     if (argc > 1 && strcmp(argv[1], "recover") == 0) {
         return dr_recover(argc, argv, envp);
     }

@@ -1,6 +1,7 @@
 /*
  * Offline disaster-recovery subcommands of kmsd (dr_cmd.c):
  *   kmsd recover --config FILE [--members ID,ID...] [--yes-i-understand]
+ *   kmsd restore --snapshot FILE --config FILE [--force]
  * Main thread only, with no daemon running in this process.
  */
 #ifndef KMSD_DR_H
