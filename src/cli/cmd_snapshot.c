@@ -96,7 +96,7 @@ static int save_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, ch
                           "cluster-id: %s\n"
                           "index: %" PRIu64 "\n"
                           "node: %" PRIu64 "\n"
-                          "records: %" PRIu64 "\n"
+                          "records-at-start: %" PRIu64 "\n"
                           "active-term: %u\n"
                           "shares: %u of %u\n"
                           "created: %s\n",

@@ -113,6 +113,7 @@ void kmsd_snapshot_shutdown(void)
     pthread_mutex_lock(&snap_mu);
     snap_reap_locked(true);
     snap_reaper_started = false;
+    snap_stopping = false; /* a later daemon in this process (tests) starts clean */
     pthread_mutex_unlock(&snap_mu);
 }
 
