@@ -104,9 +104,9 @@ static int save_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, ch
                           b->threshold, b->share_count, created);
     /* Pad the header with '#' so the body starts 8-byte aligned, then the
      * empty line that ends it. */
-    while ((hl + 2) % 8 != 0) {
+    do { /* a '#' comment line of at least one '#', then the empty line */
         hdr[hl++] = '#';
-    }
+    } while ((hl + 2) % 8 != 0);
     hdr[hl++] = '\n';
     hdr[hl++] = '\n';
 

@@ -280,7 +280,8 @@ static void test_export_point_in_time(void **state)
 }
 
 /* Writes a backup file the way kmsctl does: header, body, trailer. */
-static void write_backup(const char *path, const struct blob *body, uint64_t entries)
+static void write_backup(const char *path, const struct blob *body, uint64_t entries,
+                         unsigned extra)
 {
     char hdr[256];
     struct blob f = {NULL, 0};
@@ -288,11 +289,11 @@ static void write_backup(const char *path, const struct blob *body, uint64_t ent
     unsigned int ml = 0;
     size_t hl = (size_t)snprintf(hdr, sizeof(hdr),
                                  "KMSD-SNAPSHOT 1\n# test\ncluster-id: %s\nindex: 51\nnode: 1\n"
-                                 "shares: 3 of 5\n",
-                                 "abababababababababababababababab");
-    while ((hl + 2) % 8 != 0) {
+                                 "shares: 3 of 5\nx-pad: %.*s\n",
+                                 "abababababababababababababababab", (int)extra, "aaaaaaaa");
+    do { /* a '#' comment line of at least one '#', then the empty line */
         hdr[hl++] = '#';
-    }
+    } while ((hl + 2) % 8 != 0);
     hdr[hl++] = '\n';
     hdr[hl++] = '\n';
     blob_add(&f, hdr, hl);
@@ -331,8 +332,10 @@ static void test_backup_verify_and_load(void **state)
     assert_non_null(info);
     entries = export_all(s, 1024, &ex, &applied);
     snprintf(path, sizeof(path), "%s/b.kmssnap", d.path);
-    write_backup(path, &ex, entries);
-    assert_int_equal(kms_backup_verify(path, info, NULL, NULL, &err), 0);
+    for (unsigned extra = 0; extra < 8; extra++) { /* every header alignment */
+        write_backup(path, &ex, entries, extra);
+        assert_int_equal(kms_backup_verify(path, info, NULL, NULL, &err), 0);
+    }
     assert_string_equal(info->cluster_id, "abababababababababababababababab");
     assert_int_equal(info->index, 51);
     assert_int_equal(info->records, 30);
