@@ -458,5 +458,7 @@ const struct cli_cmd cli_operator_subs[] = {
      NULL, rotate_run, NULL, false},
     {"members", "list and change the cluster's members", cli_members_usage, cli_members_subs,
      NULL, NULL, false},
+    {"snapshot", "save and inspect online backups", cli_snapshot_usage, cli_snapshot_subs,
+     NULL, NULL, false},
     {NULL, NULL, NULL, NULL, NULL, NULL, false},
 };

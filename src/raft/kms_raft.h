@@ -207,4 +207,15 @@ int kms_raft_transfer(struct kms_raft *r, uint64_t id, unsigned timeout_ms,
  * failure the old material stays. KMS_ETLS for unreadable/invalid files. */
 int kms_raft_reload_tls(struct kms_raft *r, struct kms_err *err);
 
+/* Lost-quorum recovery (offline: kmsd must not be running on data_dir).
+ * Appends to the raft log in <data_dir>/raft a configuration entry holding
+ * exactly `members` (all voters; it must include self_id), with
+ * libraft's raft_recover(). The next kms_raft_start() on data_dir uses it:
+ * entries this node never received are lost, and every member not listed
+ * must be wiped before it talks to this node again. Run it once, on one
+ * node. KMS_ENOTFOUND when data_dir holds no raft state, KMS_EINVAL,
+ * KMS_ERAFT. Single-threaded callers (main). */
+int kms_raft_recover(const char *data_dir, uint64_t self_id, const struct kms_raft_peer *members,
+                     size_t n_members, struct kms_err *err);
+
 #endif /* KMS_RAFT_H */

@@ -1909,6 +1909,8 @@ void kms_config_usage(FILE *f, const char *prog)
 {
     fprintf(f,
             "usage: %s [--config FILE] [--check-config | --dump-config] [--OPTION VALUE ...]\n"
+            "       %s recover --config FILE [--members ID,ID] [--yes-i-understand]\n"
+            "       %s restore --snapshot FILE --config FILE [--force]\n"
             "\n"
             "Precedence: defaults < config file < KMSD_* environment < flags.\n"
             "Flags take \"--flag VALUE\" or \"--flag=VALUE\"; a boolean flag alone means true.\n"
@@ -1920,7 +1922,7 @@ void kms_config_usage(FILE *f, const char *prog)
             "  --version                 print the version and exit\n"
             "  --help                    print this help and exit\n"
             "\n",
-            prog);
+            prog, prog, prog);
     for (size_t i = 0; i < N_OPTS; i++) {
         const struct opt *o = &opts[i];
         fprintf(f, "  --%s %s\n      %s\n      yaml %s, env %s", o->flag, o->meta, o->help,

@@ -220,4 +220,67 @@ int kms_store_snapshot_pinned(struct kms_store *s, struct raft_buffer **bufs, un
 /* Releases the pinned snapshot, if any. */
 void kms_store_snapshot_unpin(struct kms_store *s);
 
+/* ---- streaming export (online backups; export.c) -------------------------
+ * A consistent point-in-time copy read in bounded chunks: open pins a
+ * RocksDB snapshot (applies go on meanwhile), next fills buf with the
+ * following entries in key order, in the snapshot body encoding above
+ * ({u32le klen, u32le vlen, key, value, zero pad to 8}, 'X' meta keys left
+ * out), close releases it. Any thread, but one thread at a time per export;
+ * the store must outlive the export. */
+struct kms_store_export;
+
+/* KMS_EBUSY while a snapshot restore is half-way. *out owned by the caller
+ * until kms_store_export_close(). */
+int kms_store_export_open(struct kms_store *s, struct kms_store_export **out,
+                          struct kms_err *err);
+
+/* The applied raft index of the pinned state. */
+uint64_t kms_store_export_applied(const struct kms_store_export *x);
+
+/* Appends whole entries to buf (cap bytes, >= 8 + the largest entry) and
+ * sets *used, *entries, and *done once no entry follows (then the chunk may
+ * still hold entries). KMS_ERANGE for an entry larger than cap. */
+int kms_store_export_next(struct kms_store_export *x, uint8_t *buf, size_t cap, size_t *used,
+                          uint64_t *entries, bool *done, struct kms_err *err);
+
+/* NULL is a no-op. */
+void kms_store_export_close(struct kms_store_export *x);
+
+/* ---- backup files (backup.c; format in docs/operations.md) ------------- */
+
+#define KMS_BACKUP_MAX_TERMS 256
+
+struct kms_backup_info {
+    char cluster_id[64];   /* hex, from the header */
+    char created[64];
+    uint64_t index, node;  /* applied raft index of the copy, replica that took it */
+    uint32_t active_term, share_count, threshold;
+    uint64_t entries, records, revoked, members;
+    uint64_t per_term[KMS_BACKUP_MAX_TERMS]; /* records per keyring term */
+    bool has_keyring;
+    size_t body_offset, body_len;
+};
+
+/* Checks the whole file at path: header, end marker (truncation), SHA-256
+ * (alteration), every entry, entry count; fills info. cb (may be NULL) is
+ * called for every entry in order after the checksum matched; a non-zero
+ * return stops and is returned. KMS_EIO, KMS_EFORMAT (not a snapshot file),
+ * KMS_ECORRUPT (truncated, altered, damaged), each naming the file. */
+int kms_backup_verify(const char *path, struct kms_backup_info *info,
+                      int (*entry_cb)(void *arg, const uint8_t *k, size_t klen, const uint8_t *v,
+                                      size_t vlen),
+                      void *arg, struct kms_err *err);
+
+/* Offline restore (kmsd restore): verifies the file, then writes every
+ * entry except member metadata into the EMPTY store s (else KMS_EEXIST)
+ * and the record count. The applied index stays 0: a new cluster whose
+ * members all load the same file starts its raft log on top of it. A
+ * verification error found half-way leaves a partial store: the caller
+ * discards the directory. */
+int kms_backup_load(struct kms_store *s, const char *path, struct kms_backup_info *info,
+                    struct kms_err *err);
+
+/* The 8-byte trailer magic writers put before the entry count. */
+const uint8_t *kms_backup_trailer_magic(void);
+
 #endif /* KMS_STORE_H */

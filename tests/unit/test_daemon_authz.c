@@ -174,6 +174,8 @@ static void test_method_table(void **state)
         "/kmsd.v1.Operator/Status",      "/kmsd.v1.Operator/Unseal",
         "/kmsd.v1.Operator/Seal",        "/kmsd.v1.Operator/MembersList",
         "/kmsd.v1.Operator/KeysList",    "/kmsd.v1.Operator/KeysShow",
+        "/kmsd.v1.Operator/SnapshotBegin", "/kmsd.v1.Operator/SnapshotChunk",
+        "/kmsd.v1.Operator/SnapshotEnd",
     };
     size_t n = 0;
     const struct kmsd_method_policy *t = kmsd_authz_methods(&n);

@@ -31,6 +31,7 @@
 #include "kmsd.h"
 #include "kmsd_authz.h"
 #include "kmsd_pool.h"
+#include "kmsd_snapshot.h"
 
 #include "kmsd/v1/cluster.pb-c.h"
 #include "kmsd/v1/entry.pb-c.h"
@@ -1016,6 +1017,9 @@ int kmsd_cluster_register(struct kmsd *d, struct kms_rpc_server *srv)
         {"/kmsd.v1.Operator/KeysList", keys_list_cb},
         {"/kmsd.v1.Operator/KeysShow", keys_show_cb},
         {"/kmsd.v1.Operator/KeysRevoke", keys_revoke_cb},
+        {"/kmsd.v1.Operator/SnapshotBegin", kmsd_snapshot_begin_cb},
+        {"/kmsd.v1.Operator/SnapshotChunk", kmsd_snapshot_chunk_cb},
+        {"/kmsd.v1.Operator/SnapshotEnd", kmsd_snapshot_end_cb},
     };
     size_t n = sizeof(handlers) / sizeof(handlers[0]), npol = 0;
     int rc;

@@ -42,6 +42,7 @@
 #include "kms_store.h"
 #include "kms_time.h"
 #include "kmsd.h"
+#include "kmsd_snapshot.h"
 #include "kmsd_authz.h"
 #include "kmsd_notify.h"
 #include "kmsd_pool.h"
@@ -767,6 +768,7 @@ void kmsd_stop(struct kmsd *d)
         }
     }
     kmsd_seal(d);
+    kmsd_snapshot_shutdown(); /* pinned snapshots before the store closes */
     if (d->store != NULL) {
         kms_store_close(d->store);
         d->store = NULL;

@@ -129,7 +129,7 @@ struct kmsd_options {
 
 /* An operator method run on the operator pool: the real handler and its
  * argument (cluster_api.c). */
-#define KMSD_OP_METHODS 16
+#define KMSD_OP_METHODS 32
 struct kmsd;
 typedef void (*kmsd_op_fn)(void *arg, struct kms_rpc_call *call, const uint8_t *req,
                            size_t len);

@@ -23,6 +23,7 @@
 #include "kms_rpc.h"
 #include "kms_tls_check.h"
 #include "kmsd.h"
+#include "kmsd_dr.h"
 #include "kmsd_http.h"
 #include "kmsd_notify.h"
 
@@ -198,6 +199,11 @@ int main(int argc, char **argv)
     sigaddset(&set, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
 
+    if (kmsd_dr_is_subcommand(argc, argv)) {
+        /* Offline subcommands (recover): no daemon, no signals waited for. */
+        code = kmsd_dr_main(argc, argv, environ);
+        goto out;
+    }
     if (kms_config_load(&cfg, argc, argv, environ, &err) != 0) {
         fprintf(stderr, "kmsd: %s\n", err.msg);
         code = 1;
