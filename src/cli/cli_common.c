@@ -1327,15 +1327,7 @@ again:
             }
             ctx->g.cur_target++;
             ctx->g.target = ctx->g.targets[ctx->g.cur_target];
-            if (ctx->ch != NULL) {
-                kms_rpc_channel_destroy(ctx->ch);
-                ctx->ch = NULL;
-            }
-            free(details);
-            details = NULL;
-            free(rbuf);
-            rbuf = NULL;
-            goto again;
+            goto retry;
         }
         char where[160];
         uint64_t lid = 0;
@@ -1351,15 +1343,7 @@ again:
             fputc('\n', ctx->err);
             memcpy(ctx->redirect_target, laddr, sizeof(laddr));
             ctx->g.target = ctx->redirect_target;
-            if (ctx->ch != NULL) {
-                kms_rpc_channel_destroy(ctx->ch);
-                ctx->ch = NULL;
-            }
-            free(details);
-            details = NULL;
-            free(rbuf);
-            rbuf = NULL;
-            goto again;
+            goto retry;
         }
         /* Transport failures: say which endpoint could not be reached. */
         if (status == GRPC_STATUS_UNAVAILABLE || status == GRPC_STATUS_DEADLINE_EXCEEDED) {
@@ -1383,6 +1367,21 @@ again:
         fprintf(ctx->err, "Error: %s: malformed response from the server\n", op);
         ex = CLI_EXIT_REMOTE;
     }
+    goto out;
+retry:
+    /* The call goes to another endpoint (fail-over or leader redirect). */
+    if (ctx->ch != NULL) {
+        kms_rpc_channel_destroy(ctx->ch);
+        ctx->ch = NULL;
+    }
+    if (rbuf != NULL && secret) {
+        OPENSSL_cleanse(rbuf, rlen);
+    }
+    free(details);
+    details = NULL;
+    free(rbuf);
+    rbuf = NULL;
+    goto again;
 out:
     if (secret) {
         OPENSSL_cleanse(buf, n);

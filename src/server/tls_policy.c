@@ -148,6 +148,14 @@ static void grpc_log_sink(gpr_log_func_args *args)
                                                                       : KMS_LOG_DEBUG;
     const char *file = args->file != NULL ? strrchr(args->file, '/') : NULL;
     snprintf(where, sizeof(where), "%s:%d", file != NULL ? file + 1 : "?", args->line);
+    /* kms_rpc_server_stop() shuts the listening socket down itself, and
+     * gRPC reports that as "Failed accept4: Invalid argument" every time a
+     * listener closes on purpose (seal, lease loss, stop): expected, so
+     * debug. Any other accept failure (EMFILE, ...) stays a warning. */
+    if (args->message != NULL &&
+        strstr(args->message, "Failed accept4: Invalid argument") != NULL) {
+        lvl = KMS_LOG_DEBUG;
+    }
     /* gRPC's messages embed peers and error details: key on the source
      * location so one failing call site shares one rate-limit bucket. */
     kms_log_keyed(lvl, "grpc", where, args->message != NULL ? args->message : "", "src", where,

@@ -36,7 +36,8 @@
 #include "kmsd/v1/cluster.pb-c.h"
 #include "kmsd/v1/entry.pb-c.h"
 
-static void finish_msg(struct kms_rpc_call *call, const ProtobufCMessage *m)
+/* kmsd.h */
+void kmsd_call_finish_msg(struct kms_rpc_call *call, const ProtobufCMessage *m)
 {
     size_t n = protobuf_c_message_get_packed_size(m);
     uint8_t *buf = malloc(n > 0 ? n : 1);
@@ -171,7 +172,7 @@ static void forward_run_cb(void *arg)
     resp.result_code = rr.code;
     resp.result_msg = rr.msg;
     resp.count = rr.count;
-    finish_msg(j->call, &resp.base);
+    kmsd_call_finish_msg(j->call, &resp.base);
 out:
     kmsd__v1__forward_request__free_unpacked(j->r, NULL);
     free(j);
@@ -354,7 +355,7 @@ static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     ptrs = members_build(d, &st, &mc);
     resp.n_members = ptrs != NULL ? mc.n : 0;
     resp.members = ptrs;
-    finish_msg(call, &resp.base);
+    kmsd_call_finish_msg(call, &resp.base);
     members_free(&mc, ptrs);
     if (kr != NULL) {
         kms_keyring_unref(kr);
@@ -407,7 +408,7 @@ static void init_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
     resp.shares = shares;
     resp.threshold = r->key_threshold;
     resp.cluster_id = cid;
-    finish_msg(call, &resp.base);
+    kmsd_call_finish_msg(call, &resp.base);
 out:
     if (shares != NULL) {
         for (unsigned i = 0; i < n; i++) {
@@ -446,7 +447,7 @@ static void unseal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     resp.sealed = !unsealed;
     resp.progress = progress;
     resp.threshold = threshold;
-    finish_msg(call, &resp.base);
+    kmsd_call_finish_msg(call, &resp.base);
 out:
     if (r != NULL) {
         if (r->share != NULL) {
@@ -462,7 +463,7 @@ static void seal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
     Kmsd__V1__SealResponse resp = KMSD__V1__SEAL_RESPONSE__INIT;
     audit(call, "seal");
     kmsd_seal(d);
-    finish_msg(call, &resp.base);
+    kmsd_call_finish_msg(call, &resp.base);
 }
 
 static void stepdown_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
@@ -489,7 +490,7 @@ static void stepdown_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req
     }
     (void)kms_raft_status(d->raft, &st);
     resp.new_leader_id = st.leader_id;
-    finish_msg(call, &resp.base);
+    kmsd_call_finish_msg(call, &resp.base);
 }
 
 static void transfer_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
@@ -515,7 +516,7 @@ static void transfer_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req
         memset(&st, 0, sizeof(st));
         (void)kms_raft_status(d->raft, &st);
         resp.new_leader_id = st.leader_id;
-        finish_msg(call, &resp.base);
+        kmsd_call_finish_msg(call, &resp.base);
     }
     kmsd__v1__transfer_leader_request__free_unpacked(r, NULL);
 }
@@ -536,7 +537,7 @@ static void rotate_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
         return;
     }
     resp.active_term = term;
-    finish_msg(call, &resp.base);
+    kmsd_call_finish_msg(call, &resp.base);
 }
 
 static void members_list_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req,
@@ -553,7 +554,7 @@ static void members_list_cb(void *arg, struct kms_rpc_call *call, const uint8_t 
     ptrs = members_build(d, &st, &mc);
     resp.n_members = ptrs != NULL ? mc.n : 0;
     resp.members = ptrs;
-    finish_msg(call, &resp.base);
+    kmsd_call_finish_msg(call, &resp.base);
     members_free(&mc, ptrs);
 }
 
@@ -619,7 +620,7 @@ static void members_add_cb(void *arg, struct kms_rpc_call *call, const uint8_t *
         finish_err(call, "members-add", rc, err.msg);
         goto out;
     }
-    finish_msg(call, &resp.base);
+    kmsd_call_finish_msg(call, &resp.base);
 out:
     if (r != NULL) {
         kmsd__v1__members_add_request__free_unpacked(r, NULL);
@@ -657,7 +658,7 @@ static void members_remove_cb(void *arg, struct kms_rpc_call *call, const uint8_
         finish_err(call, "members-remove", rc, err.msg);
         goto out;
     }
-    finish_msg(call, &resp.base);
+    kmsd_call_finish_msg(call, &resp.base);
 out:
     if (r != NULL) {
         kmsd__v1__members_remove_request__free_unpacked(r, NULL);
@@ -802,7 +803,7 @@ static void keys_list_cb(void *arg, struct kms_rpc_call *call, const uint8_t *re
     resp.n_keys = c.n;
     resp.keys = ptrs;
     resp.next_page_token = next;
-    finish_msg(call, &resp.base);
+    kmsd_call_finish_msg(call, &resp.base);
 out:
     for (size_t i = 0; i < c.n; i++) {
         key_info_clear(&c.ki[i]);
@@ -844,7 +845,7 @@ static void keys_show_cb(void *arg, struct kms_rpc_call *call, const uint8_t *re
         goto out;
     }
     resp.key = &ki;
-    finish_msg(call, &resp.base);
+    kmsd_call_finish_msg(call, &resp.base);
 out:
     key_info_clear(&ki);
     if (rec != NULL) {
@@ -907,7 +908,7 @@ static void keys_revoke_cb(void *arg, struct kms_rpc_call *call, const uint8_t *
         goto out;
     }
     resp.revoked = e.op_case == KMSD__V1__ENTRY__OP_REVOKE_KEY ? 1 : res.count;
-    finish_msg(call, &resp.base);
+    kmsd_call_finish_msg(call, &resp.base);
 out:
     if (r != NULL) {
         kmsd__v1__keys_revoke_request__free_unpacked(r, NULL);

@@ -312,6 +312,10 @@ void kmsd_warn_local_reads(struct kmsd *d, const char *when);
 int kmsd_read_barrier(struct kmsd *d, unsigned wait_ms);
 
 /* RPC services. */
+/* Packs m and finishes the call OK with it (RESOURCE_EXHAUSTED when out of
+ * memory); the packed copy is wiped before it is freed. Any thread. */
+struct ProtobufCMessage;
+void kmsd_call_finish_msg(struct kms_rpc_call *call, const struct ProtobufCMessage *m);
 int kmsd_talos_register(struct kmsd *d, struct kms_rpc_server *srv);
 int kmsd_cluster_register(struct kmsd *d, struct kms_rpc_server *srv);
 

@@ -37,19 +37,6 @@ static struct snap_session snap_sessions[KMSD_SNAP_SESSIONS];
 static bool snap_reaper_started, snap_stopping;
 static pthread_t snap_reaper;
 
-static void snap_finish_msg(struct kms_rpc_call *call, const ProtobufCMessage *m)
-{
-    size_t n = protobuf_c_message_get_packed_size(m);
-    uint8_t *buf = malloc(n > 0 ? n : 1);
-    if (buf == NULL) {
-        kms_rpc_call_finish(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory", NULL, 0);
-        return;
-    }
-    protobuf_c_message_pack(m, buf);
-    kms_rpc_call_finish(call, GRPC_STATUS_OK, NULL, buf, n);
-    free(buf);
-}
-
 static void snap_finish_err(struct kms_rpc_call *call, const char *op, int code, const char *msg)
 {
     kms_log(KMS_LOG_INFO, "operator", "request failed", "op", op, "error", kms_errname(code),
@@ -195,7 +182,7 @@ void kmsd_snapshot_begin_cb(void *arg, struct kms_rpc_call *call, const uint8_t 
     resp.threshold = ek->threshold;
     snprintf(detail, sizeof(detail), "index %llu", (unsigned long long)resp.applied_index);
     snap_audit(call, "snapshot-save", detail);
-    snap_finish_msg(call, &resp.base);
+    kmsd_call_finish_msg(call, &resp.base);
 out:
     kms_store_export_close(x);
     if (ek != NULL) {
@@ -276,7 +263,7 @@ void kmsd_snapshot_chunk_cb(void *arg, struct kms_rpc_call *call, const uint8_t 
     resp.entries = entries;
     resp.done = done;
     ok = true;
-    snap_finish_msg(call, &resp.base);
+    kmsd_call_finish_msg(call, &resp.base);
 release:
     pthread_mutex_lock(&snap_mu);
     s->busy = false;
@@ -310,7 +297,7 @@ void kmsd_snapshot_end_cb(void *arg, struct kms_rpc_call *call, const uint8_t *r
         memset(s, 0, sizeof(*s));
     }
     pthread_mutex_unlock(&snap_mu);
-    snap_finish_msg(call, &resp.base);
+    kmsd_call_finish_msg(call, &resp.base);
 out:
     if (r != NULL) {
         kmsd__v1__snapshot_end_request__free_unpacked(r, NULL);
