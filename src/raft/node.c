@@ -47,6 +47,7 @@
 #include <uv.h>
 
 #include "kms_log.h"
+#include "kms_tsan.h"
 #include "kms_store.h"
 #include "kms_time.h"
 #include "kms_transport.h"
@@ -441,19 +442,26 @@ static void shred_begin(struct kms_raft *r, uint64_t index)
 
 static void shred_work_cb(uv_work_t *w)
 {
-    struct kms_raft *r = w->data;
+    struct kms_raft *r;
     struct kms_err err;
+    /* Queued from the raft thread through libuv's (uninstrumented) work
+     * queue: tell TSAN about that hand-off (kms_tsan.h). */
+    KMS_TSAN_ACQUIRE(w);
+    r = w->data;
     kms_err_clear(&err);
     if (kms_store_shred_compact(r->store, &err) != 0) {
         kms_logf(KMS_LOG_ERROR, MOD, "shred: compaction failed: %s", err.msg);
     }
+    KMS_TSAN_RELEASE(w);
 }
 
 static void shred_compact_start(struct kms_raft *r);
 
 static void shred_after_work_cb(uv_work_t *w, int status)
 {
-    struct kms_raft *r = w->data;
+    struct kms_raft *r;
+    KMS_TSAN_ACQUIRE(w);
+    r = w->data;
     (void)status;
     r->shred_compacting = false;
     r->shreds_done++;
@@ -473,6 +481,7 @@ static void shred_compact_start(struct kms_raft *r)
         return;
     }
     r->shred_work.data = r;
+    KMS_TSAN_RELEASE(&r->shred_work);
     if (uv_queue_work(&r->loop, &r->shred_work, shred_work_cb, shred_after_work_cb) != 0) {
         kms_logf(KMS_LOG_ERROR, MOD, "shred: cannot queue the compaction");
         return;

