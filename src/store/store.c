@@ -3,6 +3,7 @@
  * Snapshots, restore and the raft_fsm glue are in snapshot.c.
  */
 #include "store_internal.h"
+#include "kms_bytes.h"
 
 #include <inttypes.h>
 #include <stdarg.h>
@@ -19,23 +20,6 @@
 #define TOUCH_MAX 65536
 
 /* ---- small helpers ------------------------------------------------------ */
-
-void ks_put_be64(uint8_t *p, uint64_t v)
-{
-    for (int i = 7; i >= 0; i--) {
-        p[i] = (uint8_t)v;
-        v >>= 8;
-    }
-}
-
-uint64_t ks_get_be64(const uint8_t *p)
-{
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++) {
-        v = v << 8 | p[i];
-    }
-    return v;
-}
 
 static void hex16(const uint8_t *id, char out[33])
 {
@@ -129,7 +113,7 @@ static int get_u64(struct kms_store *s, const char *key, uint64_t *v, bool *foun
                          key, vlen);
         goto out;
     }
-    *v = ks_get_be64((const uint8_t *)val);
+    *v = kms_get_be64((const uint8_t *)val);
     *found = true;
 out:
     free(val);
@@ -645,7 +629,7 @@ out:
 static void member_key(uint8_t k[9], uint64_t id)
 {
     k[0] = KS_P_MEMBER;
-    ks_put_be64(k + 1, id);
+    kms_put_be64(k + 1, id);
 }
 
 static int op_put_member(struct apply_ctx *c, const Kmsd__V1__PutMember *op)
@@ -850,13 +834,13 @@ static int apply_entry(struct kms_store *s, uint64_t index, const void *buf, siz
     }
     if (c.count_delta != 0) {
         count += (uint64_t)c.count_delta;
-        ks_put_be64(cb, count);
+        kms_put_be64(cb, count);
         rocksdb_writebatch_put(c.wb, KS_K_COUNT, strlen(KS_K_COUNT), (const char *)cb, 8);
     }
     /* The applied index goes in the same batch as the state change: after a
      * crash RocksDB recovers a prefix of batches, so the stored index always
      * describes exactly the stored state. */
-    ks_put_be64(ab, index);
+    kms_put_be64(ab, index);
     rocksdb_writebatch_put(c.wb, KS_K_APPLIED, strlen(KS_K_APPLIED), (const char *)ab, 8);
     if ((rc = ks_write(s, c.wb, "write", err)) != 0) {
         goto out;
@@ -1225,10 +1209,10 @@ out:
 static void digest_item(EVP_MD_CTX *md, const char *k, size_t klen, const char *v, size_t vlen)
 {
     uint8_t h[8];
-    ks_put_be64(h, klen);
+    kms_put_be64(h, klen);
     EVP_DigestUpdate(md, h, 8);
     EVP_DigestUpdate(md, k, klen);
-    ks_put_be64(h, vlen);
+    kms_put_be64(h, vlen);
     EVP_DigestUpdate(md, h, 8);
     EVP_DigestUpdate(md, v, vlen);
 }
