@@ -31,6 +31,7 @@
 #include "kmsd.h"
 #include "kmsd_authz.h"
 #include "kmsd_pool.h"
+#include "kmsd_rekey.h"
 #include "kmsd_snapshot.h"
 
 #include "kmsd/v1/cluster.pb-c.h"
@@ -1021,6 +1022,10 @@ int kmsd_cluster_register(struct kmsd *d, struct kms_rpc_server *srv)
         {"/kmsd.v1.Operator/SnapshotBegin", kmsd_snapshot_begin_cb},
         {"/kmsd.v1.Operator/SnapshotChunk", kmsd_snapshot_chunk_cb},
         {"/kmsd.v1.Operator/SnapshotEnd", kmsd_snapshot_end_cb},
+        {"/kmsd.v1.Operator/RekeyInit", kmsd_rekey_init_cb},
+        {"/kmsd.v1.Operator/RekeyStatus", kmsd_rekey_status_cb},
+        {"/kmsd.v1.Operator/RekeyUpdate", kmsd_rekey_update_cb},
+        {"/kmsd.v1.Operator/RekeyCancel", kmsd_rekey_cancel_cb},
     };
     size_t n = sizeof(handlers) / sizeof(handlers[0]), npol = 0;
     int rc;
