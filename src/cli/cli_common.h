@@ -266,6 +266,8 @@ extern const struct cli_cmd cli_keys_subs[];
 extern const char cli_keys_usage[];
 extern const struct cli_cmd cli_snapshot_subs[]; /* cmd_snapshot.c */
 extern const char cli_snapshot_usage[];
+extern const struct cli_cmd cli_rekey_subs[]; /* cmd_rekey.c */
+extern const char cli_rekey_usage[];
 
 /* Writes members as a JSON array under key. */
 void cli_json_members(struct cli_json *j, const char *key, Kmsd__V1__MemberStatus *const *m,

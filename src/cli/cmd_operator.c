@@ -460,5 +460,7 @@ const struct cli_cmd cli_operator_subs[] = {
      NULL, NULL, false},
     {"snapshot", "save and inspect online backups", cli_snapshot_usage, cli_snapshot_subs,
      NULL, NULL, false},
+    {"rekey", "replace the key shares (new root key)", cli_rekey_usage, cli_rekey_subs, NULL,
+     NULL, false},
     {NULL, NULL, NULL, NULL, NULL, NULL, false},
 };

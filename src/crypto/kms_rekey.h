@@ -50,12 +50,12 @@ struct kms_rekey_session {
     struct kms_share given[KMS_SHAMIR_MAX_SHARES];
 };
 
-/* Starts a rekey: checks (n, k), draws a fresh random nonce. KMS_EBUSY when
+/* Starts a rekey: checks (n, k), draws a fresh random nonce. KMS_EEXIST when
  * one is active already (the message gives its nonce). */
 int kms_rekey_session_begin(struct kms_rekey_session *s, unsigned n, unsigned k,
                             int64_t now_ms, uint64_t tag, struct kms_err *err);
 /* Adds one current share against nonce. Errors: KMS_ENOTFOUND no rekey in
- * progress, KMS_EDENIED wrong nonce, share text errors of kms_share_parse,
+ * progress, KMS_EINVAL wrong nonce, share text errors of kms_share_parse,
  * KMS_EDUP an index given already, KMS_EFORMAT a length that differs,
  * KMS_ERANGE already `threshold` shares (combine them). On error the
  * session is unchanged. *progress receives the shares given. */

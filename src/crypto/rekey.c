@@ -86,9 +86,9 @@ int kms_rekey_session_begin(struct kms_rekey_session *s, unsigned n, unsigned k,
     int rc;
 
     if (s->active) {
-        return kms_err_set(err, KMS_EBUSY,
+        return kms_err_set(err, KMS_EEXIST,
                            "a rekey is already in progress (nonce %s): finish it or cancel it "
-                           "(kmsctl operator rekey --cancel)",
+                           "(kmsctl operator rekey cancel)",
                            s->nonce);
     }
     if ((rc = kms_rekey_params_check(n, k, err)) != 0) {
@@ -124,7 +124,7 @@ int kms_rekey_session_add(struct kms_rekey_session *s, const char *nonce, const 
     }
     if (nonce == NULL || strlen(nonce) != KMS_REKEY_NONCE_HEX - 1 ||
         strcmp(nonce, s->nonce) != 0) {
-        rc = kms_err_set(err, KMS_EDENIED,
+        rc = kms_err_set(err, KMS_EINVAL,
                          "wrong rekey nonce: the rekey in progress has another one (see kmsctl "
                          "operator rekey status)");
         goto out;

@@ -237,7 +237,7 @@ void kmsd_rekey_cancel_cb(void *arg, struct kms_rpc_call *call, const uint8_t *r
     if (session_get_locked(d) != 0 || !rk->active) {
         rc = KMS_ENOTFOUND;
     } else if (r->nonce != NULL && r->nonce[0] != '\0' && strcmp(r->nonce, rk->nonce) != 0) {
-        rc = KMS_EDENIED;
+        rc = KMS_EINVAL;
     } else {
         memcpy(nonce, rk->nonce, sizeof(nonce));
         kms_rekey_session_clear(rk);
@@ -247,7 +247,7 @@ void kmsd_rekey_cancel_cb(void *arg, struct kms_rpc_call *call, const uint8_t *r
         finish_err(call, "rekey-cancel", rc, "no rekey in progress (a leader change cancels one)");
         goto out;
     }
-    if (rc == KMS_EDENIED) {
+    if (rc == KMS_EINVAL) {
         finish_err(call, "rekey-cancel", rc,
                    "wrong rekey nonce: the rekey in progress has another one (see kmsctl "
                    "operator rekey status)");
