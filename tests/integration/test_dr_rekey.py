@@ -6,7 +6,8 @@ rekey, an update without a rekey, a second init refused, a wrong nonce,
 cancel, another cluster's shares (progress reset), too few shares (nothing
 changes); then the rekey commits under a Talos-like unseal load with 0
 failed unseals; every unsealed replica switches without a restart (a
-rotation afterwards is readable everywhere); the entry is shredded from the
+rotation afterwards is readable everywhere); a leader change cancels a
+rekey in progress; the entry is shredded from the
 raft log on every node; old shares are refused on a sealed replica and the
 new ones unseal it; a kill -9'd replica restarted unseals with the new
 shares and serves every key."""
@@ -122,6 +123,20 @@ def run(c, other):
     check(rc == 0, "cancel " + e)
     rc, _, e = update(c, leader, n1, old[0])
     check(rc == 2 and "no rekey in progress" in e, "the cancelled nonce is refused: " + e)
+
+    # --- a leader change cancels a rekey in progress (cleanly: nothing changed)
+    rc, st, e = rk(c, leader, "operator", "rekey", "init", "--key-shares", "4",
+                   "--key-threshold", "2", "-o", "json")
+    n0 = st["nonce"] if st else ""
+    check(rc == 0 and update(c, leader, n0, old[0])[0] == 0, "rekey begun, 1 share given")
+    check(rk(c, leader, "operator", "step-down")[0] == 0, f"leader {leader} steps down")
+    leader = wait(lambda: (lambda l: l if l and l != leader else None)(c.leader()), 15)
+    check(leader is not None, f"new leader {leader}")
+    rc, st, e = rk(c, leader, "operator", "rekey", "status", "-o", "json")
+    check(rc == 0 and st and st["started"] is False, f"no rekey on the new leader: {st}")
+    rc, _, e = update(c, leader, n0, old[1])
+    check(rc == 2 and "leader change cancels" in e, "the old nonce is refused: " + e)
+    fol = next(i for i in (1, 2, 3) if i != leader)
 
     # --- another cluster's shares: progress reset, the rekey stays open
     rc, st, e = rk(c, leader, "operator", "rekey", "init", "--key-shares", "4",
