@@ -11,6 +11,7 @@ rekey in progress; the entry is shredded from the
 raft log on every node; old shares are refused on a sealed replica and the
 new ones unseal it; a kill -9'd replica restarted unseals with the new
 shares and serves every key."""
+import base64
 import json
 import os
 import subprocess
@@ -62,6 +63,63 @@ def unseal_with(c, i, shares):
     return last
 
 
+def openssl(*args):
+    return subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=60)
+
+
+def share_recipients(o):
+    """operator init --share-recipients on the 1-node cluster, unseal with
+    --share-key; returns its 5 plain shares (decrypted with openssl
+    pkeyutl, as a holder without kmsctl would)."""
+    o.up()
+    keys = []
+    for i in range(6):
+        k = os.path.join(o.dir, f"holder{i}.pem")
+        bits = "1024" if i == 5 else "2048"
+        openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", f"rsa_keygen_bits:{bits}", "-out", k)
+        openssl("pkey", "-in", k, "-pubout", "-out", k + ".pub")
+        keys.append(k)
+    def recipients(name, idx):
+        path = os.path.join(o.dir, name)
+        with open(path, "w") as f:
+            for i in idx:
+                f.write(open(keys[i] + ".pub").read())
+        return path
+    rc, _, e = rk(o, 1, "operator", "init", "--share-recipients", recipients("four.pem", range(4)))
+    check(rc == 1 and "has 4 keys for --key-shares 5" in e, "4 recipients for 5 shares: " + e)
+    rc, _, e = rk(o, 1, "operator", "init", "--share-recipients",
+                  recipients("weak.pem", [0, 1, 2, 3, 5]))
+    check(rc == 1 and "key 5" in e and "1024 bits" in e, "a 1024-bit recipient refused: " + e)
+    st = o.status(1)
+    check(st and st.get("initialized") is False, "nothing was initialised by the refusals")
+    rc, out, e = rk(o, 1, "operator", "init", "--key-shares", "5", "--key-threshold", "3",
+                    "--share-recipients", recipients("ok.pem", range(5)), "-o", "json")
+    enc = (out or {}).get("encrypted_shares", [])
+    check(rc == 0 and len(enc) == 5 and "shares" not in out
+          and all(x.startswith("kmsenc1-") for x in enc) and "kms1-" not in json.dumps(out),
+          "init --share-recipients: 5 encrypted shares, none in the clear")
+    rc, _, e = rk(o, 1, "operator", "unseal", "--share-key", keys[1], share=enc[0] if enc else "")
+    check(rc == 1 and "cannot decrypt" in e, "another holder's key cannot open a share: " + e)
+    for i in range(3):
+        rc, st, e = rk(o, 1, "operator", "unseal", "--share-key", keys[i], "-o", "json",
+                       share=enc[i] if enc else "")
+    check(rc == 0 and st and st["sealed"] is False, "unsealed with 3 shares opened by "
+          "--share-key " + e)
+    plain = []
+    for i, x in enumerate(enc):
+        ct = os.path.join(o.dir, f"share{i}.bin")
+        with open(ct, "wb") as f:
+            f.write(base64.b64decode(x[len("kmsenc1-"):]))
+        p = openssl("pkeyutl", "-decrypt", "-inkey", keys[i], "-in", ct, "-pkeyopt",
+                    "rsa_padding_mode:oaep", "-pkeyopt", "rsa_oaep_md:sha256", "-pkeyopt",
+                    "rsa_mgf1_md:sha256")
+        os.unlink(ct)
+        plain.append(p.stdout.strip())
+    check(len(plain) == 5 and all(x.startswith("kms1-") for x in plain),
+          "each holder can also open their share with openssl pkeyutl")
+    return plain
+
+
 def main():
     c = Cluster(nodes=3, base=31000)
     other = Cluster(nodes=1, base=31100)
@@ -77,9 +135,7 @@ def main():
 
 def run(c, other):
     t_start = time.time()
-    other.up()
-    other.init()
-    other_shares = other.shares
+    other_shares = share_recipients(other)
     other.down()
     c.up()
     c.init()
