@@ -15,6 +15,8 @@
 #include "kms_store.h"
 #include "store_keys.h"
 
+#define KS_REKEY_WRAP_MAX 64 /* RekeyKeyring.wrapped_root: 60 bytes today */
+
 
 struct kms_store {
     rocksdb_t *db;
@@ -36,6 +38,13 @@ struct kms_store {
      * snapshot_finalize), and the raft index it was taken at. */
     const rocksdb_snapshot_t *snap_pending;
     uint64_t snap_pending_index;
+
+    /* The wrapped root key of the latest applied RekeyKeyring (memory only,
+     * never written to RocksDB; kms_store_rekey_wrap_take). */
+    pthread_mutex_t rekey_mu;
+    uint8_t rekey_wrap[KS_REKEY_WRAP_MAX];
+    size_t rekey_wrap_len;
+    uint64_t rekey_index;
 
     /* Sticky fatal error; written by the raft thread, read by anyone. */
     pthread_mutex_t fatal_mu;

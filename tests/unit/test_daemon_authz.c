@@ -169,6 +169,8 @@ static void test_method_table(void **state)
         "/kmsd.v1.Operator/KeysRevoke",    "/kmsd.v1.Operator/MembersAdd",
         "/kmsd.v1.Operator/MembersRemove", "/kmsd.v1.Operator/StepDown",
         "/kmsd.v1.Operator/TransferLeader",
+        "/kmsd.v1.Operator/RekeyInit",     "/kmsd.v1.Operator/RekeyStatus",
+        "/kmsd.v1.Operator/RekeyUpdate",   "/kmsd.v1.Operator/RekeyCancel",
     };
     static const char *const local[] = {
         "/kmsd.v1.Operator/Status",      "/kmsd.v1.Operator/Unseal",

@@ -239,6 +239,11 @@ static const struct kmsd_method_policy methods[] = {
     {"/kmsd.v1.Operator/MembersRemove", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
     {"/kmsd.v1.Operator/StepDown", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
     {"/kmsd.v1.Operator/TransferLeader", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    /* rekey (rekey.c): the session lives on the leader */
+    {"/kmsd.v1.Operator/RekeyInit", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    {"/kmsd.v1.Operator/RekeyStatus", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    {"/kmsd.v1.Operator/RekeyUpdate", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    {"/kmsd.v1.Operator/RekeyCancel", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
 };
 
 const struct kmsd_method_policy *kmsd_authz_methods(size_t *n)

@@ -46,6 +46,7 @@
 #include "kmsd_authz.h"
 #include "kmsd_notify.h"
 #include "kmsd_pool.h"
+#include "kmsd_rekey.h"
 
 
 /* RocksDB (Debian's build has assertions on) aborts when it opens on a
@@ -774,6 +775,7 @@ void kmsd_stop(struct kmsd *d)
         d->store = NULL;
     }
     kmsd_authz_free(d);
+    kmsd_rekey_stop();
     kmsd_limits_free(d);
     kms_secmem_free(d->pending, sizeof(struct kms_share) * KMSD_MAX_SHARES);
     d->pending = NULL;
