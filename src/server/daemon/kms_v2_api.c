@@ -132,7 +132,11 @@ void kmsd_k8s_decrypt_cb(void *arg, struct kms_rpc_call *call, const uint8_t *re
     }
     if ((rc = kms_k8s_unwrap(kr, rq->ciphertext.data, rq->ciphertext.len, pt, &ptlen, &term,
                              &err)) != 0) {
-        finish_err(call, "decrypt", rq->uid, rc, err.msg);
+        /* every replica holds the same keyring: a ciphertext that does not
+         * authenticate here is wrong everywhere (INVALID_ARGUMENT ends the
+         * plugin's failover); a missing term may only be missing here yet */
+        finish_err(call, "decrypt", rq->uid,
+                   rc == KMS_EAUTH || rc == KMS_EVERSION ? KMS_EFORMAT : rc, err.msg);
         goto out;
     }
     kms_k8s_key_id(kms_keyring_cluster_id(kr), term, key_id);
