@@ -62,6 +62,15 @@ def main():
     c = kmslib.Cluster(nodes=3, base=BASE)
     plugin = None
     try:
+        # bad invocations: a usage error, and an existing non-socket file at
+        # the socket path is refused and left alone
+        p = subprocess.run([PLUGIN, "--socket", "/tmp/x.sock"], capture_output=True, text=True,
+                           timeout=10, stdin=subprocess.DEVNULL)
+        check(p.returncode == 64 and "required" in p.stderr, f"missing flags: exit 64 ({p.stderr.strip()[:80]})")
+        p = subprocess.run([PLUGIN, "--socket", "rel.sock", "--endpoints", "127.0.0.1:1",
+                            "--ca", "x", "--cert", "x", "--key", "x", "--socket-mode", "0999"],
+                           capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
+        check(p.returncode == 64, f"bad --socket-mode: exit 64 ({p.stderr.strip()[:80]})")
         c.up()
         c.init()
         pki = os.path.join(c.dir, "pki")
@@ -163,6 +172,32 @@ def main():
                   "/kmsd.v1.Operator/KeysList", "/kmsd.v1.Cluster/Forward"):
             rc = direct("k8s-plugin", m)
             check(rc == PERMISSION_DENIED, f"plugin certificate refused on {m} (rc={rc})")
+
+        # a regular file where the socket should be: refused, file untouched
+        blocker = os.path.join(c.dir, "k8s", "not-a-socket")
+        with open(blocker, "w") as f:
+            f.write("keep me\n")
+        p = subprocess.run([PLUGIN, "--socket", blocker, "--endpoints", cluster_eps,
+                            "--ca", os.path.join(pki, "ca.pem"),
+                            "--cert", os.path.join(pki, "k8s-plugin.pem"),
+                            "--key", os.path.join(pki, "k8s-plugin-key.pem")],
+                           capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
+        with open(blocker) as f:
+            kept = f.read() == "keep me\n"
+        check(p.returncode == 1 and "not a socket" in p.stderr and kept,
+              f"non-socket file at --socket refused and kept (rc={p.returncode})")
+
+        # no replica left: healthz says why, Encrypt fails UNAVAILABLE in time
+        c.kill9(2)
+        c.kill9(3)
+        t1 = time.time()
+        st = wait_status(sock, lambda s: s.get("healthz") != "ok", timeout=15)
+        check(st is not None and st.get("healthz") != "ok" and "unreachable" in st.get("healthz", ""),
+              f"healthz not ok {time.time() - t1:.2f} s after the last replica died: {st}")
+        t1 = time.time()
+        rc, _ = envelope(sock, n=1, status=False)
+        check(rc == kmslib.UNAVAILABLE and time.time() - t1 < 5,
+              f"Encrypt with no replica: UNAVAILABLE (rc={rc}) in {time.time() - t1:.2f} s")
 
         # SIGTERM: clean exit, socket removed
         plugin.send_signal(signal.SIGTERM)
