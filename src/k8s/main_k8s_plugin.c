@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kms_crypto.h"
 #include "kms_k8s_plugin.h"
 #include "kms_log.h"
 #include "kms_rpc.h"
@@ -105,10 +106,13 @@ int main(int argc, char **argv)
         default: usage(stderr); return EXIT_USAGE;
         }
         if (bad != 0) {
-            fprintf(stderr, "kmsd-k8s-plugin: invalid value '%s' for --%s\n", optarg,
-                    longopts[0].name == NULL ? "?" : (c == 'm' ? "socket-mode" : c == 'H'
-                    ? "health-interval-ms" : c == 'T' ? "attempt-timeout-ms" : c == 'M'
-                    ? "max-call-ms" : c == 't' ? "threads" : "log-level"));
+            const char *name = "?";
+            for (size_t i = 0; longopts[i].name != NULL; i++) {
+                if (longopts[i].val == c) {
+                    name = longopts[i].name;
+                }
+            }
+            fprintf(stderr, "kmsd-k8s-plugin: invalid value '%s' for --%s\n", optarg, name);
             return EXIT_USAGE;
         }
     }
@@ -156,6 +160,11 @@ int main(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &set, NULL);
 
     kms_err_clear(&err);
+    /* seeds pass through this process: no core dumps, no ptrace by the same uid */
+    if (kms_process_harden(&err) != 0) {
+        kms_log(KMS_LOG_ERROR, "k8s-plugin", "cannot start", "error", err.msg, NULL);
+        goto out;
+    }
     if (kms_rpc_global_init(false, &err) != 0) {
         kms_log(KMS_LOG_ERROR, "k8s-plugin", "cannot start", "error", err.msg, NULL);
         goto out;

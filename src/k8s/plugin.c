@@ -252,6 +252,7 @@ struct job {
     struct kms_k8s_plugin *p;
     struct kms_rpc_call *call;
     const char *method;      /* kmsd method */
+    bool encrypt;            /* Encrypt (its answer carries the active key_id) */
     const char *op;          /* "encrypt" | "decrypt", for logs */
     uint8_t *req;
     size_t len;
@@ -282,7 +283,7 @@ static void job_run_cb(void *arg)
     st = upstream_call(p, j->method, j->req, j->len, budget, &resp, &rlen, details,
                        sizeof(details), &who);
     if (st == GRPC_STATUS_OK) {
-        if (j->method == (const char *)M_ENCRYPT) {
+        if (j->encrypt) {
             /* a rotation shows in Encrypt's key_id first: let Status follow */
             V2__EncryptResponse *er = v2__encrypt_response__unpack(NULL, rlen, resp);
             if (er != NULL && er->key_id[0] != '\0') {
@@ -322,6 +323,7 @@ static void park(struct kms_k8s_plugin *p, struct kms_rpc_call *call, const char
     j->p = p;
     j->call = call;
     j->method = method;
+    j->encrypt = strcmp(method, M_ENCRYPT) == 0;
     j->op = op;
     j->len = len;
     if ((rc = kmsd_pool_submit(p->pool, job_run_cb, j)) != 0) {
