@@ -30,6 +30,7 @@
 #include "kms_time.h"
 #include "kmsd.h"
 #include "kmsd_authz.h"
+#include "kmsd_k8s.h"
 #include "kmsd_pool.h"
 #include "kmsd_rekey.h"
 #include "kmsd_share_recipients.h"
@@ -982,6 +983,13 @@ static void dispatch_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req
                                     "(one CN kmsd-node-<id>, cluster CA)");
             goto out;
         }
+    } else if (m->flags & KMSD_AUTH_K8S) {
+        if (!kmsd_authz_k8s(d, call)) {
+            finish_err(call, m->path, KMS_EDENIED,
+                       "certificate is not a Kubernetes KMS plugin certificate "
+                       "(one CN " KMSD_K8S_CN_PREFIX "<name>, operator CA)");
+            goto out;
+        }
     } else if (!(m->flags & KMSD_AUTH_OPERATOR) || !kmsd_authz_operator(d, call)) {
         finish_err(call, m->path, KMS_EDENIED, "certificate is not an operator certificate");
         goto out;
@@ -1040,6 +1048,9 @@ int kmsd_cluster_register(struct kmsd *d, struct kms_rpc_server *srv)
         {"/kmsd.v1.Operator/RekeyStatus", kmsd_rekey_status_cb},
         {"/kmsd.v1.Operator/RekeyUpdate", kmsd_rekey_update_cb},
         {"/kmsd.v1.Operator/RekeyCancel", kmsd_rekey_cancel_cb},
+        {"/kmsd.v1.KubernetesKms/Status", kmsd_k8s_status_cb},
+        {"/kmsd.v1.KubernetesKms/Encrypt", kmsd_k8s_encrypt_cb},
+        {"/kmsd.v1.KubernetesKms/Decrypt", kmsd_k8s_decrypt_cb},
     };
     size_t n = sizeof(handlers) / sizeof(handlers[0]), npol = 0;
     int rc;
