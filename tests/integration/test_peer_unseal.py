@@ -156,6 +156,7 @@ def main():
         c.env["KMSD_TLS_OPERATOR_CA_FILE"] = bundle
         c.up()
         c.init()
+        print(f"PHASE cluster up and unsealed at {time.time() - t_start:.0f} s", flush=True)
         check(all(c.status(i).get("peer_unseal") is True for i in (1, 2, 3)),
               "every node reports peer_unseal: true")
         check(all(c.status(i).get("peer_unseal_gate") == "open" for i in (1, 2, 3)),
@@ -169,7 +170,7 @@ def main():
         with open(blobs, "w") as f:
             f.write(p.stdout)
         load = subprocess.Popen([TALOS, "load", "-ca", c.ca(), "-endpoints", c.endpoints(),
-                                 "-clients", "4", "-duration", "15s", "-blobs", blobs],
+                                 "-clients", "4", "-duration", "20s", "-blobs", blobs],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         t_load = time.time()
         times = []
@@ -186,8 +187,8 @@ def main():
                   f"rolling: node {i} was unsealed by a peer (log)")
             check('"via":"key shares"' not in txt, f"rolling: node {i} got no shares")
             check(wait(lambda: serving(c, i), 15), f"rolling: node {i} serves again")
-        check(time.time() - t_load < 15, f"rolling: all three restarts within the load "
-              f"({time.time() - t_load:.1f} s of 15 s)")
+        check(time.time() - t_load < 20, f"rolling: all three restarts within the load "
+              f"({time.time() - t_load:.1f} s of 20 s)")
         # let the load finish its duration
         out, err = load.communicate(timeout=120)
         try:
@@ -203,28 +204,34 @@ def main():
         print(f"FIGURE peer unseal after restart: " +
               ", ".join(f"{t:.2f} s" for t in times) + " (process start to unsealed)")
 
+        print(f"PHASE done at {time.time() - t_start:.0f} s", flush=True)
         # ---- a node certificate from another CA is refused -----------------
         stop(c, 3)
         since = {i: log_size(c, i) for i in (1, 2)}
         b3 = log_size(c, 3)
         proc = start_raw(c, 3, KMSD_TLS_NODE_CERT_FILE=fc, KMSD_TLS_NODE_KEY_FILE=fk)
+        t0 = time.time()
         got = wait(lambda: refusals(c, (1, 2), since, 3), 15)
         reasons = refusals(c, (1, 2), since, 3)
         check(got and all("not a cluster node certificate" in r for _, r in reasons),
-              f"foreign CA: the peers refused and audited it ({reasons[:2]})")
+              f"foreign CA: the peers refused and audited it after {time.time() - t0:.1f} s "
+              f"({reasons[:2]})")
         check(len(warn_refusals(c, (1, 2), since)) > 0,
               "foreign CA: the refusal is logged at warn level")
         check(proc.poll() is None and '"unsealed"' not in log_text(c, 3)[b3:] and
               not kmslib.port_open(c.port(3, 0)),
               "foreign CA: node 3 stays sealed (Talos port closed)")
-        stop(c, 3)
-        proc.wait(timeout=10)
+        # This process is our child (a zombie once it exits): stop it here.
+        proc.terminate()
+        proc.wait(timeout=15)
+        os.unlink(os.path.join(c.dir, "node3", "kmsd.pid"))
 
+        print(f"PHASE done at {time.time() - t_start:.0f} s", flush=True)
         # ---- peer: false: nothing changes ---------------------------------
         since = {i: log_size(c, i) for i in (1, 2)}
         b3 = log_size(c, 3)
         start(c, 3, KMSD_UNSEAL_PEER="false")
-        time.sleep(3)
+        time.sleep(2)
         check(sealed(c, 3), "peer: false: node 3 stays sealed after a restart")
         st = c.status(3) or {}
         check(st.get("peer_unseal") is False and st.get("peer_unseal_gate") == "",
@@ -249,18 +256,19 @@ def main():
         check(wait(lambda: not sealed(c, 3), 20), "node 3 back with peer unseal")
         check(wait(lambda: serving(c, 3), 15), "node 3 serves")
 
+        print(f"PHASE done at {time.time() - t_start:.0f} s", flush=True)
         # ---- operator seal closes the gate ---------------------------------
         p = c.ctl(2, "operator", "seal")
         check(p.returncode == 0, f"operator seal of node 2 ({p.stderr.strip()})")
         check(wait(lambda: all((c.status(i) or {}).get("peer_unseal_gate") == "closed"
                                for i in (1, 2, 3)), 10),
               "seal: every node reports the gate closed (replicated)")
-        time.sleep(2)
+        time.sleep(1)
         check(sealed(c, 2), "seal: node 2 stays sealed (no peer unseal)")
         stop(c, 1)
         b1 = log_size(c, 1)
         start(c, 1)
-        time.sleep(3)
+        time.sleep(2)
         check(sealed(c, 1), "seal: restarted node 1 stays sealed while the gate is closed")
         check("administratively sealed" in log_text(c, 1)[b1:],
               "seal: node 1 says why it does not ask")
@@ -275,6 +283,7 @@ def main():
               f"({time.time() - t0:.2f} s after the shares)")
         check('"unsealed by a peer"' in log_text(c, 1)[b1:], "seal: node 1 by a peer (log)")
 
+        print(f"PHASE done at {time.time() - t_start:.0f} s", flush=True)
         # ---- a removed member is refused -----------------------------------
         stop(c, 3)
         leader = c.wait_leader(among=(1, 2))

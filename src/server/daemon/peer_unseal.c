@@ -411,6 +411,13 @@ out:
 
 /* ---- requesting side ---------------------------------------------------- */
 
+/* Polled while a request is in flight: a stopping daemon abandons it. */
+static bool keep_cb(void *arg)
+{
+    struct kmsd *d = arg;
+    return !atomic_load(&d->stopping);
+}
+
 /* One request to member id. 0 once this node is unsealed with the key it
  * got (or was unsealed meanwhile); otherwise the reason in err. */
 static int ask_peer(struct kmsd *d, uint64_t id, struct kms_err *err)
@@ -450,8 +457,8 @@ static int ask_peer(struct kmsd *d, uint64_t id, struct kms_err *err)
         rc = kms_err_wrap(err, KMS_EUNAVAIL, "node %" PRIu64 " at %s", id, addr);
         goto out;
     }
-    rc = kms_rpc_unary(ch, PEER_PATH, buf, len, PEER_CALL_MS, &out, &outlen, &status, &details,
-                       err);
+    rc = kms_rpc_unary_watch(ch, PEER_PATH, buf, len, PEER_CALL_MS, 100, keep_cb, d, &out,
+                             &outlen, &status, &details, err);
     if (rc != 0 || status != GRPC_STATUS_OK) {
         rc = kms_err_set(err, status == GRPC_STATUS_PERMISSION_DENIED ? KMS_EDENIED : KMS_EUNAVAIL,
                          "node %" PRIu64 " at %s: %s: %s", id, addr,
