@@ -8,7 +8,8 @@ from that CA passes the TLS handshake and must be refused by kmsd itself.
 
   rolling   every node restarted in turn (no shares given: start-node with
             KMSD_NO_UNSEAL=1) under a Talos-like unseal load over all
-            endpoints: each comes back unsealed by a peer, 0 failed unseals
+            endpoints: each comes back unsealed by a peer, no wrong bytes, no
+            failure but a retryable status racing a SIGTERM (reported)
   foreign   node 3 restarted with a CN=kmsd-node-3 certificate from the
             foreign CA: stays sealed, the peers log and audit the refusal
   peer-off  node 3 restarted with unseal.peer: false: asks nobody, stays
