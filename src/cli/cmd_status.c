@@ -115,6 +115,9 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
         cli_json_str(&j, "read_lease", lease_text(st));
         cli_json_bool(&j, "member", is_member(st));
         cli_json_bool(&j, "serving", cli_status_serving(st));
+        cli_json_bool(&j, "peer_unseal", st->peer_unseal);
+        cli_json_str(&j, "peer_unseal_gate",
+                     st->peer_unseal_gate != NULL ? st->peer_unseal_gate : "");
         cli_json_obj_end(&j);
         cli_json_end(&j);
         return;
@@ -162,6 +165,12 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
     }
     if (st->keyring_error != NULL && st->keyring_error[0] != '\0') {
         kv(t, "Keyring Error", st->keyring_error);
+    }
+    if (st->peer_unseal) {
+        kv(t, "Peer Unseal",
+           st->peer_unseal_gate != NULL && strcmp(st->peer_unseal_gate, "closed") == 0
+               ? "on; gate closed (operator seal: give a sealed node k shares)"
+               : "on");
     }
     cli_table_print(f, t);
     cli_table_free(t);

@@ -62,6 +62,9 @@ struct f_limits {
         *httpMaxConnectionsPerAddress, *listenerProbeInterval, *talosConnectionBytes,
         *abuseBanAfter, *abuseBanTime;
 };
+struct f_unseal {
+    char *peer;
+};
 struct f_enrol {
     char **allowedCIDRs;
     unsigned allowedCIDRs_count;
@@ -78,6 +81,7 @@ struct f_doc {
     struct f_peer *initialCluster;
     unsigned initialCluster_count;
     char *unsealReads, *leaseGrace, *requestWait;
+    struct f_unseal unseal;
     struct f_rate rateLimit;
     struct f_limits limits;
     struct f_enrol enrolment;
@@ -125,6 +129,9 @@ static const cyaml_schema_field_t peer_fields[] = {
     CYAML_FIELD_END};
 static const cyaml_schema_value_t peer_entry = {
     CYAML_VALUE_MAPPING(CYAML_FLAG_DEFAULT, struct f_peer, peer_fields)};
+static const cyaml_schema_field_t unseal_fields[] = {
+    OPT_STR("peer", struct f_unseal, peer),
+    CYAML_FIELD_END};
 static const cyaml_schema_field_t rate_fields[] = {
     OPT_STR("failedUnsealsPerMinute", struct f_rate, failedUnsealsPerMinute),
     OPT_STR("failedUnsealsGlobalPerMinute", struct f_rate, failedUnsealsGlobalPerMinute),
@@ -171,6 +178,7 @@ static const cyaml_schema_field_t doc_fields[] = {
     OPT_STR("unsealReads", struct f_doc, unsealReads),
     OPT_STR("leaseGrace", struct f_doc, leaseGrace),
     OPT_STR("requestWait", struct f_doc, requestWait),
+    CYAML_FIELD_MAPPING("unseal", CYAML_FLAG_OPTIONAL, struct f_doc, unseal, unseal_fields),
     CYAML_FIELD_MAPPING("rateLimit", CYAML_FLAG_OPTIONAL, struct f_doc, rateLimit, rate_fields),
     CYAML_FIELD_MAPPING("limits", CYAML_FLAG_OPTIONAL, struct f_doc, limits, limits_fields),
     CYAML_FIELD_MAPPING("enrolment", CYAML_FLAG_OPTIONAL, struct f_doc, enrolment, enrol_fields),
@@ -309,6 +317,10 @@ static const struct opt opts[] = {
     {"requestWait", "KMSD_REQUEST_WAIT", "request-wait", T_DURATION, "5s", IMM,
      C(request_wait_ms), F(requestWait), 10, 9000, NULL, "DURATION",
      "longest wait for a leader or lease inside one RPC (below Talos's 10s deadline)"},
+    {"unseal.peer", "KMSD_UNSEAL_PEER", "unseal-peer", T_BOOL, "false", IMM,
+     C(unseal.peer), F(unseal.peer), 0, 0, NULL, "BOOL",
+     "a restarted replica asks an unsealed member for the root key (set on every member; "
+     "docs/security.md \"Peer unseal\")"},
     {"rateLimit.failedUnsealsPerMinute", "KMSD_RATE_LIMIT_FAILED_UNSEALS_PER_MINUTE",
      "rate-limit-failed-unseals-per-minute", T_UINT, "30", IMM,
      C(failed_unseals_per_minute), F(rateLimit.failedUnsealsPerMinute), 0, 1000000, NULL,

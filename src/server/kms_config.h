@@ -116,6 +116,10 @@ struct kms_config {
     unsigned lease_grace_ms;
     unsigned request_wait_ms;
 
+    struct {
+        bool peer; /* unseal.peer: ask an unsealed member for R (docs/security.md) */
+    } unseal;
+
     unsigned failed_unseals_per_minute; /* 0 = no limit */
     unsigned failed_unseals_global_per_minute; /* 0 = no limit */
     unsigned seals_per_minute;          /* per source address; 0 = no limit */

@@ -28,6 +28,7 @@ static int op_known(Kmsd__V1__Entry__OpCase c)
     case KMSD__V1__ENTRY__OP_TOUCH_BATCH:
     case KMSD__V1__ENTRY__OP_NOOP:
     case KMSD__V1__ENTRY__OP_REKEY_KEYRING:
+    case KMSD__V1__ENTRY__OP_SET_PEER_UNSEAL_GATE:
         return 1;
     default:
         return 0;

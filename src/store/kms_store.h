@@ -7,6 +7,8 @@
  *   'U' node_uuid '\0' key_id[16]  -> empty (index to list/revoke by UUID)
  *   'M' u64be(member id)           -> packed kmsd.v1.Member
  *   "Kkeyring"                     -> packed kmsd.v1.EncryptedKeyring
+ *   "Kpeer_unseal_gate"            -> packed kmsd.v1.PeerUnsealGate (absent:
+ *                                     never closed; docs/security.md)
  *   "Xapplied"                     -> u64be applied raft index
  *   "Xcount"                       -> u64be number of records
  *   "Xrestoring"                   -> u64be, present only while a snapshot
@@ -165,6 +167,11 @@ int kms_store_records_list_after(struct kms_store *s, const char *node_uuid,
 /* The replicated (encrypted) keyring. KMS_EUNINIT if the cluster has none. */
 int kms_store_keyring_get(struct kms_store *s, Kmsd__V1__EncryptedKeyring **out,
                           struct kms_err *err);
+
+/* The peer unseal gate (SetPeerUnsealGate entries). KMS_ENOTFOUND when it
+ * was never closed. */
+int kms_store_peer_gate_get(struct kms_store *s, Kmsd__V1__PeerUnsealGate **out,
+                            struct kms_err *err);
 
 /* Calls cb for every member (by id), same contract as records_list. */
 int kms_store_members_list(struct kms_store *s,

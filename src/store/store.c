@@ -715,6 +715,64 @@ void kms_store_rekey_wrap_take(struct kms_store *s, uint8_t *out, size_t cap, si
     pthread_mutex_unlock(&s->rekey_mu);
 }
 
+/* The peer unseal gate: close bumps the generation; reopen needs the
+ * current generation and a 32-byte proof, which the store cannot check (it
+ * has no key): every peer checks it before it serves (peer_unseal.c), so a
+ * forged reopen only keeps the gate shut. */
+static int op_set_peer_gate(struct apply_ctx *c, const Kmsd__V1__SetPeerUnsealGate *op)
+{
+    Kmsd__V1__PeerUnsealGate *cur = NULL;
+    Kmsd__V1__PeerUnsealGate next = KMSD__V1__PEER_UNSEAL_GATE__INIT;
+    char *val = NULL;
+    size_t vlen = 0;
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    int rc;
+
+    rc = db_get(c->s, NULL, KS_K_PEER_GATE, strlen(KS_K_PEER_GATE), &val, &vlen, c->err);
+    if (rc != 0 && rc != KMS_ENOTFOUND) {
+        goto out;
+    }
+    if (rc == 0) {
+        cur = kmsd__v1__peer_unseal_gate__unpack(NULL, vlen, (const uint8_t *)val);
+        if (cur == NULL) {
+            rc = kms_err_set(c->err, KMS_ECORRUPT, "store %s: stored peer unseal gate does not "
+                             "parse", c->s->path);
+            goto out;
+        }
+    }
+    rc = 0;
+    next.generation = cur != NULL ? cur->generation : 0;
+    if (op->close) {
+        next.generation++;
+        next.closed = true;
+    } else if (cur == NULL || !cur->closed || op->generation != cur->generation ||
+               op->proof.len != 32) {
+        result(c, KMS_ERANGE, 0, "peer unseal gate: reopen of generation %" PRIu64
+               " refused (current %" PRIu64 ", %s)", op->generation, next.generation,
+               cur != NULL && cur->closed ? "closed" : "open");
+        goto out;
+    } else {
+        next.closed = false;
+        next.proof = op->proof;
+    }
+    next.at = op->at;
+    next.by_node = op->by_node;
+    if ((rc = pack_msg(&next.base, &buf, &len, c->err)) != 0) {
+        goto out;
+    }
+    rocksdb_writebatch_put(c->wb, KS_K_PEER_GATE, strlen(KS_K_PEER_GATE), (const char *)buf, len);
+    result(c, 0, 1, "peer unseal gate %s (generation %" PRIu64 ")",
+           next.closed ? "closed" : "reopened", next.generation);
+out:
+    free(val);
+    free(buf);
+    if (cur != NULL) {
+        kmsd__v1__peer_unseal_gate__free_unpacked(cur, NULL);
+    }
+    return rc;
+}
+
 static void member_key(uint8_t k[9], uint64_t id)
 {
     k[0] = KS_P_MEMBER;
@@ -917,6 +975,9 @@ static int apply_entry(struct kms_store *s, uint64_t index, const void *buf, siz
         break;
     case KMSD__V1__ENTRY__OP_REKEY_KEYRING:
         rc = op_rekey_keyring(&c, e->rekey_keyring);
+        break;
+    case KMSD__V1__ENTRY__OP_SET_PEER_UNSEAL_GATE:
+        rc = op_set_peer_gate(&c, e->set_peer_unseal_gate);
         break;
     default:
         rc = kms_err_set(err, KMS_ECORRUPT, "unknown op (case %d)", (int)e->op_case);
@@ -1256,6 +1317,31 @@ int kms_store_keyring_get(struct kms_store *s, Kmsd__V1__EncryptedKeyring **out,
     *out = kmsd__v1__encrypted_keyring__unpack(NULL, vlen, (const uint8_t *)val);
     if (*out == NULL) {
         rc = kms_err_set(err, KMS_ECORRUPT, "store %s: stored keyring does not parse", s->path);
+    }
+out:
+    free(val);
+    return rc;
+}
+
+int kms_store_peer_gate_get(struct kms_store *s, Kmsd__V1__PeerUnsealGate **out,
+                            struct kms_err *err)
+{
+    char *val = NULL;
+    size_t vlen = 0;
+    int rc;
+
+    if (s == NULL || out == NULL) {
+        return kms_err_set(err, KMS_EINVAL, "peer gate get: bad arguments");
+    }
+    *out = NULL;
+    rc = db_get(s, NULL, KS_K_PEER_GATE, strlen(KS_K_PEER_GATE), &val, &vlen, err);
+    if (rc != 0) {
+        goto out;
+    }
+    *out = kmsd__v1__peer_unseal_gate__unpack(NULL, vlen, (const uint8_t *)val);
+    if (*out == NULL) {
+        rc = kms_err_set(err, KMS_ECORRUPT, "store %s: stored peer unseal gate does not parse",
+                         s->path);
     }
 out:
     free(val);

@@ -13,6 +13,7 @@
 #define KS_P_MEMBER 'M'
 #define KS_P_META 'X'
 #define KS_K_KEYRING "Kkeyring"
+#define KS_K_PEER_GATE "Kpeer_unseal_gate"
 #define KS_K_APPLIED "Xapplied"
 #define KS_K_COUNT "Xcount"
 #define KS_K_RESTORING "Xrestoring"

@@ -189,7 +189,7 @@ static void test_method_table(void **state)
     unsigned node_rows = 0, k8s_rows = 0;
     (void)state;
 
-    assert_int_equal(n, 1 + sizeof(writes) / sizeof(writes[0]) +
+    assert_int_equal(n, 2 + sizeof(writes) / sizeof(writes[0]) +
                             sizeof(local) / sizeof(local[0]) + sizeof(k8s) / sizeof(k8s[0]));
     assert_true(n <= KMSD_OP_METHODS);
     for (size_t i = 0; i < n; i++) {
@@ -217,8 +217,8 @@ static void test_method_table(void **state)
             assert_true(t[i].flags & KMSD_RUN_PARK);
         }
     }
-    /* a node certificate reaches one method only: Forward */
-    assert_int_equal(node_rows, 1);
+    /* a node certificate reaches two methods only: Forward and PeerUnseal */
+    assert_int_equal(node_rows, 2);
     assert_int_equal(k8s_rows, sizeof(k8s) / sizeof(k8s[0]));
     for (size_t i = 0; i < sizeof(k8s) / sizeof(k8s[0]); i++) {
         assert_non_null(kmsd_authz_method(k8s[i]));
@@ -226,6 +226,9 @@ static void test_method_table(void **state)
     fwd = kmsd_authz_method("/kmsd.v1.Cluster/Forward");
     assert_non_null(fwd);
     assert_int_equal(fwd->flags, KMSD_AUTH_NODE);
+    fwd = kmsd_authz_method("/kmsd.v1.Cluster/PeerUnseal");
+    assert_non_null(fwd);
+    assert_int_equal(fwd->flags, KMSD_AUTH_NODE | KMSD_RUN_PARK);
     for (size_t i = 0; i < sizeof(writes) / sizeof(writes[0]); i++) {
         const struct kmsd_method_policy *m = kmsd_authz_method(writes[i]);
         assert_non_null(m);
@@ -271,11 +274,14 @@ static void test_entry_forwardable(void **state)
     };
     (void)state;
     assert_true(kmsd_authz_entry_forwardable(KMSD__V1__ENTRY__OP_PUT_RECORD));
+    assert_true(kmsd_authz_entry_forwardable(KMSD__V1__ENTRY__OP_SET_PEER_UNSEAL_GATE));
     for (size_t i = 0; i < sizeof(others) / sizeof(others[0]); i++) {
         assert_false(kmsd_authz_entry_forwardable(others[i]));
     }
     for (int op = 0; op < 64; op++) {
-        assert_true(kmsd_authz_entry_forwardable(op) == (op == KMSD__V1__ENTRY__OP_PUT_RECORD));
+        assert_true(kmsd_authz_entry_forwardable(op) ==
+                    (op == KMSD__V1__ENTRY__OP_PUT_RECORD ||
+                     op == KMSD__V1__ENTRY__OP_SET_PEER_UNSEAL_GATE));
     }
 }
 

@@ -249,6 +249,8 @@ bool kmsd_authz_k8s(struct kmsd *d, struct kms_rpc_call *call)
 static const struct kmsd_method_policy methods[] = {
     /* node to node: only what a follower needs */
     {"/kmsd.v1.Cluster/Forward", KMSD_AUTH_NODE},
+    /* peer unseal (kmsd_peer.h): membership, gate and limits in the handler */
+    {"/kmsd.v1.Cluster/PeerUnseal", KMSD_AUTH_NODE | KMSD_RUN_PARK},
     /* reads and per-replica actions: the replica that was called */
     {"/kmsd.v1.Operator/Status", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK},
     {"/kmsd.v1.Operator/Unseal", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK},
@@ -300,7 +302,11 @@ const struct kmsd_method_policy *kmsd_authz_method(const char *path)
 
 bool kmsd_authz_entry_forwardable(int op_case)
 {
-    return op_case == KMSD__V1__ENTRY__OP_PUT_RECORD;
+    /* The peer unseal gate: closed by an operator seal of a follower,
+     * reopened by a follower unsealed with k shares; checked by the leader
+     * (kmsd_peer_gate_forward_check) and, for a reopen, by every peer. */
+    return op_case == KMSD__V1__ENTRY__OP_PUT_RECORD ||
+           op_case == KMSD__V1__ENTRY__OP_SET_PEER_UNSEAL_GATE;
 }
 
 int kmsd_authz_record_check(const Kmsd__V1__SealedRecord *rec, uint32_t max_term,

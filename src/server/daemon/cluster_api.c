@@ -31,6 +31,7 @@
 #include "kmsd.h"
 #include "kmsd_authz.h"
 #include "kmsd_k8s.h"
+#include "kmsd_peer.h"
 #include "kmsd_pool.h"
 #include "kmsd_rekey.h"
 #include "kmsd_share_recipients.h"
@@ -144,7 +145,14 @@ static void forward_run_cb(void *arg)
         forward_refuse(d, j->call, "a node may forward only sealed records (PutRecord)");
         goto out;
     }
-    {
+    if (j->r->entry->op_case == KMSD__V1__ENTRY__OP_SET_PEER_UNSEAL_GATE) {
+        if (kmsd_peer_gate_forward_check(d, j->r->entry, j->caller_id, &err) != 0) {
+            char why[sizeof(err.msg) + 32];
+            snprintf(why, sizeof(why), "peer unseal gate: %s", err.msg);
+            forward_refuse(d, j->call, why);
+            goto out;
+        }
+    } else {
         Kmsd__V1__EncryptedKeyring *ek = NULL;
         uint32_t max_term = 0;
         if (kms_store_keyring_get(d->store, &ek, NULL) == 0) {
@@ -347,6 +355,8 @@ static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     resp.lease = kms_raft_lease_valid(d->raft);
     resp.unseal_reads = d->opt.unseal_reads_local ? "local" : "lease";
     resp.member = kmsd_raft_is_member(d);
+    resp.peer_unseal = d->opt.peer_unseal;
+    resp.peer_unseal_gate = (char *)kmsd_peer_gate_state(d);
     resp.talos_listening = atomic_load(&d->talos_listening);
     resp.cluster_id = cid;
     kr = kmsd_keyring_get(d);
@@ -477,8 +487,14 @@ static void seal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
 {
     struct kmsd *d = arg;
     Kmsd__V1__SealResponse resp = KMSD__V1__SEAL_RESPONSE__INIT;
+    struct kms_err err;
+    kms_err_clear(&err);
     audit(call, "seal");
-    kmsd_seal(d);
+    /* With unseal.peer this also closes the cluster's peer unseal gate. */
+    if (kmsd_peer_operator_seal(d, &err) != 0) {
+        finish_err(call, "seal", KMS_EUNAVAIL, err.msg);
+        return;
+    }
     kmsd_call_finish_msg(call, &resp.base);
 }
 
@@ -979,8 +995,13 @@ static void dispatch_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req
 
     if (m->flags & KMSD_AUTH_NODE) {
         if (!kmsd_authz_node(d, call, &node_id)) {
-            forward_refuse(d, call, "certificate is not a cluster node certificate "
-                                    "(one CN kmsd-node-<id>, cluster CA)");
+            static const char why[] = "certificate is not a cluster node certificate "
+                                      "(one CN kmsd-node-<id>, cluster CA)";
+            if (m->fn == kmsd_peer_serve_cb) {
+                kmsd_peer_refuse(d, call, GRPC_STATUS_PERMISSION_DENIED, why);
+            } else {
+                forward_refuse(d, call, why);
+            }
             goto out;
         }
     } else if (m->flags & KMSD_AUTH_K8S) {
@@ -1028,6 +1049,7 @@ int kmsd_cluster_register(struct kmsd *d, struct kms_rpc_server *srv)
         kms_rpc_handler_fn fn;
     } handlers[] = {
         {"/kmsd.v1.Cluster/Forward", forward_cb},
+        {"/kmsd.v1.Cluster/PeerUnseal", kmsd_peer_serve_cb},
         {"/kmsd.v1.Operator/Status", status_cb},
         {"/kmsd.v1.Operator/Initialize", init_cb},
         {"/kmsd.v1.Operator/Unseal", unseal_cb},

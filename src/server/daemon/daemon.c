@@ -42,6 +42,7 @@
 #include "kms_store.h"
 #include "kms_time.h"
 #include "kmsd.h"
+#include "kmsd_peer.h"
 #include "kmsd_snapshot.h"
 #include "kmsd_authz.h"
 #include "kmsd_notify.h"
@@ -618,6 +619,9 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
         return kms_err_set(err, KMS_ENOMEM, "cannot start supervisor thread");
     }
     d->supervisor_started = true;
+    if ((rc = kmsd_peer_start(d, err)) != 0) {
+        return kms_err_wrap(err, rc, "peer unseal");
+    }
     kms_log(KMS_LOG_INFO, "kmsd",
             kmsd_is_initialized(d) ? "started sealed: waiting for unseal key shares"
             : kmsd_raft_is_member(d)
@@ -728,6 +732,7 @@ void kmsd_stop(struct kmsd *d)
         pthread_join(d->supervisor, NULL);
         d->supervisor_started = false;
     }
+    kmsd_peer_stop(d);
     /* Close the Talos port first so clients move on; in-flight calls get
      * the grace period, then UNAVAILABLE. */
     talos_close(d, "shutting down", TALOS_STOP_GRACE_MS);
@@ -769,6 +774,7 @@ void kmsd_stop(struct kmsd *d)
         }
     }
     kmsd_seal(d);
+    kmsd_peer_free(d);
     kmsd_snapshot_shutdown(); /* pinned snapshots before the store closes */
     if (d->store != NULL) {
         kms_store_close(d->store);

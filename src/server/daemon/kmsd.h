@@ -98,6 +98,7 @@ struct kmsd_options {
     uint64_t snapshot_trailing;
 
     bool unseal_reads_local;
+    bool peer_unseal;              /* unseal.peer (kmsd_peer.h) */
     unsigned lease_grace_ms;
     unsigned request_wait_ms;
     unsigned failed_unseals_per_minute;
@@ -155,6 +156,7 @@ struct kmsd_metrics {
 };
 
 struct kmsd_limiter;
+struct kmsd_peer_unseal;
 
 struct kmsd {
     bool raft_failed;            /* set by kmsd_stop: the raft log could not be written */
@@ -211,6 +213,9 @@ struct kmsd {
     struct kmsd_limiter *seal_addr_lim;   /* seals per address */
     struct kmsd_limiter *seal_uuid_lim;   /* seals per node UUID */
 
+    /* Peer unseal state (kmsd_peer.h), created at start, freed at stop. */
+    struct kmsd_peer_unseal *peer;
+
     /* Test-only fault hook (KMSD_TEST_READ_PAUSE_MS, read at start): each
      * local read sleeps this long between its lease check and the RocksDB
      * get, to test the lease deadline rule. 0 in production. */
@@ -256,6 +261,12 @@ int kmsd_unseal_submit(struct kmsd *d, const char *share, bool reset,
 void kmsd_seal(struct kmsd *d);
 int kmsd_rotate(struct kmsd *d, uint32_t *active_term, struct kms_err *err);
 void kmsd_unseal_progress(struct kmsd *d, unsigned *progress, unsigned *threshold);
+/* Unseals with a root key obtained otherwise (peer unseal): root (32
+ * bytes, the caller's, not retained) must open the replicated keyring, else
+ * KMS_EAUTH and nothing changes. 0 also when already unsealed. `via` goes
+ * to the log. */
+int kmsd_unseal_with_root(struct kmsd *d, const uint8_t *root, const char *via,
+                          struct kms_err *err);
 /* Refreshes the published keyring from the store when a rotation was
  * applied (supervisor). */
 void kmsd_keyring_refresh(struct kmsd *d);
@@ -286,6 +297,9 @@ int kmsd_write(struct kmsd *d, const struct Kmsd__V1__Entry *e, unsigned wait_ms
 /* The same message for the operator dispatcher: fills msg and returns true
  * when another node is known to lead. Blocking up to 500 ms (raft status). */
 bool kmsd_leader_redirect(struct kmsd *d, char *msg, size_t msglen);
+/* Cluster API address of member id: the replicated member metadata first,
+ * then initialCluster. 0 or KMS_ENOTFOUND. Any thread. */
+int kmsd_member_cluster_address(struct kmsd *d, uint64_t id, char out[256]);
 /* Reads rec's key back from this node's applied state and compares key id,
  * term, nonce, ciphertext and node uuid byte for byte. 0, or KMS_EUNAVAIL
  * (absent or different; logged at error level). */

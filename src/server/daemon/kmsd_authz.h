@@ -84,7 +84,8 @@ struct Kmsd__V1__SealedRecord;
 struct Kmsd__V1__EncryptedKeyring;
 
 /* True only for entry kinds a follower forwards on its own (PutRecord, for
- * a Talos Seal). Every other entry is proposed by the leader itself, for an
+ * a Talos Seal; SetPeerUnsealGate, for an operator seal or a k-share
+ * unseal with unseal.peer). Every other entry is proposed by the leader itself, for an
  * operator call it authorised. op_case: Kmsd__V1__Entry__OpCase. */
 bool kmsd_authz_entry_forwardable(int op_case);
 

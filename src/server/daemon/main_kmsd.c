@@ -131,6 +131,7 @@ static int options_from_config(const struct kms_config *c, struct kmsd_options *
     o->unseal_reads_local = c->unseal_reads == KMS_UNSEAL_READS_LOCAL;
     o->lease_grace_ms = c->lease_grace_ms;
     o->request_wait_ms = c->request_wait_ms;
+    o->peer_unseal = c->unseal.peer;
     o->failed_unseals_per_minute = c->failed_unseals_per_minute;
     o->failed_unseals_global_per_minute = c->failed_unseals_global_per_minute;
     o->seals_per_minute = c->seals_per_minute;

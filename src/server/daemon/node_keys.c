@@ -23,6 +23,7 @@
 #include "kmsd.h"
 #include "kmsd_authz.h"
 #include "kmsd_rekey.h"
+#include "kmsd_peer.h"
 
 #include "kmsd/v1/entry.pb-c.h"
 
@@ -219,6 +220,7 @@ int kmsd_unseal_submit(struct kmsd *d, const char *share, bool reset,
     uint8_t *root = NULL;
     struct kms_keyring *kr = NULL;
     size_t len = 0;
+    bool combined = false;
     int rc;
 
     memset(&parsed, 0, sizeof(parsed));
@@ -309,13 +311,64 @@ int kmsd_unseal_submit(struct kmsd *d, const char *share, bool reset,
     *progress = ek->threshold;
     keyring_publish(d, kr);
     kr = NULL;
-    kms_log(KMS_LOG_INFO, "keys", "unsealed", NULL);
+    kms_log(KMS_LOG_INFO, "keys", "unsealed", "via", "key shares", NULL);
+    kmsd_warn_local_reads(d, "unseal");
+    combined = true;
+    rc = 0;
+out:
+    pthread_mutex_unlock(&d->mu);
+    if (combined) {
+        kmsd_peer_shares_unsealed(d); /* this call unsealed the node with k shares */
+    }
+    OPENSSL_cleanse(&parsed, sizeof(parsed));
+    kms_secmem_free(root, KMS_SHAMIR_MAX_SECRET);
+    if (kr != NULL) {
+        kms_keyring_unref(kr);
+    }
+    if (ek != NULL) {
+        kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
+    }
+    return rc;
+}
+
+int kmsd_unseal_with_root(struct kmsd *d, const uint8_t *root, const char *via,
+                          struct kms_err *err)
+{
+    Kmsd__V1__EncryptedKeyring *ek = NULL;
+    struct kms_keyring *kr = NULL;
+    uint8_t *mine = NULL;
+    int rc;
+
+    pthread_mutex_lock(&d->mu);
+    if (d->unsealed) {
+        rc = 0;
+        goto out;
+    }
+    if ((rc = kms_store_keyring_get(d->store, &ek, err)) != 0) {
+        rc = kms_err_wrap(err, KMS_EUNINIT, "unseal");
+        goto out;
+    }
+    if ((rc = kms_keyring_decrypt(ek, root, &kr, err)) != 0) {
+        rc = kms_err_wrap(err, rc, "the key does not open this cluster's keyring");
+        goto out;
+    }
+    if ((mine = kms_secmem_alloc(KMS_SHAMIR_MAX_SECRET)) == NULL) {
+        rc = kms_err_set(err, KMS_ENOMEM, "unseal: out of memory");
+        goto out;
+    }
+    memcpy(mine, root, KMS_ROOT_KEY_LEN);
+    pending_wipe(d);
+    d->root = mine;
+    mine = NULL;
+    d->unsealed = true;
+    keyring_publish(d, kr);
+    kr = NULL;
+    kms_log(KMS_LOG_INFO, "keys", "unsealed", "via", via, NULL);
     kmsd_warn_local_reads(d, "unseal");
     rc = 0;
 out:
     pthread_mutex_unlock(&d->mu);
-    OPENSSL_cleanse(&parsed, sizeof(parsed));
-    kms_secmem_free(root, KMS_SHAMIR_MAX_SECRET);
+    kms_secmem_free(mine, KMS_SHAMIR_MAX_SECRET);
     if (kr != NULL) {
         kms_keyring_unref(kr);
     }

@@ -111,7 +111,7 @@ static int member_cb(void *arg, const Kmsd__V1__Member *m)
     return 0;
 }
 
-static int cluster_address(struct kmsd *d, uint64_t id, char out[256])
+int kmsd_member_cluster_address(struct kmsd *d, uint64_t id, char out[256])
 {
     struct member_lookup ml;
     ml.id = id;
@@ -185,7 +185,7 @@ bool kmsd_leader_redirect(struct kmsd *d, char *msg, size_t msglen)
     if (st.role == KMS_RAFT_LEADER || st.leader_id == 0 || st.leader_id == d->opt.node_id) {
         return false;
     }
-    if (cluster_address(d, st.leader_id, addr) == 0) {
+    if (kmsd_member_cluster_address(d, st.leader_id, addr) == 0) {
         snprintf(msg, msglen, "not the leader; the leader is node %llu, cluster API at %s",
                  (unsigned long long)st.leader_id, addr);
     } else {
@@ -238,7 +238,7 @@ static int forward(struct kmsd *d, uint64_t leader_id, const Kmsd__V1__Entry *e,
     struct kms_rpc_channel *ch = NULL;
     int rc;
 
-    if (cluster_address(d, leader_id, addr) != 0) {
+    if (kmsd_member_cluster_address(d, leader_id, addr) != 0) {
         rc = kms_err_set(err, KMS_EUNAVAIL, "no cluster address known for leader %llu",
                          (unsigned long long)leader_id);
         goto out;
