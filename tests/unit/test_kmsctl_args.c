@@ -582,7 +582,9 @@ static const char status_json[] =
     "  \"unseal_reads\": \"lease\",\n"
     "  \"read_lease\": \"true\",\n"
     "  \"member\": true,\n"
-    "  \"serving\": true\n"
+    "  \"serving\": true,\n"
+    "  \"peer_unseal\": false,\n"
+    "  \"peer_unseal_gate\": \"\"\n"
     "}\n";
 
 static void test_status_json(void **state)
