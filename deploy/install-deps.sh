@@ -15,7 +15,7 @@ PKGS=(
   golang-go golang-google-grpc-dev golang-goprotobuf-dev golang-google-protobuf-dev
   golang-golang-x-net-dev
   python3 python3-grpcio
-  etcd-server nghttp2-client softhsm2
+  etcd-server nghttp2-client softhsm2 libp11-kit-dev
   iproute2 nftables strace faketime procps psmisc curl jq e2fsprogs
 )
 
