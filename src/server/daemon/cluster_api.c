@@ -28,6 +28,7 @@
 #include "kms_rpc.h"
 #include "kms_store.h"
 #include "kms_time.h"
+#include "kmsd_seal.h"
 #include "kmsd.h"
 #include "kmsd_authz.h"
 #include "kmsd_pool.h"
@@ -316,6 +317,7 @@ static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     struct kms_keyring *kr = NULL;
     char cid[33] = "";
     char kerr[sizeof(d->keyring_error)];
+    char serr[KMS_ERR_MSG_MAX];
     unsigned progress = 0, threshold = 0;
 
     memset(&st, 0, sizeof(st));
@@ -324,6 +326,7 @@ static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
         resp.initialized = true;
         resp.shares = ek->share_count;
         resp.threshold = ek->threshold;
+        resp.hsm_wrapped = ek->hsm != NULL;
         if (kms_hex_encode_ct(ek->cluster_id.data, ek->cluster_id.len, cid, sizeof(cid),
                               NULL) != 0) {
             cid[0] = '\0';
@@ -352,6 +355,9 @@ static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     snprintf(kerr, sizeof(kerr), "%s", d->keyring_error);
     pthread_mutex_unlock(&d->mu);
     resp.keyring_error = kerr;
+    resp.seal_type = kmsd_hsm_enabled(d) ? "pkcs11" : "shamir";
+    kmsd_hsm_status(d, serr, sizeof(serr));
+    resp.seal_error = resp.sealed ? serr : "";
     ptrs = members_build(d, &st, &mc);
     resp.n_members = ptrs != NULL ? mc.n : 0;
     resp.members = ptrs;
@@ -408,6 +414,7 @@ static void init_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
     resp.shares = shares;
     resp.threshold = r->key_threshold;
     resp.cluster_id = cid;
+    resp.recovery = kmsd_hsm_enabled(d);
     kmsd_call_finish_msg(call, &resp.base);
 out:
     if (shares != NULL) {
@@ -444,6 +451,9 @@ static void unseal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
         finish_err(call, "unseal", rc, err.msg);
         goto out;
     }
+    if (unsealed) {
+        kmsd_hsm_admin_sealed(d, false);
+    }
     resp.sealed = !unsealed;
     resp.progress = progress;
     resp.threshold = threshold;
@@ -462,6 +472,7 @@ static void seal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
     struct kmsd *d = arg;
     Kmsd__V1__SealResponse resp = KMSD__V1__SEAL_RESPONSE__INIT;
     audit(call, "seal");
+    kmsd_hsm_admin_sealed(d, true);
     kmsd_seal(d);
     kmsd_call_finish_msg(call, &resp.base);
 }
@@ -538,6 +549,40 @@ static void rotate_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     }
     resp.active_term = term;
     kmsd_call_finish_msg(call, &resp.base);
+}
+
+static void seal_migrate_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req,
+                            size_t len)
+{
+    struct kmsd *d = arg;
+    Kmsd__V1__SealMigrateRequest *r = NULL;
+    Kmsd__V1__SealMigrateResponse resp = KMSD__V1__SEAL_MIGRATE_RESPONSE__INIT;
+    struct kms_err err;
+    uint32_t term = 0;
+    int rc;
+
+    kms_err_clear(&err);
+    r = kmsd__v1__seal_migrate_request__unpack(NULL, len, req);
+    if (r == NULL) {
+        finish_err(call, "seal-migrate", KMS_EINVAL, "malformed request");
+        goto out;
+    }
+    audit(call, "seal-migrate");
+    rc = kmsd_seal_migrate(d, r->to, r->shares, r->n_shares, &term, &err);
+    if (rc != 0) {
+        finish_err(call, "seal-migrate", rc, err.msg);
+        goto out;
+    }
+    resp.seal_type = r->to;
+    resp.active_term = term;
+    kmsd_call_finish_msg(call, &resp.base);
+out:
+    if (r != NULL) {
+        for (size_t i = 0; i < r->n_shares; i++) {
+            OPENSSL_cleanse(r->shares[i], strlen(r->shares[i]));
+        }
+        kmsd__v1__seal_migrate_request__free_unpacked(r, NULL);
+    }
 }
 
 static void members_list_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req,
@@ -1021,6 +1066,7 @@ int kmsd_cluster_register(struct kmsd *d, struct kms_rpc_server *srv)
         {"/kmsd.v1.Operator/SnapshotBegin", kmsd_snapshot_begin_cb},
         {"/kmsd.v1.Operator/SnapshotChunk", kmsd_snapshot_chunk_cb},
         {"/kmsd.v1.Operator/SnapshotEnd", kmsd_snapshot_end_cb},
+        {"/kmsd.v1.Operator/SealMigrate", seal_migrate_cb},
     };
     size_t n = sizeof(handlers) / sizeof(handlers[0]), npol = 0;
     int rc;

@@ -41,6 +41,7 @@
 #include "kms_rpc.h"
 #include "kms_store.h"
 #include "kms_time.h"
+#include "kmsd_seal.h"
 #include "kmsd.h"
 #include "kmsd_snapshot.h"
 #include "kmsd_authz.h"
@@ -613,12 +614,18 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
         return rc;
     }
 
+    if ((rc = kmsd_hsm_start(d, err)) != 0) {
+        return kms_err_wrap(err, rc, "PKCS#11 seal");
+    }
     if (pthread_create(&d->supervisor, NULL, supervisor_main, d) != 0) {
         return kms_err_set(err, KMS_ENOMEM, "cannot start supervisor thread");
     }
     d->supervisor_started = true;
     kms_log(KMS_LOG_INFO, "kmsd",
-            kmsd_is_initialized(d) ? "started sealed: waiting for unseal key shares"
+            kmsd_is_initialized(d) ? (kmsd_hsm_enabled(d) ? "started sealed: unsealing through "
+                                                            "the PKCS#11 token"
+                                                          : "started sealed: waiting for unseal "
+                                                            "key shares")
             : kmsd_raft_is_member(d)
                 ? "started uninitialised: waiting for kmsctl operator init"
                 : "started outside the cluster: waiting to be added (kmsctl operator members "
@@ -727,6 +734,7 @@ void kmsd_stop(struct kmsd *d)
         pthread_join(d->supervisor, NULL);
         d->supervisor_started = false;
     }
+    kmsd_hsm_stop(d); /* joins the auto-unseal thread (sees `stopping`) */
     /* Close the Talos port first so clients move on; in-flight calls get
      * the grace period, then UNAVAILABLE. */
     talos_close(d, "shutting down", TALOS_STOP_GRACE_MS);
