@@ -180,7 +180,9 @@ static void init_print(struct cli_ctx *ctx, const Kmsd__V1__InitResponse *r)
         cli_json_arr_end(&j);
         cli_json_u64(&j, "threshold", r->threshold);
         cli_json_str(&j, "cluster_id", r->cluster_id);
-        cli_json_bool(&j, "recovery", r->recovery);
+        if (r->recovery) { /* PKCS#11 seal only: Shamir output unchanged */
+            cli_json_bool(&j, "recovery", true);
+        }
         cli_json_obj_end(&j);
         cli_json_end(&j);
         fprintf(ctx->err,

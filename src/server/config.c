@@ -1829,9 +1829,13 @@ static void put_duration(FILE *f, unsigned ms)
     }
 }
 
-static bool redacted(const struct opt *o, const char *const *extra)
+static bool redacted(const struct kms_config *cfg, const struct opt *o,
+                     const char *const *extra)
 {
-    if (o->flags & KMS_OPT_SENSITIVE) {
+    /* An unset (empty) sensitive string hides nothing and stays "". */
+    if ((o->flags & KMS_OPT_SENSITIVE) &&
+        !(o->type == T_STRING && (*(char *const *)((const char *)cfg + o->cfg_off))[0] ==
+                                     '\0')) {
         return true;
     }
     for (size_t i = 0; extra != NULL && extra[i] != NULL; i++) {
@@ -1942,8 +1946,8 @@ int kms_config_dump_redacting(const struct kms_config *cfg, FILE *f, const char 
             section[0] = '\0';
         }
         /* A non-empty list starts on the next line: no trailing blank. */
-        fprintf(f, "%s%s:%s", indent, key, list_len(cfg, o) > 0 && !redacted(o, extra) ? "" : " ");
-        if (redacted(o, extra)) {
+        fprintf(f, "%s%s:%s", indent, key, list_len(cfg, o) > 0 && !redacted(cfg, o, extra) ? "" : " ");
+        if (redacted(cfg, o, extra)) {
             fputs("\"<redacted>\"", f);
         } else {
             put_value(f, cfg, o, indent);

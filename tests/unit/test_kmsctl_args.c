@@ -582,7 +582,10 @@ static const char status_json[] =
     "  \"unseal_reads\": \"lease\",\n"
     "  \"read_lease\": \"true\",\n"
     "  \"member\": true,\n"
-    "  \"serving\": true\n"
+    "  \"serving\": true,\n"
+    "  \"seal_type\": \"shamir\",\n"
+    "  \"hsm_wrapped\": false,\n"
+    "  \"seal_error\": \"\"\n"
     "}\n";
 
 static void test_status_json(void **state)

@@ -66,7 +66,7 @@ void kmsd_hsm_metrics(struct kmsd *d, char *body, size_t cap, size_t *o);
  * decrypting the replicated keyring. Commits a rotated keyring with the
  * HSM wrap added or removed (leader only, like rotate). *active_term gets
  * the new term. KMS_EEXIST when the cluster already uses that seal,
- * KMS_ECONFIG when migrating to pkcs11 on a node without seal.type pkcs11. */
+ * KMS_EINVAL when migrating to pkcs11 on a node without seal.type pkcs11. */
 int kmsd_seal_migrate(struct kmsd *d, const char *to, char *const *shares, size_t n_shares,
                       uint32_t *active_term, struct kms_err *err);
 

@@ -384,7 +384,7 @@ int kmsd_seal_migrate(struct kmsd *d, const char *to, char *const *shares, size_
         goto out;
     }
     if (to_hsm && d->hsm == NULL) {
-        rc = kms_err_set(err, KMS_ECONFIG,
+        rc = kms_err_set(err, KMS_EINVAL,
                          "seal migrate: this node has seal.type shamir; configure seal.type "
                          "pkcs11 on every node (rolling restart) first");
         goto out;
