@@ -610,13 +610,14 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
             0) {
         return kms_err_wrap(err, rc, "handler pools");
     }
+    /* Before the cluster API: its handlers read d->hsm. */
+    if ((rc = kmsd_hsm_start(d, err)) != 0) {
+        return kms_err_wrap(err, rc, "PKCS#11 seal");
+    }
     if ((rc = cluster_open(d, err)) != 0) {
         return rc;
     }
 
-    if ((rc = kmsd_hsm_start(d, err)) != 0) {
-        return kms_err_wrap(err, rc, "PKCS#11 seal");
-    }
     if (pthread_create(&d->supervisor, NULL, supervisor_main, d) != 0) {
         return kms_err_set(err, KMS_ENOMEM, "cannot start supervisor thread");
     }
@@ -734,7 +735,7 @@ void kmsd_stop(struct kmsd *d)
         pthread_join(d->supervisor, NULL);
         d->supervisor_started = false;
     }
-    kmsd_hsm_stop(d); /* joins the auto-unseal thread (sees `stopping`) */
+
     /* Close the Talos port first so clients move on; in-flight calls get
      * the grace period, then UNAVAILABLE. */
     talos_close(d, "shutting down", TALOS_STOP_GRACE_MS);
@@ -775,6 +776,9 @@ void kmsd_stop(struct kmsd *d)
             d->fwd[i].ch = NULL;
         }
     }
+    /* Every server that reads d->hsm is gone; the thread sees `stopping`
+     * (it may have unsealed meanwhile: kmsd_seal below wipes that). */
+    kmsd_hsm_stop(d);
     kmsd_seal(d);
     kmsd_snapshot_shutdown(); /* pinned snapshots before the store closes */
     if (d->store != NULL) {

@@ -33,13 +33,16 @@ struct kmsd;
 struct kmsd_options;
 struct Kmsd__V1__HsmWrap;
 
-/* From kmsd_start, before the supervisor: with seal.type pkcs11 loads the
+/* From kmsd_start, before the cluster API opens (its handlers read d->hsm
+ * unlocked: set once here, cleared only by kmsd_hsm_stop): with seal.type pkcs11 loads the
  * module, reads the PIN (seal.pin / KMSD_PKCS11_PIN, else seal.pinFile)
  * and starts the auto-unseal thread. Nothing with the Shamir seal.
  * KMS_EIO / KMS_EFORMAT / KMS_EVERSION for a module or PIN file that is
  * unusable (start-up fails: a configuration error). */
 int kmsd_hsm_start(struct kmsd *d, struct kms_err *err);
-/* Joins the thread, closes the module. Safe when never started. */
+/* Joins the thread, closes the module. From kmsd_stop after the cluster
+ * API and HTTP servers are gone and d->stopping is set. Safe when never
+ * started. */
 void kmsd_hsm_stop(struct kmsd *d);
 
 /* True when this node is configured with seal.type pkcs11. */

@@ -198,7 +198,7 @@ static void *hsm_main(void *arg)
                 hsm_set_error(h, "");
                 last_msg[0] = '\0';
                 kms_log(KMS_LOG_INFO, "seal", "unsealed through the PKCS#11 token",
-                        "ms_since_start", ms, NULL);
+                        "ms_since_hsm_start", ms, NULL);
             } else if (kmsd_is_unsealed(d)) {
                 hsm_set_error(h, "");
             }
