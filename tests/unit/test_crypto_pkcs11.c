@@ -28,7 +28,7 @@ static char tokdir[256], tokaway[256];
 #define TOKEN "kmsd-unit"
 #define PIN "1234"
 
-static int sh(const char *fmt, ...)
+__attribute__((format(printf, 1, 2))) static int sh(const char *fmt, ...)
 {
     char cmd[1024];
     va_list ap;
