@@ -22,8 +22,8 @@ PKGS=(
   golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-golang-x-net-dev
   # Python integration tests; grpcio for the forged-peer tests
   python3 python3-grpcio
-  # PKCS#11 seal tests (SoftHSM2 token)
-  softhsm2
+  # PKCS#11 seal: the header (p11-kit/pkcs11.h), a SoftHSM2 token for tests
+  libp11-kit-dev softhsm2
   # fault injection: namespaces + nftables (Jepsen suite), fsync errors
   # (strace), expired certificates (faketime), ps (package test), a
   # loop-mounted filesystem for ENOSPC (mkfs.ext4)

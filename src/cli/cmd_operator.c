@@ -10,6 +10,7 @@
  * history: prefer the prompt). Shares are never logged.
  */
 #include <errno.h>
+#include <stdlib.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <stdio.h>
@@ -220,11 +221,33 @@ static void init_print(struct cli_ctx *ctx, const Kmsd__V1__InitResponse *r)
         cli_json_arr_end(&j);
         cli_json_u64(&j, "threshold", r->threshold);
         cli_json_str(&j, "cluster_id", r->cluster_id);
+        if (r->recovery) { /* PKCS#11 seal only: Shamir output unchanged */
+            cli_json_bool(&j, "recovery", true);
+        }
         cli_json_obj_end(&j);
         cli_json_end(&j);
         fprintf(ctx->err,
                 "WARNING: these %zu key shares are shown only once; kmsd does not store them.\n",
                 r->n_shares);
+        return;
+    }
+    if (r->recovery) {
+        for (size_t i = 0; i < r->n_shares; i++) {
+            fprintf(ctx->out, "Recovery Key %zu: ", i + 1);
+            cli_write_safe(ctx->out, r->shares[i]);
+            fputc('\n', ctx->out);
+        }
+        fputs("\nCluster ID: ", ctx->out);
+        cli_write_safe(ctx->out, r->cluster_id);
+        fprintf(ctx->out,
+                "\n\nkmsd initialised with the PKCS#11 seal, %zu recovery shares and a\n"
+                "threshold of %u.\n"
+                "\n"
+                "Replicas unseal themselves through the HSM at every start. The recovery\n"
+                "shares are shown only once: %u of them are needed for seal migration and,\n"
+                "if the HSM or its key is lost, to unseal by hand (kmsctl operator unseal).\n"
+                "Hand each to a different operator and keep it offline.\n",
+                r->n_shares, r->threshold, r->threshold);
         return;
     }
     for (size_t i = 0; i < r->n_shares; i++) {
@@ -496,6 +519,113 @@ static int rotate_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, 
     return CLI_EXIT_OK;
 }
 
+/* ---- seal-migrate ---------------------------------------------------- */
+
+static const char *migrate_to;
+
+static const struct cli_flag migrate_flags[] = {
+    {"to", 0, CLI_FLAG_STRING, &migrate_to, NULL, 0, 0, "pkcs11|shamir",
+     "the seal to migrate the cluster to", false},
+    {NULL, 0, CLI_FLAG_BOOL, NULL, NULL, 0, 0, NULL, NULL, false},
+};
+
+#define MIGRATE_MAX_SHARES 255
+
+static int seal_migrate_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc,
+                            char **argv)
+{
+    Kmsd__V1__SealMigrateRequest req = KMSD__V1__SEAL_MIGRATE_REQUEST__INIT;
+    ProtobufCMessage *m = NULL;
+    char *shares[MIGRATE_MAX_SHARES];
+    size_t n = 0;
+    int npos = 0, rc;
+    bool tty = isatty(STDIN_FILENO) != 0;
+
+    migrate_to = NULL;
+    if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, &npos)) >= 0) {
+        return rc;
+    }
+    if (migrate_to == NULL || (strcmp(migrate_to, "pkcs11") != 0 &&
+                               strcmp(migrate_to, "shamir") != 0)) {
+        return cli_usage_error(ctx, "--to pkcs11 or --to shamir is required");
+    }
+    /* One share per line until an empty line or end of input; each is
+     * checked locally and wiped after the call. */
+    while (n < MIGRATE_MAX_SHARES) {
+        char buf[KMS_SHARE_TEXT_MAX * 2], prompt[64];
+        struct kms_share parsed;
+        struct kms_err err;
+        int len;
+        snprintf(prompt, sizeof(prompt), "Key share %zu (empty line to finish): ", n + 1);
+        len = cli_read_secret(STDIN_FILENO, tty ? prompt : NULL, tty ? ctx->err : NULL, buf,
+                              sizeof(buf));
+        if (len <= 0) {
+            OPENSSL_cleanse(buf, sizeof(buf));
+            break;
+        }
+        kms_err_clear(&err);
+        rc = kms_share_parse(buf, &parsed, &err);
+        OPENSSL_cleanse(&parsed, sizeof(parsed));
+        if (rc != 0) {
+            OPENSSL_cleanse(buf, sizeof(buf));
+            fprintf(ctx->err, "Error: seal-migrate: share %zu: %s (nothing was sent)\n", n + 1,
+                    err.msg);
+            rc = CLI_EXIT_LOCAL;
+            goto out;
+        }
+        shares[n] = strdup(buf);
+        OPENSSL_cleanse(buf, sizeof(buf));
+        if (shares[n] == NULL) {
+            rc = CLI_EXIT_LOCAL;
+            goto out;
+        }
+        n++;
+    }
+    if (n == 0) {
+        fputs("Error: seal-migrate: no key shares given (one per line on stdin)\n", ctx->err);
+        rc = CLI_EXIT_LOCAL;
+        goto out;
+    }
+    req.to = (char *)migrate_to;
+    req.n_shares = n;
+    req.shares = shares;
+    rc = cli_rpc(ctx, "seal-migrate", "SealMigrate", &req.base,
+                 &kmsd__v1__seal_migrate_response__descriptor, &m, false);
+    if (rc != 0) {
+        goto out;
+    }
+    {
+        Kmsd__V1__SealMigrateResponse *r = (Kmsd__V1__SealMigrateResponse *)m;
+        if (ctx->g.out == CLI_OUT_JSON) {
+            struct cli_json j;
+            cli_json_init(&j, ctx->out);
+            cli_json_obj_begin(&j, NULL);
+            cli_json_str(&j, "seal_type", r->seal_type);
+            cli_json_u64(&j, "active_term", r->active_term);
+            cli_json_obj_end(&j);
+            cli_json_end(&j);
+        } else if (strcmp(migrate_to, "pkcs11") == 0) {
+            fprintf(ctx->out,
+                    "Success! The cluster uses the PKCS#11 seal (keyring term %u): replicas\n"
+                    "configured with seal.type pkcs11 unseal themselves at start. The key\n"
+                    "shares are now recovery shares.\n", r->active_term);
+        } else {
+            fprintf(ctx->out,
+                    "Success! The cluster uses the Shamir seal (keyring term %u): every\n"
+                    "replica needs k of these shares at start again (set seal.type shamir).\n",
+                    r->active_term);
+        }
+        protobuf_c_message_free_unpacked(m, NULL);
+    }
+    rc = CLI_EXIT_OK;
+out:
+    for (size_t i = 0; i < n; i++) {
+        OPENSSL_cleanse(shares[i], strlen(shares[i]));
+        free(shares[i]);
+    }
+    return rc;
+}
+
 const struct cli_cmd cli_operator_subs[] = {
     {"init", "initialise a new cluster and print its key shares",
      "Usage: kmsctl operator init [--key-shares N] [--key-threshold K]\n"
@@ -533,6 +663,17 @@ const struct cli_cmd cli_operator_subs[] = {
      "Adds a new data key term to the keyring. New seals use it; keys sealed\n"
      "under earlier terms keep unsealing. The root key and shares are unchanged.",
      NULL, rotate_run, NULL, false},
+    {"seal-migrate", "move the cluster between the Shamir and the PKCS#11 seal",
+     "Usage: kmsctl operator seal-migrate --to pkcs11|shamir < shares\n"
+     "\n"
+     "Reads k key shares, one per line (prompted, hidden, on a terminal; an empty\n"
+     "line ends), and moves the cluster to the other seal. --to pkcs11 (k unseal\n"
+     "shares): the root key is wrapped by the HSM key (created if missing) and\n"
+     "replicas with seal.type pkcs11 unseal themselves; the shares become\n"
+     "recovery shares. --to shamir (k recovery shares): the HSM wrap is removed\n"
+     "and every replica needs k shares at start again. Both rotate the keyring\n"
+     "once. Runs on the leader, which must have seal.type pkcs11 for --to pkcs11.",
+     NULL, seal_migrate_run, migrate_flags, false},
     {"members", "list and change the cluster's members", cli_members_usage, cli_members_subs,
      NULL, NULL, false},
     {"snapshot", "save and inspect online backups", cli_snapshot_usage, cli_snapshot_subs,

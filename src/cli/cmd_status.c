@@ -118,6 +118,10 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
         cli_json_bool(&j, "peer_unseal", st->peer_unseal);
         cli_json_str(&j, "peer_unseal_gate",
                      st->peer_unseal_gate != NULL ? st->peer_unseal_gate : "");
+        cli_json_str(&j, "seal_type",
+                     st->seal_type != NULL && st->seal_type[0] ? st->seal_type : "shamir");
+        cli_json_bool(&j, "hsm_wrapped", st->hsm_wrapped);
+        cli_json_str(&j, "seal_error", st->seal_error);
         cli_json_obj_end(&j);
         cli_json_end(&j);
         return;
@@ -171,6 +175,15 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
            st->peer_unseal_gate != NULL && strcmp(st->peer_unseal_gate, "closed") == 0
                ? "on; gate closed (operator seal: give a sealed node k shares)"
                : "on");
+    }
+    if (st->seal_type != NULL && strcmp(st->seal_type, "pkcs11") == 0) {
+        kv(t, "Seal Type", st->hsm_wrapped ? "pkcs11 (auto-unseal)"
+                                           : "pkcs11 (cluster still on Shamir: seal-migrate)");
+    } else if (st->hsm_wrapped) {
+        kv(t, "Seal Type", "shamir (cluster has an HSM-wrapped key: needs recovery shares)");
+    }
+    if (st->seal_error != NULL && st->seal_error[0] != '\0') {
+        kv(t, "Seal Error", st->seal_error);
     }
     cli_table_print(f, t);
     cli_table_free(t);

@@ -71,6 +71,9 @@ struct f_enrol {
     char **uuidAllowList;
     unsigned uuidAllowList_count;
 };
+struct f_seal {
+    char *type, *module, *tokenLabel, *keyLabel, *pinFile, *pin, *retryMax;
+};
 struct f_doc {
     char *nodeId, *dataDir;
     struct f_talos talos;
@@ -85,6 +88,7 @@ struct f_doc {
     struct f_rate rateLimit;
     struct f_limits limits;
     struct f_enrol enrolment;
+    struct f_seal seal;
     char *logLevel;
     char *memoryLock;
 };
@@ -164,6 +168,15 @@ static const cyaml_schema_field_t enrol_fields[] = {
                          struct f_enrol, uuidAllowList, &string_entry, 0,
                          KMS_CONFIG_MAX_UUIDS),
     CYAML_FIELD_END};
+static const cyaml_schema_field_t seal_fields[] = {
+    OPT_STR("type", struct f_seal, type),
+    OPT_STR("module", struct f_seal, module),
+    OPT_STR("tokenLabel", struct f_seal, tokenLabel),
+    OPT_STR("keyLabel", struct f_seal, keyLabel),
+    OPT_STR("pinFile", struct f_seal, pinFile),
+    OPT_STR("pin", struct f_seal, pin),
+    OPT_STR("retryMax", struct f_seal, retryMax),
+    CYAML_FIELD_END};
 static const cyaml_schema_field_t doc_fields[] = {
     OPT_STR("nodeId", struct f_doc, nodeId),
     OPT_STR("dataDir", struct f_doc, dataDir),
@@ -182,6 +195,7 @@ static const cyaml_schema_field_t doc_fields[] = {
     CYAML_FIELD_MAPPING("rateLimit", CYAML_FLAG_OPTIONAL, struct f_doc, rateLimit, rate_fields),
     CYAML_FIELD_MAPPING("limits", CYAML_FLAG_OPTIONAL, struct f_doc, limits, limits_fields),
     CYAML_FIELD_MAPPING("enrolment", CYAML_FLAG_OPTIONAL, struct f_doc, enrolment, enrol_fields),
+    CYAML_FIELD_MAPPING("seal", CYAML_FLAG_OPTIONAL, struct f_doc, seal, seal_fields),
     OPT_STR("logLevel", struct f_doc, logLevel),
     OPT_STR("memoryLock", struct f_doc, memoryLock),
     CYAML_FIELD_END};
@@ -225,6 +239,7 @@ struct opt {
 };
 
 static const char *const unseal_reads_names[] = {"lease", "local", NULL};
+static const char *const seal_type_names[] = {"shamir", "pkcs11", NULL};
 static const char *const log_level_names[] = {"debug", "info", "warn", "error", NULL};
 
 #define C(f) offsetof(struct kms_config, f)
@@ -389,6 +404,25 @@ static const struct opt opts[] = {
     {"enrolment.uuidAllowList", "KMSD_ENROLMENT_UUID_ALLOW_LIST", "enrolment-uuid-allow-list",
      T_UUIDS, "", IMM, C(uuid_allow_list), NOF, 0, 0, NULL, "UUID,...",
      "node UUIDs allowed to Seal (empty = any)"},
+    {"seal.type", "KMSD_SEAL_TYPE", "seal-type", T_ENUM, "shamir", IMM, C(seal.type),
+     F(seal.type), 0, 0, seal_type_names, "shamir|pkcs11",
+     "how this node gets the root key at start: k shares (shamir) or a PKCS#11 token"},
+    {"seal.module", "KMSD_SEAL_MODULE", "seal-module", T_PATH, "", IMM, C(seal.module),
+     F(seal.module), 0, 0, NULL, "FILE", "PKCS#11 module (.so) of the HSM (seal.type pkcs11)"},
+    {"seal.tokenLabel", "KMSD_SEAL_TOKEN_LABEL", "seal-token-label", T_STRING, "", IMM,
+     C(seal.token_label), F(seal.tokenLabel), 0, 0, NULL, "LABEL",
+     "label of the PKCS#11 token that holds the wrapping key"},
+    {"seal.keyLabel", "KMSD_SEAL_KEY_LABEL", "seal-key-label", T_STRING, "kmsd-root-wrap", IMM,
+     C(seal.key_label), F(seal.keyLabel), 0, 0, NULL, "LABEL",
+     "CKA_LABEL of the AES-256 wrapping key (created by operator init when missing)"},
+    {"seal.pinFile", "KMSD_SEAL_PIN_FILE", "seal-pin-file", T_PATH, "", IMM, C(seal.pin_file),
+     F(seal.pinFile), 0, 0, NULL, "FILE", "file whose first line is the token's user PIN"},
+    {"seal.pin", "KMSD_PKCS11_PIN", "seal-pin", T_STRING, "", IMM | KMS_OPT_SENSITIVE,
+     C(seal.pin), F(seal.pin), 0, 0, NULL, "PIN",
+     "the token's user PIN (prefer seal.pinFile or the environment; never logged)"},
+    {"seal.retryMax", "KMSD_SEAL_RETRY_MAX", "seal-retry-max", T_DURATION, "30s", IMM,
+     C(seal.retry_max_ms), F(seal.retryMax), 100, MS_MAX, NULL, "DURATION",
+     "longest wait between auto-unseal attempts while the HSM is unreachable"},
     {"logLevel", "KMSD_LOG_LEVEL", "log-level", T_ENUM, "info", IMM, C(log_level),
      F(logLevel), 0, 0, log_level_names, "debug|info|warn|error", "minimum log level"},
     {"memoryLock", "KMSD_MEMORY_LOCK", "memory-lock", T_BOOL, "true", IMM, C(memory_lock),
@@ -1625,6 +1659,28 @@ static int validate(struct loader *l)
         }
     }
 
+    if (cfg->seal.type == KMS_SEAL_PKCS11) {
+        const char *missing = cfg->seal.module[0] == '\0'        ? "seal.module"
+                              : cfg->seal.token_label[0] == '\0' ? "seal.tokenLabel"
+                              : cfg->seal.key_label[0] == '\0'   ? "seal.keyLabel"
+                                                                 : NULL;
+        if (missing != NULL) {
+            rc = fail_opt(l, opt_by_name(missing), "required when seal.type is pkcs11");
+            goto out;
+        }
+        if (cfg->seal.pin_file[0] == '\0' && cfg->seal.pin[0] == '\0') {
+            rc = fail_opt(l, opt_by_name("seal.pinFile"),
+                          "required when seal.type is pkcs11 (or set KMSD_PKCS11_PIN)");
+            goto out;
+        }
+        if (strlen(cfg->seal.token_label) > 32 || strlen(cfg->seal.key_label) > 32) {
+            rc = fail_opt(l, opt_by_name(strlen(cfg->seal.token_label) > 32 ? "seal.tokenLabel"
+                                                                           : "seal.keyLabel"),
+                          "at most 32 bytes (a PKCS#11 label)");
+            goto out;
+        }
+    }
+
     if (cfg->raft.heartbeat_timeout_ms >= cfg->raft.election_timeout_ms) {
         rc = fail_opt(l, opt_by_name("raft.heartbeatTimeout"),
                       "must be less than raft.electionTimeout (%ums)",
@@ -1785,9 +1841,13 @@ static void put_duration(FILE *f, unsigned ms)
     }
 }
 
-static bool redacted(const struct opt *o, const char *const *extra)
+static bool redacted(const struct kms_config *cfg, const struct opt *o,
+                     const char *const *extra)
 {
-    if (o->flags & KMS_OPT_SENSITIVE) {
+    /* An unset (empty) sensitive string hides nothing and stays "". */
+    if ((o->flags & KMS_OPT_SENSITIVE) &&
+        !(o->type == T_STRING && (*(char *const *)((const char *)cfg + o->cfg_off))[0] ==
+                                     '\0')) {
         return true;
     }
     for (size_t i = 0; extra != NULL && extra[i] != NULL; i++) {
@@ -1898,8 +1958,8 @@ int kms_config_dump_redacting(const struct kms_config *cfg, FILE *f, const char 
             section[0] = '\0';
         }
         /* A non-empty list starts on the next line: no trailing blank. */
-        fprintf(f, "%s%s:%s", indent, key, list_len(cfg, o) > 0 && !redacted(o, extra) ? "" : " ");
-        if (redacted(o, extra)) {
+        fprintf(f, "%s%s:%s", indent, key, list_len(cfg, o) > 0 && !redacted(cfg, o, extra) ? "" : " ");
+        if (redacted(cfg, o, extra)) {
             fputs("\"<redacted>\"", f);
         } else {
             put_value(f, cfg, o, indent);

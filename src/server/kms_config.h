@@ -46,6 +46,11 @@ enum kms_unseal_reads {
     KMS_UNSEAL_READS_LOCAL = 1, /* serve from any applied state */
 };
 
+enum kms_seal_type {
+    KMS_SEAL_SHAMIR = 0, /* the root key comes from k shares at every start */
+    KMS_SEAL_PKCS11 = 1, /* unwrapped by a key in a PKCS#11 token (auto-unseal) */
+};
+
 struct kms_config_peer {
     uint64_t id;
     char *raft;    /* host:port of its raft transport */
@@ -146,6 +151,16 @@ struct kms_config {
     size_t n_allowed_cidrs;
     char **uuid_allow_list; /* empty = any node UUID */
     size_t n_uuid_allow_list;
+
+    struct {
+        int type;             /* enum kms_seal_type */
+        char *module;         /* PKCS#11 module path */
+        char *token_label;
+        char *key_label;
+        char *pin_file;
+        char *pin;            /* KMSD_PKCS11_PIN; sensitive, "" when unset */
+        unsigned retry_max_ms;
+    } seal;
 
     int log_level; /* enum kms_log_level (kms_log.h) */
     bool memory_lock; /* mlockall() at start (default true) */

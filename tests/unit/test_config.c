@@ -371,7 +371,7 @@ static void test_dump_redacts(void **state)
     assert_int_equal(load(&c, &e, no_env, "--config", "full.yaml", NULL), 0);
     plain = dump_to_string(&c, NULL);
     assert_non_null(strstr(plain, "  nodeKeyFile: \"pki/node.key\"\n"));
-    assert_null(strstr(plain, "<redacted>")); /* nothing is SENSITIVE today */
+    assert_null(strstr(plain, "<redacted>")); /* seal.pin (the one SENSITIVE option) unset */
     red = dump_to_string(&c, extra);
     assert_non_null(strstr(red, "  nodeKeyFile: \"<redacted>\"\n"));
     assert_non_null(strstr(red, "  keyFile: \"<redacted>\"\n"));

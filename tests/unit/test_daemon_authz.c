@@ -168,7 +168,7 @@ static void test_method_table(void **state)
         "/kmsd.v1.Operator/Initialize",    "/kmsd.v1.Operator/Rotate",
         "/kmsd.v1.Operator/KeysRevoke",    "/kmsd.v1.Operator/MembersAdd",
         "/kmsd.v1.Operator/MembersRemove", "/kmsd.v1.Operator/StepDown",
-        "/kmsd.v1.Operator/TransferLeader",
+        "/kmsd.v1.Operator/TransferLeader", "/kmsd.v1.Operator/SealMigrate",
         "/kmsd.v1.Operator/RekeyInit",     "/kmsd.v1.Operator/RekeyStatus",
         "/kmsd.v1.Operator/RekeyUpdate",   "/kmsd.v1.Operator/RekeyCancel",
     };

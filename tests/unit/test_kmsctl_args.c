@@ -584,7 +584,10 @@ static const char status_json[] =
     "  \"member\": true,\n"
     "  \"serving\": true,\n"
     "  \"peer_unseal\": false,\n"
-    "  \"peer_unseal_gate\": \"\"\n"
+    "  \"peer_unseal_gate\": \"\",\n"
+    "  \"seal_type\": \"shamir\",\n"
+    "  \"hsm_wrapped\": false,\n"
+    "  \"seal_error\": \"\"\n"
     "}\n";
 
 static void test_status_json(void **state)

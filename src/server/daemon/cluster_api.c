@@ -28,6 +28,7 @@
 #include "kms_rpc.h"
 #include "kms_store.h"
 #include "kms_time.h"
+#include "kmsd_seal.h"
 #include "kmsd.h"
 #include "kmsd_authz.h"
 #include "kmsd_k8s.h"
@@ -327,6 +328,7 @@ static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     struct kms_keyring *kr = NULL;
     char cid[33] = "";
     char kerr[sizeof(d->keyring_error)];
+    char serr[KMS_ERR_MSG_MAX];
     unsigned progress = 0, threshold = 0;
 
     memset(&st, 0, sizeof(st));
@@ -335,6 +337,7 @@ static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
         resp.initialized = true;
         resp.shares = ek->share_count;
         resp.threshold = ek->threshold;
+        resp.hsm_wrapped = ek->hsm != NULL;
         if (kms_hex_encode_ct(ek->cluster_id.data, ek->cluster_id.len, cid, sizeof(cid),
                               NULL) != 0) {
             cid[0] = '\0';
@@ -365,6 +368,9 @@ static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     snprintf(kerr, sizeof(kerr), "%s", d->keyring_error);
     pthread_mutex_unlock(&d->mu);
     resp.keyring_error = kerr;
+    resp.seal_type = kmsd_hsm_enabled(d) ? "pkcs11" : "shamir";
+    kmsd_hsm_status(d, serr, sizeof(serr));
+    resp.seal_error = resp.sealed ? serr : "";
     ptrs = members_build(d, &st, &mc);
     resp.n_members = ptrs != NULL ? mc.n : 0;
     resp.members = ptrs;
@@ -433,6 +439,7 @@ static void init_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
         resp.n_encrypted_shares = n;
         resp.encrypted_shares = enc;
     }
+    resp.recovery = kmsd_hsm_enabled(d);
     kmsd_call_finish_msg(call, &resp.base);
 out:
     kmsd_share_recipients_free(enc, n);
@@ -470,6 +477,9 @@ static void unseal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
         finish_err(call, "unseal", rc, err.msg);
         goto out;
     }
+    if (unsealed) {
+        kmsd_hsm_admin_sealed(d, false);
+    }
     resp.sealed = !unsealed;
     resp.progress = progress;
     resp.threshold = threshold;
@@ -490,7 +500,9 @@ static void seal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
     struct kms_err err;
     kms_err_clear(&err);
     audit(call, "seal");
-    /* With unseal.peer this also closes the cluster's peer unseal gate. */
+    /* PKCS#11 seal: no auto-unseal until k recovery shares or a restart. */
+    kmsd_hsm_admin_sealed(d, true);
+    /* Seals; with unseal.peer this also closes the cluster's peer unseal gate. */
     if (kmsd_peer_operator_seal(d, &err) != 0) {
         finish_err(call, "seal", KMS_EUNAVAIL, err.msg);
         return;
@@ -570,6 +582,40 @@ static void rotate_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     }
     resp.active_term = term;
     kmsd_call_finish_msg(call, &resp.base);
+}
+
+static void seal_migrate_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req,
+                            size_t len)
+{
+    struct kmsd *d = arg;
+    Kmsd__V1__SealMigrateRequest *r = NULL;
+    Kmsd__V1__SealMigrateResponse resp = KMSD__V1__SEAL_MIGRATE_RESPONSE__INIT;
+    struct kms_err err;
+    uint32_t term = 0;
+    int rc;
+
+    kms_err_clear(&err);
+    r = kmsd__v1__seal_migrate_request__unpack(NULL, len, req);
+    if (r == NULL) {
+        finish_err(call, "seal-migrate", KMS_EINVAL, "malformed request");
+        goto out;
+    }
+    audit(call, "seal-migrate");
+    rc = kmsd_seal_migrate(d, r->to, r->shares, r->n_shares, &term, &err);
+    if (rc != 0) {
+        finish_err(call, "seal-migrate", rc, err.msg);
+        goto out;
+    }
+    resp.seal_type = r->to;
+    resp.active_term = term;
+    kmsd_call_finish_msg(call, &resp.base);
+out:
+    if (r != NULL) {
+        for (size_t i = 0; i < r->n_shares; i++) {
+            OPENSSL_cleanse(r->shares[i], strlen(r->shares[i]));
+        }
+        kmsd__v1__seal_migrate_request__free_unpacked(r, NULL);
+    }
 }
 
 static void members_list_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req,
@@ -1073,6 +1119,7 @@ int kmsd_cluster_register(struct kmsd *d, struct kms_rpc_server *srv)
         {"/kmsd.v1.KubernetesKms/Status", kmsd_k8s_status_cb},
         {"/kmsd.v1.KubernetesKms/Encrypt", kmsd_k8s_encrypt_cb},
         {"/kmsd.v1.KubernetesKms/Decrypt", kmsd_k8s_decrypt_cb},
+        {"/kmsd.v1.Operator/SealMigrate", seal_migrate_cb},
     };
     size_t n = sizeof(handlers) / sizeof(handlers[0]), npol = 0;
     int rc;

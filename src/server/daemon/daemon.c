@@ -41,6 +41,7 @@
 #include "kms_rpc.h"
 #include "kms_store.h"
 #include "kms_time.h"
+#include "kmsd_seal.h"
 #include "kmsd.h"
 #include "kmsd_peer.h"
 #include "kmsd_snapshot.h"
@@ -611,6 +612,10 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
             0) {
         return kms_err_wrap(err, rc, "handler pools");
     }
+    /* Before the cluster API: its handlers read d->hsm. */
+    if ((rc = kmsd_hsm_start(d, err)) != 0) {
+        return kms_err_wrap(err, rc, "PKCS#11 seal");
+    }
     if ((rc = cluster_open(d, err)) != 0) {
         return rc;
     }
@@ -623,7 +628,10 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
         return kms_err_wrap(err, rc, "peer unseal");
     }
     kms_log(KMS_LOG_INFO, "kmsd",
-            kmsd_is_initialized(d) ? "started sealed: waiting for unseal key shares"
+            kmsd_is_initialized(d) ? (kmsd_hsm_enabled(d) ? "started sealed: unsealing through "
+                                                            "the PKCS#11 token"
+                                                          : "started sealed: waiting for unseal "
+                                                            "key shares")
             : kmsd_raft_is_member(d)
                 ? "started uninitialised: waiting for kmsctl operator init"
                 : "started outside the cluster: waiting to be added (kmsctl operator members "
@@ -773,6 +781,9 @@ void kmsd_stop(struct kmsd *d)
             d->fwd[i].ch = NULL;
         }
     }
+    /* Every server that reads d->hsm is gone; the thread sees `stopping`
+     * (it may have unsealed meanwhile: kmsd_seal below wipes that). */
+    kmsd_hsm_stop(d);
     kmsd_seal(d);
     kmsd_peer_free(d);
     kmsd_snapshot_shutdown(); /* pinned snapshots before the store closes */

@@ -20,6 +20,7 @@
 #include "kms_raft.h"
 #include "kms_rpc.h"
 #include "kms_store.h"
+#include "kmsd_seal.h"
 #include "kmsd.h"
 #include "kmsd_http.h"
 
@@ -125,6 +126,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
       kms_raft_lease_valid(d->raft) ? 1 : 0);
     M("# TYPE kmsd_unseal_reads_local gauge\nkmsd_unseal_reads_local %d\n",
       d->opt.unseal_reads_local ? 1 : 0);
+    kmsd_hsm_metrics(d, body, sizeof(body), &o);
     M("# TYPE kmsd_raft_leader gauge\nkmsd_raft_leader %d\n", st.role == KMS_RAFT_LEADER ? 1 : 0);
     M("# TYPE kmsd_raft_term gauge\nkmsd_raft_term %llu\n", (unsigned long long)st.term);
     M("# TYPE kmsd_raft_commit_index gauge\nkmsd_raft_commit_index %llu\n",

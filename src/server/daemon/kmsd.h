@@ -45,6 +45,7 @@ struct kms_keyring;
 struct kms_share;
 struct kmsd_authz;
 struct kmsd_pool;
+struct kmsd_hsm;
 struct MHD_Daemon;
 
 #define KMSD_MAX_PEERS 16
@@ -126,6 +127,15 @@ struct kmsd_options {
     size_t n_cidrs;
     const char *uuids[KMSD_MAX_UUIDS];
     size_t n_uuids;
+
+    /* PKCS#11 seal (kmsd_seal.h); seal_pkcs11 false = Shamir seal. */
+    bool seal_pkcs11;
+    const char *seal_module;
+    const char *seal_token_label;
+    const char *seal_key_label;
+    const char *seal_pin_file;
+    const char *seal_pin;          /* KMSD_PKCS11_PIN / seal.pin; "" when unset */
+    unsigned seal_retry_max_ms;
 };
 
 /* An operator method run on the operator pool: the real handler and its
@@ -167,6 +177,7 @@ struct kmsd {
     struct kms_raft *raft;
     struct kms_rpc_server *cluster_srv;
     struct kmsd_authz *authz;            /* CA stores, swapped on reload (authz.c) */
+    struct kmsd_hsm *hsm;                /* PKCS#11 seal, NULL with Shamir (seal_pkcs11.c) */
     struct kmsd_pool *write_pool;        /* parked Seals and Forwards (pool.c) */
     struct kmsd_pool *wait_pool;         /* parked Unseals */
     struct kmsd_pool *op_pool;           /* operator calls (cluster_api.c) */
@@ -259,6 +270,16 @@ int kmsd_unseal_submit(struct kmsd *d, const char *share, bool reset,
                        unsigned *progress, unsigned *threshold, bool *unsealed,
                        struct kms_err *err);
 void kmsd_seal(struct kmsd *d);
+/* Unseals with a root key obtained otherwise (the PKCS#11 seal): takes
+ * `root` (secure memory, KMS_SHAMIR_MAX_SECRET bytes, first 32 used) in
+ * every case; checks it by decrypting the replicated keyring. `how` names
+ * the source in the log. 0 also when already unsealed. */
+int kmsd_unseal_root(struct kmsd *d, uint8_t *root, const char *how, struct kms_err *err);
+/* Checks and commits an encrypted keyring (init or a replacement with a
+ * higher active term) under `root`; blocking, leader for non-init. */
+struct Kmsd__V1__EncryptedKeyring;
+int kmsd_keyring_commit(struct kmsd *d, struct Kmsd__V1__EncryptedKeyring *ek,
+                        const uint8_t *root, bool init, struct kms_err *err);
 int kmsd_rotate(struct kmsd *d, uint32_t *active_term, struct kms_err *err);
 void kmsd_unseal_progress(struct kmsd *d, unsigned *progress, unsigned *threshold);
 /* Unseals with a root key obtained otherwise (peer unseal): root (32

@@ -22,6 +22,7 @@
 #include "kms_log.h"
 #include "kms_rpc.h"
 #include "kms_tls_check.h"
+#include "kmsd_seal.h"
 #include "kmsd.h"
 #include "kmsd_dr.h"
 #include "kmsd_http.h"
@@ -158,6 +159,13 @@ static int options_from_config(const struct kms_config *c, struct kmsd_options *
     for (size_t i = 0; i < c->n_uuid_allow_list && i < KMSD_MAX_UUIDS; i++) {
         o->uuids[o->n_uuids++] = c->uuid_allow_list[i];
     }
+    o->seal_pkcs11 = c->seal.type == KMS_SEAL_PKCS11;
+    o->seal_module = c->seal.module;
+    o->seal_token_label = c->seal.token_label;
+    o->seal_key_label = c->seal.key_label;
+    o->seal_pin_file = c->seal.pin_file;
+    o->seal_pin = c->seal.pin;
+    o->seal_retry_max_ms = c->seal.retry_max_ms;
     if (!o->talos_plaintext && (o->talos_cert[0] == '\0' || o->talos_key[0] == '\0')) {
         return kms_err_set(err, KMS_ECONFIG,
                            "talos.certFile and talos.keyFile are required unless "
@@ -235,7 +243,10 @@ int main(int argc, char **argv)
         struct kms_check_report rep = {stderr, "kmsd: check-config", 0, 0, false};
         bool to_stderr = true;
         (void)kms_config_unknown_env(environ, unknown_env_cb, &to_stderr);
-        if (kms_config_check_startup(&cfg, &rep) != 0) {
+        if (opt.seal_pkcs11 && kmsd_hsm_check_config(&opt, stderr) != 0) {
+            rep.errors++;
+        }
+        if (kms_config_check_startup(&cfg, &rep) != 0 || rep.errors > 0) {
             fprintf(stderr, "kmsd: check-config: %u error(s), %u warning(s): kmsd would not "
                     "start\n", rep.errors, rep.warnings);
             code = 1;

@@ -24,6 +24,8 @@
 #include "kmsd_authz.h"
 #include "kmsd_rekey.h"
 #include "kmsd_peer.h"
+#include "kmsd_seal.h"
+#include "kms_pkcs11.h"
 
 #include "kmsd/v1/entry.pb-c.h"
 
@@ -83,8 +85,8 @@ static void pending_wipe(struct kmsd *d)
  * (kmsd_authz_keyring_check): it must decrypt under root, the key this node
  * holds, and extend the replicated one; a keyring no holder of the shares
  * could read is never proposed. */
-static int keyring_commit(struct kmsd *d, Kmsd__V1__EncryptedKeyring *ek, const uint8_t *root,
-                          bool init, struct kms_err *err)
+int kmsd_keyring_commit(struct kmsd *d, Kmsd__V1__EncryptedKeyring *ek, const uint8_t *root,
+                        bool init, struct kms_err *err)
 {
     Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
     Kmsd__V1__PutKeyring pk = KMSD__V1__PUT_KEYRING__INIT;
@@ -150,6 +152,12 @@ int kmsd_init_cluster(struct kmsd *d, unsigned n, unsigned k, char ***share_text
         kms_err_wrap(err, rc, "init");
         goto out;
     }
+    /* PKCS#11 seal: R also goes into the keyring wrapped by the token's
+     * key (created when missing); the shares become recovery shares. */
+    if (kmsd_hsm_enabled(d) && (rc = kmsd_hsm_wrap(d, cluster_id, root, &ek->hsm, err)) != 0) {
+        kms_err_wrap(err, rc, "init");
+        goto out;
+    }
     for (unsigned i = 0; i < n; i++) {
         char buf[512];
         if ((rc = kms_share_format(&shares[i], buf, sizeof(buf), err)) != 0) {
@@ -164,14 +172,17 @@ int kmsd_init_cluster(struct kmsd *d, unsigned n, unsigned k, char ***share_text
         }
     }
 
-    if ((rc = keyring_commit(d, ek, root, true, err)) != 0) {
+    if ((rc = kmsd_keyring_commit(d, ek, root, true, err)) != 0) {
         if (rc != KMS_EEXIST) {
             kms_err_wrap(err, rc, "init");
         }
         goto out;
     }
     (void)kms_hex_encode_ct(cluster_id, sizeof(cluster_id), cluster_id_hex, 33, NULL);
-    kms_log(KMS_LOG_WARN, "keys", "cluster initialised; shares handed out once",
+    kms_log(KMS_LOG_WARN, "keys",
+            kmsd_hsm_enabled(d) ? "cluster initialised with the PKCS#11 seal; recovery shares "
+                                  "handed out once"
+                                : "cluster initialised; shares handed out once",
             "cluster_id", cluster_id_hex, NULL);
     *share_text = texts;
     texts = NULL;
@@ -378,6 +389,47 @@ out:
     return rc;
 }
 
+int kmsd_unseal_root(struct kmsd *d, uint8_t *root, const char *how, struct kms_err *err)
+{
+    Kmsd__V1__EncryptedKeyring *ek = NULL;
+    struct kms_keyring *kr = NULL;
+    int rc;
+
+    pthread_mutex_lock(&d->mu);
+    if (d->unsealed) {
+        rc = 0;
+        goto out;
+    }
+    if ((rc = kms_store_keyring_get(d->store, &ek, err)) != 0) {
+        rc = kms_err_set(err, KMS_EUNINIT, "cluster is not initialised");
+        goto out;
+    }
+    if ((rc = kms_keyring_decrypt(ek, root, &kr, err)) != 0) {
+        kms_err_wrap(err, rc, "the root key from %s does not decrypt the replicated keyring",
+                     how);
+        goto out;
+    }
+    pending_wipe(d);
+    d->root = root;
+    root = NULL;
+    d->unsealed = true;
+    keyring_publish(d, kr);
+    kr = NULL;
+    kms_log(KMS_LOG_INFO, "keys", "unsealed", "by", how, NULL);
+    kmsd_warn_local_reads(d, "unseal");
+    rc = 0;
+out:
+    pthread_mutex_unlock(&d->mu);
+    kms_secmem_free(root, KMS_SHAMIR_MAX_SECRET);
+    if (kr != NULL) {
+        kms_keyring_unref(kr);
+    }
+    if (ek != NULL) {
+        kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
+    }
+    return rc;
+}
+
 void kmsd_seal(struct kmsd *d)
 {
     pthread_mutex_lock(&d->mu);
@@ -475,7 +527,8 @@ int kmsd_rotate(struct kmsd *d, uint32_t *active_term, struct kms_err *err)
         (rc = kms_keyring_decrypt(ek, d->root, &kr, err)) != 0 ||
         (rc = kms_keyring_rotate(kr, kms_wall_ms(), &next, err)) != 0 ||
         (rc = kms_keyring_encrypt(next, d->root, ek->share_count, ek->threshold, &nek,
-                                  err)) != 0) {
+                                  err)) != 0 ||
+        (ek->hsm != NULL && (rc = kms_p11_wrap_dup(ek->hsm, &nek->hsm, err)) != 0)) {
         kms_err_wrap(err, rc, "rotate");
         goto out;
     }
@@ -492,7 +545,7 @@ int kmsd_rotate(struct kmsd *d, uint32_t *active_term, struct kms_err *err)
     memcpy(root, d->root, KMS_ROOT_KEY_LEN);
     pthread_mutex_unlock(&d->mu);
     locked = false;
-    if ((rc = keyring_commit(d, nek, root, false, err)) != 0) {
+    if ((rc = kmsd_keyring_commit(d, nek, root, false, err)) != 0) {
         kms_err_wrap(err, rc, "rotate");
         goto out;
     }

@@ -43,6 +43,7 @@
 #include "kms_time.h"
 #include "kmsd.h"
 #include "kmsd_rekey.h"
+#include "kmsd_seal.h"
 
 #include "kmsd/v1/cluster.pb-c.h"
 #include "kmsd/v1/entry.pb-c.h"
@@ -332,6 +333,21 @@ static int rekey_complete_locked(struct kmsd *d, const Kmsd__V1__EncryptedKeyrin
         (rc = kms_rekey_root_wrap(root, ek->cluster_id.data, nroot, wrap, err)) != 0) {
         kms_err_wrap(err, rc, "rekey");
         goto out;
+    }
+    /* PKCS#11 seal: the new root key must be wrapped by the token too, or
+     * no replica could unseal itself after the rekey. */
+    if (ek->hsm != NULL) {
+        if (!kmsd_hsm_enabled(d)) {
+            rc = kms_err_set(err, KMS_ECONFIG,
+                             "rekey: the cluster uses the PKCS#11 seal but this leader has no "
+                             "seal.type pkcs11: move leadership to a replica configured with "
+                             "the token (kmsctl operator transfer-leader) and start again");
+            goto out;
+        }
+        if ((rc = kmsd_hsm_wrap(d, ek->cluster_id.data, nroot, &nek->hsm, err)) != 0) {
+            kms_err_wrap(err, rc, "rekey: wrapping the new root key in the token");
+            goto out;
+        }
     }
     for (unsigned i = 0; i < n; i++) {
         char buf[KMS_SHARE_TEXT_MAX];
