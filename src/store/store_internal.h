@@ -22,6 +22,7 @@
 #define KS_K_APPLIED "Xapplied"
 #define KS_K_COUNT "Xcount"
 #define KS_K_RESTORING "Xrestoring"
+#define KS_K_ENTRYVER "Xentryver"
 
 struct kms_store {
     rocksdb_t *db;
@@ -35,6 +36,7 @@ struct kms_store {
     _Atomic uint64_t applied;
     _Atomic uint64_t count;
     atomic_bool restoring;
+    _Atomic uint32_t entry_version; /* highest Entry.version applied (0: none recorded) */
 
     /* Raft thread only. */
     struct kms_store_result fsm_result;

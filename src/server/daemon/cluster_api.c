@@ -269,6 +269,7 @@ static Kmsd__V1__MemberStatus **members_build(struct kmsd *d, const struct kms_r
         c->ms[i].raft_address = (char *)st->members[i].address;
         c->ms[i].role = (char *)kms_raft_member_role_name(st->members[i].role);
         c->ms[i].is_leader = st->members[i].id == st->leader_id;
+        c->ms[i].entry_version = st->member_entry_version[i];
         ptrs[i] = &c->ms[i];
     }
     (void)kms_store_members_list(d->store, members_meta_cb, c, NULL);
@@ -344,6 +345,9 @@ static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     resp.lease = kms_raft_lease_valid(d->raft);
     resp.unseal_reads = d->opt.unseal_reads_local ? "local" : "lease";
     resp.member = kmsd_raft_is_member(d);
+    resp.entry_version_supported = KMS_ENTRY_VERSION;
+    resp.entry_version_emitting = st.role == KMS_RAFT_LEADER ? st.entry_version : 0;
+    resp.entry_version_applied = kms_store_entry_version(d->store);
     resp.talos_listening = atomic_load(&d->talos_listening);
     resp.cluster_id = cid;
     kr = kmsd_keyring_get(d);
