@@ -1002,21 +1002,26 @@ static void ev_update(struct kms_raft *r)
             low_id = id;
         }
     }
+    bool held = false;
     if (applied > ev) {
         ev = applied > KMS_ENTRY_VERSION ? KMS_ENTRY_VERSION : applied;
-        low_id = 0;
+        held = true;
     }
     atomic_store(&r->emit_ev, ev);
     if (kms_glue_role(&r->raft) == KMS_RAFT_LEADER && ev != r->ev_logged) {
-        if (low_id != 0) {
+        if (held && low_id != 0) {
+            kms_logf(KMS_LOG_WARN, MOD,
+                     "emitting raft entry version %u: the log already holds it, though member "
+                     "%llu advertises less (it will stop at the first such entry: upgrade it)",
+                     (unsigned)ev, (unsigned long long)low_id);
+        } else if (low_id != 0) {
             kms_logf(KMS_LOG_INFO, MOD,
                      "emitting raft entry version %u: member %llu advertises no higher "
                      "(this kmsd supports %u)",
                      (unsigned)ev, (unsigned long long)low_id, (unsigned)KMS_ENTRY_VERSION);
         } else {
-            kms_logf(KMS_LOG_INFO, MOD,
-                     "emitting raft entry version %u: every member advertises it%s", (unsigned)ev,
-                     applied >= ev && ev > 1 ? " (or the log already holds it)" : "");
+            kms_logf(KMS_LOG_INFO, MOD, "emitting raft entry version %u%s", (unsigned)ev,
+                     held ? ": the log already holds it" : ": every member advertises it");
         }
         r->ev_logged = ev;
     }

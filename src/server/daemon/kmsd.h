@@ -159,6 +159,7 @@ struct kmsd_limiter;
 struct kmsd {
     bool raft_failed;            /* set by kmsd_stop: the raft log could not be written */
     atomic_bool removed;         /* kmsd_removal_tick found this node removed: exit 4 */
+    atomic_bool removal_probing; /* a removal probe job is queued or running */
     struct kmsd_options opt;
     struct kmsd_metrics metrics;
     struct MHD_Daemon *http;             /* HTTP endpoints (http.c) */
@@ -298,7 +299,8 @@ int kmsd_member_probe(struct kmsd *d, uint64_t peer_id, unsigned timeout_ms, boo
                       struct kms_err *err);
 
 /* Removed-node detection, called about once a second by the supervisor
- * thread only (st is its own state, zeroed before the first call). Sets
+ * thread only (st is its own state, zeroed before the first call; the
+ * probes themselves run as a job on the operator pool). Sets
  * d->removed, logs why and sends this process SIGTERM when this node was a
  * member and (a) its raft configuration no longer lists it, or (b) it has
  * heard no leader for several election timeouts and a majority of the

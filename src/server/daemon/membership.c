@@ -25,6 +25,7 @@
 #include "kms_log.h"
 #include "kms_raft.h"
 #include "kmsd.h"
+#include "kmsd_pool.h"
 
 #define REMOVAL_SILENCE_ELECTIONS 3u /* leader silence before probing */
 #define REMOVAL_PROBE_EVERY_MS 5000u
@@ -43,13 +44,51 @@ static void removal_stop(struct kmsd *d, const char *how)
     (void)kill(getpid(), SIGTERM);
 }
 
+/* Operator pool job: the probes block (up to REMOVAL_PROBE_TIMEOUT_MS per
+ * member), so they do not run on the supervisor thread, which opens and
+ * closes the Talos listener. */
+static void removal_probe_cb(void *arg)
+{
+    struct kmsd *d = arg;
+    struct kms_raft_status rs;
+    size_t others = 0, denied = 0;
+    char how[160];
+
+    memset(&rs, 0, sizeof(rs));
+    (void)kms_raft_status(d->raft, &rs);
+    for (size_t i = 0; i < rs.n_members && i < sizeof(rs.members) / sizeof(rs.members[0]) &&
+                       !atomic_load(&d->stopping);
+         i++) {
+        bool no = false;
+        struct kms_err err;
+        if (rs.members[i].id == d->opt.node_id) {
+            continue;
+        }
+        others++;
+        kms_err_clear(&err);
+        if (kmsd_member_probe(d, rs.members[i].id, REMOVAL_PROBE_TIMEOUT_MS, &no, &err) == 0 &&
+            no) {
+            denied++;
+        }
+    }
+    /* A majority of the configuration this node knows (itself included,
+     * which does not deny) says it is gone. */
+    if (others > 0 && denied >= (others + 1) / 2 + 1 && !atomic_load(&d->stopping)) {
+        snprintf(how, sizeof(how),
+                 "%zu of the %zu other members say this node is not a member; no leader "
+                 "heard for %" PRIu64 " ms",
+                 denied, others,
+                 rs.last_leader_contact_ms == UINT64_MAX ? 0 : rs.last_leader_contact_ms);
+        removal_stop(d, how);
+    }
+    atomic_store(&d->removal_probing, false);
+}
+
 void kmsd_removal_tick(struct kmsd *d, struct kmsd_removal *st, uint64_t now_ms)
 {
     struct kms_raft_status rs;
     uint64_t silence_ms;
     bool self_listed = false;
-    size_t others = 0, denied = 0;
-    char how[160];
 
     if (atomic_load(&d->removed) || atomic_load(&d->stopping)) {
         return;
@@ -80,28 +119,11 @@ void kmsd_removal_tick(struct kmsd *d, struct kmsd_removal *st, uint64_t now_ms)
     if (st->last_probe_ms != 0 && now_ms - st->last_probe_ms < REMOVAL_PROBE_EVERY_MS) {
         return;
     }
-    st->last_probe_ms = now_ms;
-    for (size_t i = 0; i < rs.n_members && i < sizeof(rs.members) / sizeof(rs.members[0]); i++) {
-        bool no = false;
-        struct kms_err err;
-        if (rs.members[i].id == d->opt.node_id) {
-            continue;
-        }
-        others++;
-        kms_err_clear(&err);
-        if (kmsd_member_probe(d, rs.members[i].id, REMOVAL_PROBE_TIMEOUT_MS, &no, &err) == 0 &&
-            no) {
-            denied++;
-        }
+    if (atomic_exchange(&d->removal_probing, true)) {
+        return; /* the previous round still runs */
     }
-    /* A majority of the configuration this node knows (itself included,
-     * which does not deny) says it is gone. */
-    if (others > 0 && denied >= (others + 1) / 2 + 1) {
-        snprintf(how, sizeof(how),
-                 "%zu of the %zu other members say this node is not a member; no leader "
-                 "heard for %" PRIu64 " ms",
-                 denied, others,
-                 rs.last_leader_contact_ms == UINT64_MAX ? 0 : rs.last_leader_contact_ms);
-        removal_stop(d, how);
+    st->last_probe_ms = now_ms;
+    if (kmsd_pool_submit(d->op_pool, removal_probe_cb, d) != 0) {
+        atomic_store(&d->removal_probing, false); /* busy or stopping: next time */
     }
 }
