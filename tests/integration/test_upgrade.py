@@ -4,10 +4,10 @@ a Talos-like load, on real kmsd processes (three nodes, raft, RocksDB, TLS).
 Ports 31400-31439.
 
 The previous release is built from the tag PREV_TAG (KMS_UPGRADE_FROM
-overrides it): `git archive` of the tag into KMS_BUILD_DIR/upgrade-prev/
-<commit>/src, then only the kmsd and kmsctl targets (Release, -j2) in
-.../bin. A finished build is reused (marker file), so only the first run
-pays for it. Without the tag (a shallow clone, a tarball): fails under
+overrides it): `git archive` of the tag into build/upgrade-prev/<commit>/src
+(beside KMS_BUILD_DIR, shared by the release and asan trees), then only the
+kmsd and kmsctl targets (Release, -j2) in .../bin. A finished build is
+reused (marker file), so only the first run pays for it. Without the tag (a shallow clone, a tarball): fails under
 CI=true, skipped (77) otherwise.
 
 What it checks:
@@ -25,12 +25,12 @@ What it checks:
             serves a record sealed after the upgrade.
 Each figure is printed as a FIGURE line.
 """
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid as uuidlib
@@ -63,9 +63,14 @@ def build_previous():
         skip_or_fail(f"previous release tag {PREV_TAG} not found in {SRC} "
                      "(fetch tags: git fetch --tags)")
     commit = p.stdout.strip()
-    root = os.path.join(BUILD, "upgrade-prev", commit)
+    # Beside the build dir, so the release and asan runs share one build.
+    top = os.path.join(os.path.dirname(os.path.abspath(BUILD)), "upgrade-prev")
+    root = os.path.join(top, commit)
     src, bld = os.path.join(root, "src"), os.path.join(root, "bin")
     done = os.path.join(root, "built")
+    os.makedirs(top, exist_ok=True)
+    lock = open(os.path.join(top, "lock"), "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; released at exit
     if os.path.exists(done):
         print(f"FIGURE previous release {PREV_TAG} ({commit[:12]}): cached build in {root}")
         return bld, src
