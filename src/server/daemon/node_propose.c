@@ -333,8 +333,22 @@ int kmsd_member_probe(struct kmsd *d, uint64_t peer_id, unsigned timeout_ms, boo
         goto out;
     }
     protobuf_c_message_pack(&req.base, buf);
-    if ((rc = forward_channel(d, peer_id, addr, &ch, err)) != 0) {
-        goto out;
+    /* A channel of its own, not the forward cache: that one is keyed by node
+     * id and keeps the first address it was made for, and a probe runs
+     * before the leader published the members' cluster addresses. */
+    {
+        struct kms_rpc_client_tls tls = {d->opt.cluster_ca, d->opt.node_cert, d->opt.node_key};
+        struct kms_rpc_channel_options copts;
+        char cn[40];
+        snprintf(cn, sizeof(cn), "kmsd-node-%llu", (unsigned long long)peer_id);
+        memset(&copts, 0, sizeof(copts));
+        copts.expect_peer_cn = cn;
+        if ((rc = kms_rpc_channel_create_opts(addr, &tls, &copts, &ch, err)) != 0) {
+            rc = kms_err_wrap(err, KMS_EUNAVAIL, "member probe of node %llu at %s",
+                              (unsigned long long)peer_id, addr);
+            ch = NULL;
+            goto out;
+        }
     }
     rc = kms_rpc_unary(ch, "/kmsd.v1.Cluster/Forward", buf, len, timeout_ms, &out, &outlen,
                        &status, &details, err);
@@ -350,6 +364,9 @@ int kmsd_member_probe(struct kmsd *d, uint64_t peer_id, unsigned timeout_ms, boo
               strstr(details, "is not a member of the cluster") != NULL;
     rc = 0;
 out:
+    if (ch != NULL) {
+        kms_rpc_channel_destroy(ch);
+    }
     free(buf);
     free(out);
     free(details);
