@@ -26,6 +26,7 @@ void cli_json_members(struct cli_json *j, const char *key, Kmsd__V1__MemberStatu
         cli_json_str(j, "role", m[i]->role);
         cli_json_str(j, "version", m[i]->version);
         cli_json_bool(j, "is_leader", m[i]->is_leader);
+        cli_json_u64(j, "entry_version", m[i]->entry_version);
         cli_json_obj_end(j);
     }
     cli_json_arr_end(j);

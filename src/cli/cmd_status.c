@@ -122,6 +122,9 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
                      st->seal_type != NULL && st->seal_type[0] ? st->seal_type : "shamir");
         cli_json_bool(&j, "hsm_wrapped", st->hsm_wrapped);
         cli_json_str(&j, "seal_error", st->seal_error);
+        cli_json_u64(&j, "entry_version_supported", st->entry_version_supported);
+        cli_json_u64(&j, "entry_version_emitting", st->entry_version_emitting);
+        cli_json_u64(&j, "entry_version_applied", st->entry_version_applied);
         cli_json_obj_end(&j);
         cli_json_end(&j);
         return;
@@ -162,6 +165,18 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
         kv(t, "Member", "no: waiting to be added (kmsctl operator members add)");
     }
     kv(t, "Talos Listener", st->talos_listening ? "open" : "closed");
+    if (st->entry_version_supported != 0) {
+        /* Older servers send none of these. */
+        if (st->entry_version_emitting != 0) {
+            snprintf(buf, sizeof(buf), "emitting %u, applied %u, supported %u",
+                     st->entry_version_emitting, st->entry_version_applied,
+                     st->entry_version_supported);
+        } else {
+            snprintf(buf, sizeof(buf), "applied %u, supported %u", st->entry_version_applied,
+                     st->entry_version_supported);
+        }
+        kv(t, "Entry Version", buf);
+    }
     if (st->active_term != 0) {
         kv_u64(t, "Active Key Term", st->active_term);
     } else {

@@ -109,7 +109,11 @@ struct kms_raft_result {
     char leader_address[256];
 };
 
-/* Blocking proposal. Returns:
+/* Blocking proposal. The entry's version (and, from version 2, its
+ * proposer_id) are set here, whatever e says: the highest version every
+ * member of the configuration advertises, and never lower than the highest
+ * version the store already applied (once emitted, a version stays).
+ * Returns:
  *   0               committed and applied on this (leader) node; res->code is
  *                   the store's apply result, res->index the log index;
  *   KMS_ENOTLEADER  this node is not leader; res->leader_id/leader_address
@@ -172,6 +176,12 @@ struct kms_raft_status {
     uint64_t snapshot_index;         /* index of the last snapshot taken/installed */
     uint64_t snapshots_restored;     /* snapshots installed from the leader since start */
     uint64_t elections_won;          /* times this node became leader since start */
+    /* Entry versions (docs/operations.md "Upgrades"): the one this node
+     * stamps on the entries it proposes as leader now, and per member the
+     * highest one it advertised in its raft transport stamps (0 = not heard
+     * from yet: counted as 1; a kmsd without the advertisement counts 1). */
+    uint32_t entry_version;
+    uint32_t member_entry_version[16]; /* parallel to members[] */
 };
 
 /* Status computed on the raft thread now (waits up to 500 ms for it); when

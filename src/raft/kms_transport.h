@@ -126,6 +126,12 @@ struct uv_loop_s;
 #define KMS_STAMP_SHRED 0x4u   /* flags: sender has a revocation to shred and needs
                                   new entries to snapshot (node.c "shred"); a
                                   leader answers with NOOPs. Older nodes ignore it. */
+/* flags bits 8..15: the highest raft entry version (Entry.version) the
+ * sender applies; 0 (older kmsd, which sends no such bits and ignores them)
+ * means 1. The leader emits a version only once every member advertises it
+ * (node.c "entry version"). */
+#define KMS_STAMP_EV_SHIFT 8u
+#define KMS_STAMP_EV_MASK 0xffu
 
 struct kms_transport_stamp {
     uint64_t sent_us;      /* sender's CLOCK_MONOTONIC, microseconds */

@@ -124,6 +124,11 @@ struct kms_raft {
     uint64_t elections_won, snapshots_restored;
     uint64_t snapshot_index;      /* last snapshot taken or installed */
 
+    /* Entry versions ("entry version" below; raft thread only but emit_ev) */
+    uint64_t ev_peer_id[MAX_PEERS]; /* peers heard from (0 = free slot) */
+    uint32_t ev_peer[MAX_PEERS];    /* highest entry version each advertised */
+    uint32_t ev_logged;             /* last emitting version logged (0 = none) */
+
     /* Shredding after a revocation (raft thread only; see "shred" below). */
     unsigned snap_threshold, snap_trailing; /* the configured values */
     uint64_t shred_index;         /* latest revocation not yet shredded; 0 = none */
@@ -149,6 +154,7 @@ struct kms_raft {
     /* published for other threads */
     _Atomic uint64_t lease_until_us;
     _Atomic uint64_t applied_index;
+    _Atomic uint32_t emit_ev;     /* entry version proposals get now */
     _Atomic int waiters;
     atomic_bool shut_down;        /* kms_raft_shutdown finished: calls fail fast */
     atomic_bool failed;           /* the raft log could not be written */
@@ -163,6 +169,8 @@ struct kms_raft {
 };
 
 static void raft_thread_stop_step(struct kms_raft *r);
+static uint32_t ev_of_peer(const struct kms_raft *r, uint64_t id);
+static void ev_stamp_entry(struct kms_raft *r, Kmsd__V1__Entry *e);
 
 /* ------------------------------------------------------------------ helpers */
 
@@ -528,7 +536,7 @@ static void shred_tick(struct kms_raft *r)
         return;
     }
     r->shred_noop_ms = now;
-    e.version = 1;
+    ev_stamp_entry(r, &e);
     e.op_case = KMSD__V1__ENTRY__OP_NOOP;
     e.noop = &noop;
     if (kms_entry_encode(&e, &buf, NULL) != 0) {
@@ -805,6 +813,9 @@ static void status_publish(struct kms_raft *r)
             break;
         }
         snprintf(st.members[st.n_members].address, sizeof(st.members[0].address), "%s", addr);
+        st.member_entry_version[st.n_members] = st.members[st.n_members].id == r->id
+                                                    ? KMS_ENTRY_VERSION
+                                                    : ev_of_peer(r, st.members[st.n_members].id);
         st.n_members++;
     }
     if (st.role == KMS_RAFT_LEADER) {
@@ -818,6 +829,7 @@ static void status_publish(struct kms_raft *r)
     st.snapshot_index = r->snapshot_index;
     st.snapshots_restored = r->snapshots_restored;
     st.elections_won = r->elections_won;
+    st.entry_version = atomic_load(&r->emit_ev);
 
     if (applied > atomic_load(&r->applied_index)) {
         atomic_store(&r->applied_index, applied); /* e.g. after a snapshot install */
@@ -922,6 +934,107 @@ static void after_recv_cb(void *data)
     lease_update(data);
 }
 
+/* ------------------------------------------------------------- entry version
+ *
+ * Every stamp carries the highest Entry.version its sender applies
+ * (KMS_STAMP_EV_SHIFT; a kmsd without it sends 0, counted as 1). Each node
+ * keeps the newest value per peer; the version proposals get is the lowest
+ * over the members of the current configuration (itself: KMS_ENTRY_VERSION;
+ * a member not heard from yet: 1), raised to the highest version the store
+ * already applied: once a version is in the log it is emitted from then on,
+ * so a replica downgraded later meets it and stops instead of the cluster
+ * silently going back. Computed on the raft thread at every tick. */
+
+static uint32_t ev_of_peer(const struct kms_raft *r, uint64_t id)
+{
+    for (size_t i = 0; i < MAX_PEERS; i++) {
+        if (r->ev_peer_id[i] == id) {
+            return r->ev_peer[i];
+        }
+    }
+    return 0;
+}
+
+static void ev_note(struct kms_raft *r, uint64_t id, uint32_t ev)
+{
+    size_t free_slot = MAX_PEERS;
+    for (size_t i = 0; i < MAX_PEERS; i++) {
+        if (r->ev_peer_id[i] == id) {
+            r->ev_peer[i] = ev;
+            return;
+        }
+        if (r->ev_peer_id[i] == 0 && free_slot == MAX_PEERS) {
+            free_slot = i;
+        }
+    }
+    if (free_slot == MAX_PEERS) {
+        /* Full of peers no longer in the configuration: reuse one. */
+        for (size_t i = 0; i < MAX_PEERS; i++) {
+            if (!config_has(r, r->ev_peer_id[i])) {
+                free_slot = i;
+                break;
+            }
+        }
+    }
+    if (free_slot < MAX_PEERS) {
+        r->ev_peer_id[free_slot] = id;
+        r->ev_peer[free_slot] = ev;
+    }
+}
+
+static void ev_update(struct kms_raft *r)
+{
+    uint32_t ev = KMS_ENTRY_VERSION, applied = kms_store_entry_version(r->store);
+    uint64_t low_id = 0;
+
+    for (size_t i = 0; i < kms_glue_n_members(&r->raft); i++) {
+        uint64_t id;
+        const char *addr;
+        int role;
+        uint32_t pv;
+        if (!kms_glue_member_at(&r->raft, i, &id, &addr, &role) || id == r->id) {
+            continue;
+        }
+        pv = ev_of_peer(r, id);
+        pv = pv == 0 ? 1 : pv;
+        if (pv < ev) {
+            ev = pv;
+            low_id = id;
+        }
+    }
+    bool held = false;
+    if (applied > ev) {
+        ev = applied > KMS_ENTRY_VERSION ? KMS_ENTRY_VERSION : applied;
+        held = true;
+    }
+    atomic_store(&r->emit_ev, ev);
+    if (kms_glue_role(&r->raft) == KMS_RAFT_LEADER && ev != r->ev_logged) {
+        if (held && low_id != 0) {
+            kms_logf(KMS_LOG_WARN, MOD,
+                     "emitting raft entry version %u: the log already holds it, though member "
+                     "%llu advertises less (it will stop at the first such entry: upgrade it)",
+                     (unsigned)ev, (unsigned long long)low_id);
+        } else if (low_id != 0) {
+            kms_logf(KMS_LOG_INFO, MOD,
+                     "emitting raft entry version %u: member %llu advertises no higher "
+                     "(this kmsd supports %u)",
+                     (unsigned)ev, (unsigned long long)low_id, (unsigned)KMS_ENTRY_VERSION);
+        } else {
+            kms_logf(KMS_LOG_INFO, MOD, "emitting raft entry version %u%s", (unsigned)ev,
+                     held ? ": the log already holds it" : ": every member advertises it");
+        }
+        r->ev_logged = ev;
+    }
+}
+
+/* Sets e's version (and proposer) to what this node emits now. */
+static void ev_stamp_entry(struct kms_raft *r, Kmsd__V1__Entry *e)
+{
+    uint32_t ev = atomic_load(&r->emit_ev);
+    e->version = ev == 0 ? 1 : ev;
+    e->proposer_id = e->version >= 2 ? r->id : 0;
+}
+
 static bool stamp_out_cb(void *data, uint64_t peer_id, struct kms_transport_stamp *s)
 {
     struct kms_raft *r = data;
@@ -937,6 +1050,7 @@ static bool stamp_out_cb(void *data, uint64_t peer_id, struct kms_transport_stam
     if (r->shred_index != 0 && kms_mono_ms() - r->shred_begin_ms < SHRED_ASK_MS) {
         s->flags |= KMS_STAMP_SHRED;
     }
+    s->flags |= (uint64_t)(KMS_ENTRY_VERSION & KMS_STAMP_EV_MASK) << KMS_STAMP_EV_SHIFT;
     return true;
 }
 
@@ -950,6 +1064,7 @@ static void stamp_in_cb(void *data, uint64_t peer_id, const struct kms_transport
         return;
     }
     lease_view(r, &v, voters);
+    ev_note(r, peer_id, (uint32_t)((s->flags >> KMS_STAMP_EV_SHIFT) & KMS_STAMP_EV_MASK));
     kms_lease_on_stamp(&r->lease, peer_id, s, arrival_us, &v);
     if ((s->flags & KMS_STAMP_LEADER) != 0 && s->term >= v.term) {
         r->contact_us = arrival_us;
@@ -1402,6 +1517,7 @@ static void timer_cb(uv_timer_t *h)
         return;
     }
     lease_update(r);
+    ev_update(r);
     status_publish(r);
     shred_tick(r);
     if (r->stopping && r->stop_deadline_ms != 0 && kms_mono_ms() >= r->stop_deadline_ms) {
@@ -1722,6 +1838,7 @@ int kms_raft_propose(struct kms_raft *r, const Kmsd__V1__Entry *e, unsigned time
                      struct kms_raft_result *res, struct kms_err *err)
 {
     struct kms_raft_result local;
+    Kmsd__V1__Entry ve;
     struct op *op;
     int rc;
 
@@ -1736,7 +1853,21 @@ int kms_raft_propose(struct kms_raft *r, const Kmsd__V1__Entry *e, unsigned time
     if (op == NULL) {
         return kms_err_set(err, KMS_ENOMEM, NULL);
     }
-    if ((rc = kms_entry_encode(e, &op->buf, err)) != 0) {
+    ve = *e; /* shallow: only the version fields differ */
+    ev_stamp_entry(r, &ve);
+    if (ve.version < kms_entry_op_min_version(ve.op_case)) {
+        pthread_mutex_lock(&r->mu);
+        op->refs = 1;
+        op_unref_locked(op);
+        pthread_mutex_unlock(&r->mu);
+        return kms_err_set(err, KMS_EVERSION,
+                           "this operation needs entry version %u, and the cluster still "
+                           "writes version %u: a member runs an older kmsd (or has not been "
+                           "heard from yet); upgrade every member first (kmsctl status "
+                           "--cluster shows each member's entry version)",
+                           kms_entry_op_min_version(ve.op_case), ve.version);
+    }
+    if ((rc = kms_entry_encode(&ve, &op->buf, err)) != 0) {
         pthread_mutex_lock(&r->mu);
         op->refs = 1;
         op_unref_locked(op);

@@ -35,6 +35,17 @@ static int op_known(Kmsd__V1__Entry__OpCase c)
     }
 }
 
+uint32_t kms_entry_op_min_version(Kmsd__V1__Entry__OpCase c)
+{
+    switch (c) {
+    case KMSD__V1__ENTRY__OP_REKEY_KEYRING:
+    case KMSD__V1__ENTRY__OP_SET_PEER_UNSEAL_GATE:
+        return 2;
+    default:
+        return 1;
+    }
+}
+
 int kms_entry_encode(const Kmsd__V1__Entry *e, struct raft_buffer *out, struct kms_err *err)
 {
     int rc = 0;

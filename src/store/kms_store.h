@@ -13,6 +13,10 @@
  *   "Xcount"                       -> u64be number of records
  *   "Xrestoring"                   -> u64be, present only while a snapshot
  *                                     restore is half-way (crash marker)
+ *   "Xentryver"                    -> u64be highest Entry.version this data
+ *                                     dir has applied (absent: only 1); an
+ *                                     older kmsd that finds it above its own
+ *                                     KMS_ENTRY_VERSION refuses to open
  *
  * Threads. Exactly one thread writes: the raft thread, through
  * kms_store_apply(), kms_store_restore() and the raft_fsm callbacks. Every
@@ -44,7 +48,7 @@ struct raft_buffer; /* <raft.h>: framing and snapshots are raft_malloc()ed buffe
 
 /* ---- raft log entry framing (proto/README.md) ----------------------- */
 
-#define KMS_ENTRY_VERSION 1          /* highest Entry.version understood */
+#define KMS_ENTRY_VERSION 2          /* highest Entry.version understood */
 #define KMS_ENTRY_FRAME_VERSION 1    /* framing header version */
 #define KMS_ENTRY_HEADER_LEN 8
 #define KMS_ENTRY_MAX_PAYLOAD (16u * 1024u * 1024u)
@@ -56,6 +60,13 @@ struct raft_buffer; /* <raft.h>: framing and snapshots are raft_malloc()ed buffe
  * left {NULL, 0}. Refuses (KMS_EINVAL) an entry without an op or with a
  * version other than 1..KMS_ENTRY_VERSION, so such entries never reach the log. */
 int kms_entry_encode(const Kmsd__V1__Entry *e, struct raft_buffer *out, struct kms_err *err);
+
+/* Lowest Entry.version that may carry op c: 2 for the ops added after the
+ * first release (a v0.1.0 member would stop on them), 1 otherwise. The
+ * raft node refuses to propose an op above the version it emits, so such
+ * an op is written only once every member advertises version 2
+ * (docs/operations.md "Upgrades"). Pure; any thread. */
+uint32_t kms_entry_op_min_version(Kmsd__V1__Entry__OpCase c);
 
 /* Parses a framed entry. Bad magic/framing version/reserved byte/length/
  * non-zero padding or an unparsable payload: KMS_ECORRUPT. Entry.version
@@ -71,6 +82,14 @@ struct kms_store;
 /* Opens (creating if missing) the RocksDB database in directory `dir` (its
  * parent must exist). *out is owned by the caller until kms_store_close(). */
 int kms_store_open(const char *dir, struct kms_store **out, struct kms_err *err);
+
+/* Opening a data dir whose "Xentryver" marker is above KMS_ENTRY_VERSION
+ * (it applied entries of a newer kmsd: a downgrade past an entry version)
+ * fails with KMS_EVERSION and a message saying so; nothing is changed. */
+
+/* Highest Entry.version this store has applied (1 when no entry above 1
+ * was ever applied). Any thread. */
+uint32_t kms_store_entry_version(struct kms_store *s);
 
 /* Flushes the memtable (so the next open has no WAL to replay) and closes.
  * NULL is accepted. No other call on s may be running or follow. */

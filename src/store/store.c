@@ -205,6 +205,7 @@ int kms_store_open(const char *dir, struct kms_store **out, struct kms_err *err)
     atomic_init(&s->applied, 0);
     atomic_init(&s->count, 0);
     atomic_init(&s->restoring, false);
+    atomic_init(&s->entry_version, 0);
 
     s->opts = rocksdb_options_create();
     s->bbopts = rocksdb_block_based_options_create();
@@ -251,6 +252,22 @@ int kms_store_open(const char *dir, struct kms_store **out, struct kms_err *err)
         goto out;
     }
     atomic_store(&s->count, v);
+    if ((rc = get_u64(s, KS_K_ENTRYVER, &v, &found, err)) != 0) {
+        goto out;
+    }
+    if (found && v > KMS_ENTRY_VERSION) {
+        /* Refuse before raft replays anything: the log and the state hold
+         * entries this software would refuse or misread. */
+        rc = kms_err_set(err, KMS_EVERSION,
+                         "data dir %s holds raft entries of entry version %" PRIu64
+                         ", written by a newer kmsd; this kmsd (" KMSD_VERSION
+                         ") understands entry versions up to %u: a downgrade past an entry "
+                         "version is not supported (run the newer kmsd, or restore a snapshot "
+                         "taken before the upgrade; docs/operations.md \"Upgrades\")",
+                         dir, v, (unsigned)KMS_ENTRY_VERSION);
+        goto out;
+    }
+    atomic_store(&s->entry_version, found ? (uint32_t)v : 0);
     if ((rc = get_u64(s, KS_K_RESTORING, &v, &found, err)) != 0) {
         goto out;
     }
@@ -295,6 +312,12 @@ void kms_store_close(struct kms_store *s)
         }
     }
     store_free(s);
+}
+
+uint32_t kms_store_entry_version(struct kms_store *s)
+{
+    uint32_t v = atomic_load(&s->entry_version);
+    return v == 0 ? 1 : v;
 }
 
 uint64_t kms_store_applied_index(struct kms_store *s)
@@ -996,8 +1019,18 @@ static int apply_entry(struct kms_store *s, uint64_t index, const void *buf, siz
      * describes exactly the stored state. */
     kms_put_be64(ab, index);
     rocksdb_writebatch_put(c.wb, KS_K_APPLIED, strlen(KS_K_APPLIED), (const char *)ab, 8);
+    /* The first entry of a higher version also records it (same batch): a
+     * later downgrade finds the marker at open and refuses. */
+    if (e->version > 1 && e->version > atomic_load(&s->entry_version)) {
+        uint8_t vb[8];
+        kms_put_be64(vb, e->version);
+        rocksdb_writebatch_put(c.wb, KS_K_ENTRYVER, strlen(KS_K_ENTRYVER), (const char *)vb, 8);
+    }
     if ((rc = ks_write(s, c.wb, "write", err)) != 0) {
         goto out;
+    }
+    if (e->version > atomic_load(&s->entry_version)) {
+        atomic_store(&s->entry_version, e->version);
     }
     atomic_store(&s->count, count);
     atomic_store(&s->applied, index);
@@ -1434,7 +1467,8 @@ int kms_store_digest(struct kms_store *s, uint8_t out[32], struct kms_err *err)
         const char *k = rocksdb_iter_key(it, &klen);
         const char *val;
         if ((klen == strlen(KS_K_APPLIED) && memcmp(k, KS_K_APPLIED, klen) == 0) ||
-            (klen == strlen(KS_K_RESTORING) && memcmp(k, KS_K_RESTORING, klen) == 0)) {
+            (klen == strlen(KS_K_RESTORING) && memcmp(k, KS_K_RESTORING, klen) == 0) ||
+            (klen == strlen(KS_K_ENTRYVER) && memcmp(k, KS_K_ENTRYVER, klen) == 0)) {
             continue;
         }
         val = rocksdb_iter_value(it, &vlen);

@@ -30,6 +30,7 @@ struct kms_store {
     _Atomic uint64_t applied;
     _Atomic uint64_t count;
     atomic_bool restoring;
+    _Atomic uint32_t entry_version; /* highest Entry.version applied (0: none recorded) */
 
     /* Raft thread only. */
     struct kms_store_result fsm_result;

@@ -17,5 +17,6 @@
 #define KS_K_APPLIED "Xapplied"
 #define KS_K_COUNT "Xcount"
 #define KS_K_RESTORING "Xrestoring"
+#define KS_K_ENTRYVER "Xentryver"
 
 #endif /* KMS_STORE_KEYS_H */

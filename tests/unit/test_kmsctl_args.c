@@ -560,7 +560,8 @@ static const char status_json[] =
     "      \"talos_address\": \"10.0.0.1:4050\",\n"
     "      \"role\": \"voter\",\n"
     "      \"version\": \"0.1.0\",\n"
-    "      \"is_leader\": true\n"
+    "      \"is_leader\": true,\n"
+    "      \"entry_version\": 0\n"
     "    },\n"
     "    {\n"
     "      \"id\": 2,\n"
@@ -569,7 +570,8 @@ static const char status_json[] =
     "      \"talos_address\": \"\",\n"
     "      \"role\": \"voter\",\n"
     "      \"version\": \"0.1.0\\\"x\",\n"
-    "      \"is_leader\": false\n"
+    "      \"is_leader\": false,\n"
+    "      \"entry_version\": 0\n"
     "    }\n"
     "  ],\n"
     "  \"lease\": true,\n"
@@ -587,7 +589,10 @@ static const char status_json[] =
     "  \"peer_unseal_gate\": \"\",\n"
     "  \"seal_type\": \"shamir\",\n"
     "  \"hsm_wrapped\": false,\n"
-    "  \"seal_error\": \"\"\n"
+    "  \"seal_error\": \"\",\n"
+    "  \"entry_version_supported\": 0,\n"
+    "  \"entry_version_emitting\": 0,\n"
+    "  \"entry_version_applied\": 0\n"
     "}\n";
 
 static void test_status_json(void **state)

@@ -301,7 +301,7 @@ static void test_fatal_entries(void **state)
     struct kms_store *s;
     struct kms_store_result *res = NULL;
     struct kms_err err;
-    uint8_t bad[16] = {'K', 'E', 1, 0, 2, 0, 0, 0, 0x08, 0x02, 0, 0, 0, 0, 0, 0}; /* version 2 */
+    uint8_t bad[16] = {'K', 'E', 1, 0, 2, 0, 0, 0, 0x08, 0x03, 0, 0, 0, 0, 0, 0}; /* version 3 */
     uint8_t junk[16] = {'K', 'X', 1, 0, 2, 0, 0, 0, 0x08, 0x01, 0, 0, 0, 0, 0, 0};
     uint8_t noop_only_version[16] = {'K', 'E', 1, 0, 2, 0, 0, 0, 0x08, 0x01, 0, 0, 0, 0, 0, 0};
     (void)state;

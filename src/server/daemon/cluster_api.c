@@ -160,7 +160,9 @@ static void forward_run_cb(void *arg)
             max_term = ek->active_term;
             kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
         }
-        if (j->r->entry->version != 1 || j->r->entry->put_record == NULL ||
+        /* Any version this node applies (the leader restamps it: kms_raft_propose). */
+        if (j->r->entry->version == 0 || j->r->entry->version > KMS_ENTRY_VERSION ||
+            j->r->entry->put_record == NULL ||
             kmsd_authz_record_check(j->r->entry->put_record->record, max_term, &err) != 0) {
             char why[sizeof(err.msg) + 32];
             snprintf(why, sizeof(why), "malformed record: %s",
@@ -281,6 +283,7 @@ static Kmsd__V1__MemberStatus **members_build(struct kmsd *d, const struct kms_r
         c->ms[i].raft_address = (char *)st->members[i].address;
         c->ms[i].role = (char *)kms_raft_member_role_name(st->members[i].role);
         c->ms[i].is_leader = st->members[i].id == st->leader_id;
+        c->ms[i].entry_version = st->member_entry_version[i];
         ptrs[i] = &c->ms[i];
     }
     (void)kms_store_members_list(d->store, members_meta_cb, c, NULL);
@@ -360,6 +363,9 @@ static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     resp.member = kmsd_raft_is_member(d);
     resp.peer_unseal = d->opt.peer_unseal;
     resp.peer_unseal_gate = (char *)kmsd_peer_gate_state(d);
+    resp.entry_version_supported = KMS_ENTRY_VERSION;
+    resp.entry_version_emitting = st.role == KMS_RAFT_LEADER ? st.entry_version : 0;
+    resp.entry_version_applied = kms_store_entry_version(d->store);
     resp.talos_listening = atomic_load(&d->talos_listening);
     resp.cluster_id = cid;
     kr = kmsd_keyring_get(d);
@@ -672,6 +678,18 @@ int kmsd_publish_self(struct kmsd *d, struct kms_err *err)
                       d->opt.talos_advertise, d->opt.version, err);
 }
 
+static int remove_member_meta(struct kmsd *d, uint64_t id, struct kms_err *err)
+{
+    Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
+    Kmsd__V1__RemoveMember rm = KMSD__V1__REMOVE_MEMBER__INIT;
+    struct kmsd_write_result res;
+    rm.id = id;
+    e.version = 1;
+    e.op_case = KMSD__V1__ENTRY__OP_REMOVE_MEMBER;
+    e.remove_member = &rm;
+    return kmsd_write(d, &e, d->opt.request_wait_ms, &res, err);
+}
+
 static void members_add_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req,
                            size_t len)
 {
@@ -679,6 +697,7 @@ static void members_add_cb(void *arg, struct kms_rpc_call *call, const uint8_t *
     Kmsd__V1__MembersAddRequest *r = NULL;
     Kmsd__V1__MembersAddResponse resp = KMSD__V1__MEMBERS_ADD_RESPONSE__INIT;
     struct kms_err err;
+    bool was_member;
     int rc;
 
     kms_err_clear(&err);
@@ -688,11 +707,38 @@ static void members_add_cb(void *arg, struct kms_rpc_call *call, const uint8_t *
         goto out;
     }
     audit(call, "members-add");
+    was_member = node_is_member(d, r->id);
     /* Metadata first so the new node's cluster address is known to whoever
      * forwards to it once it leads. */
     rc = put_member(d, r->id, r->raft_address, r->cluster_address, r->talos_address, "", &err);
     if (rc == 0) {
         rc = kms_raft_add(d->raft, r->id, r->raft_address, 60000, &err);
+        if (rc != 0 && !was_member) {
+            /* No partial add: withdraw what this call committed (the spare
+             * raft may hold, then the metadata), so a failed add leaves the
+             * cluster as it was. */
+            char msg[sizeof(err.msg) * 2 + 200];
+            struct kms_err uerr;
+            int urc = 0;
+            kms_err_clear(&uerr);
+            if (node_is_member(d, r->id)) {
+                urc = kms_raft_remove(d->raft, r->id, d->opt.request_wait_ms, &uerr);
+            }
+            if (urc == 0) {
+                urc = remove_member_meta(d, r->id, &uerr);
+            }
+            if (urc == 0) {
+                snprintf(msg, sizeof(msg), "%s (nothing kept: its member metadata was withdrawn)",
+                         err.msg);
+            } else {
+                snprintf(msg, sizeof(msg),
+                         "%s; withdrawing its member metadata failed too (%s): run kmsctl "
+                         "operator members remove --id %llu",
+                         err.msg, uerr.msg, (unsigned long long)r->id);
+            }
+            finish_err(call, "members-add", rc, msg);
+            goto out;
+        }
     }
     if (rc != 0) {
         finish_err(call, "members-add", rc, err.msg);
@@ -723,14 +769,7 @@ static void members_remove_cb(void *arg, struct kms_rpc_call *call, const uint8_
     audit(call, "members-remove");
     rc = kms_raft_remove(d->raft, r->id, d->opt.request_wait_ms * 2, &err);
     if (rc == 0) {
-        Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
-        Kmsd__V1__RemoveMember rm = KMSD__V1__REMOVE_MEMBER__INIT;
-        struct kmsd_write_result res;
-        rm.id = r->id;
-        e.version = 1;
-        e.op_case = KMSD__V1__ENTRY__OP_REMOVE_MEMBER;
-        e.remove_member = &rm;
-        rc = kmsd_write(d, &e, d->opt.request_wait_ms, &res, &err);
+        rc = remove_member_meta(d, r->id, &err);
     }
     if (rc != 0) {
         finish_err(call, "members-remove", rc, err.msg);

@@ -334,6 +334,9 @@ static void *supervisor_main(void *arg)
     bool talos_ok = true, cluster_ok = true;
     bool self_published = false;
     bool lease_seen = false;
+    struct kmsd_removal removal;
+
+    memset(&removal, 0, sizeof(removal));
 
     while (!atomic_load(&d->stopping)) {
         uint64_t now = kms_mono_ms();
@@ -430,6 +433,7 @@ static void *supervisor_main(void *arg)
             if (unsealed) {
                 kmsd_keyring_refresh(d);
             }
+            kmsd_removal_tick(d, &removal, now);
             if (!self_published && readable) {
                 struct self_meta sm = {d->opt.node_id, false, false, d};
                 (void)kms_store_members_list(d->store, self_meta_cb, &sm, NULL);

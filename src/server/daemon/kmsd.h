@@ -170,6 +170,8 @@ struct kmsd_peer_unseal;
 
 struct kmsd {
     bool raft_failed;            /* set by kmsd_stop: the raft log could not be written */
+    atomic_bool removed;         /* kmsd_removal_tick found this node removed: exit 4 */
+    atomic_bool removal_probing; /* a removal probe job is queued or running */
     struct kmsd_options opt;
     struct kmsd_metrics metrics;
     struct MHD_Daemon *http;             /* HTTP endpoints (http.c) */
@@ -321,6 +323,29 @@ bool kmsd_leader_redirect(struct kmsd *d, char *msg, size_t msglen);
 /* Cluster API address of member id: the replicated member metadata first,
  * then initialCluster. 0 or KMS_ENOTFOUND. Any thread. */
 int kmsd_member_cluster_address(struct kmsd *d, uint64_t id, char out[256]);
+
+/* Membership probe (membership.c): asks member `peer_id`'s cluster API,
+ * with a Forward that changes nothing (a NOOP, which no node accepts), whether
+ * it still counts this node as a member. *denied = true when the peer
+ * answered that this node is not a member of the cluster; 0 then or when it
+ * answered anything else; KMS_EUNAVAIL when it could not be asked. Any
+ * thread but the raft thread; blocks up to timeout_ms. */
+int kmsd_member_probe(struct kmsd *d, uint64_t peer_id, unsigned timeout_ms, bool *denied,
+                      struct kms_err *err);
+
+/* Removed-node detection, called about once a second by the supervisor
+ * thread only (st is its own state, zeroed before the first call; the
+ * probes themselves run as a job on the operator pool). Sets
+ * d->removed, logs why and sends this process SIGTERM when this node was a
+ * member and (a) its raft configuration no longer lists it, or (b) it has
+ * heard no leader for several election timeouts and a majority of the
+ * members it knows answer that it is not a member (a removed follower
+ * never receives the configuration that drops it). */
+struct kmsd_removal {
+    bool was_member;
+    uint64_t last_probe_ms;
+};
+void kmsd_removal_tick(struct kmsd *d, struct kmsd_removal *st, uint64_t now_ms);
 /* Reads rec's key back from this node's applied state and compares key id,
  * term, nonce, ciphertext and node uuid byte for byte. 0, or KMS_EUNAVAIL
  * (absent or different; logged at error level). */

@@ -314,6 +314,10 @@ stop:
         kms_log(KMS_LOG_ERROR, "kmsd", "stopped after a raft log write failure", NULL);
         fflush(NULL);
         _exit(3);
+    } else if (atomic_load(&d->removed)) {
+        kms_log(KMS_LOG_ERROR, "kmsd",
+                "stopped: this node is no longer a member of the cluster (exit status 4)", NULL);
+        code = 4;
     } else {
         kms_log(KMS_LOG_INFO, "kmsd", "stopped", NULL);
     }

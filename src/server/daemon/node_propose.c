@@ -303,6 +303,76 @@ out:
     return rc;
 }
 
+int kmsd_member_probe(struct kmsd *d, uint64_t peer_id, unsigned timeout_ms, bool *denied,
+                      struct kms_err *err)
+{
+    Kmsd__V1__ForwardRequest req = KMSD__V1__FORWARD_REQUEST__INIT;
+    Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
+    Kmsd__V1__Noop noop = KMSD__V1__NOOP__INIT;
+    uint8_t *buf = NULL, *out = NULL;
+    size_t len, outlen = 0;
+    char *details = NULL, addr[256];
+    struct kms_rpc_channel *ch = NULL;
+    int status = 0, rc;
+
+    *denied = false;
+    if (kmsd_member_cluster_address(d, peer_id, addr) != 0) {
+        rc = kms_err_set(err, KMS_EUNAVAIL, "no cluster address known for node %llu",
+                         (unsigned long long)peer_id);
+        goto out;
+    }
+    e.version = 1;
+    e.op_case = KMSD__V1__ENTRY__OP_NOOP;
+    e.noop = &noop;
+    req.entry = &e;
+    req.from_id = d->opt.node_id;
+    len = protobuf_c_message_get_packed_size(&req.base);
+    buf = malloc(len > 0 ? len : 1);
+    if (buf == NULL) {
+        rc = kms_err_set(err, KMS_ENOMEM, "member probe: out of memory");
+        goto out;
+    }
+    protobuf_c_message_pack(&req.base, buf);
+    /* A channel of its own, not the forward cache: that one is keyed by node
+     * id and keeps the first address it was made for, and a probe runs
+     * before the leader published the members' cluster addresses. */
+    {
+        struct kms_rpc_client_tls tls = {d->opt.cluster_ca, d->opt.node_cert, d->opt.node_key};
+        struct kms_rpc_channel_options copts;
+        char cn[40];
+        snprintf(cn, sizeof(cn), "kmsd-node-%llu", (unsigned long long)peer_id);
+        memset(&copts, 0, sizeof(copts));
+        copts.expect_peer_cn = cn;
+        if ((rc = kms_rpc_channel_create_opts(addr, &tls, &copts, &ch, err)) != 0) {
+            rc = kms_err_wrap(err, KMS_EUNAVAIL, "member probe of node %llu at %s",
+                              (unsigned long long)peer_id, addr);
+            ch = NULL;
+            goto out;
+        }
+    }
+    rc = kms_rpc_unary(ch, "/kmsd.v1.Cluster/Forward", buf, len, timeout_ms, &out, &outlen,
+                       &status, &details, err);
+    if (rc != 0 || status == GRPC_STATUS_UNAVAILABLE ||
+        status == GRPC_STATUS_DEADLINE_EXCEEDED) {
+        rc = kms_err_set(err, KMS_EUNAVAIL, "member probe of node %llu at %s: %s",
+                         (unsigned long long)peer_id, addr,
+                         details != NULL ? details : "unreachable");
+        goto out;
+    }
+    /* cluster_api.c forward_run_cb: "node N is not a member of the cluster". */
+    *denied = status == GRPC_STATUS_PERMISSION_DENIED && details != NULL &&
+              strstr(details, "is not a member of the cluster") != NULL;
+    rc = 0;
+out:
+    if (ch != NULL) {
+        kms_rpc_channel_destroy(ch);
+    }
+    free(buf);
+    free(out);
+    free(details);
+    return rc;
+}
+
 int kmsd_write(struct kmsd *d, const Kmsd__V1__Entry *e, unsigned wait_ms,
                struct kmsd_write_result *res, struct kms_err *err)
 {

@@ -17,7 +17,7 @@
 //	seal      -uuid U [-n N]                 JSON lines {"uuid","blob","data"}
 //	unseal    -uuid U -blob B64              prints data (base64)
 //	roundtrip -uuid U [-seal-endpoint X] [-unseal-endpoint Y]
-//	load      -clients 8 -duration 10s -blobs FILE (seal output lines) [-rotate]
+//	load      -clients 8 -duration 10s -blobs FILE (seal output lines) [-rotate] [-once]
 //	probe     -tls12only | -noalpn           raw crypto/tls + one gRPC call
 //	burst     -n N -uuid U|-uuids U,U.. [-blob B64 | -seal] [-sources IP,IP...] [-parallel P]
 //	          N unseals of B64 (or seals of random data), each from the next
@@ -391,6 +391,7 @@ func cmdLoad(fs *flag.FlagSet, args []string) {
 	blobsFile := fs.String("blobs", "", "file of seal output lines")
 	rotate := fs.Bool("rotate", false, "client i lists the endpoints starting at i mod n "+
 		"(DNS round robin: a rack spreads over the replicas)")
+	once := fs.Bool("once", false, "unseal every blob exactly once, then stop (no -duration)")
 	c := parseAll(fs, args)
 	f, err := os.Open(*blobsFile)
 	if err != nil {
@@ -434,7 +435,7 @@ func cmdLoad(fs *flag.FlagSet, args []string) {
 					eps = append(eps, c.endpoints[(id+j)%n])
 				}
 			}
-			for k := id; time.Since(start) < *dur; k += *clients {
+			for k := id; (*once && k < len(blobs)) || (!*once && time.Since(start) < *dur); k += *clients {
 				b := blobs[k%len(blobs)]
 				blob, _ := base64.StdEncoding.DecodeString(b.Blob)
 				t0 := time.Now()
