@@ -172,6 +172,9 @@ struct kms_raft_status {
     uint64_t snapshot_index;         /* index of the last snapshot taken/installed */
     uint64_t snapshots_restored;     /* snapshots installed from the leader since start */
     uint64_t elections_won;          /* times this node became leader since start */
+    uint64_t elections_started;      /* times this node stood for election since start */
+    uint64_t leader_changes;         /* times the known leader changed (to another
+                                        node or to none) since start */
 };
 
 /* Status computed on the raft thread now (waits up to 500 ms for it); when

@@ -83,6 +83,7 @@ struct f_doc {
     struct f_enrol enrolment;
     char *logLevel;
     char *memoryLock;
+    char *auditFile;
 };
 
 #define OPT_STR(k, s, m) CYAML_FIELD_STRING_PTR(k, CYAML_FLAG_OPTIONAL, s, m, 0, 4096)
@@ -176,6 +177,7 @@ static const cyaml_schema_field_t doc_fields[] = {
     CYAML_FIELD_MAPPING("enrolment", CYAML_FLAG_OPTIONAL, struct f_doc, enrolment, enrol_fields),
     OPT_STR("logLevel", struct f_doc, logLevel),
     OPT_STR("memoryLock", struct f_doc, memoryLock),
+    OPT_STR("auditFile", struct f_doc, auditFile),
     CYAML_FIELD_END};
 static const cyaml_schema_value_t doc_schema = {
     CYAML_VALUE_MAPPING(CYAML_FLAG_POINTER, struct f_doc, doc_fields)};
@@ -382,6 +384,9 @@ static const struct opt opts[] = {
     {"memoryLock", "KMSD_MEMORY_LOCK", "memory-lock", T_BOOL, "true", IMM, C(memory_lock),
      F(memoryLock), 0, 0, NULL, "BOOL",
      "mlockall() the whole process so no key or share is ever swapped out"},
+    {"auditFile", "KMSD_AUDIT_FILE", "audit-file", T_STRING, "", IMM, C(audit_file),
+     F(auditFile), 0, 0, NULL, "FILE",
+     "hash-chained audit log (empty = <dataDir>/audit.log); kmsctl audit verify checks it"},
 };
 #define N_OPTS (sizeof(opts) / sizeof(opts[0]))
 
