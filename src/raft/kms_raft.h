@@ -11,7 +11,7 @@
  * mutex-protected queue plus a uv_async_t and wait on a per-request condition
  * variable with a timeout.
  *
- * Read lease (DESIGN §6): computed on the raft thread (after every received
+ * Read lease (docs/architecture.md "Read leases"): computed on the raft thread (after every received
  * message and on a 25 ms timer) and published as a monotonic deadline in an
  * atomic, so kms_raft_lease_valid() is lock-free.
  *

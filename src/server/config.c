@@ -854,7 +854,7 @@ static int add_uuid(struct loader *l, const struct opt *o, struct origin org, co
     if (cfg->n_uuid_allow_list >= KMS_CONFIG_MAX_UUIDS) {
         return fail(l, o, org, what, "more than %d UUIDs", KMS_CONFIG_MAX_UUIDS);
     }
-    /* Same rule as Seal's node_uuid (DESIGN §5): 1..128 printable bytes. */
+    /* Same rule as Seal's node_uuid (talos_api.c): 1..128 printable bytes. */
     if (n == 0 || n > KMS_CONFIG_MAX_UUID_LEN) {
         return fail(l, o, org, what, "UUID must be 1..%d bytes", KMS_CONFIG_MAX_UUID_LEN);
     }

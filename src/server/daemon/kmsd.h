@@ -20,7 +20,7 @@
  * memory under `mu`. The keyring handed to RPC handlers is an immutable
  * refcounted snapshot: a handler takes a reference under the read side of
  * `kr_lock` (held for a pointer copy and an atomic increment, never across
- * crypto), so sealing or rotating never frees a keyring in use. DESIGN §3
+ * crypto), so sealing or rotating never frees a keyring in use. The design
  * asks for no global lock on the hot path; a reader-writer lock held for a
  * few nanoseconds is the simplest safe form of that (an unlocked atomic
  * pointer would race the final unref).

@@ -1,5 +1,5 @@
 /*
- * The Talos API: sidero.kms.KMSService Seal and Unseal (DESIGN §5).
+ * The Talos API: sidero.kms.KMSService Seal and Unseal (docs/talos.md).
  *
  * Talos dials a new TLS connection for every RPC with a 10 s deadline and
  * destroys a LUKS key slot when an OK reply carries wrong bytes, so every
