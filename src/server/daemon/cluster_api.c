@@ -844,6 +844,7 @@ static void keys_show_cb(void *arg, struct kms_rpc_call *call, const uint8_t *re
         finish_err(call, "keys-show", KMS_EINVAL, "key id must be 32 hex digits");
         goto out;
     }
+    audit_note(call, "key_id=%.32s", r->key_id);
     (void)kmsd_read_barrier(d, d->opt.request_wait_ms);
     rc = kms_store_record_get(d->store, id, &rec, &err);
     if (rc != 0) {
