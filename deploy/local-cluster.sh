@@ -261,7 +261,12 @@ kmsd local quorum is up: $nodes nodes in $dir
   Talos API endpoints: $(endpoints)   (TLS, CA: $dir/pki/ca.pem)
   kmsctl:              source $dir/cluster.env && kmsctl status
 
-Talos machine config (a VolumeConfig patch; see docs/talos.md):
+Talos machine config (a VolumeConfig patch; see docs/talos.md). Talos takes
+one endpoint per key: in production name ONE DNS name with an A/AAAA record
+per replica, all on port 4050, so a refused connection moves on to the next
+replica (docs/talos.md "Several endpoints behind one DNS name"). These local
+replicas share one address on different ports, so name the DNS name of the
+host and one replica's port here; that key then depends on that replica:
   apiVersion: v1alpha1
   kind: VolumeConfig
   name: EPHEMERAL
@@ -269,7 +274,7 @@ Talos machine config (a VolumeConfig patch; see docs/talos.md):
     provider: luks2
     keys:
       - kms:
-          endpoint: https://<host>:$(port 1 0)
+          endpoint: https://kms.example.internal:$(port 1 0)   # production: :4050, every replica behind the name
         slot: 0
 
 Stop the quorum:  deploy/local-cluster.sh down

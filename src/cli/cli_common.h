@@ -265,6 +265,8 @@ extern const char cli_members_usage[];
 extern const struct cli_cmd cli_keys_subs[];
 extern const char cli_keys_usage[];
 extern const struct cli_cmd cli_snapshot_subs[]; /* cmd_snapshot.c */
+extern const struct cli_cmd cli_audit_subs[];    /* cmd_audit.c */
+extern const char cli_audit_usage[];
 extern const char cli_snapshot_usage[];
 extern const struct cli_cmd cli_rekey_subs[]; /* cmd_rekey.c */
 extern const char cli_rekey_usage[];

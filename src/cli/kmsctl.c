@@ -2,7 +2,7 @@
  * kmsctl: the kmsd operator tool (like `vault operator`, `etcdctl`).
  *
  * One file per command group (cmd_status.c, cmd_operator.c, cmd_members.c,
- * cmd_keys.c), dispatched from the table below; flags, output and the
+ * cmd_keys.c, cmd_audit.c), dispatched from the table below; flags, output and the
  * connection are in cli_common.c. Exit codes: 0 ok, 1 local or usage error,
  * 2 remote error; `status`: 0 serving, 2 not serving, 1 cannot ask.
  */
@@ -46,6 +46,8 @@ static const struct cli_cmd root_subs[] = {
      cli_operator_subs, NULL, NULL, false},
     {"keys", "list, show and revoke sealed keys", cli_keys_usage, cli_keys_subs, NULL, NULL,
      false},
+    {"audit", "verify a hash-chained audit file (offline)", cli_audit_usage, cli_audit_subs,
+     NULL, NULL, false},
     {"version", "print kmsctl's version", "Usage: kmsctl version", NULL, version_run, NULL,
      false},
     {"help", "help about any command: kmsctl help operator unseal", "Usage: kmsctl help [COMMAND...]",

@@ -51,4 +51,17 @@ void kms_log_flush_suppressed(void);
 /* Lines dropped by the rate limit since start (all keys). */
 unsigned long long kms_log_suppressed_total(void);
 
+/* The audit sink: every line of module "audit" (any level) is handed to it
+ * complete (JSON object, ending in "}\n"); the sink writes it where the
+ * audit trail lives and may rewrite it into out (cap outcap, e.g. to add a
+ * hash-chain field), returning the length of the line to write to stderr
+ * instead (0: write the original). Called from any logging thread; the sink
+ * serialises itself. NULL removes it. Set before the threads start or
+ * after they stopped (the pointer is atomic, the sink's state is not
+ * reference-counted). */
+#include <stddef.h>
+typedef size_t (*kms_log_audit_sink_fn)(void *arg, const char *line, size_t len, char *out,
+                                         size_t outcap);
+void kms_log_set_audit_sink(kms_log_audit_sink_fn fn, void *arg);
+
 #endif /* KMS_LOG_H */

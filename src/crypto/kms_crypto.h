@@ -1,5 +1,5 @@
 /*
- * kms_crypto: kmsd's crypto core (DESIGN.md §4, proto/README.md).
+ * kms_crypto: kmsd's crypto core (docs/security.md "Key hierarchy", proto/README.md).
  *
  *  - secure memory (OpenSSL secure heap: mlocked, MADV_DONTDUMP) and process
  *    hardening;

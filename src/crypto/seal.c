@@ -1,5 +1,5 @@
 /*
- * Sealing Talos passphrases (DESIGN.md §4, proto/README.md).
+ * Sealing Talos passphrases (docs/security.md, proto/README.md).
  *
  *   key_id      = 16 random bytes (record key, public)
  *   client_half = 32 random bytes (only in the blob Talos keeps)

@@ -11,7 +11,7 @@
  * mutex-protected queue plus a uv_async_t and wait on a per-request condition
  * variable with a timeout.
  *
- * Read lease (DESIGN §6): computed on the raft thread (after every received
+ * Read lease (docs/architecture.md "Read leases"): computed on the raft thread (after every received
  * message and on a 25 ms timer) and published as a monotonic deadline in an
  * atomic, so kms_raft_lease_valid() is lock-free.
  *
@@ -182,6 +182,9 @@ struct kms_raft_status {
      * from yet: counted as 1; a kmsd without the advertisement counts 1). */
     uint32_t entry_version;
     uint32_t member_entry_version[16]; /* parallel to members[] */
+    uint64_t elections_started;      /* times this node stood for election since start */
+    uint64_t leader_changes;         /* times the known leader changed (to another
+                                        node or to none) since start */
 };
 
 /* Status computed on the raft thread now (waits up to 500 ms for it); when

@@ -122,6 +122,8 @@ struct kms_raft {
     uint64_t stop_deadline_ms;
     struct raft_transfer stop_transfer;
     uint64_t elections_won, snapshots_restored;
+    uint64_t elections_started, leader_changes; /* raft thread */
+    uint64_t last_leader_seen;                  /* raft thread: for leader_changes */
     uint64_t snapshot_index;      /* last snapshot taken or installed */
 
     /* Entry versions ("entry version" below; raft thread only but emit_ev) */
@@ -740,6 +742,9 @@ static void lease_update(struct kms_raft *r)
     if (state != r->last_state) {
         if (state == KMS_RAFT_LEADER) {
             r->elections_won++;
+            if (r->last_state != KMS_RAFT_CANDIDATE) {
+                r->elections_started++; /* its candidacy fell between two looks */
+            }
             kms_logf(KMS_LOG_INFO, MOD, "node %" PRIu64 " is leader for term %" PRIu64, r->id,
                      kms_glue_term(&r->raft));
             start_barrier(r);
@@ -748,6 +753,7 @@ static void lease_update(struct kms_raft *r)
                      r->id, kms_glue_term(&r->raft));
         }
         if (state == KMS_RAFT_CANDIDATE) {
+            r->elections_started++;
             kms_logf(KMS_LOG_INFO, MOD, "node %" PRIu64 " stands for election (term %" PRIu64 ")",
                      r->id, kms_glue_term(&r->raft));
         }
@@ -806,6 +812,12 @@ static void status_publish(struct kms_raft *r)
     st.commit_index = kms_glue_commit(&r->raft);
     st.applied_index = applied;
     leader_info(r, &st.leader_id, st.leader_address, sizeof(st.leader_address));
+    if (st.leader_id != r->last_leader_seen) {
+        if (r->last_leader_seen != 0 || st.leader_id != 0) {
+            r->leader_changes++;
+        }
+        r->last_leader_seen = st.leader_id;
+    }
     for (size_t i = 0; i < kms_glue_n_members(&r->raft) && st.n_members < 16; i++) {
         const char *addr;
         if (!kms_glue_member_at(&r->raft, i, &st.members[st.n_members].id, &addr,
@@ -830,6 +842,8 @@ static void status_publish(struct kms_raft *r)
     st.snapshots_restored = r->snapshots_restored;
     st.elections_won = r->elections_won;
     st.entry_version = atomic_load(&r->emit_ev);
+    st.elections_started = r->elections_started;
+    st.leader_changes = r->leader_changes;
 
     if (applied > atomic_load(&r->applied_index)) {
         atomic_store(&r->applied_index, applied); /* e.g. after a snapshot install */

@@ -91,6 +91,7 @@ struct f_doc {
     struct f_seal seal;
     char *logLevel;
     char *memoryLock;
+    char *auditFile;
 };
 
 #define OPT_STR(k, s, m) CYAML_FIELD_STRING_PTR(k, CYAML_FLAG_OPTIONAL, s, m, 0, 4096)
@@ -198,6 +199,7 @@ static const cyaml_schema_field_t doc_fields[] = {
     CYAML_FIELD_MAPPING("seal", CYAML_FLAG_OPTIONAL, struct f_doc, seal, seal_fields),
     OPT_STR("logLevel", struct f_doc, logLevel),
     OPT_STR("memoryLock", struct f_doc, memoryLock),
+    OPT_STR("auditFile", struct f_doc, auditFile),
     CYAML_FIELD_END};
 static const cyaml_schema_value_t doc_schema = {
     CYAML_VALUE_MAPPING(CYAML_FLAG_POINTER, struct f_doc, doc_fields)};
@@ -428,6 +430,9 @@ static const struct opt opts[] = {
     {"memoryLock", "KMSD_MEMORY_LOCK", "memory-lock", T_BOOL, "true", IMM, C(memory_lock),
      F(memoryLock), 0, 0, NULL, "BOOL",
      "mlockall() the whole process so no key or share is ever swapped out"},
+    {"auditFile", "KMSD_AUDIT_FILE", "audit-file", T_STRING, "", IMM, C(audit_file),
+     F(auditFile), 0, 0, NULL, "FILE",
+     "hash-chained audit log (empty = <dataDir>/audit.log); kmsctl audit verify checks it"},
 };
 #define N_OPTS (sizeof(opts) / sizeof(opts[0]))
 
@@ -895,7 +900,7 @@ static int add_uuid(struct loader *l, const struct opt *o, struct origin org, co
     if (cfg->n_uuid_allow_list >= KMS_CONFIG_MAX_UUIDS) {
         return fail(l, o, org, what, "more than %d UUIDs", KMS_CONFIG_MAX_UUIDS);
     }
-    /* Same rule as Seal's node_uuid (DESIGN §5): 1..128 printable bytes. */
+    /* Same rule as Seal's node_uuid (talos_api.c): 1..128 printable bytes. */
     if (n == 0 || n > KMS_CONFIG_MAX_UUID_LEN) {
         return fail(l, o, org, what, "UUID must be 1..%d bytes", KMS_CONFIG_MAX_UUID_LEN);
     }

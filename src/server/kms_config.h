@@ -164,6 +164,7 @@ struct kms_config {
 
     int log_level; /* enum kms_log_level (kms_log.h) */
     bool memory_lock; /* mlockall() at start (default true) */
+    char *audit_file; /* hash-chained audit log; "" = <dataDir>/audit.log */
 };
 
 /*

@@ -153,6 +153,28 @@ void kms_rpc_server_conn_stats(const struct kms_rpc_server *srv,
 void kms_rpc_call_finish(struct kms_rpc_call *call, int grpc_status, const char *details,
                          const uint8_t *resp, size_t resplen);
 
+/* Observation of a call's outcome (metrics, audit). The hook runs inside
+ * kms_rpc_call_finish() of the handler (not for the server's own
+ * UNAVAILABLE answers while stopping), on the finishing thread, before the
+ * status is sent; call, its peer, CN and note are valid during it. It must
+ * not block and must not finish the call. Set it from the handler before
+ * the call can be finished (e.g. first thing in the handler). */
+typedef void (*kms_rpc_finish_hook_fn)(void *arg, struct kms_rpc_call *call, int grpc_status,
+                                       const char *details);
+void kms_rpc_call_set_finish_hook(struct kms_rpc_call *call, kms_rpc_finish_hook_fn fn,
+                                  void *arg);
+
+/* Microseconds since the call arrived (server side). Thread-safe. */
+uint64_t kms_rpc_call_age_us(const struct kms_rpc_call *call);
+
+/* A short note the handler attaches to the call for the audit line ("reset",
+ * "key_id=..."): copied, cut at KMS_RPC_NOTE_MAX - 1 bytes. Never a secret.
+ * Handler's thread only, before the finish. kms_rpc_call_note() is "" when
+ * none was set. */
+#define KMS_RPC_NOTE_MAX 160
+void kms_rpc_call_note_set(struct kms_rpc_call *call, const char *note);
+const char *kms_rpc_call_note(const struct kms_rpc_call *call);
+
 /* True once the call has been finished (by its handler, or by the server
  * while stopping). A parked handler may poll it to give up early; it must
  * still call kms_rpc_call_finish() exactly once. Thread-safe. */

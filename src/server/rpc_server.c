@@ -60,6 +60,7 @@
 
 #include "kms_connlimit.h"
 #include "kms_log.h"
+#include "kms_time.h"
 #include "kms_tsan.h"
 #include "kms_rpc.h"
 #include "rpc_internal.h"
@@ -126,6 +127,12 @@ struct kms_rpc_call {
     grpc_slice details;
     bool has_details;
     int cancelled;
+    /* observation (kms_rpc_call_set_finish_hook, _note_set): written by the
+     * handler's thread before the finish, read in kms_rpc_call_finish */
+    uint64_t arrival_us;   /* kms_mono_us() when the call was created */
+    kms_rpc_finish_hook_fn finish_hook;
+    void *finish_hook_arg;
+    char note[KMS_RPC_NOTE_MAX];
 };
 
 struct kms_rpc_server {
@@ -397,8 +404,33 @@ void kms_rpc_call_finish(struct kms_rpc_call *c, int grpc_status, const char *de
         call_unref(c);
         return;
     }
+    if (c->finish_hook != NULL) {
+        c->finish_hook(c->finish_hook_arg, c, grpc_status, details);
+    }
     call_send(c, grpc_status, details, resp, resplen);
     call_unref(c);
+}
+
+void kms_rpc_call_set_finish_hook(struct kms_rpc_call *c, kms_rpc_finish_hook_fn fn, void *arg)
+{
+    c->finish_hook = fn;
+    c->finish_hook_arg = arg;
+}
+
+uint64_t kms_rpc_call_age_us(const struct kms_rpc_call *c)
+{
+    uint64_t now = kms_mono_us();
+    return now > c->arrival_us ? now - c->arrival_us : 0;
+}
+
+void kms_rpc_call_note_set(struct kms_rpc_call *c, const char *note)
+{
+    snprintf(c->note, sizeof(c->note), "%s", note != NULL ? note : "");
+}
+
+const char *kms_rpc_call_note(const struct kms_rpc_call *c)
+{
+    return c->note;
 }
 
 bool kms_rpc_call_done(const struct kms_rpc_call *c)
@@ -624,6 +656,7 @@ static void on_request(struct slot *s, bool ok)
     c->srv = srv;
     c->call = call;
     snprintf(c->method, sizeof(c->method), "%s", m != NULL ? m->path : "(unregistered)");
+    c->arrival_us = kms_mono_us();
     c->max_message = srv->max_message;
     atomic_init(&c->refs, 2);
     atomic_init(&c->finished, false);

@@ -116,7 +116,7 @@ def run(c):
     p = c.ctl(3, "keys", "revoke", kid)
     check(p.returncode == 0, "kmsctl keys revoke KEY_ID (on a follower or leader) succeeds")
     # An acknowledged revoke is effective on every replica within one lease
-    # period (DESIGN §6): followers learn the commit with the next heartbeat.
+    # period (docs/architecture.md "Read leases"): followers learn the commit with the next heartbeat.
     t_rev = time.time()
     for j in range(1, 4):
         rc = None

@@ -2,7 +2,7 @@
 """Raft (a): three nodes elect a leader, commit 1,000 proposals, and every
 node ends with the identical store digest. Also: followers refuse proposals
 with the leader's identity, hold a read lease, and wait_applied works; the
-read lease (DESIGN §6) is lost within one election timeout when the leader
+read lease (docs/architecture.md "Read leases") is lost within one election timeout when the leader
 freezes (SIGSTOP) or loses its followers, and a frozen-then-resumed old
 leader does not claim a lease."""
 import os

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Checker for kmsd Jepsen histories (see /work/shared/FAULTS.md section 3).
+"""Checker for kmsd Jepsen histories (docs/reliability.md "What it does").
 
 Inputs (in a run directory, or given as lists to check()):
   history.jsonl  workload events: invoke / ok / fail / info (client.py)

@@ -6,7 +6,7 @@
  * CLOCK_MONOTONIC condvars, pthread_cond_clockwait, clock_nanosleep; relative
  * nanosleep / epoll_wait / poll timeouts are divided by the rate.
  * The wall clock (CLOCK_REALTIME) is left alone. libfaketime is not used: it
- * breaks CLOCK_MONOTONIC condvars (FAULTS.md).
+ * breaks CLOCK_MONOTONIC condvars (docs/reliability.md).
  * Build: gcc -O2 -Wno-nonnull-compare -shared -fPIC -o clockrate.so clockrate.c -ldl -lpthread */
 #define _GNU_SOURCE
 #include <dlfcn.h>

@@ -1,4 +1,4 @@
-"""Network topology for the kmsd Jepsen suite (see /work/shared/FAULTS.md 1a-1c).
+"""Network topology for the kmsd Jepsen suite (docs/reliability.md).
 
 Namespace PFX-sw holds bridge br0; PFX-n<i> holds eth0 = 10.77.0.<i>/24 whose
 peer PFX-p<i> is a port of br0; PFX-cl holds the clients at 10.77.0.100 and

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Power-loss emulation for one node's dataDir after SIGKILL (FAULTS.md 1e).
+"""Power-loss emulation for one node's dataDir after SIGKILL (docs/reliability.md).
 
 synclog.so recorded "<path> <size>" after every successful fsync/fdatasync.
 A power cut loses what was written but not synced, so each file under

@@ -1,4 +1,4 @@
-/* synclog.so: LD_PRELOAD shim for power-loss emulation (FAULTS.md 1e).
+/* synclog.so: LD_PRELOAD shim for power-loss emulation (docs/reliability.md).
  * After every successful fsync/fdatasync it appends "<path> <size>\n" to
  * $JP_SYNC_LOG (O_APPEND, one write per line). powerloss.py later truncates
  * files back to their last synced size. Only libc calls are seen (RocksDB's);

@@ -211,6 +211,51 @@ static void test_too_many_fields_dropped_and_counted(void **state)
     assert_non_null(strstr(out, "\"fields_dropped\":\""));
 }
 
+/* The audit sink: only "audit" lines reach it, complete ("}\n"), even a
+ * maximal one; what it returns replaces the stderr copy. */
+static char sink_seen[16384];
+static size_t sink_calls;
+
+static size_t sink_cb(void *arg, const char *line, size_t len, char *o, size_t cap)
+{
+    (void)arg;
+    sink_calls++;
+    assert_true(len >= 2 && line[len - 2] == '}' && line[len - 1] == '\n');
+    assert_true(len < sizeof(sink_seen));
+    memcpy(sink_seen, line, len);
+    sink_seen[len] = '\0';
+    assert_true(len - 2 + 20 < cap); /* room for the chain fields */
+    memcpy(o, line, len - 2);
+    memcpy(o + len - 2, ",\"chained\":\"1\"}\n", 16);
+    return len - 2 + 16;
+}
+
+static void log_audit(const char *arg)
+{
+    kms_log(KMS_LOG_INFO, "audit", "operator", "op", arg, NULL);
+    kms_log(KMS_LOG_INFO, "server", "not audit", "op", arg, NULL);
+}
+
+static void test_audit_sink(void **state)
+{
+    (void)state;
+    sink_calls = 0;
+    kms_log_set_audit_sink(sink_cb, NULL);
+    capture(log_audit, "Status", out, sizeof(out));
+    assert_int_equal(sink_calls, 1);
+    assert_non_null(strstr(sink_seen, "\"op\":\"Status\"}\n"));
+    assert_non_null(strstr(out, "\"op\":\"Status\",\"chained\":\"1\"}\n"));
+    assert_non_null(strstr(out, "\"msg\":\"not audit\""));
+    memset(big, 'x', sizeof(big) - 1);
+    capture(log_audit, big, out, sizeof(out)); /* a cut line is still whole */
+    assert_int_equal(sink_calls, 2);
+    assert_true(json_line(sink_seen));
+    kms_log_set_audit_sink(NULL, NULL);
+    capture(log_audit, "after", out, sizeof(out));
+    assert_int_equal(sink_calls, 2);
+    assert_null(strstr(out, "chained"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -218,6 +263,7 @@ int main(void)
         cmocka_unit_test(test_escapes_exact),
         cmocka_unit_test(test_long_values_cut_not_line),
         cmocka_unit_test(test_too_many_fields_dropped_and_counted),
+        cmocka_unit_test(test_audit_sink),
     };
     kms_log_set_level(KMS_LOG_DEBUG);
     return cmocka_run_group_tests(tests, NULL, NULL);

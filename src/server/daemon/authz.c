@@ -260,7 +260,7 @@ static const struct kmsd_method_policy methods[] = {
     {"/kmsd.v1.Operator/KeysShow", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK},
     /* online snapshot: any replica, reads its own applied state */
     {"/kmsd.v1.Operator/SnapshotBegin", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK},
-    {"/kmsd.v1.Operator/SnapshotChunk", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK},
+    {"/kmsd.v1.Operator/SnapshotChunk", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_NO_AUDIT},
     {"/kmsd.v1.Operator/SnapshotEnd", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK},
     /* writes and leadership: on the leader, under the operator's identity */
     {"/kmsd.v1.Operator/Initialize", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},

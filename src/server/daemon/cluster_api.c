@@ -15,6 +15,7 @@
  *
  * Error details carry the whole kms_err chain so kmsctl can show it.
  */
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,11 +64,18 @@ static void finish_err(struct kms_rpc_call *call, const char *op, int code, cons
     kms_rpc_call_finish(call, kmsd_grpc_status(code), msg, NULL, 0);
 }
 
-static void audit(struct kms_rpc_call *call, const char *op)
+/* Extra fields for the call's audit line (written after its outcome by
+ * call_finish_cb). Handler's thread. */
+static void audit_note(struct kms_rpc_call *call, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static void audit_note(struct kms_rpc_call *call, const char *fmt, ...)
 {
-    const char *cn = kms_rpc_call_peer_cn(call);
-    kms_log(KMS_LOG_INFO, "audit", "operator", "op", op, "operator", cn != NULL ? cn : "",
-            "peer", kms_rpc_call_peer(call), NULL);
+    char note[KMS_RPC_NOTE_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(note, sizeof(note), fmt, ap);
+    va_end(ap);
+    kms_rpc_call_note_set(call, note);
 }
 
 /* True when the call's node certificate names a current member of the raft
@@ -114,7 +122,7 @@ static void forward_run_cb(void *arg)
     Kmsd__V1__ForwardResponse resp = KMSD__V1__FORWARD_RESPONSE__INIT;
     struct kms_raft_result rr;
     struct kms_err err;
-    uint64_t now = kms_mono_ms(), left_call = kms_rpc_call_deadline_ms(j->call);
+    uint64_t now = kms_mono_ms(), left_call = kms_rpc_call_deadline_ms(j->call), t_us;
     unsigned wait_ms;
     int rc;
 
@@ -172,7 +180,11 @@ static void forward_run_cb(void *arg)
         }
     }
     memset(&rr, 0, sizeof(rr));
+    t_us = kms_mono_us();
     rc = kms_raft_propose(d->raft, j->r->entry, wait_ms, &rr, &err);
+    if (rc == 0) {
+        kmsd_hist_observe(&d->metrics.raft_apply_latency, kms_mono_us() - t_us);
+    }
     if (rc == KMS_ENOTLEADER) {
         kms_rpc_call_finish(j->call, GRPC_STATUS_FAILED_PRECONDITION, "not the leader", NULL,
                             0);
@@ -414,7 +426,6 @@ static void init_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
                    "key shares and threshold must satisfy 2 <= threshold <= shares <= 255");
         goto out;
     }
-    audit(call, "init");
     if (!kmsd_is_initialized(d) && !kmsd_raft_is_member(d)) {
         /* Started outside initialCluster: no configuration to commit the
          * keyring to (it would wait for a leader that never comes). */
@@ -477,7 +488,9 @@ static void unseal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
         finish_err(call, "unseal", KMS_EINVAL, "malformed request");
         goto out;
     }
-    audit(call, r->reset ? "unseal-reset" : "unseal");
+    if (r->reset) {
+        audit_note(call, "reset");
+    }
     rc = kmsd_unseal_submit(d, r->share, r->reset, &progress, &threshold, &unsealed, &err);
     if (rc != 0) {
         finish_err(call, "unseal", rc, err.msg);
@@ -505,7 +518,6 @@ static void seal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
     Kmsd__V1__SealResponse resp = KMSD__V1__SEAL_RESPONSE__INIT;
     struct kms_err err;
     kms_err_clear(&err);
-    audit(call, "seal");
     /* PKCS#11 seal: no auto-unseal until k recovery shares or a restart. */
     kmsd_hsm_admin_sealed(d, true);
     /* Seals; with unseal.peer this also closes the cluster's peer unseal gate. */
@@ -525,7 +537,6 @@ static void stepdown_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req
     int rc;
 
     kms_err_clear(&err);
-    audit(call, "step-down");
     memset(&st, 0, sizeof(st));
     (void)kms_raft_status(d->raft, &st);
     if (st.role != KMS_RAFT_LEADER) {
@@ -558,7 +569,7 @@ static void transfer_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req
         finish_err(call, "transfer-leader", KMS_EINVAL, "malformed request");
         return;
     }
-    audit(call, "transfer-leader");
+    audit_note(call, "id=%llu", (unsigned long long)r->id);
     rc = kms_raft_transfer(d->raft, r->id, d->opt.request_wait_ms, &err);
     if (rc != 0) {
         finish_err(call, "transfer-leader", rc, err.msg);
@@ -580,7 +591,6 @@ static void rotate_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     int rc;
 
     kms_err_clear(&err);
-    audit(call, "rotate");
     rc = kmsd_rotate(d, &term, &err);
     if (rc != 0) {
         finish_err(call, "rotate", rc, err.msg);
@@ -606,7 +616,6 @@ static void seal_migrate_cb(void *arg, struct kms_rpc_call *call, const uint8_t 
         finish_err(call, "seal-migrate", KMS_EINVAL, "malformed request");
         goto out;
     }
-    audit(call, "seal-migrate");
     rc = kmsd_seal_migrate(d, r->to, r->shares, r->n_shares, &term, &err);
     if (rc != 0) {
         finish_err(call, "seal-migrate", rc, err.msg);
@@ -706,7 +715,7 @@ static void members_add_cb(void *arg, struct kms_rpc_call *call, const uint8_t *
         finish_err(call, "members-add", KMS_EINVAL, "id and raft address are required");
         goto out;
     }
-    audit(call, "members-add");
+    audit_note(call, "id=%llu raft=%.100s", (unsigned long long)r->id, r->raft_address);
     was_member = node_is_member(d, r->id);
     /* Metadata first so the new node's cluster address is known to whoever
      * forwards to it once it leads. */
@@ -766,7 +775,7 @@ static void members_remove_cb(void *arg, struct kms_rpc_call *call, const uint8_
         finish_err(call, "members-remove", KMS_EINVAL, "member id is required");
         goto out;
     }
-    audit(call, "members-remove");
+    audit_note(call, "id=%llu", (unsigned long long)r->id);
     rc = kms_raft_remove(d->raft, r->id, d->opt.request_wait_ms * 2, &err);
     if (rc == 0) {
         rc = remove_member_meta(d, r->id, &err);
@@ -951,6 +960,7 @@ static void keys_show_cb(void *arg, struct kms_rpc_call *call, const uint8_t *re
         finish_err(call, "keys-show", KMS_EINVAL, "key id must be 32 hex digits");
         goto out;
     }
+    audit_note(call, "key_id=%.32s", r->key_id);
     (void)kmsd_read_barrier(d, d->opt.request_wait_ms);
     rc = kms_store_record_get(d->store, id, &rec, &err);
     if (rc != 0) {
@@ -1013,7 +1023,11 @@ static void keys_revoke_cb(void *arg, struct kms_rpc_call *call, const uint8_t *
         finish_err(call, "keys-revoke", KMS_EINVAL, "give a key id or a node UUID");
         goto out;
     }
-    audit(call, "keys-revoke");
+    if (e.op_case == KMSD__V1__ENTRY__OP_REVOKE_KEY) {
+        audit_note(call, "key_id=%.32s", r->key_id);
+    } else {
+        audit_note(call, "node_uuid=%.100s", r->node_uuid);
+    }
     rc = kmsd_write(d, &e, d->opt.request_wait_ms, &res, &err);
     if (rc != 0) {
         finish_err(call, "keys-revoke", rc, err.msg);
@@ -1070,6 +1084,36 @@ static void op_run_cb(void *arg)
     free(j);
 }
 
+/* kms_rpc_finish_hook_fn for every cluster API call: counts it by method
+ * and code, times Forward, and writes the operator call's audit line now
+ * that its outcome is known (unless its row says KMSD_NO_AUDIT). */
+static void call_finish_cb(void *arg, struct kms_rpc_call *call, int grpc_status,
+                           const char *details)
+{
+    struct kmsd_op_method *m = arg;
+    struct kmsd *d = m->d;
+    size_t idx = (size_t)(m - d->op_methods);
+    uint64_t us = kms_rpc_call_age_us(call);
+
+    if (idx < KMSD_OP_METHODS && grpc_status >= 0 && grpc_status < KMSD_METRIC_CODES) {
+        atomic_fetch_add(&d->metrics.cluster_calls[idx][grpc_status], 1);
+    }
+    if (m->flags & KMSD_AUTH_NODE) {
+        kmsd_hist_observe(&d->metrics.forward_latency, us);
+        return;
+    }
+    if (!(m->flags & KMSD_NO_AUDIT)) {
+        const char *cn = kms_rpc_call_peer_cn(call), *op = strrchr(m->path, '/');
+        char ms[32];
+        snprintf(ms, sizeof(ms), "%llu", (unsigned long long)(us / 1000u));
+        kms_log(KMS_LOG_INFO, "audit", "operator", "op", op != NULL ? op + 1 : m->path,
+                "result", grpc_status == 0 ? "ok" : kmsd_grpc_code_name(grpc_status),
+                "operator", cn != NULL ? cn : "", "peer", kms_rpc_call_peer(call), "note",
+                kms_rpc_call_note(call), "detail",
+                grpc_status != 0 && details != NULL ? details : "", "duration_ms", ms, NULL);
+    }
+}
+
 static void dispatch_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
 {
     struct kmsd_op_method *m = arg;
@@ -1077,6 +1121,9 @@ static void dispatch_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req
     struct op_job *j = NULL;
     uint64_t node_id = 0;
     int rc;
+
+    /* first: refusals below are counted and audited too */
+    kms_rpc_call_set_finish_hook(call, call_finish_cb, m);
 
     if (m->flags & KMSD_AUTH_NODE) {
         if (!kmsd_authz_node(d, call, &node_id)) {

@@ -44,6 +44,7 @@
 #include "kmsd_seal.h"
 #include "kmsd.h"
 #include "kmsd_peer.h"
+#include "kmsd_audit.h"
 #include "kmsd_snapshot.h"
 #include "kmsd_authz.h"
 #include "kmsd_notify.h"
@@ -580,6 +581,14 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
         (rc = data_dir_space_check(d->opt.data_dir, err)) != 0) {
         return rc;
     }
+    if (d->opt.audit_file != NULL && d->opt.audit_file[0] != '\0') {
+        snprintf(path, sizeof(path), "%s", d->opt.audit_file);
+    } else {
+        snprintf(path, sizeof(path), "%s/audit.log", d->opt.data_dir);
+    }
+    if ((rc = kmsd_audit_open(path, err)) != 0) {
+        return kms_err_wrap(err, rc, "auditFile");
+    }
     snprintf(path, sizeof(path), "%s/store", d->opt.data_dir);
     if ((rc = kms_store_open(path, &d->store, err)) != 0) {
         return kms_err_wrap(err, rc, "store");
@@ -660,6 +669,12 @@ static void tls_reload(struct kmsd *d)
     char bundle[4096];
     bool failed = false;
 
+    kms_err_clear(&err);
+    if (kmsd_audit_reopen(&err) != 0) {
+        /* the old file descriptor stays in use */
+        kms_log(KMS_LOG_ERROR, "kmsd", "reload: cannot reopen the audit file", "error",
+                err.msg, NULL);
+    }
     kms_err_clear(&err);
     if (kmsd_authz_load(d, &err) != 0) {
         kms_log(KMS_LOG_ERROR, "kmsd", "TLS reload: CA files invalid, keeping the old CAs",
@@ -791,6 +806,7 @@ void kmsd_stop(struct kmsd *d)
     kmsd_seal(d);
     kmsd_peer_free(d);
     kmsd_snapshot_shutdown(); /* pinned snapshots before the store closes */
+    kmsd_audit_close();
     if (d->store != NULL) {
         kms_store_close(d->store);
         d->store = NULL;

@@ -258,15 +258,26 @@ static void dr_restore_usage(FILE *f)
             "  --force replaces a non-empty dataDir of the same cluster.\n");
 }
 
+/* The audit trail survives a restore: the hash-chained audit file in dataDir
+ * (the default auditFile, and rotated copies audit.log.*) is neither counted
+ * as content nor removed (kmsd continues its chain at the next start). */
+static bool dr_is_audit_file(const char *name)
+{
+    return strncmp(name, "audit.log", 9) == 0 && (name[9] == '\0' || name[9] == '.');
+}
+
 static int dr_rm_cb(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
 {
     (void)sb;
     (void)flag;
-    (void)ftw;
+    if (ftw->level == 0 || (ftw->level == 1 && dr_is_audit_file(path + ftw->base))) {
+        return 0; /* dataDir itself and the audit trail stay */
+    }
     return remove(path) != 0 && errno != ENOENT ? -1 : 0;
 }
 
-/* 1 when dir exists and holds anything, 0 when empty or missing, -1 error. */
+/* 1 when dir exists and holds anything (audit files aside), 0 when empty or
+ * missing, -1 error. */
 static int dr_dir_nonempty(const char *dir)
 {
     DIR *dp = opendir(dir);
@@ -276,7 +287,8 @@ static int dr_dir_nonempty(const char *dir)
         return errno == ENOENT ? 0 : -1;
     }
     while ((de = readdir(dp)) != NULL) {
-        if (strcmp(de->d_name, ".") != 0 && strcmp(de->d_name, "..") != 0) {
+        if (strcmp(de->d_name, ".") != 0 && strcmp(de->d_name, "..") != 0 &&
+            !dr_is_audit_file(de->d_name)) {
             r = 1;
             break;
         }
@@ -405,6 +417,7 @@ static int dr_restore(int argc, char **argv, char **envp)
             store = NULL;
         }
         (void)nftw(path, dr_rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+        (void)rmdir(path); /* dr_rm_cb keeps the top directory */
         code = 2;
         goto out;
     }

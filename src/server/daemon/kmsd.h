@@ -20,7 +20,7 @@
  * memory under `mu`. The keyring handed to RPC handlers is an immutable
  * refcounted snapshot: a handler takes a reference under the read side of
  * `kr_lock` (held for a pointer copy and an atomic increment, never across
- * crypto), so sealing or rotating never frees a keyring in use. DESIGN §3
+ * crypto), so sealing or rotating never frees a keyring in use. The design
  * asks for no global lock on the hot path; a reader-writer lock held for a
  * few nanoseconds is the simplest safe form of that (an unlocked atomic
  * pointer would race the final unref).
@@ -69,6 +69,7 @@ struct kmsd_options {
     uint64_t node_id;
     const char *data_dir;
     const char *version;
+    const char *audit_file; /* "" = <data_dir>/audit.log */
 
     const char *talos_listen;
     const char *talos_advertise;
@@ -151,10 +152,30 @@ struct kmsd_op_method {
     unsigned flags;     /* KMSD_AUTH_* | KMSD_RUN_* from the policy table (kmsd_authz.h) */
 };
 
+/* A latency histogram: fixed buckets (KMSD_HIST_BOUNDS_US, upper bounds in
+ * microseconds), one atomic add per observation and no lock; /metrics
+ * renders them cumulative, in seconds. Any thread. */
+#define KMSD_HIST_BUCKETS 13
+#define KMSD_HIST_BOUNDS_US                                                          \
+    {1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000, 1000000, 2500000, \
+     5000000, 10000000}
+struct kmsd_hist {
+    atomic_ullong bucket[KMSD_HIST_BUCKETS + 1]; /* per bucket, not cumulative; last +Inf */
+    atomic_ullong count;
+    atomic_ullong sum_us;
+};
+void kmsd_hist_observe(struct kmsd_hist *h, uint64_t us);
+
 /* Talos API request counters: [0] Seal, [1] Unseal, by gRPC status code;
- * and the refusals of the limits (talos_api.c). */
+ * and the refusals of the limits (talos_api.c). Every metric is rendered
+ * by one row of the table in http.c (docs/metrics.md: how to add one). */
 #define KMSD_METRIC_CODES 17
 struct kmsd_metrics {
+    struct kmsd_hist talos_latency[2];  /* Talos Seal, Unseal: arrival to answer */
+    struct kmsd_hist forward_latency;   /* Cluster/Forward served here: arrival to answer */
+    struct kmsd_hist raft_apply_latency; /* proposal on this leader until applied */
+    /* cluster API calls by method (index in kmsd.op_methods) and gRPC code */
+    atomic_ullong cluster_calls[KMSD_OP_METHODS][KMSD_METRIC_CODES];
     atomic_ullong requests[2][KMSD_METRIC_CODES];
     atomic_ullong unseal_limited;       /* failing unseals refused by the limiter */
     atomic_ullong seal_quota[3];        /* Seals refused: [0] address rate, [1] UUID
@@ -384,6 +405,9 @@ int kmsd_publish_self(struct kmsd *d, struct kms_err *err);
 
 /* Maps a KMS_E* code to a gRPC status code. */
 int kmsd_grpc_status(int code);
+/* Canonical name of a gRPC status code ("OK", "UNAVAILABLE"...), "UNKNOWN"
+ * outside 0..16. Static string. */
+const char *kmsd_grpc_code_name(int grpc_code);
 
 /* Policy and limits (talos_api.c): creates/frees d's limiters from d->opt. */
 int kmsd_limits_init(struct kmsd *d, struct kms_err *err);

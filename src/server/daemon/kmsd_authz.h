@@ -66,6 +66,9 @@ int kmsd_authz_pem_node_id(const char *pem, uint64_t *id);
                                         follower answers "not the leader; leader is N at
                                         ADDR" and changes nothing (kmsctl follows it) */
 #define KMSD_RUN_PARK      (1u << 5) /* handler runs on the operator pool */
+#define KMSD_NO_AUDIT      (1u << 6) /* operator method without its own audit line (every
+                                        other operator call gets one after its outcome,
+                                        op = the method's name: cluster_api.c) */
 
 struct kmsd_method_policy {
     const char *path;   /* "/kmsd.v1.Operator/Rotate" */

@@ -61,8 +61,14 @@ void kmsd_hsm_admin_sealed(struct kmsd *d, bool sealed);
  * copied into buf. */
 void kmsd_hsm_status(struct kmsd *d, char *buf, size_t buflen);
 
-/* /metrics lines (appended at body+*o, at most cap bytes in all). */
-void kmsd_hsm_metrics(struct kmsd *d, char *body, size_t cap, size_t *o);
+/* What /metrics shows of the PKCS#11 seal (http.c's metric table). */
+struct kmsd_hsm_metrics {
+    bool enabled;       /* seal.type is pkcs11 */
+    bool failing;       /* the auto-unseal fails now */
+    uint64_t attempts;  /* unwrap attempts */
+    uint64_t failures;  /* failed attempts */
+};
+void kmsd_hsm_metric_values(struct kmsd *d, struct kmsd_hsm_metrics *m);
 
 /* kmsctl operator seal-migrate: `to` is "pkcs11" or "shamir"; `shares`
  * are k unseal (to pkcs11) or recovery (to shamir) shares of R, checked by

@@ -96,6 +96,7 @@ static int options_from_config(const struct kms_config *c, struct kmsd_options *
     o->node_id = c->node_id;
     o->data_dir = c->data_dir;
     o->version = KMSD_VERSION;
+    o->audit_file = c->audit_file;
     o->talos_listen = c->talos.listen;
     o->talos_advertise = c->talos.advertise;
     o->talos_cert = c->talos.cert_file;

@@ -406,8 +406,10 @@ int kmsd_write(struct kmsd *d, const Kmsd__V1__Entry *e, unsigned wait_ms,
         }
         kms_err_clear(&e2);
         memset(&rr, 0, sizeof(rr));
+        uint64_t t_us = kms_mono_us();
         rc = kms_raft_propose(d->raft, e, left, &rr, &e2);
         if (rc == 0) {
+            kmsd_hist_observe(&d->metrics.raft_apply_latency, kms_mono_us() - t_us);
             res->index = rr.index;
             res->code = rr.code;
             res->count = rr.count;

@@ -76,15 +76,15 @@ void kmsd_rekey_stop(void)
     pthread_mutex_unlock(&rk_mu);
 }
 
+/* The call's audit line is written when it finishes (cluster_api.c's finish
+ * hook); this adds the rekey's nonce and progress to it. */
 static void audit(struct kms_rpc_call *call, const char *op, const char *nonce,
                   unsigned progress, unsigned required)
 {
-    const char *cn = kms_rpc_call_peer_cn(call);
-    char prog[32];
-    snprintf(prog, sizeof(prog), "%u/%u", progress, required);
-    kms_log(KMS_LOG_INFO, "audit", "operator", "op", op, "operator", cn != NULL ? cn : "",
-            "peer", kms_rpc_call_peer(call), "nonce", nonce != NULL ? nonce : "", "progress",
-            prog, NULL);
+    char note[KMS_RPC_NOTE_MAX];
+    snprintf(note, sizeof(note), "%s nonce=%s progress=%u/%u", op, nonce != NULL ? nonce : "",
+             progress, required);
+    kms_rpc_call_note_set(call, note);
 }
 
 static void finish_err(struct kms_rpc_call *call, const char *op, int code, const char *msg)

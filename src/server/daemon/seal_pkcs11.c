@@ -78,32 +78,20 @@ void kmsd_hsm_admin_sealed(struct kmsd *d, bool sealed)
     pthread_mutex_unlock(&d->hsm->mu);
 }
 
-void kmsd_hsm_metrics(struct kmsd *d, char *body, size_t cap, size_t *o)
+void kmsd_hsm_metric_values(struct kmsd *d, struct kmsd_hsm_metrics *m)
 {
     struct kmsd_hsm *h = d->hsm;
-    bool failing = false;
-    int n;
 
-    if (h != NULL) {
-        pthread_mutex_lock(&h->mu);
-        failing = h->error[0] != '\0';
-        pthread_mutex_unlock(&h->mu);
+    memset(m, 0, sizeof(*m));
+    if (h == NULL) {
+        return;
     }
-    n = snprintf(body + *o, *o < cap ? cap - *o : 0,
-                 "# HELP kmsd_seal_pkcs11 1 when seal.type is pkcs11.\n"
-                 "# TYPE kmsd_seal_pkcs11 gauge\nkmsd_seal_pkcs11 %d\n"
-                 "# HELP kmsd_seal_hsm_error 1 while the HSM auto-unseal fails (reason in "
-                 "kmsctl status).\n# TYPE kmsd_seal_hsm_error gauge\nkmsd_seal_hsm_error %d\n"
-                 "# TYPE kmsd_seal_hsm_unseal_attempts_total counter\n"
-                 "kmsd_seal_hsm_unseal_attempts_total %llu\n"
-                 "# TYPE kmsd_seal_hsm_unseal_failures_total counter\n"
-                 "kmsd_seal_hsm_unseal_failures_total %llu\n",
-                 h != NULL ? 1 : 0, failing ? 1 : 0,
-                 h != NULL ? (unsigned long long)atomic_load(&h->attempts) : 0ULL,
-                 h != NULL ? (unsigned long long)atomic_load(&h->failures) : 0ULL);
-    if (n > 0) {
-        *o += (size_t)n;
-    }
+    m->enabled = true;
+    pthread_mutex_lock(&h->mu);
+    m->failing = h->error[0] != '\0';
+    pthread_mutex_unlock(&h->mu);
+    m->attempts = atomic_load(&h->attempts);
+    m->failures = atomic_load(&h->failures);
 }
 
 int kmsd_hsm_wrap(struct kmsd *d, const uint8_t cluster_id[16], const uint8_t root[32],

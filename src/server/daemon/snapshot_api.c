@@ -44,13 +44,6 @@ static void snap_finish_err(struct kms_rpc_call *call, const char *op, int code,
     kms_rpc_call_finish(call, kmsd_grpc_status(code), msg, NULL, 0);
 }
 
-static void snap_audit(struct kms_rpc_call *call, const char *op, const char *detail)
-{
-    const char *cn = kms_rpc_call_peer_cn(call);
-    kms_log(KMS_LOG_INFO, "audit", "operator", "op", op, "operator", cn != NULL ? cn : "",
-            "peer", kms_rpc_call_peer(call), "detail", detail, NULL);
-}
-
 /* snap_mu held. Frees idle (or all, when `all`) sessions that are not busy. */
 static void snap_reap_locked(bool all)
 {
@@ -181,7 +174,7 @@ void kmsd_snapshot_begin_cb(void *arg, struct kms_rpc_call *call, const uint8_t 
     resp.share_count = ek->share_count;
     resp.threshold = ek->threshold;
     snprintf(detail, sizeof(detail), "index %llu", (unsigned long long)resp.applied_index);
-    snap_audit(call, "snapshot-save", detail);
+    kms_rpc_call_note_set(call, detail); /* the audit line, after the outcome */
     kmsd_call_finish_msg(call, &resp.base);
 out:
     kms_store_export_close(x);

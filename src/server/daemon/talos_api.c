@@ -1,5 +1,5 @@
 /*
- * The Talos API: sidero.kms.KMSService Seal and Unseal (DESIGN §5).
+ * The Talos API: sidero.kms.KMSService Seal and Unseal (docs/talos.md).
  *
  * Talos dials a new TLS connection for every RPC with a 10 s deadline and
  * destroys a LUKS key slot when an OK reply carries wrong bytes, so every
@@ -50,6 +50,28 @@
 
 #include "kmsd/v1/entry.pb-c.h"
 #include "sidero/kms/kms.pb-c.h"
+
+const char *kmsd_grpc_code_name(int grpc_code)
+{
+    static const char *const names[KMSD_METRIC_CODES] = {
+        "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+        "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+        "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+        "UNAUTHENTICATED"};
+    return grpc_code >= 0 && grpc_code < KMSD_METRIC_CODES ? names[grpc_code] : "UNKNOWN";
+}
+
+void kmsd_hist_observe(struct kmsd_hist *h, uint64_t us)
+{
+    static const uint64_t bounds[KMSD_HIST_BUCKETS] = KMSD_HIST_BOUNDS_US;
+    size_t i = 0;
+    while (i < KMSD_HIST_BUCKETS && us > bounds[i]) {
+        i++;
+    }
+    atomic_fetch_add_explicit(&h->bucket[i], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->sum_us, us, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->count, 1, memory_order_relaxed);
+}
 
 int kmsd_grpc_status(int code)
 {
@@ -221,11 +243,14 @@ static void key_hex(const uint8_t *id, size_t len, char kid[33])
     }
 }
 
-static void count(struct kmsd *d, const char *op, int grpc_code)
+/* Counts the answer and times it from the call's arrival. */
+static void count(struct kmsd *d, struct kms_rpc_call *call, const char *op, int grpc_code)
 {
+    int m = op[0] == 's' ? 0 : 1;
     if (grpc_code >= 0 && grpc_code < KMSD_METRIC_CODES) {
-        atomic_fetch_add(&d->metrics.requests[op[0] == 's' ? 0 : 1][grpc_code], 1);
+        atomic_fetch_add(&d->metrics.requests[m][grpc_code], 1);
     }
+    kmsd_hist_observe(&d->metrics.talos_latency[m], kms_rpc_call_age_us(call));
 }
 
 static void reply(struct kmsd *d, struct kms_rpc_call *call, const char *op,
@@ -248,7 +273,7 @@ static void reply(struct kmsd *d, struct kms_rpc_call *call, const char *op,
         return;
     }
     protobuf_c_message_pack(&resp.base, buf);
-    count(d, op, GRPC_STATUS_OK);
+    count(d, call, op, GRPC_STATUS_OK);
     kms_rpc_call_finish(call, GRPC_STATUS_OK, NULL, buf, n);
     OPENSSL_cleanse(buf, sizeof(buf));
 }
@@ -260,7 +285,7 @@ static void fail(struct kmsd *d, struct kms_rpc_call *call, const char *op, int 
         kms_rpc_call_finish(call, GRPC_STATUS_UNAVAILABLE, NULL, NULL, 0);
         return;
     }
-    count(d, op, kmsd_grpc_status(code));
+    count(d, call, op, kmsd_grpc_status(code));
     kms_log(KMS_LOG_INFO, "talos", "request failed", "op", op, "error",
             kms_errname(code), "detail", msg, "peer", peer, NULL);
     kms_rpc_call_finish(call, kmsd_grpc_status(code), msg, NULL, 0);
@@ -513,7 +538,7 @@ static void unseal_refuse_limited(struct unseal_job *j, bool global_hit)
         kms_rpc_call_finish(j->call, GRPC_STATUS_UNAVAILABLE, NULL, NULL, 0);
         return;
     }
-    count(d, "unseal", GRPC_STATUS_UNAVAILABLE);
+    count(d, j->call, "unseal", GRPC_STATUS_UNAVAILABLE);
     kms_rpc_call_finish(j->call, GRPC_STATUS_UNAVAILABLE, msg, NULL, 0);
 }
 
