@@ -128,6 +128,9 @@ def main():
     os.environ["KMS_BUILD_DIR"], os.environ["KMS_SOURCE_DIR"] = build, SRC
     # A benchmark seals from one address far faster than any rack would.
     os.environ["KMSD_RATE_LIMIT_SEALS_PER_MINUTE"] = "10000000"
+    # Warm connections carry many calls: lift the per-connection byte budget
+    # meant for Talos's one-call connections (limits.talosConnectionBytes).
+    os.environ["KMSD_LIMITS_TALOS_CONNECTION_BYTES"] = "0"
     import kmslib
     work = tempfile.mkdtemp(prefix="kmsd-bench-seal-")
     cluster, etcd = None, []

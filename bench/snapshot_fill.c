@@ -205,7 +205,7 @@ int main(int argc, char **argv)
         memcpy(kid + 8, &b, 8);
         snprintf(uuid, sizeof(uuid), "%08" PRIx32 "-%04" PRIx32 "-4%03" PRIx32 "-8%03" PRIx32
                  "-%012" PRIx64, (uint32_t)c, (uint32_t)(c >> 32) & 0xffff,
-                 (uint32_t)(c >> 48) & 0xfff, (uint32_t)(a >> 52), b & 0xffffffffffffULL);
+                 (uint32_t)(c >> 48) & 0xfff, (uint32_t)(a >> 52), (uint64_t)(b & 0xffffffffffffULL));
         r->key_id.data = kid;
         r->key_id.len = 16;
         r->node_uuid = uuid;

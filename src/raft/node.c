@@ -117,6 +117,8 @@ struct kms_raft {
     int last_state;
     uint64_t barrier_term;        /* term whose start barrier was applied */
     bool barrier_pending;
+    bool notify_pending;          /* a commit-notify barrier is in the log */
+    uint64_t commit_notifies;     /* commit-notify barriers proposed */
     bool stopping;                /* stop sequence started */
     bool closing;                 /* raft_close called */
     uint64_t stop_deadline_ms;
@@ -1012,6 +1014,44 @@ static void inflight_remove(struct kms_raft *r, struct op *op)
     op->in_flight = false;
 }
 
+static void notify_cb(struct raft_barrier *req, int status)
+{
+    struct kms_raft *r = req->data;
+    (void)status; /* nobody waits for it: it only carried a commit index */
+    r->notify_pending = false;
+    free(req);
+}
+
+/* Leader, raft thread: the last proposal in flight just committed. A
+ * follower learns a commit index only from the leader's next AppendEntries,
+ * which, with nothing more to replicate, is the next heartbeat (up to two
+ * heartbeat timeouts away: raft ticks once per heartbeat timeout). A
+ * forwarded Seal waits on its follower until that follower applied it, so
+ * an idle leader would add ~1-2 heartbeats to every forwarded write. A
+ * barrier (an empty entry) is replicated at once and carries the new commit
+ * index to every follower; it costs one batched append and is proposed only
+ * when nothing else is in flight (under load the next proposals carry the
+ * commit index anyway), and never for a barrier's own commit. */
+static void commit_notify(struct kms_raft *r)
+{
+    struct raft_barrier *req;
+    if (r->inflight != NULL || r->notify_pending || r->closing || r->stopping ||
+        kms_glue_role(&r->raft) != KMS_RAFT_LEADER || kms_glue_n_members(&r->raft) < 2) {
+        return;
+    }
+    req = calloc(1, sizeof(*req));
+    if (req == NULL) {
+        return;
+    }
+    req->data = r;
+    if (raft_barrier(&r->raft, req, notify_cb) != 0) {
+        free(req);
+        return;
+    }
+    r->notify_pending = true;
+    r->commit_notifies++;
+}
+
 static void apply_cb(struct raft_apply *req, int status, void *result)
 {
     struct op *op = req->data;
@@ -1027,6 +1067,7 @@ static void apply_cb(struct raft_apply *req, int status, void *result)
             return;
         }
         op_complete(op, 0, NULL);
+        commit_notify(r);
         return;
     }
     leader_info(r, &op->res.leader_id, op->res.leader_address, sizeof(op->res.leader_address));
