@@ -75,19 +75,40 @@ def start_etcd(work, base):
     return procs, eps
 
 
-def run(kmsbench, op, eps, clients, duration, ca=None, lat=None, warmup="1s"):
+def cpu_ticks(pids):
+    """utime + stime of the processes, in clock ticks."""
+    t = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            t += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            pass
+    return t
+
+
+def run(kmsbench, op, eps, clients, duration, ca=None, lat=None, warmup="1s", pids=()):
     cmd = [kmsbench, "-op", op, "-endpoints", eps, "-clients", str(clients),
            "-duration", duration, "-warmup", warmup]
     if ca:
         cmd += ["-ca", ca]
     if lat:
         cmd += ["-lat", lat]
+    t0 = cpu_ticks(pids)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    ticks = cpu_ticks(pids) - t0
     try:
         rep = json.loads(p.stdout)
     except ValueError:
         raise RuntimeError(f"kmsbench {op} failed rc={p.returncode}: {p.stderr[-800:]}")
     rep["loadavg"] = os.getloadavg()[0]
+    # Server CPU (all members, warm-up included) per call of the whole run:
+    # a figure that depends far less on what else the machine runs.
+    secs = float(duration.rstrip("s")) + float(warmup.rstrip("s"))
+    calls = rep["ok"] * secs / float(duration.rstrip("s"))
+    rep["server_cpu_ms_per_op"] = (1000.0 * ticks / os.sysconf("SC_CLK_TCK") / calls
+                                   if calls else 0.0)
     return rep
 
 
@@ -141,25 +162,30 @@ def main():
         cluster.init()
         ca = cluster.ca()
         wait_ready(kmsbench, "seal", cluster.endpoints(), ca=ca)
+        kmsd_pids = [cluster.pid(i) for i in range(1, 4)]
         if not a.no_etcd:
             etcd, etcd_eps = start_etcd(work, a.base_port)
+            etcd_pids = [pr.pid for pr in etcd]
             wait_ready(kmsbench, "put", etcd_eps)
         for rnd in range(a.rounds):
             for n in clients:
                 lat = (os.path.join(a.lat_dir, f"seal-kmsd-{n}-r{rnd}.txt")
                        if a.lat_dir else None)
-                r = run(kmsbench, "seal", cluster.endpoints(), n, a.duration, ca=ca, lat=lat)
+                r = run(kmsbench, "seal", cluster.endpoints(), n, a.duration, ca=ca, lat=lat,
+                        pids=kmsd_pids)
                 runs["kmsd"][n].append(r)
                 print(f"round {rnd} clients {n} kmsd seal {r['per_s']:.0f}/s "
-                      f"p99 {r['p99_ms']:.1f} ms fail {r['failures']} load {r['loadavg']:.1f}",
+                      f"p99 {r['p99_ms']:.1f} ms cpu/op {r['server_cpu_ms_per_op']:.2f} ms "
+                      f"fail {r['failures']} load {r['loadavg']:.1f}",
                       file=sys.stderr, flush=True)
                 if not a.no_etcd:
                     lat = (os.path.join(a.lat_dir, f"seal-etcd-{n}-r{rnd}.txt")
                            if a.lat_dir else None)
-                    r = run(kmsbench, "put", etcd_eps, n, a.duration, lat=lat)
+                    r = run(kmsbench, "put", etcd_eps, n, a.duration, lat=lat, pids=etcd_pids)
                     runs["etcd"][n].append(r)
                     print(f"round {rnd} clients {n} etcd put  {r['per_s']:.0f}/s "
-                          f"p99 {r['p99_ms']:.1f} ms fail {r['failures']} "
+                          f"p99 {r['p99_ms']:.1f} ms cpu/op {r['server_cpu_ms_per_op']:.2f} ms "
+                          f"fail {r['failures']} "
                           f"load {r['loadavg']:.1f}", file=sys.stderr, flush=True)
     finally:
         stop(etcd)
@@ -176,8 +202,8 @@ def main():
     print(f"\nSeal vs etcd 3.4 Put, {a.duration} per point, median of {a.rounds} interleaved "
           f"rounds; {os.cpu_count()} CPUs, {platform.release()}\n")
     print("| clients | kmsd seals/s | kmsd p50 ms | kmsd p99 ms | etcd puts/s | etcd p50 ms | "
-          "etcd p99 ms | kmsd / etcd | failures kmsd/etcd |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "etcd p99 ms | kmsd / etcd | server CPU ms/op kmsd / etcd | failures kmsd/etcd |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in clients:
         k, e = runs["kmsd"][n], runs["etcd"][n]
         kt, et = med(k, "per_s"), med(e, "per_s")
@@ -187,9 +213,13 @@ def main():
         summary.append({"clients": n, "kmsd_per_s": kt, "etcd_per_s": et, "ratio": ratio,
                         "kmsd_p50_ms": med(k, "p50_ms"), "kmsd_p99_ms": med(k, "p99_ms"),
                         "etcd_p50_ms": med(e, "p50_ms"), "etcd_p99_ms": med(e, "p99_ms"),
+                        "kmsd_cpu_ms": med(k, "server_cpu_ms_per_op"),
+                        "etcd_cpu_ms": med(e, "server_cpu_ms_per_op"),
                         "kmsd_failures": fk, "etcd_failures": fe})
         print(f"| {n} | {kt:.0f} | {med(k, 'p50_ms'):.1f} | {med(k, 'p99_ms'):.1f} | {et:.0f} | "
-              f"{med(e, 'p50_ms'):.1f} | {med(e, 'p99_ms'):.1f} | {ratio:.2f}x | {fk}/{fe} |")
+              f"{med(e, 'p50_ms'):.1f} | {med(e, 'p99_ms'):.1f} | {ratio:.2f}x | "
+              f"{med(k, 'server_cpu_ms_per_op'):.2f} / {med(e, 'server_cpu_ms_per_op'):.2f} | "
+              f"{fk}/{fe} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"summary": summary, "runs": runs, "duration": a.duration,
