@@ -17,6 +17,8 @@
 // -op seal:   Seal 32 random bytes for a fresh random node UUID per call.
 // -op unseal: Unseal the blobs of FILE (talosclient seal output lines), checks the bytes.
 // -op put:    etcd KV/Put of a 32-byte value under bench/<client>/<n> (plaintext).
+// -op rack:   -nodes N -volumes 3 -window 2s: a rack boots (new connection per
+//             Unseal, nodes starting within the window; see rackBoot).
 // Prints one JSON object: ok, failures by code, per_s, p50/p90/p99/max ms;
 // -lat FILE writes every latency (ms, one a line) for plots.
 package main
@@ -33,6 +35,7 @@ import (
 	"flag"
 	"fmt"
 	"io/ioutil"
+	"net"
 	"os"
 	"sort"
 	"strings"
@@ -119,6 +122,10 @@ func main() {
 	warm := flag.Duration("warmup", time.Second, "unmeasured load before the clock starts")
 	blobsFile := flag.String("blobs", "", "talosclient seal output (unseal)")
 	latFile := flag.String("lat", "", "write every measured latency (ms) here")
+	blobsOut := flag.String("blobs-out", "", "seal: write every sealed blob here (talosclient seal lines)")
+	rackNodes := flag.Int("nodes", 1000, "rack: simulated Talos nodes")
+	rackVolumes := flag.Int("volumes", 3, "rack: encrypted volumes per node (one Unseal each)")
+	rackWindow := flag.Duration("window", 2*time.Second, "rack: nodes start uniformly within this")
 	timeout := flag.Duration("timeout", 10*time.Second, "deadline per RPC")
 	flag.Parse()
 
@@ -138,7 +145,7 @@ func main() {
 			ServerName: "127.0.0.1", MinVersion: tls.VersionTLS12}))
 	}
 	var blobs []sealed
-	if *op == "unseal" {
+	if *op == "unseal" || *op == "rack" {
 		f, err := os.Open(*blobsFile)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "kmsbench: -blobs:", err)
@@ -156,6 +163,10 @@ func main() {
 			fmt.Fprintln(os.Stderr, "kmsbench: no blobs")
 			os.Exit(64)
 		}
+	}
+	if *op == "rack" {
+		rackBoot(endpoints, creds, blobs, *rackNodes, *rackVolumes, *rackWindow, *timeout, *latFile)
+		return
 	}
 	method := map[string]string{"seal": "/sidero.kms.KMSService/Seal",
 		"unseal": "/sidero.kms.KMSService/Unseal", "put": "/etcdserverpb.KV/Put"}[*op]
@@ -178,6 +189,7 @@ func main() {
 
 	var mu sync.Mutex
 	var lats []float64
+	var sealedOut []sealed
 	fails := map[string]int{}
 	wrong := 0
 	var wg sync.WaitGroup
@@ -191,6 +203,7 @@ func main() {
 			var mine []float64
 			myFails := map[string]int{}
 			myWrong := 0
+			var mySealed []sealed
 			val := make([]byte, 32)
 			for k := 0; ; k++ {
 				t0 := time.Now()
@@ -198,10 +211,12 @@ func main() {
 					break
 				}
 				var req, want []byte
+				var uuid string
 				switch *op {
 				case "seal":
 					_, _ = rand.Read(val)
-					req = field(field(nil, 1, []byte(uuid4())), 2, val)
+					uuid = uuid4()
+					req = field(field(nil, 1, []byte(uuid)), 2, val)
 				case "unseal":
 					b := blobs[(id+k*(*clients))%len(blobs)]
 					raw, _ := base64.StdEncoding.DecodeString(b.Blob)
@@ -232,6 +247,11 @@ func main() {
 					myWrong++
 					continue
 				}
+				if *op == "seal" && *blobsOut != "" {
+					mySealed = append(mySealed, sealed{UUID: uuid,
+						Blob: base64.StdEncoding.EncodeToString(respData(resp.b)),
+						Data: base64.StdEncoding.EncodeToString(val)})
+				}
 				mine = append(mine, float64(t1.Sub(t0).Microseconds())/1000)
 			}
 			mu.Lock()
@@ -240,6 +260,7 @@ func main() {
 				fails[c] += n
 			}
 			wrong += myWrong
+			sealedOut = append(sealedOut, mySealed...)
 			mu.Unlock()
 		}(i)
 	}
@@ -265,9 +286,116 @@ func main() {
 			w.Close()
 		}
 	}
+	if *blobsOut != "" {
+		w, err := os.Create(*blobsOut)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "kmsbench: -blobs-out:", err)
+			os.Exit(2)
+		}
+		bw := bufio.NewWriter(w)
+		for _, b := range sealedOut {
+			line, _ := json.Marshal(b)
+			bw.Write(append(line, '\n'))
+		}
+		bw.Flush()
+		w.Close()
+	}
 	out, _ := json.Marshal(rep)
 	fmt.Println(string(out))
 	if wrong > 0 {
 		os.Exit(100)
+	}
+}
+
+// rackBoot: a whole rack powers on. Node i starts at a uniformly random
+// moment within window and unseals its volumes one after the other, each
+// over a NEW connection (dial, TLS handshake, one call, close), listing the
+// endpoints starting at i mod n, as Talos does. Prints total time, p50/p99/
+// max per Unseal and failures.
+func rackBoot(endpoints []string, creds grpc.DialOption, blobs []sealed, nodes, volumes int,
+	window, timeout time.Duration, latFile string) {
+	type res struct {
+		lat  float64
+		code string
+	}
+	out := make(chan res, nodes*volumes)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := 0; i < nodes; i++ {
+		var rb [8]byte
+		_, _ = rand.Read(rb[:])
+		off := time.Duration(uint64(rb[0])|uint64(rb[1])<<8|uint64(rb[2])<<16|uint64(rb[3])<<24) %
+			(window + 1)
+		wg.Add(1)
+		go func(id int, off time.Duration) {
+			defer wg.Done()
+			time.Sleep(off)
+			for v := 0; v < volumes; v++ {
+				b := blobs[(id*volumes+v)%len(blobs)]
+				raw, _ := base64.StdEncoding.DecodeString(b.Blob)
+				want, _ := base64.StdEncoding.DecodeString(b.Data)
+				req := field(field(nil, 1, []byte(b.UUID)), 2, raw)
+				t0 := time.Now()
+				ctx, cancel := context.WithTimeout(context.Background(), timeout)
+				code := "OK"
+				// Every node has its own address (127.1.x.y), as in a
+				// rack: kmsd's per-address limits see what they would.
+				src := &net.TCPAddr{IP: net.IPv4(127, 1, byte(id/250), byte(id%250+1))}
+				conn, err := grpc.DialContext(ctx, endpoints[(id+v)%len(endpoints)], creds,
+					grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+						d := net.Dialer{LocalAddr: src}
+						return d.DialContext(ctx, "tcp", addr)
+					}))
+				if err == nil {
+					var resp frame
+					err = conn.Invoke(ctx, "/sidero.kms.KMSService/Unseal", &frame{b: req}, &resp,
+						grpc.ForceCodec(rawCodec{}))
+					conn.Close()
+					if err == nil && string(respData(resp.b)) != string(want) {
+						code = "WRONG_BYTES"
+					}
+				}
+				cancel()
+				if err != nil {
+					code = status.Code(err).String()
+				}
+				out <- res{float64(time.Since(t0).Microseconds()) / 1000, code}
+			}
+		}(i, off)
+	}
+	wg.Wait()
+	total := time.Since(start)
+	close(out)
+	var lats []float64
+	fails := map[string]int{}
+	for r := range out {
+		if r.code == "OK" {
+			lats = append(lats, r.lat)
+		} else {
+			fails[r.code]++
+		}
+	}
+	sort.Float64s(lats)
+	rep := map[string]interface{}{"op": "rack", "nodes": nodes, "volumes": volumes,
+		"window_s": window.Seconds(), "total_s": total.Seconds(), "ok": len(lats),
+		"failures": fails}
+	if n := len(lats); n > 0 {
+		rep["p50_ms"], rep["p90_ms"], rep["p99_ms"], rep["max_ms"] =
+			lats[n/2], lats[n*9/10], lats[n*99/100], lats[n-1]
+	}
+	if latFile != "" {
+		if w, err := os.Create(latFile); err == nil {
+			bw := bufio.NewWriter(w)
+			for _, l := range lats {
+				fmt.Fprintf(bw, "%.3f\n", l)
+			}
+			bw.Flush()
+			w.Close()
+		}
+	}
+	j, _ := json.Marshal(rep)
+	fmt.Println(string(j))
+	if len(fails) > 0 {
+		os.Exit(1)
 	}
 }
