@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -90,20 +91,83 @@ def stop(procs):
             pr.kill()
 
 
-def load(talos, ca, endpoints, clients, duration, blobs):
+def cpu_ticks(pids):
+    t = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            t += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            pass
+    return t
+
+
+def openssl_handshake(cert, key, ca, port, duration):
+    """Server CPU per handshake of a bare `openssl s_server` (TLS 1.3, same
+    key type) under `openssl s_time -new`: the floor for a new-connection
+    Unseal."""
+    srv = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", cert,
+                            "-key", key, "-tls1_3", "-num_tickets", "0", "-naccept", "1000000",
+                            "-quiet"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        end = time.time() + 20
+        while time.time() < end:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        t0 = cpu_ticks([srv.pid])
+        p = subprocess.run(["openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-new",
+                            "-time", str(int(float(duration.rstrip("s")))), "-CAfile", ca],
+                           capture_output=True, text=True, timeout=120)
+        ticks = cpu_ticks([srv.pid]) - t0
+        n = 0
+        for line in p.stdout.splitlines():
+            if "connections in" in line and "real seconds" in line:
+                n = int(line.split()[0])
+        return {"connections": n, "server_cpu_ms_per_op":
+                1000.0 * ticks / os.sysconf("SC_CLK_TCK") / n if n else 0.0}
+    finally:
+        srv.stdin.close()  # s_server stops at EOF on stdin
+        srv.terminate()
+        srv.wait(timeout=10)
+
+
+def warm(kmsbench, ca, endpoints, clients, duration, blobs, pids=()):
+    """Unseals over warm connections (bench/kmsbench: one connection per
+    client, kept), for the warm-connection ceiling ratio."""
+    t0 = cpu_ticks(pids)
+    p = subprocess.run([kmsbench, "-op", "unseal", "-ca", ca, "-endpoints", endpoints,
+                        "-clients", str(clients), "-duration", duration, "-warmup", "0s",
+                        "-blobs", blobs], capture_output=True, text=True, timeout=600)
+    ticks = cpu_ticks(pids) - t0
+    rep = json.loads(p.stdout)
+    rep["server_cpu_ms_per_op"] = (1000.0 * ticks / os.sysconf("SC_CLK_TCK") / rep["ok"]
+                                   if rep["ok"] else 0.0)
+    return rep
+
+
+def load(talos, ca, endpoints, clients, duration, blobs, pids=()):
+    t0 = cpu_ticks(pids)
     p = subprocess.run([talos, "load", "-ca", ca, "-endpoints", endpoints, "-rotate",
                         "-clients", str(clients), "-duration", duration, "-blobs", blobs],
                        capture_output=True, text=True, timeout=600)
+    ticks = cpu_ticks(pids) - t0
     try:
         rep = json.loads(p.stdout)
     except ValueError:
         raise RuntimeError(f"talosclient load failed rc={p.returncode}: {p.stderr[-500:]}")
     secs = float(duration.rstrip("s"))
+    total = rep["total"] or 1
     fails = sum(rep.get("failures", {}).values())
     return {"clients": clients, "ok": rep["ok"], "total": rep["total"], "failures": fails,
             "failure_codes": rep.get("failures", {}), "wrong_bytes": rep.get("wrong_bytes", 0),
             "per_s": rep["ok"] / secs, "p50_ms": rep["p50_ms"], "p99_ms": rep["p99_ms"],
-            "max_ms": rep["max_latency_ms"]}
+            "max_ms": rep["max_latency_ms"],
+            "server_cpu_ms_per_op": 1000.0 * ticks / os.sysconf("SC_CLK_TCK") / total}
 
 
 def main():
@@ -120,7 +184,8 @@ def main():
     work = tempfile.mkdtemp(prefix="kmsd-bench-unseal-")
     cluster = None
     procs = []
-    results = {"kmsd": [], "echo": []}
+    results = {"kmsd": [], "echo": [], "kmsd_warm": [], "echo_warm": []}
+    kmsbench = os.path.join(build, "bench", "kmsbench")
     try:
         if a.echo_only:
             ca, cert, key = throwaway_pki(work)
@@ -129,6 +194,8 @@ def main():
             sys.path.insert(0, os.path.join(SRC, "tests", "integration"))
             os.environ["KMS_BUILD_DIR"], os.environ["KMS_SOURCE_DIR"] = build, SRC
             import kmslib
+            # The warm-connection rows carry many calls per connection.
+            os.environ["KMSD_LIMITS_TALOS_CONNECTION_BYTES"] = "0"
             cluster = kmslib.Cluster(nodes=3, base=a.base_port)
             cluster.up()
             cluster.init()
@@ -160,11 +227,20 @@ def main():
                     "uuid": str(uuidlib.uuid4()), "blob": "AQ" + "A" * 62 + "=="}
                 f.write(json.dumps({"uuid": s["uuid"], "blob": s["blob"], "data": FIXED}) + "\n")
         procs = start_echo(echo_bin, echo_ports, cert, key, work)
+        kpids = [cluster.pid(i) for i in range(1, 4)] if cluster else []
+        epids = [pr.pid for pr in procs]
         for n in clients:
             if kblobs:
                 results["kmsd"].append(load(talos, ca, cluster.endpoints(), n, a.duration,
-                                            kblobs))
-            results["echo"].append(load(talos, ca, echo_eps, n, a.duration, eblobs))
+                                            kblobs, kpids))
+            results["echo"].append(load(talos, ca, echo_eps, n, a.duration, eblobs, epids))
+            if os.access(kmsbench, os.X_OK):
+                if kblobs:
+                    results["kmsd_warm"].append(warm(kmsbench, ca, cluster.endpoints(), n,
+                                                     a.duration, kblobs, kpids))
+                results["echo_warm"].append(warm(kmsbench, ca, echo_eps, n, a.duration, eblobs,
+                                                 epids))
+        results["openssl"] = openssl_handshake(cert, key, ca, a.base_port + 45, a.duration)
     finally:
         stop(procs)
         if cluster is not None:
@@ -179,8 +255,9 @@ def main():
         pass
     print(f"\nUnseal burst, {a.duration} per row, new TLS connection per RPC, 3 endpoints "
           f"rotated per client; {os.cpu_count()} CPUs ({cpu}), {platform.release()}\n")
-    print("| clients | server | unseals/s | % of ceiling | p50 ms | p99 ms | max ms | failures |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| clients | server | unseals/s | % of ceiling | p50 ms | p99 ms | max ms | failures | "
+          "server CPU ms/Unseal |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for k, n in enumerate(clients):
         e = results["echo"][k]
         rows = []
@@ -191,11 +268,28 @@ def main():
             pct = 100.0 * r["per_s"] / e["per_s"] if e["per_s"] else 0
             fl = str(r["failures"]) + (f" {r['failure_codes']}" if r["failures"] else "")
             print(f"| {n} | {name} | {r['per_s']:.0f} | {pct:.0f}% | {r['p50_ms']:.1f} | "
-                  f"{r['p99_ms']:.1f} | {r['max_ms']:.1f} | {fl} |")
+                  f"{r['p99_ms']:.1f} | {r['max_ms']:.1f} | {fl} | "
+                  f"{r['server_cpu_ms_per_op']:.3f} |")
+    if results["echo_warm"]:
+        print("\nWarm connections (bench/kmsbench, one kept connection per client):\n")
+        print("| clients | server | unseals/s | % of ceiling | p50 ms | p99 ms | "
+              "server CPU ms/Unseal |")
+        print("|---:|---|---:|---:|---:|---:|---:|")
+        for k, n in enumerate(clients):
+            e = results["echo_warm"][k]
+            rows = [("kmsd (3 nodes)", results["kmsd_warm"][k])] if results["kmsd_warm"] else []
+            rows.append(("echo ceiling (3 procs)", e))
+            for name, r in rows:
+                pct = 100.0 * r["per_s"] / e["per_s"] if e["per_s"] else 0
+                print(f"| {n} | {name} | {r['per_s']:.0f} | {pct:.0f}% | {r['p50_ms']:.1f} | "
+                      f"{r['p99_ms']:.1f} | {r['server_cpu_ms_per_op']:.3f} |")
+    o = results["openssl"]
+    print(f"\nbare openssl s_server (TLS 1.3, no tickets) under s_time -new: {o['connections']} "
+          f"handshakes, {o['server_cpu_ms_per_op']:.3f} ms server CPU per handshake")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
-    bad = any(r["wrong_bytes"] for rs in results.values() for r in rs)
+    bad = any(r["wrong_bytes"] for k in ("kmsd", "echo") for r in results[k])
     sys.exit(100 if bad else 0)
 
 

@@ -21,12 +21,13 @@ function(kms_sources_check)
   endforeach()
 endfunction()
 
-# kms_go_binary(<name> [DEPENDS <file>...])
+# kms_go_binary(<name> [EXCLUDE_FROM_ALL] [DEPENDS <file>...])
 # Builds the Go program in the current source directory (main.go) offline in
 # GOPATH mode from Debian's golang-*-dev packages (/usr/share/gocode) into
-# the current binary directory; target <name> is part of ALL.
+# the current binary directory; target <name> is part of ALL unless
+# EXCLUDE_FROM_ALL.
 function(kms_go_binary name)
-  cmake_parse_arguments(A "" "" "DEPENDS" ${ARGN})
+  cmake_parse_arguments(A "EXCLUDE_FROM_ALL" "" "DEPENDS" ${ARGN})
   set(bin ${CMAKE_CURRENT_BINARY_DIR}/${name})
   add_custom_command(
     OUTPUT ${bin}
@@ -40,5 +41,9 @@ function(kms_go_binary name)
     DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/main.go ${A_DEPENDS}
     COMMENT "go build ${name}"
     VERBATIM)
-  add_custom_target(${name} ALL DEPENDS ${bin})
+  if(A_EXCLUDE_FROM_ALL)
+    add_custom_target(${name} DEPENDS ${bin})
+  else()
+    add_custom_target(${name} ALL DEPENDS ${bin})
+  endif()
 endfunction()

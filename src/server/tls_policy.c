@@ -41,6 +41,13 @@ static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
 static bool g_policy_loaded;
 static atomic_bool g_tls12;
 
+/* No session tickets: a TLS 1.3 server sends two NewSessionTicket messages
+ * after every handshake by default (each an AEAD encryption of the session
+ * and a write), and gRPC 1.51 exposes no option for it. Talos opens a new
+ * connection per call and never resumes, kmsd's own clients do not either:
+ * the tickets were pure cost on every connection. */
+#define KMS_TLS_NO_TICKETS "Options = -SessionTicket\n" "NumTickets = 0\n"
+
 static const char *const policy_tls13 =
     "# written by kmsd: TLS policy for this process only\n"
     "openssl_conf = kmsd_conf\n"
@@ -50,7 +57,8 @@ static const char *const policy_tls13 =
     "system_default = kmsd_sysdef\n"
     "[kmsd_sysdef]\n"
     "MinProtocol = TLSv1.3\n"
-    "Protocol = -SSLv3, -TLSv1, -TLSv1.1, -TLSv1.2, TLSv1.3\n";
+    "Protocol = -SSLv3, -TLSv1, -TLSv1.1, -TLSv1.2, TLSv1.3\n"
+    KMS_TLS_NO_TICKETS;
 
 static const char *const policy_tls12 =
     "# written by kmsd: TLS policy for this process only\n"
@@ -61,7 +69,8 @@ static const char *const policy_tls12 =
     "system_default = kmsd_sysdef\n"
     "[kmsd_sysdef]\n"
     "MinProtocol = TLSv1.2\n"
-    "CipherString = DEFAULT:@SECLEVEL=2\n";
+    "CipherString = DEFAULT:@SECLEVEL=2\n"
+    KMS_TLS_NO_TICKETS;
 
 /* True when a fresh context refuses TLS 1.2 (min 1.3 or NO_TLSv1_2 set). */
 static bool tls12_refused(void)

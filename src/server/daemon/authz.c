@@ -1,6 +1,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <openssl/pem.h>
 #include <openssl/x509.h>
@@ -10,15 +11,38 @@
 #include "kms_crypto.h"
 #include "kms_log.h"
 #include "kms_rpc.h"
+#include "kms_time.h"
 #include "kmsd.h"
 #include "kmsd_authz.h"
 
 #include "kmsd/v1/entry.pb-c.h"
 #include "kmsd/v1/record.pb-c.h"
 
+/* Certificates that verified recently. Every Forward (one per Seal sent to
+ * a follower) arrives on the same few connections with the same peer
+ * certificate; parsing the PEM and running X509_verify_cert for each one
+ * was the largest CPU cost of a Seal on the leader (bench/bench_seal.py
+ * profile). A hit needs the exact same PEM bytes, the same store, an entry
+ * younger than VCACHE_TTL_MS and a certificate not yet expired. Only
+ * successes are kept. The cache belongs to one kmsd_authz, so a reload of
+ * the CA files (kmsd_authz_load) starts with an empty one. */
+#define VCACHE_N 8
+#define VCACHE_TTL_MS 10000u
+
+struct vcache_entry {
+    char *pem;        /* owned; NULL = empty slot */
+    bool cluster;     /* verified against the cluster store (else operator) */
+    char cn[256];
+    uint64_t at_ms;   /* kms_mono_ms() of the verification */
+    time_t not_after; /* the certificate's notAfter */
+};
+
 struct kmsd_authz {
     X509_STORE *cluster;
     X509_STORE *operator;
+    pthread_mutex_t vc_mu;
+    struct vcache_entry vc[VCACHE_N];
+    unsigned vc_next;
 };
 
 static pthread_rwlock_t authz_lock = PTHREAD_RWLOCK_INITIALIZER;
@@ -42,6 +66,10 @@ static void authz_destroy(struct kmsd_authz *a)
     if (a != NULL) {
         X509_STORE_free(a->cluster);
         X509_STORE_free(a->operator);
+        for (size_t i = 0; i < VCACHE_N; i++) {
+            free(a->vc[i].pem);
+        }
+        pthread_mutex_destroy(&a->vc_mu);
         free(a);
     }
 }
@@ -54,6 +82,7 @@ int kmsd_authz_load(struct kmsd *d, struct kms_err *err)
     if (a == NULL) {
         return kms_err_set(err, KMS_ENOMEM, "out of memory");
     }
+    pthread_mutex_init(&a->vc_mu, NULL);
     if ((rc = store_load(d->opt.cluster_ca, &a->cluster, err)) != 0 ||
         (rc = store_load(d->opt.operator_ca, &a->operator, err)) != 0) {
         authz_destroy(a);
@@ -165,32 +194,91 @@ int kmsd_authz_pem_node_id(const char *pem, uint64_t *id)
     return rc;
 }
 
+/* Caller holds authz_lock (read) and a != NULL. True with cn filled on a
+ * hit. */
+static bool vcache_get(struct kmsd_authz *a, const char *pem, bool cluster, char *cn,
+                       size_t cnlen)
+{
+    uint64_t now = kms_mono_ms();
+    time_t wall = time(NULL);
+    bool hit = false;
+
+    pthread_mutex_lock(&a->vc_mu);
+    for (size_t i = 0; i < VCACHE_N && !hit; i++) {
+        struct vcache_entry *e = &a->vc[i];
+        if (e->pem != NULL && e->cluster == cluster && now - e->at_ms < VCACHE_TTL_MS &&
+            wall < e->not_after && strcmp(e->pem, pem) == 0) {
+            snprintf(cn, cnlen, "%s", e->cn);
+            hit = true;
+        }
+    }
+    pthread_mutex_unlock(&a->vc_mu);
+    return hit;
+}
+
+/* Caller holds authz_lock (read). Remembers a certificate that verified. */
+static void vcache_put(struct kmsd_authz *a, const char *pem, bool cluster, const char *cn,
+                       X509 *cert)
+{
+    struct tm tm;
+    struct vcache_entry *e;
+    char *copy;
+
+    memset(&tm, 0, sizeof(tm));
+    if (ASN1_TIME_to_tm(X509_get0_notAfter(cert), &tm) != 1 || (copy = strdup(pem)) == NULL) {
+        return; /* not cached: verified again next time */
+    }
+    pthread_mutex_lock(&a->vc_mu);
+    e = &a->vc[a->vc_next++ % VCACHE_N];
+    free(e->pem);
+    e->pem = copy;
+    e->cluster = cluster;
+    snprintf(e->cn, sizeof(e->cn), "%s", cn);
+    e->at_ms = kms_mono_ms();
+    e->not_after = timegm(&tm);
+    pthread_mutex_unlock(&a->vc_mu);
+}
+
 /* Verifies the caller's leaf certificate against one store; returns the
  * certificate's only CN in cn (empty when it has none or several). */
 static bool verify(struct kmsd *d, struct kms_rpc_call *call, bool cluster, char *cn,
                    size_t cnlen)
 {
+    const char *pem = kms_rpc_call_peer_cert_pem(call);
     X509 *cert = NULL;
     X509_STORE_CTX *ctx = NULL;
     bool ok = false;
 
     cn[0] = '\0';
-    cert = pem_cert(kms_rpc_call_peer_cert_pem(call));
+    if (pem == NULL) {
+        return false;
+    }
+    pthread_rwlock_rdlock(&authz_lock);
+    if (d->authz == NULL) {
+        goto out;
+    }
+    if (vcache_get(d->authz, pem, cluster, cn, cnlen)) {
+        ok = true;
+        goto out;
+    }
+    cert = pem_cert(pem);
     if (cert == NULL) {
         goto out;
     }
     if (cert_single_cn(cert, cn, cnlen) != 0) {
         cn[0] = '\0';
     }
-    pthread_rwlock_rdlock(&authz_lock);
-    if (d->authz != NULL && (ctx = X509_STORE_CTX_new()) != NULL &&
+    if ((ctx = X509_STORE_CTX_new()) != NULL &&
         X509_STORE_CTX_init(ctx, cluster ? d->authz->cluster : d->authz->operator, cert,
                             NULL) == 1) {
         X509_STORE_CTX_set_purpose(ctx, X509_PURPOSE_SSL_CLIENT);
         ok = X509_verify_cert(ctx) == 1;
     }
-    pthread_rwlock_unlock(&authz_lock);
+    if (ok) {
+        vcache_put(d->authz, pem, cluster, cn, cert);
+    }
 out:
+    pthread_rwlock_unlock(&authz_lock);
     X509_STORE_CTX_free(ctx);
     X509_free(cert);
     return ok;

@@ -17,6 +17,13 @@
 #define TALOS_CLOSE_GRACE_MS 500    /* lease lost / sealed: nothing to wait for */
 #define TALOS_STOP_GRACE_MS 2000    /* SIGTERM: let admitted calls finish */
 #define POOL_THREADS 32             /* per pool; they mostly sleep in waits */
+/* Writes in flight on one node = write pool threads: each waits (asleep) for
+ * its entry to commit. The leader's pool holds its own seals AND every
+ * forwarded one, and raft batches only what is in flight: with 32, a
+ * three-node cluster stalled near 32 entries per two fsyncs whatever the
+ * number of clients (bench/bench_seal.py). A sleeping thread costs its
+ * touched stack pages only. */
+#define WRITE_POOL_THREADS 256
 #define POOL_QUEUE 4096
 #define OP_POOL_THREADS 4           /* operator calls: rare, may block long */
 #define OP_POOL_QUEUE 256
@@ -617,7 +624,7 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
         return kms_err_wrap(err, rc, "raft");
     }
 
-    if ((rc = kmsd_pool_create("kmsd-write", POOL_THREADS, POOL_QUEUE, &d->write_pool, err)) !=
+    if ((rc = kmsd_pool_create("kmsd-write", WRITE_POOL_THREADS, POOL_QUEUE, &d->write_pool, err)) !=
             0 ||
         (rc = kmsd_pool_create("kmsd-wait", POOL_THREADS, POOL_QUEUE, &d->wait_pool, err)) !=
             0 ||

@@ -256,7 +256,6 @@ void kmsd_snapshot_chunk_cb(void *arg, struct kms_rpc_call *call, const uint8_t 
     resp.entries = entries;
     resp.done = done;
     ok = true;
-    kmsd_call_finish_msg(call, &resp.base);
 release:
     pthread_mutex_lock(&snap_mu);
     s->busy = false;
@@ -264,6 +263,13 @@ release:
     s->next_seq++;
     s->done = done || !ok; /* a failed chunk ends the session: start again */
     pthread_mutex_unlock(&snap_mu);
+    /* Answered only once the session is free again: the client sends the
+     * next chunk as soon as it has this one, and on a busy machine that
+     * request reached another pool thread while this one had not yet
+     * cleared `busy` ("snapshot handle in use by another call"). */
+    if (ok) {
+        kmsd_call_finish_msg(call, &resp.base);
+    }
 out:
     free(buf);
     if (r != NULL) {
