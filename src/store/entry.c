@@ -38,6 +38,8 @@ static int op_known(Kmsd__V1__Entry__OpCase c)
     case KMSD__V1__ENTRY__OP_PUT_MEMBER:
     case KMSD__V1__ENTRY__OP_REMOVE_MEMBER:
     case KMSD__V1__ENTRY__OP_TOUCH_BATCH:
+    case KMSD__V1__ENTRY__OP_REWRAP_BATCH:
+    case KMSD__V1__ENTRY__OP_RETIRE_TERM:
     case KMSD__V1__ENTRY__OP_NOOP:
         return 1;
     default:
