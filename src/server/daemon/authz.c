@@ -234,6 +234,8 @@ static const struct kmsd_method_policy methods[] = {
     /* writes and leadership: on the leader, under the operator's identity */
     {"/kmsd.v1.Operator/Initialize", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
     {"/kmsd.v1.Operator/Rotate", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    {"/kmsd.v1.Operator/Rewrap", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    {"/kmsd.v1.Operator/RetireTerm", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
     {"/kmsd.v1.Operator/KeysRevoke", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
     {"/kmsd.v1.Operator/MembersAdd", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
     {"/kmsd.v1.Operator/MembersRemove", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
