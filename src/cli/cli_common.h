@@ -265,6 +265,12 @@ extern const char cli_members_usage[];
 extern const struct cli_cmd cli_keys_subs[];
 extern const char cli_keys_usage[];
 extern const struct cli_cmd cli_snapshot_subs[]; /* cmd_snapshot.c */
+/* operator rewrap / retire-term (cmd_rewrap.c) */
+extern const char cli_rewrap_usage[];
+extern const struct cli_flag cli_rewrap_flags[];
+extern const char cli_retire_term_usage[];
+int cli_rewrap_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv);
+int cli_retire_term_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv);
 extern const char cli_snapshot_usage[];
 
 /* Writes members as a JSON array under key. */
