@@ -335,10 +335,11 @@ static int revoke_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, 
 
 const struct cli_cmd cli_keys_subs[] = {
     {"list", "list sealed keys",
-     "Usage: kmsctl keys list [--node-uuid UUID]\n"
+     "Usage: kmsctl keys list [--node-uuid UUID] [--unused-since AGE] [--revoked] [--term T]\n"
      "\n"
-     "Lists the sealed-key records (all, or one machine's). Times are RFC 3339\n"
-     "UTC.",
+     "Lists the sealed-key records (all, or one machine's; filters combine).\n"
+     "LAST ACCESS is the last successful unseal as recorded by the cluster\n"
+     "(batched: up to lastAccess.interval late). Times are RFC 3339 UTC.",
      NULL, list_run, list_flags, false},
     {"show", "show one sealed key",
      "Usage: kmsctl keys show KEY_ID\n"
