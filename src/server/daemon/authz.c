@@ -1,3 +1,4 @@
+#include <inttypes.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -263,7 +264,33 @@ const struct kmsd_method_policy *kmsd_authz_method(const char *path)
 
 bool kmsd_authz_entry_forwardable(int op_case)
 {
-    return op_case == KMSD__V1__ENTRY__OP_PUT_RECORD;
+    return op_case == KMSD__V1__ENTRY__OP_PUT_RECORD ||
+           op_case == KMSD__V1__ENTRY__OP_TOUCH_BATCH;
+}
+
+int kmsd_authz_touch_check(const Kmsd__V1__TouchBatch *tb, size_t max, int64_t now_ms,
+                           struct kms_err *err)
+{
+    if (tb == NULL || tb->n_touches == 0) {
+        return kms_err_set(err, KMS_EFORMAT, "touch batch: no touches");
+    }
+    if (tb->n_touches > max) {
+        return kms_err_set(err, KMS_EFORMAT, "touch batch: %zu touches, at most %zu",
+                           tb->n_touches, max);
+    }
+    for (size_t i = 0; i < tb->n_touches; i++) {
+        const Kmsd__V1__Touch *t = tb->touches[i];
+        if (t == NULL || t->key_id.len != 16 || t->key_id.data == NULL) {
+            return kms_err_set(err, KMS_EFORMAT, "touch batch: touch #%zu has no 16-byte key id",
+                               i + 1);
+        }
+        if (t->at <= 0 || t->at > now_ms + 60000) {
+            return kms_err_set(err, KMS_EFORMAT,
+                               "touch batch: touch #%zu has time %" PRId64 " (now %" PRId64 ")",
+                               i + 1, t->at, now_ms);
+        }
+    }
+    return 0;
 }
 
 int kmsd_authz_record_check(const Kmsd__V1__SealedRecord *rec, uint32_t max_term,
@@ -292,6 +319,9 @@ int kmsd_authz_record_check(const Kmsd__V1__SealedRecord *rec, uint32_t max_term
     }
     if (rec->revoked_at != 0 || rec->last_access_at != 0) {
         return kms_err_set(err, KMS_EFORMAT, "record: a new record cannot be revoked or used");
+    }
+    if (rec->origin_term != 0 || rec->wrapped.len != 0) {
+        return kms_err_set(err, KMS_EFORMAT, "record: a new record cannot be rewrapped");
     }
     return 0;
 }

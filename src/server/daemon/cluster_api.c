@@ -32,6 +32,7 @@
 #include "kmsd_authz.h"
 #include "kmsd_pool.h"
 #include "kmsd_rewrap.h"
+#include "kmsd_touch.h"
 #include "kmsd_snapshot.h"
 
 #include "kmsd/v1/cluster.pb-c.h"
@@ -139,10 +140,22 @@ static void forward_run_cb(void *arg)
         goto out;
     }
     if (!kmsd_authz_entry_forwardable(j->r->entry->op_case)) {
-        forward_refuse(d, j->call, "a node may forward only sealed records (PutRecord)");
+        forward_refuse(d, j->call,
+                       "a node may forward only sealed records (PutRecord) and last-access "
+                       "batches (TouchBatch)");
         goto out;
     }
-    {
+    if (j->r->entry->op_case == KMSD__V1__ENTRY__OP_TOUCH_BATCH) {
+        if (j->r->entry->version != 1 ||
+            kmsd_authz_touch_check(j->r->entry->touch_batch, KMSD_TOUCH_MAX, kms_wall_ms(),
+                                   &err) != 0) {
+            char why[sizeof(err.msg) + 32];
+            snprintf(why, sizeof(why), "malformed touch batch: %s",
+                     err.msg[0] ? err.msg : "bad entry version");
+            forward_refuse(d, j->call, why);
+            goto out;
+        }
+    } else {
         Kmsd__V1__EncryptedKeyring *ek = NULL;
         uint32_t max_term = 0;
         if (kms_store_keyring_get(d->store, &ek, NULL) == 0) {

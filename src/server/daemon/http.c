@@ -145,6 +145,17 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
       "differed or was absent.\n# TYPE kmsd_seal_readback_failures_total counter\n"
       "kmsd_seal_readback_failures_total %llu\n",
       (unsigned long long)atomic_load(&d->metrics.seal_readback_failures));
+    M("# HELP kmsd_last_access_writes_total Last-access batches (TouchBatch) this replica "
+      "had replicated.\n# TYPE kmsd_last_access_writes_total counter\n"
+      "kmsd_last_access_writes_total %llu\n",
+      (unsigned long long)atomic_load(&d->metrics.touch_writes));
+    M("# HELP kmsd_last_access_keys_total Keys carried by those batches.\n"
+      "# TYPE kmsd_last_access_keys_total counter\nkmsd_last_access_keys_total %llu\n",
+      (unsigned long long)atomic_load(&d->metrics.touch_keys));
+    M("# HELP kmsd_last_access_dropped_total Unseals not noted for last access because the "
+      "batch table was full.\n# TYPE kmsd_last_access_dropped_total counter\n"
+      "kmsd_last_access_dropped_total %llu\n",
+      (unsigned long long)atomic_load(&d->metrics.touch_dropped));
     M("# HELP kmsd_tls_reloads_total SIGHUP TLS reloads by result.\n"
       "# TYPE kmsd_tls_reloads_total counter\n"
       "kmsd_tls_reloads_total{result=\"ok\"} %llu\n"
