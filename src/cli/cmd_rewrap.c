@@ -42,7 +42,7 @@ int cli_rewrap_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, cha
 {
     Kmsd__V1__RewrapRequest req = KMSD__V1__REWRAP_REQUEST__INIT;
     uint8_t cursor[16];
-    uint64_t scanned = 0, rewrapped = 0, records = 0, steps = 0;
+    uint64_t scanned = 0, rewrapped = 0, records = 0, steps = 0, failed = 0;
     unsigned long failures = 0;
     uint32_t active = 0;
     bool done = false, json;
@@ -79,6 +79,7 @@ int cli_rewrap_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, cha
         r = (Kmsd__V1__RewrapResponse *)m;
         scanned += r->scanned;
         rewrapped += r->rewrapped;
+        failed += r->failed;
         records = r->records;
         active = r->active_term;
         done = r->done;
@@ -106,9 +107,16 @@ int cli_rewrap_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, cha
         cli_json_u64(&j, "scanned", scanned);
         cli_json_u64(&j, "rewrapped", rewrapped);
         cli_json_u64(&j, "steps", steps);
+        cli_json_u64(&j, "failed", failed);
         cli_json_bool(&j, "done", done);
         cli_json_obj_end(&j);
         cli_json_end(&j);
+    } else if (failed > 0) {
+        fprintf(ctx->err,
+                "kmsctl: rewrap: %" PRIu64 " records could not be rewrapped (their term key is "
+                "missing or they do not authenticate; see the leader's log); %" PRIu64
+                " rewrapped\n",
+                failed, rewrapped);
     } else {
         fprintf(ctx->out,
                 "Success! Every live record is on term %u (%" PRIu64 " rewrapped). Check with\n"
@@ -116,7 +124,7 @@ int cli_rewrap_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, cha
                 "'kmsctl operator retire-term T' removes its key from the keyring.\n",
                 active, rewrapped);
     }
-    return CLI_EXIT_OK;
+    return failed > 0 ? CLI_EXIT_REMOTE : CLI_EXIT_OK;
 }
 
 int cli_retire_term_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv)

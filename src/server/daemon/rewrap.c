@@ -63,7 +63,7 @@ struct rw_walk {
     struct kms_keyring *kr;
     Kmsd__V1__RewrapItem *items; /* batch entries, each owning its key_id and wrapped */
     size_t n, batch;
-    uint64_t scanned;
+    uint64_t scanned, failed;
     uint8_t last[16];
     bool have_last;
     struct kms_err *err;
@@ -88,7 +88,21 @@ static int rw_each(void *arg, const Kmsd__V1__SealedRecord *rec)
         return 0;
     }
     if ((rc = kms_rewrap(w->kr, rec, &o, w->err)) != 0) {
-        return rc;
+        char hx[33];
+        if (rc == KMS_ENOMEM) {
+            return rc;
+        }
+        /* A record this keyring cannot open (its term is not held, or it
+         * does not authenticate) stays as it is: counted, logged, and the
+         * walk goes on (it keeps its term pinned against retire-term). */
+        if (kms_hex_encode_ct(rec->key_id.data, 16, hx, sizeof(hx), NULL) != 0) {
+            hx[0] = '\0';
+        }
+        kms_log(KMS_LOG_ERROR, "keys", "rewrap: record left as it is", "key_id", hx, "error",
+                w->err->msg, NULL);
+        kms_err_clear(w->err);
+        w->failed++;
+        return 0;
     }
     it = &w->items[w->n];
     kmsd__v1__rewrap_item__init(it);
@@ -189,6 +203,7 @@ void kmsd_rewrap_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
     }
     resp.active_term = kms_keyring_active_term(w.kr);
     resp.scanned = w.scanned;
+    resp.failed = w.failed;
     resp.records = kms_store_count(d->store);
     if (w.have_last) {
         resp.next.data = w.last;
