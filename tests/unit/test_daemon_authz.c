@@ -279,6 +279,10 @@ static void test_touch_check(void **state)
     assert_int_equal(kmsd_authz_touch_check(&tb, 3, now, &err), KMS_EFORMAT);
     t[2].at = 0;
     assert_int_equal(kmsd_authz_touch_check(&tb, 3, now, &err), KMS_EFORMAT);
+    t[2].at = now - 26 * 3600000LL; /* older than any interval allows */
+    assert_int_equal(kmsd_authz_touch_check(&tb, 3, now, &err), KMS_EFORMAT);
+    t[2].at = now - 24 * 3600000LL;
+    assert_int_equal(kmsd_authz_touch_check(&tb, 3, now, &err), 0);
     assert_int_equal(kmsd_authz_touch_check(NULL, 3, now, &err), KMS_EFORMAT);
 }
 

@@ -284,7 +284,9 @@ int kmsd_authz_touch_check(const Kmsd__V1__TouchBatch *tb, size_t max, int64_t n
             return kms_err_set(err, KMS_EFORMAT, "touch batch: touch #%zu has no 16-byte key id",
                                i + 1);
         }
-        if (t->at <= 0 || t->at > now_ms + 60000) {
+        /* A batch holds unseals of the last interval (at most 24 h), kept a
+         * little longer when no leader took it: nothing older than 25 h. */
+        if (t->at <= 0 || t->at > now_ms + 60000 || t->at < now_ms - 25 * 3600000LL) {
             return kms_err_set(err, KMS_EFORMAT,
                                "touch batch: touch #%zu has time %" PRId64 " (now %" PRId64 ")",
                                i + 1, t->at, now_ms);

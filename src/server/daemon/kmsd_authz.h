@@ -80,7 +80,8 @@ bool kmsd_authz_entry_forwardable(int op_case);
 
 struct Kmsd__V1__TouchBatch;
 /* A forwarded TouchBatch: 1..max touches, each a 16-byte key id and a time
- * 0 < at <= now_ms + 60 s (no stamps from the future). It can only move
+ * now_ms - 25 h <= at <= now_ms + 60 s (nothing from the future, nothing
+ * older than the longest lastAccess.interval allows). It can only move
  * last_access_at forward on existing records; nothing else. 0 or
  * KMS_EFORMAT naming the problem. Pure: any thread. */
 int kmsd_authz_touch_check(const struct Kmsd__V1__TouchBatch *tb, size_t max, int64_t now_ms,
