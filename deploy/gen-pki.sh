@@ -7,6 +7,9 @@
 #                                           serverAuth+clientAuth, SAN IP:127.0.0.1,
 #                                           DNS:localhost (+ each --ip)
 #   operator.pem operator-key.pem           CN=kmsctl-operator, clientAuth
+#   k8s-plugin.pem k8s-plugin-key.pem       CN=kmsd-k8s-plugin, clientAuth: the
+#                                           Kubernetes KMS v2 plugin role
+#                                           (docs/kubernetes.md)
 #   foreign-ca.pem foreign-ca-key.pem foreign-node1.pem foreign-node1-key.pem
 #   foreign-operator.pem foreign-operator-key.pem  (tests: a CA nobody trusts)
 #                                           another CA, for negative tests
@@ -63,6 +66,7 @@ for i in $(seq 1 "$nodes"); do
   leaf "node$i" "kmsd-node-$i" ca "serverAuth,clientAuth" "$san"
 done
 leaf operator kmsctl-operator ca clientAuth ""
+leaf k8s-plugin kmsd-k8s-plugin ca clientAuth ""
 ca foreign-ca "kmsd foreign CA"
 leaf foreign-node1 kmsd-node-1 foreign-ca "serverAuth,clientAuth" "$san"
 leaf foreign-operator kmsctl-operator foreign-ca clientAuth ""

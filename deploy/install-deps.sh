@@ -4,19 +4,30 @@
 # needs no network. Needs root (or sudo) only when something is missing.
 set -euo pipefail
 
+# Exactly what the build and the tests use (tests/run.sh), grouped by user.
 PKGS=(
+  # build: compilers, CMake, git (version string, upgrade test)
   build-essential cmake pkg-config git ca-certificates
+  # fuzz preset (clang + libFuzzer); llvm-symbolizer for sanitizer reports
   clang-14 libclang-rt-14-dev llvm-14
+  # libraries kmsd links (libraft comes from bookworm-backports, below)
   libuv1-dev libssl-dev openssl
-  libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
+  libprotobuf-c-dev protobuf-c-compiler
   libgrpc-dev
   librocksdb-dev
-  libcmocka-dev libcyaml-dev libyaml-dev libmicrohttpd-dev libsystemd-dev
-  golang-go golang-google-grpc-dev golang-goprotobuf-dev golang-google-protobuf-dev
-  golang-golang-x-net-dev
+  libcyaml-dev libyaml-dev libmicrohttpd-dev libsystemd-dev
+  # unit tests
+  libcmocka-dev
+  # Go test clients (talosclient, netattack): grpc-go, protowire, x/net/http2
+  golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-golang-x-net-dev
+  # Python integration tests; grpcio for the forged-peer tests
   python3 python3-grpcio
-  etcd-server nghttp2-client softhsm2
-  iproute2 nftables strace faketime procps psmisc curl jq e2fsprogs
+  # PKCS#11 seal tests (SoftHSM2 token)
+  softhsm2
+  # fault injection: namespaces + nftables (Jepsen suite), fsync errors
+  # (strace), expired certificates (faketime), ps (package test), a
+  # loop-mounted filesystem for ENOSPC (mkfs.ext4)
+  iproute2 nftables strace faketime procps e2fsprogs
 )
 
 # raft comes from bookworm-backports: Debian 12's own libraft 0.15 has known

@@ -645,27 +645,9 @@ int cli_leaf_parse(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, cha
 
 /* ---- errors ---------------------------------------------------------- */
 
-static const char *const grpc_names[] = {
-    "OK",           "Canceled",          "Unknown",          "InvalidArgument",
-    "DeadlineExceeded", "NotFound",      "AlreadyExists",    "PermissionDenied",
-    "ResourceExhausted", "FailedPrecondition", "Aborted",    "OutOfRange",
-    "Unimplemented", "Internal",         "Unavailable",      "DataLoss",
-    "Unauthenticated",
-};
-
-static const char *const grpc_descs[] = {
-    "ok", "call cancelled", "unknown error", "invalid argument", "deadline exceeded",
-    "not found", "already exists", "permission denied", "resource exhausted",
-    "failed precondition", "aborted", "out of range", "not implemented by this server",
-    "internal error", "unavailable", "data loss", "not authenticated",
-};
-
 const char *cli_grpc_code_name(int s)
 {
-    if (s >= 0 && (size_t)s < sizeof(grpc_names) / sizeof(grpc_names[0])) {
-        return grpc_names[s];
-    }
-    return "Unknown";
+    return kms_rpc_status_camel(s);
 }
 
 int cli_exit_for_grpc(int s)
@@ -749,11 +731,10 @@ static char *safe_dup(const char *s)
 
 void cli_format_rpc_error(char *buf, size_t len, const char *op, int s, const char *details)
 {
-    char *safe = safe_dup(details != NULL && details[0] != '\0'
-                              ? details
-                              : (s >= 0 && (size_t)s < sizeof(grpc_descs) / sizeof(grpc_descs[0])
-                                     ? grpc_descs[s]
-                                     : "unknown error"));
+    const char *desc = kms_rpc_status_desc(s);
+    char *safe = safe_dup(details != NULL && details[0] != '\0' ? details
+                          : desc != NULL                         ? desc
+                                                                 : "unknown error");
     snprintf(buf, len, "Error: %s%s%s (code %s)", op != NULL ? op : "",
              op != NULL && op[0] ? ": " : "", safe != NULL ? safe : "?", cli_grpc_code_name(s));
     free(safe);

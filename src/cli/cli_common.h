@@ -272,6 +272,18 @@ extern const char cli_retire_term_usage[];
 int cli_rewrap_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv);
 int cli_retire_term_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv);
 extern const char cli_snapshot_usage[];
+extern const struct cli_cmd cli_rekey_subs[]; /* cmd_rekey.c */
+extern const char cli_rekey_usage[];
+
+/* Share recipients (cmd_share_keys.c). load: the PEM public keys in path, in
+ * order, each checked (*pems: n malloc'd strings in a malloc'd array).
+ * open: replaces the encrypted share text in share (cap bytes) by the share
+ * it holds, decrypted with the private key in key_path; share is wiped on
+ * failure. Both: 0 or CLI_EXIT_LOCAL with errbuf filled. */
+int cli_share_recipients_load(const char *path, char ***pems, size_t *n, char *errbuf,
+                              size_t errlen);
+int cli_share_key_open(const char *key_path, char *share, size_t cap, char *errbuf,
+                       size_t errlen);
 
 /* Writes members as a JSON array under key. */
 void cli_json_members(struct cli_json *j, const char *key, Kmsd__V1__MemberStatus *const *m,

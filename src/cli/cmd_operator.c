@@ -22,6 +22,7 @@
 #include "cli_common.h"
 #include "kms_crypto.h"
 #include "kms_err.h"
+#include "kms_share_seal.h"
 
 const char cli_operator_usage[] =
     "Usage: kmsctl operator COMMAND [flags]\n"
@@ -154,6 +155,7 @@ int cli_init_check(unsigned long shares, unsigned long threshold, bool allow_sin
 
 static unsigned long init_shares, init_threshold;
 static bool init_dev_single;
+static const char *init_recipients;
 
 static const struct cli_flag init_flags[] = {
     {"key-shares", 0, CLI_FLAG_UINT, &init_shares, NULL, 0, ~0UL, "N",
@@ -163,11 +165,50 @@ static const struct cli_flag init_flags[] = {
     /* Development only: one share of one (the share IS the root key). */
     {"dev-single-share", 0, CLI_FLAG_BOOL, &init_dev_single, NULL, 0, 0, NULL,
      "allow --key-shares 1 --key-threshold 1 (development only)", true},
+    {"share-recipients", 0, CLI_FLAG_STRING, &init_recipients, NULL, 0, 0, "FILE",
+     "one PEM RSA public key per share holder: share i is printed encrypted to key i", false},
     {NULL, 0, 0, NULL, NULL, 0, 0, NULL, NULL, false},
 };
 
+static void init_print_encrypted(struct cli_ctx *ctx, const Kmsd__V1__InitResponse *r)
+{
+    if (ctx->g.out == CLI_OUT_JSON) {
+        struct cli_json j;
+        cli_json_init(&j, ctx->out);
+        cli_json_obj_begin(&j, NULL);
+        cli_json_arr_begin(&j, "encrypted_shares");
+        for (size_t i = 0; i < r->n_encrypted_shares; i++) {
+            cli_json_str(&j, NULL, r->encrypted_shares[i]);
+        }
+        cli_json_arr_end(&j);
+        cli_json_u64(&j, "threshold", r->threshold);
+        cli_json_str(&j, "cluster_id", r->cluster_id);
+        cli_json_obj_end(&j);
+        cli_json_end(&j);
+        return;
+    }
+    for (size_t i = 0; i < r->n_encrypted_shares; i++) {
+        fprintf(ctx->out, "Unseal Key %zu (encrypted to recipient %zu): ", i + 1, i + 1);
+        cli_write_safe(ctx->out, r->encrypted_shares[i]);
+        fputc('\n', ctx->out);
+    }
+    fputs("\nCluster ID: ", ctx->out);
+    cli_write_safe(ctx->out, r->cluster_id);
+    fprintf(ctx->out,
+            "\n\nkmsd initialised with %zu key shares and a key threshold of %u.\n"
+            "Each share above is encrypted to one recipient's public key (in the order of\n"
+            "--share-recipients): send it to that holder, who unseals with\n"
+            "  kmsctl operator unseal --share-key THEIR-KEY.pem\n"
+            "kmsd does not store the shares; nobody can recover a lost one.\n",
+            r->n_encrypted_shares, r->threshold);
+}
+
 static void init_print(struct cli_ctx *ctx, const Kmsd__V1__InitResponse *r)
 {
+    if (r->n_encrypted_shares > 0) {
+        init_print_encrypted(ctx, r);
+        return;
+    }
     if (ctx->g.out == CLI_OUT_JSON) {
         struct cli_json j;
         cli_json_init(&j, ctx->out);
@@ -214,6 +255,7 @@ static int init_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, ch
     init_shares = 5;
     init_threshold = 3;
     init_dev_single = false;
+    init_recipients = NULL;
     if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, &npos)) >= 0) {
         return rc;
     }
@@ -221,10 +263,29 @@ static int init_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, ch
         0) {
         return cli_usage_error(ctx, "%s", errbuf);
     }
+    if (init_recipients != NULL) {
+        if (cli_share_recipients_load(init_recipients, &req.share_recipients,
+                                      &req.n_share_recipients, errbuf, sizeof(errbuf)) != 0) {
+            fprintf(ctx->err, "Error: init: --share-recipients %s (nothing was sent)\n", errbuf);
+            return CLI_EXIT_LOCAL;
+        }
+        if (req.n_share_recipients != init_shares) {
+            for (size_t i = 0; i < req.n_share_recipients; i++) {
+                free(req.share_recipients[i]);
+            }
+            free(req.share_recipients);
+            return cli_usage_error(ctx, "--share-recipients has %zu keys for --key-shares %lu",
+                                   req.n_share_recipients, init_shares);
+        }
+    }
     req.key_shares = (uint32_t)init_shares;
     req.key_threshold = (uint32_t)init_threshold;
     rc = cli_rpc(ctx, "init", "Initialize", &req.base, &kmsd__v1__init_response__descriptor, &m,
                  true);
+    for (size_t i = 0; i < req.n_share_recipients; i++) {
+        free(req.share_recipients[i]);
+    }
+    free(req.share_recipients);
     if (rc != 0) {
         return rc;
     }
@@ -243,10 +304,14 @@ static int init_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, ch
 /* ---- unseal ---------------------------------------------------------- */
 
 static bool unseal_reset;
+static const char *unseal_share_key;
 
 static const struct cli_flag unseal_flags[] = {
     {"reset", 0, CLI_FLAG_BOOL, &unseal_reset, NULL, 0, 0, NULL,
      "discard the shares entered so far on this replica (then add SHARE if given)", false},
+    {"share-key", 0, CLI_FLAG_STRING, &unseal_share_key, NULL, 0, 0, "KEY.pem",
+     "the share given is encrypted (init --share-recipients): decrypt it with this "
+     "private key first", false},
     {NULL, 0, 0, NULL, NULL, 0, 0, NULL, NULL, false},
 };
 
@@ -254,11 +319,12 @@ static int unseal_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, 
 {
     Kmsd__V1__UnsealRequest req = KMSD__V1__UNSEAL_REQUEST__INIT;
     ProtobufCMessage *m = NULL;
-    char share[KMS_SHARE_TEXT_MAX * 2];
+    char share[KMS_SHARE_SEAL_MAX_TEXT + 8];
     char *pos[1] = {NULL};
     int npos = 0, rc, len = 0;
 
     unseal_reset = false;
+    unseal_share_key = NULL;
     memset(share, 0, sizeof(share));
     rc = cli_leaf_parse(ctx, cmd, argc, argv, pos, 1, &npos);
     if (npos == 1 && strcmp(pos[0], "-") != 0) {
@@ -289,6 +355,16 @@ static int unseal_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, 
         OPENSSL_cleanse(share, sizeof(share));
         fputs("Error: unseal: no key share given (or longer than a key share)\n", ctx->err);
         return CLI_EXIT_LOCAL;
+    }
+    if (len > 0 && unseal_share_key != NULL) {
+        char errbuf[CLI_ERRBUF];
+        if (cli_share_key_open(unseal_share_key, share, sizeof(share), errbuf,
+                               sizeof(errbuf)) != 0) {
+            fputs("Error: unseal: --share-key ", ctx->err);
+            cli_write_safe(ctx->err, errbuf);
+            fputs(" (nothing was sent)\n", ctx->err);
+            return CLI_EXIT_LOCAL;
+        }
     }
     if (len > 0) {
         /* Catch typos here: nothing is sent for a share that fails its checksum. */
@@ -423,6 +499,7 @@ static int rotate_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, 
 const struct cli_cmd cli_operator_subs[] = {
     {"init", "initialise a new cluster and print its key shares",
      "Usage: kmsctl operator init [--key-shares N] [--key-threshold K]\n"
+     "                            [--share-recipients FILE]\n"
      "\n"
      "Generates the root key, splits it into N key shares of which any K unseal\n"
      "a replica, and stores the first keyring (encrypted under the root key).\n"
@@ -430,7 +507,7 @@ const struct cli_cmd cli_operator_subs[] = {
      "operator. Run once per cluster, against any replica.",
      NULL, init_run, init_flags, false},
     {"unseal", "give a replica one key share",
-     "Usage: kmsctl operator unseal [--reset] [SHARE | -]\n"
+     "Usage: kmsctl operator unseal [--reset] [--share-key KEY.pem] [SHARE | -]\n"
      "\n"
      "Adds one key share to the replica at --endpoint. Without SHARE, prompts for\n"
      "it with hidden input (or reads one line from stdin when it is not a\n"
@@ -465,5 +542,7 @@ const struct cli_cmd cli_operator_subs[] = {
      NULL, NULL, false},
     {"snapshot", "save and inspect online backups", cli_snapshot_usage, cli_snapshot_subs,
      NULL, NULL, false},
+    {"rekey", "replace the key shares (new root key)", cli_rekey_usage, cli_rekey_subs, NULL,
+     NULL, false},
     {NULL, NULL, NULL, NULL, NULL, NULL, false},
 };

@@ -196,4 +196,6 @@ const char cli_retire_term_usage[] =
     "\n"
     "Removes TERM's data key from the replicated keyring, on every replica.\n"
     "Refused while any live record still uses TERM (run 'kmsctl operator\n"
-    "rewrap' first) and for the active term. Cannot be undone: the key is gone.";
+    "rewrap' first) and for the active term. Cannot be undone: the key is gone.\n"
+    "Kubernetes KMS v2 data wrapped under TERM (in etcd) becomes unreadable:\n"
+    "rewrite it under the new key id first (docs/operations.md).";

@@ -16,6 +16,7 @@
 #include <openssl/evp.h>
 
 #include "cli_common.h"
+#include "kms_bytes.h"
 #include "kms_store.h"
 
 #include "kmsd/v1/cluster.pb-c.h"
@@ -38,13 +39,6 @@ static int snap_write_all(int fd, EVP_MD_CTX *md, const void *buf, size_t n)
         n -= (size_t)w;
     }
     return 0;
-}
-
-static void snap_le64(uint8_t *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++) {
-        p[i] = (uint8_t)(v >> (8 * i));
-    }
 }
 
 static int save_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv)
@@ -147,7 +141,7 @@ static int save_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, ch
         m = NULL;
     }
     memcpy(trailer, kms_backup_trailer_magic(), 8);
-    snap_le64(trailer + 8, entries);
+    kms_put_le64(trailer + 8, entries);
     if (snap_write_all(fd, md, trailer, 16) != 0 ||
         EVP_DigestFinal_ex(md, trailer + 16, &ml) != 1 || ml != 32 ||
         write(fd, trailer + 16, 32) != 32 || fsync(fd) != 0 || close(fd) != 0) {

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "frame.h"
+#include "kms_bytes.h"
 #include "kms_err.h"
 
 /* Sections of a frame. */
@@ -82,27 +83,6 @@ static const uint8_t version_max[7] = {
 /* Server roles configurationAdd accepts: RAFT_STANDBY, RAFT_VOTER,
  * RAFT_SPARE. */
 #define ROLE_MAX 2u
-
-uint64_t kms_frame_get64le(const uint8_t *p)
-{
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) {
-        v = (v << 8) | p[i];
-    }
-    return v;
-}
-
-static uint32_t get32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-void kms_frame_put64le(uint8_t *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++) {
-        p[i] = (uint8_t)(v >> (8 * i));
-    }
-}
 
 static int parser_fail(struct kms_frame_parser *p, const char *why)
 {
@@ -183,7 +163,7 @@ static int parser_preamble(struct kms_frame_parser *p)
     const uint8_t *b = p->buf;
     uint8_t type = b[0];
     uint8_t version = b[2];
-    uint64_t len = kms_frame_get64le(b + 8);
+    uint64_t len = kms_get_le64(b + 8);
     uint64_t fixed = 0;
 
     memset(&p->info, 0, sizeof p->info);
@@ -191,7 +171,7 @@ static int parser_preamble(struct kms_frame_parser *p)
     p->info.version = version;
     p->info.header_len = len;
     /* uvEncodeMessage writes bytes 1, 3 and 4..7 as zero. */
-    if (b[1] != 0 || b[3] != 0 || get32(b + 4) != 0) {
+    if (b[1] != 0 || b[3] != 0 || kms_get_le32(b + 4) != 0) {
         return parser_fail(p, "non-zero reserved preamble bytes");
     }
     if (type == KMS_FRAME_STAMP) {
@@ -262,20 +242,20 @@ static int parser_field_done(struct kms_frame_parser *p, enum kms_frame_event *e
     case F_PREAMBLE:
         return parser_preamble(p);
     case F_FIXED:
-        in->term = kms_frame_get64le(b);
+        in->term = kms_get_le64(b);
         if (in->type == KMS_FRAME_STAMP) {
-            in->stamp.sent_us = kms_frame_get64le(b);
-            in->stamp.echo_us = kms_frame_get64le(b + 8);
-            in->stamp.term = kms_frame_get64le(b + 16);
-            in->stamp.flags = kms_frame_get64le(b + 24);
-            in->stamp.lease_rem_us = kms_frame_get64le(b + 32);
-            in->stamp.commit = kms_frame_get64le(b + 40);
+            in->stamp.sent_us = kms_get_le64(b);
+            in->stamp.echo_us = kms_get_le64(b + 8);
+            in->stamp.term = kms_get_le64(b + 16);
+            in->stamp.flags = kms_get_le64(b + 24);
+            in->stamp.lease_rem_us = kms_get_le64(b + 32);
+            in->stamp.commit = kms_get_le64(b + 40);
             in->term = in->stamp.term;
         }
         return parser_header_done(p, ev);
     case F_AE_FIXED:
-        in->term = kms_frame_get64le(b);
-        v = kms_frame_get64le(b + 32);
+        in->term = kms_get_le64(b);
+        v = kms_get_le64(b + 32);
         /* The decoder trusts n and reads 16 bytes per entry from a header of
          * the length the preamble gave: they must agree exactly. */
         if (v != (in->header_len - AE_HEADER_MIN) / AE_ENTRY) {
@@ -291,7 +271,7 @@ static int parser_field_done(struct kms_frame_parser *p, enum kms_frame_event *e
         if (b[8] < ENTRY_TYPE_MIN || b[8] > ENTRY_TYPE_MAX) {
             return parser_fail(p, "AppendEntries entry of unknown type");
         }
-        v = get32(b + 12);
+        v = kms_get_le32(b + 12);
         /* raft sizes the payload as the plain sum of the lengths but then
          * locates each entry at 8-byte padded offsets (uvDecodeEntriesBatch):
          * an unpadded length would make it read past the payload. Every
@@ -313,8 +293,8 @@ static int parser_field_done(struct kms_frame_parser *p, enum kms_frame_event *e
     case F_IS_TAIL:
         return parser_header_done(p, ev);
     case F_IS_FIXED:
-        in->term = kms_frame_get64le(b);
-        v = kms_frame_get64le(b + 32);
+        in->term = kms_get_le64(b);
+        v = kms_get_le64(b + 32);
         if (v != in->header_len - IS_FIXED - IS_TRAILER) {
             return parser_fail(p, "InstallSnapshot configuration length does not match its header");
         }
@@ -329,14 +309,14 @@ static int parser_field_done(struct kms_frame_parser *p, enum kms_frame_event *e
         }
         return parser_expect(p, F_CONF_N, 8, true);
     case F_CONF_N:
-        v = kms_frame_get64le(b);
+        v = kms_get_le64(b);
         if (v == 0 || v > p->conf_left / CONF_SERVER_MIN) {
             return parser_fail(p, "configuration server count invalid");
         }
         p->servers_left = v;
         return parser_next_server(p);
     case F_SRV_ID:
-        if (kms_frame_get64le(b) == 0) {
+        if (kms_get_le64(b) == 0) {
             return parser_fail(p, "configuration server id 0");
         }
         p->field = F_SRV_ADDR;
@@ -356,7 +336,7 @@ static int parser_field_done(struct kms_frame_parser *p, enum kms_frame_event *e
         }
         return parser_expect(p, F_IS_DATA_LEN, 8, false);
     case F_IS_DATA_LEN:
-        v = kms_frame_get64le(b);
+        v = kms_get_le64(b);
         if (v > KMS_FRAME_IS_PAYLOAD_MAX) {
             return parser_fail(p, "InstallSnapshot data too large");
         }
@@ -466,22 +446,22 @@ void kms_frame_stamp_encode(const struct kms_frame_stamp *s, uint8_t out[KMS_FRA
     memset(out, 0, KMS_FRAME_PREAMBLE);
     out[0] = KMS_FRAME_STAMP;
     out[2] = KMS_FRAME_STAMP_VERSION;
-    kms_frame_put64le(out + 8, KMS_FRAME_STAMP_BODY);
-    kms_frame_put64le(out + 16, s->sent_us);
-    kms_frame_put64le(out + 24, s->echo_us);
-    kms_frame_put64le(out + 32, s->term);
-    kms_frame_put64le(out + 40, s->flags);
-    kms_frame_put64le(out + 48, s->lease_rem_us);
-    kms_frame_put64le(out + 56, s->commit);
+    kms_put_le64(out + 8, KMS_FRAME_STAMP_BODY);
+    kms_put_le64(out + 16, s->sent_us);
+    kms_put_le64(out + 24, s->echo_us);
+    kms_put_le64(out + 32, s->term);
+    kms_put_le64(out + 40, s->flags);
+    kms_put_le64(out + 48, s->lease_rem_us);
+    kms_put_le64(out + 56, s->commit);
 }
 
 int kms_preamble_parse(const uint8_t pre[KMS_PREAMBLE_FIXED], uint64_t protocol,
                        size_t addr_max, uint64_t *proto_out, uint64_t *id, size_t *addr_len,
                        const char **why)
 {
-    uint64_t len = kms_frame_get64le(pre + 16);
-    *proto_out = kms_frame_get64le(pre);
-    *id = kms_frame_get64le(pre + 8);
+    uint64_t len = kms_get_le64(pre + 16);
+    *proto_out = kms_get_le64(pre);
+    *id = kms_get_le64(pre + 8);
     *addr_len = 0;
     if (*proto_out != protocol) {
         *why = "unsupported preamble protocol";

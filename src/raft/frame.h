@@ -133,11 +133,6 @@ const char *kms_frame_parser_error(const struct kms_frame_parser *p);
 void kms_frame_stamp_encode(const struct kms_frame_stamp *s,
                             uint8_t out[KMS_FRAME_STAMP_SIZE]);
 
-/* Little-endian 64-bit fields, the byte order of raft's wire format and of
- * the transport's preamble. */
-uint64_t kms_frame_get64le(const uint8_t *p);
-void kms_frame_put64le(uint8_t *p, uint64_t v);
-
 /* The transport's connection preamble, the first bytes a dialling peer
  * sends after TLS: u64le protocol, u64le raft id, u64le address length
  * (a multiple of 8, 8..addr_max), then the address, NUL-padded.

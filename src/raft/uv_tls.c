@@ -54,6 +54,7 @@
 #include <uv.h>
 
 #include "frame.h"
+#include "kms_bytes.h"
 #include "kms_log.h"
 #include "kms_time.h"
 #include "kms_transport.h"
@@ -913,9 +914,9 @@ static void outgoing_established(struct conn *c)
     c->stamps = tt->hooks.stamp_out != NULL && alpn_has_stamps(c->ssl);
     kms_frame_parser_init(&c->parser, false); /* raft never writes stamps */
     memset(pre, 0, sizeof pre);
-    kms_frame_put64le(pre, KMS_TRANSPORT_PROTOCOL);
-    kms_frame_put64le(pre + 8, tt->id);
-    kms_frame_put64le(pre + 16, alen);
+    kms_put_le64(pre, KMS_TRANSPORT_PROTOCOL);
+    kms_put_le64(pre + 8, tt->id);
+    kms_put_le64(pre + 16, alen);
     memcpy(pre + 24, tt->address, strlen(tt->address));
     ERR_clear_error();
     if (SSL_write(c->ssl, pre, (int)len) != (int)len) {

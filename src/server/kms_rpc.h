@@ -249,7 +249,37 @@ int kms_rpc_unary_watch(struct kms_rpc_channel *ch, const char *method_path,
 
 void kms_rpc_channel_destroy(struct kms_rpc_channel *ch);
 
-/* Name of a gRPC status code ("UNAVAILABLE"); never NULL. */
+/* The gRPC status codes, once: {code, NAME, CamelName, description}.
+ * NAME is what logs and metrics print ("UNAVAILABLE"), CamelName what
+ * kmsctl prints (grpc-go's spelling, "Unavailable"), the description a
+ * lower-case phrase for error messages. */
+#define KMS_RPC_STATUS_TABLE(X)                                               \
+    X(0, "OK", "OK", "ok")                                                    \
+    X(1, "CANCELLED", "Canceled", "call cancelled")                           \
+    X(2, "UNKNOWN", "Unknown", "unknown error")                               \
+    X(3, "INVALID_ARGUMENT", "InvalidArgument", "invalid argument")           \
+    X(4, "DEADLINE_EXCEEDED", "DeadlineExceeded", "deadline exceeded")        \
+    X(5, "NOT_FOUND", "NotFound", "not found")                                \
+    X(6, "ALREADY_EXISTS", "AlreadyExists", "already exists")                 \
+    X(7, "PERMISSION_DENIED", "PermissionDenied", "permission denied")        \
+    X(8, "RESOURCE_EXHAUSTED", "ResourceExhausted", "resource exhausted")     \
+    X(9, "FAILED_PRECONDITION", "FailedPrecondition", "failed precondition")  \
+    X(10, "ABORTED", "Aborted", "aborted")                                    \
+    X(11, "OUT_OF_RANGE", "OutOfRange", "out of range")                       \
+    X(12, "UNIMPLEMENTED", "Unimplemented", "not implemented by this server") \
+    X(13, "INTERNAL", "Internal", "internal error")                           \
+    X(14, "UNAVAILABLE", "Unavailable", "unavailable")                        \
+    X(15, "DATA_LOSS", "DataLoss", "data loss")                               \
+    X(16, "UNAUTHENTICATED", "Unauthenticated", "not authenticated")
+
+/* Name of a gRPC status code ("UNAVAILABLE"); "UNKNOWN_STATUS" for a code
+ * outside the table. Never NULL; any thread. */
 const char *kms_rpc_status_name(int grpc_status);
+
+/* kmsctl's spelling ("Unavailable"); "Unknown" outside the table. */
+const char *kms_rpc_status_camel(int grpc_status);
+
+/* Description ("unavailable"); NULL outside the table. */
+const char *kms_rpc_status_desc(int grpc_status);
 
 #endif /* KMS_RPC_H */

@@ -397,29 +397,29 @@ int kms_rpc_unary_watch(struct kms_rpc_channel *ch, const char *method_path,
     return rc;
 }
 
+#define KMS_RPC_STATUS_NAME(c, name, camel, desc) [c] = name,
+#define KMS_RPC_STATUS_CAMEL(c, name, camel, desc) [c] = camel,
+#define KMS_RPC_STATUS_DESC(c, name, camel, desc) [c] = desc,
+static const char *const status_names[] = {KMS_RPC_STATUS_TABLE(KMS_RPC_STATUS_NAME)};
+static const char *const status_camel[] = {KMS_RPC_STATUS_TABLE(KMS_RPC_STATUS_CAMEL)};
+static const char *const status_desc[] = {KMS_RPC_STATUS_TABLE(KMS_RPC_STATUS_DESC)};
+
+static bool status_known(int s)
+{
+    return s >= 0 && (size_t)s < sizeof(status_names) / sizeof(status_names[0]);
+}
+
 const char *kms_rpc_status_name(int s)
 {
-    static const char *const names[] = {
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    };
-    if (s >= 0 && (size_t)s < sizeof(names) / sizeof(names[0])) {
-        return names[s];
-    }
-    return "UNKNOWN_STATUS";
+    return status_known(s) ? status_names[s] : "UNKNOWN_STATUS";
+}
+
+const char *kms_rpc_status_camel(int s)
+{
+    return status_known(s) ? status_camel[s] : "Unknown";
+}
+
+const char *kms_rpc_status_desc(int s)
+{
+    return status_known(s) ? status_desc[s] : NULL;
 }

@@ -1014,11 +1014,15 @@ int kms_rpc_server_start(struct kms_rpc_server *srv, struct kms_err *err)
                            "cannot listen on %s (address in use, not local, or invalid%s)",
                            srv->listen, srv->mode != KMS_RPC_INSECURE ? ", or TLS material unusable" : "");
     }
-    /* Caps apply from the first accept (grpc_server_start arms it). */
-    if ((rc = kms_connlimit_register(srv->port, &srv->conn_limit, err)) != 0) {
-        return kms_err_wrap(err, rc, "rpc server %s", srv->listen);
+    /* Caps apply from the first accept (grpc_server_start arms it). A unix
+     * socket ("unix:PATH", kmsd-k8s-plugin) has no TCP port to filter: its
+     * access control is the socket file's mode. */
+    if (strncmp(srv->listen, "unix:", 5) != 0) {
+        if ((rc = kms_connlimit_register(srv->port, &srv->conn_limit, err)) != 0) {
+            return kms_err_wrap(err, rc, "rpc server %s", srv->listen);
+        }
+        srv->limit_registered = true;
     }
-    srv->limit_registered = true;
     grpc_server_start(srv->server);
     pthread_mutex_lock(&srv->mu);
     srv->state = ST_RUNNING;

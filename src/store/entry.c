@@ -6,25 +6,13 @@
 #include <raft.h>
 
 #include "kms_store.h"
+#include "kms_bytes.h"
 
 #include <string.h>
 
 static size_t pad8(size_t n)
 {
     return (n + 7u) & ~(size_t)7u;
-}
-
-static void put_le32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-    p[2] = (uint8_t)(v >> 16);
-    p[3] = (uint8_t)(v >> 24);
-}
-
-static uint32_t get_le32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
 /* True when the op case is one this software knows. */
@@ -41,6 +29,7 @@ static int op_known(Kmsd__V1__Entry__OpCase c)
     case KMSD__V1__ENTRY__OP_REWRAP_BATCH:
     case KMSD__V1__ENTRY__OP_RETIRE_TERM:
     case KMSD__V1__ENTRY__OP_NOOP:
+    case KMSD__V1__ENTRY__OP_REKEY_KEYRING:
         return 1;
     default:
         return 0;
@@ -88,7 +77,7 @@ int kms_entry_encode(const Kmsd__V1__Entry *e, struct raft_buffer *out, struct k
     p[1] = 'E';
     p[2] = KMS_ENTRY_FRAME_VERSION;
     p[3] = 0;
-    put_le32(p + 4, (uint32_t)n);
+    kms_put_le32(p + 4, (uint32_t)n);
     if (kmsd__v1__entry__pack(e, p + KMS_ENTRY_HEADER_LEN) != n) {
         raft_free(p);
         rc = kms_err_set(err, KMS_EINVAL, "encode entry: packed size mismatch");
@@ -148,7 +137,7 @@ int kms_entry_decode(const void *buf, size_t len, Kmsd__V1__Entry **out, struct 
         rc = kms_err_set(err, KMS_ECORRUPT, "bad entry frame: reserved byte %u", p[3]);
         goto out;
     }
-    n = get_le32(p + 4);
+    n = kms_get_le32(p + 4);
     if (n > KMS_ENTRY_MAX_PAYLOAD || len % 8 != 0 || len != KMS_ENTRY_HEADER_LEN + pad8(n)) {
         rc = kms_err_set(err, KMS_ECORRUPT,
                          "bad entry frame: payload length %zu does not match frame length %zu", n,

@@ -7,6 +7,7 @@
  * backup body is a valid kms_store_snapshot() body.
  */
 #include "store_internal.h"
+#include "kms_bytes.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,13 +25,6 @@ struct kms_store_export {
 static size_t export_pad8(size_t n)
 {
     return (n + 7u) & ~(size_t)7u;
-}
-
-static void export_le32(uint8_t *p, uint32_t v)
-{
-    for (int i = 0; i < 4; i++) {
-        p[i] = (uint8_t)(v >> (8 * i));
-    }
 }
 
 int kms_store_export_open(struct kms_store *s, struct kms_store_export **out,
@@ -71,7 +65,7 @@ int kms_store_export_open(struct kms_store *s, struct kms_store_export **out,
         goto out;
     }
     if (v != NULL && vlen == 8) {
-        x->applied = ks_get_be64((const uint8_t *)v);
+        x->applied = kms_get_be64((const uint8_t *)v);
     }
     free(v);
     x->it = rocksdb_create_iterator(s->db, x->ro);
@@ -119,8 +113,8 @@ int kms_store_export_next(struct kms_store_export *x, uint8_t *buf, size_t cap, 
             }
             return 0; /* this entry starts the next chunk */
         }
-        export_le32(buf + *used, (uint32_t)klen);
-        export_le32(buf + *used + 4, (uint32_t)vlen);
+        kms_put_le32(buf + *used, (uint32_t)klen);
+        kms_put_le32(buf + *used + 4, (uint32_t)vlen);
         memcpy(buf + *used + 8, k, klen);
         memcpy(buf + *used + 8 + klen, v, vlen);
         memset(buf + *used + 8 + klen + vlen, 0, need - (8 + klen + vlen));

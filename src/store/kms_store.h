@@ -107,6 +107,18 @@ void kms_store_result_free(struct kms_store_result *r);
 int kms_store_apply(struct kms_store *s, uint64_t index, const void *buf, size_t len,
                     struct kms_store_result **result, struct kms_err *err);
 
+/* Rekey (entry RekeyKeyring, docs/security.md "Rekey"): applying it replaces
+ * the keyring (same cluster id and active term, new share count and
+ * threshold) and sets result->shred, like a revocation, so the entry, which
+ * carries the new root key wrapped under the old one, leaves the raft log
+ * and snapshots within seconds; a replayed one sets result->shred too. The
+ * wrapped root key is kept only in memory, for this process's daemon to
+ * switch root keys while unsealed: kms_store_rekey_wrap_take copies out the
+ * latest one (*len = 0 when there is none) and wipes it; *index receives the
+ * raft index it came with. Any thread. */
+void kms_store_rekey_wrap_take(struct kms_store *s, uint8_t *out, size_t cap, size_t *len,
+                               uint64_t *index);
+
 /* Revocation shreds (docs/security.md "Revocation"): applying RevokeKey or
  * RevokeNode rewrites each record without its nonce and ciphertext (key id,
  * node uuid, term, timestamps and revoked_at stay for audit) and sets

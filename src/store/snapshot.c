@@ -16,6 +16,7 @@
  * the body: the header carries the index and restore recounts the records.
  */
 #include "store_internal.h"
+#include "kms_bytes.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -38,38 +39,6 @@ int ks_apply_into(struct kms_store *s, uint64_t index, const void *buf, size_t l
 static size_t pad8(size_t n)
 {
     return (n + 7u) & ~(size_t)7u;
-}
-
-static void put_le32(uint8_t *p, uint32_t v)
-{
-    for (int i = 0; i < 4; i++) {
-        p[i] = (uint8_t)(v >> (8 * i));
-    }
-}
-
-static void put_le64(uint8_t *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++) {
-        p[i] = (uint8_t)(v >> (8 * i));
-    }
-}
-
-static uint32_t get_le32(const uint8_t *p)
-{
-    uint32_t v = 0;
-    for (int i = 3; i >= 0; i--) {
-        v = v << 8 | p[i];
-    }
-    return v;
-}
-
-static uint64_t get_le64(const uint8_t *p)
-{
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) {
-        v = v << 8 | p[i];
-    }
-    return v;
 }
 
 static bool is_meta_key(const char *k, size_t klen)
@@ -142,8 +111,8 @@ static int snapw_add(struct snapw *w, const char *k, size_t klen, const char *v,
     }
     p = (uint8_t *)w->bufs[w->n - 1].base + w->used;
     memset(p, 0, need);
-    put_le32(p, (uint32_t)klen);
-    put_le32(p + 4, (uint32_t)vlen);
+    kms_put_le32(p, (uint32_t)klen);
+    kms_put_le32(p + 4, (uint32_t)vlen);
     memcpy(p + 8, k, klen);
     memcpy(p + 8 + klen, v, vlen);
     if (EVP_DigestUpdate(w->md, p, need) != 1) {
@@ -210,7 +179,7 @@ static int snapshot_from(struct kms_store *s, const rocksdb_snapshot_t *snap, ui
         const char *v = rocksdb_iter_value(it, &vlen);
         if (is_meta_key(k, klen)) {
             if (klen == strlen(KS_K_APPLIED) && memcmp(k, KS_K_APPLIED, klen) == 0 && vlen == 8) {
-                state_index = ks_get_be64((const uint8_t *)v);
+                state_index = kms_get_be64((const uint8_t *)v);
             } else if (klen == strlen(KS_K_RESTORING) && memcmp(k, KS_K_RESTORING, klen) == 0) {
                 rc = kms_err_set(err, KMS_EBUSY, "snapshot of %s: a restore is half-way", s->path);
                 goto out;
@@ -235,10 +204,10 @@ static int snapshot_from(struct kms_store *s, const rocksdb_snapshot_t *snap, ui
     h[0] = 'K';
     h[1] = 'S';
     h[2] = SNAP_VERSION;
-    put_le64(h + 8, raft_index != 0 ? raft_index : state_index);
-    put_le64(h + 16, state_index);
-    put_le64(h + 24, w.entries);
-    put_le64(h + 32, w.body_len);
+    kms_put_le64(h + 8, raft_index != 0 ? raft_index : state_index);
+    kms_put_le64(h + 16, state_index);
+    kms_put_le64(h + 24, w.entries);
+    kms_put_le64(h + 32, w.body_len);
     if (EVP_DigestFinal_ex(w.md, h + 40, &dl) != 1 || dl != 32) {
         rc = kms_err_set(err, KMS_ECRYPTO, "snapshot: SHA-256 failed");
         goto out;
@@ -290,10 +259,10 @@ static int snap_check(const uint8_t *p, size_t len, bool header_only, struct sna
             return kms_err_set(err, KMS_ECORRUPT, "snapshot: reserved header bytes set");
         }
     }
-    h->raft_index = get_le64(p + 8);
-    h->state_index = get_le64(p + 16);
-    h->entries = get_le64(p + 24);
-    h->body_len = get_le64(p + 32);
+    h->raft_index = kms_get_le64(p + 8);
+    h->state_index = kms_get_le64(p + 16);
+    h->entries = kms_get_le64(p + 24);
+    h->body_len = kms_get_le64(p + 32);
     if (h->body_len != len - SNAP_HDR_LEN) {
         return kms_err_set(err, KMS_ECORRUPT, "snapshot: body is %zu bytes, header says %" PRIu64,
                            len - SNAP_HDR_LEN, h->body_len);
@@ -313,8 +282,8 @@ static int snap_check(const uint8_t *p, size_t len, bool header_only, struct sna
         if (len - off < 8) {
             return kms_err_set(err, KMS_ECORRUPT, "snapshot: truncated entry %" PRIu64, n);
         }
-        klen = get_le32(p + off);
-        vlen = get_le32(p + off + 4);
+        klen = kms_get_le32(p + off);
+        vlen = kms_get_le32(p + off + 4);
         if (klen == 0 || pad8(klen + vlen) > len - off - 8) {
             return kms_err_set(err, KMS_ECORRUPT, "snapshot: bad entry %" PRIu64, n);
         }
@@ -379,7 +348,7 @@ int kms_store_restore(struct kms_store *s, const void *buf, size_t len, bool *sk
     atomic_store(&s->restoring, true);
     atomic_store(&s->applied, 0);
     wb = rocksdb_writebatch_create();
-    ks_put_be64(v8, h.state_index);
+    kms_put_be64(v8, h.state_index);
     rocksdb_writebatch_put(wb, KS_K_RESTORING, strlen(KS_K_RESTORING), (const char *)v8, 8);
     rocksdb_writebatch_delete_range(wb, "", 0, "X", 1);
     rocksdb_writebatch_delete_range(wb, "Y", 1, "\xff\xff\xff\xff\xff\xff\xff\xff", 8);
@@ -389,7 +358,7 @@ int kms_store_restore(struct kms_store *s, const void *buf, size_t len, bool *sk
     }
     rocksdb_writebatch_clear(wb);
     for (off = SNAP_HDR_LEN; off < len;) {
-        size_t klen = get_le32(p + off), vlen = get_le32(p + off + 4);
+        size_t klen = kms_get_le32(p + off), vlen = kms_get_le32(p + off + 4);
         const char *k = (const char *)p + off + 8;
         off += 8 + pad8(klen + vlen);
         if (is_meta_key(k, klen)) {
@@ -408,9 +377,9 @@ int kms_store_restore(struct kms_store *s, const void *buf, size_t len, bool *sk
             batch_bytes = 0;
         }
     }
-    ks_put_be64(v8, records);
+    kms_put_be64(v8, records);
     rocksdb_writebatch_put(wb, KS_K_COUNT, strlen(KS_K_COUNT), (const char *)v8, 8);
-    ks_put_be64(v8, h.state_index);
+    kms_put_be64(v8, h.state_index);
     rocksdb_writebatch_put(wb, KS_K_APPLIED, strlen(KS_K_APPLIED), (const char *)v8, 8);
     rocksdb_writebatch_delete(wb, KS_K_RESTORING, strlen(KS_K_RESTORING));
     if ((rc = ks_write(s, wb, "restore (commit)", err)) != 0) {

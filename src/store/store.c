@@ -3,6 +3,7 @@
  * Snapshots, restore and the raft_fsm glue are in snapshot.c.
  */
 #include "store_internal.h"
+#include "kms_bytes.h"
 
 #include <inttypes.h>
 #include <stdarg.h>
@@ -20,23 +21,6 @@
 #define REWRAP_MAX 1024
 
 /* ---- small helpers ------------------------------------------------------ */
-
-void ks_put_be64(uint8_t *p, uint64_t v)
-{
-    for (int i = 7; i >= 0; i--) {
-        p[i] = (uint8_t)v;
-        v >>= 8;
-    }
-}
-
-uint64_t ks_get_be64(const uint8_t *p)
-{
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++) {
-        v = v << 8 | p[i];
-    }
-    return v;
-}
 
 static void hex16(const uint8_t *id, char out[33])
 {
@@ -130,7 +114,7 @@ static int get_u64(struct kms_store *s, const char *key, uint64_t *v, bool *foun
                          key, vlen);
         goto out;
     }
-    *v = ks_get_be64((const uint8_t *)val);
+    *v = kms_get_be64((const uint8_t *)val);
     *found = true;
 out:
     free(val);
@@ -193,6 +177,8 @@ static void store_free(struct kms_store *s)
     if (s->ropts != NULL) {
         rocksdb_readoptions_destroy(s->ropts);
     }
+    OPENSSL_cleanse(s->rekey_wrap, sizeof(s->rekey_wrap));
+    pthread_mutex_destroy(&s->rekey_mu);
     pthread_mutex_destroy(&s->fatal_mu);
     free(s->path);
     free(s);
@@ -216,6 +202,7 @@ int kms_store_open(const char *dir, struct kms_store **out, struct kms_err *err)
         return kms_err_set(err, KMS_ENOMEM, "store open %s: out of memory", dir);
     }
     pthread_mutex_init(&s->fatal_mu, NULL);
+    pthread_mutex_init(&s->rekey_mu, NULL);
     atomic_init(&s->applied, 0);
     atomic_init(&s->count, 0);
     atomic_init(&s->restoring, false);
@@ -340,6 +327,7 @@ struct apply_ctx {
     uint64_t index;
     int64_t count_delta;
     struct kms_err *err;
+    const ProtobufCBinaryData *rekey_wrap; /* published once the batch is written */
 };
 
 static void result(struct apply_ctx *c, int code, uint64_t count, const char *fmt, ...)
@@ -649,10 +637,95 @@ out:
     return rc;
 }
 
+/* Rekey: the same keyring under a new root key (kms_store.h). The store
+ * cannot decrypt either keyring; it checks what it can see: the cluster id,
+ * the active term (a rekey never changes terms, so a rotation committed in
+ * between makes a stale rekey fail here), the share parameters, the wrap's
+ * size. */
+static int op_rekey_keyring(struct apply_ctx *c, const Kmsd__V1__RekeyKeyring *op)
+{
+    const Kmsd__V1__EncryptedKeyring *nk = op->keyring;
+    Kmsd__V1__EncryptedKeyring *old = NULL;
+    char *val = NULL;
+    size_t vlen = 0;
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    int rc;
+
+    /* Whatever the outcome, the entry holds a wrapped root key: shred it. */
+    c->res->shred = true;
+    if (nk == NULL || nk->cluster_id.len == 0 || nk->ciphertext.len == 0 ||
+        op->wrapped_root.len == 0 || op->wrapped_root.len > KS_REKEY_WRAP_MAX) {
+        result(c, KMS_EINVAL, 0, "rekey: missing keyring or wrapped root key");
+        return 0;
+    }
+    if (nk->threshold < 2 || nk->share_count < nk->threshold || nk->share_count > 255) {
+        result(c, KMS_EINVAL, 0, "rekey: %u shares with threshold %u",
+               (unsigned)nk->share_count, (unsigned)nk->threshold);
+        return 0;
+    }
+    rc = db_get(c->s, NULL, KS_K_KEYRING, strlen(KS_K_KEYRING), &val, &vlen, c->err);
+    if (rc == KMS_ENOTFOUND) {
+        result(c, KMS_EUNINIT, 0, "cluster not initialised: nothing to rekey");
+        rc = 0;
+        goto out;
+    }
+    if (rc != 0) {
+        goto out;
+    }
+    old = kmsd__v1__encrypted_keyring__unpack(NULL, vlen, (const uint8_t *)val);
+    if (old == NULL) {
+        rc = kms_err_set(c->err, KMS_ECORRUPT, "store %s: stored keyring does not parse",
+                         c->s->path);
+        goto out;
+    }
+    if (old->cluster_id.len != nk->cluster_id.len ||
+        memcmp(old->cluster_id.data, nk->cluster_id.data, nk->cluster_id.len) != 0) {
+        result(c, KMS_EINVAL, 0, "rekey: keyring belongs to another cluster");
+        goto out;
+    }
+    if (nk->active_term != old->active_term) {
+        result(c, KMS_ERANGE, 0, "rekey: active term %u differs from the current %u (stale "
+               "rekey: the keyring changed meanwhile)",
+               (unsigned)nk->active_term, (unsigned)old->active_term);
+        goto out;
+    }
+    if ((rc = pack_msg(&nk->base, &buf, &len, c->err)) != 0) {
+        goto out;
+    }
+    rocksdb_writebatch_put(c->wb, KS_K_KEYRING, strlen(KS_K_KEYRING), (const char *)buf, len);
+    c->rekey_wrap = &op->wrapped_root;
+    result(c, 0, 1, "keyring rekeyed: %u shares, threshold %u", (unsigned)nk->share_count,
+           (unsigned)nk->threshold);
+out:
+    free(val);
+    free(buf);
+    if (old != NULL) {
+        kmsd__v1__encrypted_keyring__free_unpacked(old, NULL);
+    }
+    return rc;
+}
+
+void kms_store_rekey_wrap_take(struct kms_store *s, uint8_t *out, size_t cap, size_t *len,
+                               uint64_t *index)
+{
+    *len = 0;
+    *index = 0;
+    pthread_mutex_lock(&s->rekey_mu);
+    if (s->rekey_wrap_len > 0 && s->rekey_wrap_len <= cap) {
+        memcpy(out, s->rekey_wrap, s->rekey_wrap_len);
+        *len = s->rekey_wrap_len;
+        *index = s->rekey_index;
+    }
+    OPENSSL_cleanse(s->rekey_wrap, sizeof(s->rekey_wrap));
+    s->rekey_wrap_len = 0;
+    pthread_mutex_unlock(&s->rekey_mu);
+}
+
 static void member_key(uint8_t k[9], uint64_t id)
 {
     k[0] = KS_P_MEMBER;
-    ks_put_be64(k + 1, id);
+    kms_put_be64(k + 1, id);
 }
 
 static int op_put_member(struct apply_ctx *c, const Kmsd__V1__PutMember *op)
@@ -980,7 +1053,8 @@ static int apply_entry(struct kms_store *s, uint64_t index, const void *buf, siz
          * compacts and snapshots again. */
         if (kms_entry_decode(buf, len, &e, NULL) == 0) {
             res->shred = e->op_case == KMSD__V1__ENTRY__OP_REVOKE_KEY ||
-                         e->op_case == KMSD__V1__ENTRY__OP_REVOKE_NODE;
+                         e->op_case == KMSD__V1__ENTRY__OP_REVOKE_NODE ||
+                         e->op_case == KMSD__V1__ENTRY__OP_REKEY_KEYRING;
             kmsd__v1__entry__free_unpacked(e, NULL);
             e = NULL;
         }
@@ -1032,6 +1106,9 @@ static int apply_entry(struct kms_store *s, uint64_t index, const void *buf, siz
     case KMSD__V1__ENTRY__OP_NOOP:
         result(&c, 0, 0, "noop");
         break;
+    case KMSD__V1__ENTRY__OP_REKEY_KEYRING:
+        rc = op_rekey_keyring(&c, e->rekey_keyring);
+        break;
     default:
         rc = kms_err_set(err, KMS_ECORRUPT, "unknown op (case %d)", (int)e->op_case);
         break;
@@ -1041,19 +1118,27 @@ static int apply_entry(struct kms_store *s, uint64_t index, const void *buf, siz
     }
     if (c.count_delta != 0) {
         count += (uint64_t)c.count_delta;
-        ks_put_be64(cb, count);
+        kms_put_be64(cb, count);
         rocksdb_writebatch_put(c.wb, KS_K_COUNT, strlen(KS_K_COUNT), (const char *)cb, 8);
     }
     /* The applied index goes in the same batch as the state change: after a
      * crash RocksDB recovers a prefix of batches, so the stored index always
      * describes exactly the stored state. */
-    ks_put_be64(ab, index);
+    kms_put_be64(ab, index);
     rocksdb_writebatch_put(c.wb, KS_K_APPLIED, strlen(KS_K_APPLIED), (const char *)ab, 8);
     if ((rc = ks_write(s, c.wb, "write", err)) != 0) {
         goto out;
     }
     atomic_store(&s->count, count);
     atomic_store(&s->applied, index);
+    if (c.rekey_wrap != NULL) {
+        /* After the write: whoever takes the wrap reads the new keyring. */
+        pthread_mutex_lock(&s->rekey_mu);
+        memcpy(s->rekey_wrap, c.rekey_wrap->data, c.rekey_wrap->len);
+        s->rekey_wrap_len = c.rekey_wrap->len;
+        s->rekey_index = index;
+        pthread_mutex_unlock(&s->rekey_mu);
+    }
 out:
     if (c.wb != NULL) {
         rocksdb_writebatch_destroy(c.wb);
@@ -1132,6 +1217,10 @@ int kms_store_shred_compact(struct kms_store *s, struct kms_err *err)
     rocksdb_compactoptions_set_exclusive_manual_compaction(co, 0);
     rocksdb_compactoptions_set_bottommost_level_compaction(co, 2 /* kForce */);
     rocksdb_compact_range_opt(s->db, co, start, sizeof(start), limit, sizeof(limit));
+    /* And the keyring key: after a rekey, its older value is the keyring
+     * under the old root key (docs/security.md "Rekey"). */
+    rocksdb_compact_range_opt(s->db, co, KS_K_KEYRING, strlen(KS_K_KEYRING), KS_K_KEYRING "\x01",
+                              strlen(KS_K_KEYRING) + 1);
 out:
     if (fo != NULL) {
         rocksdb_flushoptions_destroy(fo);
@@ -1416,10 +1505,10 @@ out:
 static void digest_item(EVP_MD_CTX *md, const char *k, size_t klen, const char *v, size_t vlen)
 {
     uint8_t h[8];
-    ks_put_be64(h, klen);
+    kms_put_be64(h, klen);
     EVP_DigestUpdate(md, h, 8);
     EVP_DigestUpdate(md, k, klen);
-    ks_put_be64(h, vlen);
+    kms_put_be64(h, vlen);
     EVP_DigestUpdate(md, h, 8);
     EVP_DigestUpdate(md, v, vlen);
 }

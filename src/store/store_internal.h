@@ -11,17 +11,12 @@
 #include <raft.h> /* raft_buffer, raft_malloc: buffers handed to or from raft */
 #include <rocksdb/c.h>
 
+#include "kms_bytes.h"
 #include "kms_store.h"
+#include "store_keys.h"
 
-/* Key prefixes and fixed keys (see kms_store.h). */
-#define KS_P_RECORD 'R'
-#define KS_P_UUID 'U'
-#define KS_P_MEMBER 'M'
-#define KS_P_META 'X'
-#define KS_K_KEYRING "Kkeyring"
-#define KS_K_APPLIED "Xapplied"
-#define KS_K_COUNT "Xcount"
-#define KS_K_RESTORING "Xrestoring"
+#define KS_REKEY_WRAP_MAX 64 /* RekeyKeyring.wrapped_root: 60 bytes today */
+
 
 struct kms_store {
     rocksdb_t *db;
@@ -44,13 +39,17 @@ struct kms_store {
     const rocksdb_snapshot_t *snap_pending;
     uint64_t snap_pending_index;
 
+    /* The wrapped root key of the latest applied RekeyKeyring (memory only,
+     * never written to RocksDB; kms_store_rekey_wrap_take). */
+    pthread_mutex_t rekey_mu;
+    uint8_t rekey_wrap[KS_REKEY_WRAP_MAX];
+    size_t rekey_wrap_len;
+    uint64_t rekey_index;
+
     /* Sticky fatal error; written by the raft thread, read by anyone. */
     pthread_mutex_t fatal_mu;
     struct kms_err fatal;
 };
-
-void ks_put_be64(uint8_t *p, uint64_t v);
-uint64_t ks_get_be64(const uint8_t *p);
 
 /* Records a sticky fatal error (code, message from err) and logs it. */
 int ks_set_fatal(struct kms_store *s, int code, struct kms_err *err);

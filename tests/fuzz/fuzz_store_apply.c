@@ -105,7 +105,10 @@ static void write_seeds(const char *dir)
     Kmsd__V1__Touch t = KMSD__V1__TOUCH__INIT, *tp = &t;
     Kmsd__V1__TouchBatch tb = KMSD__V1__TOUCH_BATCH__INIT;
     Kmsd__V1__Noop noop = KMSD__V1__NOOP__INIT;
+    Kmsd__V1__RekeyKeyring rkk = KMSD__V1__REKEY_KEYRING__INIT;
+    uint8_t wrap[60];
 
+    memset(wrap, 0x5c, sizeof(wrap));
     e.version = 1;
     rec.version = 1;
     rec.key_id.data = key_id;
@@ -171,6 +174,14 @@ static void write_seeds(const char *dir)
     e.op_case = KMSD__V1__ENTRY__OP_NOOP;
     e.noop = &noop;
     write_seed(dir, "noop", &e);
+    ek.share_count = 4;
+    ek.threshold = 2;
+    rkk.keyring = &ek;
+    rkk.wrapped_root.data = wrap;
+    rkk.wrapped_root.len = sizeof(wrap);
+    e.op_case = KMSD__V1__ENTRY__OP_REKEY_KEYRING;
+    e.rekey_keyring = &rkk;
+    write_seed(dir, "rekey", &e);
 }
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)

@@ -28,9 +28,9 @@ def harness_path():
 
 
 def skip(msg):
-    """ctest treats exit 77 as skipped only with SKIP_RETURN_CODE; print and pass."""
+    """Exit 77: ctest reports the test as skipped (SKIP_RETURN_CODE)."""
     print("SKIP: " + msg)
-    sys.exit(0)
+    sys.exit(77)
 
 
 def log(msg):
@@ -189,7 +189,7 @@ class Cluster:
     def __init__(self, name, base_port, n, election_ms=1000, heartbeat_ms=100,
                  snapshot_threshold=0, snapshot_trailing=0, keep=False):
         if not os.path.exists(harness_path()):
-            skip("harness not built: " + harness_path())
+            raise RuntimeError("harness not built: " + harness_path())
         self.workdir = tempfile.mkdtemp(prefix="kms-%s-" % name)
         self.election_ms = election_ms
         self.heartbeat_ms = heartbeat_ms

@@ -8,8 +8,8 @@ set -euo pipefail
 B=${KMS_BUILD_DIR:?KMS_BUILD_DIR}
 SRV=$B/tests/unit/test_rpc
 TC=$B/tests/integration/talosclient/talosclient
-[ -x "$SRV" ] || { echo "SKIP: $SRV not built"; exit 0; }
-[ -x "$TC" ] || { echo "SKIP: $TC not built"; exit 0; }
+[ -x "$SRV" ] || { echo "$SRV not built" >&2; exit 1; }
+[ -x "$TC" ] || { echo "$TC not built" >&2; exit 1; }
 
 dir=$(mktemp -d /tmp/kms-smoke-XXXXXX)
 pids=()

@@ -168,8 +168,10 @@ static void test_method_table(void **state)
         "/kmsd.v1.Operator/Initialize",    "/kmsd.v1.Operator/Rotate",
         "/kmsd.v1.Operator/KeysRevoke",    "/kmsd.v1.Operator/MembersAdd",
         "/kmsd.v1.Operator/MembersRemove", "/kmsd.v1.Operator/StepDown",
-        "/kmsd.v1.Operator/TransferLeader", "/kmsd.v1.Operator/Rewrap",
-        "/kmsd.v1.Operator/RetireTerm",
+        "/kmsd.v1.Operator/TransferLeader",
+        "/kmsd.v1.Operator/RekeyInit",     "/kmsd.v1.Operator/RekeyStatus",
+        "/kmsd.v1.Operator/RekeyUpdate",   "/kmsd.v1.Operator/RekeyCancel",
+        "/kmsd.v1.Operator/Rewrap",        "/kmsd.v1.Operator/RetireTerm",
     };
     static const char *const local[] = {
         "/kmsd.v1.Operator/Status",      "/kmsd.v1.Operator/Unseal",
@@ -178,19 +180,32 @@ static void test_method_table(void **state)
         "/kmsd.v1.Operator/SnapshotBegin", "/kmsd.v1.Operator/SnapshotChunk",
         "/kmsd.v1.Operator/SnapshotEnd",
     };
+    static const char *const k8s[] = {
+        "/kmsd.v1.KubernetesKms/Status", "/kmsd.v1.KubernetesKms/Encrypt",
+        "/kmsd.v1.KubernetesKms/Decrypt",
+    };
     size_t n = 0;
     const struct kmsd_method_policy *t = kmsd_authz_methods(&n);
     const struct kmsd_method_policy *fwd;
-    unsigned node_rows = 0;
+    unsigned node_rows = 0, k8s_rows = 0;
     (void)state;
 
     assert_int_equal(n, 1 + sizeof(writes) / sizeof(writes[0]) +
-                            sizeof(local) / sizeof(local[0]));
+                            sizeof(local) / sizeof(local[0]) + sizeof(k8s) / sizeof(k8s[0]));
     assert_true(n <= KMSD_OP_METHODS);
     for (size_t i = 0; i < n; i++) {
-        unsigned auth = t[i].flags & (KMSD_AUTH_NODE | KMSD_AUTH_OPERATOR);
+        unsigned auth = t[i].flags & (KMSD_AUTH_NODE | KMSD_AUTH_OPERATOR | KMSD_AUTH_K8S);
         /* exactly one identity per method */
-        assert_true(auth == KMSD_AUTH_NODE || auth == KMSD_AUTH_OPERATOR);
+        assert_true(auth == KMSD_AUTH_NODE || auth == KMSD_AUTH_OPERATOR ||
+                    auth == KMSD_AUTH_K8S);
+        if (auth == KMSD_AUTH_K8S) {
+            /* the plugin role reaches its own service only, and nothing else does */
+            assert_int_equal(strncmp(t[i].path, "/kmsd.v1.KubernetesKms/", 23), 0);
+            assert_int_equal(t[i].flags, KMSD_AUTH_K8S);
+            k8s_rows++;
+        } else {
+            assert_int_not_equal(strncmp(t[i].path, "/kmsd.v1.KubernetesKms/", 23), 0);
+        }
         for (size_t j = i + 1; j < n; j++) {
             assert_string_not_equal(t[i].path, t[j].path);
         }
@@ -205,6 +220,10 @@ static void test_method_table(void **state)
     }
     /* a node certificate reaches one method only: Forward */
     assert_int_equal(node_rows, 1);
+    assert_int_equal(k8s_rows, sizeof(k8s) / sizeof(k8s[0]));
+    for (size_t i = 0; i < sizeof(k8s) / sizeof(k8s[0]); i++) {
+        assert_non_null(kmsd_authz_method(k8s[i]));
+    }
     fwd = kmsd_authz_method("/kmsd.v1.Cluster/Forward");
     assert_non_null(fwd);
     assert_int_equal(fwd->flags, KMSD_AUTH_NODE);
@@ -224,6 +243,23 @@ static void test_method_table(void **state)
     assert_null(kmsd_authz_method("/kmsd.v1.Operator/Status/"));
     assert_null(kmsd_authz_method(""));
     assert_null(kmsd_authz_method(NULL));
+}
+
+static void test_k8s_cn(void **state)
+{
+    static const char *const good[] = {"kmsd-k8s-plugin", "kmsd-k8s-a", "kmsd-k8s-cp1.prod-eu"};
+    static const char *const bad[] = {
+        NULL, "", "kmsd-k8s-", "kmsd-k8s", "kmsd-node-1", "kmsctl-operator", "Kmsd-k8s-x",
+        "kmsd-k8s-Plugin", "kmsd-k8s-a b", "kmsd-k8s-a/b", " kmsd-k8s-a",
+        "kmsd-k8s-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", /* 65 */
+    };
+    (void)state;
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+        assert_true(kmsd_authz_k8s_cn_valid(good[i]));
+    }
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        assert_false(kmsd_authz_k8s_cn_valid(bad[i]));
+    }
 }
 
 static void test_entry_forwardable(void **state)
@@ -424,6 +460,7 @@ int main(void)
         cmocka_unit_test(test_node_cn_parse),
         cmocka_unit_test(test_pem_node_id_and_peer_cn),
         cmocka_unit_test(test_method_table),
+        cmocka_unit_test(test_k8s_cn),
         cmocka_unit_test(test_entry_forwardable),
         cmocka_unit_test(test_touch_check),
         cmocka_unit_test(test_record_check),

@@ -212,8 +212,37 @@ bool kmsd_authz_operator(struct kmsd *d, struct kms_rpc_call *call)
     if (!verify(d, call, false, cn, sizeof(cn))) {
         return false;
     }
-    /* A node certificate never acts as an operator, even from a shared CA. */
-    return strncmp(cn, "kmsd-node-", 10) != 0;
+    /* A node or plugin certificate never acts as an operator, even from a
+     * shared CA. */
+    return strncmp(cn, "kmsd-node-", 10) != 0 &&
+           strncmp(cn, KMSD_K8S_CN_PREFIX, sizeof(KMSD_K8S_CN_PREFIX) - 1) != 0;
+}
+
+bool kmsd_authz_k8s_cn_valid(const char *cn)
+{
+    const size_t plen = sizeof(KMSD_K8S_CN_PREFIX) - 1;
+    size_t n = 0;
+
+    if (cn == NULL || strncmp(cn, KMSD_K8S_CN_PREFIX, plen) != 0) {
+        return false;
+    }
+    for (cn += plen; cn[n] != '\0'; n++) {
+        char c = cn[n];
+        if (n >= 64 || !((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' ||
+                         c == '-')) {
+            return false;
+        }
+    }
+    return n > 0;
+}
+
+bool kmsd_authz_k8s(struct kmsd *d, struct kms_rpc_call *call)
+{
+    char cn[256];
+    if (!verify(d, call, false, cn, sizeof(cn))) {
+        return false;
+    }
+    return kmsd_authz_k8s_cn_valid(cn);
 }
 
 /* ---- the method table ---------------------------------------------------- */
@@ -242,6 +271,16 @@ static const struct kmsd_method_policy methods[] = {
     {"/kmsd.v1.Operator/MembersRemove", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
     {"/kmsd.v1.Operator/StepDown", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
     {"/kmsd.v1.Operator/TransferLeader", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    /* rekey (rekey.c): the session lives on the leader */
+    {"/kmsd.v1.Operator/RekeyInit", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    {"/kmsd.v1.Operator/RekeyStatus", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    {"/kmsd.v1.Operator/RekeyUpdate", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    {"/kmsd.v1.Operator/RekeyCancel", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    /* Kubernetes KMS v2 (kmsd-k8s-plugin): the replica that was called; lock-free
+     * health and in-memory crypto, so they run on the worker (kms_v2_api.c) */
+    {"/kmsd.v1.KubernetesKms/Status", KMSD_AUTH_K8S},
+    {"/kmsd.v1.KubernetesKms/Encrypt", KMSD_AUTH_K8S},
+    {"/kmsd.v1.KubernetesKms/Decrypt", KMSD_AUTH_K8S},
 };
 
 const struct kmsd_method_policy *kmsd_authz_methods(size_t *n)

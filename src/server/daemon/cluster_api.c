@@ -30,9 +30,12 @@
 #include "kms_time.h"
 #include "kmsd.h"
 #include "kmsd_authz.h"
+#include "kmsd_k8s.h"
 #include "kmsd_pool.h"
 #include "kmsd_rewrap.h"
 #include "kmsd_touch.h"
+#include "kmsd_rekey.h"
+#include "kmsd_share_recipients.h"
 #include "kmsd_snapshot.h"
 
 #include "kmsd/v1/cluster.pb-c.h"
@@ -388,7 +391,7 @@ static void init_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
     Kmsd__V1__InitRequest *r = NULL;
     Kmsd__V1__InitResponse resp = KMSD__V1__INIT_RESPONSE__INIT;
     struct kms_err err;
-    char **shares = NULL;
+    char **shares = NULL, **enc = NULL;
     char cid[33];
     unsigned n = 0;
     int rc;
@@ -416,6 +419,12 @@ static void init_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
                    "member of initialCluster");
         goto out;
     }
+    if (r->n_share_recipients > 0 &&
+        (rc = kmsd_share_recipients_check(r->share_recipients, r->n_share_recipients, n,
+                                          &err)) != 0) {
+        finish_err(call, "init", rc, err.msg); /* before init: nothing changed */
+        goto out;
+    }
     rc = kmsd_init_cluster(d, n, r->key_threshold, &shares, cid, &err);
     if (rc != 0) {
         finish_err(call, "init", rc, err.msg);
@@ -425,8 +434,15 @@ static void init_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
     resp.shares = shares;
     resp.threshold = r->key_threshold;
     resp.cluster_id = cid;
+    if (r->n_share_recipients > 0 &&
+        kmsd_share_recipients_seal(r->share_recipients, shares, n, &enc) == 0) {
+        resp.n_shares = 0;
+        resp.n_encrypted_shares = n;
+        resp.encrypted_shares = enc;
+    }
     kmsd_call_finish_msg(call, &resp.base);
 out:
+    kmsd_share_recipients_free(enc, n);
     if (shares != NULL) {
         for (unsigned i = 0; i < n; i++) {
             OPENSSL_cleanse(shares[i], strlen(shares[i]));
@@ -1013,6 +1029,13 @@ static void dispatch_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req
                                     "(one CN kmsd-node-<id>, cluster CA)");
             goto out;
         }
+    } else if (m->flags & KMSD_AUTH_K8S) {
+        if (!kmsd_authz_k8s(d, call)) {
+            finish_err(call, m->path, KMS_EDENIED,
+                       "certificate is not a Kubernetes KMS plugin certificate "
+                       "(one CN " KMSD_K8S_CN_PREFIX "<name>, operator CA)");
+            goto out;
+        }
     } else if (!(m->flags & KMSD_AUTH_OPERATOR) || !kmsd_authz_operator(d, call)) {
         finish_err(call, m->path, KMS_EDENIED, "certificate is not an operator certificate");
         goto out;
@@ -1069,6 +1092,13 @@ int kmsd_cluster_register(struct kmsd *d, struct kms_rpc_server *srv)
         {"/kmsd.v1.Operator/SnapshotBegin", kmsd_snapshot_begin_cb},
         {"/kmsd.v1.Operator/SnapshotChunk", kmsd_snapshot_chunk_cb},
         {"/kmsd.v1.Operator/SnapshotEnd", kmsd_snapshot_end_cb},
+        {"/kmsd.v1.Operator/RekeyInit", kmsd_rekey_init_cb},
+        {"/kmsd.v1.Operator/RekeyStatus", kmsd_rekey_status_cb},
+        {"/kmsd.v1.Operator/RekeyUpdate", kmsd_rekey_update_cb},
+        {"/kmsd.v1.Operator/RekeyCancel", kmsd_rekey_cancel_cb},
+        {"/kmsd.v1.KubernetesKms/Status", kmsd_k8s_status_cb},
+        {"/kmsd.v1.KubernetesKms/Encrypt", kmsd_k8s_encrypt_cb},
+        {"/kmsd.v1.KubernetesKms/Decrypt", kmsd_k8s_decrypt_cb},
     };
     size_t n = sizeof(handlers) / sizeof(handlers[0]), npol = 0;
     int rc;

@@ -47,6 +47,7 @@
 #include "kmsd_authz.h"
 #include "kmsd_notify.h"
 #include "kmsd_pool.h"
+#include "kmsd_rekey.h"
 
 
 /* RocksDB (Debian's build has assertions on) aborts when it opens on a
@@ -780,6 +781,7 @@ void kmsd_stop(struct kmsd *d)
         d->store = NULL;
     }
     kmsd_authz_free(d);
+    kmsd_rekey_stop();
     kmsd_limits_free(d);
     kms_secmem_free(d->pending, sizeof(struct kms_share) * KMSD_MAX_SHARES);
     d->pending = NULL;

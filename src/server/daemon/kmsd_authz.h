@@ -33,7 +33,17 @@ bool kmsd_authz_node(struct kmsd *d, struct kms_rpc_call *call, uint64_t *id);
  * "kmsd-node-*" is refused even when one CA signs both). Any thread. */
 bool kmsd_authz_operator(struct kmsd *d, struct kms_rpc_call *call);
 
+/* A Kubernetes KMS v2 plugin certificate (kmsd-k8s-plugin): chains to the
+ * operator CA and its subject holds exactly one CN, "kmsd-k8s-<name>"
+ * (kmsd_authz_k8s_cn_valid). Such a certificate is neither a node nor an
+ * operator: it may call kmsd.v1.KubernetesKms only. Any thread. */
+bool kmsd_authz_k8s(struct kmsd *d, struct kms_rpc_call *call);
+
 /* ---- pure checks (no daemon state; unit-tested) ------------------------ */
+
+/* "kmsd-k8s-<name>": name 1..64 bytes of [a-z0-9.-]. */
+#define KMSD_K8S_CN_PREFIX "kmsd-k8s-"
+bool kmsd_authz_k8s_cn_valid(const char *cn);
 
 /* "kmsd-node-<id>": id decimal, 1..UINT64_MAX, no sign, no leading zero,
  * nothing after it. 0, or KMS_EDENIED for anything else. */
@@ -51,6 +61,7 @@ int kmsd_authz_pem_node_id(const char *pem, uint64_t *id);
  * monitor table: whatever is not listed is refused. */
 #define KMSD_AUTH_NODE     (1u << 0) /* node certificate of a current member */
 #define KMSD_AUTH_OPERATOR (1u << 1) /* operator certificate */
+#define KMSD_AUTH_K8S      (1u << 2) /* Kubernetes KMS plugin certificate (kmsd_authz_k8s) */
 #define KMSD_RUN_LEADER    (1u << 4) /* changes replicated state: runs on the leader; a
                                         follower answers "not the leader; leader is N at
                                         ADDR" and changes nothing (kmsctl follows it) */

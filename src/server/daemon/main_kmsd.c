@@ -27,8 +27,6 @@
 #include "kmsd_http.h"
 #include "kmsd_notify.h"
 
-extern char **environ;
-
 /* Sanitizer runtimes reserve terabytes of shadow memory: locking it all
  * cannot work, so those test builds skip mlockall (and say so). */
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)

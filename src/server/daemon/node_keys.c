@@ -22,6 +22,7 @@
 #include "kms_time.h"
 #include "kmsd.h"
 #include "kmsd_authz.h"
+#include "kmsd_rekey.h"
 
 #include "kmsd/v1/entry.pb-c.h"
 
@@ -294,7 +295,8 @@ int kmsd_unseal_submit(struct kmsd *d, const char *share, bool reset,
         *progress = 0;
         kms_err_set(err, rc == KMS_EAUTH ? KMS_EAUTH : rc,
                     "the %u shares given do not reconstruct this cluster's root key "
-                    "(a wrong or mistyped share, or another cluster's); progress reset",
+                    "(a wrong or mistyped share, another cluster's, or a share replaced by "
+                    "a rekey); progress reset",
                     ek->threshold);
         kms_log(KMS_LOG_WARN, "keys", "unseal failed: wrong set of shares; progress reset", NULL);
         goto out;
@@ -355,7 +357,12 @@ void kmsd_keyring_refresh(struct kmsd *d)
     /* Decrypted every time (one small AES-GCM per second), so a replicated
      * keyring that cannot be read is noticed even at an unchanged term. */
     kms_err_clear(&err);
-    if (kms_keyring_decrypt(ek, d->root, &kr, &err) == 0 && cur != NULL &&
+    if (kms_keyring_decrypt(ek, d->root, &kr, &err) != 0 &&
+        kmsd_rekey_follow_locked(d, ek, &kr, NULL) == 0) {
+        /* A rekey was applied: d->root is the new root key now (rekey.c). */
+        kms_err_clear(&err);
+    }
+    if (kr != NULL && cur != NULL &&
         kms_keyring_active_term(cur) == kms_keyring_active_term(kr) &&
         kms_keyring_term_count(cur) == kms_keyring_term_count(kr)) {
         d->keyring_error[0] = '\0';
@@ -401,6 +408,9 @@ int kmsd_rotate(struct kmsd *d, uint32_t *active_term, struct kms_err *err)
     bool locked = true;
     int rc;
 
+    /* Not concurrently with a rekey (kmsd_rekey.h): a rotation built under
+     * the old root key must not commit after it. */
+    kmsd_keyring_write_lock();
     pthread_mutex_lock(&d->mu);
     if (!d->unsealed) {
         rc = kms_err_set(err, KMS_ESEALED, "node is sealed");
@@ -447,6 +457,7 @@ out:
     if (locked) {
         pthread_mutex_unlock(&d->mu);
     }
+    kmsd_keyring_write_unlock();
     kms_secmem_free(root, KMS_ROOT_KEY_LEN);
     if (kr != NULL) {
         kms_keyring_unref(kr);
