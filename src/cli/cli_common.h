@@ -267,6 +267,12 @@ extern const char cli_keys_usage[];
 extern const struct cli_cmd cli_snapshot_subs[]; /* cmd_snapshot.c */
 extern const struct cli_cmd cli_audit_subs[];    /* cmd_audit.c */
 extern const char cli_audit_usage[];
+/* operator rewrap / retire-term (cmd_rewrap.c) */
+extern const char cli_rewrap_usage[];
+extern const struct cli_flag cli_rewrap_flags[];
+extern const char cli_retire_term_usage[];
+int cli_rewrap_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv);
+int cli_retire_term_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv);
 extern const char cli_snapshot_usage[];
 extern const struct cli_cmd cli_rekey_subs[]; /* cmd_rekey.c */
 extern const char cli_rekey_usage[];

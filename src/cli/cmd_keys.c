@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cli_common.h"
 
@@ -26,6 +27,7 @@ static void key_json_fields(struct cli_json *j, const Kmsd__V1__KeyInfo *k)
     cli_json_time(j, "last_access_at", k->last_access_at);
     cli_json_time(j, "revoked_at", k->revoked_at);
     cli_json_bool(j, "revoked", k->revoked_at != 0);
+    cli_json_u64(j, "origin_term", k->origin_term); /* 0: never rewrapped */
 }
 
 static const char *dash(const char *s)
@@ -46,8 +48,12 @@ void cli_key_print(FILE *f, enum cli_output out, const Kmsd__V1__KeyInfo *k)
     }
     static const char *const hdr[2] = {"Key", "Value"};
     static const char *const dashes[2] = {"---", "-----"};
-    char term[16], created[40], access[40], revoked[40];
-    snprintf(term, sizeof(term), "%u", k->term);
+    char term[48], created[40], access[40], revoked[40];
+    if (k->origin_term != 0) {
+        snprintf(term, sizeof(term), "%u (rewrapped from %u)", k->term, k->origin_term);
+    } else {
+        snprintf(term, sizeof(term), "%u", k->term);
+    }
     cli_format_time(k->created_at, false, created, sizeof(created));
     cli_format_time(k->last_access_at, false, access, sizeof(access));
     cli_format_time(k->revoked_at, false, revoked, sizeof(revoked));
@@ -113,12 +119,50 @@ static const char *list_uuid;
 #define LIST_MAX_PAGES 100000 /* 10^8 keys: a server that never ends paging */
 
 static unsigned long list_page_size;
+static const char *list_unused;
+static bool list_revoked;
+static unsigned long list_term;
+
+/* "90d", "12h", "30m", "45s" (one number, one unit) to milliseconds; -1
+ * when malformed or above ten years. */
+static int64_t list_duration_ms(const char *s)
+{
+    uint64_t v = 0, unit;
+    size_t i = 0;
+
+    for (; s[i] >= '0' && s[i] <= '9'; i++) {
+        v = v * 10 + (uint64_t)(s[i] - '0');
+        if (v > 1000000000ull) {
+            return -1;
+        }
+    }
+    if (i == 0 || s[i] == '\0' || s[i + 1] != '\0') {
+        return -1;
+    }
+    switch (s[i]) {
+    case 'd': unit = 86400000ull; break;
+    case 'h': unit = 3600000ull; break;
+    case 'm': unit = 60000ull; break;
+    case 's': unit = 1000ull; break;
+    default: return -1;
+    }
+    if (v * unit > 10ull * 366 * 86400000ull) {
+        return -1;
+    }
+    return (int64_t)(v * unit);
+}
 
 static const struct cli_flag list_flags[] = {
     {"node-uuid", 0, CLI_FLAG_STRING, &list_uuid, NULL, 0, 0, "UUID",
      "only the keys sealed by this machine (SMBIOS UUID)", false},
     {"page-size", 0, CLI_FLAG_UINT, &list_page_size, NULL, 1, 1000, "N",
      "keys fetched per request (default: the server's, 1000); all pages are shown", false},
+    {"unused-since", 0, CLI_FLAG_STRING, &list_unused, NULL, 0, 0, "AGE",
+     "only keys not unsealed for AGE (90d, 12h, 30m, 45s; never-used keys count from their "
+     "creation)", false},
+    {"revoked", 0, CLI_FLAG_BOOL, &list_revoked, NULL, 0, 0, NULL, "only revoked keys", false},
+    {"term", 0, CLI_FLAG_UINT, &list_term, NULL, 1, 4294967295UL, "T",
+     "only keys on keyring term T (the term that protects them now)", false},
     {NULL, 0, 0, NULL, NULL, 0, 0, NULL, NULL, false},
 };
 
@@ -132,9 +176,24 @@ static int list_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, ch
 
     list_uuid = NULL;
     list_page_size = 0;
+    list_unused = NULL;
+    list_revoked = false;
+    list_term = 0;
     if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, &npos)) >= 0) {
         return rc;
     }
+    if (list_unused != NULL) {
+        int64_t age = list_duration_ms(list_unused);
+        struct timespec ts;
+        if (age <= 0) {
+            return cli_usage_error(ctx, "--unused-since: '%s' is not an age such as 90d, 12h, "
+                                   "30m or 45s", list_unused);
+        }
+        clock_gettime(CLOCK_REALTIME, &ts);
+        req.unused_since = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000 - age;
+    }
+    req.revoked = list_revoked;
+    req.term = (uint32_t)list_term;
     req.node_uuid = (char *)(list_uuid != NULL ? list_uuid : "");
     req.page_size = (uint32_t)list_page_size; /* 0: the server's default (and maximum) */
     /* Pages transparently: every page is fetched, then all keys printed. */
@@ -276,10 +335,11 @@ static int revoke_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, 
 
 const struct cli_cmd cli_keys_subs[] = {
     {"list", "list sealed keys",
-     "Usage: kmsctl keys list [--node-uuid UUID]\n"
+     "Usage: kmsctl keys list [--node-uuid UUID] [--unused-since AGE] [--revoked] [--term T]\n"
      "\n"
-     "Lists the sealed-key records (all, or one machine's). Times are RFC 3339\n"
-     "UTC.",
+     "Lists the sealed-key records (all, or one machine's; filters combine).\n"
+     "LAST ACCESS is the last successful unseal as recorded by the cluster\n"
+     "(batched: up to lastAccess.interval late). Times are RFC 3339 UTC.",
      NULL, list_run, list_flags, false},
     {"show", "show one sealed key",
      "Usage: kmsctl keys show KEY_ID\n"

@@ -674,6 +674,11 @@ const struct cli_cmd cli_operator_subs[] = {
      "and every replica needs k shares at start again. Both rotate the keyring\n"
      "once. Runs on the leader, which must have seal.type pkcs11 for --to pkcs11.",
      NULL, seal_migrate_run, migrate_flags, false},
+    /* cmd_rewrap.c */
+    {"rewrap", "re-encrypt every record on an older term under the active term",
+     cli_rewrap_usage, NULL, cli_rewrap_run, cli_rewrap_flags, false},
+    {"retire-term", "remove an old term's key from the keyring", cli_retire_term_usage, NULL,
+     cli_retire_term_run, NULL, false},
     {"members", "list and change the cluster's members", cli_members_usage, cli_members_subs,
      NULL, NULL, false},
     {"snapshot", "save and inspect online backups", cli_snapshot_usage, cli_snapshot_subs,

@@ -108,6 +108,11 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
         cli_json_str(&j, "version", st->version);
         cli_json_str(&j, "cluster_id", st->cluster_id);
         cli_json_u64(&j, "active_term", st->active_term);
+        cli_json_arr_begin(&j, "keyring_terms");
+        for (size_t i = 0; i < st->n_keyring_terms; i++) {
+            cli_json_u64(&j, NULL, st->keyring_terms[i]);
+        }
+        cli_json_arr_end(&j);
         cli_json_str(&j, "keyring_error", st->keyring_error);
         cli_json_bool(&j, "talos_listening", st->talos_listening);
         cli_json_str(&j, "unseal_reads",
@@ -181,6 +186,19 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
         kv_u64(t, "Active Key Term", st->active_term);
     } else {
         kv(t, "Active Key Term", "-");
+    }
+    if (st->n_keyring_terms > 0) {
+        char terms[256];
+        size_t off = 0;
+        terms[0] = '\0';
+        for (size_t i = 0; i < st->n_keyring_terms && off + 16 < sizeof(terms); i++) {
+            off += (size_t)snprintf(terms + off, sizeof(terms) - off, "%s%u", i ? "," : "",
+                                    st->keyring_terms[i]);
+        }
+        if (off + 16 >= sizeof(terms) && st->n_keyring_terms > 0) {
+            snprintf(terms + off, sizeof(terms) - off, ",...");
+        }
+        kv(t, "Keyring Terms", terms);
     }
     if (st->keyring_error != NULL && st->keyring_error[0] != '\0') {
         kv(t, "Keyring Error", st->keyring_error);

@@ -42,7 +42,7 @@ static int version_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc,
 static const struct cli_cmd root_subs[] = {
     {"status", "show a replica's state (exit 2 when not serving, 1 on errors)",
      cli_status_usage, NULL, cli_status_run, cli_status_flags, false},
-    {"operator", "init, unseal, seal, step-down, rotate, members", cli_operator_usage,
+    {"operator", "init, unseal, seal, step-down, rotate, rewrap, retire-term, members", cli_operator_usage,
      cli_operator_subs, NULL, NULL, false},
     {"keys", "list, show and revoke sealed keys", cli_keys_usage, cli_keys_subs, NULL, NULL,
      false},

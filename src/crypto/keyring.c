@@ -25,7 +25,7 @@
 
 /* ---- allocation and references ------------------------------------------ */
 
-static struct kms_keyring *keyring_alloc(size_t nterms)
+struct kms_keyring *kms_keyring_alloc(size_t nterms)
 {
     size_t size = sizeof(struct kms_keyring) + nterms * sizeof(struct kms_keyring_term);
     struct kms_keyring *kr = kms_secmem_alloc(size);
@@ -125,7 +125,7 @@ int kms_keyring_create(const uint8_t cluster_id[16], int64_t now_ms, struct kms_
         rc = kms_err_set(err, KMS_EINVAL, "keyring create: invalid argument");
         goto out;
     }
-    kr = keyring_alloc(1);
+    kr = kms_keyring_alloc(1);
     if (kr == NULL) {
         rc = kms_err_set(err, KMS_ENOMEM, "keyring create: out of secure memory");
         goto out;
@@ -163,7 +163,7 @@ int kms_keyring_rotate(const struct kms_keyring *old, int64_t now_ms, struct kms
                          old->nterms);
         goto out;
     }
-    kr = keyring_alloc(old->nterms + 1);
+    kr = kms_keyring_alloc(old->nterms + 1);
     if (kr == NULL) {
         rc = kms_err_set(err, KMS_ENOMEM, "keyring rotate: out of secure memory");
         goto out;
@@ -226,7 +226,7 @@ int kms_keyring_import(const uint8_t cluster_id[16], const Kmsd__V1__Keyring *pl
                          plain->active_term);
         goto out;
     }
-    kr = keyring_alloc(plain->n_terms);
+    kr = kms_keyring_alloc(plain->n_terms);
     if (kr == NULL) {
         rc = kms_err_set(err, KMS_ENOMEM, "keyring: out of secure memory");
         goto out;

@@ -177,6 +177,40 @@ void kms_keyring_unref(struct kms_keyring *kr);
 
 int kms_root_key_generate(uint8_t root[32], struct kms_err *err);
 
+/* NEW keyring = old without `term`, same active term (rewrap.c). `old` is
+ * untouched. KMS_EINVAL for the active term, KMS_ENOTFOUND for a term the
+ * keyring does not hold. */
+int kms_keyring_retire(const struct kms_keyring *old, uint32_t term, struct kms_keyring **out,
+                       struct kms_err *err);
+/* Copies up to max term numbers (increasing) into terms; returns how many. */
+size_t kms_keyring_terms(const struct kms_keyring *kr, uint32_t *terms, size_t max);
+
+/* ---- rewrap (rewrap.c; format in proto/kmsd/v1/record.proto) ------------ */
+
+/* The new wrapping of one record: term (the active term), origin_term, and
+ * wrapped (malloc-owned, wrapped_len bytes; not secret: ciphertext). */
+struct kms_rewrap_out {
+    uint32_t term;
+    uint32_t origin_term;
+    uint8_t *wrapped;
+    size_t wrapped_len;
+};
+
+/* True when rec is live (not revoked, not shredded) and on a term other than
+ * kr's active one. Pure: any thread. */
+bool kms_rewrap_needed(const struct kms_keyring *kr, const Kmsd__V1__SealedRecord *rec);
+/* Rewraps rec under kr's active term without the blob (the passphrase is
+ * never decrypted). rec is not modified. KMS_EINVAL when no rewrap is
+ * needed, KMS_ENOTFOUND when the record's term is not held, KMS_EAUTH for
+ * a rewrapped record that does not open. On success *out is filled; release
+ * with kms_rewrap_out_free(). */
+int kms_rewrap(const struct kms_keyring *kr, const Kmsd__V1__SealedRecord *rec,
+               struct kms_rewrap_out *out, struct kms_err *err);
+void kms_rewrap_out_free(struct kms_rewrap_out *o);
+/* Length bounds of SealedRecord.wrapped. */
+size_t kms_rewrap_len_min(void);
+size_t kms_rewrap_len_max(void);
+
 /* ---- seal / unseal ------------------------------------------------------- */
 
 #define KMS_BLOB_VERSION 1

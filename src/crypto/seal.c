@@ -216,8 +216,22 @@ int kms_record_validate(const Kmsd__V1__SealedRecord *rec, struct kms_err *err)
     if (rec->term == 0) {
         return kms_err_set(err, KMS_EFORMAT, "record: term 0");
     }
-    if (rec->revoked_at > 0 && rec->nonce.len == 0 && rec->ciphertext.len == 0) {
+    if (rec->revoked_at > 0 && rec->nonce.len == 0 && rec->ciphertext.len == 0 &&
+        rec->wrapped.len == 0) {
         /* A revoked record is shredded on apply (kms_store.h): metadata only. */
+        goto meta;
+    }
+    if (rec->origin_term != 0 || rec->wrapped.len != 0) {
+        /* Rewrapped (rewrap.c): no nonce or ciphertext of its own. */
+        if (rec->origin_term == 0 || rec->origin_term >= rec->term) {
+            return kms_err_set(err, KMS_EFORMAT, "record: origin term %u with term %u",
+                               rec->origin_term, rec->term);
+        }
+        if (rec->nonce.len != 0 || rec->ciphertext.len != 0 || rec->wrapped.data == NULL ||
+            rec->wrapped.len < kms_rewrap_len_min() || rec->wrapped.len > kms_rewrap_len_max()) {
+            return kms_err_set(err, KMS_EFORMAT, "record: rewrapped record of %zu bytes",
+                               rec->wrapped.len);
+        }
         goto meta;
     }
     if (rec->nonce.len != KMS_AEAD_NONCE_LEN || rec->nonce.data == NULL) {
@@ -314,10 +328,15 @@ int kms_unseal(const struct kms_keyring *kr, const Kmsd__V1__SealedRecord *rec,
     uint8_t key_id[KMS_KEY_ID_LEN];
     uint8_t client_half[KMS_CLIENT_HALF_LEN]; /* wiped */
     uint8_t kek[KMS_AEAD_KEY_LEN];            /* wiped */
+    uint8_t origin_key[KMS_TERM_KEY_LEN];     /* wiped: rewrapped records only */
+    uint8_t nonce[KMS_AEAD_NONCE_LEN];
+    uint8_t ct[KMS_SEAL_MAX_DATA + KMS_AEAD_TAG_LEN]; /* wiped */
     uint8_t aad[SEAL_AAD_MAX];
-    size_t uuidlen, reclen, aadlen;
+    size_t uuidlen, reclen, aadlen, ctlen = 0;
     int rc;
 
+    memset(origin_key, 0, sizeof(origin_key));
+    memset(ct, 0, sizeof(ct));
     memset(client_half, 0, sizeof(client_half));
     memset(kek, 0, sizeof(kek));
     if (kr == NULL || rec == NULL || out == NULL || outlen == NULL) {
@@ -350,18 +369,30 @@ int kms_unseal(const struct kms_keyring *kr, const Kmsd__V1__SealedRecord *rec,
         rc = kms_err_set(err, KMS_EREVOKED, "unseal: key was revoked");
         goto out;
     }
-    term_key = kms_keyring_term_key(kr, rec->term);
-    if (term_key == NULL) {
-        rc = kms_err_set(err, KMS_ENOTFOUND, "unseal: keyring has no term %u", rec->term);
-        goto out;
+    if (rec->origin_term != 0) {
+        /* Rewrapped: the origin term key, nonce and ciphertext come out of
+         * the wrapping under rec->term (rewrap.c). */
+        if ((rc = kms_rewrap_open(kr, rec, origin_key, nonce, ct, &ctlen, err)) != 0) {
+            kms_err_wrap(err, rc, "unseal");
+            goto out;
+        }
+        term_key = origin_key;
+    } else {
+        term_key = kms_keyring_term_key(kr, rec->term);
+        if (term_key == NULL) {
+            rc = kms_err_set(err, KMS_ENOTFOUND, "unseal: keyring has no term %u", rec->term);
+            goto out;
+        }
+        memcpy(nonce, rec->nonce.data, KMS_AEAD_NONCE_LEN);
+        memcpy(ct, rec->ciphertext.data, rec->ciphertext.len);
+        ctlen = rec->ciphertext.len;
     }
     if ((rc = derive_kek(term_key, client_half, key_id, kek, err)) != 0) {
         kms_err_wrap(err, rc, "unseal");
         goto out;
     }
     aadlen = seal_aad(key_id, rec->node_uuid, reclen, aad);
-    rc = kms_aead_open(kek, rec->nonce.data, aad, aadlen, rec->ciphertext.data,
-                       rec->ciphertext.len, out, err);
+    rc = kms_aead_open(kek, nonce, aad, aadlen, ct, ctlen, out, err);
     if (rc == KMS_EAUTH) {
         rc = kms_err_set(err, KMS_EAUTH,
                          "unseal: authentication failed (wrong blob or corrupt record)");
@@ -371,12 +402,14 @@ int kms_unseal(const struct kms_keyring *kr, const Kmsd__V1__SealedRecord *rec,
         kms_err_wrap(err, rc, "unseal");
         goto out;
     }
-    *outlen = rec->ciphertext.len - KMS_AEAD_TAG_LEN;
+    *outlen = ctlen - KMS_AEAD_TAG_LEN;
     rc = 0;
 out:
     if (rc != 0 && out != NULL) {
         OPENSSL_cleanse(out, KMS_SEAL_MAX_DATA);
     }
+    OPENSSL_cleanse(origin_key, sizeof(origin_key));
+    OPENSSL_cleanse(ct, sizeof(ct));
     OPENSSL_cleanse(client_half, sizeof(client_half));
     OPENSSL_cleanse(kek, sizeof(kek));
     return rc;

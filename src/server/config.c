@@ -65,6 +65,9 @@ struct f_limits {
 struct f_unseal {
     char *peer;
 };
+struct f_last {
+    char *interval, *maxBatch;
+};
 struct f_enrol {
     char **allowedCIDRs;
     unsigned allowedCIDRs_count;
@@ -87,6 +90,7 @@ struct f_doc {
     struct f_unseal unseal;
     struct f_rate rateLimit;
     struct f_limits limits;
+    struct f_last lastAccess;
     struct f_enrol enrolment;
     struct f_seal seal;
     char *logLevel;
@@ -144,6 +148,10 @@ static const cyaml_schema_field_t rate_fields[] = {
     OPT_STR("sealsPerNodePerMinute", struct f_rate, sealsPerNodePerMinute),
     OPT_STR("recordsPerNode", struct f_rate, recordsPerNode),
     CYAML_FIELD_END};
+static const cyaml_schema_field_t last_fields[] = {
+    OPT_STR("interval", struct f_last, interval),
+    OPT_STR("maxBatch", struct f_last, maxBatch),
+    CYAML_FIELD_END};
 static const cyaml_schema_field_t limits_fields[] = {
     OPT_STR("maxConnections", struct f_limits, maxConnections),
     OPT_STR("maxConnectionsPerAddress", struct f_limits, maxConnectionsPerAddress),
@@ -195,6 +203,7 @@ static const cyaml_schema_field_t doc_fields[] = {
     CYAML_FIELD_MAPPING("unseal", CYAML_FLAG_OPTIONAL, struct f_doc, unseal, unseal_fields),
     CYAML_FIELD_MAPPING("rateLimit", CYAML_FLAG_OPTIONAL, struct f_doc, rateLimit, rate_fields),
     CYAML_FIELD_MAPPING("limits", CYAML_FLAG_OPTIONAL, struct f_doc, limits, limits_fields),
+    CYAML_FIELD_MAPPING("lastAccess", CYAML_FLAG_OPTIONAL, struct f_doc, lastAccess, last_fields),
     CYAML_FIELD_MAPPING("enrolment", CYAML_FLAG_OPTIONAL, struct f_doc, enrolment, enrol_fields),
     CYAML_FIELD_MAPPING("seal", CYAML_FLAG_OPTIONAL, struct f_doc, seal, seal_fields),
     OPT_STR("logLevel", struct f_doc, logLevel),
@@ -356,6 +365,14 @@ static const struct opt opts[] = {
     {"rateLimit.recordsPerNode", "KMSD_RATE_LIMIT_RECORDS_PER_NODE", "rate-limit-records-per-node",
      T_UINT, "256", IMM, C(records_per_node), F(rateLimit.recordsPerNode), 0, 100000, NULL, "N",
      "live (unrevoked) keys allowed per node UUID (0 = no limit)"},
+    {"lastAccess.interval", "KMSD_LAST_ACCESS_INTERVAL", "last-access-interval", T_DURATION,
+     "60s", IMM, C(last_access_interval_ms), F(lastAccess.interval), 0, 86400000, NULL,
+     "DURATION",
+     "each replica replicates the last-access times of its unseals at most once per this "
+     "interval (0 = not recorded)"},
+    {"lastAccess.maxBatch", "KMSD_LAST_ACCESS_MAX_BATCH", "last-access-max-batch", T_UINT,
+     "4096", IMM, C(last_access_max_batch), F(lastAccess.maxBatch), 1, 65536, NULL, "N",
+     "keys per last-access write; keys beyond it wait for the next interval"},
     {"limits.maxConnections", "KMSD_LIMITS_MAX_CONNECTIONS", "limits-max-connections", T_UINT,
      "0", IMM, C(limits.max_connections), F(limits.maxConnections), 0, 1000000, NULL, "N",
      "open connections per gRPC port, all peers (0 = auto: min(1024, (fd limit - 128) / 4))"},

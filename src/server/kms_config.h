@@ -131,6 +131,9 @@ struct kms_config {
     unsigned seals_per_node_per_minute; /* per node UUID; 0 = no limit */
     unsigned records_per_node;          /* live records per node UUID; 0 = no limit */
 
+    unsigned last_access_interval_ms;   /* lastAccess.interval; 0 = off */
+    unsigned last_access_max_batch;     /* lastAccess.maxBatch */
+
     struct {
         unsigned max_connections;             /* per gRPC port; 0 = auto */
         unsigned max_connections_per_address; /* per gRPC port */

@@ -26,6 +26,8 @@ static int op_known(Kmsd__V1__Entry__OpCase c)
     case KMSD__V1__ENTRY__OP_PUT_MEMBER:
     case KMSD__V1__ENTRY__OP_REMOVE_MEMBER:
     case KMSD__V1__ENTRY__OP_TOUCH_BATCH:
+    case KMSD__V1__ENTRY__OP_REWRAP_BATCH:
+    case KMSD__V1__ENTRY__OP_RETIRE_TERM:
     case KMSD__V1__ENTRY__OP_NOOP:
     case KMSD__V1__ENTRY__OP_REKEY_KEYRING:
     case KMSD__V1__ENTRY__OP_SET_PEER_UNSEAL_GATE:
@@ -40,6 +42,8 @@ uint32_t kms_entry_op_min_version(Kmsd__V1__Entry__OpCase c)
     switch (c) {
     case KMSD__V1__ENTRY__OP_REKEY_KEYRING:
     case KMSD__V1__ENTRY__OP_SET_PEER_UNSEAL_GATE:
+    case KMSD__V1__ENTRY__OP_REWRAP_BATCH:
+    case KMSD__V1__ENTRY__OP_RETIRE_TERM:
         return 2;
     default:
         return 1;

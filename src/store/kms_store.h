@@ -183,6 +183,11 @@ int kms_store_records_list_after(struct kms_store *s, const char *node_uuid,
                                  int (*cb)(void *arg, const Kmsd__V1__SealedRecord *r),
                                  void *arg, struct kms_err *err);
 
+/* Live records (not revoked, holding ciphertext) whose term is `term`: a
+ * full walk of the records (retire-term's check; O(records)). Any thread. */
+int kms_store_records_on_term(struct kms_store *s, uint32_t term, uint64_t *n,
+                              struct kms_err *err);
+
 /* The replicated (encrypted) keyring. KMS_EUNINIT if the cluster has none. */
 int kms_store_keyring_get(struct kms_store *s, Kmsd__V1__EncryptedKeyring **out,
                           struct kms_err *err);

@@ -18,6 +18,7 @@
 
 #define UUID_MAX 128
 #define TOUCH_MAX 65536
+#define REWRAP_MAX 1024
 
 /* ---- small helpers ------------------------------------------------------ */
 
@@ -458,11 +459,11 @@ static int op_put_record(struct apply_ctx *c, const Kmsd__V1__PutRecord *op)
  * sets *changed when something was written. */
 static int record_shred(struct apply_ctx *c, Kmsd__V1__SealedRecord *r, int64_t at, bool *changed)
 {
-    ProtobufCBinaryData nonce = r->nonce, ct = r->ciphertext;
+    ProtobufCBinaryData nonce = r->nonce, ct = r->ciphertext, wr = r->wrapped;
     int rc = 0;
 
     *changed = false;
-    if (r->revoked_at != 0 && nonce.len == 0 && ct.len == 0) {
+    if (r->revoked_at != 0 && nonce.len == 0 && ct.len == 0 && wr.len == 0) {
         goto out; /* already revoked and shredded */
     }
     if (r->revoked_at == 0) {
@@ -472,11 +473,17 @@ static int record_shred(struct apply_ctx *c, Kmsd__V1__SealedRecord *r, int64_t 
     r->nonce.data = NULL;
     r->ciphertext.len = 0;
     r->ciphertext.data = NULL;
+    r->wrapped.len = 0; /* a rewrapped record (origin_term stays, as metadata) */
+    r->wrapped.data = NULL;
     rc = record_write(c, r);
     r->nonce = nonce;
     r->ciphertext = ct;
+    r->wrapped = wr;
     if (ct.data != NULL) {
         OPENSSL_cleanse(ct.data, ct.len);
+    }
+    if (wr.data != NULL) {
+        OPENSSL_cleanse(wr.data, wr.len);
     }
     if (rc == 0) {
         *changed = true;
@@ -912,6 +919,184 @@ out:
     return rc;
 }
 
+/* Rewrap (kmsctl operator rewrap): each item replaces the wrapping of one
+ * live record still at from_term; anything else (revoked, gone, already
+ * moved by another rewrap) is skipped. Timestamps and the node index are
+ * kept: only term, origin_term, nonce, ciphertext and wrapped change. */
+static int op_rewrap_batch(struct apply_ctx *c, const Kmsd__V1__RewrapBatch *op)
+{
+    uint64_t done = 0, skipped = 0;
+    int rc = 0;
+
+    if (op->n_items > REWRAP_MAX) {
+        result(c, KMS_ERANGE, 0, "rewrap: %zu items, limit %d", op->n_items, REWRAP_MAX);
+        return 0;
+    }
+    for (size_t i = 0; i < op->n_items; i++) {
+        const Kmsd__V1__RewrapItem *it = op->items[i];
+        Kmsd__V1__SealedRecord *r = NULL;
+        ProtobufCBinaryData nonce, ct, wr;
+        if (it == NULL || it->key_id.len != 16 || it->origin_term == 0 ||
+            it->origin_term >= it->term || it->wrapped.len == 0) {
+            skipped++;
+            continue;
+        }
+        rc = record_read(c->s, NULL, it->key_id.data, &r, c->err);
+        if (rc == KMS_ENOTFOUND) {
+            skipped++;
+            rc = 0;
+            continue;
+        }
+        if (rc != 0) {
+            goto out;
+        }
+        if (r->revoked_at != 0 || r->term != it->from_term || r->term == it->term ||
+            (r->origin_term != 0 && r->origin_term != it->origin_term)) {
+            skipped++;
+            kmsd__v1__sealed_record__free_unpacked(r, NULL);
+            continue;
+        }
+        nonce = r->nonce;
+        ct = r->ciphertext;
+        wr = r->wrapped;
+        r->term = it->term;
+        r->origin_term = it->origin_term;
+        r->nonce.len = 0;
+        r->nonce.data = NULL;
+        r->ciphertext.len = 0;
+        r->ciphertext.data = NULL;
+        r->wrapped = it->wrapped;
+        rc = record_write(c, r);
+        r->nonce = nonce;
+        r->ciphertext = ct;
+        r->wrapped = wr;
+        kmsd__v1__sealed_record__free_unpacked(r, NULL);
+        if (rc != 0) {
+            goto out;
+        }
+        done++;
+    }
+    result(c, 0, done, "%" PRIu64 " records rewrapped, %" PRIu64 " skipped", done, skipped);
+out:
+    return rc;
+}
+
+/* Live records (not revoked, holding ciphertext) on `term`: a full walk of
+ * the record range (the raft thread is the only writer, so it sees exactly
+ * the state before this entry). */
+static int records_on_term(struct kms_store *s, uint32_t term, uint64_t *n, struct kms_err *err)
+{
+    rocksdb_iterator_t *it = rocksdb_create_iterator(s->db, s->ropts);
+    char *rerr = NULL;
+    const char prefix = KS_P_RECORD;
+    int rc = 0;
+
+    *n = 0;
+    if (it == NULL) {
+        return kms_err_set(err, KMS_ENOMEM, "out of memory");
+    }
+    for (rocksdb_iter_seek(it, &prefix, 1); rocksdb_iter_valid(it); rocksdb_iter_next(it)) {
+        size_t klen, vlen;
+        const char *k = rocksdb_iter_key(it, &klen);
+        const char *v;
+        Kmsd__V1__SealedRecord *r;
+        if (klen < 1 || k[0] != KS_P_RECORD) {
+            break;
+        }
+        v = rocksdb_iter_value(it, &vlen);
+        r = kmsd__v1__sealed_record__unpack(NULL, vlen, (const uint8_t *)v);
+        if (r == NULL) {
+            rc = kms_err_set(err, KMS_ECORRUPT, "store %s: a record does not parse", s->path);
+            goto out;
+        }
+        if (r->term == term && r->revoked_at == 0 &&
+            (r->ciphertext.len != 0 || r->wrapped.len != 0)) {
+            (*n)++;
+        }
+        kmsd__v1__sealed_record__free_unpacked(r, NULL);
+    }
+    rocksdb_iter_get_error(it, &rerr);
+    if (rerr != NULL) {
+        rc = rdb_err(s, rerr, "iterate", err);
+    }
+out:
+    rocksdb_iter_destroy(it);
+    return rc;
+}
+
+int kms_store_records_on_term(struct kms_store *s, uint32_t term, uint64_t *n,
+                              struct kms_err *err)
+{
+    return records_on_term(s, term, n, err);
+}
+
+static int op_retire_term(struct apply_ctx *c, const Kmsd__V1__RetireTerm *op)
+{
+    const Kmsd__V1__EncryptedKeyring *nk = op->keyring;
+    Kmsd__V1__EncryptedKeyring *old = NULL;
+    char *val = NULL;
+    size_t vlen = 0, len = 0;
+    uint8_t *buf = NULL;
+    uint64_t n = 0;
+    int rc;
+
+    if (nk == NULL || nk->cluster_id.len == 0 || nk->ciphertext.len == 0 || op->term == 0) {
+        result(c, KMS_EINVAL, 0, "retire term: missing keyring or term");
+        return 0;
+    }
+    rc = db_get(c->s, NULL, KS_K_KEYRING, strlen(KS_K_KEYRING), &val, &vlen, c->err);
+    if (rc == KMS_ENOTFOUND) {
+        result(c, KMS_EUNINIT, 0, "cluster not initialised");
+        rc = 0;
+        goto out;
+    }
+    if (rc != 0) {
+        goto out;
+    }
+    old = kmsd__v1__encrypted_keyring__unpack(NULL, vlen, (const uint8_t *)val);
+    if (old == NULL) {
+        rc = kms_err_set(c->err, KMS_ECORRUPT, "store %s: stored keyring does not parse",
+                         c->s->path);
+        goto out;
+    }
+    if (old->cluster_id.len != nk->cluster_id.len ||
+        memcmp(old->cluster_id.data, nk->cluster_id.data, nk->cluster_id.len) != 0) {
+        result(c, KMS_EINVAL, 0, "retire term: keyring belongs to another cluster");
+        goto out;
+    }
+    if (nk->active_term != old->active_term) {
+        result(c, KMS_ERANGE, 0, "retire term: keyring has active term %u, cluster %u (stale)",
+               (unsigned)nk->active_term, (unsigned)old->active_term);
+        goto out;
+    }
+    if (op->term == old->active_term) {
+        result(c, KMS_EINVAL, 0, "term %u is the active term: it cannot be retired",
+               (unsigned)op->term);
+        goto out;
+    }
+    if ((rc = records_on_term(c->s, op->term, &n, c->err)) != 0) {
+        goto out;
+    }
+    if (n > 0) {
+        result(c, KMS_EBUSY, 0,
+               "term %u still protects %" PRIu64 " live records: run kmsctl operator rewrap first",
+               (unsigned)op->term, n);
+        goto out;
+    }
+    if ((rc = pack_msg(&nk->base, &buf, &len, c->err)) != 0) {
+        goto out;
+    }
+    rocksdb_writebatch_put(c->wb, KS_K_KEYRING, strlen(KS_K_KEYRING), (const char *)buf, len);
+    result(c, 0, 1, "term %u retired", (unsigned)op->term);
+out:
+    free(val);
+    free(buf);
+    if (old != NULL) {
+        kmsd__v1__encrypted_keyring__free_unpacked(old, NULL);
+    }
+    return rc;
+}
+
 /* Applies into a caller-provided result. Fatal errors are made sticky. */
 static int apply_entry(struct kms_store *s, uint64_t index, const void *buf, size_t len,
                        struct kms_store_result *res, struct kms_err *err)
@@ -992,6 +1177,12 @@ static int apply_entry(struct kms_store *s, uint64_t index, const void *buf, siz
         break;
     case KMSD__V1__ENTRY__OP_TOUCH_BATCH:
         rc = op_touch_batch(&c, e->touch_batch);
+        break;
+    case KMSD__V1__ENTRY__OP_REWRAP_BATCH:
+        rc = op_rewrap_batch(&c, e->rewrap_batch);
+        break;
+    case KMSD__V1__ENTRY__OP_RETIRE_TERM:
+        rc = op_retire_term(&c, e->retire_term);
         break;
     case KMSD__V1__ENTRY__OP_NOOP:
         result(&c, 0, 0, "noop");

@@ -268,7 +268,14 @@ def run(c, tmp):
         "RemoveMember (node 3)": entry(15, f_varint(1, 3)),
         "RevokeKey (the sealed key)": entry(11, f_bytes(1, kid) + f_varint(2, 1)),
         "RevokeNode (its node)": entry(12, f_bytes(1, u1) + f_varint(2, 1)),
-        "TouchBatch": entry(16, f_bytes(1, f_bytes(1, kid) + f_varint(2, 1))),
+        "TouchBatch (a 1970 time)": entry(16, f_bytes(1, f_bytes(1, kid) + f_varint(2, 1))),
+        "TouchBatch (a 5-byte key id)": entry(16, f_bytes(1, f_bytes(1, kid[:5]) + f_varint(
+            2, int(time.time() * 1000)))),
+        "TouchBatch (a time a day ahead)": entry(16, f_bytes(1, f_bytes(1, kid) + f_varint(
+            2, int(time.time() * 1000) + 86400000))),
+        "TouchBatch (empty)": entry(16, b""),
+        "RewrapBatch": entry(25, f_bytes(1, f_bytes(1, kid) + f_varint(2, 1) + f_varint(3, 2))),
+        "RetireTerm": entry(26, f_bytes(1, garbage_keyring(2)) + f_varint(2, 1)),
         "Noop": entry(17, b""),
         "PutRecord: 5-byte key id": entry(10, f_bytes(1, record(key_id=os.urandom(5)))),
         "PutRecord: 3-byte nonce": entry(10, f_bytes(1, record(nonce=b"abc"))),

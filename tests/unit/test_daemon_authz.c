@@ -171,6 +171,7 @@ static void test_method_table(void **state)
         "/kmsd.v1.Operator/TransferLeader", "/kmsd.v1.Operator/SealMigrate",
         "/kmsd.v1.Operator/RekeyInit",     "/kmsd.v1.Operator/RekeyStatus",
         "/kmsd.v1.Operator/RekeyUpdate",   "/kmsd.v1.Operator/RekeyCancel",
+        "/kmsd.v1.Operator/Rewrap",        "/kmsd.v1.Operator/RetireTerm",
     };
     static const char *const local[] = {
         "/kmsd.v1.Operator/Status",      "/kmsd.v1.Operator/Unseal",
@@ -270,19 +271,60 @@ static void test_entry_forwardable(void **state)
         KMSD__V1__ENTRY__OP__NOT_SET,       KMSD__V1__ENTRY__OP_REVOKE_KEY,
         KMSD__V1__ENTRY__OP_REVOKE_NODE,    KMSD__V1__ENTRY__OP_PUT_KEYRING,
         KMSD__V1__ENTRY__OP_PUT_MEMBER,     KMSD__V1__ENTRY__OP_REMOVE_MEMBER,
-        KMSD__V1__ENTRY__OP_TOUCH_BATCH,    KMSD__V1__ENTRY__OP_NOOP,
+        KMSD__V1__ENTRY__OP_NOOP,           KMSD__V1__ENTRY__OP_REWRAP_BATCH,
+        KMSD__V1__ENTRY__OP_RETIRE_TERM,
     };
     (void)state;
+    /* Seals, and each follower's batched last-access times (touch.c). */
     assert_true(kmsd_authz_entry_forwardable(KMSD__V1__ENTRY__OP_PUT_RECORD));
     assert_true(kmsd_authz_entry_forwardable(KMSD__V1__ENTRY__OP_SET_PEER_UNSEAL_GATE));
+    assert_true(kmsd_authz_entry_forwardable(KMSD__V1__ENTRY__OP_TOUCH_BATCH));
     for (size_t i = 0; i < sizeof(others) / sizeof(others[0]); i++) {
         assert_false(kmsd_authz_entry_forwardable(others[i]));
     }
     for (int op = 0; op < 64; op++) {
         assert_true(kmsd_authz_entry_forwardable(op) ==
                     (op == KMSD__V1__ENTRY__OP_PUT_RECORD ||
-                     op == KMSD__V1__ENTRY__OP_SET_PEER_UNSEAL_GATE));
+                     op == KMSD__V1__ENTRY__OP_SET_PEER_UNSEAL_GATE ||
+                     op == KMSD__V1__ENTRY__OP_TOUCH_BATCH));
     }
+}
+
+static void test_touch_check(void **state)
+{
+    uint8_t id[16] = {1};
+    Kmsd__V1__Touch t[3], *p[3];
+    Kmsd__V1__TouchBatch tb = KMSD__V1__TOUCH_BATCH__INIT;
+    const int64_t now = 1700000000000;
+    struct kms_err err;
+    (void)state;
+
+    for (int i = 0; i < 3; i++) {
+        kmsd__v1__touch__init(&t[i]);
+        t[i].key_id.data = id;
+        t[i].key_id.len = 16;
+        t[i].at = now - 1000;
+        p[i] = &t[i];
+    }
+    tb.touches = p;
+    tb.n_touches = 3;
+    assert_int_equal(kmsd_authz_touch_check(&tb, 3, now, &err), 0);
+    assert_int_equal(kmsd_authz_touch_check(&tb, 2, now, &err), KMS_EFORMAT); /* too many */
+    tb.n_touches = 0;
+    assert_int_equal(kmsd_authz_touch_check(&tb, 3, now, &err), KMS_EFORMAT); /* empty */
+    tb.n_touches = 3;
+    t[1].key_id.len = 15;
+    assert_int_equal(kmsd_authz_touch_check(&tb, 3, now, &err), KMS_EFORMAT);
+    t[1].key_id.len = 16;
+    t[2].at = now + 3600000; /* from the future */
+    assert_int_equal(kmsd_authz_touch_check(&tb, 3, now, &err), KMS_EFORMAT);
+    t[2].at = 0;
+    assert_int_equal(kmsd_authz_touch_check(&tb, 3, now, &err), KMS_EFORMAT);
+    t[2].at = now - 26 * 3600000LL; /* older than any interval allows */
+    assert_int_equal(kmsd_authz_touch_check(&tb, 3, now, &err), KMS_EFORMAT);
+    t[2].at = now - 24 * 3600000LL;
+    assert_int_equal(kmsd_authz_touch_check(&tb, 3, now, &err), 0);
+    assert_int_equal(kmsd_authz_touch_check(NULL, 3, now, &err), KMS_EFORMAT);
 }
 
 /* ---- a forwarded record ---------------------------------------------- */
@@ -425,6 +467,7 @@ int main(void)
         cmocka_unit_test(test_method_table),
         cmocka_unit_test(test_k8s_cn),
         cmocka_unit_test(test_entry_forwardable),
+        cmocka_unit_test(test_touch_check),
         cmocka_unit_test(test_record_check),
         cmocka_unit_test(test_keyring_check),
     };

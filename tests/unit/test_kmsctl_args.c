@@ -579,6 +579,7 @@ static const char status_json[] =
     "  \"version\": \"0.1.0\",\n"
     "  \"cluster_id\": \"00112233445566778899aabbccddeeff\",\n"
     "  \"active_term\": 2,\n"
+    "  \"keyring_terms\": [],\n"
     "  \"keyring_error\": \"\",\n"
     "  \"talos_listening\": true,\n"
     "  \"unseal_reads\": \"lease\",\n"

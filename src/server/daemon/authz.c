@@ -1,3 +1,4 @@
+#include <inttypes.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -354,6 +355,8 @@ static const struct kmsd_method_policy methods[] = {
     {"/kmsd.v1.Operator/Initialize", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
     {"/kmsd.v1.Operator/Rotate", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
     {"/kmsd.v1.Operator/SealMigrate", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    {"/kmsd.v1.Operator/Rewrap", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
+    {"/kmsd.v1.Operator/RetireTerm", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
     {"/kmsd.v1.Operator/KeysRevoke", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
     {"/kmsd.v1.Operator/MembersAdd", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
     {"/kmsd.v1.Operator/MembersRemove", KMSD_AUTH_OPERATOR | KMSD_RUN_PARK | KMSD_RUN_LEADER},
@@ -393,9 +396,38 @@ bool kmsd_authz_entry_forwardable(int op_case)
 {
     /* The peer unseal gate: closed by an operator seal of a follower,
      * reopened by a follower unsealed with k shares; checked by the leader
-     * (kmsd_peer_gate_forward_check) and, for a reopen, by every peer. */
+     * (kmsd_peer_gate_forward_check) and, for a reopen, by every peer.
+     * TouchBatch: checked by kmsd_authz_touch_check. */
     return op_case == KMSD__V1__ENTRY__OP_PUT_RECORD ||
-           op_case == KMSD__V1__ENTRY__OP_SET_PEER_UNSEAL_GATE;
+           op_case == KMSD__V1__ENTRY__OP_SET_PEER_UNSEAL_GATE ||
+           op_case == KMSD__V1__ENTRY__OP_TOUCH_BATCH;
+}
+
+int kmsd_authz_touch_check(const Kmsd__V1__TouchBatch *tb, size_t max, int64_t now_ms,
+                           struct kms_err *err)
+{
+    if (tb == NULL || tb->n_touches == 0) {
+        return kms_err_set(err, KMS_EFORMAT, "touch batch: no touches");
+    }
+    if (tb->n_touches > max) {
+        return kms_err_set(err, KMS_EFORMAT, "touch batch: %zu touches, at most %zu",
+                           tb->n_touches, max);
+    }
+    for (size_t i = 0; i < tb->n_touches; i++) {
+        const Kmsd__V1__Touch *t = tb->touches[i];
+        if (t == NULL || t->key_id.len != 16 || t->key_id.data == NULL) {
+            return kms_err_set(err, KMS_EFORMAT, "touch batch: touch #%zu has no 16-byte key id",
+                               i + 1);
+        }
+        /* A batch holds unseals of the last interval (at most 24 h), kept a
+         * little longer when no leader took it: nothing older than 25 h. */
+        if (t->at <= 0 || t->at > now_ms + 60000 || t->at < now_ms - 25 * 3600000LL) {
+            return kms_err_set(err, KMS_EFORMAT,
+                               "touch batch: touch #%zu has time %" PRId64 " (now %" PRId64 ")",
+                               i + 1, t->at, now_ms);
+        }
+    }
+    return 0;
 }
 
 int kmsd_authz_record_check(const Kmsd__V1__SealedRecord *rec, uint32_t max_term,
@@ -424,6 +456,9 @@ int kmsd_authz_record_check(const Kmsd__V1__SealedRecord *rec, uint32_t max_term
     }
     if (rec->revoked_at != 0 || rec->last_access_at != 0) {
         return kms_err_set(err, KMS_EFORMAT, "record: a new record cannot be revoked or used");
+    }
+    if (rec->origin_term != 0 || rec->wrapped.len != 0) {
+        return kms_err_set(err, KMS_EFORMAT, "record: a new record cannot be rewrapped");
     }
     return 0;
 }

@@ -35,6 +35,8 @@
 #include "kmsd_k8s.h"
 #include "kmsd_peer.h"
 #include "kmsd_pool.h"
+#include "kmsd_rewrap.h"
+#include "kmsd_touch.h"
 #include "kmsd_rekey.h"
 #include "kmsd_share_recipients.h"
 #include "kmsd_snapshot.h"
@@ -151,13 +153,23 @@ static void forward_run_cb(void *arg)
         goto out;
     }
     if (!kmsd_authz_entry_forwardable(j->r->entry->op_case)) {
-        forward_refuse(d, j->call, "a node may forward only sealed records (PutRecord)");
+        forward_refuse(d, j->call,
+                       "a node may forward only sealed records (PutRecord), last-access "
+                       "batches (TouchBatch) and the peer unseal gate (SetPeerUnsealGate)");
         goto out;
     }
     if (j->r->entry->op_case == KMSD__V1__ENTRY__OP_SET_PEER_UNSEAL_GATE) {
         if (kmsd_peer_gate_forward_check(d, j->r->entry, j->caller_id, &err) != 0) {
             char why[sizeof(err.msg) + 32];
             snprintf(why, sizeof(why), "peer unseal gate: %s", err.msg);
+            forward_refuse(d, j->call, why);
+            goto out;
+        }
+    } else if (j->r->entry->op_case == KMSD__V1__ENTRY__OP_TOUCH_BATCH) {
+        if (kmsd_authz_touch_check(j->r->entry->touch_batch, KMSD_TOUCH_MAX, kms_wall_ms(),
+                                   &err) != 0) {
+            char why[sizeof(err.msg) + 32];
+            snprintf(why, sizeof(why), "malformed touch batch: %s", err.msg);
             forward_refuse(d, j->call, why);
             goto out;
         }
@@ -344,6 +356,7 @@ static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     char cid[33] = "";
     char kerr[sizeof(d->keyring_error)];
     char serr[KMS_ERR_MSG_MAX];
+    uint32_t kterms[KMS_KEYRING_MAX_TERMS];
     unsigned progress = 0, threshold = 0;
 
     memset(&st, 0, sizeof(st));
@@ -382,6 +395,8 @@ static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     resp.cluster_id = cid;
     kr = kmsd_keyring_get(d);
     resp.active_term = kr != NULL ? kms_keyring_active_term(kr) : 0;
+    resp.n_keyring_terms = kms_keyring_terms(kr, kterms, KMS_KEYRING_MAX_TERMS);
+    resp.keyring_terms = kterms;
     pthread_mutex_lock(&d->mu);
     snprintf(kerr, sizeof(kerr), "%s", d->keyring_error);
     pthread_mutex_unlock(&d->mu);
@@ -834,6 +849,7 @@ static int key_info_fill(Kmsd__V1__KeyInfo *ki, const Kmsd__V1__SealedRecord *re
     ki->source_ip = ip_text(&rec->source_ip);
     ki->last_access_at = rec->last_access_at;
     ki->revoked_at = rec->revoked_at;
+    ki->origin_term = rec->origin_term;
     return 0;
 }
 
@@ -852,11 +868,36 @@ struct keys_ctx {
     Kmsd__V1__KeyInfo *ki;
     size_t n, cap;
     size_t limit; /* page size; 0 = unbounded (KeysRevoke and friends) */
+    /* KeysList filters (cluster.proto); 0/false = off */
+    int64_t unused_since;
+    bool revoked;
+    uint32_t term;
 };
+
+/* KeysList filters: unused since (last access, or creation when never
+ * used, before the bound), revoked only, on one term only. */
+static bool keys_filter_match(const struct keys_ctx *c, const Kmsd__V1__SealedRecord *rec)
+{
+    int64_t used = rec->last_access_at != 0 ? rec->last_access_at : rec->created_at;
+
+    if (c->unused_since > 0 && used >= c->unused_since) {
+        return false;
+    }
+    if (c->revoked && rec->revoked_at == 0) {
+        return false;
+    }
+    if (c->term != 0 && rec->term != c->term) {
+        return false;
+    }
+    return true;
+}
 
 static int keys_list_each(void *arg, const Kmsd__V1__SealedRecord *rec)
 {
     struct keys_ctx *c = arg;
+    if (!keys_filter_match(c, rec)) {
+        return 0;
+    }
     if (c->limit > 0 && c->n == c->limit) {
         return KEYS_LIST_MORE;
     }
@@ -882,7 +923,7 @@ static void keys_list_cb(void *arg, struct kms_rpc_call *call, const uint8_t *re
     Kmsd__V1__KeysListRequest *r = NULL;
     Kmsd__V1__KeysListResponse resp = KMSD__V1__KEYS_LIST_RESPONSE__INIT;
     Kmsd__V1__KeyInfo **ptrs = NULL;
-    struct keys_ctx c = {NULL, 0, 0, KEYS_PAGE_MAX};
+    struct keys_ctx c = {NULL, 0, 0, KEYS_PAGE_MAX, 0, false, 0};
     uint8_t after[16];
     char next[33] = "";
     struct kms_err err;
@@ -897,6 +938,9 @@ static void keys_list_cb(void *arg, struct kms_rpc_call *call, const uint8_t *re
     if (r->page_size > 0 && r->page_size < KEYS_PAGE_MAX) {
         c.limit = r->page_size;
     }
+    c.unused_since = r->unused_since;
+    c.revoked = r->revoked;
+    c.term = r->term;
     if (r->page_token != NULL && r->page_token[0] != '\0' &&
         (strlen(r->page_token) != 32 ||
          kms_hex_decode_ct(r->page_token, 32, after, sizeof(after), NULL, NULL) != 0)) {
@@ -1188,6 +1232,8 @@ int kmsd_cluster_register(struct kmsd *d, struct kms_rpc_server *srv)
         {"/kmsd.v1.Operator/Seal", seal_cb},
         {"/kmsd.v1.Operator/StepDown", stepdown_cb},
         {"/kmsd.v1.Operator/Rotate", rotate_cb},
+        {"/kmsd.v1.Operator/Rewrap", kmsd_rewrap_cb},
+        {"/kmsd.v1.Operator/RetireTerm", kmsd_retire_term_cb},
         {"/kmsd.v1.Operator/MembersList", members_list_cb},
         {"/kmsd.v1.Operator/MembersAdd", members_add_cb},
         {"/kmsd.v1.Operator/MembersRemove", members_remove_cb},

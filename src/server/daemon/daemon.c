@@ -52,6 +52,7 @@
 #include "kmsd.h"
 #include "kmsd_peer.h"
 #include "kmsd_audit.h"
+#include "kmsd_touch.h"
 #include "kmsd_snapshot.h"
 #include "kmsd_authz.h"
 #include "kmsd_notify.h"
@@ -640,6 +641,9 @@ int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *e
         return rc;
     }
 
+    if ((rc = kmsd_touch_start(d, err)) != 0) {
+        return rc;
+    }
     if (pthread_create(&d->supervisor, NULL, supervisor_main, d) != 0) {
         return kms_err_set(err, KMS_ENOMEM, "cannot start supervisor thread");
     }
@@ -774,6 +778,8 @@ void kmsd_stop(struct kmsd *d)
      * the pools go before it. */
     kmsd_pool_stop(d->write_pool);
     kmsd_pool_stop(d->wait_pool);
+    /* No unseal notes any more (Talos API closed); its flusher uses raft. */
+    kmsd_touch_stop(d);
     /* Operator jobs may sit in a long raft call (members add waits up to a
      * minute): give them requestWait, then stop raft anyway, which fails
      * their pending raft requests with KMS_ESHUTDOWN (queued ones see

@@ -545,6 +545,15 @@ static const struct metric_row metric_table[] = {
     COUNTER_FIELD("kmsd_forward_refused_total",
                   "Cluster/Forward calls refused (identity or entry).",
                   metrics.forward_refused),
+    /* last access (touch.c) */
+    COUNTER_FIELD("kmsd_last_access_writes_total",
+                  "Last-access batches (TouchBatch) this replica had replicated.",
+                  metrics.touch_writes),
+    COUNTER_FIELD("kmsd_last_access_keys_total", "Keys carried by those batches.",
+                  metrics.touch_keys),
+    COUNTER_FIELD("kmsd_last_access_dropped_total",
+                  "Unseals not noted for last access because the batch table was full.",
+                  metrics.touch_dropped),
     /* raft */
     ROW("kmsd_seal_pkcs11", "gauge", "1 when seal.type is pkcs11.", r_hsm_enabled),
     ROW("kmsd_seal_hsm_error", "gauge",

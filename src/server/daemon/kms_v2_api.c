@@ -5,7 +5,8 @@
  * Revocation does not apply here: the seeds are not records (nothing is
  * stored per seed), so `keys revoke` and node revocation cannot reach them;
  * a ciphertext stays decryptable for as long as its term is in the keyring,
- * which is forever (rotation adds terms, never removes one).
+ * which is until an operator retires it (kmsctl operator retire-term; the
+ * procedure in docs/operations.md rewrites Kubernetes' data first).
  */
 #include <stdio.h>
 #include <stdlib.h>

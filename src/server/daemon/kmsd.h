@@ -108,6 +108,8 @@ struct kmsd_options {
     unsigned seals_per_minute;
     unsigned seals_per_node_per_minute;
     unsigned records_per_node;
+    unsigned last_access_interval_ms; /* 0 = last access not recorded (touch.c) */
+    unsigned last_access_max_batch;
 
     /* connection and resource limits (docs/security.md "Limits") */
     unsigned max_conns;            /* per gRPC port; 0 = auto from the fd limit */
@@ -184,10 +186,14 @@ struct kmsd_metrics {
     atomic_ullong keyring_refresh_failures; /* replicated keyring did not decrypt */
     atomic_ullong forward_refused;          /* Forward calls refused (identity or entry) */
     atomic_ullong seal_readback_failures;   /* sealed record not found as written */
+    atomic_ullong touch_writes;   /* last-access batches replicated (touch.c) */
+    atomic_ullong touch_keys;     /* keys in them */
+    atomic_ullong touch_dropped;  /* unseals not noted: batch table full */
 };
 
 struct kmsd_limiter;
 struct kmsd_peer_unseal;
+struct kmsd_touch;
 
 struct kmsd {
     bool raft_failed;            /* set by kmsd_stop: the raft log could not be written */
@@ -204,6 +210,9 @@ struct kmsd {
     struct kmsd_pool *write_pool;        /* parked Seals and Forwards (pool.c) */
     struct kmsd_pool *wait_pool;         /* parked Unseals */
     struct kmsd_pool *op_pool;           /* operator calls (cluster_api.c) */
+    struct kmsd_touch *touch;            /* last-access batches (touch.c); NULL when off.
+                                          * Set before the Talos API opens, cleared after
+                                          * it closed. */
     struct kmsd_op_method op_methods[KMSD_OP_METHODS]; /* handler args, set at register */
 
     /* Talos API server: created/destroyed only by the supervisor thread
@@ -333,7 +342,7 @@ struct kmsd_write_result {
 };
 int kmsd_write(struct kmsd *d, const struct Kmsd__V1__Entry *e, unsigned wait_ms,
                struct kmsd_write_result *res, struct kms_err *err);
-/* Only entries kmsd_authz_entry_forwardable() allows (PutRecord) are
+/* Only entries kmsd_authz_entry_forwardable() allows (PutRecord, TouchBatch) are
  * forwarded. Any other entry is proposed only by the leader: on a follower
  * kmsd_write returns KMS_ENOTLEADER with the message
  * "not the leader; leader is N at ADDR" (ADDR: the leader's cluster API) as

@@ -86,17 +86,27 @@ struct Kmsd__V1__Entry;
 struct Kmsd__V1__SealedRecord;
 struct Kmsd__V1__EncryptedKeyring;
 
-/* True only for entry kinds a follower forwards on its own (PutRecord, for
- * a Talos Seal; SetPeerUnsealGate, for an operator seal or a k-share
- * unseal with unseal.peer). Every other entry is proposed by the leader itself, for an
+/* True only for entry kinds a follower forwards on its own: PutRecord (a
+ * Talos Seal), TouchBatch (its batched last-access times, touch.c) and
+ * SetPeerUnsealGate (an operator seal or a k-share unseal with
+ * unseal.peer). Every other entry is proposed by the leader itself, for an
  * operator call it authorised. op_case: Kmsd__V1__Entry__OpCase. */
 bool kmsd_authz_entry_forwardable(int op_case);
+
+struct Kmsd__V1__TouchBatch;
+/* A forwarded TouchBatch: 1..max touches, each a 16-byte key id and a time
+ * now_ms - 25 h <= at <= now_ms + 60 s (nothing from the future, nothing
+ * older than the longest lastAccess.interval allows). It can only move
+ * last_access_at forward on existing records; nothing else. 0 or
+ * KMS_EFORMAT naming the problem. Pure: any thread. */
+int kmsd_authz_touch_check(const struct Kmsd__V1__TouchBatch *tb, size_t max, int64_t now_ms,
+                           struct kms_err *err);
 
 /* A PutRecord the leader is about to propose: kms_record_validate (version,
  * key id 16, nonce 12, ciphertext 32..80 bytes, source ip), plus a node uuid
  * of 1..128 printable ASCII bytes, term 1..max_term (max_term = the active
  * term of the replicated keyring; 0 = not initialised), never revoked or
- * accessed yet. 0 or KMS_EFORMAT naming the field. */
+ * accessed yet, not a rewrapped record. 0 or KMS_EFORMAT naming the field. */
 int kmsd_authz_record_check(const struct Kmsd__V1__SealedRecord *rec, uint32_t max_term,
                             struct kms_err *err);
 

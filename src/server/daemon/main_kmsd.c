@@ -139,6 +139,8 @@ static int options_from_config(const struct kms_config *c, struct kmsd_options *
     o->seals_per_minute = c->seals_per_minute;
     o->seals_per_node_per_minute = c->seals_per_node_per_minute;
     o->records_per_node = c->records_per_node;
+    o->last_access_interval_ms = c->last_access_interval_ms;
+    o->last_access_max_batch = c->last_access_max_batch;
     o->max_conns = c->limits.max_connections;
     o->max_conns_per_addr = c->limits.max_connections_per_address;
     o->handshake_timeout_ms = c->limits.handshake_timeout_ms;

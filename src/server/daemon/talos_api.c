@@ -45,6 +45,7 @@
 #include "kms_store.h"
 #include "kms_time.h"
 #include "kmsd.h"
+#include "kmsd_touch.h"
 #include "kmsd_limit.h"
 #include "kmsd_pool.h"
 
@@ -621,6 +622,9 @@ static int unseal_read(struct unseal_job *j, uint8_t *data, size_t *datalen, boo
         *stale = true;
         kms_err_clear(err);
         rc = kms_err_set(err, KMS_EUNAVAIL, "read lease ended during the read");
+    }
+    if (rc == 0) {
+        kmsd_touch_note(d, j->key_id); /* last access, batched (touch.c) */
     }
 out:
     if (rec != NULL) {
