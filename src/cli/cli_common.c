@@ -645,6 +645,18 @@ int cli_leaf_parse(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, cha
 
 /* ---- errors ---------------------------------------------------------- */
 
+int cli_share_take_arg(char *arg, char *share, size_t cap)
+{
+    size_t n = strlen(arg);
+    int len = -1;
+    if (n < cap) {
+        memcpy(share, arg, n);
+        len = (int)n;
+    }
+    OPENSSL_cleanse(arg, n);
+    return len;
+}
+
 const char *cli_grpc_code_name(int s)
 {
     return kms_rpc_status_camel(s);

@@ -171,6 +171,12 @@ int cli_leaf_parse(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, cha
 /* Go-style gRPC code name ("FailedPrecondition"); "Unknown" beyond the
  * table. */
 const char *cli_grpc_code_name(int grpc_status);
+
+/* A share given on the command line: copies arg into share (cap bytes,
+ * not terminated beyond what the caller zeroed) and wipes arg in argv (and
+ * so in /proc/PID/cmdline). Its length, or -1 when it does not fit (arg is
+ * wiped all the same). */
+int cli_share_take_arg(char *arg, char *share, size_t cap);
 /* 0 for OK, CLI_EXIT_REMOTE for every other status. */
 int cli_exit_for_grpc(int grpc_status);
 

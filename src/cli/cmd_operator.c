@@ -351,15 +351,7 @@ static int unseal_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, 
     memset(share, 0, sizeof(share));
     rc = cli_leaf_parse(ctx, cmd, argc, argv, pos, 1, &npos);
     if (npos == 1 && strcmp(pos[0], "-") != 0) {
-        /* Copy, then wipe it from argv (and so from /proc/PID/cmdline). */
-        size_t n = strlen(pos[0]);
-        if (n < sizeof(share)) {
-            memcpy(share, pos[0], n);
-            len = (int)n;
-        } else {
-            len = -1;
-        }
-        OPENSSL_cleanse(pos[0], n);
+        len = cli_share_take_arg(pos[0], share, sizeof(share));
     }
     if (rc >= 0) {
         OPENSSL_cleanse(share, sizeof(share));

@@ -61,6 +61,18 @@ def share_to_stdin(args):
     return args, None
 
 
+def wait(pred, timeout, step=0.2):
+    """Polls pred() every step seconds until it returns a true value (which
+    is returned) or timeout seconds pass (then pred()'s last value)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    return pred()
+
+
 def port_open(port, host="127.0.0.1"):
     try:
         with socket.create_connection((host, port), timeout=0.5):

@@ -14,7 +14,7 @@ import time
 import uuid as uuidlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kmslib import Cluster, check, finish, port_open, KMSD, OK, SRC  # noqa: E402
+from kmslib import Cluster, check, finish, port_open, KMSD, OK, SRC, wait  # noqa: E402
 
 BASE = 30100
 
@@ -34,16 +34,6 @@ def main():
 def failures_present():
     from kmslib import failures
     return bool(failures)
-
-
-def wait(pred, timeout, step=0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
 
 
 def recover(c, i, *extra, stdin=subprocess.DEVNULL):

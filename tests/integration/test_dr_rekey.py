@@ -20,17 +20,7 @@ import time
 import uuid as uuidlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kmslib import (Cluster, check, finish, failures, port_open, KMSCTL, LOCAL, TALOS, OK)  # noqa: E402
-
-
-def wait(pred, timeout, step=0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
+from kmslib import (Cluster, check, finish, failures, port_open, KMSCTL, LOCAL, TALOS, OK, wait)  # noqa: E402
 
 
 def rk(c, i, *args, share=None):

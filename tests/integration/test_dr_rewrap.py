@@ -17,19 +17,9 @@ import uuid as uuidlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kmslib import (Cluster, check, finish, port_open, KMSCTL, OK,  # noqa: E402
-                    PERMISSION_DENIED, TALOS)
+                    PERMISSION_DENIED, TALOS, wait)
 
 BASE = 31200
-
-
-def wait(pred, timeout, step=0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
 
 
 def ctl_env(c, nodes):

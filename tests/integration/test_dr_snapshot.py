@@ -18,17 +18,7 @@ import uuid as uuidlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kmslib import (Cluster, check, finish, failures, port_open, KMSD, TALOS, OK,  # noqa: E402
-                    PERMISSION_DENIED)
-
-
-def wait(pred, timeout, step=0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
+                    PERMISSION_DENIED, wait)
 
 
 def main():

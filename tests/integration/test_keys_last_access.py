@@ -17,20 +17,10 @@ import urllib.request
 import uuid as uuidlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kmslib import Cluster, check, finish, port_open, OK, TALOS  # noqa: E402
+from kmslib import Cluster, check, finish, port_open, OK, TALOS, wait  # noqa: E402
 
 BASE = 31240
 INTERVAL = 2.0
-
-
-def wait(pred, timeout, step=0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
 
 
 def key_id_of(c, uuid):

@@ -20,19 +20,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kmslib import Cluster, check, finish, KMSD, OK  # noqa: E402
+from kmslib import Cluster, check, finish, KMSD, OK, wait  # noqa: E402
 
 BASE = 31500
-
-
-def wait(pred, timeout, step=0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
 
 
 def meta_key_in_snapshot(path, node_id):

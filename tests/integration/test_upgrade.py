@@ -36,7 +36,7 @@ import time
 import uuid as uuidlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kmslib import (Cluster, check, finish, port_open, BUILD, SRC, TALOS, OK)  # noqa: E402
+from kmslib import (Cluster, check, finish, port_open, BUILD, SRC, TALOS, OK, wait)  # noqa: E402
 
 PREV_TAG = os.environ.get("KMS_UPGRADE_FROM", "v0.1.0")
 BASE = 31400
@@ -100,16 +100,6 @@ def build_previous():
     print(f"FIGURE previous release {PREV_TAG} ({commit[:12]}) built in "
           f"{time.time() - t0:.0f}s (kmsd, kmsctl only; cached in {root})")
     return bld, src
-
-
-def wait(pred, timeout, step=0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    return pred()
 
 
 class Load:
