@@ -81,13 +81,18 @@ static int expect_cn_cb(const char *target_name, const char *peer_pem, void *use
     if (kms_rpc_peer_cn_check(peer_pem, userdata, &err) != 0) {
         kms_log(KMS_LOG_ERROR, "rpc", "server identity refused", "target",
                 target_name != NULL ? target_name : "", "error", err.msg, NULL);
+        KMS_TSAN_RELEASE(userdata);
         return 1;
     }
+    KMS_TSAN_RELEASE(userdata);
     return 0;
 }
 
 static void expect_cn_free_cb(void *userdata)
 {
+    /* The credentials' last reference may drop on another thread than the
+     * handshake's; gRPC orders the two, TSAN cannot see it. */
+    KMS_TSAN_ACQUIRE(userdata);
     free(userdata);
 }
 

@@ -1260,15 +1260,20 @@ int kmsd_cluster_register(struct kmsd *d, struct kms_rpc_server *srv)
     if (n > KMSD_OP_METHODS || n != npol) {
         return KMS_ERANGE; /* a handler without a policy row, or the reverse */
     }
-    for (size_t i = 0; i < n; i++) {
-        const struct kmsd_method_policy *pol = kmsd_authz_method(handlers[i].path);
-        if (pol == NULL) {
-            return KMS_ERANGE;
+    if (!atomic_load_explicit(&d->op_methods_ready, memory_order_acquire)) {
+        for (size_t i = 0; i < n; i++) {
+            const struct kmsd_method_policy *pol = kmsd_authz_method(handlers[i].path);
+            if (pol == NULL) {
+                return KMS_ERANGE;
+            }
+            d->op_methods[i].d = d;
+            d->op_methods[i].fn = handlers[i].fn;
+            d->op_methods[i].path = pol->path;
+            d->op_methods[i].flags = pol->flags;
         }
-        d->op_methods[i].d = d;
-        d->op_methods[i].fn = handlers[i].fn;
-        d->op_methods[i].path = pol->path;
-        d->op_methods[i].flags = pol->flags;
+        atomic_store_explicit(&d->op_methods_ready, true, memory_order_release);
+    }
+    for (size_t i = 0; i < n; i++) {
         rc = kms_rpc_server_add_method(srv, handlers[i].path, dispatch_cb, &d->op_methods[i]);
         if (rc != 0) {
             return rc;

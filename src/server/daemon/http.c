@@ -378,6 +378,9 @@ static void r_requests(const struct scrape *s, const struct metric_row *row, str
 static void r_cluster_requests(const struct scrape *s, const struct metric_row *row,
                                struct mbuf *b)
 {
+    if (!atomic_load_explicit(&s->d->op_methods_ready, memory_order_acquire)) {
+        return; /* the cluster API is not registered yet */
+    }
     for (size_t i = 0; i < KMSD_OP_METHODS; i++) {
         const char *path = s->d->op_methods[i].path, *m;
         if (path == NULL) {

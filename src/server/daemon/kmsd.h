@@ -213,7 +213,11 @@ struct kmsd {
     struct kmsd_touch *touch;            /* last-access batches (touch.c); NULL when off.
                                           * Set before the Talos API opens, cleared after
                                           * it closed. */
-    struct kmsd_op_method op_methods[KMSD_OP_METHODS]; /* handler args, set at register */
+    /* Handler args: filled by the first kmsd_cluster_register (supervisor
+     * thread), never written again (a TLS reload registers the same ones);
+     * op_methods_ready (release) publishes them to /metrics readers. */
+    struct kmsd_op_method op_methods[KMSD_OP_METHODS];
+    atomic_bool op_methods_ready;
 
     /* Talos API server: created/destroyed only by the supervisor thread
      * (which also rebuilds cluster_srv). srv_mu guards both pointers for
