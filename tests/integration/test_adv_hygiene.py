@@ -246,7 +246,8 @@ def run(c, pki, opca, pids):
     with open(opca, "w") as f:
         f.write("-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n")
     os.kill(c.pid(1), signal.SIGHUP)
-    bad = wait_for(lambda: "kmsd_tls_reload_failed 1" in metrics(c), 10)
+    # a whole sample line: the HELP text also reads "kmsd_tls_reload_failed 1 when ..."
+    bad = wait_for(lambda: re.search(r"^kmsd_tls_reload_failed 1$", metrics(c), re.M), 10)
     check(bad, "a broken CA file: kmsd_tls_reload_failed 1")
     check('kmsd_tls_reloads_total{result="failed"} 1' in metrics(c),
           "counted in kmsd_tls_reloads_total{result=\"failed\"}")

@@ -12,6 +12,7 @@ three-node cluster (real raft, RocksDB, mutual TLS). Ports 30000-30099.
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -339,13 +340,15 @@ tls:
             metrics = r.read().decode()
     except OSError as e:
         metrics = str(e)
-    check("kmsd_unseal_reads_local 1" in metrics, "metric kmsd_unseal_reads_local 1 on node 3")
+    check(re.search(r"^kmsd_unseal_reads_local 1$", metrics, re.M) is not None,
+          "metric kmsd_unseal_reads_local 1 on node 3")
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{c.port(1, 3)}/metrics", timeout=5) as r:
             m1 = r.read().decode()
     except OSError as e:
         m1 = str(e)
-    check("kmsd_unseal_reads_local 0" in m1, "metric kmsd_unseal_reads_local 0 on node 1")
+    check(re.search(r"^kmsd_unseal_reads_local 0$", m1, re.M) is not None,
+          "metric kmsd_unseal_reads_local 0 on node 1")
     proc3.send_signal(signal.SIGTERM)
     proc3.wait(15)
 

@@ -750,7 +750,8 @@ static void tls_reload(struct kmsd *d)
         kms_rpc_server_reload_tls(d->talos_srv);
     }
     pthread_mutex_unlock(&d->srv_mu);
-    atomic_store(&d->tls_reload_last_failed, failed);
+    /* Counter and log line first, the gauge last: whoever sees the gauge
+     * change also sees the count and the line. */
     if (failed) {
         atomic_fetch_add(&d->tls_reloads_failed, 1);
         kms_log(KMS_LOG_ERROR, "kmsd",
@@ -761,6 +762,7 @@ static void tls_reload(struct kmsd *d)
         kms_log(KMS_LOG_INFO, "kmsd",
                 "TLS certificates and CA bundles reloaded for new connections", NULL);
     }
+    atomic_store(&d->tls_reload_last_failed, failed);
 }
 
 void kmsd_stop(struct kmsd *d)
