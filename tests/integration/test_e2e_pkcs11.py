@@ -218,6 +218,7 @@ def main():
         phase("rolling")
         load = subprocess.Popen([TALOS, "load", "-ca", c.ca(), "-endpoints", c.endpoints(),
                                  "-clients", "4", "-duration", "12s", "-rotate",
+                                 "-retry-unavailable", "1",
                                  "-blobs", bfile],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         times = []
@@ -240,16 +241,14 @@ def main():
             res = None
             print(out, err)
         fails = (res or {}).get("failures") or {}
-        # The load client makes one attempt per unseal (no retry, unlike
-        # Talos): a call in flight on a replica at the moment its graceful
-        # shutdown closes the Talos port can end UNAVAILABLE (seen once in
-        # ~3000 in one of several runs; it is the stop path, not the seal).
-        # Anything else, or more than a couple, fails the test.
-        other = {k: v for k, v in fails.items() if k != "Unavailable"}
-        check(res is not None and res.get("total", 0) > 0 and not other and
-              fails.get("Unavailable", 0) <= 2 and res.get("wrong_bytes", 1) == 0,
+        # The load client retries an unseal that ends UNAVAILABLE/CANCELLED
+        # once on a new connection, as Talos retries: a call in flight on a
+        # replica at the moment its graceful shutdown closes the Talos port
+        # (the stop path, not the seal). Every failure left fails the test.
+        check(res is not None and res.get("total", 0) > 0 and not fails and
+              res.get("wrong_bytes", 1) == 0,
               f"rolling restart under Talos-like load: {res and res.get('total')} unseals, "
-              f"failures {fails} (no share entered)")
+              f"failures {fails}, retried once {res and res.get('retried')} (no share entered)")
         print(f"FIGURE pkcs11 rolling restart under load: {res and res.get('total')} unseals, "
               f"failed {sum(fails.values())}, max latency {res and res.get('max_latency_ms')} ms")
         print(f"FIGURE pkcs11 rolling restart: start-to-serving "

@@ -378,6 +378,7 @@ type loadReport struct {
 	OK         int            `json:"ok"`
 	Failures   map[string]int `json:"failures"`
 	Wrong      int            `json:"wrong_bytes"`
+	Retried    int            `json:"retried"`
 	MaxMs      float64        `json:"max_latency_ms"`
 	P50Ms      float64        `json:"p50_ms"`
 	P99Ms      float64        `json:"p99_ms"`
@@ -392,6 +393,8 @@ func cmdLoad(fs *flag.FlagSet, args []string) {
 	rotate := fs.Bool("rotate", false, "client i lists the endpoints starting at i mod n "+
 		"(DNS round robin: a rack spreads over the replicas)")
 	once := fs.Bool("once", false, "unseal every blob exactly once, then stop (no -duration)")
+	retries := fs.Int("retry-unavailable", 0, "retry an Unseal that ends UNAVAILABLE or CANCELLED up to N "+
+		"times on a new connection after 50 ms, as Talos retries (counted in \"retried\")")
 	c := parseAll(fs, args)
 	f, err := os.Open(*blobsFile)
 	if err != nil {
@@ -420,6 +423,7 @@ func cmdLoad(fs *flag.FlagSet, args []string) {
 		code string
 	}
 	start := time.Now()
+	var retried int64
 	var mu sync.Mutex
 	var results []result
 	var wg sync.WaitGroup
@@ -440,6 +444,12 @@ func cmdLoad(fs *flag.FlagSet, args []string) {
 				blob, _ := base64.StdEncoding.DecodeString(b.Blob)
 				t0 := time.Now()
 				got, err := c.unseal(eps, b.UUID, blob)
+				for r := 0; r < *retries && (status.Code(err) == codes.Unavailable ||
+					status.Code(err) == codes.Canceled); r++ {
+					atomic.AddInt64(&retried, 1)
+					time.Sleep(50 * time.Millisecond)
+					got, err = c.unseal(eps, b.UUID, blob)
+				}
 				lat := time.Since(t0)
 				code := status.Code(err).String()
 				if err == nil && b.Data != "" && base64.StdEncoding.EncodeToString(got) != b.Data {
@@ -456,7 +466,7 @@ func cmdLoad(fs *flag.FlagSet, args []string) {
 	}
 	wg.Wait()
 
-	rep := loadReport{Failures: map[string]int{}}
+	rep := loadReport{Failures: map[string]int{}, Retried: int(atomic.LoadInt64(&retried))}
 	sort.Slice(results, func(i, j int) bool { return results[i].at < results[j].at })
 	var lats []float64
 	var streakStart time.Duration = -1
