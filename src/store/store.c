@@ -598,12 +598,43 @@ out:
     return rc;
 }
 
+/* The stored keyring into *out (NULL when the cluster has none: not an
+ * error). 0, a RocksDB error, or KMS_ECORRUPT when it does not parse; the
+ * caller frees *out. */
+static int keyring_load(struct kms_store *s, Kmsd__V1__EncryptedKeyring **out,
+                        struct kms_err *err)
+{
+    char *val = NULL;
+    size_t vlen = 0;
+    int rc;
+
+    *out = NULL;
+    rc = db_get(s, NULL, KS_K_KEYRING, strlen(KS_K_KEYRING), &val, &vlen, err);
+    if (rc == KMS_ENOTFOUND) {
+        return 0;
+    }
+    if (rc == 0) {
+        *out = kmsd__v1__encrypted_keyring__unpack(NULL, vlen, (const uint8_t *)val);
+        if (*out == NULL) {
+            rc = kms_err_set(err, KMS_ECORRUPT, "store %s: stored keyring does not parse",
+                             s->path);
+        }
+    }
+    free(val);
+    return rc;
+}
+
+static bool keyring_same_cluster(const Kmsd__V1__EncryptedKeyring *a,
+                                 const Kmsd__V1__EncryptedKeyring *b)
+{
+    return a->cluster_id.len == b->cluster_id.len &&
+           memcmp(a->cluster_id.data, b->cluster_id.data, a->cluster_id.len) == 0;
+}
+
 static int op_put_keyring(struct apply_ctx *c, const Kmsd__V1__PutKeyring *op)
 {
     const Kmsd__V1__EncryptedKeyring *nk = op->keyring;
     Kmsd__V1__EncryptedKeyring *old = NULL;
-    char *val = NULL;
-    size_t vlen = 0;
     uint8_t *buf = NULL;
     size_t len = 0;
     int rc;
@@ -612,19 +643,9 @@ static int op_put_keyring(struct apply_ctx *c, const Kmsd__V1__PutKeyring *op)
         result(c, KMS_EINVAL, 0, "put keyring: missing keyring, cluster id or ciphertext");
         return 0;
     }
-    rc = db_get(c->s, NULL, KS_K_KEYRING, strlen(KS_K_KEYRING), &val, &vlen, c->err);
-    if (rc != 0 && rc != KMS_ENOTFOUND) {
+    if ((rc = keyring_load(c->s, &old, c->err)) != 0) {
         goto out;
     }
-    if (rc == 0) {
-        old = kmsd__v1__encrypted_keyring__unpack(NULL, vlen, (const uint8_t *)val);
-        if (old == NULL) {
-            rc = kms_err_set(c->err, KMS_ECORRUPT, "store %s: stored keyring does not parse",
-                             c->s->path);
-            goto out;
-        }
-    }
-    rc = 0;
     if (op->init && old != NULL) {
         result(c, KMS_EEXIST, 0, "cluster already initialised");
         goto out;
@@ -634,8 +655,7 @@ static int op_put_keyring(struct apply_ctx *c, const Kmsd__V1__PutKeyring *op)
         goto out;
     }
     if (old != NULL) {
-        if (old->cluster_id.len != nk->cluster_id.len ||
-            memcmp(old->cluster_id.data, nk->cluster_id.data, nk->cluster_id.len) != 0) {
+        if (!keyring_same_cluster(old, nk)) {
             result(c, KMS_EINVAL, 0, "rotate: keyring belongs to another cluster");
             goto out;
         }
@@ -652,7 +672,6 @@ static int op_put_keyring(struct apply_ctx *c, const Kmsd__V1__PutKeyring *op)
     result(c, 0, 1, "keyring %s, active term %u", op->init ? "initialised" : "rotated",
            (unsigned)nk->active_term);
 out:
-    free(val);
     free(buf);
     if (old != NULL) {
         kmsd__v1__encrypted_keyring__free_unpacked(old, NULL);
@@ -669,8 +688,6 @@ static int op_rekey_keyring(struct apply_ctx *c, const Kmsd__V1__RekeyKeyring *o
 {
     const Kmsd__V1__EncryptedKeyring *nk = op->keyring;
     Kmsd__V1__EncryptedKeyring *old = NULL;
-    char *val = NULL;
-    size_t vlen = 0;
     uint8_t *buf = NULL;
     size_t len = 0;
     int rc;
@@ -687,23 +704,14 @@ static int op_rekey_keyring(struct apply_ctx *c, const Kmsd__V1__RekeyKeyring *o
                (unsigned)nk->share_count, (unsigned)nk->threshold);
         return 0;
     }
-    rc = db_get(c->s, NULL, KS_K_KEYRING, strlen(KS_K_KEYRING), &val, &vlen, c->err);
-    if (rc == KMS_ENOTFOUND) {
-        result(c, KMS_EUNINIT, 0, "cluster not initialised: nothing to rekey");
-        rc = 0;
+    if ((rc = keyring_load(c->s, &old, c->err)) != 0) {
         goto out;
     }
-    if (rc != 0) {
-        goto out;
-    }
-    old = kmsd__v1__encrypted_keyring__unpack(NULL, vlen, (const uint8_t *)val);
     if (old == NULL) {
-        rc = kms_err_set(c->err, KMS_ECORRUPT, "store %s: stored keyring does not parse",
-                         c->s->path);
+        result(c, KMS_EUNINIT, 0, "cluster not initialised: nothing to rekey");
         goto out;
     }
-    if (old->cluster_id.len != nk->cluster_id.len ||
-        memcmp(old->cluster_id.data, nk->cluster_id.data, nk->cluster_id.len) != 0) {
+    if (!keyring_same_cluster(old, nk)) {
         result(c, KMS_EINVAL, 0, "rekey: keyring belongs to another cluster");
         goto out;
     }
@@ -721,7 +729,6 @@ static int op_rekey_keyring(struct apply_ctx *c, const Kmsd__V1__RekeyKeyring *o
     result(c, 0, 1, "keyring rekeyed: %u shares, threshold %u", (unsigned)nk->share_count,
            (unsigned)nk->threshold);
 out:
-    free(val);
     free(buf);
     if (old != NULL) {
         kmsd__v1__encrypted_keyring__free_unpacked(old, NULL);
@@ -1034,8 +1041,7 @@ static int op_retire_term(struct apply_ctx *c, const Kmsd__V1__RetireTerm *op)
 {
     const Kmsd__V1__EncryptedKeyring *nk = op->keyring;
     Kmsd__V1__EncryptedKeyring *old = NULL;
-    char *val = NULL;
-    size_t vlen = 0, len = 0;
+    size_t len = 0;
     uint8_t *buf = NULL;
     uint64_t n = 0;
     int rc;
@@ -1044,23 +1050,14 @@ static int op_retire_term(struct apply_ctx *c, const Kmsd__V1__RetireTerm *op)
         result(c, KMS_EINVAL, 0, "retire term: missing keyring or term");
         return 0;
     }
-    rc = db_get(c->s, NULL, KS_K_KEYRING, strlen(KS_K_KEYRING), &val, &vlen, c->err);
-    if (rc == KMS_ENOTFOUND) {
-        result(c, KMS_EUNINIT, 0, "cluster not initialised");
-        rc = 0;
+    if ((rc = keyring_load(c->s, &old, c->err)) != 0) {
         goto out;
     }
-    if (rc != 0) {
-        goto out;
-    }
-    old = kmsd__v1__encrypted_keyring__unpack(NULL, vlen, (const uint8_t *)val);
     if (old == NULL) {
-        rc = kms_err_set(c->err, KMS_ECORRUPT, "store %s: stored keyring does not parse",
-                         c->s->path);
+        result(c, KMS_EUNINIT, 0, "cluster not initialised");
         goto out;
     }
-    if (old->cluster_id.len != nk->cluster_id.len ||
-        memcmp(old->cluster_id.data, nk->cluster_id.data, nk->cluster_id.len) != 0) {
+    if (!keyring_same_cluster(old, nk)) {
         result(c, KMS_EINVAL, 0, "retire term: keyring belongs to another cluster");
         goto out;
     }
@@ -1089,7 +1086,6 @@ static int op_retire_term(struct apply_ctx *c, const Kmsd__V1__RetireTerm *op)
     rocksdb_writebatch_put(c->wb, KS_K_KEYRING, strlen(KS_K_KEYRING), (const char *)buf, len);
     result(c, 0, 1, "term %u retired", (unsigned)op->term);
 out:
-    free(val);
     free(buf);
     if (old != NULL) {
         kmsd__v1__encrypted_keyring__free_unpacked(old, NULL);
@@ -1522,28 +1518,14 @@ out:
 int kms_store_keyring_get(struct kms_store *s, Kmsd__V1__EncryptedKeyring **out,
                           struct kms_err *err)
 {
-    char *val = NULL;
-    size_t vlen = 0;
     int rc;
 
     if (s == NULL || out == NULL) {
         return kms_err_set(err, KMS_EINVAL, "keyring get: bad arguments");
     }
-    *out = NULL;
-    rc = db_get(s, NULL, KS_K_KEYRING, strlen(KS_K_KEYRING), &val, &vlen, err);
-    if (rc == KMS_ENOTFOUND) {
+    if ((rc = keyring_load(s, out, err)) == 0 && *out == NULL) {
         rc = kms_err_set(err, KMS_EUNINIT, "cluster not initialised: no keyring");
-        goto out;
     }
-    if (rc != 0) {
-        goto out;
-    }
-    *out = kmsd__v1__encrypted_keyring__unpack(NULL, vlen, (const uint8_t *)val);
-    if (*out == NULL) {
-        rc = kms_err_set(err, KMS_ECORRUPT, "store %s: stored keyring does not parse", s->path);
-    }
-out:
-    free(val);
     return rc;
 }
 
