@@ -306,10 +306,11 @@ int kmsd_unseal_submit(struct kmsd *d, const char *share, bool reset,
                        unsigned *progress, unsigned *threshold, bool *unsealed,
                        struct kms_err *err);
 void kmsd_seal(struct kmsd *d);
-/* Unseals with a root key obtained otherwise (the PKCS#11 seal): takes
- * `root` (secure memory, KMS_SHAMIR_MAX_SECRET bytes, first 32 used) in
- * every case; checks it by decrypting the replicated keyring. `how` names
- * the source in the log. 0 also when already unsealed. */
+/* Unseals with a root key obtained otherwise (PKCS#11 seal, peer unseal):
+ * takes `root` (secure memory, KMS_SHAMIR_MAX_SECRET bytes, first 32 used)
+ * in every case; checks it by decrypting the replicated keyring, else
+ * nothing changes. `how` goes to the log ("via"). 0 also when already
+ * unsealed. */
 int kmsd_unseal_root(struct kmsd *d, uint8_t *root, const char *how, struct kms_err *err);
 /* Checks and commits an encrypted keyring (init or a replacement with a
  * higher active term) under `root`; blocking, leader for non-init. */
@@ -318,10 +319,8 @@ int kmsd_keyring_commit(struct kmsd *d, struct Kmsd__V1__EncryptedKeyring *ek,
                         const uint8_t *root, bool init, struct kms_err *err);
 int kmsd_rotate(struct kmsd *d, uint32_t *active_term, struct kms_err *err);
 void kmsd_unseal_progress(struct kmsd *d, unsigned *progress, unsigned *threshold);
-/* Unseals with a root key obtained otherwise (peer unseal): root (32
- * bytes, the caller's, not retained) must open the replicated keyring, else
- * KMS_EAUTH and nothing changes. 0 also when already unsealed. `via` goes
- * to the log. */
+/* kmsd_unseal_root with a copy of root (32 bytes, the caller's, not
+ * retained): for a key that is not already in secure memory. */
 int kmsd_unseal_with_root(struct kmsd *d, const uint8_t *root, const char *via,
                           struct kms_err *err);
 /* Refreshes the published keyring from the store when a rotation was

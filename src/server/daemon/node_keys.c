@@ -345,48 +345,13 @@ out:
 int kmsd_unseal_with_root(struct kmsd *d, const uint8_t *root, const char *via,
                           struct kms_err *err)
 {
-    Kmsd__V1__EncryptedKeyring *ek = NULL;
-    struct kms_keyring *kr = NULL;
-    uint8_t *mine = NULL;
-    int rc;
+    uint8_t *mine = kms_secmem_alloc(KMS_SHAMIR_MAX_SECRET);
 
-    pthread_mutex_lock(&d->mu);
-    if (d->unsealed) {
-        rc = 0;
-        goto out;
-    }
-    if ((rc = kms_store_keyring_get(d->store, &ek, err)) != 0) {
-        rc = kms_err_wrap(err, KMS_EUNINIT, "unseal");
-        goto out;
-    }
-    if ((rc = kms_keyring_decrypt(ek, root, &kr, err)) != 0) {
-        rc = kms_err_wrap(err, rc, "the key does not open this cluster's keyring");
-        goto out;
-    }
-    if ((mine = kms_secmem_alloc(KMS_SHAMIR_MAX_SECRET)) == NULL) {
-        rc = kms_err_set(err, KMS_ENOMEM, "unseal: out of memory");
-        goto out;
+    if (mine == NULL) {
+        return kms_err_set(err, KMS_ENOMEM, "unseal: out of memory");
     }
     memcpy(mine, root, KMS_ROOT_KEY_LEN);
-    pending_wipe(d);
-    d->root = mine;
-    mine = NULL;
-    d->unsealed = true;
-    keyring_publish(d, kr);
-    kr = NULL;
-    kms_log(KMS_LOG_INFO, "keys", "unsealed", "via", via, NULL);
-    kmsd_warn_local_reads(d, "unseal");
-    rc = 0;
-out:
-    pthread_mutex_unlock(&d->mu);
-    kms_secmem_free(mine, KMS_SHAMIR_MAX_SECRET);
-    if (kr != NULL) {
-        kms_keyring_unref(kr);
-    }
-    if (ek != NULL) {
-        kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
-    }
-    return rc;
+    return kmsd_unseal_root(d, mine, via, err); /* takes mine */
 }
 
 int kmsd_unseal_root(struct kmsd *d, uint8_t *root, const char *how, struct kms_err *err)
@@ -415,7 +380,7 @@ int kmsd_unseal_root(struct kmsd *d, uint8_t *root, const char *how, struct kms_
     d->unsealed = true;
     keyring_publish(d, kr);
     kr = NULL;
-    kms_log(KMS_LOG_INFO, "keys", "unsealed", "by", how, NULL);
+    kms_log(KMS_LOG_INFO, "keys", "unsealed", "via", how, NULL);
     kmsd_warn_local_reads(d, "unseal");
     rc = 0;
 out:
