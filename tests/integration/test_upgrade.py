@@ -39,6 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kmslib import (Cluster, check, finish, port_open, BUILD, SRC, TALOS, OK, wait)  # noqa: E402
 
 PREV_TAG = os.environ.get("KMS_UPGRADE_FROM", "v0.1.0")
+# The commit v0.1.0 names. A clone made without tags (CI's is one) still
+# holds the commit, since it is an ancestor of main; the tag is only a name.
+PREV_COMMITS = {"v0.1.0": "1186fb3623c99d4229c94b60ea28d3ec4af97c0e"}
 BASE = 31400
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -55,14 +58,38 @@ def git(*args):
     return subprocess.run(["git", "-C", SRC, *args], capture_output=True, text=True)
 
 
+def resolve_commit(name):
+    p = git("rev-parse", "--verify", "-q", name + "^{commit}")
+    return p.stdout.strip() if p.returncode == 0 else ""
+
+
+def resolve_previous():
+    """The commit of PREV_TAG: by the tag, else by its pinned hash, else
+    after deepening a shallow clone from its origin."""
+    names = [PREV_TAG] + ([PREV_COMMITS[PREV_TAG]] if PREV_TAG in PREV_COMMITS else [])
+    for name in names:
+        c = resolve_commit(name)
+        if c:
+            return c
+    if git("rev-parse", "--is-shallow-repository").stdout.strip() == "true":
+        r = git("fetch", "-q", "--unshallow", "origin")
+        print(f"NOTE: shallow clone; git fetch --unshallow origin: rc {r.returncode} "
+              f"{r.stderr.strip()[:200]}")
+        for name in names:
+            c = resolve_commit(name)
+            if c:
+                return c
+    shallow = git("rev-parse", "--is-shallow-repository").stdout.strip()
+    count = git("rev-list", "--count", "HEAD").stdout.strip()
+    skip_or_fail(f"previous release {PREV_TAG} ({' or '.join(names)}) not found in {SRC} "
+                 f"(shallow: {shallow}, commits: {count}; fetch it: git fetch --tags)")
+    return ""
+
+
 def build_previous():
     """Returns the build dir of PREV_TAG (src/server/kmsd, src/cli/kmsctl)
     and its source dir (for its deploy/ scripts)."""
-    p = git("rev-parse", "--verify", "-q", PREV_TAG + "^{commit}")
-    if p.returncode != 0 or not p.stdout.strip():
-        skip_or_fail(f"previous release tag {PREV_TAG} not found in {SRC} "
-                     "(fetch tags: git fetch --tags)")
-    commit = p.stdout.strip()
+    commit = resolve_previous()
     # Beside the build dir, so the release and asan runs share one build.
     top = os.path.join(os.path.dirname(os.path.abspath(BUILD)), "upgrade-prev")
     root = os.path.join(top, commit)
