@@ -21,6 +21,7 @@
 #include "kms_raft.h"
 #include "kms_rpc.h"
 #include "kmsd.h"
+#include "kmsd_cluster.h"
 #include "kmsd_k8s.h"
 
 #include "k8s/kms/v2/api.pb-c.h"
@@ -49,15 +50,14 @@ static const char *health(struct kmsd *d, const struct kms_keyring *kr)
     return "ok";
 }
 
-void kmsd_k8s_status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+int kmsd_k8s_status_cb(struct kmsd_call *c)
 {
-    struct kmsd *d = arg;
+    struct kmsd *d = c->d;
+    struct kms_rpc_call *call = c->call;
     V2__StatusResponse resp = V2__STATUS_RESPONSE__INIT;
     struct kms_keyring *kr = kmsd_keyring_get(d);
     char key_id[KMS_K8S_KEY_ID_MAX] = "";
 
-    (void)req;
-    (void)len;
     if (kr != NULL) {
         kms_k8s_active_key_id(kr, key_id);
     }
@@ -66,12 +66,14 @@ void kmsd_k8s_status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req
     resp.key_id = key_id;
     kmsd_call_finish_msg(call, &resp.base);
     kms_keyring_unref(kr);
+    return 0;
 }
 
-void kmsd_k8s_encrypt_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+int kmsd_k8s_encrypt_cb(struct kmsd_call *c)
 {
-    struct kmsd *d = arg;
-    V2__EncryptRequest *rq = v2__encrypt_request__unpack(NULL, len, req);
+    struct kmsd *d = c->d;
+    struct kms_rpc_call *call = c->call;
+    V2__EncryptRequest *rq = v2__encrypt_request__unpack(NULL, c->len, c->raw);
     V2__EncryptResponse resp = V2__ENCRYPT_RESPONSE__INIT;
     struct kms_keyring *kr = NULL;
     uint8_t ct[KMS_K8S_MAX_CIPHERTEXT];
@@ -107,12 +109,14 @@ out:
         OPENSSL_cleanse(rq->plaintext.data, rq->plaintext.len);
         v2__encrypt_request__free_unpacked(rq, NULL);
     }
+    return 0;
 }
 
-void kmsd_k8s_decrypt_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+int kmsd_k8s_decrypt_cb(struct kmsd_call *c)
 {
-    struct kmsd *d = arg;
-    V2__DecryptRequest *rq = v2__decrypt_request__unpack(NULL, len, req);
+    struct kmsd *d = c->d;
+    struct kms_rpc_call *call = c->call;
+    V2__DecryptRequest *rq = v2__decrypt_request__unpack(NULL, c->len, c->raw);
     V2__DecryptResponse resp = V2__DECRYPT_RESPONSE__INIT;
     struct kms_keyring *kr = NULL;
     uint8_t pt[KMS_K8S_MAX_CIPHERTEXT];
@@ -157,4 +161,5 @@ out:
     if (rq != NULL) {
         v2__decrypt_request__free_unpacked(rq, NULL);
     }
+    return 0;
 }

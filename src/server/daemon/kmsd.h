@@ -141,15 +141,14 @@ struct kmsd_options {
     unsigned seal_retry_max_ms;
 };
 
-/* An operator method run on the operator pool: the real handler and its
- * argument (cluster_api.c). */
+/* A registered cluster API method: its handler table row (kmsd_cluster.h)
+ * joined with its policy row (cluster_api.c). */
 #define KMSD_OP_METHODS 32
 struct kmsd;
-typedef void (*kmsd_op_fn)(void *arg, struct kms_rpc_call *call, const uint8_t *req,
-                           size_t len);
+struct kmsd_cluster_method;
 struct kmsd_op_method {
     struct kmsd *d;
-    kmsd_op_fn fn;
+    const struct kmsd_cluster_method *row; /* static table row: request type, handler */
     const char *path;   /* method path, for messages */
     unsigned flags;     /* KMSD_AUTH_* | KMSD_RUN_* from the policy table (kmsd_authz.h) */
 };

@@ -16,15 +16,18 @@
 
 struct kms_rpc_call;
 
+/* Handlers of kmsd.v1.KubernetesKms (kmsd_cluster.h); they read their
+ * requests themselves (c->raw). Cluster API workers. */
 /* healthz "ok" only when this replica is unsealed, holds the keyring and a
  * quorum read lease (it hears a majority, or the leader that does); else
  * the reason. key_id: the active term's (kms_k8s_key_id). */
-void kmsd_k8s_status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len);
+struct kmsd_call;
+int kmsd_k8s_status_cb(struct kmsd_call *c);
 /* Wraps the plaintext (1..512 bytes) under the active term. */
-void kmsd_k8s_encrypt_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len);
+int kmsd_k8s_encrypt_cb(struct kmsd_call *c);
 /* Unwraps under the term the ciphertext names; a key_id that is not that
  * term's is INVALID_ARGUMENT; a term this replica does not hold yet is
  * NOT_FOUND (the plugin tries another replica). */
-void kmsd_k8s_decrypt_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len);
+int kmsd_k8s_decrypt_cb(struct kmsd_call *c);
 
 #endif /* KMSD_K8S_H */

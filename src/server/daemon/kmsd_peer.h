@@ -36,7 +36,7 @@ void kmsd_peer_stop(struct kmsd *d);
 /* Frees d->peer after every thread that may use it is gone. NULL-safe. */
 void kmsd_peer_free(struct kmsd *d);
 
-/* An operator `seal` of this node (cluster_api.c seal_cb): wipes the keys
+/* An operator `seal` of this node (cluster_ops_seal.c): wipes the keys
  * (kmsd_seal) and, with unseal.peer, first blocks peer unseal in this
  * process, then closes the replicated gate. 0, or the error of the gate
  * write (the node is sealed either way). Blocking (kmsd_write): pool
@@ -48,8 +48,11 @@ int kmsd_peer_operator_seal(struct kmsd *d, struct kms_err *err);
  * schedules its reopen (the requester thread proposes it). */
 void kmsd_peer_shares_unsealed(struct kmsd *d);
 
-/* The serving handler of /kmsd.v1.Cluster/PeerUnseal (operator pool). */
-void kmsd_peer_serve_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len);
+/* The serving handler of /kmsd.v1.Cluster/PeerUnseal (kmsd_cluster.h;
+ * operator pool): reads its request itself (c->raw), after the unseal.peer
+ * check. */
+struct kmsd_call;
+int kmsd_peer_serve_cb(struct kmsd_call *c);
 
 /* Refuses a PeerUnseal call (logged at warn, audited): the dispatcher's
  * path for a certificate that is not a node certificate. */

@@ -16,12 +16,13 @@ struct kms_rpc_call;
 struct kms_keyring;
 struct Kmsd__V1__EncryptedKeyring;
 
-/* Operator handlers (policy rows in authz.c: operator, parked, leader).
- * Operator pool threads. */
-void kmsd_rekey_init_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len);
-void kmsd_rekey_status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len);
-void kmsd_rekey_update_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len);
-void kmsd_rekey_cancel_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len);
+/* Operator handlers (kmsd_cluster.h; policy rows in authz.c: operator,
+ * parked, leader). Operator pool threads. */
+struct kmsd_call;
+int kmsd_rekey_init_cb(struct kmsd_call *c);
+int kmsd_rekey_status_cb(struct kmsd_call *c);
+int kmsd_rekey_update_cb(struct kmsd_call *c);
+int kmsd_rekey_cancel_cb(struct kmsd_call *c);
 
 /* Serialises keyring writes on this node (rotate, rekey), so a rotation
  * built under the old root key is never committed after a rekey. Any pool

@@ -24,7 +24,9 @@ struct kms_rpc_call;
 #define KMSD_REWRAP_BATCH_MAX 1024u
 #define KMSD_REWRAP_SCAN 4096u   /* records looked at per call */
 
-void kmsd_rewrap_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len);
-void kmsd_retire_term_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len);
+/* Operator handlers (kmsd_cluster.h). */
+struct kmsd_call;
+int kmsd_rewrap_cb(struct kmsd_call *c);
+int kmsd_retire_term_cb(struct kmsd_call *c);
 
 #endif /* KMSD_REWRAP_H */

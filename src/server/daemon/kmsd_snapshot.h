@@ -21,12 +21,11 @@ struct kms_rpc_call;
 #define KMSD_SNAP_IDLE_MS 60000u
 #define KMSD_SNAP_CHUNK (1u << 20) /* bytes of entries per SnapshotChunk */
 
-void kmsd_snapshot_begin_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req,
-                            size_t len);
-void kmsd_snapshot_chunk_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req,
-                            size_t len);
-void kmsd_snapshot_end_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req,
-                          size_t len);
+/* Operator handlers (kmsd_cluster.h). */
+struct kmsd_call;
+int kmsd_snapshot_begin_cb(struct kmsd_call *c);
+int kmsd_snapshot_chunk_cb(struct kmsd_call *c);
+int kmsd_snapshot_end_cb(struct kmsd_call *c);
 
 /* Releases every open handle and stops the reaper. kmsd_stop() calls it
  * after the operator pool stopped and before the store closes. */

@@ -34,6 +34,7 @@
 #include "kms_time.h"
 #include "kmsd.h"
 #include "kmsd_authz.h"
+#include "kmsd_cluster.h"
 #include "kmsd_limit.h"
 #include "kmsd_peer.h"
 
@@ -171,33 +172,29 @@ void kmsd_peer_refuse(struct kmsd *d, struct kms_rpc_call *call, int grpc_status
     kms_rpc_call_finish(call, grpc_status, why, NULL, 0);
 }
 
-void kmsd_peer_serve_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+int kmsd_peer_serve_cb(struct kmsd_call *c)
 {
-    struct kmsd *d = arg;
+    struct kmsd *d = c->d;
+    struct kms_rpc_call *call = c->call;
     Kmsd__V1__PeerUnsealRequest *r = NULL;
     Kmsd__V1__PeerUnsealResponse resp = KMSD__V1__PEER_UNSEAL_RESPONSE__INIT;
     Kmsd__V1__EncryptedKeyring *ek = NULL;
     struct kms_peer_binding b;
     uint8_t *root = NULL;
     uint8_t peer_pub[KMS_PEER_PUB_LEN], nonce[KMS_PEER_NONCE_LEN], wrapped[KMS_PEER_WRAP_LEN];
-    uint64_t caller = 0;
+    uint64_t caller = c->node_id; /* the trampoline checked the certificate */
     struct kms_err err;
     char why[320];
     bool global = false;
 
     kms_err_clear(&err);
-    if (!kmsd_authz_node(d, call, &caller)) {
-        kmsd_peer_refuse(d, call, GRPC_STATUS_PERMISSION_DENIED,
-                         "certificate is not a cluster node certificate");
-        goto out;
-    }
     if (!d->opt.peer_unseal) {
         snprintf(why, sizeof(why), "peer unseal is not enabled on node %" PRIu64
                  " (unseal.peer: false)", d->opt.node_id);
         kmsd_peer_refuse(d, call, GRPC_STATUS_FAILED_PRECONDITION, why);
         goto out;
     }
-    r = kmsd__v1__peer_unseal_request__unpack(NULL, len, req);
+    r = kmsd__v1__peer_unseal_request__unpack(NULL, c->len, c->raw);
     if (r == NULL || r->requester_pub.len != KMS_PEER_PUB_LEN) {
         kmsd_peer_refuse(d, call, GRPC_STATUS_INVALID_ARGUMENT,
                          "malformed request (requester_pub must be 32 bytes)");
@@ -266,6 +263,7 @@ out:
     if (r != NULL) {
         kmsd__v1__peer_unseal_request__free_unpacked(r, NULL);
     }
+    return 0;
 }
 
 /* ---- the gate ----------------------------------------------------------- */

@@ -42,6 +42,7 @@
 #include "kms_store.h"
 #include "kms_time.h"
 #include "kmsd.h"
+#include "kmsd_cluster.h"
 #include "kmsd_rekey.h"
 #include "kmsd_seal.h"
 
@@ -85,13 +86,6 @@ static void audit(struct kms_rpc_call *call, const char *op, const char *nonce,
     snprintf(note, sizeof(note), "%s nonce=%s progress=%u/%u", op, nonce != NULL ? nonce : "",
              progress, required);
     kms_rpc_call_note_set(call, note);
-}
-
-static void finish_err(struct kms_rpc_call *call, const char *op, int code, const char *msg)
-{
-    kms_log(KMS_LOG_INFO, "operator", "request failed", "op", op, "error", kms_errname(code),
-            "detail", msg, "peer", kms_rpc_call_peer(call), NULL);
-    kms_rpc_call_finish(call, kmsd_grpc_status(code), msg, NULL, 0);
 }
 
 static uint64_t raft_term(struct kmsd *d)
@@ -147,38 +141,29 @@ static void status_fill(Kmsd__V1__RekeyStatusResponse *resp, char nonce[KMS_REKE
     resp->started_at = rk->started_at;
 }
 
-void kmsd_rekey_init_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+int kmsd_rekey_init_cb(struct kmsd_call *c)
 {
-    struct kmsd *d = arg;
-    Kmsd__V1__RekeyInitRequest *r = NULL;
+    struct kmsd *d = c->d;
+    const Kmsd__V1__RekeyInitRequest *r = (const Kmsd__V1__RekeyInitRequest *)c->req;
     Kmsd__V1__RekeyStatusResponse resp = KMSD__V1__REKEY_STATUS_RESPONSE__INIT;
     char nonce[KMS_REKEY_NONCE_HEX];
-    struct kms_err err;
     unsigned k;
     int rc;
 
-    kms_err_clear(&err);
-    r = kmsd__v1__rekey_init_request__unpack(NULL, len, req);
-    if (r == NULL) {
-        finish_err(call, "rekey-init", KMS_EINVAL, "malformed request");
-        goto out;
-    }
-    audit(call, "rekey-init", "", 0, 0);
-    if ((rc = kms_rekey_params_check(r->key_shares, r->key_threshold, &err)) != 0) {
-        finish_err(call, "rekey-init", rc, err.msg);
-        goto out;
+    audit(c->call, "rekey-init", "", 0, 0);
+    if ((rc = kms_rekey_params_check(r->key_shares, r->key_threshold, &c->err)) != 0) {
+        return rc;
     }
     if ((k = current_threshold(d)) == 0) {
-        finish_err(call, "rekey-init", KMS_EUNINIT,
-                   "cluster is not initialised (run kmsctl operator init)");
-        goto out;
+        return kms_err_set(&c->err, KMS_EUNINIT,
+                           "cluster is not initialised (run kmsctl operator init)");
     }
     pthread_mutex_lock(&rk_mu);
     if ((rc = session_get_locked(d)) == 0) {
         rc = kms_rekey_session_begin(rk, r->key_shares, r->key_threshold, kms_wall_ms(),
-                                     raft_term(d), &err);
+                                     raft_term(d), &c->err);
     } else {
-        kms_err_set(&err, rc, "rekey: out of secure memory");
+        kms_err_set(&c->err, rc, "rekey: out of secure memory");
     }
     if (rc == 0) {
         status_fill(&resp, nonce, k);
@@ -187,53 +172,42 @@ void kmsd_rekey_init_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req
     }
     pthread_mutex_unlock(&rk_mu);
     if (rc != 0) {
-        finish_err(call, "rekey-init", rc, err.msg);
-        goto out;
+        return rc;
     }
     kms_log(KMS_LOG_INFO, "audit", "rekey started", "nonce", nonce, NULL);
-    kmsd_call_finish_msg(call, &resp.base);
-out:
-    if (r != NULL) {
-        kmsd__v1__rekey_init_request__free_unpacked(r, NULL);
-    }
+    kmsd_call_reply(c, &resp.base);
+    return 0;
 }
 
-void kmsd_rekey_status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+int kmsd_rekey_status_cb(struct kmsd_call *c)
 {
-    struct kmsd *d = arg;
+    struct kmsd *d = c->d;
     Kmsd__V1__RekeyStatusResponse resp = KMSD__V1__REKEY_STATUS_RESPONSE__INIT;
     char nonce[KMS_REKEY_NONCE_HEX] = "";
     unsigned k = current_threshold(d);
     int rc;
 
-    (void)req;
-    (void)len;
     pthread_mutex_lock(&rk_mu);
     rc = session_get_locked(d);
     status_fill(&resp, nonce, k);
     pthread_mutex_unlock(&rk_mu);
-    audit(call, "rekey-status", nonce, resp.progress, k);
+    audit(c->call, "rekey-status", nonce, resp.progress, k);
     if (rc != 0) {
-        finish_err(call, "rekey-status", rc, "rekey: out of secure memory");
-        return;
+        return kms_err_set(&c->err, rc, "rekey: out of secure memory");
     }
-    kmsd_call_finish_msg(call, &resp.base);
+    kmsd_call_reply(c, &resp.base);
+    return 0;
 }
 
-void kmsd_rekey_cancel_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+int kmsd_rekey_cancel_cb(struct kmsd_call *c)
 {
-    struct kmsd *d = arg;
-    Kmsd__V1__RekeyCancelRequest *r = NULL;
+    struct kmsd *d = c->d;
+    const Kmsd__V1__RekeyCancelRequest *r = (const Kmsd__V1__RekeyCancelRequest *)c->req;
     Kmsd__V1__RekeyCancelResponse resp = KMSD__V1__REKEY_CANCEL_RESPONSE__INIT;
     int rc = 0;
     char nonce[KMS_REKEY_NONCE_HEX] = "";
 
-    r = kmsd__v1__rekey_cancel_request__unpack(NULL, len, req);
-    if (r == NULL) {
-        finish_err(call, "rekey-cancel", KMS_EINVAL, "malformed request");
-        goto out;
-    }
-    audit(call, "rekey-cancel", r->nonce, 0, 0);
+    audit(c->call, "rekey-cancel", r->nonce, 0, 0);
     pthread_mutex_lock(&rk_mu);
     if (session_get_locked(d) != 0 || !rk->active) {
         rc = KMS_ENOTFOUND;
@@ -245,22 +219,17 @@ void kmsd_rekey_cancel_cb(void *arg, struct kms_rpc_call *call, const uint8_t *r
     }
     pthread_mutex_unlock(&rk_mu);
     if (rc == KMS_ENOTFOUND) {
-        finish_err(call, "rekey-cancel", rc, "no rekey in progress (a leader change cancels one)");
-        goto out;
+        return kms_err_set(&c->err, rc, "no rekey in progress (a leader change cancels one)");
     }
     if (rc == KMS_EINVAL) {
-        finish_err(call, "rekey-cancel", rc,
-                   "wrong rekey nonce: the rekey in progress has another one (see kmsctl "
-                   "operator rekey status)");
-        goto out;
+        return kms_err_set(&c->err, rc,
+                           "wrong rekey nonce: the rekey in progress has another one (see "
+                           "kmsctl operator rekey status)");
     }
     kms_log(KMS_LOG_WARN, "keys", "rekey cancelled; shares given were wiped", "nonce", nonce,
             NULL);
-    kmsd_call_finish_msg(call, &resp.base);
-out:
-    if (r != NULL) {
-        kmsd__v1__rekey_cancel_request__free_unpacked(r, NULL);
-    }
+    kmsd_call_reply(c, &resp.base);
+    return 0;
 }
 
 /* True once the replicated keyring decrypts under root. */
@@ -437,39 +406,32 @@ out:
     return rc;
 }
 
-void kmsd_rekey_update_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+/* The share is wiped by the trampoline (KMSD_CALL_WIPE). */
+int kmsd_rekey_update_cb(struct kmsd_call *c)
 {
-    struct kmsd *d = arg;
-    Kmsd__V1__RekeyUpdateRequest *r = NULL;
+    struct kmsd *d = c->d;
+    const Kmsd__V1__RekeyUpdateRequest *r = (const Kmsd__V1__RekeyUpdateRequest *)c->req;
     Kmsd__V1__RekeyUpdateResponse resp = KMSD__V1__REKEY_UPDATE_RESPONSE__INIT;
     Kmsd__V1__EncryptedKeyring *ek = NULL;
     struct rekey_out o = {NULL, 0, ""};
     char nonce[KMS_REKEY_NONCE_HEX] = "";
-    struct kms_err err;
     unsigned progress = 0;
     bool locked = false;
     int rc;
 
-    kms_err_clear(&err);
-    r = kmsd__v1__rekey_update_request__unpack(NULL, len, req);
-    if (r == NULL) {
-        finish_err(call, "rekey-update", KMS_EINVAL, "malformed request");
-        goto out;
-    }
     if (kms_store_keyring_get(d->store, &ek, NULL) != 0) {
-        finish_err(call, "rekey-update", KMS_EUNINIT, "cluster is not initialised");
+        rc = kms_err_set(&c->err, KMS_EUNINIT, "cluster is not initialised");
         goto out;
     }
     pthread_mutex_lock(&rk_mu);
     locked = true;
     if ((rc = session_get_locked(d)) != 0) {
-        finish_err(call, "rekey-update", rc, "rekey: out of secure memory");
+        kms_err_set(&c->err, rc, "rekey: out of secure memory");
         goto out;
     }
-    rc = kms_rekey_session_add(rk, r->nonce, r->share, ek->threshold, &progress, &err);
-    audit(call, "rekey-update", r->nonce, progress, ek->threshold);
+    rc = kms_rekey_session_add(rk, r->nonce, r->share, ek->threshold, &progress, &c->err);
+    audit(c->call, "rekey-update", r->nonce, progress, ek->threshold);
     if (rc != 0) {
-        finish_err(call, "rekey-update", rc, err.msg);
         goto out;
     }
     snprintf(nonce, sizeof(nonce), "%s", rk->nonce);
@@ -478,12 +440,11 @@ void kmsd_rekey_update_cb(void *arg, struct kms_rpc_call *call, const uint8_t *r
     resp.required = ek->threshold;
     if (progress < ek->threshold) {
         kms_logf(KMS_LOG_INFO, "keys", "rekey progress %u/%u", progress, ek->threshold);
-        kmsd_call_finish_msg(call, &resp.base);
+        kmsd_call_reply(c, &resp.base);
         goto out;
     }
     resp.threshold = rk->new_threshold;
-    if ((rc = rekey_complete_locked(d, ek, &o, &err)) != 0) {
-        finish_err(call, "rekey-update", rc, err.msg);
+    if ((rc = rekey_complete_locked(d, ek, &o, &c->err)) != 0) {
         goto out;
     }
     pthread_mutex_unlock(&rk_mu);
@@ -494,7 +455,7 @@ void kmsd_rekey_update_cb(void *arg, struct kms_rpc_call *call, const uint8_t *r
     resp.note = o.note;
     resp.n_shares = o.n;
     resp.shares = o.texts;
-    kmsd_call_finish_msg(call, &resp.base);
+    kmsd_call_reply(c, &resp.base);
 out:
     if (locked) {
         pthread_mutex_unlock(&rk_mu);
@@ -509,12 +470,7 @@ out:
     if (ek != NULL) {
         kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
     }
-    if (r != NULL) {
-        if (r->share != NULL) {
-            OPENSSL_cleanse(r->share, strlen(r->share));
-        }
-        kmsd__v1__rekey_update_request__free_unpacked(r, NULL);
-    }
+    return rc;
 }
 
 int kmsd_rekey_follow_locked(struct kmsd *d, const Kmsd__V1__EncryptedKeyring *ek,

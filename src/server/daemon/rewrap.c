@@ -16,21 +16,11 @@
 #include "kms_store.h"
 #include "kms_time.h"
 #include "kmsd.h"
+#include "kmsd_cluster.h"
 #include "kmsd_rewrap.h"
 
 #include "kmsd/v1/cluster.pb-c.h"
 #include "kmsd/v1/entry.pb-c.h"
-
-static void rw_fail(struct kms_rpc_call *call, const char *op, int code, const char *msg)
-{
-    kms_log(KMS_LOG_INFO, "operator", "request failed", "op", op, "error", kms_errname(code),
-            "detail", msg, "peer", kms_rpc_call_peer(call), NULL);
-    /* "term still in use" is a precondition the operator must fix, not a
-     * transient failure kmsctl should retry. */
-    kms_rpc_call_finish(call, code == KMS_EBUSY ? GRPC_STATUS_FAILED_PRECONDITION
-                                                : kmsd_grpc_status(code),
-                        msg, NULL, 0);
-}
 
 static void rw_audit(struct kms_rpc_call *call, const char *op)
 {
@@ -122,25 +112,26 @@ static int rw_each(void *arg, const Kmsd__V1__SealedRecord *rec)
     return 0;
 }
 
-void kmsd_rewrap_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+/* "term still in use" (KMS_EBUSY) answers FAILED_PRECONDITION: a
+ * precondition the operator must fix, not a transient failure kmsctl should
+ * retry (KMSD_CALL_BUSY_PRECOND in both rows). */
+int kmsd_rewrap_cb(struct kmsd_call *c)
 {
-    struct kmsd *d = arg;
-    Kmsd__V1__RewrapRequest *r = NULL;
+    struct kmsd *d = c->d;
+    const Kmsd__V1__RewrapRequest *r = (const Kmsd__V1__RewrapRequest *)c->req;
     Kmsd__V1__RewrapResponse resp = KMSD__V1__REWRAP_RESPONSE__INIT;
     Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
     Kmsd__V1__RewrapBatch rb = KMSD__V1__REWRAP_BATCH__INIT;
     Kmsd__V1__RewrapItem **ptrs = NULL;
     struct rw_walk w;
     struct kmsd_write_result res;
-    struct kms_err err;
+    struct kms_err *err = &c->err;
     int rc;
 
-    kms_err_clear(&err);
     memset(&w, 0, sizeof(w));
-    w.err = &err;
-    r = kmsd__v1__rewrap_request__unpack(NULL, len, req);
-    if (r == NULL || (r->after.len != 0 && r->after.len != 16)) {
-        rw_fail(call, "rewrap", KMS_EINVAL, "malformed request (cursor must be 16 bytes)");
+    w.err = err;
+    if (r->after.len != 0 && r->after.len != 16) {
+        rc = kms_err_set(err, KMS_EINVAL, "malformed request (cursor must be 16 bytes)");
         goto out;
     }
     w.batch = r->batch == 0 ? KMSD_REWRAP_BATCH : r->batch;
@@ -148,32 +139,30 @@ void kmsd_rewrap_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
         w.batch = KMSD_REWRAP_BATCH_MAX;
     }
     if (r->after.len == 0) {
-        rw_audit(call, "rewrap"); /* once per run, not once per step */
+        rw_audit(c->call, "rewrap"); /* once per run, not once per step */
     }
     w.kr = kmsd_keyring_get(d);
     if (w.kr == NULL) {
-        rw_fail(call, "rewrap", KMS_ESEALED, "node is sealed");
+        rc = kms_err_set(err, KMS_ESEALED, "node is sealed");
         goto out;
     }
-    if ((rc = keyring_current(d, w.kr, &err)) != 0) {
-        rw_fail(call, "rewrap", rc, err.msg);
+    if ((rc = keyring_current(d, w.kr, err)) != 0) {
         goto out;
     }
     w.items = calloc(w.batch, sizeof(*w.items));
     ptrs = calloc(w.batch, sizeof(*ptrs));
     if (w.items == NULL || ptrs == NULL) {
-        rw_fail(call, "rewrap", KMS_ENOMEM, "out of memory");
+        rc = kms_err_set(err, KMS_ENOMEM, "out of memory");
         goto out;
     }
     rc = kms_store_records_list_after(d->store, NULL, r->after.len == 16 ? r->after.data : NULL,
-                                      rw_each, &w, &err);
+                                      rw_each, &w, err);
     resp.done = rc == 0;
     if (rc == RW_STOP) {
         rc = 0;
     }
     if (rc != 0) {
-        kms_err_wrap(&err, rc, "rewrap");
-        rw_fail(call, "rewrap", rc, err.msg);
+        kms_err_wrap(err, rc, "rewrap");
         goto out;
     }
     if (w.n > 0) {
@@ -186,14 +175,12 @@ void kmsd_rewrap_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
         e.op_case = KMSD__V1__ENTRY__OP_REWRAP_BATCH;
         e.rewrap_batch = &rb;
         memset(&res, 0, sizeof(res));
-        if ((rc = kmsd_write(d, &e, d->opt.request_wait_ms, &res, &err)) != 0) {
-            kms_err_wrap(&err, rc, "rewrap: replicate batch");
-            rw_fail(call, "rewrap", rc, err.msg);
+        if ((rc = kmsd_write(d, &e, d->opt.request_wait_ms, &res, err)) != 0) {
+            kms_err_wrap(err, rc, "rewrap: replicate batch");
             goto out;
         }
         if (res.code != 0) {
-            kms_err_set(&err, res.code, "rewrap: apply batch: %s", res.msg);
-            rw_fail(call, "rewrap", res.code, err.msg);
+            rc = kms_err_set(err, res.code, "rewrap: apply batch: %s", res.msg);
             goto out;
         }
         resp.rewrapped = res.count;
@@ -211,7 +198,8 @@ void kmsd_rewrap_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
     } else if (r->after.len == 16) {
         resp.next = r->after;
     }
-    kmsd_call_finish_msg(call, &resp.base);
+    kmsd_call_reply(c, &resp.base);
+    rc = 0;
 out:
     for (size_t i = 0; i < w.n; i++) {
         free(w.items[i].key_id.data);
@@ -222,9 +210,7 @@ out:
     if (w.kr != NULL) {
         kms_keyring_unref(w.kr);
     }
-    if (r != NULL) {
-        kmsd__v1__rewrap_request__free_unpacked(r, NULL);
-    }
+    return rc;
 }
 
 /* Builds the keyring without `term` (from the replicated one, under R) and
@@ -300,35 +286,26 @@ out:
     return rc;
 }
 
-void kmsd_retire_term_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+int kmsd_retire_term_cb(struct kmsd_call *c)
 {
-    struct kmsd *d = arg;
-    Kmsd__V1__RetireTermRequest *r = NULL;
+    const Kmsd__V1__RetireTermRequest *r = (const Kmsd__V1__RetireTermRequest *)c->req;
     Kmsd__V1__RetireTermResponse resp = KMSD__V1__RETIRE_TERM_RESPONSE__INIT;
     uint32_t terms[KMS_KEYRING_MAX_TERMS];
     size_t n = KMS_KEYRING_MAX_TERMS;
     uint32_t active = 0;
-    struct kms_err err;
     int rc;
 
-    kms_err_clear(&err);
-    r = kmsd__v1__retire_term_request__unpack(NULL, len, req);
-    if (r == NULL || r->term == 0) {
-        rw_fail(call, "retire-term", KMS_EINVAL, "malformed request (term must be >= 1)");
-        goto out;
+    if (r->term == 0) {
+        return kms_err_set(&c->err, KMS_EINVAL, "malformed request (term must be >= 1)");
     }
-    rw_audit(call, "retire-term");
-    if ((rc = retire_term(d, r->term, terms, &n, &active, &err)) != 0) {
-        kms_err_wrap(&err, rc, "retire term %u", r->term);
-        rw_fail(call, "retire-term", rc, err.msg);
-        goto out;
+    rw_audit(c->call, "retire-term");
+    if ((rc = retire_term(c->d, r->term, terms, &n, &active, &c->err)) != 0) {
+        kms_err_wrap(&c->err, rc, "retire term %u", r->term);
+        return rc;
     }
     resp.active_term = active;
     resp.terms = terms;
     resp.n_terms = n;
-    kmsd_call_finish_msg(call, &resp.base);
-out:
-    if (r != NULL) {
-        kmsd__v1__retire_term_request__free_unpacked(r, NULL);
-    }
+    kmsd_call_reply(c, &resp.base);
+    return 0;
 }

@@ -19,6 +19,7 @@
 #include "kms_store.h"
 #include "kms_time.h"
 #include "kmsd.h"
+#include "kmsd_cluster.h"
 
 #include "kmsd/v1/cluster.pb-c.h"
 
@@ -36,13 +37,6 @@ static pthread_cond_t snap_cv = PTHREAD_COND_INITIALIZER;
 static struct snap_session snap_sessions[KMSD_SNAP_SESSIONS];
 static bool snap_reaper_started, snap_stopping;
 static pthread_t snap_reaper;
-
-static void snap_finish_err(struct kms_rpc_call *call, const char *op, int code, const char *msg)
-{
-    kms_log(KMS_LOG_INFO, "operator", "request failed", "op", op, "error", kms_errname(code),
-            "detail", msg, "peer", kms_rpc_call_peer(call), NULL);
-    kms_rpc_call_finish(call, kmsd_grpc_status(code), msg, NULL, 0);
-}
 
 /* snap_mu held. Frees idle (or all, when `all`) sessions that are not busy. */
 static void snap_reap_locked(bool all)
@@ -97,48 +91,41 @@ void kmsd_snapshot_shutdown(void)
     pthread_mutex_unlock(&snap_mu);
 }
 
-void kmsd_snapshot_begin_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req,
-                            size_t len)
+int kmsd_snapshot_begin_cb(struct kmsd_call *c)
 {
-    struct kmsd *d = arg;
+    struct kmsd *d = c->d;
     Kmsd__V1__SnapshotBeginResponse resp = KMSD__V1__SNAPSHOT_BEGIN_RESPONSE__INIT;
     Kmsd__V1__EncryptedKeyring *ek = NULL;
     struct kms_store_export *x = NULL;
     struct snap_session *slot = NULL;
-    struct kms_err err;
+    struct kms_err *err = &c->err;
     uint8_t rnd[16];
     char handle[33];
-    char detail[96];
     int rc;
 
-    (void)req;
-    (void)len;
-    kms_err_clear(&err);
     if (kms_store_restoring(d->store)) {
-        snap_finish_err(call, "snapshot-save", KMS_EBUSY, "a snapshot restore is half-way");
+        rc = kms_err_set(err, KMS_EBUSY, "a snapshot restore is half-way");
         goto out;
     }
-    if ((rc = kms_store_export_open(d->store, &x, &err)) != 0) {
-        snap_finish_err(call, "snapshot-save", rc, err.msg);
+    if ((rc = kms_store_export_open(d->store, &x, err)) != 0) {
         goto out;
     }
     /* The keyring read after the pin is at least as new as the pinned one;
      * its cluster id never changes. */
-    if ((rc = kms_store_keyring_get(d->store, &ek, &err)) != 0) {
-        snap_finish_err(call, "snapshot-save", rc,
-                        "this replica has no keyring yet (cluster not initialised here)");
+    if ((rc = kms_store_keyring_get(d->store, &ek, err)) != 0) {
+        kms_err_set(err, rc, "this replica has no keyring yet (cluster not initialised here)");
         goto out;
     }
-    if (kms_rand_bytes(rnd, sizeof(rnd), &err) != 0 ||
-        kms_hex_encode_ct(rnd, sizeof(rnd), handle, sizeof(handle), &err) != 0) {
-        snap_finish_err(call, "snapshot-save", KMS_ECRYPTO, "cannot make a handle");
+    if (kms_rand_bytes(rnd, sizeof(rnd), err) != 0 ||
+        kms_hex_encode_ct(rnd, sizeof(rnd), handle, sizeof(handle), err) != 0) {
+        rc = kms_err_set(err, KMS_ECRYPTO, "cannot make a handle");
         goto out;
     }
     resp.handle = handle;
     pthread_mutex_lock(&snap_mu);
     if (snap_stopping) {
         pthread_mutex_unlock(&snap_mu);
-        snap_finish_err(call, "snapshot-save", KMS_ESHUTDOWN, "kmsd is stopping");
+        rc = kms_err_set(err, KMS_ESHUTDOWN, "kmsd is stopping");
         goto out;
     }
     snap_reap_locked(false);
@@ -149,8 +136,8 @@ void kmsd_snapshot_begin_cb(void *arg, struct kms_rpc_call *call, const uint8_t 
     }
     if (slot == NULL) {
         pthread_mutex_unlock(&snap_mu);
-        snap_finish_err(call, "snapshot-save", KMS_EBUSY,
-                        "too many snapshots in progress on this replica; retry later");
+        rc = kms_err_set(err, KMS_EBUSY,
+                         "too many snapshots in progress on this replica; retry later");
         goto out;
     }
     if (!snap_reaper_started &&
@@ -173,14 +160,15 @@ void kmsd_snapshot_begin_cb(void *arg, struct kms_rpc_call *call, const uint8_t 
     resp.active_term = ek->active_term;
     resp.share_count = ek->share_count;
     resp.threshold = ek->threshold;
-    snprintf(detail, sizeof(detail), "index %llu", (unsigned long long)resp.applied_index);
-    kms_rpc_call_note_set(call, detail); /* the audit line, after the outcome */
-    kmsd_call_finish_msg(call, &resp.base);
+    kmsd_call_note(c, "index %llu", (unsigned long long)resp.applied_index);
+    kmsd_call_reply(c, &resp.base);
+    rc = 0;
 out:
     kms_store_export_close(x);
     if (ek != NULL) {
         kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
     }
+    return rc;
 }
 
 /* snap_mu held. */
@@ -197,45 +185,33 @@ static struct snap_session *snap_find_locked(const char *handle)
     return NULL;
 }
 
-void kmsd_snapshot_chunk_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req,
-                            size_t len)
+int kmsd_snapshot_chunk_cb(struct kmsd_call *c)
 {
-    Kmsd__V1__SnapshotChunkRequest *r = NULL;
+    const Kmsd__V1__SnapshotChunkRequest *r = (const Kmsd__V1__SnapshotChunkRequest *)c->req;
     Kmsd__V1__SnapshotChunkResponse resp = KMSD__V1__SNAPSHOT_CHUNK_RESPONSE__INIT;
     struct snap_session *s = NULL;
-    struct kms_err err;
     uint8_t *buf = NULL;
     size_t used = 0;
     uint64_t entries = 0;
     bool done = false, ok = false;
     int rc;
 
-    (void)arg;
-    kms_err_clear(&err);
-    r = kmsd__v1__snapshot_chunk_request__unpack(NULL, len, req);
-    if (r == NULL) {
-        snap_finish_err(call, "snapshot-chunk", KMS_EINVAL, "bad request");
-        goto out;
-    }
     pthread_mutex_lock(&snap_mu);
     s = snap_find_locked(r->handle);
     if (s == NULL || s->busy) {
         pthread_mutex_unlock(&snap_mu);
-        snap_finish_err(call, "snapshot-chunk", KMS_ENOTFOUND,
-                        s == NULL ? "unknown or expired snapshot handle (start the save again)"
-                                  : "snapshot handle in use by another call");
-        s = NULL;
+        rc = kms_err_set(&c->err, KMS_ENOTFOUND, "%s",
+                         s == NULL ? "unknown or expired snapshot handle (start the save again)"
+                                   : "snapshot handle in use by another call");
         goto out;
     }
     if (r->seq != s->next_seq || s->done) {
         uint64_t want = s->next_seq;
         pthread_mutex_unlock(&snap_mu);
-        snprintf(err.msg, sizeof(err.msg),
-                 "snapshot chunk %llu asked, %llu expected (chunks are read once, in order; "
-                 "start the save again)",
-                 (unsigned long long)r->seq, (unsigned long long)want);
-        s = NULL;
-        snap_finish_err(call, "snapshot-chunk", KMS_EINVAL, err.msg);
+        rc = kms_err_set(&c->err, KMS_EINVAL,
+                         "snapshot chunk %llu asked, %llu expected (chunks are read once, in "
+                         "order; start the save again)",
+                         (unsigned long long)r->seq, (unsigned long long)want);
         goto out;
     }
     s->busy = true;
@@ -243,12 +219,12 @@ void kmsd_snapshot_chunk_cb(void *arg, struct kms_rpc_call *call, const uint8_t 
 
     buf = malloc(KMSD_SNAP_CHUNK);
     if (buf == NULL) {
-        snap_finish_err(call, "snapshot-chunk", KMS_ENOMEM, "out of memory");
+        kmsd_call_fail(c, KMS_ENOMEM, "out of memory");
         goto release;
     }
-    rc = kms_store_export_next(s->x, buf, KMSD_SNAP_CHUNK, &used, &entries, &done, &err);
+    rc = kms_store_export_next(s->x, buf, KMSD_SNAP_CHUNK, &used, &entries, &done, &c->err);
     if (rc != 0) {
-        snap_finish_err(call, "snapshot-chunk", rc, err.msg);
+        kmsd_call_fail(c, rc, c->err.msg);
         goto release;
     }
     resp.data.data = buf;
@@ -268,27 +244,20 @@ release:
      * request reached another pool thread while this one had not yet
      * cleared `busy` ("snapshot handle in use by another call"). */
     if (ok) {
-        kmsd_call_finish_msg(call, &resp.base);
+        kmsd_call_reply(c, &resp.base);
     }
+    rc = 0;
 out:
     free(buf);
-    if (r != NULL) {
-        kmsd__v1__snapshot_chunk_request__free_unpacked(r, NULL);
-    }
+    return rc;
 }
 
-void kmsd_snapshot_end_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
+int kmsd_snapshot_end_cb(struct kmsd_call *c)
 {
-    Kmsd__V1__SnapshotEndRequest *r = NULL;
+    const Kmsd__V1__SnapshotEndRequest *r = (const Kmsd__V1__SnapshotEndRequest *)c->req;
     Kmsd__V1__SnapshotEndResponse resp = KMSD__V1__SNAPSHOT_END_RESPONSE__INIT;
     struct snap_session *s;
 
-    (void)arg;
-    r = kmsd__v1__snapshot_end_request__unpack(NULL, len, req);
-    if (r == NULL) {
-        snap_finish_err(call, "snapshot-end", KMS_EINVAL, "bad request");
-        goto out;
-    }
     pthread_mutex_lock(&snap_mu);
     s = snap_find_locked(r->handle);
     if (s != NULL && !s->busy) {
@@ -296,9 +265,6 @@ void kmsd_snapshot_end_cb(void *arg, struct kms_rpc_call *call, const uint8_t *r
         memset(s, 0, sizeof(*s));
     }
     pthread_mutex_unlock(&snap_mu);
-    kmsd_call_finish_msg(call, &resp.base);
-out:
-    if (r != NULL) {
-        kmsd__v1__snapshot_end_request__free_unpacked(r, NULL);
-    }
+    kmsd_call_reply(c, &resp.base);
+    return 0;
 }
