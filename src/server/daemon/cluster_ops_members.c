@@ -338,43 +338,50 @@ int kmsd_op_members_remove_cb(struct kmsd_call *c)
 
 /* ---- leadership ---------------------------------------------------------- */
 
+/* Hands leadership to id (0: raft picks); the new leader in *leader. */
+static int leader_transfer(struct kmsd_call *c, uint64_t id, uint64_t *leader)
+{
+    struct kms_raft_status st;
+    int rc;
+
+    if ((rc = kms_raft_transfer(c->d->raft, id, c->d->opt.request_wait_ms, &c->err)) != 0) {
+        return rc;
+    }
+    memset(&st, 0, sizeof(st));
+    (void)kms_raft_status(c->d->raft, &st);
+    *leader = st.leader_id;
+    return 0;
+}
+
 int kmsd_op_step_down_cb(struct kmsd_call *c)
 {
-    struct kmsd *d = c->d;
     Kmsd__V1__StepDownResponse resp = KMSD__V1__STEP_DOWN_RESPONSE__INIT;
     struct kms_raft_status st;
     int rc;
 
     memset(&st, 0, sizeof(st));
-    (void)kms_raft_status(d->raft, &st);
+    (void)kms_raft_status(c->d->raft, &st);
     if (st.role != KMS_RAFT_LEADER) {
         return kms_err_set(&c->err, KMS_ENOTLEADER,
                            "this node is not the leader (run step-down against the leader)");
     }
-    if ((rc = kms_raft_transfer(d->raft, 0, d->opt.request_wait_ms, &c->err)) != 0) {
+    if ((rc = leader_transfer(c, 0, &resp.new_leader_id)) != 0) {
         return rc;
     }
-    (void)kms_raft_status(d->raft, &st);
-    resp.new_leader_id = st.leader_id;
     kmsd_call_reply(c, &resp.base);
     return 0;
 }
 
 int kmsd_op_transfer_leader_cb(struct kmsd_call *c)
 {
-    struct kmsd *d = c->d;
     const Kmsd__V1__TransferLeaderRequest *r = (const Kmsd__V1__TransferLeaderRequest *)c->req;
     Kmsd__V1__TransferLeaderResponse resp = KMSD__V1__TRANSFER_LEADER_RESPONSE__INIT;
-    struct kms_raft_status st;
     int rc;
 
     kmsd_call_note(c, "id=%llu", (unsigned long long)r->id);
-    if ((rc = kms_raft_transfer(d->raft, r->id, d->opt.request_wait_ms, &c->err)) != 0) {
+    if ((rc = leader_transfer(c, r->id, &resp.new_leader_id)) != 0) {
         return rc;
     }
-    memset(&st, 0, sizeof(st));
-    (void)kms_raft_status(d->raft, &st);
-    resp.new_leader_id = st.leader_id;
     kmsd_call_reply(c, &resp.base);
     return 0;
 }

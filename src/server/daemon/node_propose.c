@@ -359,7 +359,7 @@ int kmsd_member_probe(struct kmsd *d, uint64_t peer_id, unsigned timeout_ms, boo
                          details != NULL ? details : "unreachable");
         goto out;
     }
-    /* cluster_api.c forward_run_cb: "node N is not a member of the cluster". */
+    /* cluster_forward.c forward_run_cb: "node N is not a member of the cluster". */
     *denied = status == GRPC_STATUS_PERMISSION_DENIED && details != NULL &&
               strstr(details, "is not a member of the cluster") != NULL;
     rc = 0;
