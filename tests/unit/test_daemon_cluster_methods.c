@@ -4,7 +4,8 @@
  * every handler row has exactly one policy row (a role, a way to run, an
  * audit class) and the reverse, so the trampoline never runs a handler
  * whose caller it did not check; a node certificate reaches exactly what a
- * follower needs; requests that carry shares are wiped.
+ * follower needs; requests that carry shares are wiped, and the wipe
+ * (kmsd_msg_wipe) reaches every string and bytes field, repeated and nested.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -17,6 +18,10 @@
 #include "kmsd.h"
 #include "kmsd_authz.h"
 #include "kmsd_cluster.h"
+
+#include "kmsd/v1/cluster.pb-c.h"
+#include "kmsd/v1/entry.pb-c.h"
+#include "kmsd/v1/record.pb-c.h"
 
 #define AUTH_MASK (KMSD_AUTH_NODE | KMSD_AUTH_OPERATOR | KMSD_AUTH_K8S)
 
@@ -138,6 +143,91 @@ static void test_shares_wiped(void **state)
     assert_int_equal(wiped, 3); /* Unseal, RekeyUpdate, SealMigrate */
 }
 
+static bool all_zero(const void *p, size_t n)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++) {
+        if (b[i] != 0) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Unpacks what m packs to (the trampoline's copy of a request). */
+static ProtobufCMessage *roundtrip(const ProtobufCMessage *m)
+{
+    uint8_t buf[512];
+    size_t n = protobuf_c_message_get_packed_size(m);
+    assert_true(n <= sizeof(buf));
+    protobuf_c_message_pack(m, buf);
+    return protobuf_c_message_unpack(m->descriptor, NULL, n, buf);
+}
+
+static void test_msg_wipe(void **state)
+{
+    char s1[] = "share-one-aaaaaaaa", s2[] = "share-two-bbbbbbbbbbbb";
+    char *shares[] = {s1, s2};
+    Kmsd__V1__SealMigrateRequest sm = KMSD__V1__SEAL_MIGRATE_REQUEST__INIT;
+    Kmsd__V1__SealMigrateRequest *smu;
+    uint8_t ct[40], kid[16];
+    Kmsd__V1__SealedRecord rec = KMSD__V1__SEALED_RECORD__INIT;
+    Kmsd__V1__PutRecord pr = KMSD__V1__PUT_RECORD__INIT;
+    Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
+    Kmsd__V1__ForwardRequest fr = KMSD__V1__FORWARD_REQUEST__INIT;
+    Kmsd__V1__ForwardRequest *fru;
+    const Kmsd__V1__SealedRecord *ru;
+    Kmsd__V1__UnsealRequest un = KMSD__V1__UNSEAL_REQUEST__INIT;
+    Kmsd__V1__UnsealRequest *unu;
+    (void)state;
+
+    /* repeated strings */
+    sm.to = "pkcs11";
+    sm.shares = shares;
+    sm.n_shares = 2;
+    smu = (Kmsd__V1__SealMigrateRequest *)roundtrip(&sm.base);
+    assert_non_null(smu);
+    assert_int_equal(smu->n_shares, 2);
+    kmsd_msg_wipe(&smu->base);
+    assert_true(all_zero(smu->shares[0], sizeof(s1) - 1));
+    assert_true(all_zero(smu->shares[1], sizeof(s2) - 1));
+    assert_true(all_zero(smu->to, 6));
+    protobuf_c_message_free_unpacked(&smu->base, NULL);
+
+    /* bytes and strings in a message held by the set member of a oneof */
+    memset(ct, 0xa5, sizeof(ct));
+    memset(kid, 0x5a, sizeof(kid));
+    rec.version = 1;
+    rec.key_id.data = kid;
+    rec.key_id.len = sizeof(kid);
+    rec.ciphertext.data = ct;
+    rec.ciphertext.len = sizeof(ct);
+    rec.node_uuid = "uuid-1";
+    pr.record = &rec;
+    e.version = 1;
+    e.op_case = KMSD__V1__ENTRY__OP_PUT_RECORD;
+    e.put_record = &pr;
+    fr.entry = &e;
+    fr.from_id = 7;
+    fru = (Kmsd__V1__ForwardRequest *)roundtrip(&fr.base);
+    assert_non_null(fru);
+    kmsd_msg_wipe(&fru->base);
+    ru = fru->entry->put_record->record;
+    assert_int_equal(fru->entry->op_case, KMSD__V1__ENTRY__OP_PUT_RECORD);
+    assert_true(all_zero(ru->ciphertext.data, ru->ciphertext.len));
+    assert_true(all_zero(ru->key_id.data, ru->key_id.len));
+    assert_true(all_zero(ru->node_uuid, 6));
+    assert_int_equal(fru->from_id, 7); /* numbers are left alone */
+    protobuf_c_message_free_unpacked(&fru->base, NULL);
+
+    /* empty fields: nothing to wipe, nothing written */
+    unu = (Kmsd__V1__UnsealRequest *)roundtrip(&un.base);
+    assert_non_null(unu);
+    kmsd_msg_wipe(&unu->base);
+    assert_string_equal(unu->share, "");
+    protobuf_c_message_free_unpacked(&unu->base, NULL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -145,6 +235,7 @@ int main(void)
         cmocka_unit_test(test_audit_class),
         cmocka_unit_test(test_node_rows),
         cmocka_unit_test(test_shares_wiped),
+        cmocka_unit_test(test_msg_wipe),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -163,9 +163,8 @@ void kmsd_call_note(struct kmsd_call *c, const char *fmt, ...)
 
 /* ---- the trampoline ----------------------------------------------------- */
 
-/* Wipes every string and bytes field of m and of the messages it holds
- * (KMSD_CALL_WIPE: shares travel in operator requests). */
-static void msg_wipe(ProtobufCMessage *m)
+/* kmsd_cluster.h */
+void kmsd_msg_wipe(ProtobufCMessage *m)
 {
     const ProtobufCMessageDescriptor *desc = m->descriptor;
 
@@ -200,7 +199,7 @@ static void msg_wipe(ProtobufCMessage *m)
             } else if (f->type == PROTOBUF_C_TYPE_MESSAGE) {
                 ProtobufCMessage *sub = ((ProtobufCMessage **)field)[k];
                 if (sub != NULL) {
-                    msg_wipe(sub);
+                    kmsd_msg_wipe(sub);
                 }
             }
         }
@@ -234,7 +233,7 @@ static void call_run(struct kmsd_op_method *m, struct kms_rpc_call *call, const 
     }
     if (c.req != NULL) {
         if (row->call_flags & KMSD_CALL_WIPE) {
-            msg_wipe(c.req);
+            kmsd_msg_wipe(c.req);
         }
         protobuf_c_message_free_unpacked(c.req, NULL);
     }

@@ -85,6 +85,11 @@ void kmsd_call_fail(struct kmsd_call *c, int code, const char *msg);
 void kmsd_call_note(struct kmsd_call *c, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
+/* Wipes every string and bytes field of m and of the messages it holds
+ * (set members of a oneof only), in place, before m is freed
+ * (KMSD_CALL_WIPE: shares travel in operator requests). Pure: any thread. */
+void kmsd_msg_wipe(ProtobufCMessage *m);
+
 /* ---- handlers (cluster_forward.c, cluster_ops_*.c) -------------------- */
 
 /* kmsd.v1.Cluster/Forward: the leader validates and proposes what a
