@@ -11,29 +11,52 @@
 
 #include <openssl/crypto.h>
 
-/* The stored keyring into *out (NULL when the cluster has none: not an
- * error). 0, a RocksDB error, or KMS_ECORRUPT when it does not parse; the
- * caller frees *out. */
-static int keyring_load(struct kms_store *s, Kmsd__V1__EncryptedKeyring **out,
-                        struct kms_err *err)
+/* The message stored under the fixed key `key` into *out (NULL when the key
+ * is absent: not an error). 0, a RocksDB error, or KMS_ECORRUPT "store
+ * <path>: stored <what> does not parse"; the caller frees *out. */
+static int stored_load(struct kms_store *s, const char *key,
+                       const ProtobufCMessageDescriptor *desc, const char *what,
+                       ProtobufCMessage **out, struct kms_err *err)
 {
     char *val = NULL;
     size_t vlen = 0;
     int rc;
 
     *out = NULL;
-    rc = ks_get(s, NULL, KS_K_KEYRING, strlen(KS_K_KEYRING), &val, &vlen, err);
+    rc = ks_get(s, NULL, key, strlen(key), &val, &vlen, err);
     if (rc == KMS_ENOTFOUND) {
         return 0;
     }
     if (rc == 0) {
-        *out = kmsd__v1__encrypted_keyring__unpack(NULL, vlen, (const uint8_t *)val);
+        *out = protobuf_c_message_unpack(desc, NULL, vlen, (const uint8_t *)val);
         if (*out == NULL) {
-            rc = kms_err_set(err, KMS_ECORRUPT, "store %s: stored keyring does not parse",
-                             s->path);
+            rc = kms_err_set(err, KMS_ECORRUPT, "store %s: stored %s does not parse", s->path,
+                             what);
         }
     }
     free(val);
+    return rc;
+}
+
+/* The stored keyring into *out (NULL when the cluster has none). */
+static int keyring_load(struct kms_store *s, Kmsd__V1__EncryptedKeyring **out,
+                        struct kms_err *err)
+{
+    ProtobufCMessage *m = NULL;
+    int rc = stored_load(s, KS_K_KEYRING, &kmsd__v1__encrypted_keyring__descriptor, "keyring",
+                         &m, err);
+    *out = (Kmsd__V1__EncryptedKeyring *)m;
+    return rc;
+}
+
+/* The stored peer unseal gate into *out (NULL when never set). */
+static int peer_gate_load(struct kms_store *s, Kmsd__V1__PeerUnsealGate **out,
+                          struct kms_err *err)
+{
+    ProtobufCMessage *m = NULL;
+    int rc = stored_load(s, KS_K_PEER_GATE, &kmsd__v1__peer_unseal_gate__descriptor,
+                         "peer unseal gate", &m, err);
+    *out = (Kmsd__V1__PeerUnsealGate *)m;
     return rc;
 }
 
@@ -42,32 +65,6 @@ static bool keyring_same_cluster(const Kmsd__V1__EncryptedKeyring *a,
 {
     return a->cluster_id.len == b->cluster_id.len &&
            memcmp(a->cluster_id.data, b->cluster_id.data, a->cluster_id.len) == 0;
-}
-
-/* The stored peer unseal gate into *out (NULL when never set: not an
- * error). 0, a RocksDB error, or KMS_ECORRUPT when it does not parse; the
- * caller frees *out. */
-static int peer_gate_load(struct kms_store *s, Kmsd__V1__PeerUnsealGate **out,
-                          struct kms_err *err)
-{
-    char *val = NULL;
-    size_t vlen = 0;
-    int rc;
-
-    *out = NULL;
-    rc = ks_get(s, NULL, KS_K_PEER_GATE, strlen(KS_K_PEER_GATE), &val, &vlen, err);
-    if (rc == KMS_ENOTFOUND) {
-        return 0;
-    }
-    if (rc == 0) {
-        *out = kmsd__v1__peer_unseal_gate__unpack(NULL, vlen, (const uint8_t *)val);
-        if (*out == NULL) {
-            rc = kms_err_set(err, KMS_ECORRUPT, "store %s: stored peer unseal gate does not parse",
-                             s->path);
-        }
-    }
-    free(val);
-    return rc;
 }
 
 int ks_op_put_keyring(struct ks_apply *c, const Kmsd__V1__PutKeyring *op)
