@@ -144,19 +144,8 @@ int kms_rekey_session_add(struct kms_rekey_session *s, const char *nonce, const 
         kms_err_wrap(err, rc, "rekey share %zu", s->n_given + 1);
         goto out;
     }
-    for (size_t i = 0; i < s->n_given; i++) {
-        if (s->given[i].index == parsed.index) {
-            rc = kms_err_set(err, KMS_EDUP,
-                             "rekey share %zu: a share with index %u was already given",
-                             s->n_given + 1, parsed.index);
-            goto out;
-        }
-        if (s->given[i].len != parsed.len) {
-            rc = kms_err_set(err, KMS_EFORMAT,
-                             "rekey share %zu: length differs from the shares already given",
-                             s->n_given + 1);
-            goto out;
-        }
+    if ((rc = kms_share_check_new(s->given, s->n_given, &parsed, "rekey share", err)) != 0) {
+        goto out;
     }
     s->given[s->n_given++] = parsed;
     *progress = (unsigned)s->n_given;

@@ -264,19 +264,8 @@ int kmsd_unseal_submit(struct kmsd *d, const char *share, bool reset,
         kms_err_wrap(err, rc, "share %zu", d->n_pending + 1);
         goto out;
     }
-    for (size_t i = 0; i < d->n_pending; i++) {
-        if (d->pending[i].index == parsed.index) {
-            rc = kms_err_set(err, KMS_EDUP,
-                             "share %zu: a share with index %u was already given",
-                             d->n_pending + 1, parsed.index);
-            goto out;
-        }
-        if (d->pending[i].len != parsed.len) {
-            rc = kms_err_set(err, KMS_EFORMAT,
-                             "share %zu: length differs from the shares already given",
-                             d->n_pending + 1);
-            goto out;
-        }
+    if ((rc = kms_share_check_new(d->pending, d->n_pending, &parsed, "share", err)) != 0) {
+        goto out;
     }
     if (d->n_pending >= KMSD_MAX_SHARES) {
         rc = kms_err_set(err, KMS_ERANGE, "too many shares");
