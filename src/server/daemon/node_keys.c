@@ -80,6 +80,20 @@ static void pending_wipe(struct kmsd *d)
     d->n_pending = 0;
 }
 
+/* The unseal itself, once the root key decrypted the keyring: installs root
+ * (secure memory) and kr, both taken, drops the pending shares and logs
+ * `via`. d->mu held. */
+static void unseal_install(struct kmsd *d, uint8_t *root, struct kms_keyring *kr,
+                           const char *via)
+{
+    pending_wipe(d);
+    d->root = root;
+    d->unsealed = true;
+    keyring_publish(d, kr);
+    kms_log(KMS_LOG_INFO, "keys", "unsealed", "via", via, NULL);
+    kmsd_warn_local_reads(d, "unseal");
+}
+
 /* Commits an encrypted keyring (init: the first one; else a rotation) and
  * maps the store's apply result to an error. The keyring is checked first
  * (kmsd_authz_keyring_check): it must decrypt under root, the key this node
@@ -303,16 +317,11 @@ int kmsd_unseal_submit(struct kmsd *d, const char *share, bool reset,
         kms_log(KMS_LOG_WARN, "keys", "unseal failed: wrong set of shares; progress reset", NULL);
         goto out;
     }
-    pending_wipe(d);
-    d->root = root;
+    unseal_install(d, root, kr, "key shares");
     root = NULL;
-    d->unsealed = true;
+    kr = NULL;
     *unsealed = true;
     *progress = ek->threshold;
-    keyring_publish(d, kr);
-    kr = NULL;
-    kms_log(KMS_LOG_INFO, "keys", "unsealed", "via", "key shares", NULL);
-    kmsd_warn_local_reads(d, "unseal");
     combined = true;
     rc = 0;
 out:
@@ -363,14 +372,9 @@ int kmsd_unseal_root(struct kmsd *d, uint8_t *root, const char *how, struct kms_
                      how);
         goto out;
     }
-    pending_wipe(d);
-    d->root = root;
+    unseal_install(d, root, kr, how);
     root = NULL;
-    d->unsealed = true;
-    keyring_publish(d, kr);
     kr = NULL;
-    kms_log(KMS_LOG_INFO, "keys", "unsealed", "via", how, NULL);
-    kmsd_warn_local_reads(d, "unseal");
     rc = 0;
 out:
     pthread_mutex_unlock(&d->mu);
@@ -519,17 +523,19 @@ out:
     }
     kmsd_keyring_write_unlock();
     kms_secmem_free(root, KMS_ROOT_KEY_LEN);
-    if (kr != NULL) {
-        kms_keyring_unref(kr);
-    }
-    if (next != NULL) {
-        kms_keyring_unref(next);
-    }
+    kmsd_keyrings_release(ek, nek, kr, next);
+    return rc;
+}
+
+void kmsd_keyrings_release(Kmsd__V1__EncryptedKeyring *ek, Kmsd__V1__EncryptedKeyring *nek,
+                           struct kms_keyring *kr, struct kms_keyring *next)
+{
+    kms_keyring_unref(kr);
+    kms_keyring_unref(next);
     if (ek != NULL) {
         kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
     }
     if (nek != NULL) {
         kmsd__v1__encrypted_keyring__free_unpacked(nek, NULL);
     }
-    return rc;
 }
