@@ -133,11 +133,12 @@ int kms_share_format(const struct kms_share *s, char *out, size_t outlen, struct
  * KMS_EVERSION for another version prefix, KMS_EFORMAT otherwise. `out` is
  * wiped on failure. */
 int kms_share_parse(const char *text, struct kms_share *out, struct kms_err *err);
-/* Whether `s` may join the n shares already given (an unseal's or a rekey's
- * collection): KMS_EDUP when one has its index, KMS_EFORMAT when one has
- * another length; the message names it "<what> <n + 1>". */
-int kms_share_check_new(const struct kms_share *given, size_t n, const struct kms_share *s,
-                        const char *what, struct kms_err *err);
+/* Parses the next share of a collection (an unseal's or a rekey's) that
+ * holds n given shares into out: kms_share_parse's errors, then KMS_EDUP
+ * when a given share has its index, KMS_EFORMAT when one has another
+ * length; messages name it "<what> <n + 1>". out is the caller's to wipe. */
+int kms_share_parse_next(const char *text, const struct kms_share *given, size_t n,
+                         const char *what, struct kms_share *out, struct kms_err *err);
 
 /* Constant-time hex (no secret-dependent branches or table lookups).
  * encode: writes 2*len lowercase digits and a NUL; outlen >= 2*len+1.

@@ -406,18 +406,24 @@ static void gcm_params(CK_GCM_PARAMS *g, uint8_t *iv, uint8_t *aad, const uint8_
     g->ulTagBits = GCM_TAG_LEN * 8;
 }
 
+/* The attributes of the session object that holds R around a KWP wrap or
+ * unwrap: a generic secret, not on the token, neither sensitive nor
+ * unextractable (its value is read back after C_UnwrapKey). Template
+ * entries for C_CreateObject / C_UnwrapKey, which only read them. */
+static const CK_OBJECT_CLASS r_cls = CKO_SECRET_KEY;
+static const CK_KEY_TYPE r_kt = CKK_GENERIC_SECRET;
+static const CK_BBOOL r_true = CK_TRUE, r_false = CK_FALSE;
+#define R_ATTRS                                                                                  \
+    {CKA_CLASS, (void *)&r_cls, sizeof(r_cls)}, {CKA_KEY_TYPE, (void *)&r_kt, sizeof(r_kt)},     \
+        {CKA_TOKEN, (void *)&r_false, sizeof(r_false)},                                          \
+        {CKA_SENSITIVE, (void *)&r_false, sizeof(r_false)},                                      \
+        {CKA_EXTRACTABLE, (void *)&r_true, sizeof(r_true)}
+
 /* A session object holding R, for C_WrapKey (KWP). */
 static int root_object(struct sess *s, const uint8_t root[32], CK_OBJECT_HANDLE *obj,
                        struct kms_err *err)
 {
-    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
-    CK_KEY_TYPE kt = CKK_GENERIC_SECRET;
-    CK_BBOOL t = CK_TRUE, fl = CK_FALSE;
-    CK_ATTRIBUTE tmpl[] = {
-        {CKA_CLASS, &cls, sizeof(cls)},     {CKA_KEY_TYPE, &kt, sizeof(kt)},
-        {CKA_TOKEN, &fl, sizeof(fl)},       {CKA_SENSITIVE, &fl, sizeof(fl)},
-        {CKA_EXTRACTABLE, &t, sizeof(t)},   {CKA_VALUE, (void *)root, 32},
-    };
+    CK_ATTRIBUTE tmpl[] = {R_ATTRS, {CKA_VALUE, (void *)root, 32}};
     CK_RV rv = s->p->f->C_CreateObject(s->h, tmpl, sizeof(tmpl) / sizeof(tmpl[0]), obj);
     if (rv != CKR_OK) {
         return p11_fail(err, rv, "C_CreateObject (session copy of the root key)");
@@ -641,14 +647,7 @@ int kms_p11_unwrap(struct kms_p11 *p, const Kmsd__V1__HsmWrap *w, const uint8_t 
         }
     } else {
         CK_MECHANISM m = {CKM_AES_KEY_WRAP_PAD, NULL, 0};
-        CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
-        CK_KEY_TYPE kt = CKK_GENERIC_SECRET;
-        CK_BBOOL t = CK_TRUE, fl = CK_FALSE;
-        CK_ATTRIBUTE tmpl[] = {
-            {CKA_CLASS, &cls, sizeof(cls)},   {CKA_KEY_TYPE, &kt, sizeof(kt)},
-            {CKA_TOKEN, &fl, sizeof(fl)},     {CKA_SENSITIVE, &fl, sizeof(fl)},
-            {CKA_EXTRACTABLE, &t, sizeof(t)},
-        };
+        CK_ATTRIBUTE tmpl[] = {R_ATTRS};
         CK_ATTRIBUTE val = {CKA_VALUE, j.buf, sizeof(j.buf)};
         rv = p->f->C_UnwrapKey(j.s.h, &m, j.key, w->ciphertext.data, (CK_ULONG)w->ciphertext.len,
                                tmpl, sizeof(tmpl) / sizeof(tmpl[0]), &j.robj);

@@ -140,11 +140,8 @@ int kms_rekey_session_add(struct kms_rekey_session *s, const char *nonce, const 
         rc = kms_err_set(err, KMS_ERANGE, "the rekey has %zu shares already", s->n_given);
         goto out;
     }
-    if ((rc = kms_share_parse(share, &parsed, err)) != 0) {
-        kms_err_wrap(err, rc, "rekey share %zu", s->n_given + 1);
-        goto out;
-    }
-    if ((rc = kms_share_check_new(s->given, s->n_given, &parsed, "rekey share", err)) != 0) {
+    rc = kms_share_parse_next(share, s->given, s->n_given, "rekey share", &parsed, err);
+    if (rc != 0) {
         goto out;
     }
     s->given[s->n_given++] = parsed;

@@ -173,23 +173,6 @@ static char lower(char c)
     return c >= 'A' && c <= 'Z' ? (char)(c - 'A' + 'a') : c;
 }
 
-int kms_share_check_new(const struct kms_share *given, size_t n, const struct kms_share *s,
-                        const char *what, struct kms_err *err)
-{
-    for (size_t i = 0; i < n; i++) {
-        if (given[i].index == s->index) {
-            return kms_err_set(err, KMS_EDUP, "%s %zu: a share with index %u was already given",
-                               what, n + 1, s->index);
-        }
-        if (given[i].len != s->len) {
-            return kms_err_set(err, KMS_EFORMAT,
-                               "%s %zu: length differs from the shares already given", what,
-                               n + 1);
-        }
-    }
-    return 0;
-}
-
 int kms_share_parse(const char *text, struct kms_share *out, struct kms_err *err)
 {
     const char *p, *end, *payload, *dash;
@@ -284,4 +267,27 @@ out:
         OPENSSL_cleanse(out, sizeof(*out));
     }
     return rc;
+}
+
+int kms_share_parse_next(const char *text, const struct kms_share *given, size_t n,
+                         const char *what, struct kms_share *out, struct kms_err *err)
+{
+    int rc;
+
+    if ((rc = kms_share_parse(text, out, err)) != 0) {
+        kms_err_wrap(err, rc, "%s %zu", what, n + 1);
+        return rc;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (given[i].index == out->index) {
+            return kms_err_set(err, KMS_EDUP, "%s %zu: a share with index %u was already given",
+                               what, n + 1, out->index);
+        }
+        if (given[i].len != out->len) {
+            return kms_err_set(err, KMS_EFORMAT,
+                               "%s %zu: length differs from the shares already given", what,
+                               n + 1);
+        }
+    }
+    return 0;
 }

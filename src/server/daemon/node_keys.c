@@ -274,11 +274,7 @@ int kmsd_unseal_submit(struct kmsd *d, const char *share, bool reset,
         rc = reset ? 0 : kms_err_set(err, KMS_EINVAL, "no share given");
         goto out;
     }
-    if ((rc = kms_share_parse(share, &parsed, err)) != 0) {
-        kms_err_wrap(err, rc, "share %zu", d->n_pending + 1);
-        goto out;
-    }
-    if ((rc = kms_share_check_new(d->pending, d->n_pending, &parsed, "share", err)) != 0) {
+    if ((rc = kms_share_parse_next(share, d->pending, d->n_pending, "share", &parsed, err)) != 0) {
         goto out;
     }
     if (d->n_pending >= KMSD_MAX_SHARES) {
@@ -331,12 +327,7 @@ out:
     }
     OPENSSL_cleanse(&parsed, sizeof(parsed));
     kms_secmem_free(root, KMS_SHAMIR_MAX_SECRET);
-    if (kr != NULL) {
-        kms_keyring_unref(kr);
-    }
-    if (ek != NULL) {
-        kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
-    }
+    kmsd_keyrings_release(ek, NULL, kr, NULL);
     return rc;
 }
 
@@ -379,12 +370,7 @@ int kmsd_unseal_root(struct kmsd *d, uint8_t *root, const char *how, struct kms_
 out:
     pthread_mutex_unlock(&d->mu);
     kms_secmem_free(root, KMS_SHAMIR_MAX_SECRET);
-    if (kr != NULL) {
-        kms_keyring_unref(kr);
-    }
-    if (ek != NULL) {
-        kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
-    }
+    kmsd_keyrings_release(ek, NULL, kr, NULL);
     return rc;
 }
 
