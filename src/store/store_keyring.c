@@ -67,12 +67,24 @@ static bool keyring_same_cluster(const Kmsd__V1__EncryptedKeyring *a,
            memcmp(a->cluster_id.data, b->cluster_id.data, a->cluster_id.len) == 0;
 }
 
+/* Puts nk as the stored keyring, in the entry's batch. */
+static int keyring_put(struct ks_apply *c, const Kmsd__V1__EncryptedKeyring *nk)
+{
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    int rc = ks_pack(&nk->base, &buf, &len, c->err);
+
+    if (rc == 0) {
+        rocksdb_writebatch_put(c->wb, KS_K_KEYRING, strlen(KS_K_KEYRING), (const char *)buf, len);
+    }
+    free(buf);
+    return rc;
+}
+
 int ks_op_put_keyring(struct ks_apply *c, const Kmsd__V1__PutKeyring *op)
 {
     const Kmsd__V1__EncryptedKeyring *nk = op->keyring;
     Kmsd__V1__EncryptedKeyring *old = NULL;
-    uint8_t *buf = NULL;
-    size_t len = 0;
     int rc;
 
     if (nk == NULL || nk->cluster_id.len == 0 || nk->ciphertext.len == 0) {
@@ -101,14 +113,12 @@ int ks_op_put_keyring(struct ks_apply *c, const Kmsd__V1__PutKeyring *op)
             goto out;
         }
     }
-    if ((rc = ks_pack(&nk->base, &buf, &len, c->err)) != 0) {
+    if ((rc = keyring_put(c, nk)) != 0) {
         goto out;
     }
-    rocksdb_writebatch_put(c->wb, KS_K_KEYRING, strlen(KS_K_KEYRING), (const char *)buf, len);
     ks_result(c, 0, 1, "keyring %s, active term %u", op->init ? "initialised" : "rotated",
               (unsigned)nk->active_term);
 out:
-    free(buf);
     if (old != NULL) {
         kmsd__v1__encrypted_keyring__free_unpacked(old, NULL);
     }
@@ -124,8 +134,6 @@ int ks_op_rekey_keyring(struct ks_apply *c, const Kmsd__V1__RekeyKeyring *op)
 {
     const Kmsd__V1__EncryptedKeyring *nk = op->keyring;
     Kmsd__V1__EncryptedKeyring *old = NULL;
-    uint8_t *buf = NULL;
-    size_t len = 0;
     int rc;
 
     /* Whatever the outcome, the entry holds a wrapped root key: shred it. */
@@ -157,15 +165,13 @@ int ks_op_rekey_keyring(struct ks_apply *c, const Kmsd__V1__RekeyKeyring *op)
                   (unsigned)nk->active_term, (unsigned)old->active_term);
         goto out;
     }
-    if ((rc = ks_pack(&nk->base, &buf, &len, c->err)) != 0) {
+    if ((rc = keyring_put(c, nk)) != 0) {
         goto out;
     }
-    rocksdb_writebatch_put(c->wb, KS_K_KEYRING, strlen(KS_K_KEYRING), (const char *)buf, len);
     c->rekey_wrap = &op->wrapped_root;
     ks_result(c, 0, 1, "keyring rekeyed: %u shares, threshold %u", (unsigned)nk->share_count,
               (unsigned)nk->threshold);
 out:
-    free(buf);
     if (old != NULL) {
         kmsd__v1__encrypted_keyring__free_unpacked(old, NULL);
     }
@@ -237,8 +243,6 @@ int ks_op_retire_term(struct ks_apply *c, const Kmsd__V1__RetireTerm *op)
 {
     const Kmsd__V1__EncryptedKeyring *nk = op->keyring;
     Kmsd__V1__EncryptedKeyring *old = NULL;
-    size_t len = 0;
-    uint8_t *buf = NULL;
     uint64_t n = 0;
     int rc;
 
@@ -277,13 +281,11 @@ int ks_op_retire_term(struct ks_apply *c, const Kmsd__V1__RetireTerm *op)
                   (unsigned)op->term, n);
         goto out;
     }
-    if ((rc = ks_pack(&nk->base, &buf, &len, c->err)) != 0) {
+    if ((rc = keyring_put(c, nk)) != 0) {
         goto out;
     }
-    rocksdb_writebatch_put(c->wb, KS_K_KEYRING, strlen(KS_K_KEYRING), (const char *)buf, len);
     ks_result(c, 0, 1, "term %u retired", (unsigned)op->term);
 out:
-    free(buf);
     if (old != NULL) {
         kmsd__v1__encrypted_keyring__free_unpacked(old, NULL);
     }
