@@ -76,9 +76,7 @@ int kms_k8s_wrap(const struct kms_keyring *kr, const uint8_t *pt, size_t ptlen, 
     ct[0] = KMS_K8S_WRAP_VERSION;
     put_u32be(ct + 1, kr->active_term);
     if ((rc = derive(kr, tk, ct, key, aad, err)) != 0 ||
-        (rc = kms_rand_bytes(ct + K8S_HDR_LEN, KMS_AEAD_NONCE_LEN, err)) != 0 ||
-        (rc = kms_aead_seal(key, ct + K8S_HDR_LEN, aad, sizeof(aad), pt, ptlen,
-                            ct + K8S_HDR_LEN + KMS_AEAD_NONCE_LEN, err)) != 0) {
+        (rc = kms_aead_seal_framed(key, aad, sizeof(aad), pt, ptlen, ct + K8S_HDR_LEN, err)) != 0) {
         rc = kms_err_wrap(err, rc, "k8s wrap");
         goto out;
     }
@@ -115,9 +113,8 @@ int kms_k8s_unwrap(const struct kms_keyring *kr, const uint8_t *ct, size_t ctlen
                            "(active %u)", t, kr->active_term);
     }
     if ((rc = derive(kr, tk, ct, key, aad, err)) != 0 ||
-        (rc = kms_aead_open(key, ct + K8S_HDR_LEN, aad, sizeof(aad),
-                            ct + K8S_HDR_LEN + KMS_AEAD_NONCE_LEN,
-                            ctlen - K8S_HDR_LEN - KMS_AEAD_NONCE_LEN, pt, err)) != 0) {
+        (rc = kms_aead_open_framed(key, aad, sizeof(aad), ct + K8S_HDR_LEN, ctlen - K8S_HDR_LEN,
+                                   pt, err)) != 0) {
         rc = kms_err_wrap(err, rc, "k8s unwrap (term %u)", t);
         goto out;
     }

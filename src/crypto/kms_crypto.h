@@ -70,6 +70,18 @@ int kms_aead_open(const uint8_t key[32], const uint8_t nonce[12], const uint8_t 
                   size_t aadlen, const uint8_t *ct, size_t ctlen, uint8_t *pt,
                   struct kms_err *err);
 
+/* The framed form several formats share (rekey wrap, rewrap, k8s wrap): a
+ * fresh random nonce in front of the sealed bytes. out receives
+ * KMS_AEAD_NONCE_LEN + ptlen + KMS_AEAD_TAG_LEN bytes, nonce || ct || tag.
+ * Errors of kms_rand_bytes and kms_aead_seal. */
+int kms_aead_seal_framed(const uint8_t key[32], const uint8_t *aad, size_t aadlen,
+                         const uint8_t *pt, size_t ptlen, uint8_t *out, struct kms_err *err);
+/* Opens nonce || ct || tag (inlen >= KMS_AEAD_NONCE_LEN + KMS_AEAD_TAG_LEN);
+ * pt receives inlen - KMS_AEAD_NONCE_LEN - KMS_AEAD_TAG_LEN bytes. As
+ * kms_aead_open: KMS_EAUTH with pt wiped on tag mismatch. */
+int kms_aead_open_framed(const uint8_t key[32], const uint8_t *aad, size_t aadlen,
+                         const uint8_t *in, size_t inlen, uint8_t *pt, struct kms_err *err);
+
 /* HKDF-SHA256 (RFC 5869), extract + expand. ikmlen >= 1; salt and info may be
  * empty (NULL with length 0); 1 <= outlen <= 255*32. */
 int kms_hkdf_sha256(const uint8_t *ikm, size_t ikmlen, const uint8_t *salt, size_t saltlen,
@@ -121,6 +133,12 @@ int kms_share_format(const struct kms_share *s, char *out, size_t outlen, struct
  * KMS_EVERSION for another version prefix, KMS_EFORMAT otherwise. `out` is
  * wiped on failure. */
 int kms_share_parse(const char *text, struct kms_share *out, struct kms_err *err);
+/* Parses the next share of a collection (an unseal's or a rekey's) that
+ * holds n given shares into out: kms_share_parse's errors, then KMS_EDUP
+ * when a given share has its index, KMS_EFORMAT when one has another
+ * length; messages name it "<what> <n + 1>". out is the caller's to wipe. */
+int kms_share_parse_next(const char *text, const struct kms_share *given, size_t n,
+                         const char *what, struct kms_share *out, struct kms_err *err);
 
 /* Constant-time hex (no secret-dependent branches or table lookups).
  * encode: writes 2*len lowercase digits and a NUL; outlen >= 2*len+1.

@@ -406,23 +406,78 @@ static void gcm_params(CK_GCM_PARAMS *g, uint8_t *iv, uint8_t *aad, const uint8_
     g->ulTagBits = GCM_TAG_LEN * 8;
 }
 
+/* The attributes of the session object that holds R around a KWP wrap or
+ * unwrap: a generic secret, not on the token, neither sensitive nor
+ * unextractable (its value is read back after C_UnwrapKey). Template
+ * entries for C_CreateObject / C_UnwrapKey, which only read them. */
+static const CK_OBJECT_CLASS r_cls = CKO_SECRET_KEY;
+static const CK_KEY_TYPE r_kt = CKK_GENERIC_SECRET;
+static const CK_BBOOL r_true = CK_TRUE, r_false = CK_FALSE;
+#define R_ATTRS                                                                                  \
+    {CKA_CLASS, (void *)&r_cls, sizeof(r_cls)}, {CKA_KEY_TYPE, (void *)&r_kt, sizeof(r_kt)},     \
+        {CKA_TOKEN, (void *)&r_false, sizeof(r_false)},                                          \
+        {CKA_SENSITIVE, (void *)&r_false, sizeof(r_false)},                                      \
+        {CKA_EXTRACTABLE, (void *)&r_true, sizeof(r_true)}
+
 /* A session object holding R, for C_WrapKey (KWP). */
 static int root_object(struct sess *s, const uint8_t root[32], CK_OBJECT_HANDLE *obj,
                        struct kms_err *err)
 {
-    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
-    CK_KEY_TYPE kt = CKK_GENERIC_SECRET;
-    CK_BBOOL t = CK_TRUE, fl = CK_FALSE;
-    CK_ATTRIBUTE tmpl[] = {
-        {CKA_CLASS, &cls, sizeof(cls)},     {CKA_KEY_TYPE, &kt, sizeof(kt)},
-        {CKA_TOKEN, &fl, sizeof(fl)},       {CKA_SENSITIVE, &fl, sizeof(fl)},
-        {CKA_EXTRACTABLE, &t, sizeof(t)},   {CKA_VALUE, (void *)root, 32},
-    };
+    CK_ATTRIBUTE tmpl[] = {R_ATTRS, {CKA_VALUE, (void *)root, 32}};
     CK_RV rv = s->p->f->C_CreateObject(s->h, tmpl, sizeof(tmpl) / sizeof(tmpl[0]), obj);
     if (rv != CKR_OK) {
         return p11_fail(err, rv, "C_CreateObject (session copy of the root key)");
     }
     return 0;
+}
+
+/* One wrap or unwrap: its session, the wrapping key, the KWP session object
+ * holding R (destroyed at the end), the AAD and the plaintext/ciphertext
+ * buffer (wiped at the end). */
+struct job {
+    struct sess s;
+    CK_OBJECT_HANDLE key, robj;
+    bool robj_made;
+    uint8_t aad[WRAP_AAD_LABEL_LEN + KMS_CLUSTER_ID_LEN];
+    uint8_t buf[64];
+    CK_ULONG blen;
+};
+
+static void job_init(struct kms_p11 *p, struct job *j)
+{
+    memset(j, 0, sizeof(*j));
+    j->s.p = p;
+    j->blen = sizeof(j->buf);
+}
+
+/* Session and wrapping key (caller holds p->mu): KMS_ENOTFOUND naming key
+ * and token when there is none and need_key; *found says which. */
+static int job_key(struct job *j, bool need_key, bool *found, struct kms_err *err)
+{
+    struct kms_p11 *p = j->s.p;
+    int rc;
+
+    if ((rc = sess_begin(p, &j->s, err)) != 0 || (rc = key_find(&j->s, &j->key, found, err)) != 0) {
+        return rc;
+    }
+    if (!*found && need_key) {
+        return kms_err_set(err, KMS_ENOTFOUND, "pkcs11: no AES key labelled \"%s\" in token \"%s\"",
+                           p->key_label, p->token_label);
+    }
+    return 0;
+}
+
+/* Destroys the KWP object, ends the session, releases p->mu, wipes buf. */
+static void job_end(struct job *j)
+{
+    struct kms_p11 *p = j->s.p;
+
+    if (j->robj_made) {
+        (void)p->f->C_DestroyObject(j->s.h, j->robj);
+    }
+    sess_end(&j->s);
+    pthread_mutex_unlock(&p->mu);
+    OPENSSL_cleanse(j->buf, sizeof(j->buf));
 }
 
 int kms_p11_check(struct kms_p11 *p, bool *key_found, unsigned *mech, struct kms_err *err)
@@ -453,17 +508,12 @@ int kms_p11_wrap(struct kms_p11 *p, const uint8_t cluster_id[16], const uint8_t 
                  bool create_key, unsigned mech, Kmsd__V1__HsmWrap **out, struct kms_err *err)
 {
     Kmsd__V1__HsmWrap *w = NULL; /* malloc, moved to *out */
-    struct sess s;
-    CK_OBJECT_HANDLE key = 0, robj = 0;
-    bool found = false, robj_made = false;
-    uint8_t aad[WRAP_AAD_LABEL_LEN + KMS_CLUSTER_ID_LEN];
-    uint8_t buf[64];
-    CK_ULONG blen = sizeof(buf);
+    struct job j;
+    bool found = false;
     CK_RV rv;
     int rc;
 
-    memset(&s, 0, sizeof(s));
-    s.p = p;
+    job_init(p, &j);
     if (p == NULL || cluster_id == NULL || root == NULL || out == NULL ||
         (mech != KMS_P11_MECH_AUTO && mech != KMS_P11_MECH_GCM && mech != KMS_P11_MECH_KWP)) {
         return kms_err_set(err, KMS_EINVAL, "pkcs11 wrap: invalid argument");
@@ -475,18 +525,13 @@ int kms_p11_wrap(struct kms_p11 *p, const uint8_t cluster_id[16], const uint8_t 
         goto out;
     }
     kmsd__v1__hsm_wrap__init(w);
-    if ((rc = sess_begin(p, &s, err)) != 0 || (rc = key_find(&s, &key, &found, err)) != 0) {
+    if ((rc = job_key(&j, !create_key, &found, err)) != 0) {
         goto out;
     }
-    if (!found && !create_key) {
-        rc = kms_err_set(err, KMS_ENOTFOUND, "pkcs11: no AES key labelled \"%s\" in token \"%s\"",
-                         p->key_label, p->token_label);
+    if (mech == KMS_P11_MECH_AUTO && (rc = mech_pick(&j.s, &mech, err)) != 0) {
         goto out;
     }
-    if (mech == KMS_P11_MECH_AUTO && (rc = mech_pick(&s, &mech, err)) != 0) {
-        goto out;
-    }
-    if (!found && (rc = key_create(&s, &key, err)) != 0) {
+    if (!found && (rc = key_create(&j.s, &j.key, err)) != 0) {
         goto out;
     }
     if (mech == KMS_P11_MECH_GCM) {
@@ -501,58 +546,53 @@ int kms_p11_wrap(struct kms_p11 *p, const uint8_t cluster_id[16], const uint8_t 
         if ((rc = kms_rand_bytes(w->iv.data, GCM_IV_LEN, err)) != 0) {
             goto out;
         }
-        gcm_params(&g, w->iv.data, aad, cluster_id);
-        if ((rv = p->f->C_EncryptInit(s.h, &m, key)) != CKR_OK) {
+        gcm_params(&g, w->iv.data, j.aad, cluster_id);
+        if ((rv = p->f->C_EncryptInit(j.s.h, &m, j.key)) != CKR_OK) {
             rc = p11_fail(err, rv, "C_EncryptInit (CKM_AES_GCM)");
             goto out;
         }
-        if ((rv = p->f->C_Encrypt(s.h, (CK_BYTE_PTR)root, 32, buf, &blen)) != CKR_OK) {
+        if ((rv = p->f->C_Encrypt(j.s.h, (CK_BYTE_PTR)root, 32, j.buf, &j.blen)) != CKR_OK) {
             rc = p11_fail(err, rv, "C_Encrypt (CKM_AES_GCM)");
             goto out;
         }
-        if (blen != 32 + GCM_TAG_LEN) {
+        if (j.blen != 32 + GCM_TAG_LEN) {
             rc = kms_err_set(err, KMS_ECRYPTO, "pkcs11: CKM_AES_GCM gave %lu bytes, expected %d",
-                             (unsigned long)blen, 32 + GCM_TAG_LEN);
+                             (unsigned long)j.blen, 32 + GCM_TAG_LEN);
             goto out;
         }
     } else {
         CK_MECHANISM m = {CKM_AES_KEY_WRAP_PAD, NULL, 0};
-        if ((rc = root_object(&s, root, &robj, err)) != 0) {
+        if ((rc = root_object(&j.s, root, &j.robj, err)) != 0) {
             goto out;
         }
-        robj_made = true;
-        if ((rv = p->f->C_WrapKey(s.h, &m, key, robj, buf, &blen)) != CKR_OK) {
+        j.robj_made = true;
+        if ((rv = p->f->C_WrapKey(j.s.h, &m, j.key, j.robj, j.buf, &j.blen)) != CKR_OK) {
             rc = p11_fail(err, rv, "C_WrapKey (CKM_AES_KEY_WRAP_PAD)");
             goto out;
         }
-        if (blen != KWP_LEN) {
+        if (j.blen != KWP_LEN) {
             rc = kms_err_set(err, KMS_ECRYPTO,
                              "pkcs11: CKM_AES_KEY_WRAP_PAD gave %lu bytes, expected %d",
-                             (unsigned long)blen, KWP_LEN);
+                             (unsigned long)j.blen, KWP_LEN);
             goto out;
         }
     }
-    w->ciphertext.data = malloc(blen);
+    w->ciphertext.data = malloc(j.blen);
     w->key_label = str_dup(p->key_label);
     w->token_label = str_dup(p->token_label);
     if (w->ciphertext.data == NULL || w->key_label == NULL || w->token_label == NULL) {
         rc = kms_err_set(err, KMS_ENOMEM, "pkcs11 wrap: out of memory");
         goto out;
     }
-    memcpy(w->ciphertext.data, buf, blen);
-    w->ciphertext.len = blen;
+    memcpy(w->ciphertext.data, j.buf, j.blen);
+    w->ciphertext.len = j.blen;
     w->version = WRAP_VERSION;
     w->mechanism = mech;
     *out = w;
     w = NULL;
     rc = 0;
 out:
-    if (robj_made) {
-        (void)p->f->C_DestroyObject(s.h, robj);
-    }
-    sess_end(&s);
-    pthread_mutex_unlock(&p->mu);
-    OPENSSL_cleanse(buf, sizeof(buf));
+    job_end(&j);
     if (w != NULL) {
         kmsd__v1__hsm_wrap__free_unpacked(w, NULL);
     }
@@ -565,17 +605,12 @@ out:
 int kms_p11_unwrap(struct kms_p11 *p, const Kmsd__V1__HsmWrap *w, const uint8_t cluster_id[16],
                    uint8_t root[32], struct kms_err *err)
 {
-    struct sess s;
-    CK_OBJECT_HANDLE key = 0, robj = 0;
-    bool found = false, robj_made = false;
-    uint8_t aad[WRAP_AAD_LABEL_LEN + KMS_CLUSTER_ID_LEN];
-    uint8_t buf[64];
-    CK_ULONG blen = sizeof(buf);
+    struct job j;
+    bool found = false;
     CK_RV rv;
     int rc;
 
-    memset(&s, 0, sizeof(s));
-    s.p = p;
+    job_init(p, &j);
     if (p == NULL || w == NULL || cluster_id == NULL || root == NULL) {
         return kms_err_set(err, KMS_EINVAL, "pkcs11 unwrap: invalid argument");
     }
@@ -591,12 +626,7 @@ int kms_p11_unwrap(struct kms_p11 *p, const Kmsd__V1__HsmWrap *w, const uint8_t 
                            w->mechanism);
     }
     pthread_mutex_lock(&p->mu);
-    if ((rc = sess_begin(p, &s, err)) != 0 || (rc = key_find(&s, &key, &found, err)) != 0) {
-        goto out;
-    }
-    if (!found) {
-        rc = kms_err_set(err, KMS_ENOTFOUND, "pkcs11: no AES key labelled \"%s\" in token \"%s\"",
-                         p->key_label, p->token_label);
+    if ((rc = job_key(&j, true, &found, err)) != 0) {
         goto out;
     }
     if (w->mechanism == KMS_P11_MECH_GCM) {
@@ -604,54 +634,43 @@ int kms_p11_unwrap(struct kms_p11 *p, const Kmsd__V1__HsmWrap *w, const uint8_t 
         CK_MECHANISM m = {CKM_AES_GCM, &g, sizeof(g)};
         uint8_t iv[GCM_IV_LEN];
         memcpy(iv, w->iv.data, GCM_IV_LEN);
-        gcm_params(&g, iv, aad, cluster_id);
-        if ((rv = p->f->C_DecryptInit(s.h, &m, key)) != CKR_OK) {
+        gcm_params(&g, iv, j.aad, cluster_id);
+        if ((rv = p->f->C_DecryptInit(j.s.h, &m, j.key)) != CKR_OK) {
             rc = p11_fail(err, rv, "C_DecryptInit (CKM_AES_GCM)");
             goto out;
         }
-        rv = p->f->C_Decrypt(s.h, w->ciphertext.data, (CK_ULONG)w->ciphertext.len, buf, &blen);
+        rv = p->f->C_Decrypt(j.s.h, w->ciphertext.data, (CK_ULONG)w->ciphertext.len, j.buf,
+                             &j.blen);
         if (rv != CKR_OK) {
             rc = unwrap_fail(err, rv, "C_Decrypt (CKM_AES_GCM)");
             goto out;
         }
     } else {
         CK_MECHANISM m = {CKM_AES_KEY_WRAP_PAD, NULL, 0};
-        CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
-        CK_KEY_TYPE kt = CKK_GENERIC_SECRET;
-        CK_BBOOL t = CK_TRUE, fl = CK_FALSE;
-        CK_ATTRIBUTE tmpl[] = {
-            {CKA_CLASS, &cls, sizeof(cls)},   {CKA_KEY_TYPE, &kt, sizeof(kt)},
-            {CKA_TOKEN, &fl, sizeof(fl)},     {CKA_SENSITIVE, &fl, sizeof(fl)},
-            {CKA_EXTRACTABLE, &t, sizeof(t)},
-        };
-        CK_ATTRIBUTE val = {CKA_VALUE, buf, sizeof(buf)};
-        rv = p->f->C_UnwrapKey(s.h, &m, key, w->ciphertext.data, (CK_ULONG)w->ciphertext.len,
-                               tmpl, sizeof(tmpl) / sizeof(tmpl[0]), &robj);
+        CK_ATTRIBUTE tmpl[] = {R_ATTRS};
+        CK_ATTRIBUTE val = {CKA_VALUE, j.buf, sizeof(j.buf)};
+        rv = p->f->C_UnwrapKey(j.s.h, &m, j.key, w->ciphertext.data, (CK_ULONG)w->ciphertext.len,
+                               tmpl, sizeof(tmpl) / sizeof(tmpl[0]), &j.robj);
         if (rv != CKR_OK) {
             rc = unwrap_fail(err, rv, "C_UnwrapKey (CKM_AES_KEY_WRAP_PAD)");
             goto out;
         }
-        robj_made = true;
-        if ((rv = p->f->C_GetAttributeValue(s.h, robj, &val, 1)) != CKR_OK) {
+        j.robj_made = true;
+        if ((rv = p->f->C_GetAttributeValue(j.s.h, j.robj, &val, 1)) != CKR_OK) {
             rc = p11_fail(err, rv, "C_GetAttributeValue (unwrapped root key)");
             goto out;
         }
-        blen = val.ulValueLen;
+        j.blen = val.ulValueLen;
     }
-    if (blen != 32) {
+    if (j.blen != 32) {
         rc = kms_err_set(err, KMS_EAUTH, "pkcs11: unwrapped root key is %lu bytes, expected 32",
-                         (unsigned long)blen);
+                         (unsigned long)j.blen);
         goto out;
     }
-    memcpy(root, buf, 32);
+    memcpy(root, j.buf, 32);
     rc = 0;
 out:
-    if (robj_made) {
-        (void)p->f->C_DestroyObject(s.h, robj);
-    }
-    sess_end(&s);
-    pthread_mutex_unlock(&p->mu);
-    OPENSSL_cleanse(buf, sizeof(buf));
+    job_end(&j);
     if (rc != 0) {
         OPENSSL_cleanse(root, 32);
         kms_err_wrap(err, rc, "unwrap root key");

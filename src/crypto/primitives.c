@@ -104,6 +104,30 @@ out:
     return rc;
 }
 
+int kms_aead_seal_framed(const uint8_t key[32], const uint8_t *aad, size_t aadlen,
+                         const uint8_t *pt, size_t ptlen, uint8_t *out, struct kms_err *err)
+{
+    int rc;
+
+    if (out == NULL) {
+        return kms_err_set(err, KMS_EINVAL, "aead seal: invalid argument");
+    }
+    if ((rc = kms_rand_bytes(out, KMS_AEAD_NONCE_LEN, err)) != 0) {
+        return rc;
+    }
+    return kms_aead_seal(key, out, aad, aadlen, pt, ptlen, out + KMS_AEAD_NONCE_LEN, err);
+}
+
+int kms_aead_open_framed(const uint8_t key[32], const uint8_t *aad, size_t aadlen,
+                         const uint8_t *in, size_t inlen, uint8_t *pt, struct kms_err *err)
+{
+    if (in == NULL || inlen < KMS_AEAD_NONCE_LEN + KMS_AEAD_TAG_LEN) {
+        return kms_err_set(err, KMS_EINVAL, "aead open: invalid argument");
+    }
+    return kms_aead_open(key, in, aad, aadlen, in + KMS_AEAD_NONCE_LEN, inlen - KMS_AEAD_NONCE_LEN,
+                         pt, err);
+}
+
 /* The HKDF implementation is fetched once and shared: EVP_KDF objects are
  * reference counted and safe to use from many threads. It is never freed
  * (one object for the life of the process). */

@@ -16,6 +16,14 @@ static void wrap_aad_build(const uint8_t cluster_id[16], uint8_t *aad, size_t *l
     *len = n + KMS_CLUSTER_ID_LEN;
 }
 
+/* The key that wraps the new root key: HKDF of the old one. */
+static int wrap_kek(const uint8_t old_root[32], uint8_t kek[KMS_AEAD_KEY_LEN],
+                    struct kms_err *err)
+{
+    return kms_hkdf_sha256(old_root, KMS_ROOT_KEY_LEN, NULL, 0, (const uint8_t *)wrap_info,
+                           sizeof(wrap_info) - 1, kek, KMS_AEAD_KEY_LEN, err);
+}
+
 int kms_rekey_root_wrap(const uint8_t old_root[32], const uint8_t cluster_id[16],
                         const uint8_t new_root[32], uint8_t out[KMS_REKEY_WRAP_LEN],
                         struct kms_err *err)
@@ -25,11 +33,8 @@ int kms_rekey_root_wrap(const uint8_t old_root[32], const uint8_t cluster_id[16]
     int rc;
 
     wrap_aad_build(cluster_id, aad, &aadlen);
-    if ((rc = kms_hkdf_sha256(old_root, KMS_ROOT_KEY_LEN, NULL, 0, (const uint8_t *)wrap_info,
-                              sizeof(wrap_info) - 1, kek, sizeof(kek), err)) != 0 ||
-        (rc = kms_rand_bytes(out, KMS_AEAD_NONCE_LEN, err)) != 0 ||
-        (rc = kms_aead_seal(kek, out, aad, aadlen, new_root, KMS_ROOT_KEY_LEN,
-                            out + KMS_AEAD_NONCE_LEN, err)) != 0) {
+    if ((rc = wrap_kek(old_root, kek, err)) != 0 ||
+        (rc = kms_aead_seal_framed(kek, aad, aadlen, new_root, KMS_ROOT_KEY_LEN, out, err)) != 0) {
         OPENSSL_cleanse(out, KMS_REKEY_WRAP_LEN);
         kms_err_wrap(err, rc, "rekey: wrap the new root key");
         goto out;
@@ -54,10 +59,8 @@ int kms_rekey_root_unwrap(const uint8_t old_root[32], const uint8_t cluster_id[1
         goto out;
     }
     wrap_aad_build(cluster_id, aad, &aadlen);
-    if ((rc = kms_hkdf_sha256(old_root, KMS_ROOT_KEY_LEN, NULL, 0, (const uint8_t *)wrap_info,
-                              sizeof(wrap_info) - 1, kek, sizeof(kek), err)) != 0 ||
-        (rc = kms_aead_open(kek, wrap, aad, aadlen, wrap + KMS_AEAD_NONCE_LEN,
-                            len - KMS_AEAD_NONCE_LEN, new_root, err)) != 0) {
+    if ((rc = wrap_kek(old_root, kek, err)) != 0 ||
+        (rc = kms_aead_open_framed(kek, aad, aadlen, wrap, len, new_root, err)) != 0) {
         OPENSSL_cleanse(new_root, KMS_ROOT_KEY_LEN);
         kms_err_wrap(err, rc, "rekey: unwrap the new root key");
         goto out;
@@ -137,23 +140,9 @@ int kms_rekey_session_add(struct kms_rekey_session *s, const char *nonce, const 
         rc = kms_err_set(err, KMS_ERANGE, "the rekey has %zu shares already", s->n_given);
         goto out;
     }
-    if ((rc = kms_share_parse(share, &parsed, err)) != 0) {
-        kms_err_wrap(err, rc, "rekey share %zu", s->n_given + 1);
+    rc = kms_share_parse_next(share, s->given, s->n_given, "rekey share", &parsed, err);
+    if (rc != 0) {
         goto out;
-    }
-    for (size_t i = 0; i < s->n_given; i++) {
-        if (s->given[i].index == parsed.index) {
-            rc = kms_err_set(err, KMS_EDUP,
-                             "rekey share %zu: a share with index %u was already given",
-                             s->n_given + 1, parsed.index);
-            goto out;
-        }
-        if (s->given[i].len != parsed.len) {
-            rc = kms_err_set(err, KMS_EFORMAT,
-                             "rekey share %zu: length differs from the shares already given",
-                             s->n_given + 1);
-            goto out;
-        }
     }
     s->given[s->n_given++] = parsed;
     *progress = (unsigned)s->n_given;

@@ -105,8 +105,7 @@ static int unwrap_inner(const struct kms_keyring *kr, const Kmsd__V1__SealedReco
     }
     n = rec->wrapped.len - KMS_AEAD_NONCE_LEN - KMS_AEAD_TAG_LEN;
     aadlen = wrap_aad(rec->key_id.data, rec->term, rec->node_uuid, aad);
-    rc = kms_aead_open(w, rec->wrapped.data, aad, aadlen, rec->wrapped.data + KMS_AEAD_NONCE_LEN,
-                       rec->wrapped.len - KMS_AEAD_NONCE_LEN, inner, err);
+    rc = kms_aead_open_framed(w, aad, aadlen, rec->wrapped.data, rec->wrapped.len, inner, err);
     if (rc == KMS_EAUTH) {
         rc = kms_err_set(err, KMS_EAUTH, "rewrapped record does not open under term %u",
                          rec->term);
@@ -215,13 +214,9 @@ int kms_rewrap(const struct kms_keyring *kr, const Kmsd__V1__SealedRecord *rec,
         rc = kms_err_set(err, KMS_ENOMEM, "rewrap: out of memory");
         goto out;
     }
-    if ((rc = kms_rand_bytes(buf, KMS_AEAD_NONCE_LEN, err)) != 0 ||
-        (rc = wrap_key(active_key, rec->key_id.data, w, err)) != 0) {
-        kms_err_wrap(err, rc, "rewrap");
-        goto out;
-    }
     aadlen = wrap_aad(rec->key_id.data, kr->active_term, rec->node_uuid, aad);
-    if ((rc = kms_aead_seal(w, buf, aad, aadlen, inner, n, buf + KMS_AEAD_NONCE_LEN, err)) != 0) {
+    if ((rc = wrap_key(active_key, rec->key_id.data, w, err)) != 0 ||
+        (rc = kms_aead_seal_framed(w, aad, aadlen, inner, n, buf, err)) != 0) {
         kms_err_wrap(err, rc, "rewrap");
         goto out;
     }

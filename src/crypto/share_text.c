@@ -268,3 +268,26 @@ out:
     }
     return rc;
 }
+
+int kms_share_parse_next(const char *text, const struct kms_share *given, size_t n,
+                         const char *what, struct kms_share *out, struct kms_err *err)
+{
+    int rc;
+
+    if ((rc = kms_share_parse(text, out, err)) != 0) {
+        kms_err_wrap(err, rc, "%s %zu", what, n + 1);
+        return rc;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (given[i].index == out->index) {
+            return kms_err_set(err, KMS_EDUP, "%s %zu: a share with index %u was already given",
+                               what, n + 1, out->index);
+        }
+        if (given[i].len != out->len) {
+            return kms_err_set(err, KMS_EFORMAT,
+                               "%s %zu: length differs from the shares already given", what,
+                               n + 1);
+        }
+    }
+    return 0;
+}

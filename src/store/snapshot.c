@@ -33,9 +33,6 @@
 #define SNAP_CHUNK (4u << 20)
 #define RESTORE_BATCH_BYTES (8u << 20)
 
-int ks_apply_into(struct kms_store *s, uint64_t index, const void *buf, size_t len,
-                  struct kms_store_result *res, struct kms_err *err);
-
 static size_t pad8(size_t n)
 {
     return (n + 7u) & ~(size_t)7u;

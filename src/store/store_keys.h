@@ -1,6 +1,6 @@
 /*
  * Private to src/store: the RocksDB key layout (kms_store.h describes what
- * each key holds). Shared by the store (store.c, snapshot.c, export.c,
+ * each key holds). Shared by the store (store*.c, snapshot.c, export.c,
  * backup.c) and the backup file reader (backup_file.c), which must not
  * depend on RocksDB.
  */

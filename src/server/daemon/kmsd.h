@@ -316,6 +316,12 @@ int kmsd_unseal_root(struct kmsd *d, uint8_t *root, const char *how, struct kms_
 struct Kmsd__V1__EncryptedKeyring;
 int kmsd_keyring_commit(struct kmsd *d, struct Kmsd__V1__EncryptedKeyring *ek,
                         const uint8_t *root, bool init, struct kms_err *err);
+/* Releases what a keyring change holds (rotate, retire term, seal
+ * migration): the stored and the new encrypted keyring, the current and the
+ * new keyring. Any may be NULL. */
+void kmsd_keyrings_release(struct Kmsd__V1__EncryptedKeyring *ek,
+                           struct Kmsd__V1__EncryptedKeyring *nek, struct kms_keyring *kr,
+                           struct kms_keyring *next);
 int kmsd_rotate(struct kmsd *d, uint32_t *active_term, struct kms_err *err);
 void kmsd_unseal_progress(struct kmsd *d, unsigned *progress, unsigned *threshold);
 /* kmsd_unseal_root with a copy of root (32 bytes, the caller's, not

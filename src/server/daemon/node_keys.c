@@ -80,6 +80,20 @@ static void pending_wipe(struct kmsd *d)
     d->n_pending = 0;
 }
 
+/* The unseal itself, once the root key decrypted the keyring: installs root
+ * (secure memory) and kr, both taken, drops the pending shares and logs
+ * `via`. d->mu held. */
+static void unseal_install(struct kmsd *d, uint8_t *root, struct kms_keyring *kr,
+                           const char *via)
+{
+    pending_wipe(d);
+    d->root = root;
+    d->unsealed = true;
+    keyring_publish(d, kr);
+    kms_log(KMS_LOG_INFO, "keys", "unsealed", "via", via, NULL);
+    kmsd_warn_local_reads(d, "unseal");
+}
+
 /* Commits an encrypted keyring (init: the first one; else a rotation) and
  * maps the store's apply result to an error. The keyring is checked first
  * (kmsd_authz_keyring_check): it must decrypt under root, the key this node
@@ -260,23 +274,8 @@ int kmsd_unseal_submit(struct kmsd *d, const char *share, bool reset,
         rc = reset ? 0 : kms_err_set(err, KMS_EINVAL, "no share given");
         goto out;
     }
-    if ((rc = kms_share_parse(share, &parsed, err)) != 0) {
-        kms_err_wrap(err, rc, "share %zu", d->n_pending + 1);
+    if ((rc = kms_share_parse_next(share, d->pending, d->n_pending, "share", &parsed, err)) != 0) {
         goto out;
-    }
-    for (size_t i = 0; i < d->n_pending; i++) {
-        if (d->pending[i].index == parsed.index) {
-            rc = kms_err_set(err, KMS_EDUP,
-                             "share %zu: a share with index %u was already given",
-                             d->n_pending + 1, parsed.index);
-            goto out;
-        }
-        if (d->pending[i].len != parsed.len) {
-            rc = kms_err_set(err, KMS_EFORMAT,
-                             "share %zu: length differs from the shares already given",
-                             d->n_pending + 1);
-            goto out;
-        }
     }
     if (d->n_pending >= KMSD_MAX_SHARES) {
         rc = kms_err_set(err, KMS_ERANGE, "too many shares");
@@ -314,16 +313,11 @@ int kmsd_unseal_submit(struct kmsd *d, const char *share, bool reset,
         kms_log(KMS_LOG_WARN, "keys", "unseal failed: wrong set of shares; progress reset", NULL);
         goto out;
     }
-    pending_wipe(d);
-    d->root = root;
+    unseal_install(d, root, kr, "key shares");
     root = NULL;
-    d->unsealed = true;
+    kr = NULL;
     *unsealed = true;
     *progress = ek->threshold;
-    keyring_publish(d, kr);
-    kr = NULL;
-    kms_log(KMS_LOG_INFO, "keys", "unsealed", "via", "key shares", NULL);
-    kmsd_warn_local_reads(d, "unseal");
     combined = true;
     rc = 0;
 out:
@@ -333,12 +327,7 @@ out:
     }
     OPENSSL_cleanse(&parsed, sizeof(parsed));
     kms_secmem_free(root, KMS_SHAMIR_MAX_SECRET);
-    if (kr != NULL) {
-        kms_keyring_unref(kr);
-    }
-    if (ek != NULL) {
-        kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
-    }
+    kmsd_keyrings_release(ek, NULL, kr, NULL);
     return rc;
 }
 
@@ -374,24 +363,14 @@ int kmsd_unseal_root(struct kmsd *d, uint8_t *root, const char *how, struct kms_
                      how);
         goto out;
     }
-    pending_wipe(d);
-    d->root = root;
+    unseal_install(d, root, kr, how);
     root = NULL;
-    d->unsealed = true;
-    keyring_publish(d, kr);
     kr = NULL;
-    kms_log(KMS_LOG_INFO, "keys", "unsealed", "via", how, NULL);
-    kmsd_warn_local_reads(d, "unseal");
     rc = 0;
 out:
     pthread_mutex_unlock(&d->mu);
     kms_secmem_free(root, KMS_SHAMIR_MAX_SECRET);
-    if (kr != NULL) {
-        kms_keyring_unref(kr);
-    }
-    if (ek != NULL) {
-        kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
-    }
+    kmsd_keyrings_release(ek, NULL, kr, NULL);
     return rc;
 }
 
@@ -530,17 +509,19 @@ out:
     }
     kmsd_keyring_write_unlock();
     kms_secmem_free(root, KMS_ROOT_KEY_LEN);
-    if (kr != NULL) {
-        kms_keyring_unref(kr);
-    }
-    if (next != NULL) {
-        kms_keyring_unref(next);
-    }
+    kmsd_keyrings_release(ek, nek, kr, next);
+    return rc;
+}
+
+void kmsd_keyrings_release(Kmsd__V1__EncryptedKeyring *ek, Kmsd__V1__EncryptedKeyring *nek,
+                           struct kms_keyring *kr, struct kms_keyring *next)
+{
+    kms_keyring_unref(kr);
+    kms_keyring_unref(next);
     if (ek != NULL) {
         kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
     }
     if (nek != NULL) {
         kmsd__v1__encrypted_keyring__free_unpacked(nek, NULL);
     }
-    return rc;
 }

@@ -275,14 +275,7 @@ static int retire_term(struct kmsd *d, uint32_t term, uint32_t *terms, size_t *n
              term);
     rc = 0;
 out:
-    kms_keyring_unref(kr);
-    kms_keyring_unref(next);
-    if (ek != NULL) {
-        kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
-    }
-    if (nek != NULL) {
-        kmsd__v1__encrypted_keyring__free_unpacked(nek, NULL);
-    }
+    kmsd_keyrings_release(ek, nek, kr, next);
     return rc;
 }
 

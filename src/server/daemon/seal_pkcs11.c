@@ -406,14 +406,7 @@ int kmsd_seal_migrate(struct kmsd *d, const char *to, char *const *shares, size_
     rc = 0;
 out:
     kms_secmem_free(root, KMS_SHAMIR_MAX_SECRET);
-    kms_keyring_unref(kr);
-    kms_keyring_unref(next);
-    if (ek != NULL) {
-        kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
-    }
-    if (nek != NULL) {
-        kmsd__v1__encrypted_keyring__free_unpacked(nek, NULL);
-    }
+    kmsd_keyrings_release(ek, nek, kr, next);
     return rc;
 }
 
