@@ -380,7 +380,7 @@ static void status_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, 
     resp.term = st.term;
     resp.commit_index = st.commit_index;
     resp.applied_index = st.applied_index;
-    resp.version = (char *)d->opt.version;
+    resp.version = (char *)KMSD_VERSION;
     /* The quorum read lease only: with unsealReads: local the node serves
      * without one, and says so in unseal_reads. */
     resp.lease = kms_raft_lease_valid(d->raft);
@@ -699,7 +699,7 @@ int kmsd_publish_self(struct kmsd *d, struct kms_err *err)
         return kms_err_set(err, KMS_ENOTLEADER, "member metadata is published by the leader");
     }
     return put_member(d, d->opt.node_id, d->opt.raft_advertise, d->opt.cluster_advertise,
-                      d->opt.talos_advertise, d->opt.version, err);
+                      d->opt.talos_advertise, KMSD_VERSION, err);
 }
 
 static int remove_member_meta(struct kmsd *d, uint64_t id, struct kms_err *err)
