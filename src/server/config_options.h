@@ -283,11 +283,11 @@
     X(seal, tokenLabel, token_label, seal_token_label, STRING, "", 0, 0, IMM, NULL, \
       "KMSD_SEAL_TOKEN_LABEL", "seal-token-label", "LABEL", \
       "label of the PKCS#11 token that holds the wrapping key", \
-      "Label of the token (HSM partition) that holds the wrapping key. Required with `pkcs11`.") \
+      "Label of the token (HSM partition) that holds the wrapping key, at most 32 bytes. Required with `pkcs11`.") \
     X(seal, keyLabel, key_label, seal_key_label, STRING, "kmsd-root-wrap", 0, 0, IMM, NULL, \
       "KMSD_SEAL_KEY_LABEL", "seal-key-label", "LABEL", \
       "CKA_LABEL of the AES-256 wrapping key (created by operator init when missing)", \
-      "`CKA_LABEL` of the AES-256 wrapping key. `operator init` (or `seal-migrate --to pkcs11`) generates it in the token when missing: sensitive, not extractable. An existing key must be AES-256, sensitive and not extractable.") \
+      "`CKA_LABEL` of the AES-256 wrapping key, at most 32 bytes. `operator init` (or `seal-migrate --to pkcs11`) generates it in the token when missing: sensitive, not extractable. An existing key must be AES-256, sensitive and not extractable.") \
     X(seal, pinFile, pin_file, seal_pin_file, PATH, "", 0, 0, IMM, NULL, \
       "KMSD_SEAL_PIN_FILE", "seal-pin-file", "FILE", \
       "file whose first line is the token's user PIN", \
