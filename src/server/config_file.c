@@ -387,6 +387,28 @@ static struct origin file_origin(const struct loader *l, const char *path)
     return o;
 }
 
+/* A list of strings from the file replaces option `name`'s list, entry by
+ * entry through add (config_add_cidr, config_add_uuid). */
+static int apply_file_strings(struct loader *l, const char *name, char *const *items,
+                              unsigned n,
+                              int (*add)(struct loader *, const struct opt *, struct origin,
+                                         const char *, const char *))
+{
+    const struct opt *o = opt_by_name(name);
+    char what[64];
+    int rc = 0;
+    if (items == NULL) {
+        return 0;
+    }
+    config_list_clear(l->cfg, o);
+    for (unsigned i = 0; i < n && rc == 0; i++) {
+        snprintf(what, sizeof(what), "%s[%u]", name, i);
+        rc = add(l, o, file_origin(l, what), what, items[i]);
+    }
+    l->origin[o - opts] = file_origin(l, name);
+    return rc;
+}
+
 static int apply_file_lists(struct loader *l, const struct kms_config_file_doc *d)
 {
     char what[64];
@@ -401,23 +423,13 @@ static int apply_file_lists(struct loader *l, const struct kms_config_file_doc *
         }
         l->origin[o - opts] = file_origin(l, "initialCluster");
     }
-    if (rc == 0 && d->enrolment.allowedCIDRs != NULL) {
-        const struct opt *o = opt_by_name("enrolment.allowedCIDRs");
-        config_list_clear(l->cfg, o);
-        for (unsigned i = 0; i < d->enrolment.allowedCIDRs_count && rc == 0; i++) {
-            snprintf(what, sizeof(what), "enrolment.allowedCIDRs[%u]", i);
-            rc = config_add_cidr(l, o, file_origin(l, what), what, d->enrolment.allowedCIDRs[i]);
-        }
-        l->origin[o - opts] = file_origin(l, o->name);
+    if (rc == 0) {
+        rc = apply_file_strings(l, "enrolment.allowedCIDRs", d->enrolment.allowedCIDRs,
+                                d->enrolment.allowedCIDRs_count, config_add_cidr);
     }
-    if (rc == 0 && d->enrolment.uuidAllowList != NULL) {
-        const struct opt *o = opt_by_name("enrolment.uuidAllowList");
-        config_list_clear(l->cfg, o);
-        for (unsigned i = 0; i < d->enrolment.uuidAllowList_count && rc == 0; i++) {
-            snprintf(what, sizeof(what), "enrolment.uuidAllowList[%u]", i);
-            rc = config_add_uuid(l, o, file_origin(l, what), what, d->enrolment.uuidAllowList[i]);
-        }
-        l->origin[o - opts] = file_origin(l, o->name);
+    if (rc == 0) {
+        rc = apply_file_strings(l, "enrolment.uuidAllowList", d->enrolment.uuidAllowList,
+                                d->enrolment.uuidAllowList_count, config_add_uuid);
     }
     return rc;
 }
