@@ -240,31 +240,38 @@ static void put_size(FILE *f, uint64_t v)
     fprintf(f, "%llu", (unsigned long long)v);
 }
 
+/* A duration bound: "0" rather than "0ms". */
+static void put_duration_bound(FILE *f, uint64_t ms)
+{
+    if (ms == 0) {
+        fputs("0", f);
+    } else {
+        put_duration(f, (unsigned)ms);
+    }
+}
+
+/* "<what> MIN..MAX", each bound written by put. */
+static void put_range(FILE *f, const char *what, const struct opt *o,
+                      void (*put)(FILE *, uint64_t))
+{
+    fprintf(f, "%s ", what);
+    put(f, o->min);
+    fputs("..", f);
+    put(f, o->max);
+}
+
 static void put_doc_type(FILE *f, const struct opt *o)
 {
     switch (o->type) {
     case T_U64:
     case T_UINT:
-        fputs("integer ", f);
-        put_bound(f, o->min);
-        fputs("..", f);
-        put_bound(f, o->max);
+        put_range(f, "integer", o, put_bound);
         break;
     case T_DURATION:
-        fputs("duration ", f);
-        if (o->min == 0) {
-            fputs("0", f);
-        } else {
-            put_duration(f, (unsigned)o->min);
-        }
-        fputs("..", f);
-        put_duration(f, (unsigned)o->max);
+        put_range(f, "duration", o, put_duration_bound);
         break;
     case T_SIZE:
-        fputs("size ", f);
-        put_size(f, o->min);
-        fputs("..", f);
-        put_size(f, o->max);
+        put_range(f, "size", o, put_size);
         break;
     case T_BOOL:
         fputs("bool", f);
