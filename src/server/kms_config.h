@@ -30,7 +30,7 @@
 
 #include "kms_err.h"
 
-#include "config_options.h"
+#include "config/config_options.h"
 
 /* Limits on list options (the daemon's tables use them too). */
 #define KMS_CONFIG_MAX_PEERS 16

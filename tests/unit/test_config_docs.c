@@ -1,7 +1,7 @@
 /*
  * docs/configuration.md's options table is generated from the option table
  * (kmsd --print-config-table): fails when the two disagree, i.e. when an
- * option row in src/server/config_options.h changed and the docs were not
+ * option row in src/server/config/config_options.h changed and the docs were not
  * regenerated, or the docs table was edited by hand.
  *
  * Regenerate: replace the lines between the BEGIN/END markers with the
