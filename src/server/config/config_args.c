@@ -13,12 +13,12 @@ int config_load_env(struct loader *l, char **envp)
         goto out;
     }
     for (size_t i = 0; i < N_OPTS && rc == 0; i++) {
-        size_t n = strlen(opts[i].env);
+        size_t n = strlen(kms_config_opts[i].env);
         for (char **e = envp; *e != NULL; e++) {
-            if (strncmp(*e, opts[i].env, n) == 0 && (*e)[n] == '=') {
+            if (strncmp(*e, kms_config_opts[i].env, n) == 0 && (*e)[n] == '=') {
                 struct origin org = {SRC_ENV, 0};
                 /* The first match wins, as with glibc getenv. */
-                rc = config_apply(l, &opts[i], org, *e + n + 1);
+                rc = config_apply(l, &kms_config_opts[i], org, *e + n + 1);
                 break;
             }
         }
@@ -45,7 +45,8 @@ size_t kms_config_unknown_env(char **envp, void (*cb)(void *arg, const char *nam
             continue;
         }
         for (size_t i = 0; i < N_OPTS && !known; i++) {
-            known = strlen(opts[i].env) == len && strncmp(*e, opts[i].env, len) == 0;
+            const char *env = kms_config_opts[i].env;
+            known = strlen(env) == len && strncmp(*e, env, len) == 0;
         }
         for (size_t i = 0; env_extra[i] != NULL && !known; i++) {
             known = strlen(env_extra[i]) == len && strncmp(*e, env_extra[i], len) == 0;

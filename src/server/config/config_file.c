@@ -405,7 +405,7 @@ static int apply_file_strings(struct loader *l, const char *name, char *const *i
         snprintf(what, sizeof(what), "%s[%u]", name, i);
         rc = add(l, o, file_origin(l, what), what, items[i]);
     }
-    l->origin[o - opts] = file_origin(l, name);
+    l->origin[o - kms_config_opts] = file_origin(l, name);
     return rc;
 }
 
@@ -421,7 +421,7 @@ static int apply_file_lists(struct loader *l, const struct kms_config_file_doc *
             snprintf(what, sizeof(what), "initialCluster[%u]", i);
             rc = config_add_peer(l, o, file_origin(l, what), what, p->id, p->raft, p->cluster);
         }
-        l->origin[o - opts] = file_origin(l, "initialCluster");
+        l->origin[o - kms_config_opts] = file_origin(l, "initialCluster");
     }
     if (rc == 0) {
         rc = apply_file_strings(l, "enrolment.allowedCIDRs", d->enrolment.allowedCIDRs,
@@ -462,12 +462,13 @@ int config_load_file(struct loader *l)
         goto out; /* empty document: defaults only */
     }
     for (size_t i = 0; i < N_OPTS; i++) {
+        const struct opt *o = &kms_config_opts[i];
         const char *v;
-        if (opts[i].file_off == NOF) {
+        if (o->file_off == NOF) {
             continue;
         }
-        v = *(char *const *)((const char *)doc + opts[i].file_off);
-        if (v != NULL && (rc = config_apply(l, &opts[i], file_origin(l, opts[i].name), v)) != 0) {
+        v = *(char *const *)((const char *)doc + o->file_off);
+        if (v != NULL && (rc = config_apply(l, o, file_origin(l, o->name), v)) != 0) {
             goto out;
         }
     }

@@ -90,9 +90,9 @@ struct opt {
 };
 #define NOF ((size_t)-1)
 
+/* The rows in file order (config_table.c). */
 extern const struct opt kms_config_opts[];
 extern const size_t kms_config_n_opts;
-#define opts kms_config_opts
 #define N_OPTS kms_config_n_opts
 
 /* The row named `name` (YAML path) or with long flag name[0..n). NULL when

@@ -67,7 +67,7 @@ static int fail_opt(struct loader *l, const struct opt *o, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    int rc = failv(l, o, l->origin[o - opts], o->name, fmt, ap);
+    int rc = failv(l, o, l->origin[o - kms_config_opts], o->name, fmt, ap);
     va_end(ap);
     return rc;
 }
@@ -271,7 +271,8 @@ static int apply_list_string(struct loader *l, const struct opt *o, struct origi
             char *eq = strchr(tok, '=');
             char *at = eq != NULL ? strchr(eq, '@') : NULL;
             if (eq == NULL || at == NULL) {
-                rc = config_fail(l, o, org, o->name, "invalid member \"%s\" (ID=RAFT@CLUSTER)", tok);
+                rc = config_fail(l, o, org, o->name, "invalid member \"%s\" (ID=RAFT@CLUSTER)",
+                                 tok);
                 goto out;
             }
             *eq = '\0';
@@ -352,7 +353,7 @@ int config_apply(struct loader *l, const struct opt *o, struct origin org, const
         rc = config_fail(l, o, org, o->name, "%s", why);
     }
     if (rc == 0) {
-        l->origin[o - opts] = org;
+        l->origin[o - kms_config_opts] = org;
     }
     return rc;
 }
@@ -404,7 +405,7 @@ static int validate(struct loader *l)
     int rc = 0;
 
     for (size_t i = 0; i < N_OPTS; i++) {
-        const struct opt *o = &opts[i];
+        const struct opt *o = &kms_config_opts[i];
         if ((o->flags & KMS_OPT_REQUIRED) && l->origin[i].kind == SRC_DEFAULT) {
             rc = fail_opt(l, o, "required");
             goto out;
@@ -437,12 +438,12 @@ static int validate(struct loader *l)
 
     for (size_t i = 0; i < N_OPTS; i++) {
         const char *path;
-        if (opts[i].type != T_PATH) {
+        if (kms_config_opts[i].type != T_PATH) {
             continue;
         }
-        path = opt_str(cfg, opts[i].name);
+        path = opt_str(cfg, kms_config_opts[i].name);
         if (path[0] != '\0' && access(path, R_OK) != 0) {
-            rc = fail_opt(l, &opts[i], "cannot read \"%s\": %s", path, strerror(errno));
+            rc = fail_opt(l, &kms_config_opts[i], "cannot read \"%s\": %s", path, strerror(errno));
             goto out;
         }
     }
@@ -508,13 +509,13 @@ void kms_config_free(struct kms_config *cfg)
         return;
     }
     for (size_t i = 0; i < N_OPTS; i++) {
-        const struct opt *o = &opts[i];
+        const struct opt *o = &kms_config_opts[i];
         if (o->type == T_STRING || o->type == T_PATH || o->type == T_ADDR) {
             free(*(char **)opt_field(cfg, o));
         }
     }
     for (size_t i = 0; i < N_OPTS; i++) {
-        config_list_clear(cfg, &opts[i]);
+        config_list_clear(cfg, &kms_config_opts[i]);
     }
     free(cfg->config_file);
     memset(cfg, 0, sizeof(*cfg));
@@ -567,13 +568,14 @@ int kms_config_load(struct kms_config *cfg, int argc, char **argv, char **envp,
 
     for (size_t i = 0; i < N_OPTS; i++) {
         struct origin org = {SRC_DEFAULT, 0};
-        const char *def = opts[i].def;
+        const char *def = kms_config_opts[i].def;
+        enum opt_type t = kms_config_opts[i].type;
         /* Required options have no default; give strings a "" placeholder so
          * every string field is non-NULL, without marking them as set. */
-        if (def == NULL && (opts[i].type == T_STRING || opts[i].type == T_PATH)) {
+        if (def == NULL && (t == T_STRING || t == T_PATH)) {
             def = "";
         }
-        if (def != NULL && (rc = config_apply(l, &opts[i], org, def)) != 0) {
+        if (def != NULL && (rc = config_apply(l, &kms_config_opts[i], org, def)) != 0) {
             goto out;
         }
     }

@@ -137,7 +137,7 @@ int kms_config_dump_redacting(const struct kms_config *cfg, FILE *f, const char 
     int rc = 0;
     fputs("# kmsd effective configuration\n", f);
     for (size_t i = 0; i < N_OPTS; i++) {
-        const struct opt *o = &opts[i];
+        const struct opt *o = &kms_config_opts[i];
         const char *dot = strchr(o->name, '.');
         const char *key = o->name;
         const char *indent = "";
@@ -153,7 +153,8 @@ int kms_config_dump_redacting(const struct kms_config *cfg, FILE *f, const char 
             section[0] = '\0';
         }
         /* A non-empty list starts on the next line: no trailing blank. */
-        fprintf(f, "%s%s:%s", indent, key, list_len(cfg, o) > 0 && !redacted(cfg, o, extra) ? "" : " ");
+        fprintf(f, "%s%s:%s", indent, key,
+                list_len(cfg, o) > 0 && !redacted(cfg, o, extra) ? "" : " ");
         if (redacted(cfg, o, extra)) {
             fputs("\"<redacted>\"", f);
         } else {
@@ -193,7 +194,7 @@ void kms_config_usage(FILE *f, const char *prog)
             "\n",
             prog, prog, prog);
     for (size_t i = 0; i < N_OPTS; i++) {
-        const struct opt *o = &opts[i];
+        const struct opt *o = &kms_config_opts[i];
         fprintf(f, "  --%s %s\n      %s\n      yaml %s, env %s", o->flag, o->meta, o->help,
                 o->name, o->env);
         if (o->flags & KMS_OPT_REQUIRED) {
@@ -307,7 +308,7 @@ int kms_config_print_table(FILE *f)
     fputs("| YAML key | type | default | env | flag | | meaning |\n"
           "|---|---|---|---|---|---|---|\n", f);
     for (size_t i = 0; i < N_OPTS; i++) {
-        const struct opt *o = &opts[i];
+        const struct opt *o = &kms_config_opts[i];
         fprintf(f, "| `%s` | ", o->name);
         put_doc_type(f, o);
         if (o->def == NULL) {

@@ -46,8 +46,8 @@ const size_t kms_config_n_opts = sizeof(kms_config_opts) / sizeof(kms_config_opt
 const struct opt *opt_by_name(const char *name)
 {
     for (size_t i = 0; i < N_OPTS; i++) {
-        if (strcmp(opts[i].name, name) == 0) {
-            return &opts[i];
+        if (strcmp(kms_config_opts[i].name, name) == 0) {
+            return &kms_config_opts[i];
         }
     }
     return NULL;
@@ -56,8 +56,9 @@ const struct opt *opt_by_name(const char *name)
 const struct opt *opt_by_flag(const char *name, size_t n)
 {
     for (size_t i = 0; i < N_OPTS; i++) {
-        if (strlen(opts[i].flag) == n && strncmp(opts[i].flag, name, n) == 0) {
-            return &opts[i];
+        const char *flag = kms_config_opts[i].flag;
+        if (strlen(flag) == n && strncmp(flag, name, n) == 0) {
+            return &kms_config_opts[i];
         }
     }
     return NULL;
