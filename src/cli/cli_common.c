@@ -5,7 +5,6 @@
 #include "cli_common.h"
 
 #include <errno.h>
-#include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +15,7 @@
 
 #include "kms_err.h"
 #include "kms_log.h"
+#include "kms_parse.h"
 #include "kms_rpc.h"
 #include "kms_tls_check.h"
 
@@ -254,45 +254,12 @@ int cli_parse_ulong(const char *s, unsigned long min, unsigned long max, unsigne
 
 int cli_parse_duration_ms(const char *s, unsigned *out_ms)
 {
-    size_t n = 0;
-    int dots = 0;
-    double v, mult;
-    char num[32];
-
-    if (s == NULL) {
+    /* kms_parse.h's duration grammar; a bare number is seconds. */
+    uint64_t ms;
+    if (s == NULL || kms_parse_duration_ms(s, 1, 3600000, 1000, &ms, NULL, 0) != 0) {
         return -1;
     }
-    while ((s[n] >= '0' && s[n] <= '9') || s[n] == '.') {
-        dots += s[n] == '.';
-        n++;
-    }
-    if (n == 0 || n >= sizeof(num) || dots > 1 || (n == 1 && s[0] == '.')) {
-        return -1;
-    }
-    memcpy(num, s, n);
-    num[n] = '\0';
-    const char *unit = s + n;
-    if (unit[0] == '\0' || strcmp(unit, "s") == 0) {
-        mult = 1000.0;
-    } else if (strcmp(unit, "ms") == 0) {
-        mult = 1.0;
-    } else if (strcmp(unit, "m") == 0) {
-        mult = 60000.0;
-    } else if (strcmp(unit, "h") == 0) {
-        mult = 3600000.0;
-    } else {
-        return -1;
-    }
-    errno = 0;
-    v = strtod(num, NULL);
-    if (errno != 0 || !isfinite(v)) {
-        return -1;
-    }
-    v *= mult;
-    if (v < 1.0 || v > 3600000.0) {
-        return -1;
-    }
-    *out_ms = (unsigned)v;
+    *out_ms = (unsigned)ms;
     return 0;
 }
 

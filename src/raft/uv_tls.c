@@ -56,6 +56,7 @@
 #include "frame.h"
 #include "kms_bytes.h"
 #include "kms_log.h"
+#include "kms_parse.h"
 #include "kms_time.h"
 #include "kms_transport.h"
 #include "tls_internal.h"
@@ -220,46 +221,18 @@ static int alpn_select_cb(SSL *ssl, const unsigned char **out, unsigned char *ou
     return SSL_TLSEXT_ERR_NOACK;
 }
 
-/* Splits "host:port" or "[v6]:port" into host and port strings. */
+/* Splits "host:port" or "[v6]:port" into host and port strings
+ * (kms_parse.h's address grammar, host required). */
 static int parse_address(const char *address, char *host, size_t host_size, char *port,
                          size_t port_size)
 {
-    const char *h, *he, *p;
-    size_t hl, pl;
-    char *end;
-    unsigned long n;
-
-    if (address == NULL) {
+    struct kms_addr a;
+    if (address == NULL || kms_parse_addr(address, KMS_PARSE_ADDR_NEED_HOST, &a, NULL, 0) != 0 ||
+        strlen(a.host) >= host_size ||
+        (size_t)snprintf(port, port_size, "%u", (unsigned)a.port) >= port_size) {
         return -1;
     }
-    if (address[0] == '[') {
-        h = address + 1;
-        he = strchr(h, ']');
-        if (he == NULL || he[1] != ':') {
-            return -1;
-        }
-        p = he + 2;
-    } else {
-        h = address;
-        he = strrchr(address, ':');
-        if (he == NULL || memchr(address, ':', (size_t)(he - address)) != NULL) {
-            return -1; /* no port, or an IPv6 literal without brackets */
-        }
-        p = he + 1;
-    }
-    hl = (size_t)(he - h);
-    pl = strlen(p);
-    if (hl == 0 || hl >= host_size || pl == 0 || pl >= port_size) {
-        return -1;
-    }
-    errno = 0;
-    n = strtoul(p, &end, 10);
-    if (errno != 0 || *end != '\0' || p[0] < '0' || p[0] > '9' || n == 0 || n > 65535) {
-        return -1;
-    }
-    memcpy(host, h, hl);
-    host[hl] = '\0';
-    memcpy(port, p, pl + 1);
+    memcpy(host, a.host, strlen(a.host) + 1);
     return 0;
 }
 

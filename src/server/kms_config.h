@@ -1,10 +1,11 @@
 /*
  * kmsd configuration.
  *
- * Every option is declared once, in the option table in config.c (YAML key,
- * environment variable, command-line flag, type, default, flags, help). The
- * YAML loader, the environment and flag parsers, --help and the YAML dump are
- * all driven by that table, so they cannot disagree.
+ * Every option is declared once, as a row of config_options.h (YAML key,
+ * C member, environment variable, command-line flag, type, default, range,
+ * flags, help, docs). The struct below, the YAML schema, the environment and
+ * flag parsers, validation, --help, the YAML dump and the docs table are all
+ * generated from those rows, so they cannot disagree.
  *
  * Precedence: built-in defaults < config file < KMSD_* environment < flags.
  * Each layer is parsed strictly as it is applied (a bad value in the file is
@@ -29,7 +30,9 @@
 
 #include "kms_err.h"
 
-/* Limits on list options; they match the daemon's fixed tables (kmsd.h). */
+#include "config/config_options.h"
+
+/* Limits on list options (the daemon's tables use them too). */
 #define KMS_CONFIG_MAX_PEERS 16
 #define KMS_CONFIG_MAX_CIDRS 32
 #define KMS_CONFIG_MAX_UUIDS 256
@@ -41,6 +44,7 @@
 #define KMS_OPT_SENSITIVE  (1u << 2) /* value redacted in dumps and logs */
 #define KMS_OPT_REQUIRED   (1u << 3) /* no default; must be set somewhere */
 
+/* Values of the ENUM options: the index of the name in their row. */
 enum kms_unseal_reads {
     KMS_UNSEAL_READS_LEASE = 0, /* serve only while holding a read lease */
     KMS_UNSEAL_READS_LOCAL = 1, /* serve from any applied state */
@@ -53,8 +57,14 @@ enum kms_seal_type {
 
 struct kms_config_peer {
     uint64_t id;
-    char *raft;    /* host:port of its raft transport */
-    char *cluster; /* host:port of its cluster API */
+    union {
+        char *raft;         /* host:port of its raft transport */
+        char *raft_address; /* the daemon's name for it */
+    };
+    union {
+        char *cluster;         /* host:port of its cluster API */
+        char *cluster_address; /* the daemon's name for it */
+    };
 };
 
 struct kms_config_cidr {
@@ -63,10 +73,59 @@ struct kms_config_cidr {
     char *text;       /* as written, for dumps */
 };
 
+/* The C type of each option TYPE (config_options.h); a list is a pointer
+ * and a count n_<name>. */
+#define KMS_CFG_DECL_U64(n) uint64_t n;
+#define KMS_CFG_DECL_UINT(n) unsigned n;
+#define KMS_CFG_DECL_BOOL(n) bool n;
+#define KMS_CFG_DECL_DURATION(n) unsigned n; /* milliseconds */
+#define KMS_CFG_DECL_SIZE(n) uint64_t n;     /* bytes */
+#define KMS_CFG_DECL_STRING(n) char *n;
+#define KMS_CFG_DECL_PATH(n) char *n;
+#define KMS_CFG_DECL_ADDR(n) char *n;
+#define KMS_CFG_DECL_ENUM(n) int n;
+#define KMS_CFG_DECL_PEERS(n) struct kms_config_peer *n; size_t n_##n;
+#define KMS_CFG_DECL_CIDRS(n) struct kms_config_cidr *n; size_t n_##n;
+#define KMS_CFG_DECL_UUIDS(n) char **n; size_t n_##n;
+
+/* A top-level member; a list also answers to its alias (same storage). */
+#define KMS_CFG_TOP_U64(f, a) KMS_CFG_DECL_U64(f)
+#define KMS_CFG_TOP_UINT(f, a) KMS_CFG_DECL_UINT(f)
+#define KMS_CFG_TOP_BOOL(f, a) KMS_CFG_DECL_BOOL(f)
+#define KMS_CFG_TOP_DURATION(f, a) KMS_CFG_DECL_DURATION(f)
+#define KMS_CFG_TOP_SIZE(f, a) KMS_CFG_DECL_SIZE(f)
+#define KMS_CFG_TOP_STRING(f, a) KMS_CFG_DECL_STRING(f)
+#define KMS_CFG_TOP_PATH(f, a) KMS_CFG_DECL_PATH(f)
+#define KMS_CFG_TOP_ADDR(f, a) KMS_CFG_DECL_ADDR(f)
+#define KMS_CFG_TOP_ENUM(f, a) KMS_CFG_DECL_ENUM(f)
+#define KMS_CFG_TOP_LIST(T, f, a) union { struct { T(f) }; struct { T(a) }; };
+#define KMS_CFG_TOP_PEERS(f, a) KMS_CFG_TOP_LIST(KMS_CFG_DECL_PEERS, f, a)
+#define KMS_CFG_TOP_CIDRS(f, a) KMS_CFG_TOP_LIST(KMS_CFG_DECL_CIDRS, f, a)
+#define KMS_CFG_TOP_UUIDS(f, a) KMS_CFG_TOP_LIST(KMS_CFG_DECL_UUIDS, f, a)
+
+#define KMS_CFG_ROW_TOP(sec, key, f, a, T, ...) KMS_CFG_TOP_##T(f, a)
+#define KMS_CFG_ROW_FIELD(sec, key, f, a, T, ...) KMS_CFG_DECL_##T(f)
+#define KMS_CFG_ROW_ALIAS(sec, key, f, a, T, ...) KMS_CFG_DECL_##T(a)
+
+/* A NESTED section is a struct named after it (cfg.talos.listen) in a
+ * union with the same members under their daemon names (cfg.talos_listen):
+ * two names for one storage, so the daemon reads the validated
+ * configuration directly. */
+#define KMS_CFG_GROUP_ROOT(sec, LIST) LIST(KMS_CFG_ROW_TOP)
+#define KMS_CFG_GROUP_FLAT(sec, LIST) LIST(KMS_CFG_ROW_TOP)
+#define KMS_CFG_GROUP_NESTED(sec, LIST) \
+    union { struct { LIST(KMS_CFG_ROW_FIELD) } sec; struct { LIST(KMS_CFG_ROW_ALIAS) }; };
+#define KMS_CFG_GROUP(kind, sec, LIST) KMS_CFG_GROUP_##kind(sec, LIST)
+
 /*
  * The effective configuration. After a successful kms_config_load every
  * string field is non-NULL (possibly ""), every value is validated, and the
  * advertise addresses are filled in (see docs/configuration.md).
+ *
+ * One member per row of config_options.h, e.g. talos.listen is
+ * cfg.talos.listen (also cfg.talos_listen), unsealReads cfg.unseal_reads,
+ * initialCluster cfg.initial_cluster / cfg.n_initial_cluster (also
+ * cfg.peers / cfg.n_peers). The daemon keeps a copy as d->opt (kmsd.h).
  */
 struct kms_config {
     char *config_file; /* --config / KMSD_CONFIG, NULL when none */
@@ -74,100 +133,14 @@ struct kms_config {
     bool help;         /* --help: usage was printed to stdout; exit 0 */
     bool version;      /* --version: nothing else loaded; main prints it, exit 0 */
     bool dump_only;    /* --dump-config: load, validate, main dumps it, exit */
+    bool print_table;  /* --print-config-table: nothing else loaded; main prints the
+                        * docs table (kms_config_print_table), exit 0 */
 
-    uint64_t node_id;
-    char *data_dir;
+    KMS_CONFIG_GROUPS(KMS_CFG_GROUP)
 
-    struct {
-        char *listen;
-        char *advertise;
-        char *cert_file;
-        char *key_file;
-        bool plaintext;
-        bool tls12;
-        uint64_t max_message_bytes;
-        unsigned workers; /* 0 = number of cores */
-    } talos;
-
-    struct {
-        char *listen;
-        char *advertise;
-    } cluster;
-
-    struct {
-        char *listen;
-        char *advertise;
-        unsigned election_timeout_ms;
-        unsigned heartbeat_timeout_ms;
-        uint64_t snapshot_threshold;
-        uint64_t snapshot_trailing;
-    } raft;
-
-    struct {
-        char *listen;
-    } http;
-
-    struct {
-        char *node_cert_file;
-        char *node_key_file;
-        char *cluster_ca_file;
-        char *operator_ca_file;
-    } tls;
-
-    struct kms_config_peer *initial_cluster;
-    size_t n_initial_cluster;
-
-    enum kms_unseal_reads unseal_reads;
-    unsigned lease_grace_ms;
-    unsigned request_wait_ms;
-
-    struct {
-        bool peer; /* unseal.peer: ask an unsealed member for R (docs/security.md) */
-    } unseal;
-
-    unsigned failed_unseals_per_minute; /* 0 = no limit */
-    unsigned failed_unseals_global_per_minute; /* 0 = no limit */
-    unsigned seals_per_minute;          /* per source address; 0 = no limit */
-    unsigned seals_per_node_per_minute; /* per node UUID; 0 = no limit */
-    unsigned records_per_node;          /* live records per node UUID; 0 = no limit */
-
-    unsigned last_access_interval_ms;   /* lastAccess.interval; 0 = off */
-    unsigned last_access_max_batch;     /* lastAccess.maxBatch */
-
-    struct {
-        unsigned max_connections;             /* per gRPC port; 0 = auto */
-        unsigned max_connections_per_address; /* per gRPC port */
-        unsigned handshake_timeout_ms;
-        unsigned max_concurrent_streams;
-        uint64_t grpc_memory;                 /* bytes, per gRPC port */
-        unsigned connection_idle_ms;
-        unsigned connection_max_age_ms;
-        unsigned http_max_connections;
-        unsigned http_max_connections_per_address;
-        unsigned listener_probe_interval_ms;  /* 0 = no probe */
-        uint64_t talos_connection_bytes;      /* 0 = no byte police */
-        unsigned abuse_ban_after;
-        unsigned abuse_ban_ms;
-    } limits;
-
-    struct kms_config_cidr *allowed_cidrs; /* empty = any source */
-    size_t n_allowed_cidrs;
-    char **uuid_allow_list; /* empty = any node UUID */
-    size_t n_uuid_allow_list;
-
-    struct {
-        int type;             /* enum kms_seal_type */
-        char *module;         /* PKCS#11 module path */
-        char *token_label;
-        char *key_label;
-        char *pin_file;
-        char *pin;            /* KMSD_PKCS11_PIN; sensitive, "" when unset */
-        unsigned retry_max_ms;
-    } seal;
-
-    int log_level; /* enum kms_log_level (kms_log.h) */
-    bool memory_lock; /* mlockall() at start (default true) */
-    char *audit_file; /* hash-chained audit log; "" = <dataDir>/audit.log */
+    /* Derived by kms_config_load from the options above. */
+    bool unseal_reads_local; /* unsealReads is local */
+    bool seal_pkcs11;        /* seal.type is pkcs11 */
 };
 
 /*
@@ -177,7 +150,9 @@ struct kms_config {
  * empty (kms_config_free is still safe) and KMS_ECONFIG is returned with a
  * one-line message. With --help the usage is printed to stdout, cfg->help is
  * set and 0 is returned without loading anything else; likewise --version
- * (cfg->version set, nothing printed: main prints its build version).
+ * (cfg->version set, nothing printed: main prints its build version),
+ * and --print-config-table (cfg->print_table set: main prints
+ * kms_config_print_table).
  * --dump-config loads and validates everything and sets cfg->dump_only.
  */
 int kms_config_load(struct kms_config *cfg, int argc, char **argv, char **envp,
@@ -206,5 +181,9 @@ int kms_config_dump_redacting(const struct kms_config *cfg, FILE *f,
 
 /* Prints the --help text generated from the option table. */
 void kms_config_usage(FILE *f, const char *prog);
+
+/* Prints the options table of docs/configuration.md (Markdown), generated
+ * from the option table. 0 or KMS_EIO. */
+int kms_config_print_table(FILE *f);
 
 #endif /* KMS_CONFIG_H */

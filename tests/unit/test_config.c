@@ -471,6 +471,42 @@ static void test_version_and_dump_flags(void **state)
     kms_config_free(&c);
 }
 
+/* The daemon reads the same members under its own names (d->opt), and the
+ * values derived from them; durations take a fraction (kms_parse.h). */
+static void test_daemon_view(void **state)
+{
+    struct kms_config c;
+    struct kms_err e;
+    (void)state;
+    assert_int_equal(load(&c, &e, no_env, "--config", "full.yaml", NULL), 0);
+    assert_ptr_equal(c.talos_listen, c.talos.listen);
+    assert_ptr_equal(c.node_cert, c.tls.node_cert_file);
+    assert_ptr_equal(c.peers, c.initial_cluster);
+    assert_int_equal(c.n_peers, 3);
+    assert_string_equal(c.peers[2].cluster_address, "kms-3.example.com:5051");
+    assert_string_equal(c.peers[1].raft_address, "[fd00::2]:5052");
+    assert_int_equal(c.n_cidrs, 2);
+    assert_int_equal(c.cidrs[0].prefix, 104);
+    assert_int_equal(c.n_uuids, 2);
+    assert_int_equal(c.election_timeout_ms, 2000);
+    assert_int_equal(c.talos_max_message, 8192);
+    assert_true(c.unseal_reads_local);
+    assert_false(c.seal_pkcs11);
+    kms_config_free(&c);
+
+    assert_int_equal(load(&c, &e, no_env, "--config", "minimal.yaml", "--raft-election-timeout",
+                          "1.5s", "--lease-grace", "0.5m", NULL),
+                     0);
+    assert_int_equal(c.raft.election_timeout_ms, 1500);
+    assert_int_equal(c.lease_grace_ms, 30000);
+    assert_false(c.unseal_reads_local);
+    kms_config_free(&c);
+    expect_error(NULL, "--raft-election-timeout: invalid duration \"1.0005s\" (e.g. 500ms, 3s, "
+                       "1m)", "--raft-election-timeout", "1.0005s", NULL);
+    expect_error(NULL, "--raft-election-timeout: invalid duration \"2\" (e.g. 500ms, 3s, 1m)",
+                 "--raft-election-timeout", "2", NULL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -486,6 +522,7 @@ int main(void)
         cmocka_unit_test(test_dump_round_trip),
         cmocka_unit_test(test_help_lists_every_option),
         cmocka_unit_test(test_version_and_dump_flags),
+        cmocka_unit_test(test_daemon_view),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }

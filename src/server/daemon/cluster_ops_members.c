@@ -156,7 +156,7 @@ int kmsd_op_status_cb(struct kmsd_call *c)
     resp.term = st.term;
     resp.commit_index = st.commit_index;
     resp.applied_index = st.applied_index;
-    resp.version = (char *)d->opt.version;
+    resp.version = (char *)KMSD_VERSION;
     /* The quorum read lease only: with unsealReads: local the node serves
      * without one, and says so in unseal_reads. */
     resp.lease = kms_raft_lease_valid(d->raft);
@@ -227,7 +227,7 @@ int kmsd_publish_self(struct kmsd *d, struct kms_err *err)
         return kms_err_set(err, KMS_ENOTLEADER, "member metadata is published by the leader");
     }
     return put_member(d, d->opt.node_id, d->opt.raft_advertise, d->opt.cluster_advertise,
-                      d->opt.talos_advertise, d->opt.version, err);
+                      d->opt.talos_advertise, KMSD_VERSION, err);
 }
 
 static int remove_member_meta(struct kmsd *d, uint64_t id, struct kms_err *err)

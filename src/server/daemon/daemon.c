@@ -290,7 +290,7 @@ static int self_meta_cb(void *arg, const Kmsd__V1__Member *m)
     struct self_meta *sm = arg;
     if (m->id == sm->id) {
         sm->found = true;
-        sm->same = strcmp(m->version, sm->d->opt.version) == 0 &&
+        sm->same = strcmp(m->version, KMSD_VERSION) == 0 &&
                    strcmp(m->cluster_address, sm->d->opt.cluster_advertise) == 0 &&
                    strcmp(m->talos_address, sm->d->opt.talos_advertise) == 0 &&
                    strcmp(m->raft_address, sm->d->opt.raft_advertise) == 0;
@@ -549,10 +549,10 @@ static int cluster_open(struct kmsd *d, struct kms_err *err)
     return 0;
 }
 
-int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *err)
+int kmsd_start(struct kmsd *d, const struct kms_config *opt, struct kms_err *err)
 {
     struct kms_raft_config rc_cfg;
-    struct kms_raft_peer peers[KMSD_MAX_PEERS];
+    struct kms_raft_peer peers[KMS_CONFIG_MAX_PEERS];
     char path[4096];
     int rc;
 

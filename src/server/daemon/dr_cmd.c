@@ -26,7 +26,7 @@
 #include "kms_store.h"
 #include "kmsd.h"
 
-#define DR_MAX_MEMBERS KMSD_MAX_PEERS
+#define DR_MAX_MEMBERS KMS_CONFIG_MAX_PEERS
 
 struct dr_members {
     struct kms_raft_peer m[DR_MAX_MEMBERS];

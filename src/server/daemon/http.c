@@ -205,7 +205,7 @@ static void r_up(const struct scrape *s, const struct metric_row *row, struct mb
 static void r_build_info(const struct scrape *s, const struct metric_row *row, struct mbuf *b)
 {
     char v[128], bv[256];
-    label_escape(s->d->opt.version != NULL ? s->d->opt.version : KMSD_VERSION, v, sizeof(v));
+    label_escape(KMSD_VERSION, v, sizeof(v));
     label_escape(KMSD_BUILD_VERSION, bv, sizeof(bv));
     mb_printf(b, "%s{version=\"%s\",build=\"%s\"} 1\n", row->name, v, bv);
 }
@@ -456,7 +456,7 @@ static bool pem_not_after(const char *file, long long *out)
 
 static void r_cert_expiry(const struct scrape *s, const struct metric_row *row, struct mbuf *b)
 {
-    const struct kmsd_options *o = &s->d->opt;
+    const struct kms_config *o = &s->d->opt;
     const char *names[4] = {"node", "talos", "cluster_ca", "operator_ca"};
     const char *files[4] = {o->node_cert, o->talos_cert, o->cluster_ca, o->operator_ca};
     for (int i = 0; i < 4; i++) {

@@ -34,6 +34,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kms_config.h"
 #include "kms_err.h"
 
 struct kms_store;
@@ -47,99 +48,6 @@ struct kmsd_authz;
 struct kmsd_pool;
 struct kmsd_hsm;
 struct MHD_Daemon;
-
-#define KMSD_MAX_PEERS 16
-#define KMSD_MAX_CIDRS 32
-#define KMSD_MAX_UUIDS 256
-
-struct kmsd_peer {
-    uint64_t id;
-    char raft_address[256];
-    char cluster_address[256];
-};
-
-struct kmsd_cidr {
-    uint8_t addr[16];   /* IPv4 stored as v4-mapped IPv6 */
-    unsigned prefix;    /* 0..128 over the mapped form */
-};
-
-/* Everything the daemon needs from the configuration, already validated.
- * Strings are borrowed from the config, which outlives the daemon. */
-struct kmsd_options {
-    uint64_t node_id;
-    const char *data_dir;
-    const char *version;
-    const char *audit_file; /* "" = <data_dir>/audit.log */
-
-    const char *talos_listen;
-    const char *talos_advertise;
-    const char *talos_cert;
-    const char *talos_key;
-    bool talos_plaintext;
-    bool talos_tls12;
-    size_t talos_max_message;
-    unsigned workers;
-
-    const char *cluster_listen;
-    const char *cluster_advertise;
-    const char *raft_listen;
-    const char *raft_advertise;
-    const char *http_listen;
-
-    const char *node_cert;
-    const char *node_key;
-    const char *cluster_ca;
-    const char *operator_ca;
-
-    struct kmsd_peer peers[KMSD_MAX_PEERS];
-    size_t n_peers;
-
-    unsigned election_timeout_ms;
-    unsigned heartbeat_timeout_ms;
-    uint64_t snapshot_threshold;
-    uint64_t snapshot_trailing;
-
-    bool unseal_reads_local;
-    bool peer_unseal;              /* unseal.peer (kmsd_peer.h) */
-    unsigned lease_grace_ms;
-    unsigned request_wait_ms;
-    unsigned failed_unseals_per_minute;
-    unsigned failed_unseals_global_per_minute;
-    unsigned seals_per_minute;
-    unsigned seals_per_node_per_minute;
-    unsigned records_per_node;
-    unsigned last_access_interval_ms; /* 0 = last access not recorded (touch.c) */
-    unsigned last_access_max_batch;
-
-    /* connection and resource limits (docs/security.md "Limits") */
-    unsigned max_conns;            /* per gRPC port; 0 = auto from the fd limit */
-    unsigned max_conns_per_addr;
-    unsigned handshake_timeout_ms;
-    unsigned max_streams;
-    size_t grpc_memory;
-    unsigned conn_idle_ms;
-    unsigned conn_max_age_ms;
-    unsigned http_max_conns;
-    unsigned http_max_conns_per_addr;
-    unsigned probe_interval_ms;    /* 0 = no listener probe */
-    unsigned long long talos_conn_bytes; /* Talos byte police; 0 = off */
-    unsigned abuse_ban_after;
-    unsigned abuse_ban_ms;
-
-    struct kmsd_cidr cidrs[KMSD_MAX_CIDRS];
-    size_t n_cidrs;
-    const char *uuids[KMSD_MAX_UUIDS];
-    size_t n_uuids;
-
-    /* PKCS#11 seal (kmsd_seal.h); seal_pkcs11 false = Shamir seal. */
-    bool seal_pkcs11;
-    const char *seal_module;
-    const char *seal_token_label;
-    const char *seal_key_label;
-    const char *seal_pin_file;
-    const char *seal_pin;          /* KMSD_PKCS11_PIN / seal.pin; "" when unset */
-    unsigned seal_retry_max_ms;
-};
 
 /* A registered cluster API method: its handler table row (kmsd_cluster.h)
  * joined with its policy row (cluster_api.c). */
@@ -198,7 +106,11 @@ struct kmsd {
     bool raft_failed;            /* set by kmsd_stop: the raft log could not be written */
     atomic_bool removed;         /* kmsd_removal_tick found this node removed: exit 4 */
     atomic_bool removal_probing; /* a removal probe job is queued or running */
-    struct kmsd_options opt;
+    /* The validated configuration (kms_config.h), a copy whose strings and
+     * lists stay owned by main's struct kms_config, which outlives the
+     * daemon. Read-only after kmsd_start; d->opt.<alias> names an option as
+     * config_options.h does (d->opt.talos_listen is talos.listen). */
+    struct kms_config opt;
     struct kmsd_metrics metrics;
     struct MHD_Daemon *http;             /* HTTP endpoints (http.c) */
     struct kms_store *store;
@@ -252,7 +164,7 @@ struct kmsd {
     struct {
         uint64_t id;
         struct kms_rpc_channel *ch;
-    } fwd[KMSD_MAX_PEERS * 2];
+    } fwd[KMS_CONFIG_MAX_PEERS * 2];
 
     /* Talos API limits (kmsd_limit.h), created at start, freed at stop. */
     struct kmsd_limiter *unseal_fail_lim; /* failed unseals per address + global */
@@ -284,7 +196,7 @@ struct kmsd {
 #define KMSD_MAX_SHARES 255
 
 /* Lifecycle (main_kmsd.c). */
-int kmsd_start(struct kmsd *d, const struct kmsd_options *opt, struct kms_err *err);
+int kmsd_start(struct kmsd *d, const struct kms_config *opt, struct kms_err *err);
 void kmsd_stop(struct kmsd *d);
 /* Asks the supervisor thread to reload TLS certificates, keys and CA
  * bundles (within ~50 ms); any thread, async-signal context excluded. The

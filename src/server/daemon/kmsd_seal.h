@@ -30,7 +30,7 @@
 #include "kms_err.h"
 
 struct kmsd;
-struct kmsd_options;
+struct kms_config;
 struct Kmsd__V1__HsmWrap;
 
 /* From kmsd_start, before the cluster API opens (its handlers read d->hsm
@@ -82,6 +82,6 @@ int kmsd_seal_migrate(struct kmsd *d, const char *to, char *const *shares, size_
 /* kmsd --check-config with seal.type pkcs11: loads the module, logs in,
  * looks the key up (a missing key is fine before init: it is created
  * then). Findings on f. 0, or the error (message on f too). */
-int kmsd_hsm_check_config(const struct kmsd_options *o, FILE *f);
+int kmsd_hsm_check_config(const struct kms_config *o, FILE *f);
 
 #endif /* KMSD_SEAL_H */

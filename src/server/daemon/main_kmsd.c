@@ -89,104 +89,9 @@ static void memory_lock(bool enabled)
 #endif
 }
 
-static int options_from_config(const struct kms_config *c, struct kmsd_options *o,
-                               struct kms_err *err)
-{
-    memset(o, 0, sizeof(*o));
-    o->node_id = c->node_id;
-    o->data_dir = c->data_dir;
-    o->version = KMSD_VERSION;
-    o->audit_file = c->audit_file;
-    o->talos_listen = c->talos.listen;
-    o->talos_advertise = c->talos.advertise;
-    o->talos_cert = c->talos.cert_file;
-    o->talos_key = c->talos.key_file;
-    o->talos_plaintext = c->talos.plaintext;
-    o->talos_tls12 = c->talos.tls12;
-    o->talos_max_message = (size_t)c->talos.max_message_bytes;
-    o->workers = c->talos.workers;
-    o->cluster_listen = c->cluster.listen;
-    o->cluster_advertise = c->cluster.advertise;
-    o->raft_listen = c->raft.listen;
-    o->raft_advertise = c->raft.advertise;
-    o->http_listen = c->http.listen;
-    o->node_cert = c->tls.node_cert_file;
-    o->node_key = c->tls.node_key_file;
-    o->cluster_ca = c->tls.cluster_ca_file;
-    o->operator_ca = c->tls.operator_ca_file;
-    if (c->n_initial_cluster > KMSD_MAX_PEERS) {
-        return kms_err_set(err, KMS_ECONFIG, "initialCluster: at most %d members",
-                           KMSD_MAX_PEERS);
-    }
-    for (size_t i = 0; i < c->n_initial_cluster; i++) {
-        o->peers[i].id = c->initial_cluster[i].id;
-        snprintf(o->peers[i].raft_address, sizeof(o->peers[i].raft_address), "%s",
-                 c->initial_cluster[i].raft);
-        snprintf(o->peers[i].cluster_address, sizeof(o->peers[i].cluster_address), "%s",
-                 c->initial_cluster[i].cluster);
-    }
-    o->n_peers = c->n_initial_cluster;
-    o->election_timeout_ms = c->raft.election_timeout_ms;
-    o->heartbeat_timeout_ms = c->raft.heartbeat_timeout_ms;
-    o->snapshot_threshold = c->raft.snapshot_threshold;
-    o->snapshot_trailing = c->raft.snapshot_trailing;
-    o->unseal_reads_local = c->unseal_reads == KMS_UNSEAL_READS_LOCAL;
-    o->lease_grace_ms = c->lease_grace_ms;
-    o->request_wait_ms = c->request_wait_ms;
-    o->peer_unseal = c->unseal.peer;
-    o->failed_unseals_per_minute = c->failed_unseals_per_minute;
-    o->failed_unseals_global_per_minute = c->failed_unseals_global_per_minute;
-    o->seals_per_minute = c->seals_per_minute;
-    o->seals_per_node_per_minute = c->seals_per_node_per_minute;
-    o->records_per_node = c->records_per_node;
-    o->last_access_interval_ms = c->last_access_interval_ms;
-    o->last_access_max_batch = c->last_access_max_batch;
-    o->max_conns = c->limits.max_connections;
-    o->max_conns_per_addr = c->limits.max_connections_per_address;
-    o->handshake_timeout_ms = c->limits.handshake_timeout_ms;
-    o->max_streams = c->limits.max_concurrent_streams;
-    o->grpc_memory = (size_t)c->limits.grpc_memory;
-    o->conn_idle_ms = c->limits.connection_idle_ms;
-    o->conn_max_age_ms = c->limits.connection_max_age_ms;
-    o->http_max_conns = c->limits.http_max_connections;
-    o->http_max_conns_per_addr = c->limits.http_max_connections_per_address;
-    o->probe_interval_ms = c->limits.listener_probe_interval_ms;
-    o->talos_conn_bytes = c->limits.talos_connection_bytes;
-    o->abuse_ban_after = c->limits.abuse_ban_after;
-    o->abuse_ban_ms = c->limits.abuse_ban_ms;
-    for (size_t i = 0; i < c->n_allowed_cidrs && i < KMSD_MAX_CIDRS; i++) {
-        memcpy(o->cidrs[i].addr, c->allowed_cidrs[i].addr, 16);
-        o->cidrs[i].prefix = c->allowed_cidrs[i].prefix;
-        o->n_cidrs++;
-    }
-    for (size_t i = 0; i < c->n_uuid_allow_list && i < KMSD_MAX_UUIDS; i++) {
-        o->uuids[o->n_uuids++] = c->uuid_allow_list[i];
-    }
-    o->seal_pkcs11 = c->seal.type == KMS_SEAL_PKCS11;
-    o->seal_module = c->seal.module;
-    o->seal_token_label = c->seal.token_label;
-    o->seal_key_label = c->seal.key_label;
-    o->seal_pin_file = c->seal.pin_file;
-    o->seal_pin = c->seal.pin;
-    o->seal_retry_max_ms = c->seal.retry_max_ms;
-    if (!o->talos_plaintext && (o->talos_cert[0] == '\0' || o->talos_key[0] == '\0')) {
-        return kms_err_set(err, KMS_ECONFIG,
-                           "talos.certFile and talos.keyFile are required unless "
-                           "talos.plaintext is true");
-    }
-    if (o->node_cert[0] == '\0' || o->node_key[0] == '\0' || o->cluster_ca[0] == '\0' ||
-        o->operator_ca[0] == '\0') {
-        return kms_err_set(err, KMS_ECONFIG,
-                           "tls.nodeCertFile, tls.nodeKeyFile, tls.clusterCAFile and "
-                           "tls.operatorCAFile are required");
-    }
-    return 0;
-}
-
 int main(int argc, char **argv)
 {
     struct kms_config cfg;
-    struct kmsd_options opt;
     struct kmsd *d = NULL;
     struct kms_err err;
     sigset_t set;
@@ -226,9 +131,12 @@ int main(int argc, char **argv)
         printf("kmsd %s\n", KMSD_BUILD_VERSION);
         goto out;
     }
-    if (options_from_config(&cfg, &opt, &err) != 0) {
-        fprintf(stderr, "kmsd: config: %s\n", err.msg);
-        code = 1;
+    if (cfg.print_table) {
+        /* The options table of docs/configuration.md (test_config_docs). */
+        if (kms_config_print_table(stdout) != 0) {
+            fprintf(stderr, "kmsd: --print-config-table: cannot write to stdout\n");
+            code = 1;
+        }
         goto out;
     }
     if (cfg.dump_only) {
@@ -246,7 +154,7 @@ int main(int argc, char **argv)
         struct kms_check_report rep = {stderr, "kmsd: check-config", 0, 0, false};
         bool to_stderr = true;
         (void)kms_config_unknown_env(environ, unknown_env_cb, &to_stderr);
-        if (opt.seal_pkcs11 && kmsd_hsm_check_config(&opt, stderr) != 0) {
+        if (cfg.seal_pkcs11 && kmsd_hsm_check_config(&cfg, stderr) != 0) {
             rep.errors++;
         }
         if (kms_config_check_startup(&cfg, &rep) != 0 || rep.errors > 0) {
@@ -270,7 +178,7 @@ int main(int argc, char **argv)
         code = 2;
         goto out;
     }
-    if (kms_rpc_global_init(opt.talos_tls12, &err) != 0) {
+    if (kms_rpc_global_init(cfg.talos.tls12, &err) != 0) {
         kms_log(KMS_LOG_ERROR, "kmsd", "gRPC init failed", "error", err.msg, NULL);
         code = 2;
         goto out;
@@ -283,11 +191,11 @@ int main(int argc, char **argv)
     }
     {
         char id[32];
-        snprintf(id, sizeof(id), "%llu", (unsigned long long)opt.node_id);
+        snprintf(id, sizeof(id), "%llu", (unsigned long long)cfg.node_id);
         kms_log(KMS_LOG_INFO, "kmsd", "starting", "version", KMSD_VERSION, "node_id", id,
                 NULL);
     }
-    if (kmsd_start(d, &opt, &err) != 0 || kmsd_http_start(d, &err) != 0) {
+    if (kmsd_start(d, &cfg, &err) != 0 || kmsd_http_start(d, &err) != 0) {
         kms_log(KMS_LOG_ERROR, "kmsd", "start-up failed", "error", err.msg, NULL);
         code = 2;
         goto stop;

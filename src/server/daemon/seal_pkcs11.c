@@ -410,7 +410,7 @@ out:
     return rc;
 }
 
-int kmsd_hsm_check_config(const struct kmsd_options *o, FILE *f)
+int kmsd_hsm_check_config(const struct kms_config *o, FILE *f)
 {
     struct kms_p11 *p = NULL;
     struct kms_p11_params pp;

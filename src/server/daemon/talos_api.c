@@ -198,7 +198,7 @@ static void unseal_fail_count(struct kmsd *d, const uint8_t ip[16])
     kmsd_limiter_count(d->unseal_fail_lim, k, kl, kms_mono_ms());
 }
 
-static bool cidr_match(const struct kmsd_cidr *c, const uint8_t ip[16])
+static bool cidr_match(const struct kms_config_cidr *c, const uint8_t ip[16])
 {
     unsigned bits = c->prefix;
     for (unsigned i = 0; i < 16 && bits > 0; i++) {
