@@ -8,7 +8,6 @@
  * promise rule, transport stamps, entry versions); node_internal.h holds
  * the node struct and says which thread owns which field.
  *
- *
  * Threads:
  *  - the raft thread runs `loop`; it alone touches struct raft, raft_io, the
  *    transport and the store's fsm callbacks;

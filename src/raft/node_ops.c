@@ -1,6 +1,6 @@
 /*
  * The raft node's requests (see node.c): other threads queue a struct op
- * and wait on it (kr_op_run); the raft thread dispatches it (kr_dispatch)
+ * and wait on it (op_run); the raft thread dispatches it (kr_dispatch)
  * and completes it from raft's callbacks: proposals (raft_apply, with the
  * commit-notify barrier), membership changes (raft_add/assign/remove),
  * leadership transfers (after the lease release) and the status refresh.
@@ -183,7 +183,7 @@ int kr_code_to_raft(int kms)
     return code_map(kms, false);
 }
 
-/* ------------------------------------------------------------------ kr_dispatch */
+/* ------------------------------------------------------------------ dispatch */
 
 static void inflight_add(struct kms_raft *r, struct op *op)
 {
