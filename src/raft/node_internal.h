@@ -14,8 +14,9 @@
  * (async, timers, check, prepare) are closed in on_raft_closed and the loop
  * is run until their close callbacks ran, before the memory goes. A struct
  * op is shared by its caller and the raft thread (refs, under mu; see
- * node_ops.c): the last reference dropped frees it, with the proposal buffer it still owns (a
- * buffer handed to raft_apply is raft's: op->buf.base is NULL then).
+ * node_ops.c): the last reference dropped frees it, with the proposal
+ * buffer it still owns (a buffer handed to raft_apply is raft's:
+ * op->buf.base is NULL then).
  */
 #ifndef KMS_NODE_INTERNAL_H
 #define KMS_NODE_INTERNAL_H
