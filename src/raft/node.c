@@ -109,7 +109,6 @@ static int mkdir_p(const char *path)
     return 0;
 }
 
-
 void kr_leader_info(struct kms_raft *r, uint64_t *id, char *addr, size_t n)
 {
     raft_id lid = 0;
@@ -633,7 +632,6 @@ void kms_raft_stop(struct kms_raft *r)
     kms_raft_shutdown(r);
     kms_raft_free(r);
 }
-
 
 const char *kms_raft_role_name(int role)
 {

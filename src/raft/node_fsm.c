@@ -74,7 +74,6 @@
  *     older than I is pinned any more: each was released at finalize).
  * The bound this gives is documented in docs/security.md "Revocation". */
 
-
 static void shred_begin(struct kms_raft *r, uint64_t index)
 {
     if (r->shred_index == 0) {
@@ -345,7 +344,6 @@ void kr_fsm_init(struct kms_raft *r)
     r->fsm.snapshot_async = fsm_snapshot_async;
 }
 
-
 int kms_raft_wait_applied(struct kms_raft *r, uint64_t index, unsigned timeout_ms)
 {
     struct timespec ts;
@@ -370,4 +368,3 @@ int kms_raft_wait_applied(struct kms_raft *r, uint64_t index, unsigned timeout_m
     atomic_fetch_sub(&r->waiters, 1);
     return rc;
 }
-

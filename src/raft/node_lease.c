@@ -404,7 +404,6 @@ bool kr_peer_allowed_cb(void *data, uint64_t peer_id)
     return kms_glue_n_members(&r->raft) == 0 || kr_config_has(r, peer_id);
 }
 
-
 int kms_raft_read_index(struct kms_raft *r, uint64_t since_us, unsigned timeout_ms,
                         uint64_t *index)
 {

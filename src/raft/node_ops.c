@@ -559,7 +559,6 @@ int kms_raft_propose(struct kms_raft *r, const Kmsd__V1__Entry *e, unsigned time
     return op_run(r, op, timeout_ms, res, err);
 }
 
-
 int kms_raft_status(struct kms_raft *r, struct kms_raft_status *st)
 {
     /* Fresh figures from the raft thread when it answers quickly; otherwise

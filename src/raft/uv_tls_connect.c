@@ -157,4 +157,3 @@ int tt_connect(struct raft_uv_transport *t, struct raft_uv_connect *req, raft_id
 out:
     return rv;
 }
-

@@ -217,4 +217,3 @@ int tt_listen(struct raft_uv_transport *t, raft_uv_accept_cb cb)
 out:
     return rv;
 }
-

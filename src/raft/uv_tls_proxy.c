@@ -466,4 +466,3 @@ void tt_conn_drive(struct conn *c)
         }
     }
 }
-
