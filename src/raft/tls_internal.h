@@ -1,5 +1,5 @@
 /*
- * Private helpers of the raft TLS transport (uv_tls.c, tls_ctx.c).
+ * Private helpers of the raft TLS transport (uv_tls*.c, tls_ctx.c).
  */
 #ifndef KMS_TLS_INTERNAL_H
 #define KMS_TLS_INTERNAL_H

@@ -168,7 +168,7 @@ def run(c):
           f"each replica wrote 1..{bound} last-access batches during the burst: {writes}")
     # Each batch is one entry, and the leader may follow a commit with one
     # empty barrier entry that tells the followers the commit index at once
-    # (src/raft/node.c): at most two entries per batch.
+    # (src/raft/node_ops.c, commit_notify): at most two entries per batch.
     check(a1 - a0 <= 2 * 3 * bound + 5,
           f"replicated writes during the burst bounded: {a1 - a0} entries for {ok} unseals")
     print(f"FIGURE test time {time.time() - t0:.1f} s")

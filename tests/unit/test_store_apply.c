@@ -675,7 +675,7 @@ static void test_concurrent_readers(void **state)
     dir_remove(&d);
 }
 
-/* ---- the raft fsm's store side (src/raft/node.c drives it) -------------- */
+/* ---- the raft fsm's store side (src/raft/node_fsm.c drives it) ---------- */
 
 static void test_fsm_store_side(void **state)
 {
