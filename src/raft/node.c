@@ -160,6 +160,8 @@ struct kms_raft {
 
     /* published for other threads */
     _Atomic uint64_t lease_until_us;
+    void (*lease_cb)(void *arg);  /* kms_raft_config: after a valid lease is published */
+    void *lease_arg;
     _Atomic uint64_t applied_index;
     _Atomic uint32_t emit_ev;     /* entry version proposals get now */
     _Atomic int waiters;
@@ -754,6 +756,9 @@ static void lease_publish(struct kms_raft *r, const struct kms_lease_view *v)
         until = kms_lease_compute(&r->lease, now, v);
     }
     atomic_store_explicit(&r->lease_until_us, until, memory_order_release);
+    if (until > now && r->lease_cb != NULL) {
+        r->lease_cb(r->lease_arg);
+    }
     if (v->role == KMS_RAFT_LEADER && until > now) {
         /* Commit only advances on this thread and every write is
          * acknowledged after its commit: v->commit covers every write
@@ -1723,6 +1728,8 @@ int kms_raft_start(const struct kms_raft_config *cfg, struct kms_store *store,
         return kms_err_set(err, KMS_ENOMEM, NULL);
     }
     r->id = cfg->id;
+    r->lease_cb = cfg->lease_cb;
+    r->lease_arg = cfg->lease_arg;
     snprintf(r->address, sizeof(r->address), "%s", cfg->raft_address);
     snprintf(r->bind_address, sizeof(r->bind_address), "%s",
              cfg->bind_address != NULL && cfg->bind_address[0] != '\0' ? cfg->bind_address
