@@ -442,7 +442,7 @@ void kmsd_talos_free(struct kmsd *d);
  * A no-op before kmsd_talos_init. */
 void kmsd_talos_wake(struct kmsd *d);
 /* kms_raft_config.lease_cb (arg: the kmsd): raft thread. Wakes the parked
- * Unseals only when some wait: one fence and one load otherwise. */
+ * Unseals only when some wait: one atomic read-modify-write otherwise. */
 void kmsd_talos_lease_cb(void *arg);
 
 #endif /* KMSD_H */

@@ -23,11 +23,14 @@
  * The stop and abort signallers change their state before they take mu to
  * broadcast, so either the waiter's check comes after (and sees the state)
  * or the waiter is already asleep (and is woken). The raft thread does not
- * take mu unless someone waits: the waiter increments `waiters`, then a
- * seq_cst fence, then tests the lease; the raft thread stores the lease,
- * then a seq_cst fence, then reads `waiters`. By the fences' total order
- * either the raft thread sees the waiter (and broadcasts under mu, as
- * above) or the waiter's test sees the new lease.
+ * take mu unless someone waits: the waiter increments `waiters` (a seq_cst
+ * read-modify-write), then tests the lease; the raft thread stores the
+ * lease, then reads `waiters` with a read-modify-write too (fetch_add 0:
+ * no fences, which TSAN cannot check). Both RMWs are in the one
+ * modification order of `waiters`: if the raft thread's comes later it
+ * reads the waiter's increment and broadcasts under mu (as above); if it
+ * comes first, the waiter's RMW reads from it and synchronises with it, so
+ * the waiter's test sees the lease stored before it.
  *
  * Shutdown order (kmsd_stop): `stopping` + wake, Talos server stopped,
  * wait pool stopped (joins the waiters: they all return at once), raft
@@ -262,10 +265,9 @@ void kmsd_talos_wake(struct kmsd *d)
 void kmsd_talos_lease_cb(void *arg)
 {
     struct kmsd *d = arg;
-    /* pairs with the fence in unseal_wait_lease: the lease was stored
-     * before it (kms_raft.h lease_cb) */
-    atomic_thread_fence(memory_order_seq_cst);
-    if (atomic_load_explicit(&d->lease_wake.waiters, memory_order_relaxed) > 0) {
+    /* An RMW, not a load: it orders the lease stored before this call
+     * against the waiters' increments (see the top of this file). */
+    if (atomic_fetch_add(&d->lease_wake.waiters, 0) > 0) {
         kmsd_talos_wake(d);
     }
 }
@@ -289,8 +291,7 @@ static unsigned unseal_wait_lease(struct unseal_job *j)
         return left;
     }
     pthread_mutex_lock(&d->lease_wake.mu);
-    atomic_fetch_add(&d->lease_wake.waiters, 1);
-    atomic_thread_fence(memory_order_seq_cst); /* pairs with kmsd_talos_lease_cb's */
+    atomic_fetch_add(&d->lease_wake.waiters, 1); /* before the tests below */
     for (;;) {
         struct timespec end;
         left = talos_budget_left(d, j->call, j->t0);
