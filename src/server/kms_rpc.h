@@ -186,8 +186,9 @@ void kms_rpc_call_note_set(struct kms_rpc_call *call, const char *note);
 const char *kms_rpc_call_note(const struct kms_rpc_call *call);
 
 /* True once the call has been finished (by its handler, or by the server
- * while stopping). A parked handler may poll it to give up early; it must
- * still call kms_rpc_call_finish() exactly once. Thread-safe. */
+ * while stopping). A parked handler may test it to give up early (the
+ * server's abort hook says when to test again); it must still call
+ * kms_rpc_call_finish() exactly once. Thread-safe. */
 bool kms_rpc_call_done(const struct kms_rpc_call *call);
 
 /* Full method path of the call. */
