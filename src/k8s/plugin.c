@@ -190,13 +190,7 @@ static void *health_main(void *arg)
         bool stop;
 
         health_poll(p);
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        ts.tv_sec += p->opt.health_interval_ms / 1000;
-        ts.tv_nsec += (long)(p->opt.health_interval_ms % 1000) * 1000000L;
-        if (ts.tv_nsec >= 1000000000L) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000L;
-        }
+        ts = kms_mono_ts_in(p->opt.health_interval_ms);
         pthread_mutex_lock(&p->mu);
         while (!p->stopping &&
                pthread_cond_timedwait(&p->cv, &p->mu, &ts) != ETIMEDOUT) {
@@ -415,13 +409,7 @@ int kms_k8s_plugin_start(const struct kms_k8s_plugin_options *opt, struct kms_k8
     p->stale_ms = 3 * p->opt.health_interval_ms +
                   (unsigned)p->opt.n_endpoints * p->opt.attempt_timeout_ms;
     pthread_mutex_init(&p->mu, NULL);
-    {
-        pthread_condattr_t ca;
-        pthread_condattr_init(&ca);
-        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-        pthread_cond_init(&p->cv, &ca);
-        pthread_condattr_destroy(&ca);
-    }
+    kms_cond_init_mono(&p->cv);
     p->sock_path = strdup(path);
     p->listen = malloc(strlen(path) + 6);
     if (p->sock_path == NULL || p->listen == NULL) {

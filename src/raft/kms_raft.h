@@ -67,6 +67,14 @@ struct kms_raft_config {
     /* Mutual-TLS transport (kms_transport_tls_init). All NULL = plain TCP
      * (raft_uv_tcp), for tests only. */
     const char *cert_file, *key_file, *ca_file;
+    /* Optional: lease_cb(lease_arg) runs on the raft thread right after
+     * each publication of a valid read lease (after every received message
+     * and every 25 ms tick while the node holds one), so that threads
+     * waiting for kms_raft_lease_deadline_ms() != 0 can be woken instead of
+     * polling. Called often: it must not block (a short mutex at most) and
+     * must not call kms_raft_*. Runs until kms_raft_shutdown() returns. */
+    void (*lease_cb)(void *arg);
+    void *lease_arg;
 };
 
 /* Validates cfg, opens the raft log, bootstraps when appropriate and spawns

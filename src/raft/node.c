@@ -431,6 +431,8 @@ int kms_raft_start(const struct kms_raft_config *cfg, struct kms_store *store,
         return kms_err_set(err, KMS_ENOMEM, NULL);
     }
     r->id = cfg->id;
+    r->lease_cb = cfg->lease_cb;
+    r->lease_arg = cfg->lease_arg;
     snprintf(r->address, sizeof(r->address), "%s", cfg->raft_address);
     snprintf(r->bind_address, sizeof(r->bind_address), "%s",
              cfg->bind_address != NULL && cfg->bind_address[0] != '\0' ? cfg->bind_address

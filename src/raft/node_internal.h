@@ -143,6 +143,8 @@ struct kms_raft {
 
     /* published for other threads */
     _Atomic uint64_t lease_until_us;
+    void (*lease_cb)(void *arg);  /* kms_raft_config: after a valid lease is published */
+    void *lease_arg;
     _Atomic uint64_t applied_index;
     _Atomic uint32_t emit_ev;     /* entry version proposals get now */
     _Atomic int waiters;

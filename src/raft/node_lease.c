@@ -78,6 +78,9 @@ static void lease_publish(struct kms_raft *r, const struct kms_lease_view *v)
         until = kms_lease_compute(&r->lease, now, v);
     }
     atomic_store_explicit(&r->lease_until_us, until, memory_order_release);
+    if (until > now && r->lease_cb != NULL) {
+        r->lease_cb(r->lease_arg);
+    }
     if (v->role == KMS_RAFT_LEADER && until > now) {
         /* Commit only advances on this thread and every write is
          * acknowledged after its commit: v->commit covers every write

@@ -110,6 +110,16 @@ int kms_rpc_server_start(struct kms_rpc_server *srv, struct kms_err *err);
  * handlers. Call from one thread (not a worker); idempotent. */
 void kms_rpc_server_stop(struct kms_rpc_server *srv, unsigned grace_ms);
 
+/* Wake-up for parked handlers: fn(arg) runs on the stopping thread each
+ * time kms_rpc_server_stop() has itself answered open calls UNAVAILABLE
+ * (step 3), after kms_rpc_call_done() became true for every one of them,
+ * so that a handler waiting for something else (a lease) can give up at
+ * once instead of noticing at its next check. fn must not block and must
+ * not use srv. Before kms_rpc_server_start() only. */
+typedef void (*kms_rpc_abort_hook_fn)(void *arg);
+void kms_rpc_server_set_abort_hook(struct kms_rpc_server *srv, kms_rpc_abort_hook_fn fn,
+                                   void *arg);
+
 /* Stops (with grace 0) if still running, then frees. NULL is accepted. */
 void kms_rpc_server_destroy(struct kms_rpc_server *srv);
 
@@ -176,8 +186,9 @@ void kms_rpc_call_note_set(struct kms_rpc_call *call, const char *note);
 const char *kms_rpc_call_note(const struct kms_rpc_call *call);
 
 /* True once the call has been finished (by its handler, or by the server
- * while stopping). A parked handler may poll it to give up early; it must
- * still call kms_rpc_call_finish() exactly once. Thread-safe. */
+ * while stopping). A parked handler may test it to give up early (the
+ * server's abort hook says when to test again); it must still call
+ * kms_rpc_call_finish() exactly once. Thread-safe. */
 bool kms_rpc_call_done(const struct kms_rpc_call *call);
 
 /* Full method path of the call. */

@@ -48,26 +48,25 @@ static atomic_bool g_tls12;
  * the tickets were pure cost on every connection. */
 #define KMS_TLS_NO_TICKETS "Options = -SessionTicket\n" "NumTickets = 0\n"
 
-static const char *const policy_tls13 =
-    "# written by kmsd: TLS policy for this process only\n"
-    "openssl_conf = kmsd_conf\n"
-    "[kmsd_conf]\n"
-    "ssl_conf = kmsd_ssl\n"
-    "[kmsd_ssl]\n"
-    "system_default = kmsd_sysdef\n"
+/* The OpenSSL config around the policy's own lines: the system_default
+ * section that every SSL_CTX of this process starts from. */
+#define KMS_TLS_POLICY_HEAD                                                   \
+    "# written by kmsd: TLS policy for this process only\n"                   \
+    "openssl_conf = kmsd_conf\n"                                              \
+    "[kmsd_conf]\n"                                                           \
+    "ssl_conf = kmsd_ssl\n"                                                   \
+    "[kmsd_ssl]\n"                                                            \
+    "system_default = kmsd_sysdef\n"                                          \
     "[kmsd_sysdef]\n"
+
+static const char *const policy_tls13 =
+    KMS_TLS_POLICY_HEAD
     "MinProtocol = TLSv1.3\n"
     "Protocol = -SSLv3, -TLSv1, -TLSv1.1, -TLSv1.2, TLSv1.3\n"
     KMS_TLS_NO_TICKETS;
 
 static const char *const policy_tls12 =
-    "# written by kmsd: TLS policy for this process only\n"
-    "openssl_conf = kmsd_conf\n"
-    "[kmsd_conf]\n"
-    "ssl_conf = kmsd_ssl\n"
-    "[kmsd_ssl]\n"
-    "system_default = kmsd_sysdef\n"
-    "[kmsd_sysdef]\n"
+    KMS_TLS_POLICY_HEAD
     "MinProtocol = TLSv1.2\n"
     "CipherString = DEFAULT:@SECLEVEL=2\n"
     KMS_TLS_NO_TICKETS;

@@ -155,12 +155,14 @@ static void *later_main(void *arg)
 
 /* Finishes from another thread after the number of ms in the request. */
 static atomic_int g_slow_started;
+static struct kms_rpc_call *_Atomic g_slow_call; /* the latest Slow call */
 static void slow_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t len)
 {
     struct later *l = calloc(1, sizeof(*l));
     pthread_t t;
     char num[16] = {0};
     memcpy(num, req, len < sizeof(num) - 1 ? len : sizeof(num) - 1);
+    atomic_store(&g_slow_call, call);
     l->call = call;
     l->ms = (unsigned)atoi(num);
     l->len = len < sizeof(l->data) ? len : sizeof(l->data);
@@ -174,8 +176,9 @@ static void slow_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
     pthread_detach(t);
 }
 
-static struct kms_rpc_server *start_server(int port, enum kms_rpc_mode mode, size_t max,
-                                           unsigned workers)
+static struct kms_rpc_server *start_server_hook(int port, enum kms_rpc_mode mode, size_t max,
+                                                unsigned workers, kms_rpc_abort_hook_fn hook,
+                                                void *hook_arg)
 {
     struct kms_rpc_server_config cfg;
     struct kms_rpc_server *srv = NULL;
@@ -199,12 +202,19 @@ static struct kms_rpc_server *start_server(int port, enum kms_rpc_mode mode, siz
     assert_int_equal(kms_rpc_server_add_method(srv, "/test.Echo/Whoami", whoami_cb, NULL), 0);
     assert_int_equal(kms_rpc_server_add_method(srv, "/test.Echo/Fail", fail_cb, NULL), 0);
     assert_int_equal(kms_rpc_server_add_method(srv, "/test.Echo/Slow", slow_cb, NULL), 0);
+    kms_rpc_server_set_abort_hook(srv, hook, hook_arg);
     if (kms_rpc_server_start(srv, &err) != 0) {
         fprintf(stderr, "start: %s\n", err.msg);
         kms_rpc_server_destroy(srv);
         return NULL;
     }
     return srv;
+}
+
+static struct kms_rpc_server *start_server(int port, enum kms_rpc_mode mode, size_t max,
+                                           unsigned workers)
+{
+    return start_server_hook(port, mode, max, workers, NULL, NULL);
 }
 
 static struct kms_rpc_channel *channel(int port, const char *ca, const char *cert,
@@ -491,6 +501,52 @@ static void test_stop_restart(void **state)
     kms_rpc_channel_destroy(ch);
     /* The handler's late kms_rpc_call_finish() runs after the server is
      * gone and only releases the call (ASan checks it). */
+    sleep_ms(1600);
+}
+
+/* The abort hook runs once the stop has answered a parked call itself, and
+ * the call is already done when it runs (a parked handler woken by it sees
+ * kms_rpc_call_done()). */
+static atomic_int g_abort_hooks;
+static atomic_bool g_abort_saw_done;
+static void abort_hook_cb(void *arg)
+{
+    struct kms_rpc_call *c = atomic_load(&g_slow_call);
+    (void)arg;
+    atomic_store(&g_abort_saw_done, c != NULL && kms_rpc_call_done(c));
+    atomic_fetch_add(&g_abort_hooks, 1);
+}
+
+static void test_abort_hook(void **state)
+{
+    int port = next_port();
+    struct kms_rpc_server *srv = start_server_hook(port, KMS_RPC_TLS, 4096, 2, abort_hook_cb,
+                                                   NULL);
+    struct bg_call b = {port, "1500", -1, 0};
+    assert_non_null(srv);
+    /* a stop with nothing open answers nothing: no hook */
+    {
+        struct kms_rpc_server *idle = start_server_hook(next_port(), KMS_RPC_TLS, 4096, 1,
+                                                        abort_hook_cb, NULL);
+        assert_non_null(idle);
+        kms_rpc_server_stop(idle, 0);
+        kms_rpc_server_destroy(idle);
+        assert_int_equal(atomic_load(&g_abort_hooks), 0);
+    }
+    atomic_store(&g_slow_started, 0);
+    atomic_store(&g_slow_call, NULL);
+    pthread_create(&b.t, NULL, bg_call_main, &b);
+    while (atomic_load(&g_slow_started) == 0) {
+        sleep_ms(5);
+    }
+    assert_false(kms_rpc_call_done(atomic_load(&g_slow_call)));
+    kms_rpc_server_stop(srv, 100);
+    assert_int_equal(atomic_load(&g_abort_hooks), 1);
+    assert_true(atomic_load(&g_abort_saw_done));
+    pthread_join(b.t, NULL);
+    assert_int_equal(b.status, GRPC_STATUS_UNAVAILABLE);
+    kms_rpc_server_destroy(srv);
+    /* the parked handler's late finish only releases the call */
     sleep_ms(1600);
 }
 
@@ -941,6 +997,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_reload),
         cmocka_unit_test(test_concurrent),
         cmocka_unit_test(test_stop_restart),
+        cmocka_unit_test(test_abort_hook),
         cmocka_unit_test(test_unary_watch),
         cmocka_unit_test(test_connect_timeout),
         cmocka_unit_test(test_cycles_under_load),

@@ -562,7 +562,7 @@ int kmsd_start(struct kmsd *d, const struct kms_config *opt, struct kms_err *err
     pthread_mutex_init(&d->fwd_mu, NULL);
     pthread_mutex_init(&d->srv_mu, NULL);
     pthread_rwlock_init(&d->kr_lock, NULL);
-    if ((rc = kmsd_limits_init(d, err)) != 0) {
+    if ((rc = kmsd_talos_init(d, err)) != 0) {
         return rc;
     }
     fd_limit_raise(d);
@@ -621,6 +621,8 @@ int kmsd_start(struct kmsd *d, const struct kms_config *opt, struct kms_err *err
     rc_cfg.cert_file = d->opt.node_cert;
     rc_cfg.key_file = d->opt.node_key;
     rc_cfg.ca_file = d->opt.cluster_ca;
+    rc_cfg.lease_cb = kmsd_talos_lease_cb; /* wakes Unseals parked for a lease */
+    rc_cfg.lease_arg = d;
     if ((rc = kms_raft_start(&rc_cfg, d->store, &d->raft, err)) != 0) {
         return kms_err_wrap(err, rc, "raft");
     }
@@ -768,6 +770,7 @@ static void tls_reload(struct kmsd *d)
 void kmsd_stop(struct kmsd *d)
 {
     atomic_store(&d->stopping, true);
+    kmsd_talos_wake(d); /* parked Unseals see `stopping` now, not at their budget */
     if (d->supervisor_started) {
         pthread_join(d->supervisor, NULL);
         d->supervisor_started = false;
@@ -828,7 +831,7 @@ void kmsd_stop(struct kmsd *d)
     }
     kmsd_authz_free(d);
     kmsd_rekey_stop();
-    kmsd_limits_free(d);
+    kmsd_talos_free(d);
     kms_secmem_free(d->pending, sizeof(struct kms_share) * KMSD_MAX_SHARES);
     d->pending = NULL;
 }

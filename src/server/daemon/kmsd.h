@@ -179,6 +179,17 @@ struct kmsd {
      * get, to test the lease deadline rule. 0 in production. */
     unsigned test_read_pause_ms;
 
+    /* Parked Unseals waiting for a read lease sleep on lease_wake.cv
+     * (talos_unseal.c); woken by the raft thread when it publishes a lease
+     * (kmsd_talos_lease_cb), by kmsd_stop and by the Talos server's stop
+     * (kmsd_talos_wake). Made by kmsd_talos_init, freed by kmsd_talos_free. */
+    struct {
+        pthread_mutex_t mu;
+        pthread_cond_t cv;  /* CLOCK_MONOTONIC */
+        atomic_int waiters; /* threads inside the wait (changed under mu) */
+        bool made;
+    } lease_wake;
+
     /* TLS reload (SIGHUP): main only sets reload_requested; the supervisor
      * thread, which owns the Talos server, runs the reload, so nothing
      * touches a server another thread may be destroying. */
@@ -303,7 +314,7 @@ int kmsd_record_readback(struct kmsd *d, const struct Kmsd__V1__SealedRecord *re
                          struct kms_err *err);
 /* True when this node may serve a local read now (lease, or any applied
  * state with unsealReads: local). Lock-free. A read must still follow the
- * lease deadline rule (talos_api.c unseal_read). */
+ * lease deadline rule (talos_unseal.c unseal_read). */
 bool kmsd_readable(struct kmsd *d);
 /* Read barrier: waits until this node applied every write acknowledged
  * anywhere before the call started (kms_raft_read_index: on a follower one
@@ -338,8 +349,17 @@ int kmsd_grpc_status(int code);
  * outside 0..16. Static string. */
 const char *kmsd_grpc_code_name(int grpc_code);
 
-/* Policy and limits (talos_api.c): creates/frees d's limiters from d->opt. */
-int kmsd_limits_init(struct kmsd *d, struct kms_err *err);
-void kmsd_limits_free(struct kmsd *d);
+/* Talos API state (talos_api.c): d's limiters (from d->opt) and the lease
+ * wake-up. Init in kmsd_start before raft starts; free at the end of
+ * kmsd_stop, once raft, the pools and the servers are gone. */
+int kmsd_talos_init(struct kmsd *d, struct kms_err *err);
+void kmsd_talos_free(struct kmsd *d);
+/* Wakes every parked Unseal so that it checks again its call, `stopping`
+ * and the lease. Any thread; kmsd_stop calls it after setting `stopping`.
+ * A no-op before kmsd_talos_init. */
+void kmsd_talos_wake(struct kmsd *d);
+/* kms_raft_config.lease_cb (arg: the kmsd): raft thread. Wakes the parked
+ * Unseals only when some wait: one atomic read-modify-write otherwise. */
+void kmsd_talos_lease_cb(void *arg);
 
 #endif /* KMSD_H */

@@ -11,6 +11,7 @@
 #include <time.h>
 
 #include "kms_log.h"
+#include "kms_time.h"
 #include "kmsd_pool.h"
 
 struct job {
@@ -83,13 +84,7 @@ int kmsd_pool_create(const char *name, unsigned threads, size_t max_queue,
     p->max_queue = max_queue;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
-    {
-        pthread_condattr_t ca;
-        pthread_condattr_init(&ca);
-        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-        pthread_cond_init(&p->idle_cv, &ca);
-        pthread_condattr_destroy(&ca);
-    }
+    kms_cond_init_mono(&p->idle_cv);
     for (unsigned i = 0; i < threads; i++) {
         if (pthread_create(&p->threads[i], NULL, pool_main, p) != 0) {
             rc = kms_err_set(err, KMS_ENOMEM, "pool %s: cannot start thread %u of %u", name,
@@ -161,13 +156,7 @@ bool kmsd_pool_wait_idle(struct kmsd_pool *p, unsigned timeout_ms)
     if (p == NULL) {
         return true;
     }
-    clock_gettime(CLOCK_MONOTONIC, &end);
-    end.tv_sec += timeout_ms / 1000;
-    end.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (end.tv_nsec >= 1000000000L) {
-        end.tv_sec++;
-        end.tv_nsec -= 1000000000L;
-    }
+    end = kms_mono_ts_in(timeout_ms);
     pthread_mutex_lock(&p->mu);
     while (p->running > 0 || p->head != NULL) {
         if (pthread_cond_timedwait(&p->idle_cv, &p->mu, &end) == ETIMEDOUT) {

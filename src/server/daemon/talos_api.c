@@ -26,6 +26,10 @@
  * lease after catching up with the leader's commit index; when that cannot
  * be proven within the budget the answer is UNAVAILABLE (Talos retries),
  * never NOT_FOUND.
+ *
+ * This file: the answers, limits and checks both methods share
+ * (talos_internal.h), the metrics helpers, and Seal. Unseal, its lease
+ * reads and its wait for a lease: talos_unseal.c.
  */
 #include <arpa/inet.h>
 #include <stdatomic.h>
@@ -33,7 +37,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <time.h>
 
 #include <grpc/status.h>
 #include <openssl/crypto.h>
@@ -48,6 +51,7 @@
 #include "kmsd_touch.h"
 #include "kmsd_limit.h"
 #include "kmsd_pool.h"
+#include "talos_internal.h"
 
 #include "kmsd/v1/entry.pb-c.h"
 #include "sidero/kms/kms.pb-c.h"
@@ -105,9 +109,11 @@ int kmsd_grpc_status(int code)
     }
 }
 
-/* Normalises a peer address to 16 bytes (IPv4 as v4-mapped IPv6). */
+/* ---- what Seal and Unseal share (talos_internal.h) ------------------- */
+
 #define NODE_UUID_INVALID "node uuid must be 1..128 printable ASCII characters"
 
+/* Normalises a peer address to 16 bytes (IPv4 as v4-mapped IPv6). */
 static void ip16(const uint8_t *ip, size_t len, uint8_t out[16])
 {
     memset(out, 0, 16);
@@ -120,9 +126,7 @@ static void ip16(const uint8_t *ip, size_t len, uint8_t out[16])
     }
 }
 
-/* The caller's address as reported (4 or 16 bytes; iplen 0 if unknown) and
- * normalised to 16 bytes for the limiter and CIDR checks. */
-static void peer_addr(struct kms_rpc_call *call, uint8_t raw[16], size_t *len, uint8_t ip[16])
+void talos_peer_addr(struct kms_rpc_call *call, uint8_t raw[16], size_t *len, uint8_t ip[16])
 {
     if (kms_rpc_call_peer_ip(call, raw, len) != 0) {
         *len = 0;
@@ -136,9 +140,13 @@ static void peer_addr(struct kms_rpc_call *call, uint8_t raw[16], size_t *len, u
 #define LIMIT_WINDOW_MS 60000u
 #define LIMIT_LOG_EVERY_MS 10000u
 
-int kmsd_limits_init(struct kmsd *d, struct kms_err *err)
+int kmsd_talos_init(struct kmsd *d, struct kms_err *err)
 {
     int rc;
+    pthread_mutex_init(&d->lease_wake.mu, NULL);
+    kms_cond_init_mono(&d->lease_wake.cv);
+    atomic_init(&d->lease_wake.waiters, 0);
+    d->lease_wake.made = true;
     if ((rc = kmsd_limiter_new(LIMIT_TABLE, d->opt.failed_unseals_per_minute,
                                d->opt.failed_unseals_global_per_minute, LIMIT_WINDOW_MS,
                                &d->unseal_fail_lim, err)) != 0 ||
@@ -146,28 +154,27 @@ int kmsd_limits_init(struct kmsd *d, struct kms_err *err)
                                &d->seal_addr_lim, err)) != 0 ||
         (rc = kmsd_limiter_new(LIMIT_TABLE, d->opt.seals_per_node_per_minute, 0, LIMIT_WINDOW_MS,
                                &d->seal_uuid_lim, err)) != 0) {
-        kmsd_limits_free(d);
+        kmsd_talos_free(d);
         return kms_err_wrap(err, rc, "Talos API limits");
     }
     return 0;
 }
 
-void kmsd_limits_free(struct kmsd *d)
+void kmsd_talos_free(struct kmsd *d)
 {
     kmsd_limiter_free(d->unseal_fail_lim);
     kmsd_limiter_free(d->seal_addr_lim);
     kmsd_limiter_free(d->seal_uuid_lim);
     d->unseal_fail_lim = d->seal_addr_lim = d->seal_uuid_lim = NULL;
+    if (d->lease_wake.made) {
+        d->lease_wake.made = false;
+        pthread_cond_destroy(&d->lease_wake.cv);
+        pthread_mutex_destroy(&d->lease_wake.mu);
+    }
 }
 
-/* A warn line for a limit refusal, at most one per LIMIT_LOG_EVERY_MS per
- * kind, with the number of refusals not logged since. */
-struct limit_log {
-    _Atomic uint64_t next_ms;
-    atomic_ullong suppressed;
-};
-
-static void limit_log(struct limit_log *l, const char *what, const char *peer, const char *detail)
+void talos_limit_log(struct talos_limit_log *l, const char *what, const char *peer,
+                     const char *detail)
 {
     uint64_t now = kms_mono_ms(), next = atomic_load(&l->next_ms);
     char n[24];
@@ -180,23 +187,7 @@ static void limit_log(struct limit_log *l, const char *what, const char *peer, c
     kms_log(KMS_LOG_WARN, "talos", what, "peer", peer, "detail", detail, "suppressed", n, NULL);
 }
 
-static struct limit_log unseal_limit_log, seal_limit_log;
-
-/* True when failing unseals from ip are being refused (its address or the
- * global bound is over the limit). */
-static bool unseal_fail_limited(struct kmsd *d, const uint8_t ip[16], bool *global_hit)
-{
-    uint8_t k[16];
-    size_t kl = kmsd_limit_addr_key(ip, k);
-    return kmsd_limiter_over(d->unseal_fail_lim, k, kl, kms_mono_ms(), global_hit);
-}
-
-static void unseal_fail_count(struct kmsd *d, const uint8_t ip[16])
-{
-    uint8_t k[16];
-    size_t kl = kmsd_limit_addr_key(ip, k);
-    kmsd_limiter_count(d->unseal_fail_lim, k, kl, kms_mono_ms());
-}
+static struct talos_limit_log seal_limit_log;
 
 static bool cidr_match(const struct kms_config_cidr *c, const uint8_t ip[16])
 {
@@ -236,16 +227,46 @@ static bool enrolment_allowed(struct kmsd *d, const uint8_t ip[16], const char *
     return true;
 }
 
-/* Key ids in logs: hex of the 16-byte id (kid must hold 33 bytes). */
-static void key_hex(const uint8_t *id, size_t len, char kid[33])
+int talos_request_open(struct kmsd *d, int m, const uint8_t ip[16], const uint8_t *req,
+                       size_t reqlen, Sidero__Kms__Request **out, const char **msg)
+{
+    Sidero__Kms__Request *r = sidero__kms__request__unpack(NULL, reqlen, req);
+
+    *out = r;
+    if (r == NULL) {
+        *msg = "malformed request";
+        return KMS_EINVAL;
+    }
+    if (!kms_node_uuid_valid(r->node_uuid)) {
+        *msg = NODE_UUID_INVALID;
+        return KMS_EINVAL;
+    }
+    if (!enrolment_allowed(d, ip, r->node_uuid != NULL ? r->node_uuid : "")) {
+        atomic_fetch_add(&d->metrics.policy_denied[m], 1);
+        *msg = "enrolment policy refuses this node";
+        return KMS_EDENIED;
+    }
+    return 0;
+}
+
+void talos_key_hex(const uint8_t *id, size_t len, char kid[33])
 {
     if (kms_hex_encode_ct(id, len, kid, 33, NULL) != 0) {
         kid[0] = '\0';
     }
 }
 
-/* Counts the answer and times it from the call's arrival. */
-static void count(struct kmsd *d, struct kms_rpc_call *call, const char *op, int grpc_code)
+unsigned talos_budget_left(struct kmsd *d, struct kms_rpc_call *call, uint64_t t0)
+{
+    uint64_t now = kms_mono_ms();
+    uint64_t end = t0 + d->opt.request_wait_ms;
+    if (now >= end || atomic_load(&d->stopping) || kms_rpc_call_done(call)) {
+        return 0;
+    }
+    return (unsigned)(end - now);
+}
+
+void talos_count(struct kmsd *d, struct kms_rpc_call *call, const char *op, int grpc_code)
 {
     int m = op[0] == 's' ? 0 : 1;
     if (grpc_code >= 0 && grpc_code < KMSD_METRIC_CODES) {
@@ -254,8 +275,8 @@ static void count(struct kmsd *d, struct kms_rpc_call *call, const char *op, int
     kmsd_hist_observe(&d->metrics.talos_latency[m], kms_rpc_call_age_us(call));
 }
 
-static void reply(struct kmsd *d, struct kms_rpc_call *call, const char *op,
-                  const uint8_t *data, size_t len)
+void talos_reply(struct kmsd *d, struct kms_rpc_call *call, const char *op, const uint8_t *data,
+                 size_t len)
 {
     Sidero__Kms__Response resp = SIDERO__KMS__RESPONSE__INIT;
     uint8_t buf[128];
@@ -274,19 +295,19 @@ static void reply(struct kmsd *d, struct kms_rpc_call *call, const char *op,
         return;
     }
     protobuf_c_message_pack(&resp.base, buf);
-    count(d, call, op, GRPC_STATUS_OK);
+    talos_count(d, call, op, GRPC_STATUS_OK);
     kms_rpc_call_finish(call, GRPC_STATUS_OK, NULL, buf, n);
     OPENSSL_cleanse(buf, sizeof(buf));
 }
 
-static void fail(struct kmsd *d, struct kms_rpc_call *call, const char *op, int code,
-                 const char *msg, const char *peer)
+void talos_fail(struct kmsd *d, struct kms_rpc_call *call, const char *op, int code,
+                const char *msg, const char *peer)
 {
     if (kms_rpc_call_done(call)) {
         kms_rpc_call_finish(call, GRPC_STATUS_UNAVAILABLE, NULL, NULL, 0);
         return;
     }
-    count(d, call, op, kmsd_grpc_status(code));
+    talos_count(d, call, op, kmsd_grpc_status(code));
     kms_log(KMS_LOG_INFO, "talos", "request failed", "op", op, "error",
             kms_errname(code), "detail", msg, "peer", peer, NULL);
     kms_rpc_call_finish(call, kmsd_grpc_status(code), msg, NULL, 0);
@@ -313,19 +334,6 @@ static void seal_job_free(struct seal_job *j)
     free(j);
 }
 
-/* Milliseconds left of the request budget that started at t0; 0 when the
- * budget is spent, the daemon stops, or the server already answered the
- * call (its listener closed). */
-static unsigned budget_left(struct kmsd *d, struct kms_rpc_call *call, uint64_t t0)
-{
-    uint64_t now = kms_mono_ms();
-    uint64_t end = t0 + d->opt.request_wait_ms;
-    if (now >= end || atomic_load(&d->stopping) || kms_rpc_call_done(call)) {
-        return 0;
-    }
-    return (unsigned)(end - now);
-}
-
 /* Write pool thread: encrypt, commit (propose or forward, wait for apply). */
 static void seal_run_cb(void *arg)
 {
@@ -345,9 +353,9 @@ static void seal_run_cb(void *arg)
     int rc;
 
     kms_err_clear(&err);
-    left = budget_left(d, call, j->t0);
+    left = talos_budget_left(d, call, j->t0);
     if (left == 0) {
-        fail(d, call, "seal", KMS_EUNAVAIL, "no time left to commit the seal", peer);
+        talos_fail(d, call, "seal", KMS_EUNAVAIL, "no time left to commit the seal", peer);
         goto out;
     }
     if (d->opt.records_per_node > 0 && r->node_uuid != NULL && r->node_uuid[0] != '\0') {
@@ -362,20 +370,20 @@ static void seal_run_cb(void *arg)
                      "seal quota: node UUID already has %u live keys "
                      "(rateLimit.recordsPerNode); revoke old ones with kmsctl keys revoke",
                      d->opt.records_per_node);
-            limit_log(&seal_limit_log, "seal refused by a quota", peer, msg);
-            fail(d, call, "seal", KMS_EQUOTA, msg, peer);
+            talos_limit_log(&seal_limit_log, "seal refused by a quota", peer, msg);
+            talos_fail(d, call, "seal", KMS_EQUOTA, msg, peer);
             goto out;
         }
     }
     kr = kmsd_keyring_get(d);
     if (kr == NULL) {
-        fail(d, call, "seal", KMS_EUNAVAIL, "node is sealed", peer);
+        talos_fail(d, call, "seal", KMS_EUNAVAIL, "node is sealed", peer);
         goto out;
     }
     rc = kms_seal(kr, r->node_uuid, r->data.data, r->data.len, kms_wall_ms(), j->ipraw,
                   j->iplen, &rec, blob, &bloblen, &err);
     if (rc != 0) {
-        fail(d, call, "seal", rc, err.msg, peer);
+        talos_fail(d, call, "seal", rc, err.msg, peer);
         goto out;
     }
     {
@@ -388,23 +396,23 @@ static void seal_run_cb(void *arg)
         rc = kmsd_write(d, &e, left, &res, &err);
     }
     if (rc != 0) {
-        fail(d, call, "seal", KMS_EUNAVAIL, err.msg, peer);
+        talos_fail(d, call, "seal", KMS_EUNAVAIL, err.msg, peer);
         goto out;
     }
     if (res.code != 0) {
-        fail(d, call, "seal", KMS_EUNAVAIL, res.msg, peer);
+        talos_fail(d, call, "seal", KMS_EUNAVAIL, res.msg, peer);
         goto out;
     }
     /* OK only for a record this node can read back exactly as sealed: an
      * answer from a leader that did not store it never reaches Talos. */
     if (kmsd_record_readback(d, rec, &err) != 0) {
-        fail(d, call, "seal", KMS_EUNAVAIL, err.msg, peer);
+        talos_fail(d, call, "seal", KMS_EUNAVAIL, err.msg, peer);
         goto out;
     }
-    key_hex(rec->key_id.data, rec->key_id.len, kid);
+    talos_key_hex(rec->key_id.data, rec->key_id.len, kid);
     kms_log(KMS_LOG_INFO, "audit", "seal", "key_id", kid, "node_uuid", r->node_uuid,
             "peer", peer, NULL);
-    reply(d, call, "seal", blob, bloblen);
+    talos_reply(d, call, "seal", blob, bloblen);
 out:
     OPENSSL_cleanse(blob, sizeof(blob));
     if (rec != NULL) {
@@ -452,45 +460,37 @@ static void seal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, si
     struct seal_job *j = NULL;
     uint8_t ip[16];
     const char *peer = kms_rpc_call_peer(call);
+    const char *why;
     char msg[160];
     int rc;
 
     j = calloc(1, sizeof(*j));
     if (j == NULL) {
-        fail(d, call, "seal", KMS_ENOMEM, "out of memory", peer);
+        talos_fail(d, call, "seal", KMS_ENOMEM, "out of memory", peer);
         goto out;
     }
     j->d = d;
     j->call = call;
     j->t0 = kms_mono_ms();
-    peer_addr(call, j->ipraw, &j->iplen, ip);
-    j->r = sidero__kms__request__unpack(NULL, reqlen, req);
-    if (j->r == NULL) {
-        fail(d, call, "seal", KMS_EINVAL, "malformed request", peer);
-        goto out;
-    }
-    if (!kms_node_uuid_valid(j->r->node_uuid)) {
-        fail(d, call, "seal", KMS_EINVAL, NODE_UUID_INVALID, peer);
-        goto out;
-    }
-    if (!enrolment_allowed(d, ip, j->r->node_uuid != NULL ? j->r->node_uuid : "")) {
-        atomic_fetch_add(&d->metrics.policy_denied[0], 1);
-        fail(d, call, "seal", KMS_EDENIED, "enrolment policy refuses this node", peer);
+    talos_peer_addr(call, j->ipraw, &j->iplen, ip);
+    if ((rc = talos_request_open(d, 0, ip, req, reqlen, &j->r, &why)) != 0) {
+        talos_fail(d, call, "seal", rc, why, peer);
         goto out;
     }
     if (!kmsd_is_unsealed(d)) {
-        fail(d, call, "seal", KMS_EUNAVAIL, "node is sealed", peer);
+        talos_fail(d, call, "seal", KMS_EUNAVAIL, "node is sealed", peer);
         goto out;
     }
     if ((rc = seal_quota(d, ip, j->r->node_uuid != NULL ? j->r->node_uuid : "", msg,
                          sizeof(msg))) != 0) {
-        limit_log(&seal_limit_log, "seal refused by a quota", peer, msg);
-        fail(d, call, "seal", KMS_EQUOTA, msg, peer);
+        talos_limit_log(&seal_limit_log, "seal refused by a quota", peer, msg);
+        talos_fail(d, call, "seal", KMS_EQUOTA, msg, peer);
         goto out;
     }
     if ((rc = kmsd_pool_submit(d->write_pool, seal_run_cb, j)) != 0) {
-        fail(d, call, "seal", KMS_EUNAVAIL,
-             rc == KMS_EBUSY ? "too many seals waiting; retry later" : "shutting down", peer);
+        talos_fail(d, call, "seal", KMS_EUNAVAIL,
+                   rc == KMS_EBUSY ? "too many seals waiting; retry later" : "shutting down",
+                   peer);
         goto out;
     }
     j = NULL; /* the pool owns it */
@@ -500,328 +500,20 @@ out:
     }
 }
 
-/* ---- Unseal -------------------------------------------------------- */
-
-/* An Unseal in progress (on the worker, then parked on the wait pool). */
-struct unseal_job {
-    struct kmsd *d;
-    struct kms_rpc_call *call;
-    Sidero__Kms__Request *r;
-    uint8_t key_id[16];
-    uint8_t ip[16];
-    char kid[33];
-    uint64_t t0; /* arrival, kms_mono_ms() */
-    int first;   /* result of the read on the worker: KMS_ENOTFOUND or KMS_EUNAVAIL */
-    bool counted; /* this request's failure is already counted by the limiter */
-};
-
-/* Counts this request's failure once. */
-static void unseal_job_failed(struct unseal_job *j)
+/* kms_rpc_server_set_abort_hook: the stopping thread of a Talos server. */
+static void talos_abort_cb(void *arg)
 {
-    if (!j->counted) {
-        j->counted = true;
-        unseal_fail_count(j->d, j->ip);
-    }
-}
-
-/* A failing unseal from a limited address (or while the global bound is
- * reached) is refused at once: no read barrier, no detail. Valid keys never
- * get here (a record that decrypts is always served). */
-static void unseal_refuse_limited(struct unseal_job *j, bool global_hit)
-{
-    struct kmsd *d = j->d;
-    const char *peer = kms_rpc_call_peer(j->call);
-    const char *msg = global_hit ? "too many failed unseals on this replica; retry later"
-                                 : "too many failed unseals from this address; retry later";
-    atomic_fetch_add(&d->metrics.unseal_limited, 1);
-    limit_log(&unseal_limit_log, "failing unseal refused by the limiter", peer, msg);
-    if (kms_rpc_call_done(j->call)) {
-        kms_rpc_call_finish(j->call, GRPC_STATUS_UNAVAILABLE, NULL, NULL, 0);
-        return;
-    }
-    count(d, j->call, "unseal", GRPC_STATUS_UNAVAILABLE);
-    kms_rpc_call_finish(j->call, GRPC_STATUS_UNAVAILABLE, msg, NULL, 0);
-}
-
-static void unseal_job_free(struct unseal_job *j)
-{
-    if (j->r != NULL) {
-        sidero__kms__request__free_unpacked(j->r, NULL);
-    }
-    OPENSSL_cleanse(j->key_id, sizeof(j->key_id));
-    free(j);
-}
-
-/* One local read under the lease deadline rule (kms_raft.h): take the
- * deadline d, require now < d, read the record and decrypt, require now < d
- * again with the same d. A read that may have finished after the lease
- * ended is KMS_EUNAVAIL and its result is discarded (a process paused
- * between the check and the read must not answer from stale state).
- * With unsealReads: local there is no lease to respect.
- * Returns 0 (data filled), KMS_ENOTFOUND (no record: a miss, not yet proven
- * fresh), KMS_EUNAVAIL (no lease, or it ended during the read), or the
- * definitive errors of kms_unseal (KMS_EDENIED...) with err set. *stale is
- * set when the KMS_EUNAVAIL is the lease's (worth waiting for). */
-static int unseal_read(struct unseal_job *j, uint8_t *data, size_t *datalen, bool *stale,
-                       struct kms_err *err)
-{
-    struct kmsd *d = j->d;
-    Kmsd__V1__SealedRecord *rec = NULL;
-    struct kms_keyring *kr = NULL;
-    uint64_t lease_end = UINT64_MAX;
-    int rc;
-
-    *datalen = 0;
-    *stale = false;
-    if (!d->opt.unseal_reads_local) {
-        lease_end = kms_raft_lease_deadline_ms(d->raft);
-        if (kms_mono_ms() >= lease_end) {
-            *stale = true;
-            rc = kms_err_set(err, KMS_EUNAVAIL, "no read lease: cluster quorum unreachable");
-            goto out;
-        }
-    }
-    if (d->test_read_pause_ms > 0) {
-        kms_sleep_ms(d->test_read_pause_ms); /* test fault hook (kmsd.h) */
-    }
-    rc = kms_store_record_get(d->store, j->key_id, &rec, err);
-    if (rc == 0) {
-        for (int attempt = 0; attempt < 2; attempt++) {
-            kr = kmsd_keyring_get(d);
-            if (kr == NULL) {
-                rc = kms_err_set(err, KMS_EUNAVAIL, "node is sealed");
-                break;
-            }
-            rc = kms_unseal(kr, rec, j->r->node_uuid, j->r->data.data, j->r->data.len, data,
-                            datalen, err);
-            if (rc != KMS_ENOTFOUND || attempt == 1) {
-                break;
-            }
-            /* The record's term came from a rotation this node has not
-             * loaded yet: pick the new keyring up and try once more. */
-            kms_keyring_unref(kr);
-            kr = NULL;
-            kms_err_clear(err);
-            kmsd_keyring_refresh(d);
-        }
-        /* kms_err_wrap keeps the lower code in err; the mapped one is rc. */
-        if (rc == KMS_ENOTFOUND) {
-            (void)kms_err_wrap(err, rc, "keyring term of the record not loaded");
-            rc = KMS_EUNAVAIL;
-        } else if (rc == KMS_EAUTH) {
-            rc = KMS_EDENIED;
-        }
-    } else if (rc != KMS_ENOTFOUND) {
-        (void)kms_err_wrap(err, rc, "record read failed");
-        rc = KMS_EUNAVAIL;
-    }
-    if (kms_mono_ms() >= lease_end) {
-        /* The lease ended while we read: nothing read may be answered. */
-        OPENSSL_cleanse(data, KMS_BLOB_MAX);
-        *datalen = 0;
-        *stale = true;
-        kms_err_clear(err);
-        rc = kms_err_set(err, KMS_EUNAVAIL, "read lease ended during the read");
-    }
-    if (rc == 0) {
-        kmsd_touch_note(d, j->key_id); /* last access, batched (touch.c) */
-    }
-out:
-    if (rec != NULL) {
-        kmsd__v1__sealed_record__free_unpacked(rec, NULL);
-    }
-    if (kr != NULL) {
-        kms_keyring_unref(kr);
-    }
-    return rc;
-}
-
-/* Answers the call from a final unseal_read() result. */
-static void unseal_answer(struct unseal_job *j, int rc, const uint8_t *data, size_t datalen,
-                          const struct kms_err *err)
-{
-    struct kmsd *d = j->d;
-    const char *peer = kms_rpc_call_peer(j->call);
-
-    if (rc == 0) {
-        kms_log(KMS_LOG_INFO, "audit", "unseal", "key_id", j->kid, "node_uuid",
-                j->r->node_uuid, "peer", peer, NULL);
-        reply(d, j->call, "unseal", data, datalen);
-        return;
-    }
-    if (rc != KMS_EUNAVAIL) {
-        bool global_hit = false;
-        unseal_job_failed(j);
-        if (unseal_fail_limited(d, j->ip, &global_hit)) {
-            unseal_refuse_limited(j, global_hit);
-            return;
-        }
-    }
-    if (rc == KMS_ENOTFOUND) {
-        char msg[64];
-        snprintf(msg, sizeof(msg), "unknown key %s", j->kid);
-        fail(d, j->call, "unseal", KMS_ENOTFOUND, msg, peer);
-        return;
-    }
-    if (rc != KMS_EUNAVAIL) {
-        kms_log(KMS_LOG_WARN, "audit", "unseal refused", "key_id", j->kid, "node_uuid",
-                j->r->node_uuid, "peer", peer, "error", kms_errname(rc), NULL);
-    }
-    fail(d, j->call, "unseal", rc, err->msg, peer);
-}
-
-/* Wait pool thread: waits for a lease, reads; on a miss catches up with the
- * leader's commit index (read barrier) and reads again. NOT_FOUND only for
- * a miss read under a valid lease after a successful barrier; every other
- * way out of the budget is UNAVAILABLE. */
-static void unseal_run_cb(void *arg)
-{
-    struct unseal_job *j = arg;
-    struct kmsd *d = j->d;
-    uint8_t data[KMS_BLOB_MAX];
-    size_t datalen = 0;
-    bool caught_up = false, stale = false;
-    struct kms_err err;
-    int rc = j->first;
-
-    kms_err_clear(&err);
-    kms_err_set(&err, KMS_EUNAVAIL, "no read lease within the request budget");
-    for (;;) {
-        unsigned left = budget_left(d, j->call, j->t0);
-        if (left == 0) {
-            if (rc == KMS_ENOTFOUND) {
-                kms_err_clear(&err);
-                kms_err_set(&err, KMS_EUNAVAIL,
-                            "key not found locally and the leader's commit index could not "
-                            "be reached in time; retry");
-            }
-            rc = KMS_EUNAVAIL;
-            break;
-        }
-        if (!kmsd_readable(d)) {
-            kms_sleep_ms(10); /* polled: gives up as soon as the call is answered */
-            continue;
-        }
-        if (rc == KMS_ENOTFOUND && !caught_up) {
-            bool global_hit = false;
-            unseal_job_failed(j); /* counted now, not after the barrier */
-            if (unseal_fail_limited(d, j->ip, &global_hit)) {
-                unseal_refuse_limited(j, global_hit);
-                goto done;
-            }
-            /* Sealed through another replica a moment ago? Catch up with
-             * the leader's commit index before believing the miss. */
-            if (kmsd_read_barrier(d, left) != 0) {
-                continue;
-            }
-            caught_up = true;
-        }
-        kms_err_clear(&err);
-        rc = unseal_read(j, data, &datalen, &stale, &err);
-        if (rc == KMS_EUNAVAIL && stale) {
-            kms_sleep_ms(5);
-            continue; /* no lease or it ended during the read: wait again */
-        }
-        if (rc == KMS_ENOTFOUND && !caught_up) {
-            continue;
-        }
-        break;
-    }
-    unseal_answer(j, rc, data, datalen, &err);
-done:
-    OPENSSL_cleanse(data, sizeof(data));
-    unseal_job_free(j);
-}
-
-/* CQ worker: answers at once when it can (lease valid and the record found,
- * or a definitive refusal); otherwise parks the call on the wait pool. */
-static void unseal_cb(void *arg, struct kms_rpc_call *call, const uint8_t *req, size_t reqlen)
-{
-    struct kmsd *d = arg;
-    struct unseal_job *j = NULL;
-    uint8_t client_half[32];
-    uint8_t ipraw[16];
-    uint8_t data[KMS_BLOB_MAX];
-    size_t datalen = 0, iplen = 0;
-    const char *peer = kms_rpc_call_peer(call);
-    struct kms_err err;
-    bool stale = false;
-    int rc;
-
-    kms_err_clear(&err);
-    j = calloc(1, sizeof(*j));
-    if (j == NULL) {
-        fail(d, call, "unseal", KMS_ENOMEM, "out of memory", peer);
-        goto out;
-    }
-    j->d = d;
-    j->call = call;
-    j->t0 = kms_mono_ms();
-    peer_addr(call, ipraw, &iplen, j->ip);
-    /* No limiter check before the read: a request whose blob decrypts is
-     * always served, whatever its address did before (NAT). */
-    j->r = sidero__kms__request__unpack(NULL, reqlen, req);
-    if (j->r == NULL) {
-        unseal_job_failed(j);
-        fail(d, call, "unseal", KMS_EINVAL, "malformed request", peer);
-        goto out;
-    }
-    if (!kms_node_uuid_valid(j->r->node_uuid)) {
-        unseal_job_failed(j);
-        fail(d, call, "unseal", KMS_EINVAL, NODE_UUID_INVALID, peer);
-        goto out;
-    }
-    /* The enrolment policy holds for Unseal as for Seal (docs/security.md):
-     * a node outside it cannot use a blob it (or a thief) holds. */
-    if (!enrolment_allowed(d, j->ip, j->r->node_uuid != NULL ? j->r->node_uuid : "")) {
-        unseal_job_failed(j);
-        atomic_fetch_add(&d->metrics.policy_denied[1], 1);
-        fail(d, call, "unseal", KMS_EDENIED, "enrolment policy refuses this node", peer);
-        goto out;
-    }
-    rc = kms_blob_parse(j->r->data.data, j->r->data.len, j->key_id, client_half, &err);
-    if (rc != 0) {
-        unseal_job_failed(j);
-        fail(d, call, "unseal", KMS_EINVAL, err.msg, peer);
-        goto out;
-    }
-    key_hex(j->key_id, 16, j->kid);
-    rc = unseal_read(j, data, &datalen, &stale, &err);
-    if (rc != KMS_ENOTFOUND && !(rc == KMS_EUNAVAIL && stale)) {
-        unseal_answer(j, rc, data, datalen, &err);
-        goto out;
-    }
-    if (rc == KMS_ENOTFOUND) {
-        bool global_hit = false;
-        /* Count the miss at once; a limited address gets no read barrier. */
-        unseal_job_failed(j);
-        if (unseal_fail_limited(d, j->ip, &global_hit)) {
-            unseal_refuse_limited(j, global_hit);
-            goto out;
-        }
-    }
-    j->first = rc;
-    if ((rc = kmsd_pool_submit(d->wait_pool, unseal_run_cb, j)) != 0) {
-        kms_err_clear(&err);
-        kms_err_set(&err, KMS_EUNAVAIL, "%s",
-                    rc == KMS_EBUSY ? "too many unseals waiting; retry later" : "shutting down");
-        unseal_answer(j, KMS_EUNAVAIL, NULL, 0, &err);
-        goto out;
-    }
-    j = NULL; /* parked: the pool owns it */
-out:
-    OPENSSL_cleanse(data, sizeof(data));
-    OPENSSL_cleanse(client_half, sizeof(client_half));
-    if (j != NULL) {
-        unseal_job_free(j);
-    }
+    kmsd_talos_wake(arg);
 }
 
 int kmsd_talos_register(struct kmsd *d, struct kms_rpc_server *srv)
 {
     int rc;
+    /* the server's stop answers parked Unseals' calls: wake them to see it */
+    kms_rpc_server_set_abort_hook(srv, talos_abort_cb, d);
     if ((rc = kms_rpc_server_add_method(srv, "/sidero.kms.KMSService/Seal", seal_cb, d)) != 0) {
         return rc;
     }
-    return kms_rpc_server_add_method(srv, "/sidero.kms.KMSService/Unseal", unseal_cb, d);
+    return kms_rpc_server_add_method(srv, "/sidero.kms.KMSService/Unseal", talos_unseal_cb,
+                                     d);
 }
