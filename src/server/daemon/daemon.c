@@ -303,6 +303,14 @@ static int cluster_open(struct kmsd *d, struct kms_err *err);
 
 #define PROBE_FAILS_REBUILD 2 /* consecutive failed probes before a rebuild */
 #define LOG_FLUSH_MS 10000   /* suppressed-line reports */
+#define TALOS_RETRY_MS 500   /* after the Talos API failed to open */
+#define CLUSTER_RETRY_MS 500 /* after the cluster API failed to (re)open */
+#define SLOW_TICK_MS 1000    /* keyring refresh, removal check, self metadata */
+/* The read lease has no notification: kms_raft publishes it as an atomic
+ * deadline that a leadership transfer or a lost quorum may end early. While
+ * it matters here (this node is unsealed, or holds it: its loss starts the
+ * grace period) the supervisor samples it this often. */
+#define LEASE_SAMPLE_MS 50
 
 /* One probe of a listener; true when it accepted. Rebuilds are decided by
  * the caller from *fails. */
@@ -334,6 +342,13 @@ static bool listener_probe(struct kms_rpc_server *srv, const char *what, unsigne
     return false;
 }
 
+static uint64_t due_min(uint64_t a, uint64_t b)
+{
+    return a < b ? a : b;
+}
+
+/* The supervisor: waits on d->wake (kmsd_stop, kmsd_reload_tls and the key
+ * state changes signal it) or until its next periodic job is due. */
 static void *supervisor_main(void *arg)
 {
     struct kmsd *d = arg;
@@ -343,15 +358,23 @@ static void *supervisor_main(void *arg)
     bool talos_ok = true, cluster_ok = true;
     bool self_published = false;
     bool lease_seen = false;
+    uint64_t talos_retry_at = 0;
     struct kmsd_removal removal;
 
     memset(&removal, 0, sizeof(removal));
 
-    while (!atomic_load(&d->stopping)) {
-        uint64_t now = kms_mono_ms();
-        bool unsealed = kmsd_is_unsealed(d);
-        bool readable = kmsd_readable(d);
-        bool want;
+    for (;;) {
+        /* The ticket before any state is read: a signal from here on cuts
+         * the wait at the bottom short (kmsd_wake.h). */
+        uint64_t ticket = kmsd_wake_ticket(&d->wake);
+        uint64_t now = kms_mono_ms(), until;
+        bool unsealed, readable, want;
+
+        if (atomic_load(&d->stopping)) {
+            break;
+        }
+        unsealed = kmsd_is_unsealed(d);
+        readable = kmsd_readable(d);
 
         if (readable) {
             d->lease_lost_at_ms = 0;
@@ -364,10 +387,10 @@ static void *supervisor_main(void *arg)
         if (want && d->talos_srv == NULL) {
             struct kms_err err;
             kms_err_clear(&err);
-            if (talos_open(d, &err) != 0) {
+            if (now >= talos_retry_at && talos_open(d, &err) != 0) {
                 kms_log(KMS_LOG_ERROR, "talos", "cannot open Talos API", "error", err.msg,
                         NULL);
-                kms_sleep_ms(500);
+                talos_retry_at = now + TALOS_RETRY_MS;
             }
         } else if (!want && d->talos_srv != NULL) {
             talos_close(d, !unsealed ? "sealed" : "no read lease for longer than the grace period",
@@ -377,7 +400,7 @@ static void *supervisor_main(void *arg)
         if (atomic_exchange(&d->reload_requested, false)) {
             tls_reload(d);
         }
-        if (d->cluster_srv == NULL && now - last_cluster_try >= 500) {
+        if (d->cluster_srv == NULL && now - last_cluster_try >= CLUSTER_RETRY_MS) {
             struct kms_err err;
             kms_err_clear(&err);
             last_cluster_try = now; /* a rebuild on reload could not reopen it */
@@ -437,7 +460,7 @@ static void *supervisor_main(void *arg)
             (void)malloc_trim(0);
         }
 
-        if (now - last_slow >= 1000) {
+        if (now - last_slow >= SLOW_TICK_MS) {
             last_slow = now;
             if (unsealed) {
                 kmsd_keyring_refresh(d);
@@ -458,7 +481,24 @@ static void *supervisor_main(void *arg)
             }
         }
         kmsd_notify_tick(d, now); /* systemd STATUS= on change, WATCHDOG=1 */
-        kms_sleep_ms(50);
+
+        /* Sleep until the next job is due, or d->wake: stop, TLS reload,
+         * unseal, seal, share progress. */
+        until = due_min(last_slow + SLOW_TICK_MS, last_flush + LOG_FLUSH_MS);
+        until = due_min(until, kmsd_notify_due_ms());
+        if (d->opt.probe_interval_ms > 0) {
+            until = due_min(until, last_probe + d->opt.probe_interval_ms);
+        }
+        if (d->cluster_srv == NULL) {
+            until = due_min(until, last_cluster_try + CLUSTER_RETRY_MS);
+        }
+        if (want && d->talos_srv == NULL) {
+            until = due_min(until, talos_retry_at);
+        }
+        if (unsealed || readable) {
+            until = due_min(until, now + LEASE_SAMPLE_MS);
+        }
+        (void)kmsd_wake_wait_until(&d->wake, ticket, until);
     }
     return NULL;
 }
@@ -562,7 +602,7 @@ int kmsd_start(struct kmsd *d, const struct kms_config *opt, struct kms_err *err
     pthread_mutex_init(&d->fwd_mu, NULL);
     pthread_mutex_init(&d->srv_mu, NULL);
     pthread_rwlock_init(&d->kr_lock, NULL);
-    if ((rc = kmsd_talos_init(d, err)) != 0) {
+    if ((rc = kmsd_wake_init(&d->wake, err)) != 0 || (rc = kmsd_talos_init(d, err)) != 0) {
         return rc;
     }
     fd_limit_raise(d);
@@ -670,6 +710,7 @@ int kmsd_start(struct kmsd *d, const struct kms_config *opt, struct kms_err *err
 void kmsd_reload_tls(struct kmsd *d)
 {
     atomic_store(&d->reload_requested, true);
+    kmsd_wake_signal(&d->wake);
 }
 
 /* Supervisor thread only (it owns talos_srv). Every piece is validated
@@ -771,6 +812,7 @@ void kmsd_stop(struct kmsd *d)
 {
     atomic_store(&d->stopping, true);
     kmsd_talos_wake(d); /* parked Unseals see `stopping` now, not at their budget */
+    kmsd_wake_signal(&d->wake); /* supervisor, PKCS#11 and peer threads */
     if (d->supervisor_started) {
         pthread_join(d->supervisor, NULL);
         d->supervisor_started = false;

@@ -36,6 +36,7 @@
 
 #include "kms_config.h"
 #include "kms_err.h"
+#include "kmsd_wake.h"
 
 struct kms_store;
 struct kms_raft;
@@ -199,6 +200,10 @@ struct kmsd {
     atomic_bool tls_reload_last_failed;  /* the latest reload failed */
 
     atomic_bool stopping;
+    /* Signalled after `stopping`, `reload_requested` and every key state
+     * change; the supervisor, PKCS#11 and peer unseal threads wait on it
+     * (kmsd_wake.h). Initialised first in kmsd_start; lives as long as d. */
+    struct kmsd_wake wake;
     pthread_t supervisor;
     bool supervisor_started;
     uint64_t lease_lost_at_ms;           /* supervisor thread only */
@@ -210,7 +215,7 @@ struct kmsd {
 int kmsd_start(struct kmsd *d, const struct kms_config *opt, struct kms_err *err);
 void kmsd_stop(struct kmsd *d);
 /* Asks the supervisor thread to reload TLS certificates, keys and CA
- * bundles (within ~50 ms); any thread, async-signal context excluded. The
+ * bundles (the supervisor wakes at once); any thread, async-signal context excluded. The
  * outcome is logged and counted in tls_reloads_ok/failed (/metrics). */
 void kmsd_reload_tls(struct kmsd *d);
 
@@ -331,6 +336,15 @@ bool kmsd_raft_is_member(struct kmsd *d);
  * "unseal"). Any thread. */
 void kmsd_warn_local_reads(struct kmsd *d, const char *when);
 int kmsd_read_barrier(struct kmsd *d, unsigned wait_ms);
+/* Commit notification, for a thread waiting for the replicated state to
+ * change (an entry committed and applied here; a new leader's barrier is
+ * one). kmsd_applied_mark: this node's applied index, taken BEFORE the
+ * caller reads the state it waits on. kmsd_wait_applied_past: waits until
+ * an entry past `mark` is applied here (raft's applied condition variable,
+ * signalled by the raft thread), at most timeout_ms: 0 when one was (at
+ * once if already), KMS_ETIMEDOUT, KMS_ESHUTDOWN. Any thread but raft's. */
+uint64_t kmsd_applied_mark(struct kmsd *d);
+int kmsd_wait_applied_past(struct kmsd *d, uint64_t mark, unsigned timeout_ms);
 
 /* RPC services. */
 /* Packs m and finishes the call OK with it (RESOURCE_EXHAUSTED when out of

@@ -41,4 +41,8 @@ void kmsd_notify_stopping(void);
  * and sends STATUS= when it changed, WATCHDOG=1 when a ping is due. */
 void kmsd_notify_tick(struct kmsd *d, uint64_t now_ms);
 
+/* When the next WATCHDOG=1 is due (kms_mono_ms()), UINT64_MAX without a
+ * watchdog: the supervisor sleeps no longer than that. Supervisor only. */
+uint64_t kmsd_notify_due_ms(void);
+
 #endif /* KMSD_NOTIFY_H */

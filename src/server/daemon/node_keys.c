@@ -322,6 +322,7 @@ int kmsd_unseal_submit(struct kmsd *d, const char *share, bool reset,
     rc = 0;
 out:
     pthread_mutex_unlock(&d->mu);
+    kmsd_wake_signal(&d->wake); /* unsealed, or the progress STATUS= shows */
     if (combined) {
         kmsd_peer_shares_unsealed(d); /* this call unsealed the node with k shares */
     }
@@ -369,6 +370,9 @@ int kmsd_unseal_root(struct kmsd *d, uint8_t *root, const char *how, struct kms_
     rc = 0;
 out:
     pthread_mutex_unlock(&d->mu);
+    if (rc == 0) {
+        kmsd_wake_signal(&d->wake); /* the supervisor opens the Talos API */
+    }
     kms_secmem_free(root, KMS_SHAMIR_MAX_SECRET);
     kmsd_keyrings_release(ek, NULL, kr, NULL);
     return rc;
@@ -386,6 +390,7 @@ void kmsd_seal(struct kmsd *d)
     d->keyring_error[0] = '\0';
     keyring_publish(d, NULL);
     pthread_mutex_unlock(&d->mu);
+    kmsd_wake_signal(&d->wake); /* the supervisor closes the Talos API */
     kms_log(KMS_LOG_WARN, "keys", "sealed: key material wiped from memory", NULL);
 }
 

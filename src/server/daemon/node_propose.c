@@ -95,6 +95,19 @@ int kmsd_read_barrier(struct kmsd *d, unsigned wait_ms)
     return kms_raft_wait_applied(d->raft, index, now < end ? (unsigned)(end - now) : 1);
 }
 
+uint64_t kmsd_applied_mark(struct kmsd *d)
+{
+    struct kms_raft_status st;
+    memset(&st, 0, sizeof(st));
+    (void)kms_raft_status(d->raft, &st);
+    return st.applied_index; /* never past the index kms_raft_wait_applied waits on */
+}
+
+int kmsd_wait_applied_past(struct kmsd *d, uint64_t mark, unsigned timeout_ms)
+{
+    return kms_raft_wait_applied(d->raft, mark + 1, timeout_ms);
+}
+
 /* Cluster API address of a member: the replicated member metadata first,
  * then the initial cluster list from the config. */
 struct member_lookup {
@@ -373,6 +386,8 @@ out:
     return rc;
 }
 
+#define WRITE_RETRY_MS 25u
+
 int kmsd_write(struct kmsd *d, const Kmsd__V1__Entry *e, unsigned wait_ms,
                struct kmsd_write_result *res, struct kms_err *err)
 {
@@ -459,7 +474,20 @@ int kmsd_write(struct kmsd *d, const Kmsd__V1__Entry *e, unsigned wait_ms,
             return rc;
         }
         kms_log(KMS_LOG_DEBUG, "write", "retrying write", "reason", e2.msg, NULL);
-        kms_sleep_ms(25);
+        /* What a retry waits for is a leader (a new leader's barrier
+         * commits) or a commit: woken by the next entry applied here, at
+         * most WRITE_RETRY_MS later (the pace against an unreachable
+         * leader, and the bound on noticing `stopping`: kmsd_stop stops
+         * the write pool before raft, so no raft wake comes then). An entry
+         * applied between the failed attempt and the mark costs one pace,
+         * as the plain sleep this replaces always did. */
+        now = kms_mono_ms();
+        if (now < deadline) {
+            uint64_t mark = kmsd_applied_mark(d);
+            unsigned pause = deadline - now < WRITE_RETRY_MS ? (unsigned)(deadline - now)
+                                                             : WRITE_RETRY_MS;
+            (void)kmsd_wait_applied_past(d, mark, pause);
+        }
     }
 done:
     if (uncertain && res->code == KMS_EEXIST &&

@@ -108,3 +108,8 @@ void kmsd_notify_tick(struct kmsd *d, uint64_t now_ms)
         notify_send("WATCHDOG=1");
     }
 }
+
+uint64_t kmsd_notify_due_ms(void)
+{
+    return watchdog_every_ms != 0 ? watchdog_last_ms + watchdog_every_ms : UINT64_MAX;
+}

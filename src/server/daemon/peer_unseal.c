@@ -46,7 +46,10 @@
 #define PEER_BACKOFF_MAX_MS 8000u
 #define PEER_CALL_MS 4000u         /* one request, read barrier included */
 #define PEER_BARRIER_MS 2000u      /* serving side's read barrier */
-#define PEER_TICK_MS 50u
+/* Initialisation reaches this node through the replicated keyring, which
+ * no notification reports: while uninitialised, the requester re-checks it
+ * this often. */
+#define PEER_UNINIT_RECHECK_MS 50u
 #define PEER_REOPEN_RETRY_MS 1000u
 /* Serving side: requests per requester node and minute, and over all. A
  * requester backing off asks each peer at most ~8 times a minute. */
@@ -302,7 +305,7 @@ int kmsd_peer_operator_seal(struct kmsd *d, struct kms_err *err)
     d->peer->operator_sealed = true;
     d->peer->reopen_pending = false;
     pthread_mutex_unlock(&d->peer->mu);
-    kmsd_seal(d);
+    kmsd_seal(d); /* signals d->wake */
     if ((rc = gate_write(d, true, 0, NULL, &res, err)) != 0) {
         kms_log(KMS_LOG_ERROR, "peer", "sealed, but the peer unseal gate could not be closed",
                 "error", err != NULL ? err->msg : "", NULL);
@@ -327,6 +330,7 @@ void kmsd_peer_shares_unsealed(struct kmsd *d)
     d->peer->reopen_pending = g != NULL && g->closed;
     d->peer->reopen_generation = g != NULL ? g->generation : 0;
     pthread_mutex_unlock(&d->peer->mu);
+    kmsd_wake_signal(&d->wake); /* the requester thread reopens the gate */
     if (g != NULL) {
         kmsd__v1__peer_unseal_gate__free_unpacked(g, NULL);
     }
@@ -550,14 +554,19 @@ static void *peer_main(void *arg)
     bool said_blocked = false, said_gate = false;
     char last_err[sizeof(((struct kms_err *)0)->msg)] = "";
 
-    while (!atomic_load(&d->stopping)) {
-        uint64_t now;
+    for (;;) {
+        /* The ticket before any state is read (kmsd_wake.h); `until` is
+         * when to look again without a signal. */
+        uint64_t ticket = kmsd_wake_ticket(&d->wake);
+        uint64_t now, until = KMSD_WAKE_NEVER;
         bool blocked, reopen;
         uint64_t gen;
         Kmsd__V1__PeerUnsealGate *g = NULL;
         bool closed;
 
-        kms_sleep_ms(PEER_TICK_MS);
+        if (atomic_load(&d->stopping)) {
+            break;
+        }
         now = kms_mono_ms();
         pthread_mutex_lock(&p->mu);
         blocked = p->operator_sealed;
@@ -573,6 +582,9 @@ static void *peer_main(void *arg)
                 gate_reopen(d, gen);
                 next_reopen = kms_mono_ms() + PEER_REOPEN_RETRY_MS;
             }
+            /* Until sealed, or a reopen is due (retried: a write to the
+             * cluster); both signal. */
+            (void)kmsd_wake_wait_until(&d->wake, ticket, reopen ? next_reopen : KMSD_WAKE_NEVER);
             continue;
         }
         if (blocked) {
@@ -581,9 +593,17 @@ static void *peer_main(void *arg)
                         "shares are given", NULL);
                 said_blocked = true;
             }
+            (void)kmsd_wake_wait_until(&d->wake, ticket, KMSD_WAKE_NEVER); /* k shares */
             continue;
         }
-        if (now < next || !kmsd_is_initialized(d)) {
+        if (!kmsd_is_initialized(d)) {
+            until = now + PEER_UNINIT_RECHECK_MS;
+        }
+        if (now < next) {
+            until = next; /* backing off: the next round */
+        }
+        if (until != KMSD_WAKE_NEVER) {
+            (void)kmsd_wake_wait_until(&d->wake, ticket, until);
             continue;
         }
         closed = gate_read(d, &g) && g->closed;

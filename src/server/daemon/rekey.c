@@ -355,8 +355,17 @@ static int rekey_complete_locked(struct kmsd *d, const Kmsd__V1__EncryptedKeyrin
          * entry commits would lose every disk. */
         uint64_t until = kms_mono_ms() + d->opt.request_wait_ms;
         bool committed = false;
-        while (!(committed = keyring_under(d, nroot)) && kms_mono_ms() < until) {
-            kms_sleep_ms(100);
+        for (;;) {
+            /* The mark before the check: an entry applied after it ends the
+             * wait at once. Each wait still ends after 100 ms, a re-check
+             * as the sleep it replaces did. */
+            uint64_t mark = kmsd_applied_mark(d), now;
+            if ((committed = keyring_under(d, nroot)) || (now = kms_mono_ms()) >= until ||
+                atomic_load(&d->stopping)) {
+                break;
+            }
+            (void)kmsd_wait_applied_past(d, mark, until - now < 100 ? (unsigned)(until - now)
+                                                                    : 100u);
         }
         if (!committed) {
             snprintf(o->note, sizeof(o->note),

@@ -21,6 +21,10 @@
 #include "kmsd/v1/entry.pb-c.h"
 
 #define RETRY_MIN_MS 250u
+/* Pace of the attempts while there is nothing to do (unsealed, or no
+ * keyring yet) and after a success: the replicated keyring that would make
+ * an attempt worth it arrives through raft, which no notification reports,
+ * so the thread looks again after this long (twice it when idle). */
 #define IDLE_POLL_MS 100u
 #define LOG_REPEAT_MS 60000u
 
@@ -161,14 +165,22 @@ static void *hsm_main(void *arg)
     char last_msg[sizeof(h->error)] = "";
     bool stopped_retrying = false;
 
-    while (!atomic_load(&d->stopping)) {
+    for (;;) {
+        /* The ticket before `stopping` is read: kmsd_stop's signal then
+         * always ends the wait below (kmsd_wake.h). */
+        uint64_t ticket = kmsd_wake_ticket(&d->wake);
         uint64_t now = kms_mono_ms();
         struct kms_err err;
         bool idle = true;
         int rc;
 
+        if (atomic_load(&d->stopping)) {
+            break;
+        }
         if (now < next) {
-            kms_sleep_ms(IDLE_POLL_MS);
+            /* Paced (the idle re-check, or the retry backoff against the
+             * token): other signals on d->wake only make it wait again. */
+            (void)kmsd_wake_wait_until(&d->wake, ticket, next);
             continue;
         }
         if (stopped_retrying) {

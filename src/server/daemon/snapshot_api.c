@@ -33,7 +33,12 @@ struct snap_session {
 };
 
 static pthread_mutex_t snap_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t snap_cv = PTHREAD_COND_INITIALIZER;
+/* The reaper (a periodic job: idle handles go after KMSD_SNAP_IDLE_MS)
+ * waits on snap_cv for 5 s at a time; kmsd_snapshot_shutdown sets
+ * snap_stopping and broadcasts it under snap_mu. CLOCK_MONOTONIC, set up
+ * once by snap_cv_once before either uses it. */
+static pthread_cond_t snap_cv;
+static pthread_once_t snap_cv_once = PTHREAD_ONCE_INIT;
 static struct snap_session snap_sessions[KMSD_SNAP_SESSIONS];
 static bool snap_reaper_started, snap_stopping;
 static pthread_t snap_reaper;
@@ -58,13 +63,22 @@ static void snap_reap_locked(bool all)
     }
 }
 
+static void snap_cv_init(void)
+{
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&snap_cv, &ca);
+    pthread_condattr_destroy(&ca);
+}
+
 static void *snap_reaper_main(void *arg)
 {
     (void)arg;
     pthread_mutex_lock(&snap_mu);
     while (!snap_stopping) {
         struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
+        clock_gettime(CLOCK_MONOTONIC, &ts);
         ts.tv_sec += 5;
         (void)pthread_cond_timedwait(&snap_cv, &snap_mu, &ts);
         snap_reap_locked(false);
@@ -76,6 +90,7 @@ static void *snap_reaper_main(void *arg)
 void kmsd_snapshot_shutdown(void)
 {
     bool join;
+    (void)pthread_once(&snap_cv_once, snap_cv_init);
     pthread_mutex_lock(&snap_mu);
     snap_stopping = true;
     join = snap_reaper_started;
@@ -140,6 +155,7 @@ int kmsd_snapshot_begin_cb(struct kmsd_call *c)
                          "too many snapshots in progress on this replica; retry later");
         goto out;
     }
+    (void)pthread_once(&snap_cv_once, snap_cv_init);
     if (!snap_reaper_started &&
         pthread_create(&snap_reaper, NULL, snap_reaper_main, NULL) == 0) {
         snap_reaper_started = true;
