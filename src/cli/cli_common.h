@@ -230,6 +230,8 @@ void cli_write_safe(FILE *f, const char *s);
 char *cli_safe_dup(const char *s);
 /* Length of the valid UTF-8 sequence at s (1..4) with its code point, or 0. */
 int cli_utf8_next(const unsigned char *s, uint32_t *cp);
+/* s, or "-" for NULL and "" (table cells). */
+const char *cli_dash(const char *s);
 /* "<label> 1: <share>" ... one line per share, terminal-safe. */
 void cli_print_shares(FILE *f, const char *label, char *const *shares, size_t n);
 
@@ -243,6 +245,10 @@ struct cli_table *cli_table_new(unsigned ncols, const char *const *header);
 void cli_table_row(struct cli_table *t, const char *const *cells);
 void cli_table_print(FILE *f, const struct cli_table *t);
 void cli_table_free(struct cli_table *t);
+/* The two-column "Key  Value" table (with its "---  -----" line) of status
+ * and keys show, and one of its rows. */
+struct cli_table *cli_table_new_kv(void);
+void cli_table_kv(struct cli_table *t, const char *k, const char *v);
 
 /* JSON writer: pretty printed (2 spaces), keys in the order written. key is
  * NULL inside arrays. Strings are escaped (RFC 8259); invalid UTF-8 becomes

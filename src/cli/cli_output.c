@@ -200,6 +200,21 @@ void cli_table_print(FILE *f, const struct cli_table *t)
     }
 }
 
+struct cli_table *cli_table_new_kv(void)
+{
+    static const char *const hdr[2] = {"Key", "Value"};
+    static const char *const dashes[2] = {"---", "-----"};
+    struct cli_table *t = cli_table_new(2, hdr);
+    cli_table_row(t, dashes);
+    return t;
+}
+
+void cli_table_kv(struct cli_table *t, const char *k, const char *v)
+{
+    const char *row[2] = {k, v};
+    cli_table_row(t, row);
+}
+
 void cli_table_free(struct cli_table *t)
 {
     if (t == NULL) {
@@ -219,4 +234,9 @@ void cli_print_shares(FILE *f, const char *label, char *const *shares, size_t n)
         cli_write_safe(f, shares[i]);
         fputc('\n', f);
     }
+}
+
+const char *cli_dash(const char *s)
+{
+    return s != NULL && s[0] != '\0' ? s : "-";
 }
