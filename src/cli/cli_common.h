@@ -406,6 +406,10 @@ int cli_share_recipients_load(const char *path, char ***pems, size_t *n, char *e
 int cli_share_key_open(const char *key_path, char *share, size_t cap, char *errbuf,
                        size_t errlen);
 
+/* After step-down or transfer-leader: {"new_leader_id": N}, or
+ * before N after when N is known, else unknown. CLI_EXIT_OK. */
+int cli_new_leader_print(struct cli_ctx *ctx, uint64_t nl, const char *before,
+                         const char *after, const char *unknown);
 /* Writes members as a JSON array under key. */
 void cli_json_members(struct cli_json *j, const char *key, Kmsd__V1__MemberStatus *const *m,
                       size_t n);

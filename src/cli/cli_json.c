@@ -27,34 +27,17 @@ void cli_json_escape(FILE *f, const char *s)
             p++;
             continue;
         }
-        switch (cp) {
-        case '"':
-            fputs("\\\"", f);
-            break;
-        case '\\':
-            fputs("\\\\", f);
-            break;
-        case '\b':
-            fputs("\\b", f);
-            break;
-        case '\f':
-            fputs("\\f", f);
-            break;
-        case '\n':
-            fputs("\\n", f);
-            break;
-        case '\r':
-            fputs("\\r", f);
-            break;
-        case '\t':
-            fputs("\\t", f);
-            break;
-        default:
-            if (cp < 0x20 || cp == 0x7f || cp == 0x2028 || cp == 0x2029) {
-                fprintf(f, "\\u%04x", (unsigned)cp);
-            } else {
-                fwrite(p, 1, (size_t)n, f);
-            }
+        /* The two-character escapes of RFC 8259, then \u00XX. */
+        static const char shorts[] = "\"\\\b\f\n\r\t";
+        static const char *const escaped[] = {"\\\"", "\\\\", "\\b", "\\f",
+                                              "\\n",  "\\r",  "\\t"};
+        const char *hit = cp != 0 && cp < 0x80 ? strchr(shorts, (int)cp) : NULL;
+        if (hit != NULL) {
+            fputs(escaped[hit - shorts], f);
+        } else if (cp < 0x20 || cp == 0x7f || cp == 0x2028 || cp == 0x2029) {
+            fprintf(f, "\\u%04x", (unsigned)cp);
+        } else {
+            fwrite(p, 1, (size_t)n, f);
         }
         p += n;
     }

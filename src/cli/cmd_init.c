@@ -52,58 +52,52 @@ const struct cli_flag cli_init_flags[] = {
     CLI_FLAG_END,
 };
 
-static void init_print_encrypted(struct cli_ctx *ctx, const Kmsd__V1__InitResponse *r)
-{
-    if (ctx->g.out == CLI_OUT_JSON) {
-        struct cli_json j;
-        cli_json_doc_begin(&j, ctx->out);
-        cli_json_str_array(&j, "encrypted_shares", r->encrypted_shares, r->n_encrypted_shares);
-        cli_json_u64(&j, "threshold", r->threshold);
-        cli_json_str(&j, "cluster_id", r->cluster_id);
-        cli_json_doc_end(&j);
-        return;
-    }
-    for (size_t i = 0; i < r->n_encrypted_shares; i++) {
-        fprintf(ctx->out, "Unseal Key %zu (encrypted to recipient %zu): ", i + 1, i + 1);
-        cli_write_safe(ctx->out, r->encrypted_shares[i]);
-        fputc('\n', ctx->out);
-    }
-    fputs("\nCluster ID: ", ctx->out);
-    cli_write_safe(ctx->out, r->cluster_id);
-    fprintf(ctx->out,
-            "\n\nkmsd initialised with %zu key shares and a key threshold of %u.\n"
-            "Each share above is encrypted to one recipient's public key (in the order of\n"
-            "--share-recipients): send it to that holder, who unseals with\n"
-            "  kmsctl operator unseal --share-key THEIR-KEY.pem\n"
-            "kmsd does not store the shares; nobody can recover a lost one.\n",
-            r->n_encrypted_shares, r->threshold);
-}
-
+/* The shares once: in the clear (Unseal or, with the PKCS#11 seal,
+ * Recovery Keys) or each encrypted to its --share-recipients holder. */
 static void init_print(struct cli_ctx *ctx, const Kmsd__V1__InitResponse *r)
 {
-    if (r->n_encrypted_shares > 0) {
-        init_print_encrypted(ctx, r);
-        return;
-    }
+    bool enc = r->n_encrypted_shares > 0;
+    char *const *shares = enc ? r->encrypted_shares : r->shares;
+    size_t n = enc ? r->n_encrypted_shares : r->n_shares;
+
     if (ctx->g.out == CLI_OUT_JSON) {
         struct cli_json j;
         cli_json_doc_begin(&j, ctx->out);
-        cli_json_str_array(&j, "shares", r->shares, r->n_shares);
+        cli_json_str_array(&j, enc ? "encrypted_shares" : "shares", shares, n);
         cli_json_u64(&j, "threshold", r->threshold);
         cli_json_str(&j, "cluster_id", r->cluster_id);
-        if (r->recovery) { /* PKCS#11 seal only: Shamir output unchanged */
+        if (!enc && r->recovery) { /* PKCS#11 seal only: Shamir output unchanged */
             cli_json_bool(&j, "recovery", true);
         }
         cli_json_doc_end(&j);
-        fprintf(ctx->err,
-                "WARNING: these %zu key shares are shown only once; kmsd does not store them.\n",
-                r->n_shares);
+        if (!enc) {
+            fprintf(ctx->err,
+                    "WARNING: these %zu key shares are shown only once; kmsd does not store "
+                    "them.\n",
+                    n);
+        }
         return;
     }
-    if (r->recovery) {
-        cli_print_shares(ctx->out, "Recovery Key", r->shares, r->n_shares);
-        fputs("\nCluster ID: ", ctx->out);
-        cli_write_safe(ctx->out, r->cluster_id);
+    if (enc) {
+        for (size_t i = 0; i < n; i++) {
+            fprintf(ctx->out, "Unseal Key %zu (encrypted to recipient %zu): ", i + 1, i + 1);
+            cli_write_safe(ctx->out, shares[i]);
+            fputc('\n', ctx->out);
+        }
+    } else {
+        cli_print_shares(ctx->out, r->recovery ? "Recovery Key" : "Unseal Key", shares, n);
+    }
+    fputs("\nCluster ID: ", ctx->out);
+    cli_write_safe(ctx->out, r->cluster_id);
+    if (enc) {
+        fprintf(ctx->out,
+                "\n\nkmsd initialised with %zu key shares and a key threshold of %u.\n"
+                "Each share above is encrypted to one recipient's public key (in the order of\n"
+                "--share-recipients): send it to that holder, who unseals with\n"
+                "  kmsctl operator unseal --share-key THEIR-KEY.pem\n"
+                "kmsd does not store the shares; nobody can recover a lost one.\n",
+                n, r->threshold);
+    } else if (r->recovery) {
         fprintf(ctx->out,
                 "\n\nkmsd initialised with the PKCS#11 seal, %zu recovery shares and a\n"
                 "threshold of %u.\n"
@@ -112,23 +106,19 @@ static void init_print(struct cli_ctx *ctx, const Kmsd__V1__InitResponse *r)
                 "shares are shown only once: %u of them are needed for seal migration and,\n"
                 "if the HSM or its key is lost, to unseal by hand (kmsctl operator unseal).\n"
                 "Hand each to a different operator and keep it offline.\n",
-                r->n_shares, r->threshold, r->threshold);
-        return;
+                n, r->threshold, r->threshold);
+    } else {
+        fprintf(ctx->out,
+                "\n\nkmsd initialised with %zu key shares and a key threshold of %u.\n"
+                "\n"
+                "WARNING: the key shares are shown only once. kmsd does not store them and\n"
+                "nobody can recover them. Hand each share to a different operator now and\n"
+                "keep it offline. Every replica starts sealed (also after each restart)\n"
+                "and needs %u of these shares (kmsctl operator unseal) before it serves\n"
+                "keys. If fewer than %u shares survive, every sealed disk is lost.\n",
+                n, r->threshold, r->threshold, r->threshold);
     }
-    cli_print_shares(ctx->out, "Unseal Key", r->shares, r->n_shares);
-    fputs("\nCluster ID: ", ctx->out);
-    cli_write_safe(ctx->out, r->cluster_id);
-    fprintf(ctx->out,
-            "\n\nkmsd initialised with %zu key shares and a key threshold of %u.\n"
-            "\n"
-            "WARNING: the key shares are shown only once. kmsd does not store them and\n"
-            "nobody can recover them. Hand each share to a different operator now and\n"
-            "keep it offline. Every replica starts sealed (also after each restart)\n"
-            "and needs %u of these shares (kmsctl operator unseal) before it serves\n"
-            "keys. If fewer than %u shares survive, every sealed disk is lost.\n",
-            r->n_shares, r->threshold, r->threshold, r->threshold);
 }
-
 
 static int init_print_cb(struct cli_ctx *ctx, ProtobufCMessage *resp, void *arg)
 {

@@ -192,19 +192,26 @@ static const struct cli_flag tl_flags[] = {
     CLI_FLAG_END,
 };
 
-static int transfer_print_cb(struct cli_ctx *ctx, ProtobufCMessage *resp, void *arg)
+int cli_new_leader_print(struct cli_ctx *ctx, uint64_t nl, const char *before,
+                         const char *after, const char *unknown)
 {
-    uint64_t nl = ((const Kmsd__V1__TransferLeaderResponse *)resp)->new_leader_id;
-
-    (void)arg;
     if (ctx->g.out == CLI_OUT_JSON) {
         cli_json_print_u64(ctx->out, "new_leader_id", nl);
     } else if (nl != 0) {
-        fprintf(ctx->out, "Success! Leadership transferred to node %" PRIu64 ".\n", nl);
+        fprintf(ctx->out, "%s%" PRIu64 "%s", before, nl, after);
     } else {
-        fputs("Success! Leadership transfer started.\n", ctx->out);
+        fputs(unknown, ctx->out);
     }
     return CLI_EXIT_OK;
+}
+
+static int transfer_print_cb(struct cli_ctx *ctx, ProtobufCMessage *resp, void *arg)
+{
+    (void)arg;
+    return cli_new_leader_print(ctx,
+                                ((const Kmsd__V1__TransferLeaderResponse *)resp)->new_leader_id,
+                                "Success! Leadership transferred to node ", ".\n",
+                                "Success! Leadership transfer started.\n");
 }
 
 static const struct cli_method transfer_method = {

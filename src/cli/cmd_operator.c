@@ -5,7 +5,6 @@
  * retire-term (cmd_rewrap.c), members (cmd_members.c), snapshot
  * (cmd_snapshot.c), rekey (cmd_rekey.c).
  */
-#include <inttypes.h>
 #include <stdio.h>
 
 #include "cli_common.h"
@@ -43,17 +42,10 @@ static int seal_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, ch
 
 static int step_down_print_cb(struct cli_ctx *ctx, ProtobufCMessage *resp, void *arg)
 {
-    uint64_t nl = ((const Kmsd__V1__StepDownResponse *)resp)->new_leader_id;
-
     (void)arg;
-    if (ctx->g.out == CLI_OUT_JSON) {
-        cli_json_print_u64(ctx->out, "new_leader_id", nl);
-    } else if (nl != 0) {
-        fprintf(ctx->out, "Success! Stepped down; node %" PRIu64 " is the new leader.\n", nl);
-    } else {
-        fputs("Success! Stepped down; a new leader is being elected.\n", ctx->out);
-    }
-    return CLI_EXIT_OK;
+    return cli_new_leader_print(ctx, ((const Kmsd__V1__StepDownResponse *)resp)->new_leader_id,
+                                "Success! Stepped down; node ", " is the new leader.\n",
+                                "Success! Stepped down; a new leader is being elected.\n");
 }
 
 static const struct cli_method step_down_method = {
