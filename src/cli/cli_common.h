@@ -7,7 +7,9 @@
  *   cli_errors.c       failed calls told in one line, Vault's exit codes
  *   cli_rpc.c          the connection to a kmsd cluster API and cli_call
  *   cli_share_input.c  reading, checking and wiping key shares
- * and one cmd_*.c per command group (their tables are declared at the end).
+ *   cli_share_recipients.c  share holders' keys (init, unseal --share-key)
+ * and one cmd_*.c per command or group (their tables are declared at the
+ * end; kmsctl.c has main and the root table).
  *
  * Everything here except the connection is pure (no globals, output to a
  * FILE *), so tests/unit/test_kmsctl_args.c can drive it in memory.
@@ -360,8 +362,9 @@ int cli_share_parse(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, ch
  * when optional), else the exit code with the error printed. */
 int cli_share_get(struct cli_ctx *ctx, const char *op, struct cli_share_in *in,
                   const char *prompt, bool optional, const char *key_path);
-/* Wipes the shares of a response (init, rekey update) before it is freed. */
-void cli_shares_wipe(char *const *shares, size_t n);
+/* Wipes shares (of a response: init, rekey update, before it is freed),
+ * after flushing shown_on (where they were printed; may be NULL). */
+void cli_shares_wipe(FILE *shown_on, char *const *shares, size_t n);
 
 /* ---- commands (cmd_*.c) --------------------------------------------- */
 
@@ -396,7 +399,7 @@ extern const char cli_snapshot_usage[];
 extern const struct cli_cmd cli_rekey_subs[]; /* cmd_rekey.c */
 extern const char cli_rekey_usage[];
 
-/* Share recipients (cmd_share_keys.c). load: the PEM public keys in path, in
+/* Share recipients (cli_share_recipients.c). load: the PEM public keys in path, in
  * order, each checked (*pems: n malloc'd strings in a malloc'd array).
  * open: replaces the encrypted share text in share (cap bytes) by the share
  * it holds, decrypted with the private key in key_path; share is wiped on

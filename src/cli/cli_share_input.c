@@ -205,8 +205,11 @@ int cli_share_get(struct cli_ctx *ctx, const char *op, struct cli_share_in *in,
     return 0;
 }
 
-void cli_shares_wipe(char *const *shares, size_t n)
+void cli_shares_wipe(FILE *shown_on, char *const *shares, size_t n)
 {
+    if (shown_on != NULL) {
+        fflush(shown_on);
+    }
     for (size_t i = 0; i < n; i++) {
         if (shares[i] != NULL) {
             OPENSSL_cleanse(shares[i], strlen(shares[i]));

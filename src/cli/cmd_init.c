@@ -1,7 +1,7 @@
 /*
  * kmsctl operator init: the init ceremony. Checks --key-shares and
  * --key-threshold locally, optionally loads one public key per share holder
- * (--share-recipients, cmd_share_keys.c), and prints the shares the server
+ * (--share-recipients, cli_share_recipients.c), and prints the shares the server
  * returns once, in the clear or each encrypted to its holder. The response's
  * shares are wiped once printed.
  */
@@ -126,8 +126,7 @@ static int init_print_cb(struct cli_ctx *ctx, ProtobufCMessage *resp, void *arg)
 
     (void)arg;
     init_print(ctx, r);
-    fflush(ctx->out);
-    cli_shares_wipe(r->shares, r->n_shares);
+    cli_shares_wipe(ctx->out, r->shares, r->n_shares);
     return CLI_EXIT_OK;
 }
 

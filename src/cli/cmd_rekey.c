@@ -210,8 +210,7 @@ static int update_print_cb(struct cli_ctx *ctx, ProtobufCMessage *resp, void *ar
 
     (void)arg;
     update_print(ctx, r);
-    fflush(ctx->out);
-    cli_shares_wipe(r->shares, r->n_shares);
+    cli_shares_wipe(ctx->out, r->shares, r->n_shares);
     return CLI_EXIT_OK;
 }
 

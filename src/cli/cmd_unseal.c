@@ -171,7 +171,7 @@ int cli_seal_migrate_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int arg
     req.shares = shares;
     rc = cli_call(ctx, &migrate_method, &req.base, migrate_print_cb, NULL);
 out:
-    cli_shares_wipe(shares, n);
+    cli_shares_wipe(NULL, shares, n);
     for (size_t i = 0; i < n; i++) {
         free(shares[i]);
     }
