@@ -11,6 +11,11 @@
  * and one cmd_*.c per command or group (their tables are declared at the
  * end; kmsctl.c has main and the root table).
  *
+ * kmsctl is single-threaded: every function here runs on main's thread.
+ * Strings in struct cli_global and the command tables are borrowed (argv,
+ * the environment, static text); what a function allocates for its caller
+ * says so where it is declared.
+ *
  * Everything here except the connection is pure (no globals, output to a
  * FILE *), so tests/unit/test_kmsctl_args.c can drive it in memory.
  *
