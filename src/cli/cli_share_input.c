@@ -20,7 +20,6 @@
 
 #include "kms_crypto.h"
 #include "kms_err.h"
-#include "kms_share_seal.h"
 
 int cli_share_take_arg(char *arg, char *share, size_t cap)
 {

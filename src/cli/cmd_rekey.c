@@ -10,16 +10,13 @@
  * once; each is checked locally first and wiped with the request and
  * response.
  */
-#include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
-#include <unistd.h>
 
 #include <openssl/crypto.h>
 
 #include "cli_common.h"
 #include "kms_crypto.h"
-#include "kms_err.h"
 
 const char cli_rekey_usage[] =
     "Usage: kmsctl operator rekey COMMAND [flags]\n"
