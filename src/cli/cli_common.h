@@ -1,7 +1,20 @@
 /*
- * kmsctl internals: flags and their environment twins, command dispatch,
- * output (tables, a small JSON writer, RFC 3339 times), error reporting with
- * Vault's exit codes, and the connection to a kmsd cluster API.
+ * kmsctl internals, one file per job:
+ *   cli_args.c         global flags and their environment twins, flag parsing
+ *   cli_dispatch.c     the command table walk, help, usage errors
+ *   cli_output.c       terminal-safe text, RFC 3339 times, tables
+ *   cli_json.c         a small JSON writer (-o json)
+ *   cli_errors.c       failed calls told in one line, Vault's exit codes
+ *   cli_rpc.c          the connection to a kmsd cluster API and cli_call
+ *   cli_share_input.c  reading, checking and wiping key shares
+ *   cli_share_recipients.c  share holders' keys (init, unseal --share-key)
+ * and one cmd_*.c per command or group (their tables are declared at the
+ * end; kmsctl.c has main and the root table).
+ *
+ * kmsctl is single-threaded: every function here runs on main's thread.
+ * Strings in struct cli_global and the command tables are borrowed (argv,
+ * the environment, static text); what a function allocates for its caller
+ * says so where it is declared.
  *
  * Everything here except the connection is pure (no globals, output to a
  * FILE *), so tests/unit/test_kmsctl_args.c can drive it in memory.
@@ -22,6 +35,8 @@
 #include <protobuf-c/protobuf-c.h>
 
 #include "kmsd/v1/cluster.pb-c.h"
+
+struct kms_err;
 
 #define CLI_EXIT_OK 0
 #define CLI_EXIT_LOCAL 1
@@ -111,19 +126,34 @@ int cli_parse_duration_ms(const char *s, unsigned *out_ms);
 /* True for 32 hex digits. */
 bool cli_is_key_id(const char *s);
 
+/* The "Flags:" lines of flags (may be NULL) and the global flags, for help. */
+void cli_flags_print(FILE *f, const struct cli_flag *flags);
+
+/* Ends a flag table. */
+#define CLI_FLAG_END {.name = NULL}
+
 /* ---- commands and dispatch ------------------------------------------ */
 
 struct cli_ctx;
 
+/* One row of a command table (like WireGuard's `wg` subcommands): a leaf
+ * has run (and its flags), a group has subs. run receives the words after
+ * the command's name and returns the exit code. */
 struct cli_cmd {
     const char *name;
     const char *summary;          /* one line for the parent's help */
     const char *usage;            /* "kmsctl operator init [flags]" and details */
-    const struct cli_cmd *subs;   /* sub-table (name NULL ends it), or NULL */
+    const struct cli_cmd *subs;   /* sub-table (CLI_CMD_END ends it), or NULL */
     int (*run)(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv);
     const struct cli_flag *flags; /* for help output */
     bool hidden;
 };
+
+#define CLI_CMD_LEAF(name_, summary_, usage_, run_, flags_) \
+    {.name = (name_), .summary = (summary_), .usage = (usage_), .run = (run_), .flags = (flags_)}
+#define CLI_CMD_GROUP(name_, summary_, usage_, subs_) \
+    {.name = (name_), .summary = (summary_), .usage = (usage_), .subs = (subs_)}
+#define CLI_CMD_END {.name = NULL}
 
 struct cli_ctx {
     struct cli_global g;
@@ -162,7 +192,8 @@ int cli_usage_error(struct cli_ctx *ctx, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
 /* Parses a leaf command's flags into ctx->g and pos[], handles -h, and
- * finishes the globals. Returns -1 to go on, else the exit code to return. */
+ * finishes the globals. Returns -1 to go on, else the exit code to return.
+ * pos NULL: no positional words (npos may then be NULL too). */
 int cli_leaf_parse(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv,
                    char **pos, int maxpos, int *npos);
 
@@ -172,11 +203,6 @@ int cli_leaf_parse(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, cha
  * table. */
 const char *cli_grpc_code_name(int grpc_status);
 
-/* A share given on the command line: copies arg into share (cap bytes,
- * not terminated beyond what the caller zeroed) and wipes arg in argv (and
- * so in /proc/PID/cmdline). Its length, or -1 when it does not fit (arg is
- * wiped all the same). */
-int cli_share_take_arg(char *arg, char *share, size_t cap);
 /* 0 for OK, CLI_EXIT_REMOTE for every other status. */
 int cli_exit_for_grpc(int grpc_status);
 
@@ -196,12 +222,25 @@ enum cli_fail_kind cli_fail_classify(int grpc_status, const char *details);
  * made terminal-safe; empty details use the code's description. */
 void cli_format_rpc_error(char *buf, size_t len, const char *op, int grpc_status,
                           const char *details);
+/* The operator-readable line for a failure gRPC core reported (kind !=
+ * CLI_FAIL_APP) or for the server refusing the client certificate: names
+ * ctx's target, timeout and TLS files. */
+void cli_explain_failure(struct cli_ctx *ctx, char *buf, size_t len, const char *op,
+                         enum cli_fail_kind kind, int grpc_status, const char *details);
 
 /* ---- output ---------------------------------------------------------- */
 
 /* Writes s with control and non-UTF-8 bytes replaced (for tables and error
  * messages: a server string cannot move the cursor or change colours). */
 void cli_write_safe(FILE *f, const char *s);
+/* s as cli_write_safe writes it, malloc'd (NULL when out of memory). */
+char *cli_safe_dup(const char *s);
+/* Length of the valid UTF-8 sequence at s (1..4) with its code point, or 0. */
+int cli_utf8_next(const unsigned char *s, uint32_t *cp);
+/* s, or "-" for NULL and "" (table cells). */
+const char *cli_dash(const char *s);
+/* "<label> 1: <share>" ... one line per share, terminal-safe. */
+void cli_print_shares(FILE *f, const char *label, char *const *shares, size_t n);
 
 /* Unix milliseconds to RFC 3339 UTC: "2024-05-01T12:34:56Z", or with
  * with_ms "2024-05-01T12:34:56.789Z". 0 gives "-". */
@@ -213,6 +252,10 @@ struct cli_table *cli_table_new(unsigned ncols, const char *const *header);
 void cli_table_row(struct cli_table *t, const char *const *cells);
 void cli_table_print(FILE *f, const struct cli_table *t);
 void cli_table_free(struct cli_table *t);
+/* The two-column "Key  Value" table (with its "---  -----" line) of status
+ * and keys show, and one of its rows. */
+struct cli_table *cli_table_new_kv(void);
+void cli_table_kv(struct cli_table *t, const char *k, const char *v);
 
 /* JSON writer: pretty printed (2 spaces), keys in the order written. key is
  * NULL inside arrays. Strings are escaped (RFC 8259); invalid UTF-8 becomes
@@ -238,8 +281,15 @@ void cli_json_null(struct cli_json *j, const char *key);
 void cli_json_time(struct cli_json *j, const char *key, int64_t unix_ms);
 /* Ends the document with a newline. */
 void cli_json_end(struct cli_json *j);
+/* A whole document's outer object: init and "{" ... "}" and the newline. */
+void cli_json_doc_begin(struct cli_json *j, FILE *f);
+void cli_json_doc_end(struct cli_json *j);
+/* Arrays of strings and of numbers under key. */
+void cli_json_str_array(struct cli_json *j, const char *key, char *const *v, size_t n);
+void cli_json_u32_array(struct cli_json *j, const char *key, const uint32_t *v, size_t n);
 /* Prints the one-field document {"key": v} to f, with a newline. */
 void cli_json_print_u64(FILE *f, const char *key, uint64_t v);
+void cli_json_print_bool(FILE *f, const char *key, bool v);
 
 /* ---- RPC ------------------------------------------------------------- */
 
@@ -257,6 +307,70 @@ int cli_rpc(struct cli_ctx *ctx, const char *op, const char *method,
  * (printable, no spaces) filled. */
 bool cli_leader_redirect_parse(const char *details, uint64_t *id, char *addr, size_t addrlen);
 
+/* One Operator method as a command calls it (a static const per command). */
+struct cli_method {
+    const char *op;                             /* "members add", for messages */
+    const char *name;                           /* "MembersAdd" */
+    const ProtobufCMessageDescriptor *resp_desc;
+    bool secret;                                /* cli_rpc's secret */
+};
+/* Uses a call's answer (prints it); returns the exit code. resp is owned
+ * by cli_call, which frees it once this returns. */
+typedef int (*cli_resp_cb)(struct cli_ctx *ctx, ProtobufCMessage *resp, void *arg);
+/* What every command's call does: cli_rpc (connect, call, error report),
+ * then resp_cb(ctx, resp, arg) (NULL: nothing to print), then the free.
+ * Returns cli_rpc's exit code when the call failed, else resp_cb's
+ * (CLI_EXIT_OK without one). */
+int cli_call(struct cli_ctx *ctx, const struct cli_method *m, const ProtobufCMessage *req,
+             cli_resp_cb resp_cb, void *arg);
+/* A command without positional words that sends req as it is: its flags
+ * (cli_leaf_parse), then cli_call. */
+int cli_leaf_call(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv,
+                  const struct cli_method *m, const ProtobufCMessage *req, cli_resp_cb resp_cb,
+                  void *arg);
+
+/* ---- key shares (cli_share_input.c) ---------------------------------- */
+
+/* A share given on the command line: copies arg into share (cap bytes,
+ * not terminated beyond what the caller zeroed) and wipes arg in argv (and
+ * so in /proc/PID/cmdline). Its length, or -1 when it does not fit (arg is
+ * wiped all the same). */
+int cli_share_take_arg(char *arg, char *share, size_t cap);
+
+/* Reads one line (a share) without echo when fd is a terminal; at most
+ * cap-1 bytes, surrounding whitespace trimmed. Returns its length, or -1. */
+int cli_read_secret(int fd, const char *prompt, FILE *prompt_to, char *buf, size_t cap);
+
+/* Format and checksum of a share text, locally (nothing is sent for a
+ * typo): 0, or a negative KMS_E* with err filled. */
+int cli_share_check(const char *share, struct kms_err *err);
+
+/* One share for a command taking [SHARE | -]. buf (cap bytes) is the
+ * caller's; it holds the share and is wiped by the functions below on every
+ * failure, and by the caller after the call. */
+struct cli_share_in {
+    char *buf;
+    size_t cap;
+    int npos;  /* SHARE words given: 0 or 1 */
+    bool dash; /* the word was '-' (stdin) */
+    int len;   /* bytes in buf; -1 when the SHARE word was too long */
+};
+/* Parses cmd's flags and the optional SHARE | '-' word (zeroes buf first; a
+ * SHARE is copied into buf and wiped from argv at once). Returns -1 to go
+ * on, else the exit code (help, usage error). */
+int cli_share_parse(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv,
+                    struct cli_share_in *in);
+/* The share for op ("unseal"): the SHARE word's, one line of stdin for '-',
+ * or typed at prompt when there is no word (unless optional: then none is
+ * fine). Decrypted with key_path first when given (init
+ * --share-recipients), then checked locally. 0 with in->len set (0 only
+ * when optional), else the exit code with the error printed. */
+int cli_share_get(struct cli_ctx *ctx, const char *op, struct cli_share_in *in,
+                  const char *prompt, bool optional, const char *key_path);
+/* Wipes shares (of a response: init, rekey update, before it is freed),
+ * after flushing shown_on (where they were printed; may be NULL). */
+void cli_shares_wipe(FILE *shown_on, char *const *shares, size_t n);
+
 /* ---- commands (cmd_*.c) --------------------------------------------- */
 
 /* Group tables (name NULL ends each) and usage texts, for kmsctl.c's root
@@ -273,6 +387,13 @@ extern const char cli_keys_usage[];
 extern const struct cli_cmd cli_snapshot_subs[]; /* cmd_snapshot.c */
 extern const struct cli_cmd cli_audit_subs[];    /* cmd_audit.c */
 extern const char cli_audit_usage[];
+/* operator init (cmd_init.c), unseal and seal-migrate (cmd_unseal.c) */
+extern const struct cli_flag cli_init_flags[];
+int cli_init_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv);
+extern const struct cli_flag cli_unseal_flags[];
+int cli_unseal_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv);
+extern const struct cli_flag cli_seal_migrate_flags[];
+int cli_seal_migrate_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv);
 /* operator rewrap / retire-term (cmd_rewrap.c) */
 extern const char cli_rewrap_usage[];
 extern const struct cli_flag cli_rewrap_flags[];
@@ -283,7 +404,7 @@ extern const char cli_snapshot_usage[];
 extern const struct cli_cmd cli_rekey_subs[]; /* cmd_rekey.c */
 extern const char cli_rekey_usage[];
 
-/* Share recipients (cmd_share_keys.c). load: the PEM public keys in path, in
+/* Share recipients (cli_share_recipients.c). load: the PEM public keys in path, in
  * order, each checked (*pems: n malloc'd strings in a malloc'd array).
  * open: replaces the encrypted share text in share (cap bytes) by the share
  * it holds, decrypted with the private key in key_path; share is wiped on
@@ -293,6 +414,10 @@ int cli_share_recipients_load(const char *path, char ***pems, size_t *n, char *e
 int cli_share_key_open(const char *key_path, char *share, size_t cap, char *errbuf,
                        size_t errlen);
 
+/* After step-down or transfer-leader: {"new_leader_id": N}, or
+ * before N after when N is known, else unknown. CLI_EXIT_OK. */
+int cli_new_leader_print(struct cli_ctx *ctx, uint64_t nl, const char *before,
+                         const char *after, const char *unknown);
 /* Writes members as a JSON array under key. */
 void cli_json_members(struct cli_json *j, const char *key, Kmsd__V1__MemberStatus *const *m,
                       size_t n);
@@ -312,9 +437,5 @@ void cli_keys_print(FILE *f, enum cli_output out, Kmsd__V1__KeyInfo *const *k, s
 /* operator init: local check of shares/threshold; 0 or CLI_EXIT_LOCAL. */
 int cli_init_check(unsigned long shares, unsigned long threshold, bool allow_single,
                    char *errbuf, size_t errlen);
-
-/* Reads one line (a share) without echo when fd is a terminal; at most
- * cap-1 bytes, surrounding whitespace trimmed. Returns its length, or -1. */
-int cli_read_secret(int fd, const char *prompt, FILE *prompt_to, char *buf, size_t cap);
 
 #endif /* KMSCTL_CLI_COMMON_H */

@@ -180,8 +180,7 @@ static int verify_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, 
     fclose(f);
     if (ctx->g.out == CLI_OUT_JSON) {
         struct cli_json j;
-        cli_json_init(&j, ctx->out);
-        cli_json_obj_begin(&j, NULL);
+        cli_json_doc_begin(&j, ctx->out);
         cli_json_str(&j, "file", pos[0]);
         cli_json_bool(&j, "intact", rc == 0);
         cli_json_u64(&j, "lines", v.lines);
@@ -193,8 +192,7 @@ static int verify_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, 
             cli_json_u64(&j, "broken_line", v.bad_line);
             cli_json_str(&j, "reason", v.why);
         }
-        cli_json_obj_end(&j);
-        cli_json_end(&j);
+        cli_json_doc_end(&j);
     } else if (rc == 0) {
         fprintf(ctx->out,
                 "%s: intact, %" PRIu64 " lines (seq %" PRIu64 "..%" PRIu64 ")\n"
@@ -213,18 +211,18 @@ const char cli_audit_usage[] =
     "<dataDir>/audit.log).";
 
 const struct cli_cmd cli_audit_subs[] = {
-    {"verify", "check a hash-chained audit file; name the first broken line (offline)",
-     "Usage: kmsctl audit verify FILE\n"
-     "\n"
-     "Reads FILE line by line: each line's prev must be the SHA-256 of the line\n"
-     "before it and its seq one more than that line's; the file must begin with\n"
-     "an \"audit chain start\" line and end with a complete line. Prints\n"
-     "\"intact\", the line count and the head (SHA-256 of the last line), or the\n"
-     "first line that is changed, missing, torn or not chained.\n"
-     "Exit codes: 0 intact, 1 broken or unreadable.\n"
-     "Lines removed from the end leave a shorter chain that is still intact:\n"
-     "compare the head (or the last seq) with a copy kept elsewhere (kmsd\n"
-     "writes the same lines to its journal).",
-     NULL, verify_run, NULL, false},
-    {NULL, NULL, NULL, NULL, NULL, NULL, false},
+    CLI_CMD_LEAF("verify", "check a hash-chained audit file; name the first broken line (offline)",
+                 "Usage: kmsctl audit verify FILE\n"
+                 "\n"
+                 "Reads FILE line by line: each line's prev must be the SHA-256 of the line\n"
+                 "before it and its seq one more than that line's; the file must begin with\n"
+                 "an \"audit chain start\" line and end with a complete line. Prints\n"
+                 "\"intact\", the line count and the head (SHA-256 of the last line), or the\n"
+                 "first line that is changed, missing, torn or not chained.\n"
+                 "Exit codes: 0 intact, 1 broken or unreadable.\n"
+                 "Lines removed from the end leave a shorter chain that is still intact:\n"
+                 "compare the head (or the last seq) with a copy kept elsewhere (kmsd\n"
+                 "writes the same lines to its journal).",
+                 verify_run, NULL),
+    CLI_CMD_END,
 };

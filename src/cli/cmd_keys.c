@@ -30,24 +30,15 @@ static void key_json_fields(struct cli_json *j, const Kmsd__V1__KeyInfo *k)
     cli_json_u64(j, "origin_term", k->origin_term); /* 0: never rewrapped */
 }
 
-static const char *dash(const char *s)
-{
-    return s != NULL && s[0] != '\0' ? s : "-";
-}
-
 void cli_key_print(FILE *f, enum cli_output out, const Kmsd__V1__KeyInfo *k)
 {
     if (out == CLI_OUT_JSON) {
         struct cli_json j;
-        cli_json_init(&j, f);
-        cli_json_obj_begin(&j, NULL);
+        cli_json_doc_begin(&j, f);
         key_json_fields(&j, k);
-        cli_json_obj_end(&j);
-        cli_json_end(&j);
+        cli_json_doc_end(&j);
         return;
     }
-    static const char *const hdr[2] = {"Key", "Value"};
-    static const char *const dashes[2] = {"---", "-----"};
     char term[48], created[40], access[40], revoked[40];
     if (k->origin_term != 0) {
         snprintf(term, sizeof(term), "%u (rewrapped from %u)", k->term, k->origin_term);
@@ -58,16 +49,15 @@ void cli_key_print(FILE *f, enum cli_output out, const Kmsd__V1__KeyInfo *k)
     cli_format_time(k->last_access_at, false, access, sizeof(access));
     cli_format_time(k->revoked_at, false, revoked, sizeof(revoked));
     const char *rows[][2] = {
-        {"Key ID", dash(k->key_id)},
-        {"Node UUID", dash(k->node_uuid)},
+        {"Key ID", cli_dash(k->key_id)},
+        {"Node UUID", cli_dash(k->node_uuid)},
         {"Key Term", term},
         {"Created", created},
-        {"Source IP", dash(k->source_ip)},
+        {"Source IP", cli_dash(k->source_ip)},
         {"Last Access", access},
         {"Revoked", k->revoked_at != 0 ? revoked : "no"},
     };
-    struct cli_table *t = cli_table_new(2, hdr);
-    cli_table_row(t, dashes);
+    struct cli_table *t = cli_table_new_kv();
     for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
         cli_table_row(t, rows[i]);
     }
@@ -79,8 +69,7 @@ void cli_keys_print(FILE *f, enum cli_output out, Kmsd__V1__KeyInfo *const *k, s
 {
     if (out == CLI_OUT_JSON) {
         struct cli_json j;
-        cli_json_init(&j, f);
-        cli_json_obj_begin(&j, NULL);
+        cli_json_doc_begin(&j, f);
         cli_json_arr_begin(&j, "keys");
         for (size_t i = 0; i < n; i++) {
             cli_json_obj_begin(&j, NULL);
@@ -88,8 +77,7 @@ void cli_keys_print(FILE *f, enum cli_output out, Kmsd__V1__KeyInfo *const *k, s
             cli_json_obj_end(&j);
         }
         cli_json_arr_end(&j);
-        cli_json_obj_end(&j);
-        cli_json_end(&j);
+        cli_json_doc_end(&j);
         return;
     }
     static const char *const hdr[7] = {"KEY ID",    "NODE UUID",   "TERM",   "CREATED",
@@ -101,8 +89,8 @@ void cli_keys_print(FILE *f, enum cli_output out, Kmsd__V1__KeyInfo *const *k, s
         cli_format_time(k[i]->created_at, false, created, sizeof(created));
         cli_format_time(k[i]->last_access_at, false, access, sizeof(access));
         cli_format_time(k[i]->revoked_at, false, revoked, sizeof(revoked));
-        const char *row[7] = {dash(k[i]->key_id), dash(k[i]->node_uuid), term,   created,
-                              dash(k[i]->source_ip), access, revoked};
+        const char *row[7] = {cli_dash(k[i]->key_id),    cli_dash(k[i]->node_uuid), term,
+                              created, cli_dash(k[i]->source_ip), access, revoked};
         cli_table_row(t, row);
     }
     cli_table_print(f, t);
@@ -163,7 +151,7 @@ static const struct cli_flag list_flags[] = {
     {"revoked", 0, CLI_FLAG_BOOL, &list_revoked, NULL, 0, 0, NULL, "only revoked keys", false},
     {"term", 0, CLI_FLAG_UINT, &list_term, NULL, 1, 4294967295UL, "T",
      "only keys on keyring term T (the term that protects them now)", false},
-    {NULL, 0, 0, NULL, NULL, 0, 0, NULL, NULL, false},
+    CLI_FLAG_END,
 };
 
 static int list_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv)
@@ -172,14 +160,14 @@ static int list_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, ch
     ProtobufCMessage *m = NULL, **pages = NULL;
     Kmsd__V1__KeyInfo **all = NULL;
     size_t n_pages = 0, n_keys = 0;
-    int npos = 0, rc;
+    int rc;
 
     list_uuid = NULL;
     list_page_size = 0;
     list_unused = NULL;
     list_revoked = false;
     list_term = 0;
-    if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, &npos)) >= 0) {
+    if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, NULL)) >= 0) {
         return rc;
     }
     if (list_unused != NULL) {
@@ -250,10 +238,31 @@ out:
 
 /* ---- show ------------------------------------------------------------ */
 
+static int show_print_cb(struct cli_ctx *ctx, ProtobufCMessage *resp, void *arg)
+{
+    const Kmsd__V1__KeysShowResponse *r = (const Kmsd__V1__KeysShowResponse *)resp;
+
+    (void)arg;
+    if (r->key == NULL) {
+        fputs("Error: keys show: the server returned no key\n", ctx->err);
+        return CLI_EXIT_REMOTE;
+    }
+    cli_key_print(ctx->out, ctx->g.out, r->key);
+    return CLI_EXIT_OK;
+}
+
+static const struct cli_method show_method = {"keys show", "KeysShow",
+                                              &kmsd__v1__keys_show_response__descriptor, false};
+
+/* The KEY_ID word, checked; 0 or the usage error's exit code. */
+static int key_id_arg(struct cli_ctx *ctx, const char *word)
+{
+    return cli_is_key_id(word) ? 0 : cli_usage_error(ctx, "KEY_ID must be 32 hex digits");
+}
+
 static int show_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv)
 {
     Kmsd__V1__KeysShowRequest req = KMSD__V1__KEYS_SHOW_REQUEST__INIT;
-    ProtobufCMessage *m = NULL;
     char *pos[1] = {NULL};
     int npos = 0, rc;
 
@@ -263,24 +272,11 @@ static int show_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, ch
     if (npos != 1) {
         return cli_usage_error(ctx, "missing KEY_ID");
     }
-    if (!cli_is_key_id(pos[0])) {
-        return cli_usage_error(ctx, "KEY_ID must be 32 hex digits");
-    }
-    req.key_id = pos[0];
-    rc = cli_rpc(ctx, "keys show", "KeysShow", &req.base,
-                 &kmsd__v1__keys_show_response__descriptor, &m, false);
-    if (rc != 0) {
+    if ((rc = key_id_arg(ctx, pos[0])) != 0) {
         return rc;
     }
-    Kmsd__V1__KeysShowResponse *r = (Kmsd__V1__KeysShowResponse *)m;
-    if (r->key == NULL) {
-        protobuf_c_message_free_unpacked(m, NULL);
-        fputs("Error: keys show: the server returned no key\n", ctx->err);
-        return CLI_EXIT_REMOTE;
-    }
-    cli_key_print(ctx->out, ctx->g.out, r->key);
-    protobuf_c_message_free_unpacked(m, NULL);
-    return CLI_EXIT_OK;
+    req.key_id = pos[0];
+    return cli_call(ctx, &show_method, &req.base, show_print_cb, NULL);
 }
 
 /* ---- revoke ---------------------------------------------------------- */
@@ -290,13 +286,28 @@ static const char *revoke_uuid;
 static const struct cli_flag revoke_flags[] = {
     {"node-uuid", 0, CLI_FLAG_STRING, &revoke_uuid, NULL, 0, 0, "UUID",
      "revoke every key sealed by this machine", false},
-    {NULL, 0, 0, NULL, NULL, 0, 0, NULL, NULL, false},
+    CLI_FLAG_END,
 };
+
+static int revoke_print_cb(struct cli_ctx *ctx, ProtobufCMessage *resp, void *arg)
+{
+    uint64_t n = ((const Kmsd__V1__KeysRevokeResponse *)resp)->revoked;
+
+    (void)arg;
+    if (ctx->g.out == CLI_OUT_JSON) {
+        cli_json_print_u64(ctx->out, "revoked", n);
+    } else {
+        fprintf(ctx->out, "Success! Revoked %" PRIu64 " key%s.\n", n, n == 1 ? "" : "s");
+    }
+    return CLI_EXIT_OK;
+}
+
+static const struct cli_method revoke_method = {
+    "keys revoke", "KeysRevoke", &kmsd__v1__keys_revoke_response__descriptor, false};
 
 static int revoke_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv)
 {
     Kmsd__V1__KeysRevokeRequest req = KMSD__V1__KEYS_REVOKE_REQUEST__INIT;
-    ProtobufCMessage *m = NULL;
     char *pos[1] = {NULL};
     int npos = 0, rc;
 
@@ -308,8 +319,8 @@ static int revoke_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, 
         return cli_usage_error(ctx, "give either KEY_ID or --node-uuid UUID");
     }
     if (npos == 1) {
-        if (!cli_is_key_id(pos[0])) {
-            return cli_usage_error(ctx, "KEY_ID must be 32 hex digits");
+        if ((rc = key_id_arg(ctx, pos[0])) != 0) {
+            return rc;
         }
         req.key_id = pos[0];
     } else {
@@ -318,42 +329,31 @@ static int revoke_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, 
         }
         req.node_uuid = (char *)revoke_uuid;
     }
-    rc = cli_rpc(ctx, "keys revoke", "KeysRevoke", &req.base,
-                 &kmsd__v1__keys_revoke_response__descriptor, &m, false);
-    if (rc != 0) {
-        return rc;
-    }
-    uint64_t n = ((Kmsd__V1__KeysRevokeResponse *)m)->revoked;
-    protobuf_c_message_free_unpacked(m, NULL);
-    if (ctx->g.out == CLI_OUT_JSON) {
-        cli_json_print_u64(ctx->out, "revoked", n);
-    } else {
-        fprintf(ctx->out, "Success! Revoked %" PRIu64 " key%s.\n", n, n == 1 ? "" : "s");
-    }
-    return CLI_EXIT_OK;
+    return cli_call(ctx, &revoke_method, &req.base, revoke_print_cb, NULL);
 }
 
 const struct cli_cmd cli_keys_subs[] = {
-    {"list", "list sealed keys",
-     "Usage: kmsctl keys list [--node-uuid UUID] [--unused-since AGE] [--revoked] [--term T]\n"
-     "\n"
-     "Lists the sealed-key records (all, or one machine's; filters combine).\n"
-     "LAST ACCESS is the last successful unseal as recorded by the cluster\n"
-     "(batched: up to lastAccess.interval late). Times are RFC 3339 UTC.",
-     NULL, list_run, list_flags, false},
-    {"show", "show one sealed key",
-     "Usage: kmsctl keys show KEY_ID\n"
-     "\n"
-     "Shows one record. KEY_ID is 32 hex digits (bytes 1..16 of the blob Talos\n"
-     "stores in its LUKS2 token).",
-     NULL, show_run, NULL, false},
-    {"revoke", "revoke a key, or every key of a machine",
-     "Usage: kmsctl keys revoke KEY_ID\n"
-     "       kmsctl keys revoke --node-uuid UUID\n"
-     "\n"
-     "Revokes through the raft log: once acknowledged, no replica unseals the\n"
-     "key(s) again (within one lease period). This crypto-shreds the disk(s):\n"
-     "it cannot be undone.",
-     NULL, revoke_run, revoke_flags, false},
-    {NULL, NULL, NULL, NULL, NULL, NULL, false},
+    CLI_CMD_LEAF("list", "list sealed keys",
+                 "Usage: kmsctl keys list [--node-uuid UUID] [--unused-since AGE] [--revoked] "
+                 "[--term T]\n"
+                 "\n"
+                 "Lists the sealed-key records (all, or one machine's; filters combine).\n"
+                 "LAST ACCESS is the last successful unseal as recorded by the cluster\n"
+                 "(batched: up to lastAccess.interval late). Times are RFC 3339 UTC.",
+                 list_run, list_flags),
+    CLI_CMD_LEAF("show", "show one sealed key",
+                 "Usage: kmsctl keys show KEY_ID\n"
+                 "\n"
+                 "Shows one record. KEY_ID is 32 hex digits (bytes 1..16 of the blob Talos\n"
+                 "stores in its LUKS2 token).",
+                 show_run, NULL),
+    CLI_CMD_LEAF("revoke", "revoke a key, or every key of a machine",
+                 "Usage: kmsctl keys revoke KEY_ID\n"
+                 "       kmsctl keys revoke --node-uuid UUID\n"
+                 "\n"
+                 "Revokes through the raft log: once acknowledged, no replica unseals the\n"
+                 "key(s) again (within one lease period). This crypto-shreds the disk(s):\n"
+                 "it cannot be undone.",
+                 revoke_run, revoke_flags),
+    CLI_CMD_END,
 };

@@ -28,7 +28,7 @@ const struct cli_flag cli_rewrap_flags[] = {
     {"retries", 0, CLI_FLAG_UINT, &rw_retries, NULL, 0, 1000, "N",
      "failed steps retried in a row, 1 s apart, e.g. across a leader change (default 30)",
      false},
-    {NULL, 0, 0, NULL, NULL, 0, 0, NULL, NULL, false},
+    CLI_FLAG_END,
 };
 
 static void sleep_ms(unsigned long ms)
@@ -46,12 +46,12 @@ int cli_rewrap_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, cha
     unsigned long failures = 0;
     uint32_t active = 0;
     bool done = false, json;
-    int npos = 0, rc;
+    int rc;
 
     rw_batch = 256;
     rw_pause_ms = 20;
     rw_retries = 30;
-    if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, &npos)) >= 0) {
+    if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, NULL)) >= 0) {
         return rc;
     }
     json = ctx->g.out == CLI_OUT_JSON;
@@ -101,16 +101,14 @@ int cli_rewrap_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, cha
     }
     if (json) {
         struct cli_json j;
-        cli_json_init(&j, ctx->out);
-        cli_json_obj_begin(&j, NULL);
+        cli_json_doc_begin(&j, ctx->out);
         cli_json_u64(&j, "active_term", active);
         cli_json_u64(&j, "scanned", scanned);
         cli_json_u64(&j, "rewrapped", rewrapped);
         cli_json_u64(&j, "steps", steps);
         cli_json_u64(&j, "failed", failed);
         cli_json_bool(&j, "done", done);
-        cli_json_obj_end(&j);
-        cli_json_end(&j);
+        cli_json_doc_end(&j);
     } else if (failed > 0) {
         fprintf(ctx->err,
                 "kmsctl: rewrap: %" PRIu64 " records could not be rewrapped (their term key is "
@@ -127,11 +125,36 @@ int cli_rewrap_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, cha
     return failed > 0 ? CLI_EXIT_REMOTE : CLI_EXIT_OK;
 }
 
+/* arg: the term retired. */
+static int retire_print_cb(struct cli_ctx *ctx, ProtobufCMessage *resp, void *arg)
+{
+    const Kmsd__V1__RetireTermResponse *r = (const Kmsd__V1__RetireTermResponse *)resp;
+    unsigned long t = *(const unsigned long *)arg;
+
+    if (ctx->g.out == CLI_OUT_JSON) {
+        struct cli_json j;
+        cli_json_doc_begin(&j, ctx->out);
+        cli_json_u64(&j, "retired_term", t);
+        cli_json_u64(&j, "active_term", r->active_term);
+        cli_json_u32_array(&j, "terms", r->terms, r->n_terms);
+        cli_json_doc_end(&j);
+    } else {
+        fprintf(ctx->out, "Success! Retired term %lu: its key is gone from the keyring. Terms "
+                "left:", t);
+        for (size_t i = 0; i < r->n_terms; i++) {
+            fprintf(ctx->out, " %u", r->terms[i]);
+        }
+        fprintf(ctx->out, " (active %u).\n", r->active_term);
+    }
+    return CLI_EXIT_OK;
+}
+
+static const struct cli_method retire_method = {
+    "retire-term", "RetireTerm", &kmsd__v1__retire_term_response__descriptor, false};
+
 int cli_retire_term_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv)
 {
     Kmsd__V1__RetireTermRequest req = KMSD__V1__RETIRE_TERM_REQUEST__INIT;
-    ProtobufCMessage *m = NULL;
-    Kmsd__V1__RetireTermResponse *r;
     char *pos[1] = {NULL};
     char *end = NULL;
     unsigned long t;
@@ -149,35 +172,7 @@ int cli_retire_term_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc
                                pos[0]);
     }
     req.term = (uint32_t)t;
-    rc = cli_rpc(ctx, "retire-term", "RetireTerm", &req.base,
-                 &kmsd__v1__retire_term_response__descriptor, &m, false);
-    if (rc != 0) {
-        return rc;
-    }
-    r = (Kmsd__V1__RetireTermResponse *)m;
-    if (ctx->g.out == CLI_OUT_JSON) {
-        struct cli_json j;
-        cli_json_init(&j, ctx->out);
-        cli_json_obj_begin(&j, NULL);
-        cli_json_u64(&j, "retired_term", t);
-        cli_json_u64(&j, "active_term", r->active_term);
-        cli_json_arr_begin(&j, "terms");
-        for (size_t i = 0; i < r->n_terms; i++) {
-            cli_json_u64(&j, NULL, r->terms[i]);
-        }
-        cli_json_arr_end(&j);
-        cli_json_obj_end(&j);
-        cli_json_end(&j);
-    } else {
-        fprintf(ctx->out, "Success! Retired term %lu: its key is gone from the keyring. Terms "
-                "left:", t);
-        for (size_t i = 0; i < r->n_terms; i++) {
-            fprintf(ctx->out, " %u", r->terms[i]);
-        }
-        fprintf(ctx->out, " (active %u).\n", r->active_term);
-    }
-    protobuf_c_message_free_unpacked(m, NULL);
-    return CLI_EXIT_OK;
+    return cli_call(ctx, &retire_method, &req.base, retire_print_cb, &t);
 }
 
 const char cli_rewrap_usage[] =

@@ -254,21 +254,21 @@ const char cli_snapshot_usage[] =
     "a file offline. A snapshot is useless without k unseal key shares.";
 
 const struct cli_cmd cli_snapshot_subs[] = {
-    {"save", "save a point-in-time copy of the cluster state to FILE",
-     "Usage: kmsctl operator snapshot save FILE\n"
-     "\n"
-     "Copies the applied state of the replica at --endpoint (cluster id, raft\n"
-     "index, members, the encrypted keyring, every record) from one RocksDB\n"
-     "snapshot, streamed in 1 MiB chunks, into FILE (written as FILE.tmp, mode\n"
-     "0600, then renamed), with a SHA-256 over the whole file. Seals and unseals\n"
-     "go on meanwhile. A follower's copy is as fresh as its applied index.",
-     NULL, save_run, NULL, false},
-    {"inspect", "verify a snapshot file and print what it holds (offline)",
-     "Usage: kmsctl operator snapshot inspect FILE\n"
-     "\n"
-     "Verifies the checksum and every entry, then prints the cluster id, index,\n"
-     "record, revoked and term counts. A truncated or altered file is refused\n"
-     "(exit 1). Needs no endpoint.",
-     NULL, inspect_run, NULL, false},
-    {NULL, NULL, NULL, NULL, NULL, NULL, false},
+    CLI_CMD_LEAF("save", "save a point-in-time copy of the cluster state to FILE",
+                 "Usage: kmsctl operator snapshot save FILE\n"
+                 "\n"
+                 "Copies the applied state of the replica at --endpoint (cluster id, raft\n"
+                 "index, members, the encrypted keyring, every record) from one RocksDB\n"
+                 "snapshot, streamed in 1 MiB chunks, into FILE (written as FILE.tmp, mode\n"
+                 "0600, then renamed), with a SHA-256 over the whole file. Seals and unseals\n"
+                 "go on meanwhile. A follower's copy is as fresh as its applied index.",
+                 save_run, NULL),
+    CLI_CMD_LEAF("inspect", "verify a snapshot file and print what it holds (offline)",
+                 "Usage: kmsctl operator snapshot inspect FILE\n"
+                 "\n"
+                 "Verifies the checksum and every entry, then prints the cluster id, index,\n"
+                 "record, revoked and term counts. A truncated or altered file is refused\n"
+                 "(exit 1). Needs no endpoint.",
+                 inspect_run, NULL),
+    CLI_CMD_END,
 };

@@ -36,7 +36,7 @@ static bool opt_cluster;
 const struct cli_flag cli_status_flags[] = {
     {"cluster", 0, CLI_FLAG_BOOL, &opt_cluster, NULL, 0, 0, NULL,
      "one row per member, each asked directly", false},
-    {NULL, 0, CLI_FLAG_BOOL, NULL, NULL, 0, 0, NULL, NULL, false},
+    CLI_FLAG_END,
 };
 
 static bool local_reads(const Kmsd__V1__StatusResponse *st)
@@ -72,25 +72,18 @@ static const char *b(bool v)
     return v ? "true" : "false";
 }
 
-static void kv(struct cli_table *t, const char *k, const char *v)
-{
-    const char *row[2] = {k, v};
-    cli_table_row(t, row);
-}
-
 static void kv_u64(struct cli_table *t, const char *k, uint64_t v)
 {
     char buf[32];
     snprintf(buf, sizeof(buf), "%" PRIu64, v);
-    kv(t, k, buf);
+    cli_table_kv(t, k, buf);
 }
 
 void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusResponse *st)
 {
     if (out == CLI_OUT_JSON) {
         struct cli_json j;
-        cli_json_init(&j, f);
-        cli_json_obj_begin(&j, NULL);
+        cli_json_doc_begin(&j, f);
         cli_json_bool(&j, "initialized", st->initialized);
         cli_json_bool(&j, "sealed", st->sealed);
         cli_json_u64(&j, "progress", st->progress);
@@ -108,11 +101,7 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
         cli_json_str(&j, "version", st->version);
         cli_json_str(&j, "cluster_id", st->cluster_id);
         cli_json_u64(&j, "active_term", st->active_term);
-        cli_json_arr_begin(&j, "keyring_terms");
-        for (size_t i = 0; i < st->n_keyring_terms; i++) {
-            cli_json_u64(&j, NULL, st->keyring_terms[i]);
-        }
-        cli_json_arr_end(&j);
+        cli_json_u32_array(&j, "keyring_terms", st->keyring_terms, st->n_keyring_terms);
         cli_json_str(&j, "keyring_error", st->keyring_error);
         cli_json_bool(&j, "talos_listening", st->talos_listening);
         cli_json_str(&j, "unseal_reads",
@@ -130,46 +119,42 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
         cli_json_u64(&j, "entry_version_supported", st->entry_version_supported);
         cli_json_u64(&j, "entry_version_emitting", st->entry_version_emitting);
         cli_json_u64(&j, "entry_version_applied", st->entry_version_applied);
-        cli_json_obj_end(&j);
-        cli_json_end(&j);
+        cli_json_doc_end(&j);
         return;
     }
 
-    static const char *const hdr[2] = {"Key", "Value"};
-    static const char *const dashes[2] = {"---", "-----"};
-    struct cli_table *t = cli_table_new(2, hdr);
+    struct cli_table *t = cli_table_new_kv();
     char buf[64];
-    cli_table_row(t, dashes);
-    kv(t, "Initialized", b(st->initialized));
-    kv(t, "Sealed", b(st->sealed));
+    cli_table_kv(t, "Initialized", b(st->initialized));
+    cli_table_kv(t, "Sealed", b(st->sealed));
     if (st->initialized) {
         kv_u64(t, "Total Shares", st->shares);
         kv_u64(t, "Threshold", st->threshold);
         if (st->sealed) {
             snprintf(buf, sizeof(buf), "%u/%u", st->progress, st->threshold);
-            kv(t, "Unseal Progress", buf);
+            cli_table_kv(t, "Unseal Progress", buf);
         }
     }
-    kv(t, "Version", st->version != NULL && st->version[0] ? st->version : "-");
-    kv(t, "Cluster ID", st->cluster_id != NULL && st->cluster_id[0] ? st->cluster_id : "-");
+    cli_table_kv(t, "Version", cli_dash(st->version));
+    cli_table_kv(t, "Cluster ID", cli_dash(st->cluster_id));
     kv_u64(t, "Node ID", st->node_id);
-    kv(t, "Raft Role", st->role != NULL && st->role[0] ? st->role : "-");
+    cli_table_kv(t, "Raft Role", cli_dash(st->role));
     if (st->leader_id != 0) {
         kv_u64(t, "Leader ID", st->leader_id);
     } else {
-        kv(t, "Leader ID", "none");
+        cli_table_kv(t, "Leader ID", "none");
     }
     kv_u64(t, "Raft Term", st->term);
     kv_u64(t, "Commit Index", st->commit_index);
     kv_u64(t, "Applied Index", st->applied_index);
-    kv(t, "Read Lease", lease_text(st));
+    cli_table_kv(t, "Read Lease", lease_text(st));
     if (local_reads(st)) {
-        kv(t, "Unseal Reads", "unsealReads: local");
+        cli_table_kv(t, "Unseal Reads", "unsealReads: local");
     }
     if (!is_member(st)) {
-        kv(t, "Member", "no: waiting to be added (kmsctl operator members add)");
+        cli_table_kv(t, "Member", "no: waiting to be added (kmsctl operator members add)");
     }
-    kv(t, "Talos Listener", st->talos_listening ? "open" : "closed");
+    cli_table_kv(t, "Talos Listener", st->talos_listening ? "open" : "closed");
     if (st->entry_version_supported != 0) {
         /* Older servers send none of these. */
         if (st->entry_version_emitting != 0) {
@@ -180,12 +165,12 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
             snprintf(buf, sizeof(buf), "applied %u, supported %u", st->entry_version_applied,
                      st->entry_version_supported);
         }
-        kv(t, "Entry Version", buf);
+        cli_table_kv(t, "Entry Version", buf);
     }
     if (st->active_term != 0) {
         kv_u64(t, "Active Key Term", st->active_term);
     } else {
-        kv(t, "Active Key Term", "-");
+        cli_table_kv(t, "Active Key Term", "-");
     }
     if (st->n_keyring_terms > 0) {
         char terms[256];
@@ -198,25 +183,27 @@ void cli_status_print(FILE *f, enum cli_output out, const Kmsd__V1__StatusRespon
         if (off + 16 >= sizeof(terms) && st->n_keyring_terms > 0) {
             snprintf(terms + off, sizeof(terms) - off, ",...");
         }
-        kv(t, "Keyring Terms", terms);
+        cli_table_kv(t, "Keyring Terms", terms);
     }
     if (st->keyring_error != NULL && st->keyring_error[0] != '\0') {
-        kv(t, "Keyring Error", st->keyring_error);
+        cli_table_kv(t, "Keyring Error", st->keyring_error);
     }
     if (st->peer_unseal) {
-        kv(t, "Peer Unseal",
-           st->peer_unseal_gate != NULL && strcmp(st->peer_unseal_gate, "closed") == 0
-               ? "on; gate closed (operator seal: give a sealed node k shares)"
-               : "on");
+        cli_table_kv(t, "Peer Unseal",
+                     st->peer_unseal_gate != NULL && strcmp(st->peer_unseal_gate, "closed") == 0
+                         ? "on; gate closed (operator seal: give a sealed node k shares)"
+                         : "on");
     }
     if (st->seal_type != NULL && strcmp(st->seal_type, "pkcs11") == 0) {
-        kv(t, "Seal Type", st->hsm_wrapped ? "pkcs11 (auto-unseal)"
-                                           : "pkcs11 (cluster still on Shamir: seal-migrate)");
+        cli_table_kv(t, "Seal Type",
+                     st->hsm_wrapped ? "pkcs11 (auto-unseal)"
+                                     : "pkcs11 (cluster still on Shamir: seal-migrate)");
     } else if (st->hsm_wrapped) {
-        kv(t, "Seal Type", "shamir (cluster has an HSM-wrapped key: needs recovery shares)");
+        cli_table_kv(t, "Seal Type",
+                     "shamir (cluster has an HSM-wrapped key: needs recovery shares)");
     }
     if (st->seal_error != NULL && st->seal_error[0] != '\0') {
-        kv(t, "Seal Error", st->seal_error);
+        cli_table_kv(t, "Seal Error", st->seal_error);
     }
     cli_table_print(f, t);
     cli_table_free(t);
@@ -244,8 +231,7 @@ static void cluster_print(FILE *f, enum cli_output out, struct member_row *rows,
 {
     if (out == CLI_OUT_JSON) {
         struct cli_json j;
-        cli_json_init(&j, f);
-        cli_json_obj_begin(&j, NULL);
+        cli_json_doc_begin(&j, f);
         cli_json_arr_begin(&j, "members");
         for (size_t i = 0; i < n; i++) {
             Kmsd__V1__StatusResponse *st = rows[i].st;
@@ -272,8 +258,7 @@ static void cluster_print(FILE *f, enum cli_output out, struct member_row *rows,
             cli_json_obj_end(&j);
         }
         cli_json_arr_end(&j);
-        cli_json_obj_end(&j);
-        cli_json_end(&j);
+        cli_json_doc_end(&j);
         return;
     }
     static const char *const hdr[8] = {"ID",    "ADDRESS",       "ROLE",    "SEALED",
@@ -291,11 +276,11 @@ static void cluster_print(FILE *f, enum cli_output out, struct member_row *rows,
         snprintf(applied, sizeof(applied), "%" PRIu64, st->applied_index);
         const char *row[8] = {id,
                               rows[i].addr,
-                              st->role != NULL && st->role[0] ? st->role : "-",
+                              cli_dash(st->role),
                               !st->initialized ? "uninitialised" : b(st->sealed),
                               lease_text(st),
                               applied,
-                              st->version != NULL && st->version[0] ? st->version : "-",
+                              cli_dash(st->version),
                               st->talos_listening ? "open" : "closed"};
         cli_table_row(t, row);
     }
@@ -333,9 +318,7 @@ static int cluster_run(struct cli_ctx *ctx, Kmsd__V1__StatusResponse *first)
         const Kmsd__V1__MemberStatus *m = first->members[i];
         ProtobufCMessage *resp = NULL;
         rows[i].id = m->id;
-        rows[i].addr = m->cluster_address != NULL && m->cluster_address[0]
-                           ? m->cluster_address
-                           : "-";
+        rows[i].addr = cli_dash(m->cluster_address);
         if (strcmp(rows[i].addr, "-") == 0) {
             snprintf(rows[i].error, sizeof(rows[i].error), "no cluster API address known");
             ex = CLI_EXIT_REMOTE;
@@ -379,10 +362,10 @@ int cli_status_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, cha
 {
     Kmsd__V1__StatusRequest req = KMSD__V1__STATUS_REQUEST__INIT;
     ProtobufCMessage *m = NULL;
-    int npos = 0, rc;
+    int rc;
 
     opt_cluster = false;
-    if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, &npos)) >= 0) {
+    if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, NULL)) >= 0) {
         return rc;
     }
     rc = cli_rpc(ctx, "status", "Status", &req.base, &kmsd__v1__status_response__descriptor,

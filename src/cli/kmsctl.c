@@ -1,9 +1,10 @@
 /*
  * kmsctl: the kmsd operator tool (like `vault operator`, `etcdctl`).
  *
- * One file per command group (cmd_status.c, cmd_operator.c, cmd_members.c,
- * cmd_keys.c, cmd_audit.c), dispatched from the table below; flags, output and the
- * connection are in cli_common.c. Exit codes: 0 ok, 1 local or usage error,
+ * One file per command or group (cmd_status.c, cmd_operator.c and the files
+ * its table names, cmd_keys.c, cmd_audit.c), dispatched from the table below
+ * by cli_dispatch.c; flags, output and the connection are the other cli_*.c
+ * (cli_common.h). Exit codes: 0 ok, 1 local or usage error,
  * 2 remote error; `status`: 0 serving, 2 not serving, 1 cannot ask.
  */
 #include <stdio.h>
@@ -22,17 +23,15 @@
 
 static int version_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc, char **argv)
 {
-    int npos = 0, rc;
-    if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, &npos)) >= 0) {
+    int rc;
+    if ((rc = cli_leaf_parse(ctx, cmd, argc, argv, NULL, 0, NULL)) >= 0) {
         return rc;
     }
     if (ctx->g.out == CLI_OUT_JSON) {
         struct cli_json j;
-        cli_json_init(&j, ctx->out);
-        cli_json_obj_begin(&j, NULL);
+        cli_json_doc_begin(&j, ctx->out);
         cli_json_str(&j, "version", KMSD_VERSION);
-        cli_json_obj_end(&j);
-        cli_json_end(&j);
+        cli_json_doc_end(&j);
     } else {
         fprintf(ctx->out, "kmsctl %s\n", KMSD_BUILD_VERSION);
     }
@@ -40,30 +39,32 @@ static int version_run(struct cli_ctx *ctx, const struct cli_cmd *cmd, int argc,
 }
 
 static const struct cli_cmd root_subs[] = {
-    {"status", "show a replica's state (exit 2 when not serving, 1 on errors)",
-     cli_status_usage, NULL, cli_status_run, cli_status_flags, false},
-    {"operator", "init, unseal, seal, step-down, rotate, rewrap, retire-term, members", cli_operator_usage,
-     cli_operator_subs, NULL, NULL, false},
-    {"keys", "list, show and revoke sealed keys", cli_keys_usage, cli_keys_subs, NULL, NULL,
-     false},
-    {"audit", "verify a hash-chained audit file (offline)", cli_audit_usage, cli_audit_subs,
-     NULL, NULL, false},
-    {"version", "print kmsctl's version", "Usage: kmsctl version", NULL, version_run, NULL,
-     false},
-    {"help", "help about any command: kmsctl help operator unseal", "Usage: kmsctl help [COMMAND...]",
-     NULL, NULL, NULL, false},
-    {NULL, NULL, NULL, NULL, NULL, NULL, false},
+    CLI_CMD_LEAF("status", "show a replica's state (exit 2 when not serving, 1 on errors)",
+                 cli_status_usage,
+                 cli_status_run, cli_status_flags),
+    CLI_CMD_GROUP("operator", "init, unseal, seal, step-down, rotate, rewrap, retire-term, members",
+                  cli_operator_usage, cli_operator_subs),
+    CLI_CMD_GROUP("keys", "list, show and revoke sealed keys",
+                  cli_keys_usage, cli_keys_subs),
+    CLI_CMD_GROUP("audit", "verify a hash-chained audit file (offline)",
+                  cli_audit_usage, cli_audit_subs),
+    CLI_CMD_LEAF("version", "print kmsctl's version",
+                 "Usage: kmsctl version",
+                 version_run, NULL),
+    CLI_CMD_LEAF("help", "help about any command: kmsctl help operator unseal",
+                 "Usage: kmsctl help [COMMAND...]",
+                 NULL, NULL),
+    CLI_CMD_END,
 };
 
-static const struct cli_cmd root = {
-    "kmsctl", "kmsd operator tool",
-    "Usage: kmsctl COMMAND [flags]\n"
-    "\n"
-    "kmsctl talks to the cluster API of one kmsd replica (mutual TLS, port 4051).\n"
-    "kmsctl --version (or kmsctl version) prints the version.\n"
-    "Exit codes: 0 ok, 1 local or usage error, 2 remote error.",
-    root_subs, NULL, NULL, false,
-};
+static const struct cli_cmd root =
+    CLI_CMD_GROUP("kmsctl", "kmsd operator tool",
+                  "Usage: kmsctl COMMAND [flags]\n"
+                  "\n"
+                  "kmsctl talks to the cluster API of one kmsd replica (mutual TLS, port 4051).\n"
+                  "kmsctl --version (or kmsctl version) prints the version.\n"
+                  "Exit codes: 0 ok, 1 local or usage error, 2 remote error.",
+                  root_subs);
 
 int main(int argc, char **argv)
 {

@@ -1,5 +1,5 @@
 /*
- * Share recipients for kmsctl (cmd_operator.c): `operator init
+ * Share recipients for kmsctl (cmd_init.c, cmd_unseal.c): `operator init
  * --share-recipients FILE` reads one PEM public key per share holder;
  * `operator unseal --share-key KEY.pem` decrypts an encrypted share
  * (kms_share_seal.h) locally before it is sent.
