@@ -13,8 +13,10 @@
  * reads, node_id 0), raft NULL (a function that reaches kms_raft_* would
  * crash: only test functions that do not), unsealed false, root and
  * keyring NULL, metrics zero. daemon_fx_free seals (wipes root, keyring,
- * pending) and frees what daemon_fx_new made. All static inline; the
- * struct kmsd is the test's, one thread.
+ * pending) and frees what daemon_fx_new made. daemon_fx_setup and
+ * daemon_fx_teardown are cmocka setup/teardown around them, with an
+ * initialised cluster. All static inline; the struct kmsd is the test's,
+ * one thread.
  */
 #ifndef KMS_TEST_DAEMON_FIXTURE_H
 #define KMS_TEST_DAEMON_FIXTURE_H
@@ -100,6 +102,39 @@ static inline void daemon_fx_init_cluster(struct kmsd *d, uint64_t index, unsign
     assert_int_equal(apply_code(d->store, index, &e, NULL), 0);
     kmsd__v1__encrypted_keyring__free_unpacked(ek, NULL);
     kms_keyring_unref(kr);
+}
+
+/* A cmocka fixture (*state): a struct kmsd over a store in a temp dir,
+ * with an initialised cluster (daemon_fx_init_cluster at index 1). */
+#define DAEMON_FX_SHARES 5 /* n */
+#define DAEMON_FX_THRESHOLD 3 /* k */
+struct daemon_fx {
+    struct dir dir;
+    struct kmsd *d;
+    uint64_t index; /* the last raft index applied to d->store */
+    uint8_t root[32];
+    char shares[DAEMON_FX_SHARES][KMS_SHARE_TEXT_MAX];
+};
+
+static inline int daemon_fx_setup(void **state)
+{
+    struct daemon_fx *f = calloc(1, sizeof(*f));
+    assert_non_null(f);
+    dir_make(&f->dir);
+    f->d = daemon_fx_new(&f->dir, "db");
+    daemon_fx_init_cluster(f->d, ++f->index, DAEMON_FX_SHARES, DAEMON_FX_THRESHOLD, f->shares,
+                           f->root);
+    *state = f;
+    return 0;
+}
+
+static inline int daemon_fx_teardown(void **state)
+{
+    struct daemon_fx *f = *state;
+    daemon_fx_free(f->d);
+    dir_remove(&f->dir);
+    free(f);
+    return 0;
 }
 
 #endif

@@ -31,35 +31,8 @@
 #include "store_fixture.h"
 #include "daemon_fixture.h"
 
-#define N 5
-#define K 3
-
-struct fx {
-    struct dir dir;
-    struct kmsd *d;
-    uint8_t root[32];
-    char shares[N][KMS_SHARE_TEXT_MAX];
-};
-
-static int setup(void **state)
-{
-    struct fx *f = calloc(1, sizeof(*f));
-    assert_non_null(f);
-    dir_make(&f->dir);
-    f->d = daemon_fx_new(&f->dir, "db");
-    daemon_fx_init_cluster(f->d, 1, N, K, f->shares, f->root);
-    *state = f;
-    return 0;
-}
-
-static int teardown(void **state)
-{
-    struct fx *f = *state;
-    daemon_fx_free(f->d);
-    dir_remove(&f->dir);
-    free(f);
-    return 0;
-}
+#define N DAEMON_FX_SHARES
+#define K DAEMON_FX_THRESHOLD
 
 struct step {
     int rc;
@@ -96,7 +69,7 @@ static void assert_sealed_clean(struct kmsd *d)
     assert_true(daemon_fx_pending_wiped(d));
 }
 
-static void assert_unsealed_with(struct fx *f)
+static void assert_unsealed_with(struct daemon_fx *f)
 {
     struct kms_keyring *kr;
     assert_true(kmsd_is_unsealed(f->d));
@@ -109,6 +82,29 @@ static void assert_unsealed_with(struct fx *f)
     /* the shares that unsealed are gone from memory */
     assert_int_equal(f->d->n_pending, 0);
     assert_true(daemon_fx_pending_wiped(f->d));
+}
+
+/* Gives share i, which is not the k-th: accepted, progress want, sealed. */
+static void give(struct daemon_fx *f, unsigned i, unsigned want)
+{
+    struct step s = submit(f->d, f->shares[i], false);
+    assert_int_equal(s.rc, 0);
+    assert_int_equal(s.progress, want);
+    assert_int_equal(s.threshold, K);
+    assert_false(s.unsealed);
+    assert_progress(f->d, want);
+    assert_false(kmsd_is_unsealed(f->d));
+}
+
+/* Gives share i, the k-th of a right set: unsealed with the root key. */
+static void give_last(struct daemon_fx *f, unsigned i)
+{
+    struct step s = submit(f->d, f->shares[i], false);
+    assert_int_equal(s.rc, 0);
+    assert_int_equal(s.progress, K);
+    assert_int_equal(s.threshold, K);
+    assert_true(s.unsealed);
+    assert_unsealed_with(f);
 }
 
 static void test_uninitialised(void **state)
@@ -135,32 +131,15 @@ static void test_uninitialised(void **state)
 
 static void test_threshold_unseals(void **state)
 {
-    struct fx *f = *state;
+    struct daemon_fx *f = *state;
     struct step s;
 
     assert_progress(f->d, 0);
     /* any k of the n, in any order */
-    s = submit(f->d, f->shares[4], false);
-    assert_int_equal(s.rc, 0);
-    assert_int_equal(s.progress, 1);
-    assert_int_equal(s.threshold, K);
-    assert_false(s.unsealed);
-    assert_progress(f->d, 1);
-    assert_false(kmsd_is_unsealed(f->d));
-
-    s = submit(f->d, f->shares[1], false);
-    assert_int_equal(s.rc, 0);
-    assert_int_equal(s.progress, 2);
-    assert_false(s.unsealed);
-    assert_progress(f->d, 2);
+    give(f, 4, 1);
+    give(f, 1, 2);
     assert_null(kmsd_keyring_get(f->d));
-
-    s = submit(f->d, f->shares[3], false);
-    assert_int_equal(s.rc, 0);
-    assert_int_equal(s.progress, K);
-    assert_int_equal(s.threshold, K);
-    assert_true(s.unsealed);
-    assert_unsealed_with(f);
+    give_last(f, 3);
     assert_progress(f->d, K); /* unsealed reads k/k */
 
     /* more shares once unsealed change nothing */
@@ -173,21 +152,18 @@ static void test_threshold_unseals(void **state)
     /* seal, then unseal again with another subset */
     kmsd_seal(f->d);
     assert_sealed_clean(f->d);
-    assert_int_equal(submit(f->d, f->shares[0], false).rc, 0);
-    assert_int_equal(submit(f->d, f->shares[1], false).rc, 0);
-    s = submit(f->d, f->shares[2], false);
-    assert_int_equal(s.rc, 0);
-    assert_true(s.unsealed);
-    assert_unsealed_with(f);
+    give(f, 0, 1);
+    give(f, 1, 2);
+    give_last(f, 2);
 }
 
 static void test_duplicate_index(void **state)
 {
-    struct fx *f = *state;
+    struct daemon_fx *f = *state;
     struct step s;
     char upper[KMS_SHARE_TEXT_MAX + 4];
 
-    assert_int_equal(submit(f->d, f->shares[2], false).rc, 0);
+    give(f, 2, 1);
     s = submit(f->d, f->shares[2], false);
     assert_int_equal(s.rc, KMS_EDUP);
     assert_int_equal(s.progress, 1);
@@ -202,18 +178,14 @@ static void test_duplicate_index(void **state)
     }
     assert_int_equal(submit(f->d, upper, false).rc, KMS_EDUP);
     assert_progress(f->d, 1);
-    /* the refused duplicate does not count toward k */
-    assert_int_equal(submit(f->d, f->shares[0], false).rc, 0);
-    assert_false(kmsd_is_unsealed(f->d));
-    s = submit(f->d, f->shares[1], false);
-    assert_int_equal(s.rc, 0);
-    assert_true(s.unsealed);
-    assert_unsealed_with(f);
+    /* the refused duplicates do not count toward k */
+    give(f, 0, 2);
+    give_last(f, 1);
 }
 
 static void test_malformed_and_length(void **state)
 {
-    struct fx *f = *state;
+    struct daemon_fx *f = *state;
     char short_shares[N][KMS_SHARE_TEXT_MAX], typo[KMS_SHARE_TEXT_MAX];
     uint8_t secret16[16];
     struct step s;
@@ -234,7 +206,7 @@ static void test_malformed_and_length(void **state)
     assert_true(daemon_fx_pending_wiped(f->d));
 
     /* a share of another length than those given is refused */
-    assert_int_equal(submit(f->d, f->shares[0], false).rc, 0);
+    give(f, 0, 1);
     s = submit(f->d, short_shares[1], false);
     assert_int_equal(s.rc, KMS_EFORMAT);
     assert_int_equal(s.progress, 1);
@@ -255,12 +227,11 @@ static void test_malformed_and_length(void **state)
 
 static void test_reset(void **state)
 {
-    struct fx *f = *state;
+    struct daemon_fx *f = *state;
     struct step s;
 
-    assert_int_equal(submit(f->d, f->shares[0], false).rc, 0);
-    assert_int_equal(submit(f->d, f->shares[1], false).rc, 0);
-    assert_progress(f->d, 2);
+    give(f, 0, 1);
+    give(f, 1, 2);
     /* reset alone: 0, progress 0, shares wiped */
     s = submit(f->d, NULL, true);
     assert_int_equal(s.rc, 0);
@@ -270,16 +241,12 @@ static void test_reset(void **state)
     assert_sealed_clean(f->d);
     /* reset with a share: it is the first of a new set, so a share given
      * before the reset may be given again */
-    assert_int_equal(submit(f->d, f->shares[0], false).rc, 0);
+    give(f, 0, 1);
     s = submit(f->d, f->shares[1], true);
     assert_int_equal(s.rc, 0);
     assert_int_equal(s.progress, 1);
-    assert_int_equal(submit(f->d, f->shares[0], false).rc, 0);
-    assert_progress(f->d, 2);
-    s = submit(f->d, f->shares[4], false);
-    assert_int_equal(s.rc, 0);
-    assert_true(s.unsealed);
-    assert_unsealed_with(f);
+    give(f, 0, 2);
+    give_last(f, 4);
     /* a reset once unsealed does not seal */
     s = submit(f->d, NULL, true);
     assert_int_equal(s.rc, 0);
@@ -289,7 +256,7 @@ static void test_reset(void **state)
 
 static void test_wrong_set(void **state)
 {
-    struct fx *f = *state;
+    struct daemon_fx *f = *state;
     char other[N][KMS_SHARE_TEXT_MAX];
     uint8_t other_root[32];
     struct kms_err err;
@@ -313,32 +280,30 @@ static void test_wrong_set(void **state)
     assert_progress(f->d, 0);
 
     /* two of ours and one foreign (another index): also refused */
-    assert_int_equal(submit(f->d, f->shares[0], false).rc, 0);
-    assert_int_equal(submit(f->d, f->shares[1], false).rc, 0);
+    give(f, 0, 1);
+    give(f, 1, 2);
     s = submit(f->d, other[3], false);
     assert_int_equal(s.rc, KMS_EAUTH);
     assert_int_equal(s.progress, 0);
     assert_sealed_clean(f->d);
 
     /* after a failure the right shares still unseal */
-    assert_int_equal(submit(f->d, f->shares[0], false).rc, 0);
-    assert_int_equal(submit(f->d, f->shares[1], false).rc, 0);
-    s = submit(f->d, f->shares[2], false);
-    assert_int_equal(s.rc, 0);
-    assert_true(s.unsealed);
-    assert_unsealed_with(f);
+    give(f, 0, 1);
+    give(f, 1, 2);
+    give_last(f, 2);
     OPENSSL_cleanse(other_root, sizeof(other_root));
 }
 
 int main(void)
 {
+#define FX(t) cmocka_unit_test_setup_teardown(t, daemon_fx_setup, daemon_fx_teardown)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_uninitialised),
-        cmocka_unit_test_setup_teardown(test_threshold_unseals, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_duplicate_index, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_malformed_and_length, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_reset, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_wrong_set, setup, teardown),
+        FX(test_threshold_unseals),
+        FX(test_duplicate_index),
+        FX(test_malformed_and_length),
+        FX(test_reset),
+        FX(test_wrong_set),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

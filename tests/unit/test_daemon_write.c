@@ -151,37 +151,8 @@ static int put_rec(struct kms_store *s, uint64_t index, const struct rec *x)
     return apply_code(s, index, &e, NULL);
 }
 
-struct fx {
-    struct dir dir;
-    struct kmsd *d;
-    uint64_t ix;
-};
-
-static int setup(void **state)
-{
-    struct fx *f = calloc(1, sizeof(*f));
-    char shares[2][KMS_SHARE_TEXT_MAX];
-    uint8_t root[32];
-    assert_non_null(f);
-    dir_make(&f->dir);
-    f->d = daemon_fx_new(&f->dir, "db");
-    /* records need an initialised cluster (term 1) */
-    daemon_fx_init_cluster(f->d, ++f->ix, 2, 2, shares, root);
-    *state = f;
-    return 0;
-}
-
-static int teardown(void **state)
-{
-    struct fx *f = *state;
-    daemon_fx_free(f->d);
-    dir_remove(&f->dir);
-    free(f);
-    return 0;
-}
-
 /* readback of x: its code, the failure counter's increase, the message */
-static int readback(struct fx *f, const struct rec *x, unsigned long long *failed,
+static int readback(struct daemon_fx *f, const struct rec *x, unsigned long long *failed,
                     struct kms_err *err)
 {
     unsigned long long before = f->d->metrics.seal_readback_failures;
@@ -192,7 +163,7 @@ static int readback(struct fx *f, const struct rec *x, unsigned long long *faile
     return rc;
 }
 
-static void assert_readback_refused(struct fx *f, const struct rec *x, const char *reason)
+static void assert_readback_refused(struct daemon_fx *f, const struct rec *x, const char *reason)
 {
     unsigned long long failed = 0;
     struct kms_err why;
@@ -205,13 +176,13 @@ static void assert_readback_refused(struct fx *f, const struct rec *x, const cha
 
 static void test_readback(void **state)
 {
-    struct fx *f = *state;
+    struct daemon_fx *f = *state;
     struct rec mine, x;
     unsigned long long failed = 9;
     struct kms_err why;
 
     rec_like(&mine, 7, UUID);
-    assert_int_equal(put_rec(f->d->store, ++f->ix, &mine), 0);
+    assert_int_equal(put_rec(f->d->store, ++f->index, &mine), 0);
     /* exactly as sealed: 0, nothing counted */
     assert_int_equal(readback(f, &mine, &failed, &why), 0);
     assert_int_equal(failed, 0);
@@ -255,7 +226,7 @@ static void test_readback(void **state)
  * that is success, and the read-back then accepts only our own bytes. */
 static void test_retry_eexist(void **state)
 {
-    struct fx *f = *state;
+    struct daemon_fx *f = *state;
     Kmsd__V1__Entry e = KMSD__V1__ENTRY__INIT;
     Kmsd__V1__PutRecord pr = KMSD__V1__PUT_RECORD__INIT;
     struct rec mine, theirs;
@@ -271,9 +242,9 @@ static void test_retry_eexist(void **state)
     /* the first attempt committed, its answer was lost (EUNAVAIL): the
      * retry is refused EEXIST by the store, reported as success, and the
      * record reads back as ours */
-    assert_int_equal(put_rec(f->d->store, ++f->ix, &mine), 0);
+    assert_int_equal(put_rec(f->d->store, ++f->index, &mine), 0);
     assert_int_equal(kmsd_write_next(KMS_EUNAVAIL, 0, SELF, true), KMSD_WRITE_RETRY_UNCERTAIN);
-    code = put_rec(f->d->store, ++f->ix, &mine);
+    code = put_rec(f->d->store, ++f->index, &mine);
     assert_int_equal(code, KMS_EEXIST);
     assert_int_equal(kmsd_write_outcome(&e, code, true), 0);
     assert_int_equal(readback(f, &mine, &failed, &why), 0);
@@ -283,10 +254,10 @@ static void test_retry_eexist(void **state)
      * attempt EEXIST still reads as success, and the read-back catches it */
     rec_like(&theirs, 12, UUID);
     theirs.ct[3] ^= 0x55;
-    assert_int_equal(put_rec(f->d->store, ++f->ix, &theirs), 0);
+    assert_int_equal(put_rec(f->d->store, ++f->index, &theirs), 0);
     rec_like(&mine, 12, UUID);
     pr.record = &mine.r;
-    code = put_rec(f->d->store, ++f->ix, &mine);
+    code = put_rec(f->d->store, ++f->index, &mine);
     assert_int_equal(code, KMS_EEXIST);
     assert_int_equal(kmsd_write_outcome(&e, code, true), 0);
     assert_readback_refused(f, &mine, "stored record differs from the one sealed");
@@ -301,8 +272,8 @@ int main(void)
         cmocka_unit_test(test_next_not_leader),
         cmocka_unit_test(test_next_retry_and_fail),
         cmocka_unit_test(test_outcome),
-        cmocka_unit_test_setup_teardown(test_readback, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_retry_eexist, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_readback, daemon_fx_setup, daemon_fx_teardown),
+        cmocka_unit_test_setup_teardown(test_retry_eexist, daemon_fx_setup, daemon_fx_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
