@@ -278,6 +278,27 @@ struct kmsd_write_result {
 };
 int kmsd_write(struct kmsd *d, const struct Kmsd__V1__Entry *e, unsigned wait_ms,
                struct kmsd_write_result *res, struct kms_err *err);
+/* kmsd_write's decisions, pure (exposed for the unit tests). What it does
+ * after a proposal returned rc, with leader_id the leader raft named (0:
+ * none known) and forwardable kmsd_authz_entry_forwardable(the entry): */
+enum kmsd_write_next {
+    KMSD_WRITE_APPLIED,         /* rc 0: committed and applied here */
+    KMSD_WRITE_FORWARD,         /* another node leads: forward the entry to it */
+    KMSD_WRITE_REDIRECT,        /* another node leads an entry it alone proposes:
+                                 * KMS_ENOTLEADER naming it (KMS_EUNAVAIL when an
+                                 * earlier attempt may have committed) */
+    KMSD_WRITE_RETRY,           /* no other leader known, or a timeout: propose again */
+    KMSD_WRITE_RETRY_UNCERTAIN, /* KMS_EUNAVAIL: it may have committed; propose again */
+    KMSD_WRITE_FAIL,            /* any other error, returned as it is */
+};
+enum kmsd_write_next kmsd_write_next(int rc, uint64_t leader_id, uint64_t self_id,
+                                     bool forwardable);
+/* The apply code kmsd_write reports for the one it got (code): KMS_EEXIST
+ * for a PutRecord after an uncertain attempt (uncertain: a proposal or a
+ * forward returned KMS_EUNAVAIL) means that attempt committed, so 0; the
+ * Seal then reads the record back (kmsd_record_readback) to tell it from a
+ * key id another record holds. Otherwise code. */
+int kmsd_write_outcome(const struct Kmsd__V1__Entry *e, int code, bool uncertain);
 /* Only entries kmsd_authz_entry_forwardable() allows (PutRecord, TouchBatch) are
  * forwarded. Any other entry is proposed only by the leader: on a follower
  * kmsd_write returns KMS_ENOTLEADER with the message

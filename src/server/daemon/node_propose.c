@@ -386,6 +386,33 @@ out:
     return rc;
 }
 
+enum kmsd_write_next kmsd_write_next(int rc, uint64_t leader_id, uint64_t self_id,
+                                     bool forwardable)
+{
+    if (rc == 0) {
+        return KMSD_WRITE_APPLIED;
+    }
+    if (rc == KMS_ENOTLEADER && leader_id != 0 && leader_id != self_id) {
+        return forwardable ? KMSD_WRITE_FORWARD : KMSD_WRITE_REDIRECT;
+    }
+    if (rc == KMS_EUNAVAIL) {
+        return KMSD_WRITE_RETRY_UNCERTAIN;
+    }
+    if (rc == KMS_ENOTLEADER || rc == KMS_ETIMEDOUT) {
+        return KMSD_WRITE_RETRY;
+    }
+    return KMSD_WRITE_FAIL;
+}
+
+int kmsd_write_outcome(const Kmsd__V1__Entry *e, int code, bool uncertain)
+{
+    if (uncertain && code == KMS_EEXIST && e->op_case == KMSD__V1__ENTRY__OP_PUT_RECORD) {
+        /* The earlier attempt committed: the key_id is ours alone. */
+        return 0;
+    }
+    return code;
+}
+
 #define WRITE_RETRY_MS 25u
 
 int kmsd_write(struct kmsd *d, const Kmsd__V1__Entry *e, unsigned wait_ms,
@@ -393,6 +420,7 @@ int kmsd_write(struct kmsd *d, const Kmsd__V1__Entry *e, unsigned wait_ms,
 {
     uint64_t deadline = kms_mono_ms() + wait_ms;
     bool uncertain = false;
+    enum kmsd_write_next next;
     int rc;
 
     memset(res, 0, sizeof(*res));
@@ -423,7 +451,9 @@ int kmsd_write(struct kmsd *d, const Kmsd__V1__Entry *e, unsigned wait_ms,
         memset(&rr, 0, sizeof(rr));
         uint64_t t_us = kms_mono_us();
         rc = kms_raft_propose(d->raft, e, left, &rr, &e2);
-        if (rc == 0) {
+        next = kmsd_write_next(rc, rr.leader_id, d->opt.node_id,
+                               kmsd_authz_entry_forwardable(e->op_case));
+        if (next == KMSD_WRITE_APPLIED) {
             kmsd_hist_observe(&d->metrics.raft_apply_latency, kms_mono_us() - t_us);
             res->index = rr.index;
             res->code = rr.code;
@@ -432,8 +462,7 @@ int kmsd_write(struct kmsd *d, const Kmsd__V1__Entry *e, unsigned wait_ms,
             res->msg[sizeof(res->msg) - 1] = '\0';
             goto done;
         }
-        if (rc == KMS_ENOTLEADER && rr.leader_id != 0 && rr.leader_id != d->opt.node_id &&
-            !kmsd_authz_entry_forwardable(e->op_case)) {
+        if (next == KMSD_WRITE_REDIRECT) {
             char msg[400];
             if (uncertain) {
                 /* An earlier attempt on this node may have committed: the
@@ -450,7 +479,7 @@ int kmsd_write(struct kmsd *d, const Kmsd__V1__Entry *e, unsigned wait_ms,
             }
             return kms_err_set(err, KMS_ENOTLEADER, "%s", msg);
         }
-        if (rc == KMS_ENOTLEADER && rr.leader_id != 0 && rr.leader_id != d->opt.node_id) {
+        if (next == KMSD_WRITE_FORWARD) {
             rc = forward(d, rr.leader_id, e, left, res, &e2);
             if (rc == 0) {
                 now = kms_mono_ms();
@@ -465,9 +494,9 @@ int kmsd_write(struct kmsd *d, const Kmsd__V1__Entry *e, unsigned wait_ms,
             if (rc == KMS_EUNAVAIL) {
                 uncertain = true;
             }
-        } else if (rc == KMS_EUNAVAIL) {
+        } else if (next == KMSD_WRITE_RETRY_UNCERTAIN) {
             uncertain = true;
-        } else if (rc != KMS_ENOTLEADER && rc != KMS_ETIMEDOUT) {
+        } else if (next == KMSD_WRITE_FAIL) {
             if (err != NULL) {
                 *err = e2;
             }
@@ -490,11 +519,7 @@ int kmsd_write(struct kmsd *d, const Kmsd__V1__Entry *e, unsigned wait_ms,
         }
     }
 done:
-    if (uncertain && res->code == KMS_EEXIST &&
-        e->op_case == KMSD__V1__ENTRY__OP_PUT_RECORD) {
-        /* The earlier attempt committed: the key_id is ours alone. */
-        res->code = 0;
-    }
+    res->code = kmsd_write_outcome(e, res->code, uncertain);
     return 0;
 }
 

@@ -189,7 +189,7 @@ void talos_limit_log(struct talos_limit_log *l, const char *what, const char *pe
 
 static struct talos_limit_log seal_limit_log;
 
-static bool cidr_match(const struct kms_config_cidr *c, const uint8_t ip[16])
+bool kmsd_cidr_match(const struct kms_config_cidr *c, const uint8_t ip[16])
 {
     unsigned bits = c->prefix;
     for (unsigned i = 0; i < 16 && bits > 0; i++) {
@@ -209,7 +209,7 @@ static bool enrolment_allowed(struct kmsd *d, const uint8_t ip[16], const char *
     if (d->opt.n_cidrs > 0) {
         ok = false;
         for (size_t i = 0; i < d->opt.n_cidrs && !ok; i++) {
-            ok = cidr_match(&d->opt.cidrs[i], ip);
+            ok = kmsd_cidr_match(&d->opt.cidrs[i], ip);
         }
         if (!ok) {
             return false;

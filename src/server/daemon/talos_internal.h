@@ -1,6 +1,7 @@
 /*
  * Private to the Talos API: talos_api.c (what Seal and Unseal share, and
- * Seal) and talos_unseal.c (Unseal). Not used elsewhere.
+ * Seal) and talos_unseal.c (Unseal). Not used elsewhere (but by the unit
+ * test tests/unit/test_daemon_talos.c).
  *
  * Threads: the handlers (the kms_rpc_handler_fn below) run on the Talos
  * server's gRPC workers; parked jobs on the daemon's pools (write pool for
@@ -12,6 +13,7 @@
 #define KMSD_TALOS_INTERNAL_H
 
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -34,6 +36,11 @@ void talos_limit_log(struct talos_limit_log *l, const char *what, const char *pe
  * and normalised to 16 bytes (IPv4 as v4-mapped IPv6) for the limiters and
  * CIDR checks. */
 void talos_peer_addr(struct kms_rpc_call *call, uint8_t raw[16], size_t *len, uint8_t ip[16]);
+
+/* True when the first c->prefix bits of ip (16 bytes, IPv4 v4-mapped as
+ * talos_peer_addr gives it) are those of c->addr (kms_parse_cidr's form);
+ * prefix 0 matches every address. Pure. */
+bool kmsd_cidr_match(const struct kms_config_cidr *c, const uint8_t ip[16]);
 
 /* What Seal and Unseal check first, on the worker: unpacks req into *out
  * (the caller's to free, also on error), then the node UUID and the
