@@ -287,8 +287,9 @@ enum kmsd_write_next {
     KMSD_WRITE_REDIRECT,        /* another node leads an entry it alone proposes:
                                  * KMS_ENOTLEADER naming it (KMS_EUNAVAIL when an
                                  * earlier attempt may have committed) */
-    KMSD_WRITE_RETRY,           /* no other leader known, or a timeout: propose again */
-    KMSD_WRITE_RETRY_UNCERTAIN, /* KMS_EUNAVAIL: it may have committed; propose again */
+    KMSD_WRITE_RETRY,           /* no other leader known: propose again */
+    KMSD_WRITE_RETRY_UNCERTAIN, /* KMS_EUNAVAIL, KMS_ETIMEDOUT: it may have committed;
+                                 * propose again */
     KMSD_WRITE_FAIL,            /* any other error, returned as it is */
 };
 enum kmsd_write_next kmsd_write_next(int rc, uint64_t leader_id, uint64_t self_id,

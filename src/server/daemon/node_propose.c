@@ -395,10 +395,11 @@ enum kmsd_write_next kmsd_write_next(int rc, uint64_t leader_id, uint64_t self_i
     if (rc == KMS_ENOTLEADER && leader_id != 0 && leader_id != self_id) {
         return forwardable ? KMSD_WRITE_FORWARD : KMSD_WRITE_REDIRECT;
     }
-    if (rc == KMS_EUNAVAIL) {
+    if (rc == KMS_EUNAVAIL || rc == KMS_ETIMEDOUT) {
+        /* kms_raft_propose: the entry may or may not commit later */
         return KMSD_WRITE_RETRY_UNCERTAIN;
     }
-    if (rc == KMS_ENOTLEADER || rc == KMS_ETIMEDOUT) {
+    if (rc == KMS_ENOTLEADER) {
         return KMSD_WRITE_RETRY;
     }
     return KMSD_WRITE_FAIL;
