@@ -76,7 +76,7 @@ class Bench:
     def __init__(self, a, kmslib):
         self.a = a
         self.build = os.path.abspath(a.build_dir)
-        self.kmsbench = os.path.join(self.build, "bench", "kmsbench")
+        self.kmsbench = os.path.join(self.build, "bench", "kmsbench", "kmsbench")
         self.fill = os.path.join(self.build, "bench", "kms-snapshot-fill")
         self.talos = os.path.join(self.build, "tests", "integration", "talosclient",
                                   "talosclient")

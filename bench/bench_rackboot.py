@@ -40,7 +40,7 @@ def main():
     ap.add_argument("--lat-dir")
     a = ap.parse_args()
     build = os.path.abspath(a.build_dir)
-    kmsbench = os.path.join(build, "bench", "kmsbench")
+    kmsbench = os.path.join(build, "bench", "kmsbench", "kmsbench")
     if not os.access(kmsbench, os.X_OK):
         sys.exit(f"bench_rackboot: {kmsbench} not built")
     sys.path.insert(0, os.path.join(SRC, "tests", "integration"))

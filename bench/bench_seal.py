@@ -138,7 +138,7 @@ def stop(procs):
 def main():
     a = parse_args()
     build = os.path.abspath(a.build_dir)
-    kmsbench = os.path.join(build, "bench", "kmsbench")
+    kmsbench = os.path.join(build, "bench", "kmsbench", "kmsbench")
     if not os.access(kmsbench, os.X_OK):
         sys.exit(f"bench_seal: {kmsbench} not built (cmake --build {a.build_dir} --target "
                  "kmsbench kmsd kmsctl talosclient)")

@@ -185,7 +185,7 @@ def main():
     cluster = None
     procs = []
     results = {"kmsd": [], "echo": [], "kmsd_warm": [], "echo_warm": []}
-    kmsbench = os.path.join(build, "bench", "kmsbench")
+    kmsbench = os.path.join(build, "bench", "kmsbench", "kmsbench")
     try:
         if a.echo_only:
             ca, cert, key = throwaway_pki(work)
