@@ -197,7 +197,11 @@ int kms_rpc_global_init(bool allow_tls12, struct kms_err *err)
 
 void kms_rpc_global_shutdown(void)
 {
-    grpc_shutdown();
+    /* Blocking: grpc_shutdown() may finish its clean-up on another thread
+     * after this returns, so a process that exits at once (kmsctl after a
+     * leader redirect destroyed its first channel) left that channel's TLS
+     * objects unfreed: LeakSanitizer reported them (grpc/grpc#20303). */
+    grpc_shutdown_blocking();
 }
 
 bool kms_rpc_tls12_allowed(void)
