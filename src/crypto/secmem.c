@@ -19,6 +19,7 @@
 #include <openssl/rand.h>
 
 #include "kms_log.h"
+#include "kms_tsan.h"
 
 /* Result of the one-time initialisation, read by every later call. */
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
@@ -85,11 +86,21 @@ int kms_process_harden(struct kms_err *err)
     return 0;
 }
 
+/* The secure heap hands a block freed on one thread to the next
+ * allocation on another under its own lock, inside libcrypto, which
+ * ThreadSanitizer is told to ignore (tests/tsan.supp, called_from_lib): it
+ * would see our last writes to a freed keyring and the next owner's first
+ * writes to the same bytes as a race. This tag stands for that lock: every
+ * free releases it, every allocation acquires it. No-op outside TSAN. */
+static char secmem_heap_tag;
+
 void *kms_secmem_alloc(size_t n)
 {
     /* OPENSSL_secure_zalloc falls back to the ordinary heap before
      * CRYPTO_secure_malloc_init, and returns NULL when the arena is full. */
-    return OPENSSL_secure_zalloc(n == 0 ? 1 : n);
+    void *p = OPENSSL_secure_zalloc(n == 0 ? 1 : n);
+    KMS_TSAN_ACQUIRE(&secmem_heap_tag);
+    return p;
 }
 
 void kms_secmem_free(void *p, size_t n)
@@ -99,6 +110,7 @@ void kms_secmem_free(void *p, size_t n)
     }
     /* Clears n bytes (the secure heap clears the whole block anyway) and
      * frees; handles fallback heap pointers too. */
+    KMS_TSAN_RELEASE(&secmem_heap_tag);
     OPENSSL_secure_clear_free(p, n == 0 ? 1 : n);
 }
 

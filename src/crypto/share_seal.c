@@ -137,7 +137,7 @@ int kms_share_open_with(const char *key_pem, const char *enc, char *out, size_t 
         goto out;
     }
     if (EVP_PKEY_decrypt(c, NULL, &ptlen, ct, (size_t)ctlen) != 1 ||
-        (pt = OPENSSL_secure_zalloc(ptlen + 1)) == NULL ||
+        (pt = kms_secmem_alloc(ptlen + 1)) == NULL ||
         EVP_PKEY_decrypt(c, pt, &ptlen, ct, (size_t)ctlen) != 1) {
         rc = kms_err_set(err, KMS_EAUTH,
                          "this key cannot decrypt the share (encrypted to another holder?)");
@@ -155,7 +155,7 @@ out:
         OPENSSL_cleanse(out, cap);
     }
     if (pt != NULL) {
-        OPENSSL_secure_clear_free(pt, ptlen + 1);
+        kms_secmem_free(pt, ptlen + 1);
     }
     free(ct);
     EVP_PKEY_CTX_free(c);

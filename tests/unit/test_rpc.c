@@ -144,10 +144,18 @@ struct later {
     size_t len;
 };
 
+/* test_abort_hook's hook reads the parked call (it holds no reference);
+ * declared here so the late finish can order itself after that read. */
+static atomic_int g_abort_hooks;
+
 static void *later_main(void *arg)
 {
     struct later *l = arg;
     sleep_ms(l->ms);
+    /* Acquire whatever abort hook ran meanwhile: its read of the call then
+     * happens before the finish below frees it (without this, only the
+     * sleep orders them, and ThreadSanitizer rightly reports the free). */
+    (void)atomic_load(&g_abort_hooks);
     kms_rpc_call_finish(l->call, GRPC_STATUS_OK, NULL, l->data, l->len);
     free(l);
     return NULL;
@@ -507,7 +515,6 @@ static void test_stop_restart(void **state)
 /* The abort hook runs once the stop has answered a parked call itself, and
  * the call is already done when it runs (a parked handler woken by it sees
  * kms_rpc_call_done()). */
-static atomic_int g_abort_hooks;
 static atomic_bool g_abort_saw_done;
 static void abort_hook_cb(void *arg)
 {
