@@ -49,8 +49,6 @@ for p in $presets; do
   # Integration tests labelled "serial" (timing assertions) run alone; the
   # rest run two at a time (tests/integration/CMakeLists.txt).
   # shellcheck disable=SC2086
-  # asan: tests/lsan.supp (a known open leak of OpenSSL objects, see there).
-  LSAN_OPTIONS="${LSAN_OPTIONS:+$LSAN_OPTIONS:}suppressions=$PWD/tests/lsan.supp" \
   ctest --test-dir "build/$p" --output-on-failure -j "$jobs" "${exclude[@]}" ${KMS_CTEST_ARGS:-}
   echo "=== ctest $p took $(( $(date +%s) - t0 ))s"
   if [ "$p" = release ] && [ "${KMS_SKIP_JEPSEN:-0}" != 1 ]; then

@@ -14,6 +14,7 @@
  * initialised OpenSSL's configuration gets an error instead of silently
  * accepting TLS 1.2.
  */
+#include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -35,6 +36,7 @@
 
 #include "kms_log.h"
 #include "kms_rpc.h"
+#include "kms_time.h"
 #include "rpc_internal.h"
 
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -170,6 +172,35 @@ static void grpc_log_sink(gpr_log_func_args *args)
                   NULL);
 }
 
+/* Debian builds Abseil without NDEBUG, so absl::Mutex runs its debug-only
+ * deadlock detection (a global lock-order graph updated on every lock) in
+ * every gRPC mutex: 6.5 % of kmsd's CPU per new-connection Unseal in a perf
+ * profile (docs/benchmarks.md). gRPC's own release builds have it off; so do
+ * we. There is no C API: the C++ function is looked up by its mangled name
+ * (enum OnDeadlockCycle { kIgnore = 0, kReport, kAbort }, passed as int).
+ * Not found (another Abseil build): left as it is, and said at debug. */
+static void absl_deadlock_detection_off(void)
+{
+    static const char *const names[] = {
+        "_ZN4absl7debian329SetMutexDeadlockDetectionModeENS0_15OnDeadlockCycleE",
+        "_ZN4absl12lts_2022062329SetMutexDeadlockDetectionModeENS0_15OnDeadlockCycleE",
+        "_ZN4absl29SetMutexDeadlockDetectionModeENS_15OnDeadlockCycleE",
+    };
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        void *sym = dlsym(RTLD_DEFAULT, names[i]);
+        if (sym != NULL) {
+            void (*set_mode)(int);
+            memcpy(&set_mode, &sym, sizeof(set_mode));
+            set_mode(0);
+            return;
+        }
+    }
+    kms_log(KMS_LOG_DEBUG, "rpc",
+            "absl::SetMutexDeadlockDetectionMode not found: Abseil's deadlock detection "
+            "left as built",
+            NULL);
+}
+
 int kms_rpc_global_init(bool allow_tls12, struct kms_err *err)
 {
     int rc = 0;
@@ -185,6 +216,7 @@ int kms_rpc_global_init(bool allow_tls12, struct kms_err *err)
     if (rc != 0) {
         return rc;
     }
+    absl_deadlock_detection_off();
     grpc_init();
     /* After grpc_init(): it re-reads GRPC_VERBOSITY. Only errors (failed
      * binds, failed handshakes) reach our log, as warnings. */
@@ -202,6 +234,28 @@ void kms_rpc_global_shutdown(void)
      * leader redirect destroyed its first channel) left that channel's TLS
      * objects unfreed: LeakSanitizer reported them (grpc/grpc#20303). */
     grpc_shutdown_blocking();
+    /* Not always the last reference: every gRPC channel holds one of its own
+     * (grpc_init in its constructor) and drops it, with a non-blocking
+     * grpc_shutdown(), only when its last subchannel and call are gone, on a
+     * gRPC thread, possibly after this returns. A process that exited then
+     * ran OpenSSL's atexit clean-up under a gRPC executor thread still
+     * connecting that channel (ASan: SEGV in RAND_get_rand_method from
+     * tsi_ssl_client_handshaker_factory_create_handshaker) and leaked its
+     * TLS objects. Wait, bounded, until gRPC has really shut down. */
+    uint64_t start = kms_mono_ms(), until = start + 3000;
+    while (grpc_is_initialized() && kms_mono_ms() < until) {
+        kms_sleep_ms(2);
+    }
+    if (kms_mono_ms() - start >= 100) {
+        kms_logf(KMS_LOG_DEBUG, "rpc", "waited %llu ms for gRPC's last channel to close",
+                 (unsigned long long)(kms_mono_ms() - start));
+    }
+    if (grpc_is_initialized()) {
+        kms_log(KMS_LOG_WARN, "rpc",
+                "gRPC had not shut down 3 s after its last user: a channel or server was "
+                "not destroyed",
+                NULL);
+    }
 }
 
 bool kms_rpc_tls12_allowed(void)
