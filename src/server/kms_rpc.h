@@ -40,8 +40,9 @@
  * call only adds a grpc_init() reference (the first policy stays). */
 int kms_rpc_global_init(bool allow_tls12, struct kms_err *err);
 
-/* grpc_shutdown_blocking(): balances kms_rpc_global_init() and returns once
- * gRPC has freed everything (call it last, at exit). */
+/* grpc_shutdown_blocking(): balances kms_rpc_global_init(); then waits (up
+ * to 3 s, a warning if longer) until channels destroyed earlier have let
+ * gRPC shut down. Call it last, at exit. */
 void kms_rpc_global_shutdown(void);
 
 /* True when kms_rpc_global_init() allowed TLS 1.2. */

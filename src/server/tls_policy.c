@@ -229,32 +229,32 @@ int kms_rpc_global_init(bool allow_tls12, struct kms_err *err)
 
 void kms_rpc_global_shutdown(void)
 {
-    /* Blocking: grpc_shutdown() may finish its clean-up on another thread
-     * after this returns, so a process that exits at once (kmsctl after a
-     * leader redirect destroyed its first channel) left that channel's TLS
-     * objects unfreed: LeakSanitizer reported them (grpc/grpc#20303). */
+    uint64_t start, waited;
+
+    /* grpc_shutdown_blocking() drops our reference, but it is not always the
+     * last one: every gRPC channel holds its own (grpc_init in its
+     * constructor) and drops it with a non-blocking grpc_shutdown() on a
+     * gRPC thread once its last subchannel and call are gone, possibly after
+     * this returns. A process that exited then ran OpenSSL's atexit clean-up
+     * under a gRPC executor still connecting that channel (kmsctl after a
+     * leader redirect; ASan: SEGV in RAND_get_rand_method from
+     * tsi_ssl_client_handshaker_factory_create_handshaker, or the channel's
+     * TLS objects leaked). So wait, bounded, until gRPC has really shut
+     * down. */
     grpc_shutdown_blocking();
-    /* Not always the last reference: every gRPC channel holds one of its own
-     * (grpc_init in its constructor) and drops it, with a non-blocking
-     * grpc_shutdown(), only when its last subchannel and call are gone, on a
-     * gRPC thread, possibly after this returns. A process that exited then
-     * ran OpenSSL's atexit clean-up under a gRPC executor thread still
-     * connecting that channel (ASan: SEGV in RAND_get_rand_method from
-     * tsi_ssl_client_handshaker_factory_create_handshaker) and leaked its
-     * TLS objects. Wait, bounded, until gRPC has really shut down. */
-    uint64_t start = kms_mono_ms(), until = start + 3000;
-    while (grpc_is_initialized() && kms_mono_ms() < until) {
+    start = kms_mono_ms();
+    while (grpc_is_initialized() && kms_mono_ms() - start < 3000) {
         kms_sleep_ms(2);
     }
-    if (kms_mono_ms() - start >= 100) {
-        kms_logf(KMS_LOG_DEBUG, "rpc", "waited %llu ms for gRPC's last channel to close",
-                 (unsigned long long)(kms_mono_ms() - start));
-    }
+    waited = kms_mono_ms() - start;
     if (grpc_is_initialized()) {
         kms_log(KMS_LOG_WARN, "rpc",
                 "gRPC had not shut down 3 s after its last user: a channel or server was "
                 "not destroyed",
                 NULL);
+    } else if (waited >= 100) {
+        kms_logf(KMS_LOG_DEBUG, "rpc", "waited %llu ms for gRPC's last channel to close",
+                 (unsigned long long)waited);
     }
 }
 
