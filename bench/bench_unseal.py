@@ -10,6 +10,10 @@ load against three kms-echo-server processes (bench/echo_server.c: kmsd's own
 gRPC C core + OpenSSL stack, same TLS policy and certificate, an Unseal that
 returns 32 fixed bytes), so the result reads "kmsd serves X unseals/s = Y% of
 what the TLS + gRPC stack alone serves on this machine".
+A second ceiling, three kms-h2-echo-server processes (bench/h2_echo_server.c:
+the same two methods on OpenSSL + nghttp2, one epoll thread, no gRPC C core),
+shows what a Talos port outside gRPC's per-connection machinery would cost;
+its rows are skipped (and say so) when it was not built (no libnghttp2-dev).
 
   bench/bench_unseal.py [--build-dir build/release] [--clients 8,32,64]
                         [--duration 10s] [--base-port 27400] [--echo-only]
@@ -71,12 +75,12 @@ def throwaway_pki(d):
 def start_echo(echo_bin, ports, cert, key, logdir):
     procs = []
     for p in ports:
-        log = open(os.path.join(logdir, f"echo-{p}.log"), "w")
+        log = open(os.path.join(logdir, f"{os.path.basename(echo_bin)}-{p}.log"), "w")
         pr = subprocess.Popen([echo_bin, "--listen", f"127.0.0.1:{p}", "--cert", cert,
                                "--key", key], stdout=subprocess.PIPE, stderr=log, text=True)
         line = pr.stdout.readline()
         if not line.startswith("listening"):
-            raise RuntimeError(f"kms-echo-server on {p} did not start (see {log.name})")
+            raise RuntimeError(f"{echo_bin} on {p} did not start (see {log.name})")
         procs.append(pr)
     return procs
 
@@ -175,16 +179,24 @@ def main():
     build = os.path.abspath(a.build_dir)
     talos = os.path.join(build, "tests", "integration", "talosclient", "talosclient")
     echo_bin = os.path.join(build, "bench", "kms-echo-server")
+    h2_bin = os.path.join(build, "bench", "kms-h2-echo-server")
+    if not os.access(h2_bin, os.X_OK):
+        print(f"bench_unseal: {h2_bin} not built (libnghttp2-dev missing): "
+              "h2 ceiling rows SKIPPED", file=sys.stderr)
+        h2_bin = None
     for b in (talos, echo_bin):
         if not os.access(b, os.X_OK):
             sys.exit(f"bench_unseal: {b} not built")
     clients = [int(x) for x in a.clients.split(",")]
     echo_ports = [a.base_port + 40 + k for k in range(3)]
     echo_eps = ",".join(f"127.0.0.1:{p}" for p in echo_ports)
+    h2_ports = [a.base_port + 50 + k for k in range(3)]
+    h2_eps = ",".join(f"127.0.0.1:{p}" for p in h2_ports)
     work = tempfile.mkdtemp(prefix="kmsd-bench-unseal-")
     cluster = None
     procs = []
-    results = {"kmsd": [], "echo": [], "kmsd_warm": [], "echo_warm": []}
+    results = {"kmsd": [], "echo": [], "h2": [], "kmsd_warm": [], "echo_warm": [],
+               "h2_warm": []}
     kmsbench = os.path.join(build, "bench", "kmsbench", "kmsbench")
     try:
         if a.echo_only:
@@ -227,19 +239,29 @@ def main():
                     "uuid": str(uuidlib.uuid4()), "blob": "AQ" + "A" * 62 + "=="}
                 f.write(json.dumps({"uuid": s["uuid"], "blob": s["blob"], "data": FIXED}) + "\n")
         procs = start_echo(echo_bin, echo_ports, cert, key, work)
-        kpids = [cluster.pid(i) for i in range(1, 4)] if cluster else []
         epids = [pr.pid for pr in procs]
+        hpids = []
+        if h2_bin:
+            h2procs = start_echo(h2_bin, h2_ports, cert, key, work)
+            hpids = [pr.pid for pr in h2procs]
+            procs += h2procs
+        kpids = [cluster.pid(i) for i in range(1, 4)] if cluster else []
         for n in clients:
             if kblobs:
                 results["kmsd"].append(load(talos, ca, cluster.endpoints(), n, a.duration,
                                             kblobs, kpids))
             results["echo"].append(load(talos, ca, echo_eps, n, a.duration, eblobs, epids))
+            if hpids:
+                results["h2"].append(load(talos, ca, h2_eps, n, a.duration, eblobs, hpids))
             if os.access(kmsbench, os.X_OK):
                 if kblobs:
                     results["kmsd_warm"].append(warm(kmsbench, ca, cluster.endpoints(), n,
                                                      a.duration, kblobs, kpids))
                 results["echo_warm"].append(warm(kmsbench, ca, echo_eps, n, a.duration, eblobs,
                                                  epids))
+                if hpids:
+                    results["h2_warm"].append(warm(kmsbench, ca, h2_eps, n, a.duration, eblobs,
+                                                   hpids))
         results["openssl"] = openssl_handshake(cert, key, ca, a.base_port + 45, a.duration)
     finally:
         stop(procs)
@@ -264,6 +286,8 @@ def main():
         if results["kmsd"]:
             rows.append(("kmsd (3 nodes)", results["kmsd"][k]))
         rows.append(("echo ceiling (3 procs)", e))
+        if results["h2"]:
+            rows.append(("h2 echo, no gRPC core (3 procs)", results["h2"][k]))
         for name, r in rows:
             pct = 100.0 * r["per_s"] / e["per_s"] if e["per_s"] else 0
             fl = str(r["failures"]) + (f" {r['failure_codes']}" if r["failures"] else "")
@@ -279,6 +303,8 @@ def main():
             e = results["echo_warm"][k]
             rows = [("kmsd (3 nodes)", results["kmsd_warm"][k])] if results["kmsd_warm"] else []
             rows.append(("echo ceiling (3 procs)", e))
+            if results["h2_warm"]:
+                rows.append(("h2 echo, no gRPC core (3 procs)", results["h2_warm"][k]))
             for name, r in rows:
                 pct = 100.0 * r["per_s"] / e["per_s"] if e["per_s"] else 0
                 print(f"| {n} | {name} | {r['per_s']:.0f} | {pct:.0f}% | {r['p50_ms']:.1f} | "
@@ -286,10 +312,19 @@ def main():
     o = results["openssl"]
     print(f"\nbare openssl s_server (TLS 1.3, no tickets) under s_time -new: {o['connections']} "
           f"handshakes, {o['server_cpu_ms_per_op']:.3f} ms server CPU per handshake")
+    if o["server_cpu_ms_per_op"]:
+        for k, n in enumerate(clients):
+            parts = [f"{name} {results[key][k]['server_cpu_ms_per_op'] / o['server_cpu_ms_per_op']:.2f}x"
+                     for key, name in (("kmsd", "kmsd"), ("echo", "gRPC echo"), ("h2", "h2 echo"))
+                     if results[key]]
+            print(f"server CPU per new-connection Unseal / bare handshake, {n} clients: "
+                  + ", ".join(parts))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
-    bad = any(r["wrong_bytes"] for k in ("kmsd", "echo") for r in results[k])
+    if results["h2"]:
+        print("(h2 echo: % of ceiling is against the gRPC echo server)")
+    bad = any(r["wrong_bytes"] for k in ("kmsd", "echo", "h2") for r in results[k])
     sys.exit(100 if bad else 0)
 
 

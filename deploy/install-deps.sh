@@ -16,6 +16,8 @@ PKGS=(
   libgrpc-dev
   librocksdb-dev
   libcyaml-dev libyaml-dev libmicrohttpd-dev libsystemd-dev
+  # bench only: the non-gRPC HTTP/2 ceiling (bench/h2_echo_server.c)
+  libnghttp2-dev
   # unit tests
   libcmocka-dev
   # Go test clients (talosclient, netattack): grpc-go, protowire, x/net/http2
