@@ -16,7 +16,6 @@ PKGS=(
   libgrpc-dev
   librocksdb-dev
   libcyaml-dev libyaml-dev libmicrohttpd-dev libsystemd-dev
-  # bench only: the non-gRPC HTTP/2 ceiling (bench/h2_echo_server.c)
   libnghttp2-dev
   # unit tests
   libcmocka-dev

@@ -50,6 +50,14 @@ bool kms_rpc_tls12_allowed(void);
 
 /* ---- server ---------------------------------------------------------- */
 
+/* How a server speaks HTTP/2 (kms_rpc_server_config.transport). */
+enum kms_rpc_transport {
+    KMS_RPC_GRPC = 0, /* the gRPC C core (every mode) */
+    KMS_RPC_H2 = 1,   /* OpenSSL + nghttp2, rpc_h2.c: TLS and INSECURE only, no
+                       * client certificates; same API, same limits (the Talos
+                       * port: about half the CPU per new connection) */
+};
+
 enum kms_rpc_mode {
     KMS_RPC_TLS = 0,      /* server certificate only (Talos API) */
     KMS_RPC_MTLS = 1,     /* client certificate required, verified against ca_file */
@@ -66,6 +74,7 @@ struct kms_rpc_server_config {
     size_t max_message;      /* max receive and send message bytes; 0 = 4 MiB */
     bool allow_tls12;        /* accept TLS 1.2 too, if kms_rpc_global_init allowed it;
                               * false: this port negotiates TLS 1.3 only */
+    enum kms_rpc_transport transport; /* 0 = KMS_RPC_GRPC */
 
     /* Resource limits (docs/security.md "Limits"); 0 takes the default. */
     unsigned max_conns;            /* open connections, all peers; 0 = 1024 */

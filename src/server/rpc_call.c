@@ -101,9 +101,8 @@ static char *auth_prop(grpc_auth_context *ctx, const char *name)
     return s;
 }
 
-struct kms_rpc_call *rpc_call_create(struct kms_rpc_server *srv, grpc_call *call,
-                                     const char *method, gpr_timespec deadline,
-                                     bool *refusing)
+struct kms_rpc_call *rpc_call_new(struct kms_rpc_server *srv, const char *method,
+                                  const char *peer, gpr_timespec deadline)
 {
     struct kms_rpc_call *c = calloc(1, sizeof(*c));
 
@@ -112,35 +111,22 @@ struct kms_rpc_call *rpc_call_create(struct kms_rpc_server *srv, grpc_call *call
     }
     c->kind = RPC_TAG_FINISH;
     c->srv = srv;
-    c->call = call;
     snprintf(c->method, sizeof(c->method), "%s", method);
     c->arrival_us = kms_mono_us();
     c->max_message = srv->max_message;
     atomic_init(&c->refs, 2);
     atomic_init(&c->finished, false);
-    c->peer = NULL;
-    {
-        char *p = grpc_call_get_peer(call);
-        if (p != NULL) {
-            c->peer = strdup(p);
-            gpr_free(p);
-        }
-    }
+    c->peer = peer != NULL ? strdup(peer) : NULL;
     c->deadline = gpr_convert_clock_type(deadline, GPR_CLOCK_MONOTONIC);
     if (deadline.tv_sec == INT64_MAX) {
         c->deadline = gpr_inf_future(GPR_CLOCK_MONOTONIC);
     }
-    if (srv->mode == KMS_RPC_MTLS) {
-        grpc_auth_context *ctx = grpc_call_auth_context(call);
-        if (ctx != NULL) {
-            if (grpc_auth_context_peer_is_authenticated(ctx)) {
-                c->cn = auth_prop(ctx, GRPC_X509_CN_PROPERTY_NAME);
-                c->cert_pem = auth_prop(ctx, GRPC_X509_PEM_CERT_PROPERTY_NAME);
-            }
-            grpc_auth_context_release(ctx);
-        }
-    }
+    return c;
+}
 
+void rpc_call_link(struct kms_rpc_call *c, bool *refusing)
+{
+    struct kms_rpc_server *srv = c->srv;
     pthread_mutex_lock(&srv->mu);
     c->next = srv->calls;
     if (srv->calls != NULL) {
@@ -151,6 +137,32 @@ struct kms_rpc_call *rpc_call_create(struct kms_rpc_server *srv, grpc_call *call
     clock_gettime(CLOCK_MONOTONIC, &srv->last_call);
     *refusing = srv->refusing;
     pthread_mutex_unlock(&srv->mu);
+}
+
+struct kms_rpc_call *rpc_call_create(struct kms_rpc_server *srv, grpc_call *call,
+                                     const char *method, gpr_timespec deadline,
+                                     bool *refusing)
+{
+    struct kms_rpc_call *c;
+    char *p = grpc_call_get_peer(call);
+
+    c = rpc_call_new(srv, method, p, deadline);
+    gpr_free(p);
+    if (c == NULL) {
+        return NULL;
+    }
+    c->call = call;
+    if (srv->mode == KMS_RPC_MTLS) {
+        grpc_auth_context *ctx = grpc_call_auth_context(call);
+        if (ctx != NULL) {
+            if (grpc_auth_context_peer_is_authenticated(ctx)) {
+                c->cn = auth_prop(ctx, GRPC_X509_CN_PROPERTY_NAME);
+                c->cert_pem = auth_prop(ctx, GRPC_X509_PEM_CERT_PROPERTY_NAME);
+            }
+            grpc_auth_context_release(ctx);
+        }
+    }
+    rpc_call_link(c, refusing);
     return c;
 }
 
@@ -172,6 +184,10 @@ static void call_send(struct kms_rpc_call *c, int grpc_status, const char *detai
     if (grpc_status == GRPC_STATUS_OK && resp != NULL && resplen > c->max_message) {
         grpc_status = GRPC_STATUS_RESOURCE_EXHAUSTED;
         details = "response larger than the maximum message size";
+    }
+    if (c->h2_conn != NULL) {
+        rpc_h2_call_send(c, grpc_status, details, resp, resplen);
+        return;
     }
     memset(ops, 0, sizeof(ops));
     ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;

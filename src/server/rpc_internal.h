@@ -10,6 +10,10 @@
  *   rpc_worker.c  request slots, worker threads and their completion queues
  *   rpc_call.c    the call object: creation, finish, accessors, the abort
  *                 of open calls while stopping
+ *   rpc_h2.c      the second transport (KMS_RPC_H2): listener, event loops,
+ *                 TLS and HTTP/2 without the gRPC C core; it shares the call
+ *                 object, its accounting and stop steps 1-3 (its own header
+ *                 comment has its threads and ownership)
  *
  * Threads. The thread that owns the server (kmsd's supervisor or main)
  * runs create, add_method, start, stop and destroy. Each worker thread
@@ -123,6 +127,16 @@ struct kms_rpc_call {
     kms_rpc_finish_hook_fn finish_hook;
     void *finish_hook_arg;
     char note[KMS_RPC_NOTE_MAX];
+    /* KMS_RPC_H2 only (rpc_h2.c): the connection (its loop keeps it while
+     * this points to it) and stream; the queued answer, written by the
+     * finishing thread before it queues the call, read by the loop. */
+    struct h2_conn *h2_conn;
+    int32_t h2_stream;
+    int h2_status;
+    char *h2_details;
+    uint8_t *h2_resp;
+    size_t h2_resplen;
+    struct kms_rpc_call *h2_qnext;
 };
 
 struct kms_rpc_server {
@@ -133,6 +147,8 @@ struct kms_rpc_server {
     unsigned workers;
     size_t max_message;
     bool allow_tls12;
+    enum kms_rpc_transport transport;
+    struct rpc_h2 *h2;          /* KMS_RPC_H2: rpc_h2.c's state, from start to destroy */
     struct kms_connlimit conn_limit;
     unsigned handshake_timeout_ms, max_streams, max_idle_ms, max_age_ms;
     size_t memory_quota;
@@ -198,6 +214,32 @@ void rpc_workers_join(struct kms_rpc_server *srv);
 struct kms_rpc_call *rpc_call_create(struct kms_rpc_server *srv, grpc_call *call,
                                      const char *method, gpr_timespec deadline,
                                      bool *refusing);
+
+/* rpc_call.c. The transport-neutral parts of rpc_call_create. rpc_call_new
+ * makes the call (peer copied, deadline on GPR_CLOCK_MONOTONIC or
+ * infinite); the caller fills its transport fields, then rpc_call_link
+ * links it into srv->calls and counts it open (from then on stop step 3 may
+ * finish it). The caller has counted srv->live_calls. */
+struct kms_rpc_call *rpc_call_new(struct kms_rpc_server *srv, const char *method,
+                                  const char *peer, gpr_timespec deadline);
+void rpc_call_link(struct kms_rpc_call *c, bool *refusing);
+
+/* rpc_h2.c. Start: listener, TLS context, accept filter, loops; on failure
+ * the caller stops and destroys srv as after any failed start. */
+int rpc_h2_start(struct kms_rpc_server *srv, struct kms_err *err);
+
+/* rpc_h2.c. Stop step 4: waits up to wait_ms for answers to be written,
+ * closes every connection, joins the loops, waits for every call's
+ * transport side. The stopping thread. */
+void rpc_h2_shutdown(struct kms_rpc_server *srv, unsigned wait_ms);
+
+/* rpc_h2.c. Frees what rpc_h2_start made. Destroy only, after shutdown. */
+void rpc_h2_free(struct kms_rpc_server *srv);
+
+/* rpc_h2.c. call_send for an h2 call: queues the answer on the call's loop
+ * (any thread). */
+void rpc_h2_call_send(struct kms_rpc_call *c, int grpc_status, const char *details,
+                      const uint8_t *resp, size_t resplen);
 
 /* rpc_call.c. The gRPC side of c is over (its finish batch completed, or
  * never started): releases the grpc objects, unlinks it and drops gRPC's

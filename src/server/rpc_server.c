@@ -81,6 +81,13 @@ int kms_rpc_server_create(const struct kms_rpc_server_config *cfg,
     if (cfg->mode != KMS_RPC_TLS && cfg->mode != KMS_RPC_MTLS && cfg->mode != KMS_RPC_INSECURE) {
         return kms_err_set(err, KMS_EINVAL, "rpc server: bad mode %d", (int)cfg->mode);
     }
+    if (cfg->transport != KMS_RPC_GRPC &&
+        (cfg->transport != KMS_RPC_H2 || cfg->mode == KMS_RPC_MTLS ||
+         strncmp(cfg->listen, "unix:", 5) == 0)) {
+        return kms_err_set(err, KMS_EINVAL,
+                           "rpc server %s: the h2 transport serves TCP with server TLS or "
+                           "plaintext only", cfg->listen);
+    }
     if (cfg->mode == KMS_RPC_MTLS && (cfg->ca_file == NULL || cfg->ca_file[0] == '\0')) {
         return kms_err_set(err, KMS_ECONFIG, "rpc server %s: mutual TLS needs a CA file",
                            cfg->listen);
@@ -104,6 +111,7 @@ int kms_rpc_server_create(const struct kms_rpc_server_config *cfg,
         }
     }
     srv->allow_tls12 = cfg->allow_tls12;
+    srv->transport = cfg->transport;
     srv->workers = cfg->workers;
     if (srv->workers == 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
@@ -206,6 +214,12 @@ int kms_rpc_server_start(struct kms_rpc_server *srv, struct kms_err *err)
 
     if (srv == NULL || srv->state != RPC_ST_CREATED) {
         return kms_err_set(err, KMS_EINVAL, "rpc server: already started");
+    }
+    if (srv->transport == KMS_RPC_H2) {
+        if ((rc = rpc_h2_start(srv, err)) != 0) {
+            kms_rpc_server_stop(srv, 0);
+        }
+        return rc;
     }
     arg_int(&args[na++], GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, (int)srv->max_message);
     arg_int(&args[na++], GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, (int)srv->max_message);
@@ -425,6 +439,13 @@ void kms_rpc_server_stop(struct kms_rpc_server *srv, unsigned grace_ms)
             srv->server = NULL;
             rpc_workers_join(srv);
         }
+        if (st == RPC_ST_CREATED && srv->h2 != NULL) {
+            rpc_h2_shutdown(srv, 0); /* no loop ran: closes the listener */
+        }
+        if (st == RPC_ST_CREATED && srv->limit_registered) {
+            kms_connlimit_unregister(srv->port);
+            srv->limit_registered = false;
+        }
         return;
     }
     srv->state = RPC_ST_STOPPED;
@@ -450,7 +471,15 @@ void kms_rpc_server_stop(struct kms_rpc_server *srv, unsigned grace_ms)
                  srv->listen, aborted);
     }
 
-    /* 4. gRPC's own shutdown */
+    /* 4. the transport's own shutdown */
+    if (srv->transport == KMS_RPC_H2) {
+        rpc_h2_shutdown(srv, SHUTDOWN_WAIT_MS);
+        if (srv->limit_registered) {
+            kms_connlimit_unregister(srv->port);
+            srv->limit_registered = false;
+        }
+        return;
+    }
     KMS_TSAN_RELEASE(&srv->shutdown_tag);
     grpc_server_shutdown_and_notify(srv->server, srv->cqs[0], &srv->shutdown_tag);
     end = kms_mono_ts_in(SHUTDOWN_WAIT_MS);
@@ -486,6 +515,7 @@ void kms_rpc_server_destroy(struct kms_rpc_server *srv)
      * a fetch that was still running has finished before srv goes. */
     pthread_mutex_lock(&srv->tls_mu);
     pthread_mutex_unlock(&srv->tls_mu);
+    rpc_h2_free(srv);
     for (unsigned i = 0; i < srv->n_methods; i++) {
         free(srv->methods[i].path);
     }

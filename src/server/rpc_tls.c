@@ -131,7 +131,8 @@ static bool needs_static_tls(const struct kms_rpc_server *srv)
 
 bool kms_rpc_server_reload_needs_rebuild(const struct kms_rpc_server *srv)
 {
-    return srv != NULL && needs_static_tls(srv);
+    /* the h2 transport builds its own SSL_CTX, with the floor, on reload */
+    return srv != NULL && srv->transport != KMS_RPC_H2 && needs_static_tls(srv);
 }
 
 grpc_server_credentials *rpc_tls_creds_create(struct kms_rpc_server *srv)

@@ -40,6 +40,7 @@ static int talos_open(struct kmsd *d, struct kms_err *err)
     cfg.workers = d->opt.workers;
     cfg.max_message = d->opt.talos_max_message;
     cfg.allow_tls12 = d->opt.talos_tls12; /* the cluster API stays TLS 1.3-only */
+    cfg.transport = d->opt.talos_transport == 1 ? KMS_RPC_H2 : KMS_RPC_GRPC;
     kmsd_rpc_limits_fill(d, &cfg);
     /* Talos connections carry one small call each: police their bytes
      * (rapid reset). The cluster API needs a client certificate before any
@@ -75,6 +76,7 @@ static int talos_open(struct kmsd *d, struct kms_err *err)
                  d->opt.probe_interval_ms == 0 ||
                      kms_rpc_server_probe(srv, PROBE_TIMEOUT_MS) == KMS_PROBE_OK);
     kms_log(KMS_LOG_INFO, "talos", "Talos API listening", "addr", d->opt.talos_listen,
+            "transport", cfg.transport == KMS_RPC_H2 ? "h2" : "grpc",
             "tls", d->opt.talos_plaintext ? "off" : (d->opt.talos_tls12 ? "1.2+" : "1.3"),
             NULL);
     if (d->opt.talos_plaintext) {
