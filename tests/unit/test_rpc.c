@@ -40,6 +40,26 @@ static char g_dir[256];
 static char g_ca[300], g_srv_cert[300], g_srv_key[300], g_cli_cert[300], g_cli_key[300];
 static char g_foreign_cert[300], g_foreign_key[300];
 static int g_port_base;
+/* KMS_TEST_RPC_TRANSPORT=h2 (ctest's test_rpc_h2): every server that is not
+ * mutual TLS runs on the h2 transport (rpc_h2.c); the client stays gRPC. */
+static enum kms_rpc_transport g_transport = KMS_RPC_GRPC;
+
+/* With every server on h2, no thread of this process polls gRPC's engine
+ * between the client's fail-fast calls, and a gRPC 1.51 client channel in
+ * TRANSIENT_FAILURE starts its reconnect from a timer and completes it only
+ * while something polls (seen with GRPC_TRACE=subchannel: "tcp_connect"
+ * never completes). kmsd always runs the gRPC cluster API, whose workers
+ * poll; here, tests that keep a channel across a server restart take a new
+ * channel after the restart instead (as Talos, a connection per call). */
+static bool renew_channels(void)
+{
+    return g_transport == KMS_RPC_H2;
+}
+
+static enum kms_rpc_transport transport_for(enum kms_rpc_mode mode)
+{
+    return mode == KMS_RPC_MTLS ? KMS_RPC_GRPC : g_transport;
+}
 
 static int next_port(void)
 {
@@ -196,6 +216,7 @@ static struct kms_rpc_server *start_server_hook(int port, enum kms_rpc_mode mode
     memset(&cfg, 0, sizeof(cfg));
     cfg.listen = listen;
     cfg.mode = mode;
+    cfg.transport = transport_for(cfg.mode);
     cfg.cert_file = g_srv_cert;
     cfg.key_file = g_srv_key;
     cfg.ca_file = mode == KMS_RPC_MTLS ? g_ca : NULL;
@@ -451,6 +472,7 @@ static void test_stop_restart(void **state)
         snprintf(listen, sizeof(listen), "127.0.0.1:%d", port);
         cfg.listen = listen;
         cfg.mode = KMS_RPC_INSECURE;
+        cfg.transport = transport_for(cfg.mode);
         kms_err_clear(&err);
         assert_int_equal(kms_rpc_server_create(&cfg, &srv2, &err), 0);
         assert_int_equal(kms_rpc_server_start(srv2, &err), KMS_EIO);
@@ -479,6 +501,10 @@ static void test_stop_restart(void **state)
     /* Restart on the same port. */
     srv = start_server(port, KMS_RPC_TLS, 4096, 2);
     assert_non_null(srv);
+    if (renew_channels()) {
+        kms_rpc_channel_destroy(ch);
+        ch = channel(port, g_ca, NULL, NULL, false);
+    }
     t0 = now_ms();
     int st;
     while ((st = call(ch, "/test.Echo/Echo", "b", 1, out, sizeof(out), 2000)) != 0 &&
@@ -671,6 +697,10 @@ static void *load_main(void *arg)
         } else if (st == GRPC_STATUS_UNAVAILABLE) {
             atomic_fetch_add(&l->unavailable, 1);
             sleep_ms(10);
+            if (renew_channels() && ch != l->shared) {
+                kms_rpc_channel_destroy(ch);
+                ch = channel(l->port, g_ca, NULL, NULL, false);
+            }
         } else if (st == GRPC_STATUS_CANCELLED) {
             /* gRPC 1.51 cancels calls that reach a connection in the few
              * microseconds between shutdown and its GOAWAY. */
@@ -765,6 +795,7 @@ static void test_reload(void **state)
     assert_int_equal(sh("cp %s %s && cp %s %s", g_foreign_cert, cert, g_foreign_key, key), 0);
     cfg.listen = listen;
     cfg.mode = KMS_RPC_TLS;
+    cfg.transport = transport_for(cfg.mode);
     cfg.cert_file = cert;
     cfg.key_file = key;
     cfg.workers = 1;
@@ -798,6 +829,7 @@ static void test_bad_config(void **state)
     struct kms_err err;
     cfg.listen = "127.0.0.1:26999";
     cfg.mode = KMS_RPC_TLS;
+    cfg.transport = transport_for(cfg.mode);
     cfg.cert_file = g_srv_cert;
     cfg.key_file = g_cli_key; /* does not match */
     kms_err_clear(&err);
@@ -807,6 +839,7 @@ static void test_bad_config(void **state)
     assert_int_equal(kms_rpc_server_create(&cfg, &srv, &err), KMS_EIO);
     assert_non_null(strstr(err.msg, "/nonexistent/key.pem"));
     cfg.mode = KMS_RPC_MTLS;
+    cfg.transport = transport_for(cfg.mode);
     assert_int_equal(kms_rpc_server_create(&cfg, &srv, &err), KMS_ECONFIG);
     assert_null(srv);
 }
@@ -958,10 +991,12 @@ static int serve(int argc, char **argv)
     snprintf(listen, sizeof(listen), "127.0.0.1:%s", argv[2]);
     cfg.listen = listen;
     cfg.mode = KMS_RPC_TLS;
+    cfg.transport = transport_for(cfg.mode);
     cfg.max_message = 4096;
     for (int i = 3; i < argc; i++) {
         if (strcmp(argv[i], "--plaintext") == 0) {
             cfg.mode = KMS_RPC_INSECURE;
+            cfg.transport = transport_for(cfg.mode);
         } else if (strcmp(argv[i], "--tls12") == 0) {
             tls12 = true;
         } else if (strcmp(argv[i], "--cert") == 0 && i + 1 < argc) {
@@ -1012,6 +1047,10 @@ int main(int argc, char **argv)
     struct kms_err err;
     int rc;
 
+    {
+        const char *t = getenv("KMS_TEST_RPC_TRANSPORT");
+        g_transport = t != NULL && strcmp(t, "h2") == 0 ? KMS_RPC_H2 : KMS_RPC_GRPC;
+    }
     if (argc >= 3 && strcmp(argv[1], "--serve") == 0) {
         return serve(argc, argv);
     }
