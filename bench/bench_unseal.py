@@ -48,6 +48,9 @@ def parse_args():
     ap.add_argument("--base-port", type=int, default=27400)
     ap.add_argument("--blobs", type=int, default=64, help="distinct sealed blobs")
     ap.add_argument("--echo-only", action="store_true")
+    ap.add_argument("--transports", default="grpc,h2",
+                    help="kmsd talos.transport values to measure, in this order (the "
+                         "cluster's nodes are restarted between them)")
     ap.add_argument("--json", help="write raw results here")
     return ap.parse_args()
 
@@ -83,6 +86,22 @@ def start_echo(echo_bin, ports, cert, key, logdir):
             raise RuntimeError(f"{echo_bin} on {p} did not start (see {log.name})")
         procs.append(pr)
     return procs
+
+
+def switch_transport(cluster, transport):
+    """Restarts the three replicas one at a time with talos.transport set
+    (the data and keys stay), waiting for each Talos port to serve again."""
+    import kmslib
+    cluster.env["KMSD_TALOS_TRANSPORT"] = transport
+    for i in range(1, 4):
+        cluster.local("stop-node", str(i))
+        cluster.local("start-node", str(i))
+        end = time.time() + 30
+        while not kmslib.port_open(cluster.port(i, 0)) and time.time() < end:
+            time.sleep(0.1)
+        if not kmslib.port_open(cluster.port(i, 0)):
+            raise RuntimeError(f"node {i} did not serve Talos after the switch to {transport}")
+    time.sleep(1)
 
 
 def stop(procs):
@@ -195,8 +214,13 @@ def main():
     work = tempfile.mkdtemp(prefix="kmsd-bench-unseal-")
     cluster = None
     procs = []
-    results = {"kmsd": [], "echo": [], "h2": [], "kmsd_warm": [], "echo_warm": [],
-               "h2_warm": []}
+    transports = [t for t in a.transports.split(",") if t]
+    if not transports or any(t not in ("grpc", "h2") for t in transports):
+        sys.exit("bench_unseal: --transports takes grpc and/or h2")
+    # kmsd rows per transport: "kmsd" (grpc) and "kmsd_h2"
+    kkey = {"grpc": "kmsd", "h2": "kmsd_h2"}
+    results = {"kmsd": [], "kmsd_h2": [], "echo": [], "h2": [], "kmsd_warm": [],
+               "kmsd_h2_warm": [], "echo_warm": [], "h2_warm": []}
     kmsbench = os.path.join(build, "bench", "kmsbench", "kmsbench")
     try:
         if a.echo_only:
@@ -208,6 +232,7 @@ def main():
             import kmslib
             # The warm-connection rows carry many calls per connection.
             os.environ["KMSD_LIMITS_TALOS_CONNECTION_BYTES"] = "0"
+            os.environ["KMSD_TALOS_TRANSPORT"] = transports[0]
             cluster = kmslib.Cluster(nodes=3, base=a.base_port)
             cluster.up()
             cluster.init()
@@ -245,18 +270,21 @@ def main():
             h2procs = start_echo(h2_bin, h2_ports, cert, key, work)
             hpids = [pr.pid for pr in h2procs]
             procs += h2procs
-        kpids = [cluster.pid(i) for i in range(1, 4)] if cluster else []
+        for t in transports if kblobs else []:
+            if t != transports[0]:
+                switch_transport(cluster, t)
+            kpids = [cluster.pid(i) for i in range(1, 4)]
+            for n in clients:
+                results[kkey[t]].append(load(talos, ca, cluster.endpoints(), n, a.duration,
+                                             kblobs, kpids))
+                if os.access(kmsbench, os.X_OK):
+                    results[kkey[t] + "_warm"].append(warm(kmsbench, ca, cluster.endpoints(), n,
+                                                           a.duration, kblobs, kpids))
         for n in clients:
-            if kblobs:
-                results["kmsd"].append(load(talos, ca, cluster.endpoints(), n, a.duration,
-                                            kblobs, kpids))
             results["echo"].append(load(talos, ca, echo_eps, n, a.duration, eblobs, epids))
             if hpids:
                 results["h2"].append(load(talos, ca, h2_eps, n, a.duration, eblobs, hpids))
             if os.access(kmsbench, os.X_OK):
-                if kblobs:
-                    results["kmsd_warm"].append(warm(kmsbench, ca, cluster.endpoints(), n,
-                                                     a.duration, kblobs, kpids))
                 results["echo_warm"].append(warm(kmsbench, ca, echo_eps, n, a.duration, eblobs,
                                                  epids))
                 if hpids:
@@ -284,7 +312,9 @@ def main():
         e = results["echo"][k]
         rows = []
         if results["kmsd"]:
-            rows.append(("kmsd (3 nodes)", results["kmsd"][k]))
+            rows.append(("kmsd, grpc transport (3 nodes)", results["kmsd"][k]))
+        if results["kmsd_h2"]:
+            rows.append(("kmsd, h2 transport (3 nodes)", results["kmsd_h2"][k]))
         rows.append(("echo ceiling (3 procs)", e))
         if results["h2"]:
             rows.append(("h2 echo, no gRPC core (3 procs)", results["h2"][k]))
@@ -301,7 +331,10 @@ def main():
         print("|---:|---|---:|---:|---:|---:|---:|")
         for k, n in enumerate(clients):
             e = results["echo_warm"][k]
-            rows = [("kmsd (3 nodes)", results["kmsd_warm"][k])] if results["kmsd_warm"] else []
+            rows = [("kmsd, grpc transport (3 nodes)", results["kmsd_warm"][k])] \
+                if results["kmsd_warm"] else []
+            if results["kmsd_h2_warm"]:
+                rows.append(("kmsd, h2 transport (3 nodes)", results["kmsd_h2_warm"][k]))
             rows.append(("echo ceiling (3 procs)", e))
             if results["h2_warm"]:
                 rows.append(("h2 echo, no gRPC core (3 procs)", results["h2_warm"][k]))
@@ -315,7 +348,8 @@ def main():
     if o["server_cpu_ms_per_op"]:
         for k, n in enumerate(clients):
             parts = [f"{name} {results[key][k]['server_cpu_ms_per_op'] / o['server_cpu_ms_per_op']:.2f}x"
-                     for key, name in (("kmsd", "kmsd"), ("echo", "gRPC echo"), ("h2", "h2 echo"))
+                     for key, name in (("kmsd", "kmsd grpc"), ("kmsd_h2", "kmsd h2"),
+                                       ("echo", "gRPC echo"), ("h2", "h2 echo"))
                      if results[key]]
             print(f"server CPU per new-connection Unseal / bare handshake, {n} clients: "
                   + ", ".join(parts))
@@ -324,7 +358,7 @@ def main():
             json.dump(results, f, indent=1)
     if results["h2"]:
         print("(h2 echo: % of ceiling is against the gRPC echo server)")
-    bad = any(r["wrong_bytes"] for k in ("kmsd", "echo", "h2") for r in results[k])
+    bad = any(r["wrong_bytes"] for k in ("kmsd", "kmsd_h2", "echo", "h2") for r in results[k])
     sys.exit(100 if bad else 0)
 
 

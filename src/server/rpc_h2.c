@@ -79,8 +79,11 @@ struct h2_conn {
     bool dead;           /* closed; waits for refs to drop */
     bool want_out;       /* EPOLLOUT registered */
     bool goaway;         /* GOAWAY sent (max age) */
+    bool eof;            /* the client closed its side: answer what is open, then close */
     unsigned streams;    /* open request streams */
     unsigned refs;       /* calls that still point here */
+    uint8_t *obuf;       /* output not yet written (one TLS record per flush) */
+    size_t olen, ooff, ocap;
     struct h2_conn *prev, *next; /* loop->conns while !dead */
 };
 
@@ -239,6 +242,8 @@ static SSL_CTX *h2_ctx_get(struct kms_rpc_server *srv)
  * epoll batch (loop_reap frees the graveyard after it). */
 static void conn_free(struct h2_conn *c)
 {
+    free(c->obuf);
+    c->obuf = NULL;
     c->next = c->loop->grave;
     c->loop->grave = c;
 }
@@ -315,11 +320,10 @@ static void peer_format(const struct sockaddr_storage *ss, char *out, size_t n)
 
 /* ---- nghttp2 callbacks (loop thread) --------------------------------- */
 
-static ssize_t send_cb(nghttp2_session *s, const uint8_t *data, size_t len, int flags, void *ud)
+/* Writes len bytes; returns bytes written, 0 when the socket would block,
+ * -1 on error. */
+static ssize_t conn_write(struct h2_conn *c, const uint8_t *data, size_t len)
 {
-    struct h2_conn *c = ud;
-    (void)s;
-    (void)flags;
     if (c->ssl != NULL) {
         int n = SSL_write(c->ssl, data, len > INT32_MAX ? INT32_MAX : (int)len);
         if (n > 0) {
@@ -327,16 +331,13 @@ static ssize_t send_cb(nghttp2_session *s, const uint8_t *data, size_t len, int 
         }
         int e = SSL_get_error(c->ssl, n);
         ERR_clear_error();
-        return e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ ? NGHTTP2_ERR_WOULDBLOCK
-                                                                      : NGHTTP2_ERR_CALLBACK_FAILURE;
+        return e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ ? 0 : -1;
     }
     ssize_t n = send(c->fd, data, len, MSG_NOSIGNAL);
     if (n >= 0) {
         return n;
     }
-    return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR
-               ? NGHTTP2_ERR_WOULDBLOCK
-               : NGHTTP2_ERR_CALLBACK_FAILURE;
+    return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? 0 : -1;
 }
 
 static int on_begin_headers_cb(nghttp2_session *s, const nghttp2_frame *f, void *ud)
@@ -747,20 +748,77 @@ static void loop_drain(struct h2_loop *l)
 
 /* ---- the loop -------------------------------------------------------- */
 
+/* Collects what nghttp2 has to send into c->obuf and writes it in one
+ * SSL_write (one TLS record, one syscall: an answer is HEADERS + DATA +
+ * trailers). 1 when all is written, 0 when the socket would block (the rest
+ * stays in obuf, retried with the same bytes), -1 on error. */
+static int conn_send(struct h2_conn *c)
+{
+    for (;;) {
+        while (c->ooff < c->olen) {
+            ssize_t n = conn_write(c, c->obuf + c->ooff, c->olen - c->ooff);
+            if (n < 0) {
+                return -1;
+            }
+            if (n == 0) {
+                return 0;
+            }
+            c->ooff += (size_t)n;
+        }
+        c->olen = c->ooff = 0;
+        for (;;) {
+            const uint8_t *p;
+            ssize_t n = nghttp2_session_mem_send(c->h2, &p);
+            if (n < 0) {
+                return -1;
+            }
+            if (n == 0) {
+                break;
+            }
+            if (c->olen + (size_t)n > c->ocap) {
+                size_t cap = c->ocap != 0 ? c->ocap : 4096;
+                uint8_t *nb;
+                while (cap < c->olen + (size_t)n) {
+                    cap *= 2;
+                }
+                if ((nb = realloc(c->obuf, cap)) == NULL) {
+                    return -1;
+                }
+                c->obuf = nb;
+                c->ocap = cap;
+            }
+            memcpy(c->obuf + c->olen, p, (size_t)n);
+            c->olen += (size_t)n;
+            if (c->olen >= 16384) {
+                break; /* one full record at a time */
+            }
+        }
+        if (c->olen == 0) {
+            return 1;
+        }
+    }
+}
+
 static void conn_flush(struct h2_conn *c)
 {
     bool out;
+    int r;
     if (c->dead || c->h2 == NULL) {
         return;
     }
-    if (nghttp2_session_send(c->h2) != 0 ||
-        (!nghttp2_session_want_read(c->h2) && !nghttp2_session_want_write(c->h2))) {
+    if ((r = conn_send(c)) < 0 ||
+        (r == 1 && !nghttp2_session_want_read(c->h2) && !nghttp2_session_want_write(c->h2))) {
         conn_close(c);
         return;
     }
-    out = nghttp2_session_want_write(c->h2) != 0;
+    out = r == 0 || nghttp2_session_want_write(c->h2) != 0;
+    if (c->eof && !out && c->streams == 0) {
+        conn_close(c); /* everything the client asked for is answered */
+        return;
+    }
     if (out != c->want_out) {
-        struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | (out ? EPOLLOUT : 0),
+        /* at EOF the socket stays readable: stop polling for input */
+        struct epoll_event ev = {.events = (c->eof ? 0 : EPOLLIN) | (out ? EPOLLOUT : 0),
                                  .data.ptr = c};
         c->want_out = out;
         epoll_ctl(c->loop->ep, EPOLL_CTL_MOD, c->fd, &ev);
@@ -787,10 +845,37 @@ static bool conn_start_h2(struct h2_conn *c)
            nghttp2_submit_settings(c->h2, NGHTTP2_FLAG_NONE, set, 3) == 0;
 }
 
+/* The client will send nothing more: answer the streams already complete
+ * (their handlers may still run), then close (conn_flush). */
+static void h2_conn_eof(struct h2_conn *c)
+{
+    struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = c};
+    c->eof = true;
+    c->want_out = true; /* one EPOLLOUT round: conn_flush then decides */
+    epoll_ctl(c->loop->ep, EPOLL_CTL_MOD, c->fd, &ev);
+    c->refs++; /* the drain may close c */
+    loop_drain(c->loop);
+    if (!c->dead) {
+        conn_flush(c);
+    }
+    conn_unref(c);
+}
+
 /* One readiness event on c. */
 static void conn_io(struct h2_conn *c)
 {
     uint8_t buf[H2_READ_CHUNK];
+
+    if (c->eof) {
+        /* output only (or EPOLLERR/EPOLLHUP): write what is answered */
+        c->refs++;
+        loop_drain(c->loop);
+        if (!c->dead) {
+            conn_flush(c);
+        }
+        conn_unref(c);
+        return;
+    }
 
     if (c->h2 == NULL) {
         int r = SSL_do_handshake(c->ssl);
@@ -814,7 +899,7 @@ static void conn_io(struct h2_conn *c)
                         "error", why, NULL);
                 conn_close(c);
             } else if (e == SSL_ERROR_WANT_WRITE && !c->want_out) {
-                struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | EPOLLOUT,
+                struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT,
                                          .data.ptr = c};
                 c->want_out = true;
                 epoll_ctl(c->loop->ep, EPOLL_CTL_MOD, c->fd, &ev);
@@ -836,7 +921,11 @@ static void conn_io(struct h2_conn *c)
                 if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
                     break;
                 }
-                conn_close(c); /* close_notify, EOF or error */
+                if (e == SSL_ERROR_ZERO_RETURN || (e == SSL_ERROR_SYSCALL && c->streams > 0)) {
+                    h2_conn_eof(c); /* close_notify or EOF: a half close */
+                } else {
+                    conn_close(c); /* error */
+                }
                 return;
             }
             n = r;
@@ -845,7 +934,11 @@ static void conn_io(struct h2_conn *c)
             if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
                 break;
             }
-            if (n <= 0) {
+            if (n == 0) {
+                h2_conn_eof(c);
+                return;
+            }
+            if (n < 0) {
                 conn_close(c);
                 return;
             }
@@ -914,7 +1007,7 @@ static void loop_accept(struct h2_loop *l)
             close(fd);
             continue;
         }
-        struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP, .data.ptr = c};
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
         if (epoll_ctl(l->ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
             if (c->h2 != NULL) {
                 nghttp2_session_del(c->h2);
@@ -1000,7 +1093,7 @@ static void *loop_main(void *arg)
         struct h2_conn *c = l->conns;
         if (c->h2 != NULL) {
             nghttp2_session_terminate_session(c->h2, NGHTTP2_NO_ERROR);
-            (void)nghttp2_session_send(c->h2);
+            (void)conn_send(c);
         }
         conn_close(c);
     }
@@ -1075,7 +1168,6 @@ int rpc_h2_start(struct kms_rpc_server *srv, struct kms_err *err)
     if (nghttp2_session_callbacks_new(&h->cb) != 0 || nghttp2_option_new(&h->opt) != 0) {
         return kms_err_set(err, KMS_ENOMEM, "out of memory");
     }
-    nghttp2_session_callbacks_set_send_callback(h->cb, send_cb);
     nghttp2_session_callbacks_set_on_begin_headers_callback(h->cb, on_begin_headers_cb);
     nghttp2_session_callbacks_set_on_header_callback(h->cb, on_header_cb);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(h->cb, on_data_chunk_cb);
