@@ -17,8 +17,9 @@
 // -op seal:   Seal 32 random bytes for a fresh random node UUID per call.
 // -op unseal: Unseal the blobs of FILE (talosclient seal output lines), checks the bytes.
 // -op put:    etcd KV/Put of a 32-byte value under bench/<client>/<n> (plaintext).
-// -op rack:   -nodes N -volumes 3 -window 2s: a rack boots (new connection per
-//             Unseal, nodes starting within the window; see rackBoot).
+// -op rack:   -nodes N -volumes 3 -window 2s [-retry-every 30s -max-attempts 10]:
+//             a rack boots (new connection per Unseal, nodes starting within
+//             the window, optionally retrying like Talos; see rackBoot).
 // Prints one JSON object: ok, failures by code, per_s, p50/p90/p99/max ms;
 // -lat FILE writes every latency (ms, one a line) for plots.
 package main
@@ -127,6 +128,8 @@ func main() {
 	rackVolumes := flag.Int("volumes", 3, "rack: encrypted volumes per node (one Unseal each)")
 	rackWindow := flag.Duration("window", 2*time.Second, "rack: nodes start uniformly within this")
 	timeout := flag.Duration("timeout", 10*time.Second, "deadline per RPC")
+	retryEvery := flag.Duration("retry-every", 0, "rack: after a failed Unseal wait this, then retry on the next endpoint (Talos: 30s); 0 = no retry")
+	maxAttempts := flag.Int("max-attempts", 10, "rack: calls per volume at most when -retry-every > 0")
 	flag.Parse()
 
 	endpoints := strings.Split(*eps, ",")
@@ -165,7 +168,8 @@ func main() {
 		}
 	}
 	if *op == "rack" {
-		rackBoot(endpoints, creds, blobs, *rackNodes, *rackVolumes, *rackWindow, *timeout, *latFile)
+		rackBoot(endpoints, creds, blobs, *rackNodes, *rackVolumes, *rackWindow, *timeout, *latFile,
+			*retryEvery, *maxAttempts)
 		return
 	}
 	method := map[string]string{"seal": "/sidero.kms.KMSService/Seal",
@@ -308,17 +312,59 @@ func main() {
 }
 
 // rackBoot: a whole rack powers on. Node i starts at a uniformly random
-// moment within window and unseals its volumes one after the other, each
-// over a NEW connection (dial, TLS handshake, one call, close), listing the
-// endpoints starting at i mod n, as Talos does. Prints total time, p50/p99/
-// max per Unseal and failures.
+// moment within window (its power-on moment) and unseals its volumes one
+// after the other, each call over a NEW connection (dial, TLS handshake, one
+// call, close) from the node's own source address; volume v's first call goes
+// to endpoint (i+v) mod n.
+//
+// retryEvery > 0 models Talos (any RPC error: next key slot, then retry every
+// 30 s, no backoff): a call that fails with a gRPC error is retried retryEvery
+// after the failure on the next endpoint of the list (pick_first over DNS A
+// records moves on), up to maxAttempts calls per volume; the node goes on to
+// its next volume only once this one is unsealed or out of attempts. A reply
+// with the wrong bytes is never retried (hard failure). retryEvery == 0: one
+// call per volume, as before.
+//
+// Report (one JSON object):
+//
+//	ok, p50/p90/p99/max_ms  first attempts: calls that succeeded on the
+//	                        first try and their latency (the -lat file too);
+//	                        with retryEvery == 0 every call is a first try
+//	first_failures          first attempts that failed, by code
+//	failures                calls that failed, ALL attempts, by code
+//	                        (WRONG_BYTES included)
+//	attempts                calls made
+//	retried                 failed calls that were retried, by code
+//	unsealed                volumes finally unsealed (right bytes)
+//	lost                    volumes still sealed after maxAttempts calls
+//	wrong_bytes             volumes whose reply had the wrong bytes
+//	volume_p50/p99/max_ms   node's power-on -> that volume unsealed, over
+//	                        unsealed volumes
+//	node_done_p99/max_s     node's power-on -> its last volume unsealed, over
+//	                        nodes with every volume unsealed
+//	total_s                 start -> the last node finished
+//
+// Exit 1: retryEvery == 0, any failed call; retryEvery > 0, lost > 0 or
+// any wrong bytes.
 func rackBoot(endpoints []string, creds grpc.DialOption, blobs []sealed, nodes, volumes int,
-	window, timeout time.Duration, latFile string) {
-	type res struct {
-		lat  float64
-		code string
+	window, timeout time.Duration, latFile string, retryEvery time.Duration, maxAttempts int) {
+	if retryEvery <= 0 || maxAttempts < 1 {
+		maxAttempts = 1
 	}
-	out := make(chan res, nodes*volumes)
+	type call struct {
+		lat     float64
+		code    string
+		attempt int
+		retried bool
+	}
+	type volume struct {
+		ready    float64 // ms since the node's power-on, -1 if not unsealed
+		wrong    bool
+		lastNode bool // the node's last volume
+		nodeOK   bool // every volume of the node unsealed (set on the last one)
+	}
+	calls := make(chan call, nodes*volumes*maxAttempts)
+	vols := make(chan volume, nodes*volumes)
 	var wg sync.WaitGroup
 	start := time.Now()
 	for i := 0; i < nodes; i++ {
@@ -330,58 +376,119 @@ func rackBoot(endpoints []string, creds grpc.DialOption, blobs []sealed, nodes, 
 		go func(id int, off time.Duration) {
 			defer wg.Done()
 			time.Sleep(off)
+			powerOn := start.Add(off)
+			// Every node has its own address (127.1.x.y), as in a
+			// rack: kmsd's per-address limits see what they would.
+			src := &net.TCPAddr{IP: net.IPv4(127, 1, byte(id/250), byte(id%250+1))}
+			dialer := grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+				d := net.Dialer{LocalAddr: src}
+				return d.DialContext(ctx, "tcp", addr)
+			})
+			nodeOK := true
 			for v := 0; v < volumes; v++ {
 				b := blobs[(id*volumes+v)%len(blobs)]
 				raw, _ := base64.StdEncoding.DecodeString(b.Blob)
 				want, _ := base64.StdEncoding.DecodeString(b.Data)
 				req := field(field(nil, 1, []byte(b.UUID)), 2, raw)
-				t0 := time.Now()
-				ctx, cancel := context.WithTimeout(context.Background(), timeout)
-				code := "OK"
-				// Every node has its own address (127.1.x.y), as in a
-				// rack: kmsd's per-address limits see what they would.
-				src := &net.TCPAddr{IP: net.IPv4(127, 1, byte(id/250), byte(id%250+1))}
-				conn, err := grpc.DialContext(ctx, endpoints[(id+v)%len(endpoints)], creds,
-					grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
-						d := net.Dialer{LocalAddr: src}
-						return d.DialContext(ctx, "tcp", addr)
-					}))
-				if err == nil {
-					var resp frame
-					err = conn.Invoke(ctx, "/sidero.kms.KMSService/Unseal", &frame{b: req}, &resp,
-						grpc.ForceCodec(rawCodec{}))
-					conn.Close()
-					if err == nil && string(respData(resp.b)) != string(want) {
-						code = "WRONG_BYTES"
+				vol := volume{ready: -1}
+				for a := 0; a < maxAttempts; a++ {
+					if a > 0 {
+						time.Sleep(retryEvery)
+					}
+					t0 := time.Now()
+					ctx, cancel := context.WithTimeout(context.Background(), timeout)
+					code := "OK"
+					conn, err := grpc.DialContext(ctx, endpoints[(id+v+a)%len(endpoints)], creds, dialer)
+					if err == nil {
+						var resp frame
+						err = conn.Invoke(ctx, "/sidero.kms.KMSService/Unseal", &frame{b: req}, &resp,
+							grpc.ForceCodec(rawCodec{}))
+						conn.Close()
+						if err == nil && string(respData(resp.b)) != string(want) {
+							code = "WRONG_BYTES"
+						}
+					}
+					cancel()
+					t1 := time.Now()
+					if err != nil {
+						code = status.Code(err).String()
+					}
+					retry := err != nil && a+1 < maxAttempts
+					calls <- call{float64(t1.Sub(t0).Microseconds()) / 1000, code, a, retry}
+					if code == "OK" {
+						vol.ready = float64(t1.Sub(powerOn).Microseconds()) / 1000
+					}
+					vol.wrong = code == "WRONG_BYTES"
+					if !retry {
+						break
 					}
 				}
-				cancel()
-				if err != nil {
-					code = status.Code(err).String()
+				if vol.ready < 0 {
+					nodeOK = false
 				}
-				out <- res{float64(time.Since(t0).Microseconds()) / 1000, code}
+				if v == volumes-1 {
+					vol.lastNode, vol.nodeOK = true, nodeOK
+				}
+				vols <- vol
 			}
 		}(i, off)
 	}
 	wg.Wait()
 	total := time.Since(start)
-	close(out)
+	close(calls)
+	close(vols)
 	var lats []float64
-	fails := map[string]int{}
-	for r := range out {
-		if r.code == "OK" {
-			lats = append(lats, r.lat)
-		} else {
-			fails[r.code]++
+	fails, firstFails, retried := map[string]int{}, map[string]int{}, map[string]int{}
+	attempts := 0
+	for c := range calls {
+		attempts++
+		if c.code == "OK" {
+			if c.attempt == 0 {
+				lats = append(lats, c.lat)
+			}
+			continue
+		}
+		fails[c.code]++
+		if c.attempt == 0 {
+			firstFails[c.code]++
+		}
+		if c.retried {
+			retried[c.code]++
+		}
+	}
+	var ready, done []float64
+	lost, wrong := 0, 0
+	for v := range vols {
+		switch {
+		case v.ready >= 0:
+			ready = append(ready, v.ready)
+		case v.wrong:
+			wrong++
+		default:
+			lost++
+		}
+		if v.lastNode && v.nodeOK {
+			done = append(done, v.ready/1000)
 		}
 	}
 	sort.Float64s(lats)
+	sort.Float64s(ready)
+	sort.Float64s(done)
 	rep := map[string]interface{}{"op": "rack", "nodes": nodes, "volumes": volumes,
 		"window_s": window.Seconds(), "total_s": total.Seconds(), "ok": len(lats),
-		"failures": fails}
+		"failures": fails, "first_failures": firstFails, "retry_every_s": retryEvery.Seconds(),
+		"max_attempts": maxAttempts, "attempts": attempts, "retried": retried,
+		"unsealed": len(ready), "lost": lost, "wrong_bytes": wrong}
 	if n := len(lats); n > 0 {
 		rep["p50_ms"], rep["p90_ms"], rep["p99_ms"], rep["max_ms"] =
 			lats[n/2], lats[n*9/10], lats[n*99/100], lats[n-1]
+	}
+	if n := len(ready); n > 0 {
+		rep["volume_p50_ms"], rep["volume_p99_ms"], rep["volume_max_ms"] =
+			ready[n/2], ready[n*99/100], ready[n-1]
+	}
+	if n := len(done); n > 0 {
+		rep["node_done_p99_s"], rep["node_done_max_s"] = done[n*99/100], done[n-1]
 	}
 	if latFile != "" {
 		if w, err := os.Create(latFile); err == nil {
@@ -395,7 +502,11 @@ func rackBoot(endpoints []string, creds grpc.DialOption, blobs []sealed, nodes, 
 	}
 	j, _ := json.Marshal(rep)
 	fmt.Println(string(j))
-	if len(fails) > 0 {
+	if retryEvery > 0 {
+		if lost > 0 || wrong > 0 {
+			os.Exit(1)
+		}
+	} else if len(fails) > 0 {
 		os.Exit(1)
 	}
 }
