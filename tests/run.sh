@@ -35,6 +35,8 @@ presets="release asan"
 # their code paths (CI time budget: 40 minutes).
 asan_exclude=${KMS_ASAN_EXCLUDE-"^integration_test_(e2e_availability|e2e_five|raft_lease|datadir_compat|upgrade|pkg_deb|obs_promtool)$"}
 
+grpc_talos_tests=${KMS_GRPC_TALOS_TESTS:-"^integration_test_(e2e_tls|e2e_cluster|adv_net|adv_hygiene|adv_policy|adv_forward|obs_metrics_audit|talosclient_smoke)$"}
+
 for p in $presets; do
   echo "=== build $p"
   cmake --preset "$p" >/dev/null
@@ -51,6 +53,16 @@ for p in $presets; do
   # shellcheck disable=SC2086
   ctest --test-dir "build/$p" --output-on-failure -j "$jobs" "${exclude[@]}" ${KMS_CTEST_ARGS:-}
   echo "=== ctest $p took $(( $(date +%s) - t0 ))s"
+  if [ "$p" = release ]; then
+    # The Talos port's other HTTP/2 stack (talos.transport: grpc; the default
+    # is h2, src/server/rpc_h2.c): the tests that exercise the Talos port run
+    # again on it. The unit test test_rpc covers both transports itself.
+    t0=$(date +%s)
+    echo "=== test release, talos.transport grpc ($grpc_talos_tests)"
+    KMSD_TALOS_TRANSPORT=grpc ctest --test-dir build/release --output-on-failure -j "$jobs" \
+      -R "$grpc_talos_tests"
+    echo "=== ctest release (talos.transport grpc) took $(( $(date +%s) - t0 ))s"
+  fi
   if [ "$p" = release ] && [ "${KMS_SKIP_JEPSEN:-0}" != 1 ]; then
     # Jepsen-style fault-injection suite, CI subset, against this Release
     # build (tests/jepsen/ci.sh, about 8 minutes, needs root for network

@@ -82,10 +82,10 @@
       "KMSD_TALOS_TLS12", "talos-tls12", "BOOL", \
       "also accept TLS 1.2 on the Talos API (default TLS 1.3 only)", \
       "Also accept TLS 1.2 on the Talos port (default 1.3 only). Only with TLS. The cluster API and raft stay TLS 1.3-only; with this on, a SIGHUP rebuilds the cluster API listener instead of reloading it in place (see docs/security.md).") \
-    X(talos, transport, transport, talos_transport, ENUM, "grpc", 0, 0, IMM, NAMES("grpc", "h2"), \
-      "KMSD_TALOS_TRANSPORT", "talos-transport", "grpc|h2", \
-      "HTTP/2 stack of the Talos API: grpc (gRPC C core) or h2 (OpenSSL + nghttp2)", \
-      "HTTP/2 stack serving the Talos API. `grpc`: the gRPC C core. `h2`: OpenSSL + nghttp2 (`src/server/rpc_h2.c`), same methods, limits and TLS policy at about half the server CPU per new connection (docs/benchmarks.md). The cluster API always uses gRPC.") \
+    X(talos, transport, transport, talos_transport, ENUM, "h2", 0, 0, IMM, NAMES("grpc", "h2"), \
+      "KMSD_TALOS_TRANSPORT", "talos-transport", "h2|grpc", \
+      "HTTP/2 stack of the Talos API: h2 (OpenSSL + nghttp2) or grpc (gRPC C core)", \
+      "HTTP/2 stack serving the Talos API. `h2`: OpenSSL + nghttp2 (`src/server/rpc_h2.c`): about 0.6x the server CPU of `grpc` per new-connection Unseal and 0.5x per warm call (docs/benchmarks.md). `grpc`: the gRPC C core (the only stack before this option). Same methods, status codes, limits and TLS policy. The cluster API always uses gRPC.") \
     X(talos, maxMessageBytes, max_message_bytes, talos_max_message, SIZE, "4096", 1024, 16u << 20, IMM, NULL, \
       "KMSD_TALOS_MAX_MESSAGE_BYTES", "talos-max-message-bytes", "SIZE", \
       "largest Talos API request accepted", \
