@@ -82,6 +82,8 @@ struct h2_conn {
     bool eof;            /* the client closed its side: answer what is open, then close */
     unsigned streams;    /* open request streams */
     unsigned refs;       /* calls that still point here */
+    struct h2_stream *slist; /* streams with user data (freed at close: nghttp2's
+                              * session_del calls no stream-close callback) */
     uint8_t *obuf;       /* output not yet written (one TLS record per flush) */
     size_t olen, ooff, ocap;
     struct h2_conn *prev, *next; /* loop->conns while !dead */
@@ -89,6 +91,7 @@ struct h2_conn {
 
 struct h2_stream {
     int32_t id;
+    struct h2_stream *prev, *next; /* conn->slist */
     struct kms_rpc_call *call; /* while unanswered; never dereferenced after */
     char path[128];
     bool path_set, bad_type, bad_method, compressed_hdr, too_big, answered;
@@ -257,6 +260,8 @@ static void loop_reap(struct h2_loop *l)
     }
 }
 
+static void stream_free(struct h2_conn *c, struct h2_stream *st);
+
 /* Closes c (loop thread). Calls that still point to it keep the struct. */
 static void conn_close(struct h2_conn *c)
 {
@@ -267,8 +272,11 @@ static void conn_close(struct h2_conn *c)
     c->dead = true;
     epoll_ctl(l->ep, EPOLL_CTL_DEL, c->fd, NULL);
     if (c->h2 != NULL) {
-        nghttp2_session_del(c->h2); /* frees the streams (on_stream_close_cb) */
+        nghttp2_session_del(c->h2); /* no stream-close callbacks from here */
         c->h2 = NULL;
+    }
+    while (c->slist != NULL) {
+        stream_free(c, c->slist);
     }
     if (c->ssl != NULL) {
         SSL_free(c->ssl);
@@ -352,6 +360,11 @@ static int on_begin_headers_cb(nghttp2_session *s, const nghttp2_frame *f, void 
     }
     st->id = f->hd.stream_id;
     st->timeout_ms = -1;
+    st->next = c->slist;
+    if (c->slist != NULL) {
+        c->slist->prev = st;
+    }
+    c->slist = st;
     c->streams++;
     nghttp2_session_set_stream_user_data(s, st->id, st);
     return 0;
@@ -632,6 +645,22 @@ static int on_frame_recv_cb(nghttp2_session *s, const nghttp2_frame *f, void *ud
     return 0;
 }
 
+static void stream_free(struct h2_conn *c, struct h2_stream *st)
+{
+    if (st->prev != NULL) {
+        st->prev->next = st->next;
+    } else {
+        c->slist = st->next;
+    }
+    if (st->next != NULL) {
+        st->next->prev = st->prev;
+    }
+    free(st->buf);
+    free(st->out);
+    free(st->details);
+    free(st);
+}
+
 static int on_stream_close_cb(nghttp2_session *s, int32_t id, uint32_t code, void *ud)
 {
     struct h2_conn *c = ud;
@@ -647,10 +676,7 @@ static int on_stream_close_cb(nghttp2_session *s, int32_t id, uint32_t code, voi
     if (c->streams == 0) {
         c->idle_since_ms = kms_mono_ms();
     }
-    free(st->buf);
-    free(st->out);
-    free(st->details);
-    free(st);
+    stream_free(c, st);
     return 0;
 }
 
@@ -812,8 +838,11 @@ static void conn_flush(struct h2_conn *c)
         return;
     }
     out = r == 0 || nghttp2_session_want_write(c->h2) != 0;
-    if (c->eof && !out && c->streams == 0) {
-        conn_close(c); /* everything the client asked for is answered */
+    if (c->eof && !out && c->refs == 0) {
+        /* Everything the client asked for is answered, and no handler
+         * still holds a call here; a stream whose request never ended can
+         * no longer end: it is dropped with the connection. */
+        conn_close(c);
         return;
     }
     if (out != c->want_out) {
@@ -845,6 +874,22 @@ static bool conn_start_h2(struct h2_conn *c)
            nghttp2_submit_settings(c->h2, NGHTTP2_FLAG_NONE, set, 3) == 0;
 }
 
+/* Writes the loop's queued answers, then flushes c. The drain may close c
+ * (it holds a reference meanwhile, so c is not freed under us). */
+static void conn_drain_flush(struct h2_conn *c)
+{
+    c->refs++;
+    loop_drain(c->loop);
+    c->refs--;
+    if (c->dead) {
+        if (c->refs == 0) {
+            conn_free(c);
+        }
+        return;
+    }
+    conn_flush(c);
+}
+
 /* The client will send nothing more: answer the streams already complete
  * (their handlers may still run), then close (conn_flush). */
 static void h2_conn_eof(struct h2_conn *c)
@@ -853,12 +898,7 @@ static void h2_conn_eof(struct h2_conn *c)
     c->eof = true;
     c->want_out = true; /* one EPOLLOUT round: conn_flush then decides */
     epoll_ctl(c->loop->ep, EPOLL_CTL_MOD, c->fd, &ev);
-    c->refs++; /* the drain may close c */
-    loop_drain(c->loop);
-    if (!c->dead) {
-        conn_flush(c);
-    }
-    conn_unref(c);
+    conn_drain_flush(c);
 }
 
 /* One readiness event on c. */
@@ -868,12 +908,7 @@ static void conn_io(struct h2_conn *c)
 
     if (c->eof) {
         /* output only (or EPOLLERR/EPOLLHUP): write what is answered */
-        c->refs++;
-        loop_drain(c->loop);
-        if (!c->dead) {
-            conn_flush(c);
-        }
-        conn_unref(c);
+        conn_drain_flush(c);
         return;
     }
 
@@ -952,12 +987,7 @@ static void conn_io(struct h2_conn *c)
         }
     }
     /* answers the handlers gave inline are in the queue: write them now */
-    c->refs++; /* the drain may close c */
-    loop_drain(c->loop);
-    if (!c->dead) {
-        conn_flush(c);
-    }
-    conn_unref(c);
+    conn_drain_flush(c);
 }
 
 static void loop_accept(struct h2_loop *l)
