@@ -127,6 +127,9 @@ struct rpc_h2 {
     SSL_CTX *ctx; /* under srv->tls_mu */
 };
 
+/* The loop the calling thread runs, NULL on other threads. */
+static _Thread_local struct h2_loop *tl_loop;
+
 /* ---- TLS ------------------------------------------------------------- */
 
 static int alpn_select_cb(SSL *ssl, const unsigned char **out, unsigned char *outlen,
@@ -723,7 +726,7 @@ void rpc_h2_call_send(struct kms_rpc_call *c, int grpc_status, const char *detai
     l->q_tail = c;
     KMS_TSAN_RELEASE(c);
     pthread_mutex_unlock(&l->qmu);
-    if (wake && !pthread_equal(pthread_self(), l->th)) {
+    if (wake && tl_loop != l) { /* the loop itself drains after its handlers */
         uint64_t one = 1;
         ssize_t n = write(l->evfd, &one, sizeof(one));
         (void)n; /* a full counter (EAGAIN) still wakes the loop */
@@ -1092,6 +1095,7 @@ static void *loop_main(void *arg)
     struct rpc_h2 *h = l->srv->h2;
     uint64_t last_tick = kms_mono_ms();
 
+    tl_loop = l;
     while (!atomic_load(&h->quit)) {
         struct epoll_event evs[64];
         int n = epoll_wait(l->ep, evs, 64, H2_TICK_MS);
