@@ -11,7 +11,10 @@
  * accept filter (rpc_limit.c: connection caps, EMFILE survival, byte police,
  * bans and probes apply because our accept4() calls are the interposed ones).
  * What is its own: the listener, the event loops, TLS contexts, HTTP/2
- * framing (nghttp2), and stop step 4 (rpc_h2_shutdown).
+ * framing (nghttp2), and stop step 4 (rpc_h2_shutdown). This file has the
+ * loops, connections and lifecycle; rpc_h2_stream.c the nghttp2 callbacks,
+ * request checks and answers; rpc_h2_tls.c the TLS contexts; the structs
+ * are in rpc_h2_internal.h.
  *
  * Threads. srv->workers loops, each one thread with its own epoll set; the
  * listening socket is in every set with EPOLLEXCLUSIVE, so one loop takes
@@ -49,9 +52,7 @@
 
 #include <nghttp2/nghttp2.h>
 #include <openssl/err.h>
-#include <openssl/pem.h>
 #include <openssl/ssl.h>
-#include <openssl/x509.h>
 
 #include <grpc/support/time.h>
 
@@ -60,186 +61,14 @@
 #include "kms_time.h"
 #include "kms_tsan.h"
 #include "rpc_internal.h"
-
-#define H2_TICK_MS 100           /* housekeeping: timeouts, idle, age */
-#define H2_MAX_AGE_GRACE_MS 10000 /* like the gRPC transport's MAX_AGE_GRACE_MS */
-#define H2_MAX_HEADER_BYTES 8192  /* like GRPC_ARG_MAX_METADATA_SIZE there */
-#define H2_READ_CHUNK 16384
-
-struct h2_loop;
-
-struct h2_conn {
-    struct h2_loop *loop;
-    int fd;
-    SSL *ssl;            /* NULL for plaintext */
-    nghttp2_session *h2; /* NULL until the TLS handshake is done */
-    char peer[96];       /* "ipv4:a.b.c.d:port" */
-    uint64_t born_ms, idle_since_ms;
-    bool ready;          /* client SETTINGS received */
-    bool dead;           /* closed; waits for refs to drop */
-    bool want_out;       /* EPOLLOUT registered */
-    bool goaway;         /* GOAWAY sent (max age) */
-    bool eof;            /* the client closed its side: answer what is open, then close */
-    unsigned streams;    /* open request streams */
-    unsigned refs;       /* calls that still point here */
-    struct h2_stream *slist; /* streams with user data (freed at close: nghttp2's
-                              * session_del calls no stream-close callback) */
-    uint8_t *obuf;       /* output not yet written (one TLS record per flush) */
-    size_t olen, ooff, ocap;
-    struct h2_conn *prev, *next; /* loop->conns while !dead */
-};
-
-struct h2_stream {
-    int32_t id;
-    struct h2_stream *prev, *next; /* conn->slist */
-    struct kms_rpc_call *call; /* while unanswered; never dereferenced after */
-    char path[128];
-    bool path_set, bad_type, bad_method, compressed_hdr, too_big, answered;
-    size_t hdr_bytes;
-    int64_t timeout_ms; /* grpc-timeout; -1 none */
-    uint8_t *buf;       /* 5-byte prefix + message, up to 5 + max_message */
-    size_t len;
-    uint8_t *out;       /* answer body (gRPC frame), owned */
-    size_t outlen, outoff;
-    int status;
-    char *details;      /* owned, percent-encoded */
-};
-
-struct h2_loop {
-    struct kms_rpc_server *srv;
-    pthread_t th;
-    bool started;
-    int ep, evfd;
-    bool lfd_in;                 /* listener in this loop's epoll set */
-    struct h2_conn *conns;
-    struct h2_conn *grave;       /* closed, unreferenced: freed after the batch */
-    pthread_mutex_t qmu;
-    struct kms_rpc_call *q, *q_tail; /* calls to answer, under qmu */
-};
-
-struct rpc_h2 {
-    int lfd;
-    nghttp2_session_callbacks *cb;
-    nghttp2_option *opt;
-    struct h2_loop *loops;
-    unsigned n_loops;
-    atomic_bool quit;
-    SSL_CTX *ctx; /* under srv->tls_mu */
-};
+#include "rpc_h2_internal.h"
 
 /* The loop the calling thread runs, NULL on other threads. */
 static _Thread_local struct h2_loop *tl_loop;
 
-/* ---- TLS ------------------------------------------------------------- */
-
-static int alpn_select_cb(SSL *ssl, const unsigned char **out, unsigned char *outlen,
-                          const unsigned char *in, unsigned int inlen, void *arg)
+struct h2_loop *rpc_h2_loop_self(void)
 {
-    static const unsigned char h2[] = "\x02h2";
-    unsigned char *sel = NULL;
-    (void)ssl;
-    (void)arg;
-    if (SSL_select_next_proto(&sel, outlen, h2, 3, in, inlen) != OPENSSL_NPN_NEGOTIATED) {
-        return SSL_TLSEXT_ERR_ALERT_FATAL; /* gRPC needs h2 */
-    }
-    *out = sel;
-    return SSL_TLSEXT_ERR_OK;
-}
-
-/* A new SSL_CTX from the server's files (rpc_tls_load reads and checks
- * them). NULL with err set. Any thread. */
-static SSL_CTX *h2_ctx_build(struct kms_rpc_server *srv, struct kms_err *err)
-{
-    char *cert = NULL, *key = NULL, *roots = NULL;
-    SSL_CTX *ctx = NULL, *ret = NULL;
-    BIO *b = NULL;
-    X509 *x = NULL;
-    EVP_PKEY *pk = NULL;
-
-    if (rpc_tls_load(srv, &cert, &key, &roots, err) != 0) {
-        goto out;
-    }
-    ctx = SSL_CTX_new(TLS_server_method());
-    if (ctx == NULL ||
-        SSL_CTX_set_min_proto_version(ctx, srv->allow_tls12 && kms_rpc_tls12_allowed()
-                                               ? TLS1_2_VERSION
-                                               : TLS1_3_VERSION) != 1) {
-        kms_err_set(err, KMS_ETLS, "cannot create a TLS context");
-        goto out;
-    }
-    if ((b = BIO_new_mem_buf(cert, -1)) == NULL ||
-        (x = PEM_read_bio_X509(b, NULL, NULL, NULL)) == NULL ||
-        SSL_CTX_use_certificate(ctx, x) != 1) {
-        kms_err_set(err, KMS_ETLS, "certificate %s unusable", srv->cert_file);
-        goto out;
-    }
-    for (;;) { /* the rest of the chain */
-        X509 *ca = PEM_read_bio_X509(b, NULL, NULL, NULL);
-        if (ca == NULL) {
-            ERR_clear_error(); /* end of file */
-            break;
-        }
-        if (SSL_CTX_add1_chain_cert(ctx, ca) != 1) {
-            X509_free(ca);
-            kms_err_set(err, KMS_ETLS, "certificate chain %s unusable", srv->cert_file);
-            goto out;
-        }
-        X509_free(ca);
-    }
-    BIO_free(b);
-    if ((b = BIO_new_mem_buf(key, -1)) == NULL ||
-        (pk = PEM_read_bio_PrivateKey(b, NULL, NULL, NULL)) == NULL ||
-        SSL_CTX_use_PrivateKey(ctx, pk) != 1 || SSL_CTX_check_private_key(ctx) != 1) {
-        kms_err_set(err, KMS_ETLS, "key %s unusable or not the certificate's", srv->key_file);
-        goto out;
-    }
-    /* Talos never resumes: no tickets, no session cache. */
-    SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET | SSL_OP_NO_RENEGOTIATION);
-    SSL_CTX_set_num_tickets(ctx, 0);
-    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
-    SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
-                              SSL_MODE_RELEASE_BUFFERS);
-    SSL_CTX_set_alpn_select_cb(ctx, alpn_select_cb, NULL);
-    ret = ctx;
-    ctx = NULL;
-out:
-    ERR_clear_error();
-    EVP_PKEY_free(pk);
-    X509_free(x);
-    BIO_free(b);
-    SSL_CTX_free(ctx);
-    free(cert);
-    kms_rpc_free_secret(key);
-    free(roots);
-    return ret;
-}
-
-/* The context for the next handshake, with a reference for the caller;
- * applies a pending reload first (the old context stays when the files are
- * unusable). Loop threads. */
-static SSL_CTX *h2_ctx_get(struct kms_rpc_server *srv)
-{
-    struct rpc_h2 *h = srv->h2;
-    SSL_CTX *ctx;
-
-    pthread_mutex_lock(&srv->tls_mu);
-    if (atomic_exchange(&srv->reload, false)) {
-        struct kms_err err;
-        SSL_CTX *n;
-        kms_err_clear(&err);
-        if ((n = h2_ctx_build(srv, &err)) == NULL) {
-            kms_log(KMS_LOG_ERROR, "rpc", "TLS reload failed, keeping the current certificate",
-                    "addr", srv->listen, "error", err.msg, NULL);
-        } else {
-            SSL_CTX_free(h->ctx);
-            h->ctx = n;
-            kms_log(KMS_LOG_INFO, "rpc", "TLS certificate reloaded", "addr", srv->listen, NULL);
-        }
-    }
-    ctx = h->ctx;
-    SSL_CTX_up_ref(ctx);
-    pthread_mutex_unlock(&srv->tls_mu);
-    return ctx;
+    return tl_loop;
 }
 
 /* ---- connections ----------------------------------------------------- */
@@ -263,8 +92,6 @@ static void loop_reap(struct h2_loop *l)
     }
 }
 
-static void stream_free(struct h2_conn *c, struct h2_stream *st);
-
 /* Closes c (loop thread). Calls that still point to it keep the struct. */
 static void conn_close(struct h2_conn *c)
 {
@@ -279,7 +106,7 @@ static void conn_close(struct h2_conn *c)
         c->h2 = NULL;
     }
     while (c->slist != NULL) {
-        stream_free(c, c->slist);
+        rpc_h2_stream_free(c, c->slist);
     }
     if (c->ssl != NULL) {
         SSL_free(c->ssl);
@@ -301,7 +128,7 @@ static void conn_close(struct h2_conn *c)
     }
 }
 
-static void conn_unref(struct h2_conn *c)
+void rpc_h2_conn_unref(struct h2_conn *c)
 {
     if (--c->refs == 0 && c->dead) {
         conn_free(c);
@@ -329,7 +156,7 @@ static void peer_format(const struct sockaddr_storage *ss, char *out, size_t n)
     }
 }
 
-/* ---- nghttp2 callbacks (loop thread) --------------------------------- */
+/* ---- socket output ---------------------------------------------------- */
 
 /* Writes len bytes; returns bytes written, 0 when the socket would block,
  * -1 on error. */
@@ -349,430 +176,6 @@ static ssize_t conn_write(struct h2_conn *c, const uint8_t *data, size_t len)
         return n;
     }
     return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? 0 : -1;
-}
-
-static int on_begin_headers_cb(nghttp2_session *s, const nghttp2_frame *f, void *ud)
-{
-    struct h2_conn *c = ud;
-    struct h2_stream *st;
-    if (f->hd.type != NGHTTP2_HEADERS || f->headers.cat != NGHTTP2_HCAT_REQUEST) {
-        return 0;
-    }
-    if ((st = calloc(1, sizeof(*st))) == NULL) {
-        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE; /* resets this stream */
-    }
-    st->id = f->hd.stream_id;
-    st->timeout_ms = -1;
-    st->next = c->slist;
-    if (c->slist != NULL) {
-        c->slist->prev = st;
-    }
-    c->slist = st;
-    c->streams++;
-    nghttp2_session_set_stream_user_data(s, st->id, st);
-    return 0;
-}
-
-static bool is(const uint8_t *p, size_t n, const char *lit)
-{
-    return n == strlen(lit) && memcmp(p, lit, n) == 0;
-}
-
-/* grpc-timeout: 1-8 digits and a unit (H M S m u n). -1 when malformed. */
-static int64_t parse_timeout(const uint8_t *v, size_t n)
-{
-    int64_t x = 0;
-    if (n < 2 || n > 9) {
-        return -1;
-    }
-    for (size_t i = 0; i + 1 < n; i++) {
-        if (v[i] < '0' || v[i] > '9') {
-            return -1;
-        }
-        x = x * 10 + (v[i] - '0');
-    }
-    switch (v[n - 1]) {
-    case 'H': return x * 3600000;
-    case 'M': return x * 60000;
-    case 'S': return x * 1000;
-    case 'm': return x;
-    case 'u': return (x + 999) / 1000;
-    case 'n': return (x + 999999) / 1000000;
-    default: return -1;
-    }
-}
-
-static int on_header_cb(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *name,
-                        size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
-                        void *ud)
-{
-    struct h2_stream *st = nghttp2_session_get_stream_user_data(s, f->hd.stream_id);
-    (void)flags;
-    (void)ud;
-    if (st == NULL || f->hd.type != NGHTTP2_HEADERS || st->answered) {
-        return 0;
-    }
-    st->hdr_bytes += namelen + valuelen + 32;
-    if (st->hdr_bytes > H2_MAX_HEADER_BYTES) {
-        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
-    }
-    if (is(name, namelen, ":path")) {
-        if (valuelen >= sizeof(st->path)) {
-            valuelen = sizeof(st->path) - 1; /* no method is this long: unknown */
-        }
-        memcpy(st->path, value, valuelen);
-        st->path[valuelen] = '\0';
-        st->path_set = true;
-    } else if (is(name, namelen, ":method")) {
-        st->bad_method = !is(value, valuelen, "POST");
-    } else if (is(name, namelen, "content-type")) {
-        st->bad_type = valuelen < 16 || memcmp(value, "application/grpc", 16) != 0 ||
-                       (valuelen > 16 && value[16] != '+' && value[16] != ';');
-    } else if (is(name, namelen, "grpc-encoding")) {
-        st->compressed_hdr = !is(value, valuelen, "identity");
-    } else if (is(name, namelen, "grpc-timeout")) {
-        st->timeout_ms = parse_timeout(value, valuelen);
-    }
-    return 0;
-}
-
-static int on_data_chunk_cb(nghttp2_session *s, uint8_t flags, int32_t id, const uint8_t *data,
-                            size_t len, void *ud)
-{
-    struct h2_conn *c = ud;
-    struct h2_stream *st = nghttp2_session_get_stream_user_data(s, id);
-    size_t cap = 5 + c->loop->srv->max_message;
-    (void)flags;
-    if (st == NULL || st->too_big || st->compressed_hdr) {
-        return 0;
-    }
-    if (len > cap - st->len) {
-        st->too_big = true; /* answered at END_STREAM; nothing more is kept */
-        free(st->buf);
-        st->buf = NULL;
-        return 0;
-    }
-    if (st->buf == NULL && (st->buf = malloc(cap)) == NULL) {
-        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
-    }
-    memcpy(st->buf + st->len, data, len);
-    st->len += len;
-    return 0;
-}
-
-static ssize_t body_read_cb(nghttp2_session *s, int32_t id, uint8_t *buf, size_t len,
-                            uint32_t *data_flags, nghttp2_data_source *src, void *ud)
-{
-    struct h2_stream *st = src->ptr;
-    size_t n = st->outlen - st->outoff;
-    (void)ud;
-    if (n > len) {
-        n = len;
-    }
-    memcpy(buf, st->out + st->outoff, n);
-    st->outoff += n;
-    if (st->outoff == st->outlen) {
-        static const nghttp2_nv ok[] = {
-            {(uint8_t *)"grpc-status", (uint8_t *)"0", 11, 1, NGHTTP2_NV_FLAG_NONE}};
-        *data_flags |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM;
-        if (nghttp2_submit_trailer(s, id, ok, 1) != 0) {
-            return NGHTTP2_ERR_CALLBACK_FAILURE;
-        }
-    }
-    return (ssize_t)n;
-}
-
-#define NV(n, v) {(uint8_t *)(n), (uint8_t *)(v), sizeof(n) - 1, strlen(v), NGHTTP2_NV_FLAG_NONE}
-
-/* grpc-message is percent-encoded (gRPC spec): printable ASCII but '%'. */
-static char *pct_encode(const char *s)
-{
-    size_t n = strlen(s);
-    char *o = malloc(3 * n + 1), *p = o;
-    if (o == NULL) {
-        return NULL;
-    }
-    for (; *s != '\0'; s++) {
-        unsigned char ch = (unsigned char)*s;
-        if (ch >= 0x20 && ch <= 0x7e && ch != '%') {
-            *p++ = (char)ch;
-        } else {
-            p += sprintf(p, "%%%02X", ch);
-        }
-    }
-    *p = '\0';
-    return o;
-}
-
-/* Writes the answer of stream st: OK with body st->out, or a trailers-only
- * status. Loop thread; st stays owned by nghttp2. */
-static void stream_answer(nghttp2_session *s, struct h2_stream *st)
-{
-    char code[12];
-    st->answered = true;
-    st->call = NULL;
-    if (st->status == 0 && st->out != NULL) {
-        nghttp2_nv hdr[] = {NV(":status", "200"), NV("content-type", "application/grpc"),
-                            NV("grpc-accept-encoding", "identity")};
-        nghttp2_data_provider prd = {.source.ptr = st, .read_callback = body_read_cb};
-        if (nghttp2_submit_response(s, st->id, hdr, 3, &prd) != 0) {
-            nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
-        }
-        return;
-    }
-    snprintf(code, sizeof(code), "%d", st->status);
-    nghttp2_nv nv[] = {NV(":status", "200"), NV("content-type", "application/grpc"),
-                       NV("grpc-accept-encoding", "identity"), NV("grpc-status", code),
-                       NV("grpc-message", st->details != NULL ? st->details : "")};
-    if (nghttp2_submit_response(s, st->id, nv, st->details != NULL ? 5 : 4, NULL) != 0) {
-        nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_INTERNAL_ERROR);
-    }
-}
-
-static void stream_fail(nghttp2_session *s, struct h2_stream *st, int status, const char *msg)
-{
-    st->status = status;
-    free(st->details);
-    st->details = msg != NULL ? pct_encode(msg) : NULL;
-    stream_answer(s, st);
-}
-
-static const struct rpc_method *method_find(const struct kms_rpc_server *srv, const char *path)
-{
-    for (unsigned i = 0; i < srv->n_methods; i++) {
-        if (strcmp(srv->methods[i].path, path) == 0) {
-            return &srv->methods[i];
-        }
-    }
-    return NULL;
-}
-
-/* A request stream ended: check it, then make the call and run the
- * handler (inline, this loop's thread). */
-static void stream_request(struct h2_conn *conn, struct h2_stream *st)
-{
-    struct kms_rpc_server *srv = conn->loop->srv;
-    nghttp2_session *s = conn->h2;
-    const struct rpc_method *m;
-    struct kms_rpc_call *c;
-    gpr_timespec deadline;
-    bool refusing;
-    uint32_t mlen;
-
-    if (st->bad_method || !st->path_set) {
-        stream_fail(s, st, GRPC_STATUS_UNIMPLEMENTED, "not a gRPC request");
-        return;
-    }
-    if (st->bad_type) {
-        /* gRPC spec: HTTP 415 for a content type it does not serve */
-        nghttp2_nv nv[] = {NV(":status", "415"), NV("content-type", "text/plain")};
-        st->answered = true;
-        nghttp2_submit_response(s, st->id, nv, 2, NULL);
-        return;
-    }
-    if (st->compressed_hdr || (st->len >= 5 && st->buf[0] != 0)) {
-        /* Identity only, decided from the headers: a compressed message is
-         * never buffered or inflated (on_data_chunk_cb drops its bytes), as
-         * the gRPC transport refuses it from its algorithm set. */
-        stream_fail(s, st, GRPC_STATUS_UNIMPLEMENTED,
-                    "compressed messages are not accepted; send identity");
-        return;
-    }
-    if (st->too_big) {
-        stream_fail(s, st, GRPC_STATUS_RESOURCE_EXHAUSTED,
-                    "request larger than the maximum message size");
-        return;
-    }
-    if (st->len < 5) {
-        stream_fail(s, st, GRPC_STATUS_INVALID_ARGUMENT, "missing request message");
-        return;
-    }
-    mlen = (uint32_t)st->buf[1] << 24 | (uint32_t)st->buf[2] << 16 | (uint32_t)st->buf[3] << 8 |
-           st->buf[4];
-    if ((size_t)mlen != st->len - 5) {
-        stream_fail(s, st, GRPC_STATUS_INTERNAL,
-                    mlen > st->len - 5 ? "request message cut short"
-                                       : "more than one request message on a unary call");
-        return;
-    }
-    m = method_find(srv, st->path);
-    deadline = st->timeout_ms >= 0
-                   ? gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                                  gpr_time_from_millis(st->timeout_ms, GPR_TIMESPAN))
-                   : gpr_inf_future(GPR_CLOCK_MONOTONIC);
-    pthread_mutex_lock(&srv->mu);
-    srv->live_calls++;
-    pthread_mutex_unlock(&srv->mu);
-    c = rpc_call_new(srv, m != NULL ? m->path : "(unregistered)", conn->peer, deadline);
-    if (c == NULL) {
-        pthread_mutex_lock(&srv->mu);
-        srv->live_calls--;
-        pthread_cond_broadcast(&srv->cv);
-        pthread_mutex_unlock(&srv->mu);
-        stream_fail(s, st, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-        return;
-    }
-    c->h2_conn = conn;
-    c->h2_stream = st->id;
-    conn->refs++;
-    st->call = c;
-    rpc_call_link(c, &refusing);
-    if (refusing) {
-        kms_rpc_call_finish(c, GRPC_STATUS_UNAVAILABLE, "server is closing this listener; retry",
-                            NULL, 0);
-        return;
-    }
-    if (m == NULL) {
-        kms_rpc_call_finish(c, GRPC_STATUS_UNIMPLEMENTED, "unknown method", NULL, 0);
-        return;
-    }
-    m->fn(m->arg, c, st->buf + 5, mlen);
-    /* st may be gone only through nghttp2; it is not touched here again */
-}
-
-static int on_frame_recv_cb(nghttp2_session *s, const nghttp2_frame *f, void *ud)
-{
-    struct h2_conn *c = ud;
-    struct h2_stream *st;
-    if (f->hd.type == NGHTTP2_SETTINGS && !(f->hd.flags & NGHTTP2_FLAG_ACK)) {
-        c->ready = true;
-    }
-    if ((f->hd.type != NGHTTP2_DATA && f->hd.type != NGHTTP2_HEADERS) ||
-        !(f->hd.flags & NGHTTP2_FLAG_END_STREAM)) {
-        return 0;
-    }
-    st = nghttp2_session_get_stream_user_data(s, f->hd.stream_id);
-    if (st != NULL && !st->answered && st->call == NULL) {
-        stream_request(c, st);
-    }
-    return 0;
-}
-
-static void stream_free(struct h2_conn *c, struct h2_stream *st)
-{
-    if (st->prev != NULL) {
-        st->prev->next = st->next;
-    } else {
-        c->slist = st->next;
-    }
-    if (st->next != NULL) {
-        st->next->prev = st->prev;
-    }
-    free(st->buf);
-    free(st->out);
-    free(st->details);
-    free(st);
-}
-
-static int on_stream_close_cb(nghttp2_session *s, int32_t id, uint32_t code, void *ud)
-{
-    struct h2_conn *c = ud;
-    struct h2_stream *st = nghttp2_session_get_stream_user_data(s, id);
-    (void)code;
-    if (st == NULL) {
-        return 0;
-    }
-    nghttp2_session_set_stream_user_data(s, id, NULL);
-    if (c->streams > 0) {
-        c->streams--;
-    }
-    if (c->streams == 0) {
-        c->idle_since_ms = kms_mono_ms();
-    }
-    stream_free(c, st);
-    return 0;
-}
-
-/* ---- answers from handlers (any thread) ------------------------------ */
-
-/* rpc_internal.h. The caller won the `finished` exchange. */
-void rpc_h2_call_send(struct kms_rpc_call *c, int grpc_status, const char *details,
-                      const uint8_t *resp, size_t resplen)
-{
-    struct h2_loop *l = c->h2_conn->loop;
-    bool wake;
-
-    c->h2_status = grpc_status;
-    c->h2_details = NULL;
-    c->h2_resp = NULL;
-    c->h2_resplen = 0;
-    if (grpc_status == GRPC_STATUS_OK) {
-        if ((c->h2_resp = malloc(5 + resplen)) == NULL) {
-            c->h2_status = GRPC_STATUS_RESOURCE_EXHAUSTED;
-            details = "out of memory";
-        } else {
-            c->h2_resp[0] = 0;
-            c->h2_resp[1] = (uint8_t)(resplen >> 24);
-            c->h2_resp[2] = (uint8_t)(resplen >> 16);
-            c->h2_resp[3] = (uint8_t)(resplen >> 8);
-            c->h2_resp[4] = (uint8_t)resplen;
-            if (resplen > 0) {
-                memcpy(c->h2_resp + 5, resp, resplen);
-            }
-            c->h2_resplen = 5 + resplen;
-        }
-    }
-    if (c->h2_status != GRPC_STATUS_OK && details != NULL && details[0] != '\0') {
-        c->h2_details = pct_encode(details);
-    }
-    c->h2_qnext = NULL;
-    pthread_mutex_lock(&l->qmu);
-    wake = l->q == NULL;
-    if (l->q_tail != NULL) {
-        l->q_tail->h2_qnext = c;
-    } else {
-        l->q = c;
-    }
-    l->q_tail = c;
-    KMS_TSAN_RELEASE(c);
-    pthread_mutex_unlock(&l->qmu);
-    if (wake && tl_loop != l) { /* the loop itself drains after its handlers */
-        uint64_t one = 1;
-        ssize_t n = write(l->evfd, &one, sizeof(one));
-        (void)n; /* a full counter (EAGAIN) still wakes the loop */
-    }
-}
-
-static void conn_flush(struct h2_conn *c);
-
-/* Writes the queued answers. Loop thread (or, once the loop is gone, the
- * stopping thread: then every connection is dead and answers are dropped). */
-static void loop_drain(struct h2_loop *l)
-{
-    struct kms_rpc_call *c;
-
-    pthread_mutex_lock(&l->qmu);
-    c = l->q;
-    l->q = l->q_tail = NULL;
-    pthread_mutex_unlock(&l->qmu);
-    while (c != NULL) {
-        struct kms_rpc_call *next = c->h2_qnext;
-        struct h2_conn *conn = c->h2_conn;
-        KMS_TSAN_ACQUIRE(c);
-        if (!conn->dead) {
-            struct h2_stream *st = nghttp2_session_get_stream_user_data(conn->h2, c->h2_stream);
-            if (st != NULL && st->call == c) {
-                st->status = c->h2_status;
-                st->out = c->h2_resp;
-                st->outlen = c->h2_resplen;
-                st->details = c->h2_details;
-                c->h2_resp = NULL;
-                c->h2_details = NULL;
-                stream_answer(conn->h2, st);
-            }
-        }
-        free(c->h2_resp);
-        free(c->h2_details);
-        c->h2_resp = NULL;
-        c->h2_details = NULL;
-        c->h2_conn = NULL;
-        rpc_call_grpc_done(c); /* may free c */
-        if (!conn->dead) {
-            conn_flush(conn);
-        }
-        conn_unref(conn);
-        c = next;
-    }
 }
 
 /* ---- the loop -------------------------------------------------------- */
@@ -828,7 +231,7 @@ static int conn_send(struct h2_conn *c)
     }
 }
 
-static void conn_flush(struct h2_conn *c)
+void rpc_h2_conn_flush(struct h2_conn *c)
 {
     bool out;
     int r;
@@ -882,7 +285,7 @@ static bool conn_start_h2(struct h2_conn *c)
 static void conn_drain_flush(struct h2_conn *c)
 {
     c->refs++;
-    loop_drain(c->loop);
+    rpc_h2_loop_drain(c->loop);
     c->refs--;
     if (c->dead) {
         if (c->refs == 0) {
@@ -890,7 +293,7 @@ static void conn_drain_flush(struct h2_conn *c)
         }
         return;
     }
-    conn_flush(c);
+    rpc_h2_conn_flush(c);
 }
 
 /* The client will send nothing more: answer the streams already complete
@@ -1022,7 +425,7 @@ static void loop_accept(struct h2_loop *l)
         c->born_ms = c->idle_since_ms = kms_mono_ms();
         peer_format(&ss, c->peer, sizeof(c->peer));
         if (srv->mode != KMS_RPC_INSECURE) {
-            SSL_CTX *ctx = h2_ctx_get(srv);
+            SSL_CTX *ctx = rpc_h2_ctx_get(srv);
             c->ssl = SSL_new(ctx);
             SSL_CTX_free(ctx);
             if (c->ssl == NULL || SSL_set_fd(c->ssl, fd) != 1) {
@@ -1056,7 +459,7 @@ static void loop_accept(struct h2_loop *l)
         }
         l->conns = c;
         if (c->h2 != NULL) {
-            conn_flush(c); /* plaintext: our SETTINGS */
+            rpc_h2_conn_flush(c); /* plaintext: our SETTINGS */
         }
     }
 }
@@ -1074,15 +477,15 @@ static void loop_tick(struct h2_loop *l)
             conn_close(c);
         } else if (c->ready && c->streams == 0 && now - c->idle_since_ms >= srv->max_idle_ms) {
             nghttp2_session_terminate_session(c->h2, NGHTTP2_NO_ERROR);
-            conn_flush(c);
+            rpc_h2_conn_flush(c);
         } else if (c->ready && age >= srv->max_age_ms) {
             if (!c->goaway) {
                 c->goaway = true;
                 nghttp2_submit_shutdown_notice(c->h2);
-                conn_flush(c);
+                rpc_h2_conn_flush(c);
             } else if (c->streams == 0 || age >= srv->max_age_ms + H2_MAX_AGE_GRACE_MS) {
                 nghttp2_session_terminate_session(c->h2, NGHTTP2_NO_ERROR);
-                conn_flush(c);
+                rpc_h2_conn_flush(c);
             }
         }
         c = next;
@@ -1114,7 +517,7 @@ static void *loop_main(void *arg)
                 }
             }
         }
-        loop_drain(l);
+        rpc_h2_loop_drain(l);
         if (kms_mono_ms() - last_tick >= H2_TICK_MS) {
             last_tick = kms_mono_ms();
             loop_tick(l);
@@ -1122,7 +525,7 @@ static void *loop_main(void *arg)
         loop_reap(l);
     }
     /* quit: best-effort GOAWAY, then close everything */
-    loop_drain(l);
+    rpc_h2_loop_drain(l);
     while (l->conns != NULL) {
         struct h2_conn *c = l->conns;
         if (c->h2 != NULL) {
@@ -1202,17 +605,13 @@ int rpc_h2_start(struct kms_rpc_server *srv, struct kms_err *err)
     if (nghttp2_session_callbacks_new(&h->cb) != 0 || nghttp2_option_new(&h->opt) != 0) {
         return kms_err_set(err, KMS_ENOMEM, "out of memory");
     }
-    nghttp2_session_callbacks_set_on_begin_headers_callback(h->cb, on_begin_headers_cb);
-    nghttp2_session_callbacks_set_on_header_callback(h->cb, on_header_cb);
-    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(h->cb, on_data_chunk_cb);
-    nghttp2_session_callbacks_set_on_frame_recv_callback(h->cb, on_frame_recv_cb);
-    nghttp2_session_callbacks_set_on_stream_close_callback(h->cb, on_stream_close_cb);
+    rpc_h2_callbacks_init(h->cb);
     /* HPACK table and stream resets bounded (Debian's 1.52 carries the
      * CVE-2023-44487 rate limit; Talos sends one stream per connection) */
     nghttp2_option_set_max_deflate_dynamic_table_size(h->opt, 4096);
     nghttp2_option_set_stream_reset_rate_limit(h->opt, 64, 10);
     if (srv->mode != KMS_RPC_INSECURE) {
-        if ((h->ctx = h2_ctx_build(srv, err)) == NULL) {
+        if ((h->ctx = rpc_h2_ctx_build(srv, err)) == NULL) {
             return kms_err_wrap(err, KMS_ETLS, "rpc server %s", srv->listen);
         }
         atomic_store(&srv->reload, false);
@@ -1293,7 +692,7 @@ void rpc_h2_shutdown(struct kms_rpc_server *srv, unsigned wait_ms)
      * side, dropping the answers (every connection is closed now). */
     for (;;) {
         for (unsigned i = 0; i < h->n_loops; i++) {
-            loop_drain(&h->loops[i]);
+            rpc_h2_loop_drain(&h->loops[i]);
             loop_reap(&h->loops[i]);
         }
         pthread_mutex_lock(&srv->mu);
