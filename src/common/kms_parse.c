@@ -225,8 +225,9 @@ int kms_parse_addr(const char *s, unsigned flags, struct kms_addr *out, char *wh
             return -1;
         }
     }
-    if (parse_digits(colon + 1, &port, &end, NULL) != 0 || *end != '\0' || port < 1 ||
-        port > 65535 || strlen(colon + 1) > 5) {
+    if (parse_digits(colon + 1, &port, &end, NULL) != 0 || *end != '\0' ||
+        port < ((flags & KMS_PARSE_ADDR_PORT0) ? 0u : 1u) || port > 65535 ||
+        strlen(colon + 1) > 5) {
         why_set(why, wn, "invalid port \"%s\"", colon + 1);
         return -1;
     }

@@ -48,6 +48,7 @@ struct kms_addr {
 };
 
 #define KMS_PARSE_ADDR_NEED_HOST (1u << 0) /* refuse ":port" */
+#define KMS_PARSE_ADDR_PORT0 (1u << 1)     /* accept port 0 (a listener: any free port) */
 
 /* out may be NULL (validate only). */
 int kms_parse_addr(const char *s, unsigned flags, struct kms_addr *out, char *why, size_t wn);

@@ -58,6 +58,7 @@
 
 #include "kms_connlimit.h"
 #include "kms_log.h"
+#include "kms_parse.h"
 #include "kms_time.h"
 #include "kms_tsan.h"
 #include "rpc_internal.h"
@@ -542,32 +543,24 @@ static void *loop_main(void *arg)
 
 static int h2_listen(struct kms_rpc_server *srv, struct kms_err *err)
 {
-    char host[256];
-    const char *spec = srv->listen, *colon = strrchr(spec, ':');
+    struct kms_addr a;
+    char why[160], port[8];
     struct addrinfo hints, *res = NULL;
     struct sockaddr_storage ss;
     socklen_t sl = sizeof(ss);
     int fd = -1, one = 1, zero = 0, rc;
-    size_t hl;
 
-    if (colon == NULL) {
-        return kms_err_set(err, KMS_EINVAL, "cannot listen on %s: no port", spec);
+    /* the configuration's address grammar (kms_parse.h), plus port 0 */
+    if (kms_parse_addr(srv->listen, KMS_PARSE_ADDR_PORT0, &a, why, sizeof(why)) != 0) {
+        return kms_err_set(err, KMS_EINVAL, "cannot listen on %s: %s", srv->listen, why);
     }
-    hl = (size_t)(colon - spec);
-    if (hl >= 2 && spec[0] == '[' && spec[hl - 1] == ']') {
-        spec++;
-        hl -= 2;
-    }
-    if (hl >= sizeof(host)) {
-        return kms_err_set(err, KMS_EINVAL, "cannot listen on %s: host too long", srv->listen);
-    }
-    memcpy(host, spec, hl);
-    host[hl] = '\0';
+    snprintf(port, sizeof(port), "%u", (unsigned)a.port);
     memset(&hints, 0, sizeof(hints));
     hints.ai_socktype = SOCK_STREAM;
     hints.ai_flags = AI_PASSIVE;
-    hints.ai_family = hl == 0 ? AF_INET6 : AF_UNSPEC; /* ":4050": dual stack, like gRPC */
-    if ((rc = getaddrinfo(hl == 0 ? NULL : host, colon + 1, &hints, &res)) != 0) {
+    /* ":4050": dual stack, like gRPC */
+    hints.ai_family = a.host[0] == '\0' ? AF_INET6 : AF_UNSPEC;
+    if ((rc = getaddrinfo(a.host[0] == '\0' ? NULL : a.host, port, &hints, &res)) != 0) {
         return kms_err_set(err, KMS_EIO, "cannot listen on %s: %s", srv->listen,
                            gai_strerror(rc));
     }

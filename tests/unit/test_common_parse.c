@@ -135,6 +135,10 @@ static void test_addr(void **state)
     assert_int_equal(kms_parse_addr("host:4050x", 0, &a, why, sizeof(why)), -1);
     assert_string_equal(why, "invalid port \"4050x\"");
     assert_int_equal(kms_parse_addr("host:0", 0, &a, why, sizeof(why)), -1);
+    /* a listener may ask for any free port (rpc_h2.c) */
+    assert_int_equal(kms_parse_addr("127.0.0.1:0", KMS_PARSE_ADDR_PORT0, &a, why, sizeof(why)), 0);
+    assert_int_equal(a.port, 0);
+    assert_int_equal(kms_parse_addr("host:65536", KMS_PARSE_ADDR_PORT0, &a, why, sizeof(why)), -1);
     assert_int_equal(kms_parse_addr("host:65536", 0, &a, why, sizeof(why)), -1);
     assert_int_equal(kms_parse_addr("host:000080", 0, &a, why, sizeof(why)), -1);
     assert_int_equal(kms_parse_addr("host:", 0, &a, why, sizeof(why)), -1);
