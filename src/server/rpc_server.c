@@ -419,6 +419,15 @@ static void wait_admitted(struct kms_rpc_server *srv, const struct timespec *end
     }
 }
 
+/* The port leaves the accept filter (kms_connlimit.h); idempotent. */
+static void limits_release(struct kms_rpc_server *srv)
+{
+    if (srv->limit_registered) {
+        kms_connlimit_unregister(srv->port);
+        srv->limit_registered = false;
+    }
+}
+
 void kms_rpc_server_stop(struct kms_rpc_server *srv, unsigned grace_ms)
 {
     struct timespec end;
@@ -442,9 +451,8 @@ void kms_rpc_server_stop(struct kms_rpc_server *srv, unsigned grace_ms)
         if (st == RPC_ST_CREATED && srv->h2 != NULL) {
             rpc_h2_shutdown(srv, 0); /* no loop ran: closes the listener */
         }
-        if (st == RPC_ST_CREATED && srv->limit_registered) {
-            kms_connlimit_unregister(srv->port);
-            srv->limit_registered = false;
+        if (st == RPC_ST_CREATED) {
+            limits_release(srv);
         }
         return;
     }
@@ -474,10 +482,7 @@ void kms_rpc_server_stop(struct kms_rpc_server *srv, unsigned grace_ms)
     /* 4. the transport's own shutdown */
     if (srv->transport == KMS_RPC_H2) {
         rpc_h2_shutdown(srv, SHUTDOWN_WAIT_MS);
-        if (srv->limit_registered) {
-            kms_connlimit_unregister(srv->port);
-            srv->limit_registered = false;
-        }
+        limits_release(srv);
         return;
     }
     KMS_TSAN_RELEASE(&srv->shutdown_tag);
@@ -497,10 +502,7 @@ void kms_rpc_server_stop(struct kms_rpc_server *srv, unsigned grace_ms)
     }
     grpc_server_destroy(srv->server);
     srv->server = NULL;
-    if (srv->limit_registered) {
-        kms_connlimit_unregister(srv->port);
-        srv->limit_registered = false;
-    }
+    limits_release(srv);
     rpc_workers_join(srv);
 }
 
